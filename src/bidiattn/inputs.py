@@ -1,0 +1,60 @@
+"""Validation of attention inputs, shared by every backend's public entry point."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spans import SpanMask
+
+__all__ = ["check_attention_inputs"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spans: SpanMask,
+    scale: float | None,
+    softcap: float | None,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> float:
+    """Check q/k/v/spans/scale/softcap against each other; return the resolved softmax scale.
+
+    Shapes: q ``[T, Hq, D]``, k and v ``[T, Hkv, D]`` with ``Hq % Hkv == 0``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [T, H, D], got {tuple(t.shape)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == spans.lo.device):
+        raise ValueError(f"q, k, v and spans must be on one device, got {q.device}, {k.device}, {v.device}, {spans.lo.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    t_q, hq, d = q.shape
+    t_k, hkv, d_k = k.shape
+    if t_q != t_k or t_q != spans.total_tokens:
+        raise ValueError(f"token counts differ: q has {t_q}, k/v {t_k}, spans {spans.total_tokens}")
+    if d != d_k:
+        raise ValueError(f"head dims differ: q has D={d}, k/v D={d_k}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads Hq={hq} must be a positive multiple of key/value heads Hkv={hkv}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    return float(scale)

@@ -1,0 +1,415 @@
+"""Per-model mask rules, written once: which keys each query row of a layer may attend.
+
+Notation (positions local to a sequence; ``W`` is the sliding window, a query sees ``W`` keys
+including itself): ``c`` = ``k <= q``; ``blk`` = q and k lie in the same bidirectional block;
+``win_left`` = ``q - k < W``; ``win_sym`` = ``|q - k| < W``; ``blk'`` = ``blk`` restricted to
+blocks of at most ``W`` tokens (vLLM drops longer blocks, on full layers too).
+
+====================  ===================  ==========  ===========================
+family                convention           full        sliding
+====================  ===================  ==========  ===========================
+causal                any                  c           c ∧ win_left
+gemma3                official             c ∨ blk     (c ∨ blk) ∧ win_sym
+gemma3                transformers         c ∨ blk     (c ∨ blk) ∧ win_left
+gemma3                vllm                 c ∨ blk'    (c ∧ win_left) ∨ blk'
+gemma4                official             c           (c ∨ blk) ∧ win_sym
+gemma4                transformers, vllm   c           (c ∨ blk) ∧ win_left
+paligemma             official, trans.     c ∨ blk     (c ∧ win_left) ∨ blk
+paligemma             vllm                 c ∨ blk'    (c ∧ win_left) ∨ blk'
+====================  ===================  ==========  ===========================
+
+(gemma4 here means the models whose images are bidirectional, 26B-A4B and 31B; E2B/E4B use
+``causal``: see :mod:`bidiattn.presets`.)
+
+Why every rule is one contiguous interval ``[lo, hi]`` with ``lo``/``hi`` non-decreasing
+---------------------------------------------------------------------------------------
+Fix a row ``q``. If ``q`` is in a block ``[s, e]`` that the rule honours, then ``s <= q <= e``.
+
+* ``c`` is ``[0, q]``; ``c ∧ win_left`` is ``[max(0, q-W+1), q]``.
+* ``c ∨ blk`` is ``[0, q] ∪ [s, e] = [0, e]`` because ``s <= q``: one interval.
+* ``(c ∨ blk) ∧ win_left`` intersects ``[0, e]`` with ``(q-W, +inf)``: ``[max(0, q-W+1), e]``.
+* ``(c ∨ blk) ∧ win_sym`` intersects ``[0, e]`` with ``(q-W, q+W)``:
+  ``[max(0, q-W+1), min(e, q+W-1)]``; it contains ``q`` so it is non-empty.
+* ``(c ∧ win_left) ∨ blk`` is ``[q-W+1, q] ∪ [s, e]``; both contain ``q``, so the union is one
+  interval: ``[max(0, min(q-W+1, s)), e]``.
+* Rows outside an honoured block get the ``c`` / ``c ∧ win_left`` interval.
+
+Monotonicity along a sequence: inside one block ``s`` and ``e`` are constant, and every bound
+above is a non-decreasing function of ``q`` for fixed ``s, e``. Across a boundary: the row
+before a block (``q = s-1``) has ``hi = s-1 < s <= hi(s)`` and ``lo(s-1) <= s-W <= lo(s)``;
+the row after it (``q = e+1``) has ``hi = e+1 > e`` and ``lo(e+1) = max(0, e+2-W)``, which is
+``>=`` every block row's ``lo`` (each is ``<= max(0, e-W+1)``). Dropping blocks (``blk'``) only
+turns some block rows into plain rows, which the same argument covers. The property tests in
+``tests/test_rules.py`` check this against the dense formulas on thousands of random layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .spans import SpanMask, _check_cu_seqlens, _first_true, sequence_index
+
+__all__ = [
+    "FAMILIES",
+    "CONVENTIONS",
+    "LAYERS",
+    "Rule",
+    "rule_for",
+    "build",
+    "build_rule",
+    "dense",
+    "block_extents",
+    "block_ids_from_mask",
+    "block_ids_from_token_types",
+]
+
+FAMILIES = ("causal", "gemma3", "gemma4", "paligemma")
+CONVENTIONS = ("official", "transformers", "vllm")
+LAYERS = ("full", "sliding")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the rule table, in a form both the span builder and the dense spec read.
+
+    - ``blocks``: ``"none"`` (blocks ignored), ``"all"`` (``blk``), ``"short"`` (``blk'``: only
+      blocks of at most ``W`` tokens).
+    - ``window``: ``"none"``, ``"left"`` (``win_left``) or ``"sym"`` (``win_sym``).
+    - ``window_scope``: ``"all"`` applies the window after the OR, ``(c ∨ blk) ∧ win``;
+      ``"causal"`` applies it to the causal part only, ``(c ∧ win) ∨ blk``.
+    """
+
+    blocks: Literal["none", "all", "short"]
+    window: Literal["none", "left", "sym"]
+    window_scope: Literal["all", "causal"] = "all"
+
+    @property
+    def needs_window(self) -> bool:
+        return self.window != "none" or self.blocks == "short"
+
+    def without_window(self) -> Rule:
+        """The same blocks with no window: ``c ∨ blk`` (or ``c`` when blocks are ignored)."""
+        return Rule(self.blocks, "none")
+
+
+_CAUSAL = Rule("none", "none")
+_CAUSAL_WINDOW = Rule("none", "left")
+
+# (family, convention, layer) -> Rule. The only place the per-model semantics live.
+_TABLE: dict[tuple[str, str, str], Rule] = {}
+for _conv in CONVENTIONS:
+    _TABLE["causal", _conv, "full"] = _CAUSAL
+    _TABLE["causal", _conv, "sliding"] = _CAUSAL_WINDOW
+_TABLE.update(
+    {
+        ("gemma3", "official", "full"): Rule("all", "none"),
+        ("gemma3", "official", "sliding"): Rule("all", "sym"),
+        ("gemma3", "transformers", "full"): Rule("all", "none"),
+        ("gemma3", "transformers", "sliding"): Rule("all", "left"),
+        ("gemma3", "vllm", "full"): Rule("short", "none"),
+        ("gemma3", "vllm", "sliding"): Rule("short", "left", "causal"),
+        ("gemma4", "official", "full"): _CAUSAL,
+        ("gemma4", "official", "sliding"): Rule("all", "sym"),
+        ("gemma4", "transformers", "full"): _CAUSAL,
+        ("gemma4", "transformers", "sliding"): Rule("all", "left"),
+        ("gemma4", "vllm", "full"): _CAUSAL,
+        ("gemma4", "vllm", "sliding"): Rule("all", "left"),
+        ("paligemma", "official", "full"): Rule("all", "none"),
+        ("paligemma", "official", "sliding"): Rule("all", "left", "causal"),
+        ("paligemma", "transformers", "full"): Rule("all", "none"),
+        ("paligemma", "transformers", "sliding"): Rule("all", "left", "causal"),
+        ("paligemma", "vllm", "full"): Rule("short", "none"),
+        ("paligemma", "vllm", "sliding"): Rule("short", "left", "causal"),
+    }
+)
+
+
+def rule_for(family: str, convention: str, layer: str) -> Rule:
+    """The :class:`Rule` of a (family, convention, layer); ``ValueError`` for unknown names."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; expected one of {CONVENTIONS}")
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; expected one of {LAYERS}")
+    return _TABLE[family, convention, layer]
+
+
+def _check_window(rule: Rule, family: str, convention: str, layer: str, window: int | None) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 (a query sees W keys including itself), got {window}")
+    if rule.needs_window and window is None:
+        why = "sliding layers need one" if layer == "sliding" else "vllm drops blocks longer than the window"
+        raise ValueError(f"{family}/{convention}/{layer} needs window=W ({why})")
+
+
+def _check_block_ids(block_ids: torch.Tensor) -> None:
+    if not isinstance(block_ids, torch.Tensor):
+        raise TypeError(f"block_ids must be a torch.Tensor, got {type(block_ids).__name__}")
+    if block_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"block_ids must be an integer tensor, got {block_ids.dtype}")
+    if block_ids.dim() != 1 or block_ids.numel() == 0:
+        raise ValueError(f"block_ids must have shape [T] with T >= 1, got {tuple(block_ids.shape)}")
+
+
+def _validate_block_ids(ids: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """Negative ids, blocks crossing sequences, non-contiguous reuse of an id (host sync)."""
+    i = _first_true(ids < 0)
+    if i is not None:
+        raise ValueError(f"block_ids must be >= 0 (0 = ordinary token), got {int(ids[i])} at row {i}")
+    starts = cu_seqlens[1:-1]
+    crossing = (ids[starts] > 0) & (ids[starts] == ids[starts - 1])
+    b = _first_true(crossing)
+    if b is not None:
+        row = int(starts[b])
+        raise ValueError(
+            f"block id {int(ids[row])} is split across sequences {b} and {b + 1} (rows {row - 1} and {row}); "
+            "a block must lie inside one sequence"
+        )
+    prev = torch.nn.functional.pad(ids[:-1], (1, 0), value=0)
+    run_start = (ids > 0) & (ids != prev)
+    start_rows = torch.nonzero(run_start).flatten()
+    start_ids = ids[start_rows]
+    order = torch.argsort(start_ids, stable=True)
+    sorted_ids = start_ids[order]
+    dup = _first_true(sorted_ids[1:] == sorted_ids[:-1])
+    if dup is not None:
+        first, second = int(start_rows[order[dup]]), int(start_rows[order[dup + 1]])
+        raise ValueError(
+            f"block id {int(sorted_ids[dup])} is reused non-contiguously (runs start at rows {first} and {second}); "
+            "give each block its own id"
+        )
+
+
+def block_extents(
+    block_ids: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local ``(start, end)`` (inclusive, int64 ``[T]``) of each token's block, and ``in_block``.
+
+    A block is a maximal run of one positive id inside one sequence. For tokens outside any
+    block, start/end are the token's own local position. Vectorized, no host sync.
+    """
+    total = block_ids.numel()
+    device = block_ids.device
+    ids = block_ids.long()
+    seq = sequence_index(cu_seqlens, total)
+    seq_start = cu_seqlens[seq]
+    seq_end = cu_seqlens[seq + 1] - 1
+    rows = torch.arange(total, device=device, dtype=torch.int64)
+    in_block = ids > 0
+    prev_same = torch.nn.functional.pad(ids[1:] == ids[:-1], (1, 0), value=False) & (rows != seq_start)
+    next_same = torch.nn.functional.pad(ids[:-1] == ids[1:], (0, 1), value=False) & (rows != seq_end)
+    first = torch.where(in_block & ~prev_same, rows, torch.zeros_like(rows))
+    start = torch.cummax(first, 0).values
+    flipped = total - 1 - rows
+    last = torch.where(in_block & ~next_same, flipped, torch.zeros_like(rows))
+    end = total - 1 - torch.cummax(last.flip(0), 0).values.flip(0)
+    start = torch.where(in_block, start, rows) - seq_start
+    end = torch.where(in_block, end, rows) - seq_start
+    return start, end, in_block
+
+
+def _prepare(
+    family: str, convention: str, layer: str, block_ids: torch.Tensor, window: int | None,
+    cu_seqlens: torch.Tensor | None, validate: bool,
+) -> tuple[Rule, torch.Tensor]:
+    rule = rule_for(family, convention, layer)
+    _check_window(rule, family, convention, layer, window)
+    _check_block_ids(block_ids)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, block_ids.numel()], dtype=torch.int64, device=block_ids.device)
+    _check_cu_seqlens(cu_seqlens, block_ids.numel(), validate)
+    if cu_seqlens.device != block_ids.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, block_ids on {block_ids.device}")
+    if validate:
+        _validate_block_ids(block_ids.long(), cu_seqlens)
+    return rule, cu_seqlens
+
+
+def build(
+    family: str,
+    convention: str,
+    layer: str,
+    *,
+    block_ids: torch.Tensor,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
+) -> SpanMask:
+    """Spans of one layer type of a model, from its bidirectional blocks.
+
+    Args:
+        family: ``"causal"``, ``"gemma3"``, ``"gemma4"`` or ``"paligemma"``.
+        convention: ``"official"``, ``"transformers"`` or ``"vllm"`` (see the module table).
+        layer: ``"full"`` or ``"sliding"``.
+        block_ids: integer ``[T]``; 0 for ordinary tokens, a positive id for tokens of a
+            bidirectional block. A block is a maximal run of one id; each id may form only one
+            run, inside one sequence (use :func:`block_ids_from_token_types` to make them).
+        window: sliding window ``W`` (a query sees ``W`` keys including itself). Required on
+            sliding layers and, for the vllm convention of gemma3/paligemma, on full layers too;
+            ignored where the rule has no use for it.
+        cu_seqlens: int64 ``[B+1]`` for packed sequences; ``None`` means one sequence.
+        validate: check ``block_ids``/``cu_seqlens`` (host sync on CUDA). With ``False`` the
+            build is pure device work with no host sync (CUDA-graph safe); the spans are valid
+            by construction for valid inputs.
+
+    Returns:
+        A :class:`~bidiattn.SpanMask` with int32 ``lo``/``hi`` on ``block_ids.device``.
+
+    Example (gemma3 official, sliding, W=3, image at 2..5; ``x`` allowed, ``-`` a block key
+    cut by the window)::
+
+        q\\k 0123456
+        0    x......
+        1    xx.....
+        2    xxxxx-.     row 2 sees 0..4: block key 5 is cut (|2-5| = 3 = W)
+        3    .xxxxx.
+        4    ..xxxx.
+        5    ...xxx.
+        6    ....xxx
+    """
+    rule, cu_seqlens = _prepare(family, convention, layer, block_ids, window, cu_seqlens, validate)
+    return build_rule(rule, block_ids=block_ids, window=window, cu_seqlens=cu_seqlens)
+
+
+def build_rule(
+    rule: Rule, *, block_ids: torch.Tensor, window: int | None, cu_seqlens: torch.Tensor
+) -> SpanMask:
+    """Spans of an explicit :class:`Rule` (inputs already validated, e.g. by :func:`build`).
+
+    The lower layer of :func:`build`, for tools that compare a rule with variants of it
+    (the ``bidiattn masks`` CLI builds each rule without its window to find window-cut cells).
+    """
+    start, end, in_block = block_extents(block_ids, cu_seqlens)
+    total = block_ids.numel()
+    seq = sequence_index(cu_seqlens, total)
+    q = torch.arange(total, device=block_ids.device, dtype=torch.int64) - cu_seqlens[seq]
+    if rule.blocks == "none":
+        honoured = torch.zeros_like(in_block)
+    elif rule.blocks == "short":
+        honoured = in_block & (end - start + 1 <= window)
+    else:
+        honoured = in_block
+    left = (q - window + 1).clamp_min(0) if rule.window != "none" else torch.zeros_like(q)
+    plain_hi = q
+    if rule.window == "none":
+        block_lo, block_hi = torch.zeros_like(q), end
+    elif rule.window_scope == "causal":
+        block_lo, block_hi = torch.minimum(left, start), end
+    elif rule.window == "left":
+        block_lo, block_hi = left, end
+    else:
+        block_lo, block_hi = left, torch.minimum(end, q + window - 1)
+    lo = torch.where(honoured, block_lo, left).to(torch.int32)
+    hi = torch.where(honoured, block_hi, plain_hi).to(torch.int32)
+    return SpanMask(lo, hi, cu_seqlens, validate=False)
+
+
+def dense(
+    family: str,
+    convention: str,
+    layer: str,
+    *,
+    block_ids: torch.Tensor,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rule evaluated literally, pair by pair: bool ``[T, T]`` (the executable spec of :func:`build`).
+
+    O(T^2) memory; for tests, the CLI and small inputs. Same arguments as :func:`build`.
+    """
+    rule, cu_seqlens = _prepare(family, convention, layer, block_ids, window, cu_seqlens, True)
+    total = block_ids.numel()
+    ids = block_ids.long()
+    seq = sequence_index(cu_seqlens, total)
+    pos = torch.arange(total, device=ids.device, dtype=torch.int64) - cu_seqlens[seq]
+    qq, kk = pos[:, None], pos[None, :]
+    same_seq = seq[:, None] == seq[None, :]
+    causal = kk <= qq
+    blk = (ids[:, None] == ids[None, :]) & (ids[:, None] > 0)
+    if rule.blocks == "none":
+        blk = torch.zeros_like(blk)
+    elif rule.blocks == "short":
+        size = torch.bincount(ids, minlength=int(ids.max()) + 1)[ids]
+        blk = blk & (size <= window)[:, None]
+    if rule.window == "none":
+        allowed = causal | blk
+    else:
+        win = (qq - kk < window) if rule.window == "left" else ((qq - kk).abs() < window)
+        allowed = ((causal & win) | blk) if rule.window_scope == "causal" else ((causal | blk) & win)
+    return allowed & same_seq
+
+
+def block_ids_from_mask(is_block: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Block ids (int32 ``[T]``) from a bool mask of block tokens: each maximal run of True
+    inside one sequence becomes one block, numbered 1, 2, ... in order. No host sync.
+    """
+    if not isinstance(is_block, torch.Tensor) or is_block.dtype != torch.bool or is_block.dim() != 1:
+        raise TypeError("is_block must be a bool tensor of shape [T]")
+    total = is_block.numel()
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, total], dtype=torch.int64, device=is_block.device)
+    _check_cu_seqlens(cu_seqlens, total, validate=False)
+    rows = torch.arange(total, device=is_block.device, dtype=torch.int64)
+    seq_start = cu_seqlens[sequence_index(cu_seqlens, total)]
+    prev = torch.nn.functional.pad(is_block[:-1], (1, 0), value=False) & (rows != seq_start)
+    new_run = is_block & ~prev
+    ids = torch.cumsum(new_run.to(torch.int64), 0)
+    return torch.where(is_block, ids, torch.zeros_like(ids)).to(torch.int32)
+
+
+# Token-type values that mark bidirectional tokens, per family (transformers' conventions:
+# Gemma-3 ``token_type_ids`` 1 = image; Gemma-4 ``mm_token_type_ids`` 1 = image, 2 = video;
+# PaliGemma ``token_type_ids`` 0 = prefix (image + prompt), 1 = suffix).
+_BLOCK_TOKEN_TYPES = {"gemma3": (1,), "gemma4": (1, 2)}
+
+
+def block_ids_from_token_types(
+    token_type_ids: torch.Tensor,
+    *,
+    family: str,
+    convention: str = "official",
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Turn a model's token-type ids ``[T]`` into ``block_ids`` for :func:`build`.
+
+    - gemma3: runs of image soft tokens (type 1); adjacent images with no separator form one
+      block, as in transformers and the official code.
+    - gemma4: runs of image or video soft tokens (types 1 and 2), same merging.
+    - paligemma, official/transformers: the whole prefix (type 0: image + BOS + prompt +
+      separator) of each sequence is one block; it must be one run at the sequence start.
+    - paligemma, vllm: only image tokens are bidirectional, which token types do not tell;
+      call :func:`block_ids_from_mask` with the image-token mask instead.
+    - causal: no blocks (all zeros).
+    """
+    rule_for(family, convention, "full")
+    _check_block_ids(token_type_ids)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, token_type_ids.numel()], dtype=torch.int64, device=token_type_ids.device)
+    tt = token_type_ids.long()
+    if family == "causal":
+        return torch.zeros_like(tt, dtype=torch.int32)
+    if family == "paligemma":
+        if convention == "vllm":
+            raise ValueError(
+                "paligemma/vllm makes only image tokens bidirectional, which token_type_ids cannot tell; "
+                "use block_ids_from_mask(input_ids == image_token_id, cu_seqlens)"
+            )
+        ids = block_ids_from_mask(tt == 0, cu_seqlens)
+        _check_cu_seqlens(cu_seqlens, tt.numel(), validate=True)
+        starts = cu_seqlens[:-1]
+        late = ids.bool() & ~torch.isin(ids, ids[starts])
+        bad = _first_true(late)
+        if bad is not None:
+            raise ValueError(
+                f"paligemma prefix (token type 0) must be one run at the start of each sequence; "
+                f"row {bad} is a prefix token after a suffix token"
+            )
+        return ids
+    types = torch.tensor(_BLOCK_TOKEN_TYPES[family], device=tt.device)
+    return block_ids_from_mask(torch.isin(tt, types), cu_seqlens)

@@ -1,0 +1,242 @@
+"""Span masks: one contiguous key interval per query row.
+
+Every mask bidiattn supports is stored as two integer arrays, ``lo`` and ``hi``: query row
+``i`` of a sequence may attend exactly the keys ``lo[i] <= k <= hi[i]`` of the same sequence.
+For the masks of causal and prefix/bidirectional-block models both arrays are non-decreasing
+along a sequence, which is what lets a kernel skip whole tiles and what makes the per-key-tile
+query ranges of a backward pass contiguous. Memory is O(T) instead of O(T^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SpanMask", "TileSummary", "sequence_index"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _first_true(flags: torch.Tensor) -> int | None:
+    """Index of the first True of a 1-D bool tensor, or None (host sync: validation only)."""
+    hits = torch.nonzero(flags)
+    return int(hits[0, 0]) if hits.numel() else None
+
+
+def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Sequence number (int64 ``[total]``) of every packed token, computed on device.
+
+    ``cu_seqlens`` is the int64 ``[B+1]`` prefix sum of sequence lengths. No host sync.
+    """
+    rows = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], rows, right=True)
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, validate: bool) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int64:
+        raise TypeError(f"cu_seqlens must be int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [B+1] with B >= 1, got {tuple(cu_seqlens.shape)}")
+    if not validate:
+        return
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got first={first}, last={last}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    bad = _first_true(lengths < 1)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be strictly increasing: sequence {bad} has length {int(lengths[bad])}")
+
+
+@dataclass(frozen=True)
+class TileSummary:
+    """Per-query-tile bounds of a :class:`SpanMask`, the metadata a tiled kernel reads.
+
+    Tiles are ``block_m`` consecutive rows of one sequence (a tile never crosses a sequence
+    boundary). The arrays have a fixed length ``capacity = ceil(T / block_m) + B`` (an upper
+    bound of the real tile count that needs no host sync); entries past ``num_tiles`` have
+    ``rows == 0`` and zero bounds, so a kernel launched over ``capacity`` programs exits early
+    on them and the same launch can be captured in a CUDA graph.
+
+    All bounds are local key positions within the tile's sequence (int32 ``[capacity]``):
+
+    - ``seq``: sequence of the tile; ``row_start``: its first local row; ``rows``: rows in it.
+    - ``lo_min``/``lo_max``/``hi_min``/``hi_max``: min/max of ``lo`` and ``hi`` over its rows.
+      Keys in ``[lo_max, hi_min]`` are allowed for every row of the tile (no mask math needed
+      there); keys outside ``[lo_min, hi_max]`` are allowed for none (skip them).
+    - ``num_tiles``: 0-d int64 tensor, the number of real tiles.
+    """
+
+    block_m: int
+    seq: torch.Tensor
+    row_start: torch.Tensor
+    rows: torch.Tensor
+    lo_min: torch.Tensor
+    lo_max: torch.Tensor
+    hi_min: torch.Tensor
+    hi_max: torch.Tensor
+    num_tiles: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SpanMask:
+    """An attention mask stored as one inclusive key interval per query row.
+
+    Row ``i`` (packed index) of sequence ``b`` may attend keys ``lo[i] <= k <= hi[i]``, where
+    positions are local to the sequence (0 is its first token). Packed sequences never see each
+    other. Example, one sequence of 8 tokens with an image block at positions 2..4::
+
+        row  lo hi   keys 0..7
+          0   0  0   x.......
+          1   0  1   xx......
+          2   0  4   xxxxx...     <- image rows see the whole block
+          3   0  4   xxxxx...
+          4   0  4   xxxxx...
+          5   0  5   xxxxxx..
+          6   0  6   xxxxxxx.
+          7   0  7   xxxxxxxx
+
+    Args:
+        lo: int32 or int64 ``[T]``, first allowed key of each row.
+        hi: same dtype and shape as ``lo``, last allowed key of each row (inclusive).
+        cu_seqlens: int64 ``[B+1]``, prefix sums of the sequence lengths; ``None`` means one
+            sequence of ``T`` tokens. Must be on the same device as ``lo``.
+        validate: check the invariants below. It reads the data, so on CUDA it synchronizes
+            the host; pass ``False`` inside CUDA-graph capture or a hot loop when the spans come
+            from :func:`bidiattn.rules.build`, which produces valid spans by construction.
+
+    Invariants (checked when ``validate``): ``lo <= row <= hi``, ``hi`` inside the sequence,
+    ``lo`` and ``hi`` non-decreasing inside each sequence. A violation raises ``ValueError``
+    naming the first offending row and its values; wrong types raise ``TypeError``.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("lo", "hi"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"SpanMask.{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dtype not in _INDEX_DTYPES:
+                raise TypeError(f"SpanMask.{name} must be int32 or int64, got {value.dtype}")
+            if value.dim() != 1:
+                raise ValueError(f"SpanMask.{name} must have shape [T], got {tuple(value.shape)}")
+        if self.lo.dtype != self.hi.dtype:
+            raise TypeError(f"SpanMask.lo and hi must share a dtype, got {self.lo.dtype} and {self.hi.dtype}")
+        if self.lo.shape != self.hi.shape:
+            raise ValueError(f"SpanMask.lo and hi must have the same length, got {self.lo.numel()} and {self.hi.numel()}")
+        if self.lo.device != self.hi.device:
+            raise ValueError(f"SpanMask.lo and hi must be on one device, got {self.lo.device} and {self.hi.device}")
+        if self.lo.numel() == 0:
+            raise ValueError("SpanMask needs at least one row (T >= 1)")
+        if self.cu_seqlens is None:
+            object.__setattr__(
+                self, "cu_seqlens", torch.tensor([0, self.lo.numel()], dtype=torch.int64, device=self.lo.device)
+            )
+        _check_cu_seqlens(self.cu_seqlens, self.lo.numel(), self.validate)
+        if self.cu_seqlens.device != self.lo.device:
+            raise ValueError(f"SpanMask.cu_seqlens is on {self.cu_seqlens.device}, lo/hi on {self.lo.device}")
+        if self.validate:
+            self._check_invariants()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def total_tokens(self) -> int:
+        """T, the number of packed rows."""
+        return self.lo.numel()
+
+    @property
+    def num_sequences(self) -> int:
+        """B, the number of packed sequences."""
+        return self.cu_seqlens.numel() - 1
+
+    def local_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sequence index, local row, sequence length) of every row, int64 ``[T]``; no host sync."""
+        seq = sequence_index(self.cu_seqlens, self.total_tokens)
+        start = self.cu_seqlens[seq]
+        rows = torch.arange(self.total_tokens, device=self.lo.device, dtype=torch.int64)
+        length = self.cu_seqlens[seq + 1] - start
+        return seq, rows - start, length
+
+    def _check_invariants(self) -> None:
+        seq, row, length = self.local_rows()
+        lo, hi = self.lo.long(), self.hi.long()
+        checks = (
+            (lo < 0, "lo must be >= 0"),
+            (lo > row, "lo must be <= the row's own position"),
+            (hi < row, "hi must be >= the row's own position"),
+            (hi >= length, "hi must be inside the sequence (hi < sequence length)"),
+        )
+        for bad, what in checks:
+            i = _first_true(bad)
+            if i is not None:
+                raise ValueError(
+                    f"invalid span at row {i} (sequence {int(seq[i])}, local row {int(row[i])}, "
+                    f"sequence length {int(length[i])}): lo={int(lo[i])}, hi={int(hi[i])}; {what}"
+                )
+        same_seq = seq[1:] == seq[:-1]
+        for name, arr in (("lo", lo), ("hi", hi)):
+            i = _first_true(same_seq & (arr[1:] < arr[:-1]))
+            if i is not None:
+                raise ValueError(
+                    f"{name} must be non-decreasing inside each sequence: row {i} has {name}={int(arr[i])} "
+                    f"but row {i + 1} has {name}={int(arr[i + 1])} (sequence {int(seq[i])})"
+                )
+
+    # ------------------------------------------------------------------ derived views
+    def to_dense(self) -> torch.Tensor:
+        """Bool ``[T, T]`` mask over packed positions; False across sequences. O(T^2): tests/reference only."""
+        seq, row, _ = self.local_rows()
+        key_local = row[None, :]
+        same = seq[:, None] == seq[None, :]
+        return same & (key_local >= self.lo.long()[:, None]) & (key_local <= self.hi.long()[:, None])
+
+    def num_pairs(self) -> int:
+        """Exact number of allowed (query, key) pairs, for FLOP accounting (one host sync)."""
+        return int((self.hi.long() - self.lo.long() + 1).sum())
+
+    def tile_summary(self, block_m: int) -> TileSummary:
+        """Per-tile min/max of ``lo`` and ``hi`` for tiles of ``block_m`` rows (see :class:`TileSummary`).
+
+        Vectorized, no host sync: since ``lo``/``hi`` are non-decreasing inside a sequence, the
+        minimum is the tile's first row and the maximum its last.
+        """
+        if not isinstance(block_m, int) or block_m < 1:
+            raise ValueError(f"block_m must be a positive int, got {block_m!r}")
+        device = self.lo.device
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        tiles_per_seq = (lengths + block_m - 1) // block_m
+        tile_offsets = torch.nn.functional.pad(torch.cumsum(tiles_per_seq, 0), (1, 0))
+        capacity = -(-self.total_tokens // block_m) + self.num_sequences
+        idx = torch.arange(capacity, device=device, dtype=torch.int64)
+        seq = torch.searchsorted(tile_offsets[1:], idx, right=True).clamp_max(self.num_sequences - 1)
+        row_start = (idx - tile_offsets[seq]) * block_m
+        real = idx < tile_offsets[-1]
+        rows = torch.where(real, (lengths[seq] - row_start).clamp(0, block_m), 0)
+        first = (self.cu_seqlens[seq] + row_start).clamp(0, self.total_tokens - 1)
+        last = (first + rows - 1).clamp(0, self.total_tokens - 1)
+
+        def pick(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+            return torch.where(real, values[at].to(torch.int32), 0)
+
+        return TileSummary(
+            block_m=block_m,
+            seq=torch.where(real, seq, 0).to(torch.int32),
+            row_start=torch.where(real, row_start, 0).to(torch.int32),
+            rows=rows.to(torch.int32),
+            lo_min=pick(self.lo, first),
+            lo_max=pick(self.lo, last),
+            hi_min=pick(self.hi, first),
+            hi_max=pick(self.hi, last),
+            num_tiles=tile_offsets[-1].clone(),
+        )
+
+    def to(self, device: torch.device | str) -> SpanMask:
+        """The same spans on another device (no re-validation)."""
+        return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False)
