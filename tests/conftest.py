@@ -1,0 +1,35 @@
+"""Shared test helpers: random layouts and an independent statement of the rule table."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU machine (see benchmarks/README.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_packed_layout(rng: random.Random, max_seqs: int = 3, max_len: int = 40, block_frac: float = 0.5):
+    """(block_ids [T] int64, cu_seqlens [B+1] int64): random blocks, unique ids, some adjacent."""
+    ids, cu, next_id = [], [0], 1
+    for _ in range(rng.randint(1, max_seqs)):
+        length = rng.randint(1, max_len)
+        pos = 0
+        while pos < length:
+            n = min(length - pos, rng.randint(1, 12))
+            if rng.random() < block_frac:
+                ids += [next_id] * n
+                next_id += 1
+            else:
+                ids += [0] * n
+            pos += n
+        cu.append(cu[-1] + length)
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(cu, dtype=torch.int64)
