@@ -11,7 +11,7 @@ import torch
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU machine (see benchmarks/README.md)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `python -m pytest -m gpu` on a CUDA machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -16,7 +16,8 @@ DEFAULT_WINDOW = 128
 
 
 def _format_table(comp: LayerComparison, layer_count: str) -> str:
-    header = f"{comp.layer} layers{layer_count}, window {comp.window}"
+    window = f", window {comp.window}" if comp.layer == "sliding" else ""
+    header = f"{comp.layer} layers{layer_count}{window}"
     cols = ("convention", "allowed pairs", "differ from official", "(+extra / -missing)", "rows affected")
     lines = [header, f"  {cols[0]:<13} {cols[1]:>14} {cols[2]:>21} {cols[3]:>22} {cols[4]:>14}"]
     for st in comp.stats:
@@ -33,7 +34,7 @@ def _masks(args: argparse.Namespace) -> int:
     if family is None:
         raise ValueError("give --preset or --family")
     rules.rule_for(family, "official", "full")
-    window = args.window or (preset.sliding_window if preset else None)
+    window = args.window if args.window is not None else (preset.sliding_window if preset else None)
     if window is None:
         raise ValueError("give --window (or a --preset, whose sliding window is used)")
     layout = parse_layout(args.layout)

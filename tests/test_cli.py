@@ -1,0 +1,85 @@
+"""`bidiattn masks`: its table equals the spans' own counts; the PNG shows the differences."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from bidiattn import cli, rules
+from bidiattn.compare import compare_layer
+from bidiattn.layouts import parse_layout
+from bidiattn.plot import category_grid
+
+LAYOUT = "text:40,image:280,text:8,image:280,text:30"
+
+
+def table_rows(out: str) -> dict[tuple[str, str], list[int]]:
+    rows, layer = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"(full|sliding) layers", line):
+            layer = m.group(1)
+        elif layer and (m := re.match(r"\s+(official|transformers|vllm|causal)\s+([\d,]+)\s+([\d,]+)\s+\+([\d,]+) / -([\d,]+)\s+([\d,]+)$", line)):
+            rows[layer, m.group(1)] = [int(x.replace(",", "")) for x in m.groups()[1:]]
+    return rows
+
+
+def test_table_matches_num_pairs_and_the_png_is_written(tmp_path, capsys):
+    png = tmp_path / "masks.png"
+    assert cli.main(["masks", "--preset", "gemma-4-31b", "--layout", LAYOUT, "--window", "128", "--png", str(png)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 8
+    block_ids = parse_layout(LAYOUT).block_ids("gemma4", "official")
+    for (layer, label), (allowed, differ, extra, missing, affected) in rows.items():
+        family, conv = ("causal", "official") if label == "causal" else ("gemma4", label)
+        spans = rules.build(family, conv, layer, block_ids=parse_layout(LAYOUT).block_ids(family, conv), window=128)
+        assert allowed == spans.num_pairs()
+        official = rules.dense("gemma4", "official", layer, block_ids=block_ids, window=128)
+        assert differ == int((spans.to_dense() ^ official).sum()) == extra + missing
+        assert affected == int((spans.to_dense() ^ official).any(1).sum())
+    # Two images of 280 > W=128: transformers sees (280-128)(280-128+1)/2 more pairs per image.
+    assert rows["sliding", "transformers"][2] == 2 * 152 * 153 // 2
+    assert rows["full", "transformers"][1] == 0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_default_example_runs(capsys):
+    assert cli.main(["masks"]) == 0
+    assert "gemma-4-31b" in capsys.readouterr().out
+
+
+def test_category_grid_keeps_a_single_difference_visible_when_downsampled():
+    layout = parse_layout("text:100,image:130,text:70")
+    comp = compare_layer("gemma4", "sliding", layout, window=128)
+    transformers = comp.stats[1]
+    assert transformers.differ_pairs == 3  # (130-128)(130-128+1)/2
+    windowless = rules.build_rule(
+        rules.rule_for("gemma4", "transformers", "sliding").without_window(),
+        block_ids=layout.block_ids("gemma4", "transformers"), window=128, cu_seqlens=transformers.spans.cu_seqlens,
+    )
+    grid = category_grid(transformers.spans, windowless, comp.official.spans, pixels=64)
+    assert grid.shape == (60, 60)
+    assert int((grid == 4).sum()) >= 1
+    full = category_grid(transformers.spans, windowless, comp.official.spans, pixels=300)
+    assert int((full == 4).sum()) == 3
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["masks", "--layout", "text:4,picture:3"], "bad layout segment 'picture:3'"),
+        (["masks", "--layout", "text:0"], "count must be >= 1"),
+        (["masks", "--family", "gemma3"], "give --window"),
+        (["masks", "--family", "gemma3", "--window", "0"], "window must be >= 1"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_preset_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["masks", "--preset", "gemma-9"])
+    assert "invalid choice: 'gemma-9'" in capsys.readouterr().err
