@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
+
+# Kernels run through Triton's interpreter where there is no GPU; this must be set before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,3 +39,16 @@ def random_packed_layout(rng: random.Random, max_seqs: int = 3, max_len: int = 4
             pos += n
         cu.append(cu[-1] + length)
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(cu, dtype=torch.int64)
+
+
+def lowp_attention(q, k, v, spans, scale, softcap):
+    """The same math as the reference in the inputs' own dtype: PyTorch's low-precision error."""
+    group = q.shape[1] // k.shape[1]
+    qt = q.transpose(0, 1)
+    kt = k.repeat_interleave(group, 1).transpose(0, 1)
+    vt = v.repeat_interleave(group, 1).transpose(0, 1)
+    s = torch.matmul(qt, kt.transpose(1, 2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~spans.to_dense(), float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), vt).transpose(0, 1)

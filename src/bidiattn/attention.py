@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import reference
+from .inputs import check_attention_inputs
 from .spans import SpanMask
 
 __all__ = ["attention", "BACKENDS"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+TRITON_MAX_HEAD_DIM = 512
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes float16 or bfloat16, got {q.dtype}")
+    d = q.shape[-1]
+    if d % 16 or d > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims that are multiples of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("backend='triton' has no backward yet; use backend='reference' for gradients")
 
 
 def attention(
@@ -25,12 +46,43 @@ def attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where each query row sees one contiguous key interval (see :class:`SpanMask`).
 
-    Same arguments and results as :func:`bidiattn.reference.attention`, plus ``backend``:
-    ``"reference"`` (dense fp32 spec) or ``"auto"`` (the fastest available backend; today
-    only the reference exists, kernels come with later releases).
+    Args:
+        q: ``[T, Hq, D]`` packed queries.
+        k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA).
+        spans: the mask, e.g. from :func:`bidiattn.rules.build`; ``spans.cu_seqlens`` packs
+            several sequences (varlen) that never see each other.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none.
+        return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
+        backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, forward only
+            for now), ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or
+            ``"auto"``: triton for CUDA inputs that it supports and that need no gradient,
+            the reference otherwise.
 
-    Shapes: q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, out ``[T, Hq, D]``, lse ``[Hq, T]``.
+    Returns:
+        ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
+        image at 2..3, full layer of gemma3 (``x`` allowed)::
+
+            q\\k 012345
+            0    x.....
+            1    xx....
+            2    xxxx..
+            3    xxxx..
+            4    xxxxx.
+            5    xxxxxx
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
-    return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
+    scale = check_attention_inputs(q, k, v, spans, scale, softcap)
+    if backend == "auto":
+        wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        d = q.shape[-1]
+        fits = q.dtype in TRITON_DTYPES and d % 16 == 0 and d <= TRITON_MAX_HEAD_DIM
+        backend = "triton" if q.device.type == "cuda" and fits and not wants_grad else "reference"
+    if backend == "reference":
+        return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
+    _check_triton(q, k, v)
+    from .kernels.forward import span_attention_forward
+
+    out, lse = span_attention_forward(q, k, v, spans, scale, softcap)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,185 @@
+"""Span-attention forward: Triton kernel -> launcher.
+
+One program handles ``BLOCK_M`` query rows of one sequence for one query head. Its key range is
+``[lo_min, hi_max]`` of the tile (from :meth:`SpanMask.tile_summary`); key tiles entirely inside
+``[lo_max, hi_min]`` are allowed for every row and run without mask math, the ragged tiles at the
+two ends apply the per-row ``lo``/``hi`` mask, and everything else is never visited. The kernel
+reads two ints per row, never a dense mask.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spans import SpanMask
+
+__all__ = ["TileConfig", "pick_config", "span_attention_forward"]
+
+_LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instruction)
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, b_q, k_base, v_base, lo, hi, start, end, seq_len,
+    stride_kt, qk_scale, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    o_d = tl.arange(0, BLOCK_D)
+    for i_n in range(start, end, BLOCK_N):
+        o_n = i_n + tl.arange(0, BLOCK_N)
+        kv_ok = (o_n[:, None] < seq_len) & (o_d[None, :] < D)
+        off = o_n[:, None].to(tl.int64) * stride_kt + o_d[None, :]
+        b_k = tl.load(k_base + off, mask=kv_ok, other=0.0)
+        b_v = tl.load(v_base + off, mask=kv_ok, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k))
+        if SOFTCAP:
+            # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
+            # then rescale to base 2. qk_scale here is scale / softcap.
+            b_x = b_s * qk_scale
+            b_s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0))
+        else:
+            b_s = b_s * qk_scale
+        if MASKED:
+            allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None])
+            b_s = tl.where(allowed, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _span_fwd_kernel(
+    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, order,
+    t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh,
+    qk_scale, softcap,
+    GROUP: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    i_h = tl.program_id(0)
+    i_t = tl.load(order + tl.program_id(1))
+    rows = tl.load(t_rows + i_t)
+    if rows == 0:
+        return
+    i_b = tl.load(t_seq + i_t)
+    bos = tl.load(cu_seqlens + i_b)
+    seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    lo_min = tl.load(t_lo_min + i_t)
+    lo_max = tl.load(t_lo_max + i_t)
+    hi_min = tl.load(t_hi_min + i_t)
+    hi_max = tl.load(t_hi_max + i_t)
+
+    o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_ok = o_m < seq_len
+    rows_g = bos + o_m.to(tl.int64)
+    # Rows past the sequence end get an empty span; they are never stored.
+    lo = tl.load(span_lo + rows_g, mask=m_ok, other=1)
+    hi = tl.load(span_hi + rows_g, mask=m_ok, other=0)
+
+    q_off = rows_g[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
+    b_q = tl.load(q + q_off, mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    k_base = k + bos * stride_kt + (i_h // GROUP) * stride_kh
+    v_base = v + bos * stride_kt + (i_h // GROUP) * stride_kh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    n_first = (lo_min // BLOCK_N) * BLOCK_N
+    n_end = hi_max + 1
+    full_start = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
+    full_end = ((hi_min + 1) // BLOCK_N) * BLOCK_N
+    if full_start < full_end:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, full_start, seq_len,
+                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, True, SOFTCAP)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_start, full_end, seq_len,
+                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, False, SOFTCAP)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_end, n_end, seq_len,
+                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, True, SOFTCAP)
+    else:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, n_end, seq_len,
+                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, True, SOFTCAP)
+
+    # Every stored row attends at least itself, so l_i > 0 there.
+    l_safe = tl.where(m_ok, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    o_off = rows_g[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
+    tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_d[None, :] < D))
+    b_lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(lse + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch parameters of the forward kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def pick_config(head_dim: int) -> TileConfig:
+    """Tiles per head dim. First version, sized to fit Hopper's 228 KB of shared memory;
+    to be replaced by measured choices (see benchmarks/NOTES.md)."""
+    if head_dim <= 64:
+        return TileConfig(128, 64, 4, 3)
+    if head_dim <= 128:
+        return TileConfig(128, 64, 8, 3)
+    if head_dim <= 256:
+        return TileConfig(64, 64, 4, 2)
+    return TileConfig(64, 32, 8, 1)
+
+
+def span_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask,
+    scale: float, softcap: float | None, config: TileConfig | None = None,
+    out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on validated inputs; returns ``out [T, Hq, D]`` and ``lse [Hq, T]``.
+
+    ``out``/``lse`` may be preallocated (contiguous, q's dtype / fp32); every row is written.
+    """
+    t_len, hq, d = q.shape
+    group = hq // k.shape[1]
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's CPU interpreter mis-reads bf16 (max error 8e8 on a 7-token causal case with
+        # triton 3.9), so CPU tests run the same kernel on fp32 copies; GPUs run real bf16.
+        o32, l32 = span_attention_forward(q.float(), k.float(), v.float(), spans, scale, softcap, config)
+        out = o32.to(q.dtype) if out is None else out.copy_(o32)
+        return out, (l32 if lse is None else lse.copy_(l32))
+    cfg = config or pick_config(d)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    tiles = spans.tile_summary(cfg.block_m)
+    # Longest tiles first: image blocks make the key ranges uneven, and tiles launched last
+    # should be the short ones so the tail of the grid stays full.
+    work = torch.where(tiles.rows > 0, tiles.hi_max - tiles.lo_min + 1, 0)
+    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(hq, t_len, device=q.device, dtype=torch.float32) if lse is None else lse
+    qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
+    grid = (hq, tiles.rows.numel())
+    _span_fwd_kernel[grid](
+        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, order,
+        tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        qk_scale, softcap if softcap is not None else 1.0,
+        GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(d),
+        SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse

@@ -1,0 +1,116 @@
+"""Triton forward kernel against the fp32 reference (interpreter on CPU, real kernel on GPU).
+
+Tolerance: error <= 2x PyTorch's own low-precision error (same math in the input dtype) + 1e-3.
+Outputs are poisoned with NaN first, so an unwritten row fails.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+import bidiattn  # noqa: E402
+from bidiattn import reference, rules  # noqa: E402
+from bidiattn.kernels.forward import span_attention_forward  # noqa: E402
+from conftest import lowp_attention, random_packed_layout  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_case(spans, hq, hkv, d, dtype, softcap=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = spans.total_tokens
+    q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEVICE) for h in (hq, hkv, hkv))
+    spans = spans.to(DEVICE)
+    scale = 1 / math.sqrt(d)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, t), float("nan"), device=DEVICE)
+    span_attention_forward(q, k, v, spans, scale, softcap, out=out, lse=lse)
+    want, want_lse = reference.attention(q, k, v, spans, softcap=softcap, return_lse=True)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    ref32 = reference.attention(qf, kf, vf, spans, softcap=softcap)
+    torch_err = (lowp_attention(q, k, v, spans, scale, softcap).float() - ref32).abs().max().item()
+    err = (out.float() - ref32).abs().max().item()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert err <= 2 * torch_err + 1e-3, (err, torch_err)
+    torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=0)
+
+
+def image_spans(length, blocks, family="gemma3", convention="official", layer="full", window=None):
+    ids = torch.zeros(length, dtype=torch.int64)
+    for n, (s, e) in enumerate(blocks, 1):
+        ids[s:e] = n
+    return rules.build(family, convention, layer, block_ids=ids, window=window)
+
+
+@pytest.mark.parametrize("length", [1, 7, 63, 130])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_odd_lengths(length, dtype):
+    blocks = [(length // 3, length // 3 + length // 2)] if length > 2 else []
+    run_case(image_spans(length, blocks), 2, 1, 64, dtype, seed=length)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 1)])
+def test_gqa_and_blocks_straddling_tiles(hq, hkv):
+    # Blocks cross the 64-row tile edges and the key-tile edges.
+    spans = image_spans(200, [(60, 70), (120, 190)], "gemma4", "official", "sliding", window=40)
+    run_case(spans, hq, hkv, 64, torch.bfloat16, seed=hq)
+
+
+@pytest.mark.parametrize("family,convention", [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS])
+@pytest.mark.parametrize("layer", rules.LAYERS)
+def test_every_rule_on_packed_sequences(family, convention, layer):
+    ids, cu = random_packed_layout(random.Random(hash((family, convention, layer)) % 997), max_seqs=3, max_len=90)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=9, cu_seqlens=cu)
+    run_case(spans, 4, 2, 64, torch.bfloat16, seed=3)
+
+
+@pytest.mark.parametrize("d", [96, 512])
+def test_head_dims(d):
+    spans = image_spans(77, [(10, 50)], "gemma4", "transformers", "sliding", window=16)
+    run_case(spans, 2, 1, d, torch.bfloat16, seed=d)
+
+
+def test_softcap():
+    spans = image_spans(70, [(5, 40)], "paligemma", "official", "sliding", window=8)
+    run_case(spans, 2, 2, 64, torch.float16, softcap=2.0, seed=1)
+
+
+def test_auto_and_public_api_use_the_kernel():
+    spans = image_spans(33, [(4, 20)])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(33, 2, 64, generator=g).bfloat16().to(DEVICE) for _ in range(3))
+    out = bidiattn.attention(q, k, v, spans.to(DEVICE), backend="triton")
+    torch.testing.assert_close(out.float(), reference.attention(q, k, v, spans.to(DEVICE)).float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "dtype,d,grad,exc,match",
+    [
+        (torch.float32, 64, False, TypeError, "float16 or bfloat16, got torch.float32"),
+        (torch.bfloat16, 72, False, ValueError, "multiples of 16 up to 512, got 72"),
+        (torch.bfloat16, 576, False, ValueError, "got 576"),
+        (torch.bfloat16, 64, True, ValueError, "no backward yet"),
+    ],
+)
+def test_triton_rejects_what_it_cannot_do(dtype, d, grad, exc, match):
+    spans = image_spans(5, [])
+    q, k, v = (torch.randn(5, 1, d).to(dtype).to(DEVICE).requires_grad_(grad) for _ in range(3))
+    with pytest.raises(exc, match=match):
+        bidiattn.attention(q, k, v, spans.to(DEVICE), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4), (512, 16, 4)])
+def test_real_sizes_on_gpu(d, hq, hkv):
+    # 4K tokens, 1092-token images every 2048 (the benchmark's layout, shorter).
+    ids = torch.zeros(4096, dtype=torch.int64)
+    for n, s in enumerate(range(500, 4096, 2048), 1):
+        ids[s : s + 1092] = n
+    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=1024)
+    run_case(spans, hq, hkv, d, torch.bfloat16, seed=d)
