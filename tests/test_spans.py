@@ -101,9 +101,11 @@ def test_tile_summary_rejects_bad_block_m():
 def test_build_on_cuda_matches_cpu_without_sync():
     ids, cu = random_packed_layout(random.Random(3), max_seqs=4, max_len=300)
     cpu = rules.build("gemma4", "official", "sliding", block_ids=ids, window=17, cu_seqlens=cu)
+    ids, cu = ids.cuda(), cu.cuda()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = rules.build("gemma4", "official", "sliding", block_ids=ids.cuda(), window=17, cu_seqlens=cu.cuda(), validate=False)
+        gpu = rules.build("gemma4", "official", "sliding", block_ids=ids, window=17, cu_seqlens=cu, validate=False)
         tiles = gpu.tile_summary(64)
     finally:
         torch.cuda.set_sync_debug_mode("default")

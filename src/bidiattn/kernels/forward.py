@@ -133,14 +133,15 @@ class TileConfig:
 
 
 def pick_config(head_dim: int) -> TileConfig:
-    """Tiles per head dim. First version, sized to fit Hopper's 228 KB of shared memory;
-    to be replaced by measured choices (see benchmarks/NOTES.md)."""
+    """Tiles per head dim, sized to fit Hopper's 227 KB of shared memory per block (hd256 with
+    64x64 tiles and 2 stages asked for 288 KB on an H200). First version; to be replaced by
+    measured choices (benchmarks/NOTES.md)."""
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)
     if head_dim <= 128:
         return TileConfig(128, 64, 8, 3)
     if head_dim <= 256:
-        return TileConfig(64, 64, 4, 2)
+        return TileConfig(64, 32, 4, 2)
     return TileConfig(64, 32, 8, 1)
 
 
