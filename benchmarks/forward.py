@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -72,6 +72,8 @@ def main() -> None:
         del mask, qt, kt, vt
         torch.cuda.empty_cache()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The GPU machine gets a copy of the tree without .git: pass the hash in BIDIATTN_COMMIT there.
+    commit = commit or os.environ.get("BIDIATTN_COMMIT", "")
     meta = dict(device=dev, date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
                 commit=commit or "unknown", bf16_matmul_tflops=peak, command="python benchmarks/forward.py")
     out = Path(args.out)
