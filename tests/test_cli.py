@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bidiattn import cli, rules
-from bidiattn.compare import compare_layer
+from bidiattn.compare import compare_layer, family_convention
 from bidiattn.layouts import parse_layout
 from bidiattn.plot import category_grid
 
@@ -32,7 +32,7 @@ def test_table_matches_num_pairs_and_the_png_is_written(tmp_path, capsys):
     assert len(rows) == 8
     block_ids = parse_layout(LAYOUT).block_ids("gemma4", "official")
     for (layer, label), (allowed, differ, extra, missing, affected) in rows.items():
-        family, conv = ("causal", "official") if label == "causal" else ("gemma4", label)
+        family, conv = family_convention(label, "gemma4")
         spans = rules.build(family, conv, layer, block_ids=parse_layout(LAYOUT).block_ids(family, conv), window=128)
         assert allowed == spans.num_pairs()
         official = rules.dense("gemma4", "official", layer, block_ids=block_ids, window=128)

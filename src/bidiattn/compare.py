@@ -12,7 +12,7 @@ from . import rules
 from .layouts import Layout
 from .spans import SpanMask
 
-__all__ = ["ConventionStats", "LayerComparison", "compare_layer", "COMPARED"]
+__all__ = ["ConventionStats", "LayerComparison", "compare_layer", "family_convention", "COMPARED"]
 
 # The family's own conventions, then "causal": the family-independent baseline that ignores
 # images (what a model served without bidirectional attention computes).
@@ -45,8 +45,13 @@ class LayerComparison:
         return self.stats[0]
 
 
+def family_convention(label: str, family: str) -> tuple[str, str]:
+    """The (family, convention) a compared label stands for."""
+    return ("causal", "official") if label == "causal" else (family, label)
+
+
 def _spans(label: str, family: str, layer: str, layout: Layout, window: int) -> SpanMask:
-    fam, conv = ("causal", "official") if label == "causal" else (family, label)
+    fam, conv = family_convention(label, family)
     return rules.build(fam, conv, layer, block_ids=layout.block_ids(fam, conv), window=window)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import rules
-from .compare import LayerComparison
+from .compare import LayerComparison, family_convention
 from .spans import SpanMask
 
 __all__ = ["CATEGORIES", "category_grid", "render_png", "MAX_PNG_TOKENS"]
@@ -29,7 +29,7 @@ _ROW_CHUNK = 512
 
 
 def _windowless(label: str, comparison: LayerComparison) -> SpanMask:
-    fam, conv = ("causal", "official") if label == "causal" else (comparison.family, label)
+    fam, conv = family_convention(label, comparison.family)
     rule = rules.rule_for(fam, conv, comparison.layer).without_window()
     return rules.build_rule(
         rule, block_ids=comparison.layout.block_ids(fam, conv), window=comparison.window,
