@@ -21,16 +21,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exception | None:
+    """Why the triton backend cannot take these inputs, or None if it can."""
     if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+        return ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     if q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' takes float16 or bfloat16, got {q.dtype}")
+        return TypeError(f"backend='triton' takes float16 or bfloat16, got {q.dtype}")
     d = q.shape[-1]
     if d % 16 or d > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' supports head dims that are multiples of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
+        return ValueError(f"backend='triton' supports head dims that are multiples of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise ValueError("backend='triton' has no backward yet; use backend='reference' for gradients")
+        return ValueError("backend='triton' has no backward yet; use backend='reference' for gradients")
+    return None
 
 
 def attention(
@@ -74,14 +76,13 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
     scale = check_attention_inputs(q, k, v, spans, scale, softcap)
+    unsupported = _triton_unsupported(q, k, v) if backend != "reference" else None
     if backend == "auto":
-        wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        d = q.shape[-1]
-        fits = q.dtype in TRITON_DTYPES and d % 16 == 0 and d <= TRITON_MAX_HEAD_DIM
-        backend = "triton" if q.device.type == "cuda" and fits and not wants_grad else "reference"
+        backend = "triton" if q.device.type == "cuda" and unsupported is None else "reference"
     if backend == "reference":
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
-    _check_triton(q, k, v)
+    if unsupported is not None:
+        raise unsupported
     from .kernels.forward import span_attention_forward
 
     out, lse = span_attention_forward(q, k, v, spans, scale, softcap)
