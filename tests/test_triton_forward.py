@@ -16,13 +16,13 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
-from bidiattn.kernels.forward import span_attention_forward  # noqa: E402
+from bidiattn.kernels.forward import TileConfig, span_attention_forward  # noqa: E402
 from conftest import lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_case(spans, hq, hkv, d, dtype, softcap=None, seed=0):
+def run_case(spans, hq, hkv, d, dtype, softcap=None, seed=0, config=None):
     g = torch.Generator().manual_seed(seed)
     t = spans.total_tokens
     q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEVICE) for h in (hq, hkv, hkv))
@@ -30,7 +30,7 @@ def run_case(spans, hq, hkv, d, dtype, softcap=None, seed=0):
     scale = 1 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((hq, t), float("nan"), device=DEVICE)
-    span_attention_forward(q, k, v, spans, scale, softcap, out=out, lse=lse)
+    span_attention_forward(q, k, v, spans, scale, softcap, config=config, out=out, lse=lse)
     want, want_lse = reference.attention(q, k, v, spans, softcap=softcap, return_lse=True)
     qf, kf, vf = q.float(), k.float(), v.float()
     ref32 = reference.attention(qf, kf, vf, spans, softcap=softcap)
@@ -74,6 +74,43 @@ def test_every_rule_on_packed_sequences(family, convention, layer):
 def test_head_dims(d):
     spans = image_spans(77, [(10, 50)], "gemma4", "transformers", "sliding", window=16)
     run_case(spans, 2, 1, d, torch.bfloat16, seed=d)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TileConfig(16, 16, 4, 1),
+        TileConfig(32, 64, 4, 2, split_dv=2),
+        TileConfig(64, 32, 8, 1, split_dv=4),
+        TileConfig(64, 64, 4, 2, warp_specialize=True),
+    ],
+    ids=str,
+)
+def test_tile_configs(config):
+    # Every tuning knob must leave the result exact: odd length, a block straddling tile edges,
+    # a window shorter than the block, hd 256 so split_dv=4 leaves 64-column slices.
+    spans = image_spans(101, [(13, 80)], "gemma4", "official", "sliding", window=24)
+    run_case(spans, 4, 2, 256, torch.float16, seed=5, config=config)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(block_m=48, block_n=32, num_warps=4, num_stages=1), "block_m must be a power of two, got 48"),
+        (dict(block_m=64, block_n=8, num_warps=4, num_stages=1), "at least 16x16, got 64x8"),
+        (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, split_dv=3), "split_dv must be a power of two"),
+    ],
+)
+def test_tile_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TileConfig(**kwargs)
+
+
+def test_split_dv_too_fine_for_head_dim():
+    spans = image_spans(9, [])
+    q, k, v = (torch.randn(9, 1, 64).half().to(DEVICE) for _ in range(3))
+    with pytest.raises(ValueError, match="split_dv=8 leaves fewer than 16 of the 64"):
+        span_attention_forward(q, k, v, spans.to(DEVICE), 0.125, None, config=TileConfig(64, 32, 4, 1, split_dv=8))
 
 
 def test_softcap():

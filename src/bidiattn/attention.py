@@ -12,9 +12,10 @@ from .spans import SpanMask
 
 __all__ = ["attention", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "flex")
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 512
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
@@ -32,6 +33,19 @@ def _triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Ex
         return ValueError(f"backend='triton' supports head dims that are multiples of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return ValueError("backend='triton' has no backward yet; use backend='reference' for gradients")
+    return None
+
+
+def _flex_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exception | None:
+    """Why the flex backend cannot take these inputs, or None if it can."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return ValueError(f"backend='flex' needs FlexAttention (torch >= 2.5), this is torch {torch.__version__}")
+    if q.dtype not in FLEX_DTYPES:
+        return TypeError(f"backend='flex' takes float16, bfloat16 or float32, got {q.dtype}")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return ValueError("backend='flex' has no backward on CPU (a FlexAttention limit); use backend='reference'")
     return None
 
 
@@ -57,9 +71,11 @@ def attention(
         softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none.
         return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
         backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, forward only
-            for now), ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or
-            ``"auto"``: triton for CUDA inputs that it supports and that need no gradient,
-            the reference otherwise.
+            for now), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
+            fp16/bf16/fp32, compiled on CUDA; eager, slow and forward-only on CPU),
+            ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or ``"auto"``:
+            triton for CUDA inputs that it supports and that need no gradient, the reference
+            otherwise.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
@@ -81,6 +97,14 @@ def attention(
         backend = "triton" if q.device.type == "cuda" and unsupported is None else "reference"
     if backend == "reference":
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
+    if backend == "flex":
+        unsupported = _flex_unsupported(q, k, v)
+        if unsupported is not None:
+            raise unsupported
+        from .kernels.flex import span_attention_flex
+
+        out, lse = span_attention_flex(q, k, v, spans, scale, softcap)
+        return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported
     from .kernels.forward import span_attention_forward

@@ -26,17 +26,18 @@ _LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instructi
 @triton.jit
 def _attend(
     acc, m_i, l_i, b_q, k_base, v_base, lo, hi, start, end, seq_len,
-    stride_kt, qk_scale, softcap,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-    MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+    stride_kt, qk_scale, softcap, i_dv,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     o_d = tl.arange(0, BLOCK_D)
-    for i_n in range(start, end, BLOCK_N):
+    o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    for i_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        kv_ok = (o_n[:, None] < seq_len) & (o_d[None, :] < D)
-        off = o_n[:, None].to(tl.int64) * stride_kt + o_d[None, :]
-        b_k = tl.load(k_base + off, mask=kv_ok, other=0.0)
-        b_v = tl.load(v_base + off, mask=kv_ok, other=0.0)
+        n_ok = o_n[:, None] < seq_len
+        row = o_n[:, None].to(tl.int64) * stride_kt
+        b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
+        b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k))
         if SOFTCAP:
             # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
@@ -66,9 +67,13 @@ def _span_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh,
     qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFTCAP: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     i_h = tl.program_id(0)
+    # With BLOCK_DV < BLOCK_D, program i_dv owns output columns [i_dv * BLOCK_DV, +BLOCK_DV) and
+    # recomputes q·k for them: the price of an fp32 accumulator that fits in registers.
+    i_dv = tl.program_id(2)
     i_t = tl.load(order + tl.program_id(1))
     rows = tl.load(t_rows + i_t)
     if rows == 0:
@@ -96,7 +101,7 @@ def _span_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     n_first = (lo_min // BLOCK_N) * BLOCK_N
     n_end = hi_max + 1
@@ -104,32 +109,49 @@ def _span_fwd_kernel(
     full_end = ((hi_min + 1) // BLOCK_N) * BLOCK_N
     if full_start < full_end:
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, full_start, seq_len,
-                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, True, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, WARP_SPEC)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_start, full_end, seq_len,
-                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, False, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, False, SOFTCAP, WARP_SPEC)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_end, n_end, seq_len,
-                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, True, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, WARP_SPEC)
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, n_end, seq_len,
-                                stride_kt, qk_scale, softcap, BLOCK_N, BLOCK_D, D, True, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, WARP_SPEC)
 
     # Every stored row attends at least itself, so l_i > 0 there.
     l_safe = tl.where(m_ok, l_i, 1.0)
     b_o = acc / l_safe[:, None]
-    o_off = rows_g[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
-    tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_d[None, :] < D))
-    b_lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-    tl.store(lse + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
+    o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    o_off = rows_g[:, None] * stride_ot + i_h * stride_oh + o_dv[None, :]
+    tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] < D))
+    if i_dv == 0:
+        b_lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(lse + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shape and launch parameters of the forward kernel."""
+    """Tile shape and launch parameters of the forward kernel.
+
+    ``split_dv`` programs share one query tile, each producing ``D / split_dv`` output columns
+    (q·k is recomputed by each); ``warp_specialize`` asks Triton to give loads and math separate
+    warps (Hopper/Blackwell, Triton >= 3.4).
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    split_dv: int = 1
+    warp_specialize: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "split_dv"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two, got {value}")
+        if self.block_m < 16 or self.block_n < 16:
+            raise ValueError(f"TileConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
 
 
 def pick_config(head_dim: int) -> TileConfig:
@@ -163,6 +185,9 @@ def span_attention_forward(
         out = o32.to(q.dtype) if out is None else out.copy_(o32)
         return out, (l32 if lse is None else lse.copy_(l32))
     cfg = config or pick_config(d)
+    block_d = triton.next_power_of_2(d)
+    if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
+        raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
@@ -174,13 +199,14 @@ def span_attention_forward(
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(hq, t_len, device=q.device, dtype=torch.float32) if lse is None else lse
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
-    grid = (hq, tiles.rows.numel())
+    grid = (hq, tiles.rows.numel(), cfg.split_dv)
     _span_fwd_kernel[grid](
         q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, order,
         tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         qk_scale, softcap if softcap is not None else 1.0,
-        GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(d),
-        SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, WARP_SPEC=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

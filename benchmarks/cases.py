@@ -1,0 +1,89 @@
+"""Benchmark cases and helpers shared by the benchmark scripts (run on a CUDA machine)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from bidiattn import rules
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    hq: int
+    hkv: int
+    head_dim: int
+    image_len: int
+    image_every: int
+    family: str = "gemma3"
+    convention: str = "official"
+    layer: str = "full"
+    window: int | None = None
+
+
+CASES = [
+    Case("hd128 16K img1092/2048", 16384, 16, 8, 128, 1092, 2048),
+    Case("hd256 16K img256/1024", 16384, 8, 4, 256, 256, 1024),
+    Case("hd256 32K img256/1024", 32768, 8, 4, 256, 256, 1024),
+    Case("hd256 16K sliding W1024", 16384, 8, 4, 256, 256, 1024, layer="sliding", window=1024),
+    Case("hd512 16K img1092/2048", 16384, 16, 4, 512, 1092, 2048),
+]
+
+
+def ms(fn, rep: int = 300) -> float:
+    """Median milliseconds over CUDA-event-timed runs (triton.testing.do_bench)."""
+    return triton.testing.do_bench(fn, warmup=max(10, rep // 6), rep=rep, return_mode="median")
+
+
+def build(case: Case, seed: int = 0):
+    """(spans, q, k, v) on the GPU: an image of ``image_len`` tokens ending every ``image_every``."""
+    t = case.tokens
+    ids = torch.zeros(t, dtype=torch.int64, device="cuda")
+    for n, s in enumerate(range(case.image_every - case.image_len, t, case.image_every), 1):
+        ids[s : s + case.image_len] = n
+    spans = rules.build(case.family, case.convention, case.layer, block_ids=ids, window=case.window)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(t, case.hq, case.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(t, case.hkv, case.head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    return spans, q, k, v
+
+
+def flops(case: Case, pairs: int) -> int:
+    """Two matmuls over the allowed pairs, 2 FLOPs per multiply-add."""
+    return 4 * pairs * case.head_dim * case.hq
+
+
+def sdpa_inputs(q, k, v):
+    """[1, H, T, D] views with K/V heads repeated for GQA."""
+    group = q.shape[1] // k.shape[1]
+    return tuple(x.transpose(0, 1).unsqueeze(0) for x in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
+
+
+def sdpa_dense(q, k, v, mask):
+    qt, kt, vt = sdpa_inputs(q, k, v)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).squeeze(0).transpose(0, 1)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / ms(lambda: a @ a) / 1e9
+
+
+def meta(command: str) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The GPU machine gets a copy of the tree without .git: pass the hash in BIDIATTN_COMMIT there.
+    commit = commit or os.environ.get("BIDIATTN_COMMIT", "") or "unknown"
+    return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, commit=commit, command=command)

@@ -1,0 +1,119 @@
+"""Sweep forward-kernel tile configs per head dim: check each against SDPA, then time it.
+
+    python benchmarks/tune_forward.py --out benchmarks/results
+
+Writes tune-forward-<device>-<date>.json and .md (every variant, its time or why it failed).
+The winners go into ``bidiattn.kernels.forward.pick_config`` by hand, with the numbers in
+benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import cases
+from bidiattn.kernels.forward import TileConfig, span_attention_forward
+
+T = TileConfig
+SWEEP = {
+    128: [T(128, 64, 8, 3), T(128, 64, 4, 3), T(128, 64, 8, 2), T(128, 128, 8, 2), T(64, 64, 4, 3), T(128, 32, 4, 3),
+          T(128, 64, 8, 3, warp_specialize=True), T(128, 128, 8, 2, warp_specialize=True), T(128, 64, 8, 4),
+          T(128, 128, 8, 1), T(256, 64, 8, 2), T(256, 64, 16, 2), T(128, 64, 16, 3)],
+    256: [T(64, 32, 4, 2), T(64, 32, 8, 2), T(128, 32, 8, 1), T(128, 32, 8, 2), T(64, 64, 4, 1), T(64, 64, 8, 1),
+          T(128, 64, 8, 1), T(128, 64, 8, 2), T(64, 64, 4, 2, split_dv=2), T(128, 64, 8, 2, split_dv=2),
+          T(128, 128, 8, 1, split_dv=2), T(64, 32, 4, 2, warp_specialize=True), T(128, 64, 8, 2, warp_specialize=True),
+          T(128, 64, 8, 1, warp_specialize=True), T(128, 128, 8, 1), T(128, 64, 4, 1), T(256, 64, 16, 1),
+          T(256, 32, 16, 1), T(128, 64, 16, 1), T(128, 32, 8, 3)],
+    512: [T(64, 32, 8, 1), T(64, 32, 4, 1), T(64, 64, 8, 1), T(128, 32, 8, 1), T(64, 32, 4, 2, split_dv=2),
+          T(64, 64, 4, 2, split_dv=2), T(128, 64, 8, 1, split_dv=2), T(128, 32, 8, 2, split_dv=2),
+          T(64, 64, 4, 2, split_dv=4), T(128, 64, 8, 2, split_dv=4), T(128, 128, 8, 1, split_dv=4),
+          T(64, 32, 8, 2, split_dv=2, warp_specialize=True), T(128, 32, 8, 1, split_dv=2),
+          T(128, 64, 8, 1, split_dv=2, warp_specialize=True), T(64, 64, 4, 1, split_dv=2), T(64, 32, 4, 1, split_dv=2),
+          T(64, 64, 8, 1, split_dv=2), T(128, 32, 16, 1), T(64, 64, 16, 1), T(128, 64, 16, 1, split_dv=2),
+          T(256, 32, 16, 1, split_dv=4), T(128, 64, 8, 1, split_dv=4)],
+}
+TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
+FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
+                dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]
+
+
+def flex_probe(case, spans, q, k, v, want, fl):
+    """Which FlexAttention kernel_options run at this head dim (the issue saw 263 KB asked at 512)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from bidiattn.kernels.flex import block_mask_from_spans
+
+    bm = block_mask_from_spans(spans)
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    rows = []
+    for opts in FLEX_OPTIONS:
+        torch._dynamo.reset()
+        fn = torch.compile(flex_attention, dynamic=False)
+        row = dict(case=case.name, kernel_options=opts)
+        try:
+            out = fn(qt, kt, vt, block_mask=bm, enable_gqa=True, kernel_options=opts)
+            row["rel_err"] = cases.rel_err(out.squeeze(0).transpose(0, 1), want)
+            row["ms"] = cases.ms(lambda: fn(qt, kt, vt, block_mask=bm, enable_gqa=True, kernel_options=opts), rep=100)
+            row["tflops"] = fl / row["ms"] / 1e9
+        except Exception as e:  # noqa: BLE001 - record why a variant cannot run
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    rows, flex_rows = [], []
+    for case in cases.CASES:
+        if case.name not in TUNED:
+            continue
+        spans, q, k, v = cases.build(case)
+        want = cases.sdpa_dense(q, k, v, spans.to_dense())
+        fl = cases.flops(case, spans.num_pairs())
+        scale = case.head_dim**-0.5
+        for cfg in SWEEP[case.head_dim]:
+            row = dict(case=case.name, config=repr(cfg))
+            t0 = time.perf_counter()
+            try:
+                out, _ = span_attention_forward(q, k, v, spans, scale, None, config=cfg)
+                row["rel_err"] = cases.rel_err(out, want)
+                row["compile_s"] = time.perf_counter() - t0
+                if row["rel_err"] < 1e-2:
+                    row["ms"] = cases.ms(lambda: span_attention_forward(q, k, v, spans, scale, None, config=cfg), rep=100)
+                    row["tflops"] = fl / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - record why a variant cannot run
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        if case.head_dim == 512:
+            flex_rows += flex_probe(case, spans, q, k, v, want, fl)
+        del want
+        torch.cuda.empty_cache()
+    meta = cases.meta("python benchmarks/tune_forward.py")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"tune-forward-{meta['device'].replace(' ', '_')}-{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, flex_hd512=flex_rows), indent=2))
+    lines = [f"# Forward tile sweep, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs.", "",
+             "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
+                     f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
+    lines += ["", "FlexAttention at hd512 by kernel_options:", "", "| options | TFLOP/s | note |", "|---|---|---|"]
+    for r in flex_rows:
+        lines.append(f"| {r['kernel_options']} | {r.get('tflops', 0):.0f} | {r.get('error', '')[:160]} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""FlexAttention backend: a ``BlockMask`` built from the spans, O(T / block) work, no T x T mask.
+
+Packed sequences are flattened to global key positions: row ``t`` of the sequence starting at
+``bos`` sees keys ``[bos + lo[t], bos + hi[t]]``. Those global bounds are still non-decreasing
+over the whole pack (a later sequence's keys all come after an earlier one's), so every query
+block of ``block_size`` rows has its bounds at its first and last row, and its key blocks are:
+full (inside ``[lo_max, hi_min]``, no ``mask_mod`` call), partial (the ragged ends, masked by
+``mask_mod``) or absent. The block tables are built on the device without a host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..spans import SpanMask, sequence_index
+
+__all__ = ["global_bounds", "block_mask_from_spans", "span_attention_flex"]
+
+FLEX_BLOCK_SIZE = 128
+
+
+def global_bounds(spans: SpanMask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lo``/``hi`` as int32 positions in the packed key axis (``[T]`` each)."""
+    lo, hi = spans.lo.to(torch.int64), spans.hi.to(torch.int64)
+    if spans.cu_seqlens is not None:
+        bos = spans.cu_seqlens[sequence_index(spans.cu_seqlens, spans.total_tokens)]
+        lo, hi = lo + bos, hi + bos
+    return lo.to(torch.int32), hi.to(torch.int32)
+
+
+def _block_table(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts ``[1, 1, nq]`` and indices ``[1, 1, nq, nk]`` (members first, ascending) of a
+    ``[nq, nk]`` membership matrix."""
+    nk = member.shape[1]
+    idx = torch.arange(nk, device=member.device)
+    key = torch.where(member, idx, idx + nk)
+    order = torch.argsort(key, dim=1).to(torch.int32)
+    return member.sum(1, dtype=torch.int32)[None, None], order[None, None]
+
+
+def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE):
+    """FlexAttention ``BlockMask`` (batch 1, broadcast over heads) equal to ``spans.to_dense()``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    t = spans.total_tokens
+    glo, ghi = global_bounds(spans)
+    nb = -(-t // block_size)
+    first = torch.arange(nb, device=glo.device) * block_size
+    last = torch.clamp(first + block_size - 1, max=t - 1)
+    lo_min, lo_max, hi_min, hi_max = glo[first], glo[last], ghi[first], ghi[last]
+    kb = torch.arange(nb, device=glo.device)[None, :]
+    visited = (kb >= (lo_min // block_size)[:, None]) & (kb <= (hi_max // block_size)[:, None])
+    full_start = -(-lo_max // block_size)
+    full_end = (hi_min + 1) // block_size
+    full = (kb >= full_start[:, None]) & (kb < full_end[:, None])
+    partial = visited & ~full
+    kv_num, kv_idx = _block_table(partial)
+    full_num, full_idx = _block_table(full)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= glo[q_idx]) & (kv_idx <= ghi[q_idx])
+
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(t, t)
+    )
+
+
+@functools.cache
+def _compiled_flex():
+    # FlexAttention is only fast compiled; one compiled callable per process so that repeated
+    # calls reuse Dynamo's cache instead of recompiling.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def span_attention_flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask,
+    scale: float, softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run FlexAttention on validated inputs; returns ``out [T, Hq, D]`` and ``lse [Hq, T]`` (fp32).
+
+    Compiled on CUDA; eager elsewhere (slow, for tests). Differentiable.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = block_mask_from_spans(spans)
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9 only has the older flag
+        out, lse = fn(qt, kt, vt, return_lse=True, **kwargs)
+    else:
+        out, aux = fn(qt, kt, vt, return_aux=AuxRequest(lse=True), **kwargs)
+        lse = aux.lse
+    return out.squeeze(0).transpose(0, 1), lse.squeeze(0).float()
