@@ -93,8 +93,14 @@ def span_attention_flex(
             return softcap * torch.tanh(score / softcap)
 
     fn = _compiled_flex() if q.is_cuda else flex_attention
+    options = None
+    if q.is_cuda and q.shape[-1] > 256:
+        # FlexAttention's default tiles ask for 262144 bytes of shared memory at hd512 and do not
+        # compile on an H200; 32x32 with one stage runs (129 TFLOP/s there, benchmarks/NOTES.md).
+        options = dict(BLOCK_M=32, BLOCK_N=32, num_stages=1)
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                  kernel_options=options)
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9 only has the older flag

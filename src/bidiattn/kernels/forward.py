@@ -155,16 +155,18 @@ class TileConfig:
 
 
 def pick_config(head_dim: int) -> TileConfig:
-    """Tiles per head dim, sized to fit Hopper's 227 KB of shared memory per block (hd256 with
-    64x64 tiles and 2 stages asked for 288 KB on an H200). First version; to be replaced by
-    measured choices (benchmarks/NOTES.md)."""
+    """Tiles per head dim, chosen by the sweep in benchmarks/tune_forward.py (one H200, bf16,
+    16K tokens; numbers in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding
+    limit from hd256 up: 128x64 tiles fit with one stage only."""
     if head_dim <= 64:
-        return TileConfig(128, 64, 4, 3)
+        return TileConfig(128, 64, 4, 3)  # not swept yet
     if head_dim <= 128:
-        return TileConfig(128, 64, 8, 3)
+        return TileConfig(256, 64, 16, 2)  # 409 TFLOP/s; 128x64, 8 warps, 3 stages: 387
     if head_dim <= 256:
-        return TileConfig(64, 32, 4, 2)
-    return TileConfig(64, 32, 8, 1)
+        return TileConfig(128, 64, 8, 1)  # 348; 64x32, 4 warps (the first version): 152
+    # A 128x512 fp32 accumulator does not fit in registers; two programs of 256 output columns
+    # each recompute q.k: 184, against 104 for the best unsplit 64-row tile.
+    return TileConfig(128, 64, 8, 1, split_dv=2)
 
 
 def span_attention_forward(
