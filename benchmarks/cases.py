@@ -82,8 +82,9 @@ def matmul_peak() -> float:
 
 
 def meta(command: str) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    # The GPU machine gets a copy of the tree without .git: pass the hash in BIDIATTN_COMMIT there.
-    commit = commit or os.environ.get("BIDIATTN_COMMIT", "") or "unknown"
+    # The GPU machine's copy of the tree has no usable git history: pass the hash there in
+    # BIDIATTN_COMMIT, which wins over git.
+    commit = os.environ.get("BIDIATTN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, commit=commit, command=command)

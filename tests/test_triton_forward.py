@@ -82,7 +82,7 @@ def test_head_dims(d):
         TileConfig(16, 16, 4, 1),
         TileConfig(32, 64, 4, 2, split_dv=2),
         TileConfig(64, 32, 8, 1, split_dv=4),
-        TileConfig(64, 64, 4, 2, warp_specialize=True),
+        TileConfig(64, 64, 4, 2),
     ],
     ids=str,
 )

@@ -40,8 +40,11 @@ def _block_table(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return member.sum(1, dtype=torch.int32)[None, None], order[None, None]
 
 
-def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE):
-    """FlexAttention ``BlockMask`` (batch 1, broadcast over heads) equal to ``spans.to_dense()``."""
+def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE, for_backward: bool = True):
+    """FlexAttention ``BlockMask`` (batch 1, broadcast over heads) equal to ``spans.to_dense()``.
+
+    ``for_backward=False`` skips the transposed (per-key-block) tables only a backward reads.
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     t = spans.total_tokens
@@ -63,7 +66,8 @@ def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE):
         return (kv_idx >= glo[q_idx]) & (kv_idx <= ghi[q_idx])
 
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(t, t)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(t, t),
+        compute_q_blocks=for_backward,
     )
 
 
@@ -86,7 +90,8 @@ def span_attention_flex(
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = block_mask_from_spans(spans)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    block_mask = block_mask_from_spans(spans, for_backward=needs_grad)
     score_mod = None
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
