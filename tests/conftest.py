@@ -41,7 +41,7 @@ def random_packed_layout(rng: random.Random, max_seqs: int = 3, max_len: int = 4
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(cu, dtype=torch.int64)
 
 
-def lowp_attention(q, k, v, spans, scale, softcap):
+def lowp_attention(q, k, v, spans, scale, softcap, return_lse=False):
     """The same math as the reference in the inputs' own dtype: PyTorch's low-precision error."""
     group = q.shape[1] // k.shape[1]
     qt = q.transpose(0, 1)
@@ -51,4 +51,5 @@ def lowp_attention(q, k, v, spans, scale, softcap):
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~spans.to_dense(), float("-inf"))
-    return torch.matmul(torch.softmax(s, -1), vt).transpose(0, 1)
+    out = torch.matmul(torch.softmax(s, -1), vt).transpose(0, 1)
+    return (out, torch.logsumexp(s, -1).float()) if return_lse else out

@@ -13,7 +13,7 @@ flex_attention = pytest.importorskip("torch.nn.attention.flex_attention", reason
 
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
-from bidiattn.kernels.flex import block_mask_from_spans, global_bounds  # noqa: E402
+from bidiattn.kernels.flex import block_mask_from_spans  # noqa: E402
 from conftest import lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,7 +44,7 @@ def element_mask(block_mask, t: int) -> torch.Tensor:
 
 
 def packed_dense(spans) -> torch.Tensor:
-    glo, ghi = global_bounds(spans)
+    glo, ghi = spans.packed_bounds()
     keys = torch.arange(spans.total_tokens)
     return (keys[None, :] >= glo[:, None].long()) & (keys[None, :] <= ghi[:, None].long())
 

@@ -31,8 +31,6 @@ def _triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Ex
     d = q.shape[-1]
     if d % 16 or d > TRITON_MAX_HEAD_DIM:
         return ValueError(f"backend='triton' supports head dims that are multiples of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return ValueError("backend='triton' has no backward yet; use backend='reference' for gradients")
     return None
 
 
@@ -70,12 +68,11 @@ def attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none.
         return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
-        backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, forward only
-            for now), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
+        backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, differentiable
+            with a deterministic backward, ``torch.compile``-traceable), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
             fp16/bf16/fp32, compiled on CUDA; eager, slow and forward-only on CPU),
             ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or ``"auto"``:
-            triton for CUDA inputs that it supports and that need no gradient, the reference
-            otherwise.
+            triton for CUDA inputs that it supports, the reference otherwise.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
@@ -107,7 +104,7 @@ def attention(
         return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported
-    from .kernels.forward import span_attention_forward
+    from .ops import span_attention
 
-    out, lse = span_attention_forward(q, k, v, spans, scale, softcap)
+    out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, scale, softcap)
     return (out, lse) if return_lse else out

@@ -164,6 +164,17 @@ class SpanMask:
         length = self.cu_seqlens[seq + 1] - start
         return seq, rows - start, length
 
+    def packed_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lo``/``hi`` as int64 positions on the packed key axis (``[T]`` each); no host sync.
+
+        Row ``t`` of the sequence starting at ``bos`` sees packed keys ``[bos + lo[t], bos + hi[t]]``.
+        These are non-decreasing over the whole pack, not just inside each sequence: every key
+        of a later sequence comes after every key of an earlier one. So the rows that see any
+        given key range form one contiguous range (what a backward pass over key tiles needs).
+        """
+        bos = self.cu_seqlens[sequence_index(self.cu_seqlens, self.total_tokens)]
+        return self.lo.long() + bos, self.hi.long() + bos
+
     def _check_invariants(self) -> None:
         seq, row, length = self.local_rows()
         lo, hi = self.lo.long(), self.hi.long()

@@ -1,9 +1,8 @@
 """FlexAttention backend: a ``BlockMask`` built from the spans, O(T / block) work, no T x T mask.
 
-Packed sequences are flattened to global key positions: row ``t`` of the sequence starting at
-``bos`` sees keys ``[bos + lo[t], bos + hi[t]]``. Those global bounds are still non-decreasing
-over the whole pack (a later sequence's keys all come after an earlier one's), so every query
-block of ``block_size`` rows has its bounds at its first and last row, and its key blocks are:
+Packed sequences are flattened to packed key positions (:meth:`SpanMask.packed_bounds`), which
+are non-decreasing over the whole pack, so every query block of ``block_size`` rows has its
+bounds at its first and last row, and its key blocks are:
 full (inside ``[lo_max, hi_min]``, no ``mask_mod`` call), partial (the ragged ends, masked by
 ``mask_mod``) or absent. The block tables are built on the device without a host sync.
 """
@@ -14,20 +13,11 @@ import functools
 
 import torch
 
-from ..spans import SpanMask, sequence_index
+from ..spans import SpanMask
 
-__all__ = ["global_bounds", "block_mask_from_spans", "span_attention_flex"]
+__all__ = ["block_mask_from_spans", "span_attention_flex"]
 
 FLEX_BLOCK_SIZE = 128
-
-
-def global_bounds(spans: SpanMask) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lo``/``hi`` as int32 positions in the packed key axis (``[T]`` each)."""
-    lo, hi = spans.lo.to(torch.int64), spans.hi.to(torch.int64)
-    if spans.cu_seqlens is not None:
-        bos = spans.cu_seqlens[sequence_index(spans.cu_seqlens, spans.total_tokens)]
-        lo, hi = lo + bos, hi + bos
-    return lo.to(torch.int32), hi.to(torch.int32)
 
 
 def _block_table(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +38,7 @@ def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE, fo
     from torch.nn.attention.flex_attention import BlockMask
 
     t = spans.total_tokens
-    glo, ghi = global_bounds(spans)
+    glo, ghi = spans.packed_bounds()
     nb = -(-t // block_size)
     first = torch.arange(nb, device=glo.device) * block_size
     last = torch.clamp(first + block_size - 1, max=t - 1)

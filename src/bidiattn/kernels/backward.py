@@ -1,0 +1,285 @@
+"""Span-attention backward: Triton kernels -> launcher.
+
+Three launches, no atomics, so gradients are bitwise reproducible:
+
+1. ``delta[h, t] = sum_d o * do - dlse`` (the softmax-backward row term; ``dlse`` is the
+   incoming gradient of the returned lse, zero when lse is not used).
+2. dK/dV: one program per (key/value head, tile of ``BLOCK_N`` keys of one sequence). Because
+   ``lo``/``hi`` are non-decreasing over the pack, the rows that see a key tile are one
+   contiguous range ``[q_first, q_last]`` (two binary searches); the program walks it for every
+   query head of its GQA group and sums their contributions in registers.
+3. dQ: one program per (query head, query tile), walking the same key range as the forward.
+
+P and dS are recomputed in both 2 and 3 (7 matmul units instead of 5 for an atomic dQ) in
+exchange for determinism. ``split_d`` programs share one tile, each producing ``D / split_d``
+gradient columns; they recompute q·kᵀ and do·vᵀ over the full head dim (needed at hd512, where
+a ``[BLOCK_N, 512]`` fp32 pair of dK/dV accumulators does not fit in registers).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spans import SpanMask
+
+__all__ = ["BackwardConfig", "pick_backward_config", "key_tile_ranges", "span_attention_backward"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, stride_dh, stride_lh,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    i_h, i_m = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    ok = (o_m[:, None] < t_len) & (o_d[None, :] < D)
+    rows = o_m.to(tl.int64)[:, None]
+    b_o = tl.load(o + rows * stride_ot + i_h * stride_oh + o_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    b_do = tl.load(do + rows * stride_dt + i_h * stride_dh + o_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    b_dlse = tl.load(dlse + i_h * stride_lh + o_m, mask=o_m < t_len, other=0.0)
+    tl.store(delta + i_h * stride_lh + o_m, tl.sum(b_o * b_do, 1) - b_dlse, mask=o_m < t_len)
+
+
+@triton.jit
+def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
+                    SOFTCAP: tl.constexpr):
+    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
+    b_s = tl.dot(b_q, tl.trans(b_k))
+    if SOFTCAP:
+        b_x = b_s * qk_scale
+        b_t = 1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0)
+        b_s2 = softcap * 1.4426950408889634 * b_t
+    else:
+        b_s2 = b_s * qk_scale
+    allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
+    b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    if SOFTCAP:
+        b_ds = b_ds * (1.0 - b_t * b_t)
+    return b_p, b_ds
+
+
+@triton.jit
+def _dkdv_kernel(
+    q, k, v, do, lse2, delta, dk, dv, span_lo, span_hi, cu_seqlens, order,
+    t_seq, t_row, t_rows, t_q_first, t_q_last,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
+    scale, qk_scale, softcap,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    i_hk = tl.program_id(0)
+    i_t = tl.load(order + tl.program_id(1))
+    i_c = tl.program_id(2)
+    keys = tl.load(t_rows + i_t)
+    if keys == 0:
+        return
+    i_b = tl.load(t_seq + i_t)
+    bos = tl.load(cu_seqlens + i_b)
+    seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    q_first = tl.load(t_q_first + i_t)
+    q_last = tl.load(t_q_last + i_t)
+    o_n = tl.load(t_row + i_t) + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    n_ok = o_n < seq_len
+    krow = (bos + o_n.to(tl.int64))[:, None] * stride_kt + i_hk * stride_kh
+    b_k = tl.load(k + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(v + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+    for i_g in range(GROUP):
+        i_h = i_hk * GROUP + i_g
+        for i_m in range(q_first, q_last + 1, BLOCK_M):
+            o_m = i_m + tl.arange(0, BLOCK_M)
+            m_ok = o_m <= q_last
+            rows = bos + o_m.to(tl.int64)
+            lo = tl.load(span_lo + rows, mask=m_ok, other=1)
+            hi = tl.load(span_hi + rows, mask=m_ok, other=0)
+            qrow = rows[:, None] * stride_qt + i_h * stride_qh
+            b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+            b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+            b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
+            b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
+            b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len,
+                                        qk_scale, softcap, SOFTCAP)
+            if BLOCK_DC == BLOCK_D:
+                b_qc, b_doc = b_q, b_do
+            else:
+                cmask = m_ok[:, None] & (o_c[None, :] < D)
+                b_qc = tl.load(q + qrow + o_c[None, :], mask=cmask, other=0.0)
+                b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
+            b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
+            b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
+    out_ok = n_ok[:, None] & (o_c[None, :] < D)
+    tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
+    tl.store(dv + krow + o_c[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, order,
+    t_seq, t_row, t_rows, t_lo_min, t_hi_max,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
+    scale, qk_scale, softcap,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    i_h = tl.program_id(0)
+    i_t = tl.load(order + tl.program_id(1))
+    i_c = tl.program_id(2)
+    rows_n = tl.load(t_rows + i_t)
+    if rows_n == 0:
+        return
+    i_b = tl.load(t_seq + i_t)
+    bos = tl.load(cu_seqlens + i_b)
+    seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    m_ok = o_m < seq_len
+    rows = bos + o_m.to(tl.int64)
+    lo = tl.load(span_lo + rows, mask=m_ok, other=1)
+    hi = tl.load(span_hi + rows, mask=m_ok, other=0)
+    qrow = rows[:, None] * stride_qt + i_h * stride_qh
+    b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
+    b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
+    k_base = k + bos * stride_kt + (i_h // GROUP) * stride_kh
+    v_base = v + bos * stride_kt + (i_h // GROUP) * stride_kh
+    b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    n_first = (tl.load(t_lo_min + i_t) // BLOCK_N) * BLOCK_N
+    for i_n in range(n_first, tl.load(t_hi_max + i_t) + 1, BLOCK_N):
+        o_n = i_n + tl.arange(0, BLOCK_N)
+        n_ok = o_n < seq_len
+        krow = o_n.to(tl.int64)[:, None] * stride_kt
+        b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+        b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+        b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len,
+                                    qk_scale, softcap, SOFTCAP)
+        if BLOCK_DC == BLOCK_D:
+            b_kc = b_k
+        else:
+            b_kc = tl.load(k_base + krow + o_c[None, :], mask=n_ok[:, None] & (o_c[None, :] < D), other=0.0)
+        b_dq += tl.dot(b_ds.to(b_kc.dtype), b_kc)
+    tl.store(dq + qrow + o_c[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None] & (o_c[None, :] < D))
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step;
+    ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_d: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "split_d"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"BackwardConfig.{name} must be a power of two, got {value}")
+        if self.block_m < 16 or self.block_n < 16:
+            raise ValueError(f"BackwardConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
+
+
+def pick_backward_config(head_dim: int) -> BackwardConfig:
+    """First version, sized for shared memory (227 KB per block on Hopper); to be swept."""
+    if head_dim <= 128:
+        return BackwardConfig(64, 64, 8, 2)
+    if head_dim <= 256:
+        return BackwardConfig(64, 64, 8, 1)
+    return BackwardConfig(32, 64, 8, 1, split_d=2)
+
+
+@dataclass(frozen=True)
+class KeyTiles:
+    """Key tiles of ``block_n`` keys of one sequence, with the local query rows that see them.
+
+    Same fixed capacity as :class:`~bidiattn.spans.TileSummary`; int32 ``[capacity]`` each:
+    ``seq``, ``key_start`` (local), ``keys`` (0 for padding), ``q_first``/``q_last`` (local,
+    inclusive; every row outside the range has no allowed key in the tile).
+    """
+
+    seq: torch.Tensor
+    key_start: torch.Tensor
+    keys: torch.Tensor
+    q_first: torch.Tensor
+    q_last: torch.Tensor
+
+
+def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
+    """Per-key-tile query ranges from two binary searches over the packed bounds; no host sync."""
+    tiles = spans.tile_summary(block_n)
+    glo, ghi = spans.packed_bounds()
+    bos = spans.cu_seqlens[tiles.seq.long()]
+    k_first = bos + tiles.row_start.long()
+    k_last = k_first + tiles.rows.long() - 1
+    # Rows with hi >= k_first are a suffix, rows with lo <= k_last a prefix (bounds non-decreasing).
+    q_first = torch.searchsorted(ghi.contiguous(), k_first, right=False) - bos
+    q_last = torch.searchsorted(glo.contiguous(), k_last, right=True) - 1 - bos
+    return KeyTiles(tiles.seq, tiles.row_start, tiles.rows, q_first.to(torch.int32), q_last.to(torch.int32))
+
+
+def span_attention_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    spans: SpanMask, scale: float, softcap: float | None, dlse: torch.Tensor | None = None,
+    config: BackwardConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of the forward's ``out`` (and ``lse``, via ``dlse``).
+
+    ``lse`` is the forward's natural-log lse ``[Hq, T]``; shapes as in the forward.
+    """
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter's bf16 bug (see forward.py): run on fp32 copies, return bf16.
+        grads = span_attention_backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, spans,
+                                        scale, softcap, dlse, config)
+        return tuple(g.to(q.dtype) for g in grads)
+    t_len, hq, d = q.shape
+    hkv = k.shape[1]
+    cfg = config or pick_backward_config(d)
+    block_d = triton.next_power_of_2(d)
+    if block_d % cfg.split_d or block_d // cfg.split_d < 16:
+        raise ValueError(f"split_d={cfg.split_d} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
+    q, k, v, do, out = (x.contiguous() for x in (q, k, v, do, out))
+    lse = lse.contiguous()
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
+    delta = torch.empty_like(lse)
+    _delta_kernel[(hq, triton.cdiv(t_len, 64))](
+        out, do, dlse, delta, t_len, out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
+        D=d, BLOCK_M=64, BLOCK_D=block_d)
+    lse2 = lse * _LOG2E
+    qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
+    cap = softcap if softcap is not None else 1.0
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
+                  SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    kt = key_tile_ranges(spans, cfg.block_n)
+    work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
+    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
+        q, k, v, do, lse2, delta, dk, dv, spans.lo, spans.hi, spans.cu_seqlens, order,
+        kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
+        GROUP=hq // hkv, **common)
+
+    qt = spans.tile_summary(cfg.block_m)
+    work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
+    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
+        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, order,
+        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
+        GROUP=hq // hkv, **common)
+    return dq, dk, dv

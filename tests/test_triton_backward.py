@@ -1,0 +1,231 @@
+"""Triton backward (dq, dk, dv) and its operator registration against the fp32 reference.
+
+Tolerance, per gradient: error <= 2x PyTorch's own low-precision error (autograd through the same
+math in the input dtype) + 1e-3 relative to the gradient's scale. Uninitialized memory is filled
+with NaN (torch's deterministic mode), so an unwritten gradient row fails.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+import bidiattn  # noqa: E402
+from bidiattn import reference, rules  # noqa: E402
+from bidiattn.kernels.backward import BackwardConfig, key_tile_ranges, span_attention_backward  # noqa: E402
+from conftest import lowp_attention, random_packed_layout  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty():
+    """torch.empty returns NaN-filled memory while deterministic algorithms are on."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def image_spans(length, blocks, family="gemma3", convention="official", layer="full", window=None):
+    ids = torch.zeros(length, dtype=torch.int64)
+    for n, (s, e) in enumerate(blocks, 1):
+        ids[s:e] = n
+    return rules.build(family, convention, layer, block_ids=ids, window=window)
+
+
+def grads_of(fn, q, k, v, dout, dlse):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.float() * dout).sum() + ((lse * dlse).sum() if dlse is not None else 0)
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, config=None):
+    g = torch.Generator().manual_seed(seed)
+    t = spans.total_tokens
+    q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEVICE) for h in (hq, hkv, hkv))
+    dout = torch.randn(t, hq, d, generator=g).to(DEVICE)
+    dlse = torch.randn(hq, t, generator=g).to(DEVICE) if with_lse else None
+    spans = spans.to(DEVICE)
+    scale = 1 / math.sqrt(d)
+
+    def ours(q, k, v):
+        return bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="triton")
+
+    def fp32(q, k, v):
+        return reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
+
+    def lowp(q, k, v):
+        return lowp_attention(q, k, v, spans, scale, softcap, return_lse=True)
+
+    if config is None:
+        got = grads_of(ours, q, k, v, dout, dlse)
+    else:
+        out, lse = fp32(q, k, v)
+        got = span_attention_backward(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, scale, softcap, dlse, config)
+    want = grads_of(fp32, q, k, v, dout, dlse)
+    torch_grads = grads_of(lowp, q, k, v, dout, dlse)
+    for name, a, w, t in zip("qkv", got, want, torch_grads):
+        assert a.dtype == dtype and a.shape == w.shape
+        assert not torch.isnan(a).any(), f"d{name} has unwritten (NaN) entries"
+        err = (a.float() - w).abs().max().item()
+        bound = 2 * (t.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
+        assert err <= bound, (name, err, bound)
+
+
+@pytest.mark.parametrize("length", [1, 7, 63, 130])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_odd_lengths(length, dtype):
+    blocks = [(length // 3, length // 3 + length // 2)] if length > 2 else []
+    check_grads(image_spans(length, blocks), 2, 1, 64, dtype, seed=length)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 1)])
+def test_gqa_and_blocks_straddling_tiles(hq, hkv):
+    spans = image_spans(200, [(60, 70), (120, 190)], "gemma4", "official", "sliding", window=40)
+    check_grads(spans, hq, hkv, 64, torch.bfloat16, seed=hq)
+
+
+@pytest.mark.parametrize("family,convention", [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS])
+@pytest.mark.parametrize("layer", rules.LAYERS)
+def test_every_rule_on_packed_sequences(family, convention, layer):
+    ids, cu = random_packed_layout(random.Random(hash((family, convention, layer, "bwd")) % 997), max_seqs=3, max_len=90)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=9, cu_seqlens=cu)
+    check_grads(spans, 4, 2, 64, torch.bfloat16, seed=4)
+
+
+@pytest.mark.parametrize("d", [96, 512])
+def test_head_dims(d):
+    spans = image_spans(77, [(10, 50)], "gemma4", "transformers", "sliding", window=16)
+    check_grads(spans, 2, 1, d, torch.bfloat16, seed=d)
+
+
+def test_softcap():
+    spans = image_spans(70, [(5, 40)], "paligemma", "official", "sliding", window=8)
+    check_grads(spans, 2, 2, 64, torch.float16, softcap=2.0, seed=1)
+
+
+def test_gradient_through_lse():
+    spans = image_spans(90, [(30, 75)], "gemma3", "official", "full")
+    check_grads(spans, 4, 2, 64, torch.float16, softcap=4.0, seed=2, with_lse=True)
+
+
+@pytest.mark.parametrize(
+    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4)],
+    ids=str,
+)
+def test_tile_configs(config):
+    spans = image_spans(101, [(13, 80)], "gemma4", "official", "sliding", window=24)
+    check_grads(spans, 4, 2, 256, torch.float16, seed=5, with_lse=True, config=config)
+
+
+def test_key_tile_ranges_are_exactly_the_rows_that_see_each_tile():
+    rng = random.Random(11)
+    for _ in range(20):
+        ids, cu = random_packed_layout(rng, max_seqs=4, max_len=60)
+        spans = rules.build(rng.choice(["gemma3", "gemma4"]), "official", rng.choice(rules.LAYERS), block_ids=ids,
+                            window=rng.randint(1, 15), cu_seqlens=cu)
+        dense = spans.to_dense()
+        block_n = rng.choice([16, 32])
+        kt = key_tile_ranges(spans, block_n)
+        for i in range(kt.keys.numel()):
+            if int(kt.keys[i]) == 0:
+                continue
+            bos = int(cu[int(kt.seq[i])])
+            k0 = bos + int(kt.key_start[i])
+            sees = dense[:, k0 : k0 + int(kt.keys[i])].any(1).nonzero().flatten()
+            assert (int(sees[0]) - bos, int(sees[-1]) - bos) == (int(kt.q_first[i]), int(kt.q_last[i]))
+            assert len(sees) == int(kt.q_last[i]) - int(kt.q_first[i]) + 1  # contiguous
+
+
+def test_backward_is_bitwise_deterministic():
+    ids, cu = random_packed_layout(random.Random(5), max_seqs=3, max_len=80)
+    spans = rules.build("gemma3", "official", "full", block_ids=ids, cu_seqlens=cu).to(DEVICE)
+    g = torch.Generator().manual_seed(9)
+    t = spans.total_tokens
+    q, k, v = (torch.randn(t, h, 64, generator=g).bfloat16().to(DEVICE) for h in (8, 2, 2))
+    dout = torch.randn(t, 8, 64, generator=g).to(DEVICE)
+    runs = [grads_of(lambda a, b, c: (bidiattn.attention(a, b, c, spans, backend="triton"), None), q, k, v, dout, None)
+            for _ in range(3)]
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+
+
+def test_operator_registration_passes_opcheck():
+    spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, h, 32, generator=g).half().to(DEVICE).requires_grad_() for h in (4, 2, 2))
+    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, 0.2, None)
+    torch.library.opcheck(torch.ops.bidiattn.span_attention.default, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    spans = image_spans(50, [(10, 30)], "gemma4", "official", "sliding", window=12).to(DEVICE)
+
+    def layer(x, wq, wk, wv):
+        q, k, v = ((x @ w).view(50, -1, 32) for w in (wq, wk, wv))
+        return bidiattn.attention(q, k, v, spans, backend="triton").reshape(50, -1).float().square().sum()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 64, generator=g).half().to(DEVICE)
+    ws = [(torch.randn(64, n, generator=g) / 8).half().to(DEVICE).requires_grad_() for n in (128, 64, 64)]
+    # aot_eager traces the same graph (custom ops, fake tensors, autograd) with no C++ compiler;
+    # the GPU test below uses inductor.
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    want = torch.autograd.grad(layer(x, *ws), ws)
+    got = torch.autograd.grad(compiled(x, *ws), ws)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_split_d_too_fine_for_head_dim():
+    spans = image_spans(9, [])
+    q = torch.randn(9, 1, 64).half().to(DEVICE)
+    lse = torch.zeros(1, 9, device=DEVICE)
+    with pytest.raises(ValueError, match="split_d=8 leaves fewer than 16 of the 64"):
+        span_attention_backward(q, q, q, q, q, lse, spans.to(DEVICE), 0.125, None, config=BackwardConfig(64, 32, 4, 1, split_d=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4), (512, 16, 4)])
+def test_real_sizes_on_gpu(d, hq, hkv):
+    ids = torch.zeros(2048, dtype=torch.int64)
+    ids[300:1392] = 1
+    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=512)
+    check_grads(spans, hq, hkv, d, torch.bfloat16, seed=d)
+
+
+@pytest.mark.gpu
+def test_training_loss_curves_agree_with_the_reference():
+    """A tiny two-layer attention model trained 30 steps with each backend: same loss curve."""
+    ids = torch.zeros(512, dtype=torch.int64)
+    ids[100:300] = 1
+    spans = rules.build("gemma3", "official", "full", block_ids=ids).to("cuda")
+    curves = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        x = torch.randn(512, 128, device="cuda")
+        target = torch.randn(512, 128, device="cuda")
+        layers = torch.nn.ModuleList(torch.nn.Linear(128, 3 * 128) for _ in range(2)).cuda()
+        opt = torch.optim.SGD(layers.parameters(), lr=0.05)
+        losses = []
+        for _ in range(30):
+            h = x
+            for lin in layers:
+                q, k, v = lin(h).bfloat16().view(512, 3, 2, 64).unbind(1)
+                h = h + bidiattn.attention(q, k, v, spans, backend=backend).reshape(512, 128).float()
+            loss = (h - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[backend] = torch.tensor(losses)
+    assert curves["triton"][-1] < curves["triton"][0]
+    torch.testing.assert_close(curves["triton"], curves["reference"], rtol=2e-2, atol=0)
