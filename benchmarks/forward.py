@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 import bidiattn
 import cases
-from bidiattn.kernels.flex import global_bounds
 
 
 def try_time(row, key, fn, check, flop_count):
@@ -73,7 +72,7 @@ def main() -> None:
         try_time(row, "bidiattn_triton", lambda: bidiattn.attention(q, k, v, spans, backend="triton"), check, fl)
         try_time(row, "bidiattn_flex", lambda: bidiattn.attention(q, k, v, spans, backend="flex"), check, fl)
 
-        glo, ghi = global_bounds(spans)
+        glo, ghi = spans.packed_bounds()
 
         def mask_mod(b, h, qi, ki):
             return (ki >= glo[qi]) & (ki <= ghi[qi])

@@ -1,0 +1,125 @@
+"""Backward benchmark: sweep the backward tiles per head dim, then forward+backward against peers.
+
+    python benchmarks/backward.py --out benchmarks/results [--sweep-only | --no-sweep]
+
+Every variant is checked against SDPA's gradients (dense mask) before it is timed (median of
+CUDA-event runs). FLOPs on allowed pairs: forward 4 * pairs * D * Hq, backward 10 * pairs * D * Hq
+(five matmuls; recomputation is not counted as useful work). Writes backward-<device>-<date>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bidiattn
+import cases
+from bidiattn.kernels.backward import BackwardConfig, span_attention_backward
+
+B = BackwardConfig
+SWEEP = {
+    128: [B(64, 64, 8, 2), B(64, 64, 4, 2), B(128, 64, 8, 1), B(64, 128, 8, 1), B(32, 64, 4, 2), B(64, 32, 4, 3),
+          B(128, 128, 8, 1), B(32, 128, 8, 2)],
+    256: [B(64, 64, 8, 1), B(32, 64, 4, 1), B(64, 32, 4, 1), B(32, 32, 4, 2), B(64, 64, 8, 1, split_d=2),
+          B(128, 64, 8, 1), B(64, 128, 8, 1), B(32, 64, 8, 2), B(64, 64, 4, 1)],
+    512: [B(32, 64, 8, 1, split_d=2), B(32, 32, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=2), B(32, 64, 8, 1, split_d=4),
+          B(64, 32, 8, 1, split_d=2), B(16, 64, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=4), B(32, 64, 8, 1),
+          B(32, 128, 8, 1, split_d=4)],
+}
+SWEPT = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
+
+
+def err_of(got, want):
+    return max(cases.rel_err(a, b) for a, b in zip(got, want))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sweep-only", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    sweep_rows, rows = [], []
+    for case in cases.CASES:
+        spans, q, k, v = cases.build(case)
+        pairs = spans.num_pairs()
+        fwd_fl, bwd_fl = cases.flops(case, pairs), 10 * pairs * case.head_dim * case.hq
+        dout = torch.randn_like(q)
+        mask = spans.to_dense()
+        st, sk, sv = (x.detach().requires_grad_() for x in cases.sdpa_inputs(q, k, v))
+        ref_out = F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask)
+        g = torch.autograd.grad(ref_out, (st, sk, sv), dout.transpose(0, 1).unsqueeze(0))
+        group = case.hq // case.hkv
+        want = (g[0].squeeze(0).transpose(0, 1),
+                *(x.squeeze(0).transpose(0, 1).unflatten(1, (case.hkv, group)).sum(2) for x in g[1:]))
+        sdpa_fb = cases.ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask),
+                                                       (st, sk, sv), dout.transpose(0, 1).unsqueeze(0)), rep=100)
+        del ref_out, g
+        out, lse = bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton")
+        scale = case.head_dim**-0.5
+        if case.name in SWEPT and not args.no_sweep:
+            for cfg in SWEEP[case.head_dim]:
+                row = dict(case=case.name, config=repr(cfg))
+                try:
+                    got = span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg)
+                    row["rel_err"] = err_of(got, want)
+                    if row["rel_err"] < 2e-2:
+                        row["ms"] = cases.ms(lambda: span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg), rep=100)
+                        row["tflops"] = bwd_fl / row["ms"] / 1e9
+                except Exception as e:  # noqa: BLE001 - record why a variant cannot run
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                print(json.dumps(row), flush=True)
+                sweep_rows.append(row)
+        if not args.sweep_only:
+            row = dict(case=case.name, tokens=case.tokens, hq=case.hq, hkv=case.hkv, head_dim=case.head_dim, pairs=pairs,
+                       sdpa_dense_fwd_bwd_ms=sdpa_fb, sdpa_dense_fwd_bwd_tflops=(fwd_fl + bwd_fl) / sdpa_fb / 1e9)
+            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+            for backend in ("triton", "flex"):
+                def fwd_bwd():
+                    return torch.autograd.grad(bidiattn.attention(qg, kg, vg, spans, backend=backend), (qg, kg, vg), dout)
+                key = f"bidiattn_{backend}"
+                try:
+                    row[key + "_rel_err"] = err_of(fwd_bwd(), want)
+                    row[key + "_fwd_bwd_ms"] = cases.ms(fwd_bwd, rep=100)
+                    row[key + "_fwd_ms"] = cases.ms(lambda: bidiattn.attention(q, k, v, spans, backend=backend), rep=100)
+                    row[key + "_fwd_bwd_tflops"] = (fwd_fl + bwd_fl) / row[key + "_fwd_bwd_ms"] / 1e9
+                    row[key + "_bwd_tflops"] = bwd_fl / (row[key + "_fwd_bwd_ms"] - row[key + "_fwd_ms"]) / 1e9
+                except Exception as e:  # noqa: BLE001
+                    row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del mask, st, sk, sv, want
+        torch.cuda.empty_cache()
+    meta = cases.meta("python benchmarks/backward.py")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"backward-{meta['device'].replace(' ', '_')}-{meta['date']}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, sweep=sweep_rows, rows=rows), indent=2))
+    lines = [f"# Backward, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
+             "(fwd 4, bwd 10 FLOPs per pair per head-dim element); bwd alone = (fwd+bwd) - fwd time.", ""]
+    if rows:
+        lines += ["| case | bidiattn triton fwd+bwd | bwd alone | bidiattn flex fwd+bwd | bwd alone | SDPA dense fwd+bwd | triton / flex |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            def c(key):
+                return f"{r[key]:.0f}" if key in r else "fails"
+            ratio = (r["bidiattn_triton_fwd_bwd_tflops"] / r["bidiattn_flex_fwd_bwd_tflops"]
+                     if "bidiattn_flex_fwd_bwd_tflops" in r and "bidiattn_triton_fwd_bwd_tflops" in r else float("nan"))
+            lines.append(f"| {r['case']} | {c('bidiattn_triton_fwd_bwd_tflops')} | {c('bidiattn_triton_bwd_tflops')} | "
+                         f"{c('bidiattn_flex_fwd_bwd_tflops')} | {c('bidiattn_flex_bwd_tflops')} | {c('sdpa_dense_fwd_bwd_tflops')} | {ratio:.2f}x |")
+    if sweep_rows:
+        lines += ["", "Backward tile sweep (bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
+        for r in sweep_rows:
+            lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
+                         f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
