@@ -194,12 +194,14 @@ class BackwardConfig:
 
 
 def pick_backward_config(head_dim: int) -> BackwardConfig:
-    """First version, sized for shared memory (227 KB per block on Hopper); to be swept."""
+    """Tiles per head dim from the sweep in benchmarks/backward.py (one H200, bf16, 16K tokens;
+    backward-alone TFLOP/s in benchmarks/NOTES.md)."""
     if head_dim <= 128:
-        return BackwardConfig(64, 64, 8, 2)
+        return BackwardConfig(64, 64, 4, 2)  # 340; 8 warps at the same tile: 147
     if head_dim <= 256:
-        return BackwardConfig(64, 64, 8, 1)
-    return BackwardConfig(32, 64, 8, 1, split_d=2)
+        return BackwardConfig(128, 64, 8, 1)  # 280; 64x64, 8 warps: 152
+    # Every unsplit hd512 tile asks for more than 227 KB of shared memory.
+    return BackwardConfig(32, 64, 8, 1, split_d=2)  # 57
 
 
 @dataclass(frozen=True)
