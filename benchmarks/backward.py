@@ -21,16 +21,14 @@ import cases
 from bidiattn.kernels.backward import BackwardConfig, span_attention_backward
 
 B = BackwardConfig
-# BackwardConfig(block_major, block_minor, warps, stages, split_d): the major tile is the M of
-# every matmul (keys in dK/dV, query rows in dQ).
 SWEEP = {
-    128: [B(64, 64, 4, 2), B(128, 64, 8, 2), B(128, 32, 8, 2), B(64, 32, 4, 3), B(128, 64, 8, 1), B(64, 64, 8, 2),
-          B(128, 128, 8, 1), B(64, 128, 4, 1), B(128, 32, 4, 2)],
-    256: [B(64, 64, 4, 1), B(128, 64, 8, 1), B(128, 32, 8, 1), B(64, 32, 4, 2), B(64, 64, 8, 1), B(128, 32, 8, 2),
-          B(64, 32, 4, 1), B(128, 64, 8, 1, split_d=2), B(128, 16, 8, 2)],
-    512: [B(64, 32, 8, 1, split_d=2), B(64, 16, 4, 1, split_d=2), B(64, 32, 4, 1, split_d=2), B(128, 32, 8, 1, split_d=2),
-          B(64, 32, 8, 1, split_d=4), B(128, 16, 8, 1, split_d=2), B(128, 32, 8, 1, split_d=4), B(64, 64, 8, 1, split_d=2),
-          B(64, 16, 4, 2, split_d=2)],
+    128: [B(64, 64, 8, 2), B(64, 64, 4, 2), B(128, 64, 8, 1), B(64, 128, 8, 1), B(32, 64, 4, 2), B(64, 32, 4, 3),
+          B(128, 128, 8, 1), B(32, 128, 8, 2)],
+    256: [B(64, 64, 8, 1), B(32, 64, 4, 1), B(64, 32, 4, 1), B(32, 32, 4, 2), B(64, 64, 8, 1, split_d=2),
+          B(128, 64, 8, 1), B(64, 128, 8, 1), B(32, 64, 8, 2), B(64, 64, 4, 1)],
+    512: [B(32, 64, 8, 1, split_d=2), B(32, 32, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=2), B(32, 64, 8, 1, split_d=4),
+          B(64, 32, 8, 1, split_d=2), B(16, 64, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=4), B(32, 64, 8, 1),
+          B(32, 128, 8, 1, split_d=4)],
 }
 SWEPT = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 

@@ -117,7 +117,7 @@ def test_gradient_through_lse():
 
 
 @pytest.mark.parametrize(
-    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 16, 8, 1, split_d=4)],
+    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4)],
     ids=str,
 )
 def test_tile_configs(config):
@@ -187,7 +187,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 @pytest.mark.parametrize(
     "args,match",
-    [((48, 32, 4, 1), "block_major must be a power of two, got 48"), ((64, 8, 4, 1), "at least 16x16, got 64x8"),
+    [((48, 32, 4, 1), "block_m must be a power of two, got 48"), ((64, 8, 4, 1), "at least 16x16, got 64x8"),
      ((64, 32, 4, 1, 3), "split_d must be a power of two, got 3")],
 )
 def test_backward_config_rejects_bad_values(args, match):

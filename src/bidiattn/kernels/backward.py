@@ -47,19 +47,20 @@ def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, st
 
 
 @triton.jit
-def _softmax_grad(b_s, b_dp, b_lse, b_delta, allowed, qk_scale, softcap, SOFTCAP: tl.constexpr):
-    """From raw q·k and do·v tiles, P and dS with respect to the raw q·k (before scale).
-
-    Works on either orientation ([rows, keys] or [keys, rows]); ``b_lse``/``b_delta`` come
-    broadcast to the tile's shape and ``lse`` is in base 2.
-    """
+def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
+                    SOFTCAP: tl.constexpr):
+    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
+    b_s = tl.dot(b_q, tl.trans(b_k))
     if SOFTCAP:
-        b_t = 1.0 - 2.0 / (tl.exp(2.0 * (b_s * qk_scale)) + 1.0)
+        b_x = b_s * qk_scale
+        b_t = 1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0)
         b_s2 = softcap * 1.4426950408889634 * b_t
     else:
         b_s2 = b_s * qk_scale
-    b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse), 0.0)
-    b_ds = b_p * (b_dp - b_delta)
+    allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
+    b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
     if SOFTCAP:
         b_ds = b_ds * (1.0 - b_t * b_t)
     return b_p, b_ds
@@ -107,18 +108,16 @@ def _dkdv_kernel(
             b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-            # Keys-by-rows orientation: the key tile is the M of every matmul here.
-            allowed = (o_n[:, None] >= lo[None, :]) & (o_n[:, None] <= hi[None, :]) & n_ok[:, None]
-            b_pt, b_dst = _softmax_grad(tl.dot(b_k, tl.trans(b_q)), tl.dot(b_v, tl.trans(b_do)), b_lse[None, :],
-                                        b_delta[None, :], allowed, qk_scale, softcap, SOFTCAP)
+            b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len,
+                                        qk_scale, softcap, SOFTCAP)
             if BLOCK_DC == BLOCK_D:
                 b_qc, b_doc = b_q, b_do
             else:
                 cmask = m_ok[:, None] & (o_c[None, :] < D)
                 b_qc = tl.load(q + qrow + o_c[None, :], mask=cmask, other=0.0)
                 b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
-            b_dv += tl.dot(b_pt.to(b_doc.dtype), b_doc)
-            b_dk += tl.dot(b_dst.to(b_qc.dtype), b_qc)
+            b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
+            b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
     out_ok = n_ok[:, None] & (o_c[None, :] < D)
     tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
     tl.store(dv + krow + o_c[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
@@ -164,9 +163,8 @@ def _dq_kernel(
         krow = o_n.to(tl.int64)[:, None] * stride_kt
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-        allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & n_ok[None, :]
-        b_p, b_ds = _softmax_grad(tl.dot(b_q, tl.trans(b_k)), tl.dot(b_do, tl.trans(b_v)), b_lse[:, None],
-                                  b_delta[:, None], allowed, qk_scale, softcap, SOFTCAP)
+        b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len,
+                                    qk_scale, softcap, SOFTCAP)
         if BLOCK_DC == BLOCK_D:
             b_kc = b_k
         else:
@@ -177,38 +175,35 @@ def _dq_kernel(
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """Tiles of the two gradient kernels, which are mirror images of each other.
+    """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step;
+    ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns."""
 
-    ``block_major``: the rows a program owns and the M of all its matmuls (query rows in dQ,
-    keys in dK/dV); ``block_minor``: the step of its inner loop (keys in dQ, query rows in
-    dK/dV). ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns.
-    Hopper's wgmma needs an M of at least 64 per warpgroup, hence a large major tile.
-    """
-
-    block_major: int
-    block_minor: int
+    block_m: int
+    block_n: int
     num_warps: int
     num_stages: int
     split_d: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_major", "block_minor", "split_d"):
+        for name in ("block_m", "block_n", "split_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"BackwardConfig.{name} must be a power of two, got {value}")
-        if self.block_major < 16 or self.block_minor < 16:
-            raise ValueError(f"BackwardConfig tiles must be at least 16x16, got {self.block_major}x{self.block_minor}")
+        if self.block_m < 16 or self.block_n < 16:
+            raise ValueError(f"BackwardConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
 
 
 def pick_backward_config(head_dim: int) -> BackwardConfig:
     """Tiles per head dim from the sweep in benchmarks/backward.py (one H200, bf16, 16K tokens;
     backward-alone TFLOP/s in benchmarks/NOTES.md)."""
     if head_dim <= 128:
-        return BackwardConfig(64, 64, 4, 2)
+        return BackwardConfig(64, 64, 4, 2)  # 340; 8 warps at the same tile: 147
     if head_dim <= 256:
-        return BackwardConfig(128, 64, 8, 1)
+        return BackwardConfig(128, 64, 8, 1)  # 280; 64x64, 8 warps: 152
     # Every unsplit hd512 tile asks for more than 227 KB of shared memory.
-    return BackwardConfig(64, 32, 8, 1, split_d=2)
+    return BackwardConfig(32, 64, 8, 1, split_d=2)  # 57
+    # Computing dK/dV as keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was
+    # slower on the same H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*).
 
 
 @dataclass(frozen=True)
@@ -271,24 +266,24 @@ def span_attention_backward(
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
     cap = softcap if softcap is not None else 1.0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(D=d, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d, SOFTCAP=softcap is not None,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
+                  SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    kt = key_tile_ranges(spans, cfg.block_major)
+    kt = key_tile_ranges(spans, cfg.block_n)
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dk, dv, spans.lo, spans.hi, spans.cu_seqlens, order,
         kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, BLOCK_M=cfg.block_minor, BLOCK_N=cfg.block_major, **common)
+        GROUP=hq // hkv, **common)
 
-    qt = spans.tile_summary(cfg.block_major)
+    qt = spans.tile_summary(cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, order,
         qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, BLOCK_M=cfg.block_major, BLOCK_N=cfg.block_minor, **common)
+        GROUP=hq // hkv, **common)
     return dq, dk, dv
