@@ -1,6 +1,6 @@
 """rules.build(convention="transformers") against the masks transformers' own models create.
 
-Tiny random-weight Gemma-3, Gemma-4 and PaliGemma(2) models are built from local configs; a
+Tiny random-weight Gemma-3, Gemma-4 and PaliGemma(2) models (bidiattn.integrations.tiny); a
 forward pre-hook on every attention layer captures the mask transformers passes to it.
 """
 
@@ -15,48 +15,17 @@ from bidiattn import rules
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'bidiattn[hf]')")
 
-WINDOW = 6
+from bidiattn.integrations.tiny import TINY_WINDOW as WINDOW  # noqa: E402
+from bidiattn.integrations.tiny import build_tiny  # noqa: E402
+
 T = 40
 BATCH = 4
 LAYOUTS_PER_FAMILY = 30
 
 
-def tiny_text(**extra):
-    cfg = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
-    )
-    cfg.update(extra)
-    return cfg
-
-
-TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)
-
-
 def build_model(family):
-    if family == "gemma3":
-        cfg = transformers.Gemma3Config(
-            text_config=tiny_text(layer_types=["sliding_attention", "full_attention"]),
-            vision_config=TINY_VISION, mm_tokens_per_image=4, image_token_index=5,
-        )
-        cls = transformers.Gemma3ForConditionalGeneration
-    elif family == "gemma4":
-        cfg = transformers.Gemma4Config(
-            text_config=tiny_text(
-                layer_types=["sliding_attention", "full_attention"], global_head_dim=16,
-                use_bidirectional_attention="vision", hidden_size_per_layer_input=0,
-                vocab_size_per_layer_input=64, num_kv_shared_layers=0,
-            ),
-            vision_config=None, audio_config=None,
-        )
-        cls = transformers.Gemma4ForConditionalGeneration
-    else:
-        cfg = transformers.PaliGemmaConfig(
-            text_config=tiny_text(model_type="gemma2"), vision_config=TINY_VISION, image_token_index=5, projection_dim=32,
-        )
-        cls = transformers.PaliGemmaForConditionalGeneration
-    cfg._attn_implementation = "eager"
-    model = cls(cfg).eval()
+    """A tiny model of the family, its language model and its layer types."""
+    model = build_tiny(f"tiny-{family}")
     text = model.model.language_model
     layer_types = [("sliding" if t == "sliding_attention" else "full") for t in text.config.layer_types]
     assert set(layer_types) == {"sliding", "full"}

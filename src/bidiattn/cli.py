@@ -1,4 +1,5 @@
-"""Command line: ``bidiattn masks`` shows where the mask conventions of a model differ."""
+"""Command line: ``bidiattn masks`` shows where the mask conventions of a model differ;
+``bidiattn verify`` runs a model forward pass per backend and convention."""
 
 from __future__ import annotations
 
@@ -60,6 +61,19 @@ def _masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .verify import format_report, run_verify
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
+    report = run_verify(args.model, layout=args.layout, dtype=dtype, device=args.device, seed=args.seed)
+    print(format_report(report))
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bidiattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--png", default=None, help="write a picture of the masks to this path")
     masks.add_argument("--pixels", type=int, default=512, help="picture resolution per panel side (default 512)")
     masks.set_defaults(func=_masks)
+    verify = sub.add_parser(
+        "verify",
+        help="run a Gemma-family model with bidiattn and compare against eager attention and other conventions",
+        description="Forward a multimodal input (text and image placeholders, one image longer than the sliding "
+        "window) through a tiny random-weight model or a local checkpoint; print max |logit diff| and per-token KL "
+        "of bidiattn against eager attention with the same rule's dense mask (should be ~0; exit status 1 if not) "
+        "and between conventions.",
+    )
+    verify.add_argument("--model", default="tiny-gemma4",
+                        help="tiny-gemma3, tiny-gemma4, tiny-paligemma, or a local checkpoint directory (default tiny-gemma4)")
+    verify.add_argument("--layout", default=None,
+                        help="segments kind:count (default: text and three images, one longer than the window)")
+    verify.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    verify.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random text tokens")
+    verify.set_defaults(func=_verify)
     return parser
 
 
@@ -89,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         args.preset = DEFAULT_PRESET
         if args.window is None and args.layout == DEFAULT_LAYOUT:
             args.window = DEFAULT_WINDOW
-    if getattr(args, "pixels", 1) < 16:
+    if args.command == "masks" and args.pixels < 16:
         parser.error(f"--pixels must be >= 16, got {args.pixels}")
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"bidiattn: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Integrations with other libraries, each imported lazily (``bidiattn.integrations.transformers``)."""

@@ -1,0 +1,349 @@
+"""transformers integration: ``attn_implementation="bidiattn"`` for Gemma-3, Gemma-4 and PaliGemma.
+
+Usage::
+
+    import bidiattn.integrations.transformers as bidiattn_hf
+
+    bidiattn_hf.register()                      # "bidiattn": official rule, backend "auto"
+    model = Gemma3ForConditionalGeneration.from_pretrained(path, attn_implementation="bidiattn")
+    # or, on a loaded model:  bidiattn_hf.enable(model, convention="official")
+
+How it plugs in (both through transformers' official registries):
+
+* **Mask hook** (``AttentionMaskInterface``): where transformers would build an N x N mask, it
+  gets :class:`SpanSource` instead, an O(N) summary read off transformers' own mask function at
+  2 N points per batch row: which adjacent query rows share a bidirectional block (``q`` may
+  see ``q + 1``), where sequences start (``q`` may not see ``q - 1``: left padding, packed
+  sequences) and the first non-padding key. No dense mask is built.
+* **Attention function** (``AttentionInterface``): per layer (full or sliding, read from the
+  ``sliding_window`` transformers passes), the blocks go through :func:`bidiattn.rules.build`
+  with the chosen convention, so the rule applied is bidiattn's (official by default), not
+  necessarily the one transformers' mask encodes; then :func:`bidiattn.attention` runs.
+
+Scope and limits: prefill and training run the chosen backend on the packed batch; decode and
+cached extend steps (fewer queries than keys) run a small PyTorch path over a ``[Tq, Tk]`` mask
+built from the spans (paged extend/decode kernels are a separate milestone). Padding must be
+left padding. A bidirectional block may not straddle a cache boundary (transformers' own
+``generate`` prefills whole prompts). Sliding windows must be at least 2. Attention dropout is
+not supported.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+
+from .. import rules
+from ..attention import BACKENDS, attention
+from ..spans import SpanMask
+
+__all__ = [
+    "TESTED_VERSIONS",
+    "FAMILY_OF_MODEL_TYPE",
+    "SpanSource",
+    "span_source_mask",
+    "make_attention_function",
+    "register",
+    "enable",
+]
+
+TESTED_VERSIONS = ("5.13", "6")  # [low, high): the range the tests ran against
+FAMILY_OF_MODEL_TYPE = {
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "gemma4_text": "gemma4",
+    "gemma4": "gemma4",
+    # PaliGemma's language model is a Gemma(-2) text model; without a prefix block the
+    # paligemma rules reduce to plain causal (sliding) attention, so plain Gemma(-2) is covered.
+    "gemma": "paligemma",
+    "gemma2": "paligemma",
+    "paligemma": "paligemma",
+}
+
+
+def _transformers():
+    """Import transformers lazily and check it is in the tested range."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "bidiattn.integrations.transformers needs transformers: pip install 'bidiattn[hf]'"
+        ) from e
+    from packaging.version import Version
+
+    low, high = TESTED_VERSIONS
+    version = Version(transformers.__version__)
+    if not (Version(low) <= version < Version(high)):
+        raise ImportError(
+            f"bidiattn's transformers integration is tested with transformers >= {low}, < {high}; "
+            f"found {transformers.__version__}"
+        )
+    return transformers
+
+
+@dataclass(frozen=True)
+class SpanSource:
+    """What the mask hook hands every attention layer instead of a mask (O(B x Tq) data).
+
+    Query rows are absolute positions ``q_offset + i`` (``i < Tq``); the layer's keys are
+    positions ``kv_offset + j`` (``j < kv_length``).
+
+    - ``family``: rule family from the text config's ``model_type``.
+    - ``links``: bool ``[B, Tq]``, row ``i`` and row ``i + 1`` lie in one bidirectional block.
+    - ``starts``: bool ``[B, Tq]``, row ``i`` starts a sequence (it may not see row ``i - 1``):
+      the first row, every left-padding row, the first row of each packed sequence.
+    - ``first_key``: int64 ``[B]``, absolute position of each batch row's first non-padding key.
+    - ``sliding_window``: the text config's ``sliding_window`` (vllm's rules drop blocks longer
+      than it even on full layers).
+    """
+
+    family: str
+    q_offset: int
+    kv_offset: int
+    kv_length: int
+    links: torch.Tensor
+    starts: torch.Tensor
+    first_key: torch.Tensor
+    sliding_window: int | None
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"bidiattn needs one {name} for the whole batch, got a tensor of shape {tuple(value.shape)}")
+        return int(value)
+    return int(value)
+
+
+def span_source_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    config=None,
+    device: torch.device | str = "cpu",
+    **kwargs,
+) -> SpanSource:
+    """The mask hook (same arguments as transformers' ``sdpa_mask``); returns a :class:`SpanSource`."""
+    from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, prepare_padding_mask
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILY_OF_MODEL_TYPE:
+        raise ValueError(
+            f"bidiattn has rules for Gemma-3, Gemma-4 and PaliGemma language models "
+            f"(model_type in {sorted(FAMILY_OF_MODEL_TYPE)}), got model_type={model_type!r}"
+        )
+    q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
+    fn = mask_function if mask_function is not None else causal_mask_function
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        fn = and_masks(fn, padding_mask_function(padding))
+    b = torch.arange(batch_size, device=device)[:, None].expand(batch_size, q_length)
+    h = torch.zeros_like(b)
+    q = (torch.arange(q_length, device=device) + q_offset)[None, :].expand(batch_size, q_length)
+    links = torch.zeros(batch_size, q_length, dtype=torch.bool, device=device)
+    starts = torch.zeros_like(links)
+    starts[:, 0] = True
+    if q_length > 1:
+        links[:, :-1] = fn(b[:, :-1], h[:, :-1], q[:, :-1], q[:, :-1] + 1)
+        starts[:, 1:] = ~fn(b[:, 1:], h[:, 1:], q[:, 1:], q[:, 1:] - 1)
+    _check_blocks_are_intervals(fn, links, starts, q_offset)
+    if padding is None:
+        first_key = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    else:
+        used = padding[:, : kv_offset + kv_length].to(device)
+        first_key = torch.where(used.any(1), used.int().argmax(1), used.shape[1] - 1).long()
+        pos = torch.arange(used.shape[1], device=device)[None, :]
+        hole = (pos >= first_key[:, None]) & ~used
+        if bool(hole.any()):
+            row = int(hole.any(1).int().argmax())
+            raise ValueError(
+                f"bidiattn supports left padding only: batch row {row} has padding at position "
+                f"{int(hole[row].int().argmax())} after its first token {int(first_key[row])}"
+            )
+    window = getattr(config, "sliding_window", None)
+    return SpanSource(FAMILY_OF_MODEL_TYPE[model_type], q_offset, kv_offset, kv_length, links, starts, first_key, window)
+
+
+def _check_blocks_are_intervals(fn, links: torch.Tensor, starts: torch.Tensor, q_offset: int) -> None:
+    """Blocks are read off adjacent rows only; a mask where a block's last row also sees the next
+    block (one group id over several runs, e.g. PaliGemma type-0 tokens after type-1 ones) is no
+    interval per row. Probe that pair for every block (O(blocks), one host sync)."""
+    prev = torch.nn.functional.pad(links[:, :-1], (1, 0)) & ~starts
+    in_block = links | prev
+    for b in range(links.shape[0]):
+        ends = torch.nonzero(in_block[b] & ~links[b]).flatten()
+        firsts = torch.nonzero(in_block[b] & ~prev[b]).flatten()
+        if ends.numel() < 2:
+            continue
+        rows, later = ends[:-1] + q_offset, firsts[1:] + q_offset
+        bi = torch.full_like(rows, b)
+        seen = fn(bi, torch.zeros_like(bi), rows, later)
+        if bool(seen.any()):
+            i = int(seen.int().argmax())
+            raise ValueError(
+                f"transformers' mask is not one key interval per row here: batch row {b}, query {int(rows[i])} "
+                f"(end of a bidirectional block) sees key {int(later[i])} (start of a later block) across tokens "
+                "it does not see; bidiattn cannot represent it (for PaliGemma: the prefix, token type 0, must come "
+                "first and be contiguous)"
+            )
+
+
+def _block_ids(links: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Block ids (int64, flattened ``[B * Tq]``) from the links between adjacent rows."""
+    flat = links.flatten()
+    prev = torch.nn.functional.pad(flat[:-1], (1, 0)) & ~starts.flatten()
+    in_block = flat | prev
+    new = in_block & ~prev
+    return torch.where(in_block, torch.cumsum(new.long(), 0), 0)
+
+
+def _rule_window(source: SpanSource, family: str, convention: str, layer: str, sliding_window: int | None):
+    if sliding_window is not None and sliding_window < 2:
+        raise ValueError(f"bidiattn's transformers integration needs sliding_window >= 2, got {sliding_window}")
+    window = sliding_window if layer == "sliding" else source.sliding_window
+    if rules.rule_for(family, convention, layer).needs_window and window is None:
+        raise ValueError(f"{family}/{convention}/{layer} needs the model's sliding_window, and the config has none")
+    return window
+
+
+def _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn):
+    """Tq == Tk, no cache: the batch packed as varlen sequences split at ``source.starts``."""
+    bsz, hq, t, d = query.shape
+    ids = _block_ids(source.links, source.starts)
+    starts = source.starts.flatten().clone()
+    starts[0] = True
+    cu = torch.nn.functional.pad(torch.nonzero(starts).flatten(), (0, 1), value=bsz * t)
+    q, k, v = (x.transpose(1, 2).reshape(bsz * t, x.shape[1], d) for x in (query, key, value))
+    if dense_fn is not None:
+        mask = rules.dense(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu)
+        per_row = torch.stack([mask[i * t : (i + 1) * t, i * t : (i + 1) * t] for i in range(bsz)])
+        return dense_fn(per_row)
+    spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu, validate=False)
+    out = attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend)
+    return out.view(bsz, t, hq, d)
+
+
+def _extend_mask(source, convention, layer, window, tq, tk, device, dense: bool) -> torch.Tensor:
+    """Bool ``[B, Tq, Tk]``: the new rows' spans, built on each sequence's full length (cached
+    positions as ordinary tokens) and moved to the layer's key indices."""
+    masks = []
+    keys = torch.arange(tk, device=device)
+    for b in range(source.links.shape[0]):
+        fk = int(source.first_key[b])
+        length = source.q_offset + tq - fk
+        if length < tq:
+            raise ValueError(f"bidiattn: batch row {b} has new tokens inside its left padding")
+        ids = torch.zeros(length, dtype=torch.int64, device=device)
+        ids[-tq:] = _block_ids(source.links[b : b + 1], source.starts[b : b + 1])
+        if dense:
+            full = rules.dense(source.family, convention, layer, block_ids=ids, window=window)[-tq:]
+            lo = full.int().argmax(1)
+            hi = length - 1 - full.flip(1).int().argmax(1)
+        else:
+            spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, validate=False)
+            lo, hi = spans.lo[-tq:].long(), spans.hi[-tq:].long()
+        lo, hi = lo + fk - source.kv_offset, hi + fk - source.kv_offset
+        if bool((lo < 0).any()):
+            raise ValueError(
+                f"bidiattn: a query of batch row {b} needs keys this layer's cache no longer holds "
+                f"(kv_offset={source.kv_offset}); this rule needs a longer cache"
+            )
+        masks.append((keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None]))
+    return torch.stack(masks)
+
+
+def _masked_math(query, key, value, mask, scaling, softcap):
+    """fp32 attention over a bool ``[B, Tq, Tk]`` mask; returns ``[B, Tq, Hq, D]``."""
+    group = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(group, 1)
+    v = value.float().repeat_interleave(group, 1)
+    s = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v).to(query.dtype).transpose(1, 2)
+
+
+def make_attention_function(convention: str = "official", backend: str = "auto", mode: str = "spans",
+                            family: str | None = None):
+    """An ``AttentionInterface`` function applying ``convention``'s rule.
+
+    ``family`` overrides the rule family read from the model (``"causal"`` gives the
+    images-ignored baseline ``bidiattn verify`` reports).
+
+    ``mode="spans"`` runs :func:`bidiattn.attention` (``backend``); ``mode="dense"`` builds the
+    dense mask with :func:`bidiattn.rules.dense` (the pair-by-pair spec) and runs the model's own
+    eager attention with it: the independent path ``bidiattn verify`` compares against.
+    """
+    if convention not in rules.CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; expected one of {rules.CONVENTIONS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
+    if mode not in ("spans", "dense"):
+        raise ValueError(f"mode must be 'spans' or 'dense', got {mode!r}")
+    if family is not None and family not in rules.FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {rules.FAMILIES}")
+
+    def bidiattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                           sliding_window=None, softcap=None, **kwargs):
+        if not isinstance(attention_mask, SpanSource):
+            raise TypeError(
+                "attn_implementation='bidiattn' builds its own masks; got a prepared "
+                f"{type(attention_mask).__name__} instead (do not pass 4D masks with this implementation)"
+            )
+        if dropout:
+            raise ValueError(f"bidiattn does not implement attention dropout, got dropout={dropout}")
+        source = attention_mask
+        if family is not None:
+            source = replace(source, family=family)
+        layer = "sliding" if sliding_window else "full"
+        window = _rule_window(source, source.family, convention, layer, sliding_window)
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        bsz, _, tq, _ = query.shape
+        tk = key.shape[2]
+        if tk != source.kv_length:
+            raise ValueError(f"bidiattn: the layer has {tk} keys but its mask was made for {source.kv_length}")
+        eager = None
+        if mode == "dense":
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+
+            def dense_fn(mask):
+                bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+                bias = bias.masked_fill(~mask, torch.finfo(query.dtype).min)[:, None]
+                return eager(module, query, key, value, bias, scaling=scaling, softcap=softcap)[0]
+        else:
+            dense_fn = None
+        if tq == tk and source.q_offset == 0 and source.kv_offset == 0:
+            out = _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn)
+        else:
+            mask = _extend_mask(source, convention, layer, window, tq, tk, query.device, dense=mode == "dense")
+            out = dense_fn(mask) if dense_fn is not None else _masked_math(query, key, value, mask, scaling, softcap)
+        return out, None
+
+    return bidiattn_attention
+
+
+def register(name: str = "bidiattn", *, convention: str = "official", backend: str = "auto", mode: str = "spans",
+             family: str | None = None) -> str:
+    """Register ``name`` as an attention implementation (attention function and mask hook);
+    arguments as in :func:`make_attention_function`.
+
+    Registering the same name again replaces it. Returns ``name``, for ``attn_implementation=``.
+    """
+    tf = _transformers()
+    tf.AttentionInterface.register(name, make_attention_function(convention, backend, mode, family))
+    tf.AttentionMaskInterface.register(name, span_source_mask)
+    return name
+
+
+def enable(model, *, convention: str = "official", backend: str = "auto", name: str | None = None):
+    """Switch a loaded model to bidiattn (registering ``name``, default ``bidiattn-<convention>-<backend>``)."""
+    name = register(name or f"bidiattn-{convention}-{backend}", convention=convention, backend=backend)
+    model.set_attn_implementation(name)
+    return model

@@ -1,0 +1,187 @@
+"""attn_implementation="bidiattn" on tiny Gemma-3 / Gemma-4 / PaliGemma models, and `bidiattn verify`."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'bidiattn[hf]')")
+
+import bidiattn.integrations.transformers as bidiattn_hf  # noqa: E402
+from bidiattn.cli import main  # noqa: E402
+from bidiattn.integrations.tiny import build_tiny, example_inputs, token_type_key  # noqa: E402
+from bidiattn.verify import run_verify  # noqa: E402
+from test_transformers_conformance import random_token_types  # noqa: E402
+
+FAMILIES = ("gemma3", "gemma4", "paligemma")
+T = 40
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def random_inputs(family, rng, batch=3, pad=(0, 0, 0)):
+    tt = torch.tensor([random_token_types(family, rng) for _ in range(batch)])
+    ids = torch.randint(10, 60, (batch, T), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+    mask = torch.ones(batch, T, dtype=torch.long)
+    for b, p in enumerate(pad):
+        mask[b, :p] = 0
+    return {"input_ids": ids, "attention_mask": mask, token_type_key(family): tt}
+
+
+def logits(model, impl, inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_rule_reproduces_transformers_eager(family):
+    # Blocks are read off transformers' own mask function and re-applied through bidiattn's
+    # rules and kernels: with the transformers convention the logits must be eager's.
+    model = build_tiny(f"tiny-{family}")
+    name = bidiattn_hf.register("bidiattn-test-tf", convention="transformers", backend="reference")
+    rng = random.Random(hash(family) % 1000)
+    for _ in range(8):
+        inputs = random_inputs(family, rng)
+        torch.testing.assert_close(logits(model, name, inputs), logits(model, "eager", inputs), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_official_rule_matches_eager_with_the_dense_official_mask(family, backend):
+    model = build_tiny(f"tiny-{family}")
+    ours = bidiattn_hf.register(f"bidiattn-test-{backend}", convention="official", backend=backend)
+    dense = bidiattn_hf.register("bidiattn-test-dense", convention="official", mode="dense")
+    rng = random.Random(7)
+    for _ in range(4):
+        inputs = random_inputs(family, rng)
+        torch.testing.assert_close(logits(model, ours, inputs), logits(model, dense, inputs), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_conventions_differ_exactly_when_an_image_exceeds_the_window(family):
+    # official vs transformers differ only in win_sym vs win_left, i.e. only for blocks longer
+    # than the window (6 here).
+    model = build_tiny(f"tiny-{family}")
+    official = bidiattn_hf.register("bidiattn-test-official", convention="official", backend="reference")
+    tf_rule = bidiattn_hf.register("bidiattn-test-tf", convention="transformers", backend="reference")
+    short = example_inputs(model, [("text", 5), ("image", 6), ("text", 4), ("image", 3), ("text", 5)])
+    long = example_inputs(model, [("text", 5), ("image", 9), ("text", 4), ("image", 3), ("text", 5)])
+    assert torch.equal(logits(model, official, short), logits(model, tf_rule, short))
+    assert (logits(model, official, long) - logits(model, tf_rule, long)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_left_padding_equals_eager(family):
+    model = build_tiny(f"tiny-{family}")
+    name = bidiattn_hf.register("bidiattn-test-tf", convention="transformers", backend="reference")
+    inputs = random_inputs(family, random.Random(3), batch=2, pad=(0, 5))
+    outs = []
+    for impl in ("eager", name):
+        model.set_attn_implementation(impl)
+        outs.append(model.generate(**inputs, max_new_tokens=8, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_gradients_match_eager(family):
+    model = build_tiny(f"tiny-{family}").train()
+    name = bidiattn_hf.register("bidiattn-test-tf", convention="transformers", backend="reference")
+    inputs = random_inputs(family, random.Random(4), batch=2, pad=(0, 5))
+    labels = inputs["input_ids"].clone()
+    labels[1, :6] = -100  # padding, and the first real token (predicted from a padding row)
+    grads = []
+    for impl in ("eager", name):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_enable_switches_a_loaded_model():
+    model = build_tiny("tiny-gemma3")
+    inputs = example_inputs(model, [("text", 4), ("image", 9), ("text", 6)])
+    want = logits(model, bidiattn_hf.register("bidiattn-test-dense", convention="official", mode="dense"), inputs)
+    bidiattn_hf.enable(model, convention="official", backend="reference")
+    assert model.config._attn_implementation == "bidiattn-official-reference"
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, want, atol=2e-5, rtol=0)
+
+
+def test_prefix_that_is_not_one_run_is_refused():
+    model = build_tiny("tiny-paligemma")
+    name = bidiattn_hf.register("bidiattn-test-tf", convention="transformers", backend="reference")
+    types = torch.tensor([[0] * 5 + [1] * 5 + [0] * 5 + [1] * 5])
+    inputs = {"input_ids": torch.randint(10, 60, (1, 20)), "token_type_ids": types}
+    with pytest.raises(ValueError, match="not one key interval per row"):
+        logits(model, name, inputs)
+
+
+def test_prepared_masks_and_dropout_are_refused():
+    model = build_tiny("tiny-gemma3")
+    fn = bidiattn_hf.make_attention_function("official", "reference")
+    attn = model.model.language_model.layers[0].self_attn
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(TypeError, match="builds its own masks; got a prepared Tensor"):
+        fn(attn, q, q[:, :1], q[:, :1], torch.zeros(1, 1, 4, 4))
+    source = bidiattn_hf.SpanSource("gemma3", 0, 0, 4, torch.zeros(1, 4, dtype=torch.bool),
+                                    torch.tensor([[True, False, False, False]]), torch.zeros(1, dtype=torch.int64), 6)
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        fn(attn, q, q[:, :1], q[:, :1], source, dropout=0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(convention="gemma"), "unknown convention 'gemma'"), (dict(backend="cuda"), "unknown backend 'cuda'"),
+     (dict(mode="sparse"), "mode must be 'spans' or 'dense'"), (dict(family="llama"), "unknown family 'llama'")],
+)
+def test_bad_registration_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bidiattn_hf.register("bidiattn-test-bad", **kwargs)
+
+
+def test_transformers_version_outside_the_tested_range(monkeypatch):
+    # Through sys.modules: transformers may have replaced its lazy module object since collection.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.0")
+    with pytest.raises(ImportError, match="tested with transformers >= 5.13, < 6; found 4.57.0"):
+        bidiattn_hf.register()
+
+
+def test_missing_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install 'bidiattn\[hf\]'"):
+        bidiattn_hf.register()
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-paligemma"])
+def test_verify_passes_and_reports_differences(model):
+    report = run_verify(model)
+    assert report.passed, report
+    assert {c.label.split(",")[0] for c in report.checks} >= {"reference", "flex"}
+    # The default layout has an image longer than the window, so the rules disagree somewhere.
+    causal = [c for c in report.differences if "causal" in c.label][0]
+    assert causal.max_abs_logit_diff > 1e-5 and causal.max_kl > 0
+
+
+def test_verify_loads_a_checkpoint_directory(tmp_path):
+    build_tiny("tiny-gemma3").save_pretrained(tmp_path)
+    report = run_verify(str(tmp_path), backends=["reference"])
+    assert report.family == "gemma3" and report.passed
+
+
+def test_verify_cli(capsys):
+    assert main(["verify", "--model", "tiny-gemma4"]) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and "official vs causal (images ignored)" in out
+    assert main(["verify", "--model", "/nonexistent/checkpoint"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-paligemma"])
+def test_verify_with_the_triton_backend_on_gpu(model):
+    report = run_verify(model, dtype=torch.bfloat16, device="cuda")
+    assert any(c.label.startswith("triton") for c in report.checks)
+    assert report.passed, report
