@@ -63,6 +63,17 @@ def test_block_mask_equals_the_spans(seed, block_size):
     assert torch.equal(element_mask(block_mask_from_spans(spans, block_size), spans.total_tokens), want)
 
 
+def test_padded_block_mask_adds_rows_that_see_only_themselves():
+    ids, cu = random_packed_layout(random.Random(2), max_seqs=2, max_len=50)
+    spans = rules.build("paligemma", "official", "full", block_ids=ids, cu_seqlens=cu)
+    t = spans.total_tokens
+    padded = t + 19
+    want = torch.zeros(padded, padded, dtype=torch.bool)
+    want[:t, :t] = spans.to_dense()
+    want[range(t, padded), range(t, padded)] = True
+    assert torch.equal(element_mask(block_mask_from_spans(spans, 16, padded_length=padded), padded), want)
+
+
 def run_flex(spans, hq, hkv, d, dtype, softcap=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = spans.total_tokens
@@ -121,6 +132,15 @@ def test_no_warning_leaks_from_the_lse_request():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         bidiattn.attention(q, q, q, spans, backend="flex")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length,d", [(70, 16), (70, 64), (300, 32)])
+def test_lengths_that_are_not_a_multiple_of_128_on_gpu(length, d):
+    # Compiled FlexAttention had no kernel for these without padding (torch 2.11, H200).
+    run = torch.arange(length) // 20
+    spans = rules.build("gemma3", "official", "full", block_ids=torch.where(run % 2 == 1, run, 0))
+    run_flex(spans, 2, 1, d, torch.bfloat16, seed=length)
 
 
 @pytest.mark.gpu

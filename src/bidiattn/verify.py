@@ -98,7 +98,9 @@ def _backends(dtype: torch.dtype, device: str) -> list[str]:
     except ImportError:
         pass
     else:
-        if dtype != torch.float64:
+        # On CUDA the tiny models' head dim (16) has no compiled FlexAttention kernel (inductor
+        # finds no valid config, torch 2.11 on an H200); flex is tested at real sizes elsewhere.
+        if dtype != torch.float64 and device == "cpu":
             out.append("flex")
     if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
         out.append("triton")

@@ -30,15 +30,24 @@ def _block_table(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return member.sum(1, dtype=torch.int32)[None, None], order[None, None]
 
 
-def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE, for_backward: bool = True):
+def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE, for_backward: bool = True,
+                          padded_length: int | None = None):
     """FlexAttention ``BlockMask`` (batch 1, broadcast over heads) equal to ``spans.to_dense()``.
 
     ``for_backward=False`` skips the transposed (per-key-block) tables only a backward reads.
+    ``padded_length`` (>= T) appends rows that attend only themselves, for inputs padded to it.
     """
+    glo, ghi = spans.packed_bounds()
+    t = spans.total_tokens
+    if padded_length is not None and padded_length > t:
+        extra = torch.arange(t, padded_length, device=glo.device)
+        glo, ghi, t = torch.cat([glo, extra]), torch.cat([ghi, extra]), padded_length
+    return _block_mask(glo, ghi, t, block_size, for_backward)
+
+
+def _block_mask(glo: torch.Tensor, ghi: torch.Tensor, t: int, block_size: int, for_backward: bool):
     from torch.nn.attention.flex_attention import BlockMask
 
-    t = spans.total_tokens
-    glo, ghi = spans.packed_bounds()
     nb = -(-t // block_size)
     first = torch.arange(nb, device=glo.device) * block_size
     last = torch.clamp(first + block_size - 1, max=t - 1)
@@ -81,7 +90,15 @@ def span_attention_flex(
     from torch.nn.attention.flex_attention import flex_attention
 
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    block_mask = block_mask_from_spans(spans, for_backward=needs_grad)
+    t = q.shape[0]
+    padded = t
+    if q.is_cuda and t % FLEX_BLOCK_SIZE:
+        # Compiled FlexAttention found no kernel config for lengths that are not a multiple of
+        # its 128-row block (70 tokens failed, 256 ran; torch 2.11, H200): pad with rows that
+        # attend only themselves and drop them from the output.
+        padded = -(-t // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - t)) for x in (q, k, v))
+    block_mask = block_mask_from_spans(spans, for_backward=needs_grad, padded_length=padded)
     score_mod = None
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -103,4 +120,4 @@ def span_attention_flex(
     else:
         out, aux = fn(qt, kt, vt, return_aux=AuxRequest(lse=True), **kwargs)
         lse = aux.lse
-    return out.squeeze(0).transpose(0, 1), lse.squeeze(0).float()
+    return out.squeeze(0).transpose(0, 1)[:t], lse.squeeze(0).float()[:, :t]
