@@ -82,7 +82,7 @@ def test_head_dims(d):
         TileConfig(16, 16, 4, 1),
         TileConfig(32, 64, 4, 2, split_dv=2),
         TileConfig(64, 32, 8, 1, split_dv=4),
-        TileConfig(64, 64, 4, 2),
+        TileConfig(32, 64, 4, 2),
     ],
     ids=str,
 )
@@ -104,6 +104,15 @@ def test_tile_configs(config):
 def test_tile_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TileConfig(**kwargs)
+
+
+@pytest.mark.gpu
+def test_a_config_that_does_not_fit_shared_memory_raises_value_error():
+    # 64x64 tiles, 2 stages at hd256 ask for 294912 bytes on an H200 (limit 232448).
+    spans = image_spans(101, [(13, 80)]).to(DEVICE)
+    q = torch.randn(101, 2, 256, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="does not fit this GPU at head_dim=256"):
+        span_attention_forward(q, q, q, spans, 0.0625, None, config=TileConfig(64, 64, 4, 2))
 
 
 def test_split_dv_too_fine_for_head_dim():

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..spans import SpanMask
+from .forward import _fits
 
 __all__ = ["BackwardConfig", "pick_backward_config", "key_tile_ranges", "span_attention_backward"]
 
@@ -269,6 +270,12 @@ def span_attention_backward(
     common = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
                   SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    with _fits(cfg, d):
+        _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg, common)
+    return dq, dk, dv
+
+
+def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg, common):
     kt = key_tile_ranges(spans, cfg.block_n)
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
@@ -286,4 +293,3 @@ def span_attention_backward(
         qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
         GROUP=hq // hkv, **common)
-    return dq, dk, dv

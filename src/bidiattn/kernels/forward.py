@@ -9,12 +9,14 @@ reads two ints per row, never a dense mask.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..spans import SpanMask
 
@@ -135,8 +137,8 @@ class TileConfig:
 
     ``split_dv`` programs share one query tile, each producing ``D / split_dv`` output columns
     (q·k is recomputed by each). Triton's ``warp_specialize`` loop option was tried and dropped:
-    no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128) and a wrong result at one
-    hd256 tile shape.
+    no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256).
+    A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
     block_m: int
@@ -202,6 +204,21 @@ def span_attention_forward(
     lse = torch.empty(hq, t_len, device=q.device, dtype=torch.float32) if lse is None else lse
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
     grid = (hq, tiles.rows.numel(), cfg.split_dv)
+    with _fits(cfg, d):
+        _launch_forward(grid, q, k, v, out, lse, spans, order, tiles, qk_scale, softcap, group, d, cfg, block_d)
+    return out, lse
+
+
+@contextlib.contextmanager
+def _fits(cfg, head_dim: int):
+    """Turn Triton's launch-time resource error into a ValueError naming the config."""
+    try:
+        yield
+    except OutOfResources as e:
+        raise ValueError(f"{cfg} does not fit this GPU at head_dim={head_dim}: {e}") from e
+
+
+def _launch_forward(grid, q, k, v, out, lse, spans, order, tiles, qk_scale, softcap, group, d, cfg, block_d):
     _span_fwd_kernel[grid](
         q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, order,
         tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
@@ -211,4 +228,3 @@ def span_attention_forward(
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
