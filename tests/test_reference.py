@@ -114,7 +114,7 @@ SPANS5 = SpanMask(torch.tensor([0, 0, 0, 0, 0], dtype=torch.int32), torch.tensor
     [
         (dict(q=torch.randn(5, 2, 8)), ValueError, "head dims differ: q has D=8, k/v D=16"),
         (dict(k=torch.randn(5, 3, 16), v=torch.randn(5, 3, 16)), ValueError, "Hq=4 must be a positive multiple of .*Hkv=3"),
-        (dict(q=torch.randn(6, 4, 16)), ValueError, "token counts differ: q has 6, k/v 5, spans 5"),
+        (dict(q=torch.randn(6, 4, 16)), ValueError, "token counts differ: q has 6 rows and k/v 5; spans have 5 query rows and 5 keys"),
         (dict(v=torch.randn(5, 2, 8)), ValueError, "k and v must have the same shape"),
         (dict(q=torch.randn(5, 4, 16).half()), TypeError, "share a dtype"),
         (dict(q=torch.ones(5, 4, 16, dtype=torch.int32)), TypeError, "q has dtype torch.int32"),

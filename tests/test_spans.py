@@ -38,7 +38,7 @@ def test_dense_is_false_across_sequences_and_counts_pairs():
         ([0, 2, 1], [0, 2, 2], None, ValueError, "row 1 .*lo=2, hi=2; lo must be <= the row's own position"),
         ([0, 0, 0], [0, 0, 2], None, ValueError, "row 1 .*hi must be >= the row's own position"),
         ([0, 0, 0], [0, 1, 3], None, ValueError, "row 2 .*hi=3; hi must be inside the sequence"),
-        ([0, 0, 0, 0], [0, 1, 3, 3], [0, 2, 4], ValueError, "row 2 .*sequence 1, local row 0.*hi must be inside"),
+        ([0, 0, 0, 0], [0, 1, 3, 3], [0, 2, 4], ValueError, "row 2 .*sequence 1, position 0.*hi must be inside"),
         ([-1, 0, 0], [0, 1, 2], None, ValueError, "row 0 .*lo=-1"),
         ([0, 1, 0], [0, 1, 2], None, ValueError, "lo must be non-decreasing.*row 1 has lo=1 but row 2 has lo=0"),
         ([0, 0, 0], [2, 1, 2], None, ValueError, "hi must be non-decreasing.*row 0 has hi=2 but row 1 has hi=1"),

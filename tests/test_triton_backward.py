@@ -162,7 +162,7 @@ def test_operator_registration_passes_opcheck():
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 32, generator=g).half().to(DEVICE).requires_grad_() for h in (4, 2, 2))
-    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, 0.2, None)
+    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None)
     torch.library.opcheck(torch.ops.bidiattn.span_attention.default, args)
 
 

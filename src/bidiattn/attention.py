@@ -62,8 +62,11 @@ def attention(
 
     Args:
         q: ``[T, Hq, D]`` packed queries.
-        k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA).
-        spans: the mask, e.g. from :func:`bidiattn.rules.build`; ``spans.cu_seqlens`` packs
+        k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA); ``[T_keys, Hkv, D]`` for extend
+            spans (queries are the last rows of longer key sequences: a prefill chunk over a
+            cache, or decode).
+        spans: the mask, e.g. from :func:`bidiattn.rules.build` (or
+            :func:`bidiattn.planner.step_spans` for prefill chunks); ``spans.cu_seqlens`` packs
             several sequences (varlen) that never see each other.
         scale: softmax scale, default ``1/sqrt(D)``.
         softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none.
@@ -96,6 +99,8 @@ def attention(
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
     if backend == "flex":
         unsupported = _flex_unsupported(q, k, v)
+        if unsupported is None and not spans.is_self_attention:
+            unsupported = ValueError("backend='flex' takes self-attention spans only (no cu_seqlens_k); use 'triton' or 'reference'")
         if unsupported is not None:
             raise unsupported
         from .kernels.flex import span_attention_flex
@@ -106,5 +111,5 @@ def attention(
         raise unsupported
     from .ops import span_attention
 
-    out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, scale, softcap)
+    out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, scale, softcap)
     return (out, lse) if return_lse else out

@@ -24,7 +24,8 @@ def check_attention_inputs(
 ) -> float:
     """Check q/k/v/spans/scale/softcap against each other; return the resolved softmax scale.
 
-    Shapes: q ``[T, Hq, D]``, k and v ``[T, Hkv, D]`` with ``Hq % Hkv == 0``.
+    Shapes: q ``[T, Hq, D]``, k and v ``[T_keys, Hkv, D]`` with ``Hq % Hkv == 0`` (``T_keys == T``
+    unless the spans are extend spans).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -43,8 +44,11 @@ def check_attention_inputs(
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     t_q, hq, d = q.shape
     t_k, hkv, d_k = k.shape
-    if t_q != t_k or t_q != spans.total_tokens:
-        raise ValueError(f"token counts differ: q has {t_q}, k/v {t_k}, spans {spans.total_tokens}")
+    if t_q != spans.total_tokens or t_k != spans.total_keys:
+        raise ValueError(
+            f"token counts differ: q has {t_q} rows and k/v {t_k}; spans have {spans.total_tokens} query rows "
+            f"and {spans.total_keys} keys"
+        )
     if d != d_k:
         raise ValueError(f"head dims differ: q has D={d}, k/v D={d_k}")
     if hkv == 0 or hq % hkv != 0:

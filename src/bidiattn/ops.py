@@ -3,7 +3,7 @@
 The forward and backward are ``torch.library.custom_op`` s with fake (meta) implementations,
 joined by ``register_autograd``: eager autograd works, and ``torch.compile(fullgraph=True)``
 traces a model that calls them as opaque nodes. Spans travel as their three tensors (``lo``,
-``hi``, ``cu_seqlens``) because an operator schema only takes tensors and scalars.
+``hi``, ``cu_seqlens``, ``cu_seqlens_k``) because an operator schema only takes tensors and scalars.
 
 No ``from __future__ import annotations`` here: the schema is inferred from real annotations.
 """
@@ -19,22 +19,24 @@ from .spans import SpanMask
 __all__ = ["span_attention", "span_attention_backward_op"]
 
 
-def _spans(lo: torch.Tensor, hi: torch.Tensor, cu_seqlens: torch.Tensor) -> SpanMask:
+def _spans(lo: torch.Tensor, hi: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor,
+           total_keys: int) -> SpanMask:
     # Validated by the public entry point already; re-checking here would sync the host.
-    return SpanMask(lo, hi, cu_seqlens, validate=False)
+    return SpanMask(lo, hi, cu_seqlens, validate=False, cu_seqlens_k=cu_seqlens_k, total_keys=total_keys)
 
 
 @torch.library.custom_op("bidiattn::span_attention", mutates_args=())
 def span_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-    cu_seqlens: torch.Tensor, scale: float, softcap: Optional[float],
+    cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, scale: float, softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32). Inputs pre-validated."""
-    return span_attention_forward(q, k, v, _spans(lo, hi, cu_seqlens), scale, softcap)
+    """Forward: ``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32). Inputs pre-validated;
+    ``cu_seqlens_k`` is ``cu_seqlens`` for self-attention."""
+    return span_attention_forward(q, k, v, _spans(lo, hi, cu_seqlens, cu_seqlens_k, k.shape[0]), scale, softcap)
 
 
 @span_attention.register_fake
-def _span_attention_fake(q, k, v, lo, hi, cu_seqlens, scale, softcap):
+def _span_attention_fake(q, k, v, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -42,30 +44,32 @@ def _span_attention_fake(q, k, v, lo, hi, cu_seqlens, scale, softcap):
 def span_attention_backward_op(
     dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cu_seqlens: torch.Tensor,
-    scale: float, softcap: Optional[float],
+    cu_seqlens_k: torch.Tensor, scale: float, softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv)`` from the gradients of ``out`` and ``lse``. Deterministic."""
-    return span_attention_backward(dout, q, k, v, out, lse, _spans(lo, hi, cu_seqlens), scale, softcap, dlse)
+    spans = _spans(lo, hi, cu_seqlens, cu_seqlens_k, k.shape[0])
+    return span_attention_backward(dout, q, k, v, out, lse, spans, scale, softcap, dlse)
 
 
 @span_attention_backward_op.register_fake
-def _span_attention_backward_fake(dout, dlse, q, k, v, out, lse, lo, hi, cu_seqlens, scale, softcap):
+def _span_attention_backward_fake(dout, dlse, q, k, v, out, lse, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lo, hi, cu_seqlens, scale, softcap = inputs
+    q, k, v, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, lo, hi, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, lo, hi, cu_seqlens, cu_seqlens_k)
     ctx.scale, ctx.softcap = scale, softcap
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, lo, hi, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse, lo, hi, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
-    dq, dk, dv = span_attention_backward_op(dout, dlse, q, k, v, out, lse, lo, hi, cu_seqlens, ctx.scale, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = span_attention_backward_op(dout, dlse, q, k, v, out, lse, lo, hi, cu_seqlens, cu_seqlens_k,
+                                            ctx.scale, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 span_attention.register_autograd(_backward, setup_context=_setup_context)

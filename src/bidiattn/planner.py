@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from .rules import block_extents
+from .spans import SpanMask
 
-__all__ = ["RequestLayout", "Chunk", "Step", "PrefillPlan", "plan_prefill"]
+__all__ = ["RequestLayout", "Chunk", "Step", "PrefillPlan", "plan_prefill", "step_spans"]
 
 
 @dataclass(frozen=True)
@@ -155,3 +156,30 @@ def plan_prefill(requests: Sequence[RequestLayout], budget: int) -> PrefillPlan:
     if current:
         steps.append(Step(tuple(current)))
     return PrefillPlan(budget, tuple(steps), tuple(oversized))
+
+
+def step_spans(step: Step, request_spans: Sequence[SpanMask]) -> SpanMask:
+    """Extend spans of one step: its chunks' rows, over keys ``[0, chunk end)`` of each request.
+
+    ``request_spans[r]`` are request ``r``'s whole-prompt spans (one sequence, from
+    :func:`bidiattn.rules.build`). The result packs the chunks in step order: queries are the
+    chunk rows, keys the request's first ``chunk.end`` tokens (cache plus chunk), the layout of
+    :func:`bidiattn.attention`'s extend spans. Validated, so a chunk that splits a block (a row
+    seeing past the chunk end) raises ``ValueError``.
+    """
+    los, his, q_lens, k_lens = [], [], [], []
+    for c in step.chunks:
+        spans = request_spans[c.request]
+        if not spans.is_self_attention or spans.num_sequences != 1:
+            raise ValueError(f"request {c.request}: request_spans must be one-sequence self-attention spans")
+        los.append(spans.lo[c.start : c.end])
+        his.append(spans.hi[c.start : c.end])
+        q_lens.append(c.tokens)
+        k_lens.append(c.end)
+    device = los[0].device
+
+    def offsets(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *lengths], dtype=torch.int64, device=device).cumsum(0)
+
+    return SpanMask(torch.cat(los), torch.cat(his), offsets(q_lens), cu_seqlens_k=offsets(k_lens),
+                    total_keys=sum(k_lens))

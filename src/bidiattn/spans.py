@@ -51,6 +51,26 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, validate: bool) -> N
         raise ValueError(f"cu_seqlens must be strictly increasing: sequence {bad} has length {int(lengths[bad])}")
 
 
+def _tile_layout(cu_seqlens: torch.Tensor, total: int, block: int):
+    """Tiles of ``block`` consecutive rows of one sequence over a fixed capacity
+    ``ceil(total / block) + B``: int32 ``(seq, start, rows)`` (``rows == 0`` past the real
+    tiles), the bool ``real`` mask and the 0-d tile count."""
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block_m must be a positive int, got {block!r}")
+    num_seq = cu_seqlens.numel() - 1
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tiles_per_seq = (lengths + block - 1) // block
+    tile_offsets = torch.nn.functional.pad(torch.cumsum(tiles_per_seq, 0), (1, 0))
+    capacity = -(-total // block) + num_seq
+    idx = torch.arange(capacity, device=cu_seqlens.device, dtype=torch.int64)
+    seq = torch.searchsorted(tile_offsets[1:], idx, right=True).clamp_max(num_seq - 1)
+    start = (idx - tile_offsets[seq]) * block
+    real = idx < tile_offsets[-1]
+    rows = torch.where(real, (lengths[seq] - start).clamp(0, block), 0)
+    return (torch.where(real, seq, 0).to(torch.int32), torch.where(real, start, 0).to(torch.int32),
+            rows.to(torch.int32), real, tile_offsets[-1].clone())
+
+
 @dataclass(frozen=True)
 class TileSummary:
     """Per-query-tile bounds of a :class:`SpanMask`, the metadata a tiled kernel reads.
@@ -107,16 +127,25 @@ class SpanMask:
         validate: check the invariants below. It reads the data, so on CUDA it synchronizes
             the host; pass ``False`` inside CUDA-graph capture or a hot loop when the spans come
             from :func:`bidiattn.rules.build`, which produces valid spans by construction.
+        cu_seqlens_k, total_keys: extend/decode spans, where each sequence's query rows are
+            the *last* ``q_len`` of its ``k_len`` keys (a prefill chunk or decode step over a
+            cache): int64 ``[B+1]`` key offsets and their total (an int, so that no host sync
+            is needed to size buffers). ``lo``/``hi`` are then key positions local to the
+            sequence, and row ``i`` of a sequence sits at position ``k_len - q_len + i``.
+            ``None`` (the default): keys are the query rows themselves.
 
-    Invariants (checked when ``validate``): ``lo <= row <= hi``, ``hi`` inside the sequence,
-    ``lo`` and ``hi`` non-decreasing inside each sequence. A violation raises ``ValueError``
-    naming the first offending row and its values; wrong types raise ``TypeError``.
+    Invariants (checked when ``validate``): ``lo <= position <= hi``, ``hi`` inside the
+    sequence's keys, ``lo`` and ``hi`` non-decreasing inside each sequence, ``k_len >= q_len``.
+    A violation raises ``ValueError`` naming the first offending row and its values; wrong
+    types raise ``TypeError``.
     """
 
     lo: torch.Tensor
     hi: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     validate: bool = True
+    cu_seqlens_k: torch.Tensor | None = None
+    total_keys: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("lo", "hi"):
@@ -142,8 +171,37 @@ class SpanMask:
         _check_cu_seqlens(self.cu_seqlens, self.lo.numel(), self.validate)
         if self.cu_seqlens.device != self.lo.device:
             raise ValueError(f"SpanMask.cu_seqlens is on {self.cu_seqlens.device}, lo/hi on {self.lo.device}")
+        self._init_keys()
         if self.validate:
             self._check_invariants()
+
+    def _init_keys(self) -> None:
+        if self.cu_seqlens_k is None:
+            if self.total_keys is not None and self.total_keys != self.lo.numel():
+                raise ValueError(f"SpanMask.total_keys={self.total_keys} needs cu_seqlens_k (self-attention has T keys)")
+            object.__setattr__(self, "cu_seqlens_k", self.cu_seqlens)
+            object.__setattr__(self, "total_keys", self.lo.numel())
+            return
+        if isinstance(self.total_keys, bool) or not isinstance(self.total_keys, int) or self.total_keys < 1:
+            raise ValueError(f"SpanMask.total_keys must be a positive int with cu_seqlens_k, got {self.total_keys!r}")
+        _check_cu_seqlens(self.cu_seqlens_k, self.total_keys, self.validate)
+        if self.cu_seqlens_k.shape != self.cu_seqlens.shape:
+            raise ValueError(
+                f"cu_seqlens_k has {self.cu_seqlens_k.numel() - 1} sequences, cu_seqlens {self.cu_seqlens.numel() - 1}"
+            )
+        if self.cu_seqlens_k.device != self.lo.device:
+            raise ValueError(f"SpanMask.cu_seqlens_k is on {self.cu_seqlens_k.device}, lo/hi on {self.lo.device}")
+        if self.validate:
+            q_len = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+            k_len = self.cu_seqlens_k[1:] - self.cu_seqlens_k[:-1]
+            b = _first_true(k_len < q_len)
+            if b is not None:
+                raise ValueError(f"sequence {b} has {int(q_len[b])} query rows but only {int(k_len[b])} keys")
+
+    @property
+    def is_self_attention(self) -> bool:
+        """True when the keys are the query rows themselves (no ``cu_seqlens_k``)."""
+        return self.cu_seqlens_k is self.cu_seqlens
 
     # ------------------------------------------------------------------ properties
     @property
@@ -157,12 +215,17 @@ class SpanMask:
         return self.cu_seqlens.numel() - 1
 
     def local_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sequence index, local row, sequence length) of every row, int64 ``[T]``; no host sync."""
+        """(sequence index, position, key count) of every query row, int64 ``[T]``; no host sync.
+
+        The position is the row's key position in its sequence (its local row for
+        self-attention; ``k_len - q_len + row`` for extend spans).
+        """
         seq = sequence_index(self.cu_seqlens, self.total_tokens)
         start = self.cu_seqlens[seq]
         rows = torch.arange(self.total_tokens, device=self.lo.device, dtype=torch.int64)
-        length = self.cu_seqlens[seq + 1] - start
-        return seq, rows - start, length
+        k_len = self.cu_seqlens_k[seq + 1] - self.cu_seqlens_k[seq]
+        q_len = self.cu_seqlens[seq + 1] - start
+        return seq, rows - start + (k_len - q_len), k_len
 
     def packed_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``lo``/``hi`` as int64 positions on the packed key axis (``[T]`` each); no host sync.
@@ -172,7 +235,7 @@ class SpanMask:
         of a later sequence comes after every key of an earlier one. So the rows that see any
         given key range form one contiguous range (what a backward pass over key tiles needs).
         """
-        bos = self.cu_seqlens[sequence_index(self.cu_seqlens, self.total_tokens)]
+        bos = self.cu_seqlens_k[sequence_index(self.cu_seqlens, self.total_tokens)]
         return self.lo.long() + bos, self.hi.long() + bos
 
     def _check_invariants(self) -> None:
@@ -188,7 +251,7 @@ class SpanMask:
             i = _first_true(bad)
             if i is not None:
                 raise ValueError(
-                    f"invalid span at row {i} (sequence {int(seq[i])}, local row {int(row[i])}, "
+                    f"invalid span at row {i} (sequence {int(seq[i])}, position {int(row[i])}, "
                     f"sequence length {int(length[i])}): lo={int(lo[i])}, hi={int(hi[i])}; {what}"
                 )
         same_seq = seq[1:] == seq[:-1]
@@ -202,11 +265,11 @@ class SpanMask:
 
     # ------------------------------------------------------------------ derived views
     def to_dense(self) -> torch.Tensor:
-        """Bool ``[T, T]`` mask over packed positions; False across sequences. O(T^2): tests/reference only."""
-        seq, row, _ = self.local_rows()
-        key_local = row[None, :]
-        same = seq[:, None] == seq[None, :]
-        return same & (key_local >= self.lo.long()[:, None]) & (key_local <= self.hi.long()[:, None])
+        """Bool ``[T, T_keys]`` mask over packed rows and keys; False across sequences.
+        O(T * T_keys): tests/reference only."""
+        glo, ghi = self.packed_bounds()
+        keys = torch.arange(self.total_keys, device=self.lo.device, dtype=torch.int64)
+        return (keys[None, :] >= glo[:, None]) & (keys[None, :] <= ghi[:, None])
 
     def num_pairs(self) -> int:
         """Exact number of allowed (query, key) pairs, for FLOP accounting (one host sync)."""
@@ -218,36 +281,34 @@ class SpanMask:
         Vectorized, no host sync: since ``lo``/``hi`` are non-decreasing inside a sequence, the
         minimum is the tile's first row and the maximum its last.
         """
-        if not isinstance(block_m, int) or block_m < 1:
-            raise ValueError(f"block_m must be a positive int, got {block_m!r}")
-        device = self.lo.device
-        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        tiles_per_seq = (lengths + block_m - 1) // block_m
-        tile_offsets = torch.nn.functional.pad(torch.cumsum(tiles_per_seq, 0), (1, 0))
-        capacity = -(-self.total_tokens // block_m) + self.num_sequences
-        idx = torch.arange(capacity, device=device, dtype=torch.int64)
-        seq = torch.searchsorted(tile_offsets[1:], idx, right=True).clamp_max(self.num_sequences - 1)
-        row_start = (idx - tile_offsets[seq]) * block_m
-        real = idx < tile_offsets[-1]
-        rows = torch.where(real, (lengths[seq] - row_start).clamp(0, block_m), 0)
-        first = (self.cu_seqlens[seq] + row_start).clamp(0, self.total_tokens - 1)
-        last = (first + rows - 1).clamp(0, self.total_tokens - 1)
+        seq, row_start, rows, real, num_tiles = _tile_layout(self.cu_seqlens, self.total_tokens, block_m)
+        first = (self.cu_seqlens[seq.long()] + row_start.long()).clamp(0, self.total_tokens - 1)
+        last = (first + rows.long() - 1).clamp(0, self.total_tokens - 1)
 
         def pick(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
             return torch.where(real, values[at].to(torch.int32), 0)
 
         return TileSummary(
             block_m=block_m,
-            seq=torch.where(real, seq, 0).to(torch.int32),
-            row_start=torch.where(real, row_start, 0).to(torch.int32),
-            rows=rows.to(torch.int32),
+            seq=seq,
+            row_start=row_start,
+            rows=rows,
             lo_min=pick(self.lo, first),
             lo_max=pick(self.lo, last),
             hi_min=pick(self.hi, first),
             hi_max=pick(self.hi, last),
-            num_tiles=tile_offsets[-1].clone(),
+            num_tiles=num_tiles,
         )
+
+    def key_tiles(self, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tiles of ``block_n`` keys of one sequence: int32 ``(seq, key_start, keys)``, fixed
+        capacity ``ceil(T_keys / block_n) + B`` with ``keys == 0`` padding; no host sync."""
+        seq, start, keys, _, _ = _tile_layout(self.cu_seqlens_k, self.total_keys, block_n)
+        return seq, start, keys
 
     def to(self, device: torch.device | str) -> SpanMask:
         """The same spans on another device (no re-validation)."""
-        return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False)
+        if self.is_self_attention:
+            return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False)
+        return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False,
+                        cu_seqlens_k=self.cu_seqlens_k.to(device), total_keys=self.total_keys)

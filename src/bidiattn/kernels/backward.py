@@ -69,7 +69,7 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, do, lse2, delta, dk, dv, span_lo, span_hi, cu_seqlens, order,
+    q, k, v, do, lse2, delta, dk, dv, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
@@ -84,14 +84,15 @@ def _dkdv_kernel(
         return
     i_b = tl.load(t_seq + i_t)
     bos = tl.load(cu_seqlens + i_b)
-    seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    bos_k = tl.load(cu_seqlens_k + i_b)
+    seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
     q_first = tl.load(t_q_first + i_t)
     q_last = tl.load(t_q_last + i_t)
     o_n = tl.load(t_row + i_t) + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    n_ok = o_n < seq_len
-    krow = (bos + o_n.to(tl.int64))[:, None] * stride_kt + i_hk * stride_kh
+    n_ok = o_n < seq_len_k
+    krow = (bos_k + o_n.to(tl.int64))[:, None] * stride_kt + i_hk * stride_kh
     b_k = tl.load(k + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_v = tl.load(v + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_dk = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
@@ -109,7 +110,7 @@ def _dkdv_kernel(
             b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-            b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len,
+            b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
                                         qk_scale, softcap, SOFTCAP)
             if BLOCK_DC == BLOCK_D:
                 b_qc, b_doc = b_q, b_do
@@ -126,7 +127,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, order,
+    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_lo_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
@@ -154,17 +155,19 @@ def _dq_kernel(
     b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
     b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-    k_base = k + bos * stride_kt + (i_h // GROUP) * stride_kh
-    v_base = v + bos * stride_kt + (i_h // GROUP) * stride_kh
+    bos_k = tl.load(cu_seqlens_k + i_b)
+    seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
+    k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
+    v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
     n_first = (tl.load(t_lo_min + i_t) // BLOCK_N) * BLOCK_N
     for i_n in range(n_first, tl.load(t_hi_max + i_t) + 1, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        n_ok = o_n < seq_len
+        n_ok = o_n < seq_len_k
         krow = o_n.to(tl.int64)[:, None] * stride_kt
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-        b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len,
+        b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
                                     qk_scale, softcap, SOFTCAP)
         if BLOCK_DC == BLOCK_D:
             b_kc = b_k
@@ -225,15 +228,15 @@ class KeyTiles:
 
 def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
     """Per-key-tile query ranges from two binary searches over the packed bounds; no host sync."""
-    tiles = spans.tile_summary(block_n)
+    seq, key_start, keys = spans.key_tiles(block_n)
     glo, ghi = spans.packed_bounds()
-    bos = spans.cu_seqlens[tiles.seq.long()]
-    k_first = bos + tiles.row_start.long()
-    k_last = k_first + tiles.rows.long() - 1
+    k_first = spans.cu_seqlens_k[seq.long()] + key_start.long()
+    k_last = k_first + keys.long() - 1
+    bos = spans.cu_seqlens[seq.long()]
     # Rows with hi >= k_first are a suffix, rows with lo <= k_last a prefix (bounds non-decreasing).
     q_first = torch.searchsorted(ghi.contiguous(), k_first, right=False) - bos
     q_last = torch.searchsorted(glo.contiguous(), k_last, right=True) - 1 - bos
-    return KeyTiles(tiles.seq, tiles.row_start, tiles.rows, q_first.to(torch.int32), q_last.to(torch.int32))
+    return KeyTiles(seq, key_start, keys, q_first.to(torch.int32), q_last.to(torch.int32))
 
 
 def span_attention_backward(
@@ -280,7 +283,7 @@ def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dk, dv, spans.lo, spans.hi, spans.cu_seqlens, order,
+        q, k, v, do, lse2, delta, dk, dv, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
         kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
         GROUP=hq // hkv, **common)
@@ -289,7 +292,7 @@ def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, order,
+        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
         qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
         GROUP=hq // hkv, **common)

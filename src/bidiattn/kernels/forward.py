@@ -64,7 +64,7 @@ def _attend(
 
 @triton.jit
 def _span_fwd_kernel(
-    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, order,
+    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh,
     qk_scale, softcap,
@@ -83,6 +83,9 @@ def _span_fwd_kernel(
     i_b = tl.load(t_seq + i_t)
     bos = tl.load(cu_seqlens + i_b)
     seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    # Keys of the sequence: the query rows themselves, or a longer cache (extend / decode).
+    bos_k = tl.load(cu_seqlens_k + i_b)
+    seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
     lo_min = tl.load(t_lo_min + i_t)
     lo_max = tl.load(t_lo_max + i_t)
     hi_min = tl.load(t_hi_min + i_t)
@@ -98,8 +101,8 @@ def _span_fwd_kernel(
 
     q_off = rows_g[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
     b_q = tl.load(q + q_off, mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-    k_base = k + bos * stride_kt + (i_h // GROUP) * stride_kh
-    v_base = v + bos * stride_kt + (i_h // GROUP) * stride_kh
+    k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
+    v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -110,14 +113,14 @@ def _span_fwd_kernel(
     full_start = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
     full_end = ((hi_min + 1) // BLOCK_N) * BLOCK_N
     if full_start < full_end:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, full_start, seq_len,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, full_start, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_start, full_end, seq_len,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_start, full_end, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, False, SOFTCAP)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_end, n_end, seq_len,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_end, n_end, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
     else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, n_end, seq_len,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, n_end, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
 
     # Every stored row attends at least itself, so l_i > 0 there.
@@ -220,7 +223,7 @@ def _fits(cfg, head_dim: int):
 
 def _launch_forward(grid, q, k, v, out, lse, spans, order, tiles, qk_scale, softcap, group, d, cfg, block_d):
     _span_fwd_kernel[grid](
-        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, order,
+        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
         tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         qk_scale, softcap if softcap is not None else 1.0,
