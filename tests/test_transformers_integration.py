@@ -86,6 +86,21 @@ def test_generate_with_left_padding_equals_eager(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_generate_through_the_triton_kernels_matches_eager_logits(family):
+    # bf16 model, triton backend (interpreter on CPU): prefill and every decode step.
+    model = build_tiny(f"tiny-{family}").to(torch.bfloat16)
+    name = bidiattn_hf.register("bidiattn-test-tf-triton", convention="transformers", backend="triton")
+    inputs = random_inputs(family, random.Random(5), batch=2, pad=(0, 3))
+    steps = []
+    for impl in ("eager", name):
+        model.set_attn_implementation(impl)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        steps.append(torch.stack(out.logits).float())
+    assert (steps[0] - steps[1]).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_gradients_match_eager(family):
     model = build_tiny(f"tiny-{family}").train()
     name = bidiattn_hf.register("bidiattn-test-tf", convention="transformers", backend="reference")

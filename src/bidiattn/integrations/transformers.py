@@ -21,8 +21,10 @@ How it plugs in (both through transformers' official registries):
   necessarily the one transformers' mask encodes; then :func:`bidiattn.attention` runs.
 
 Scope and limits: prefill and training run the chosen backend on the packed batch; decode and
-cached extend steps (fewer queries than keys) run a small PyTorch path over a ``[Tq, Tk]`` mask
-built from the spans (paged extend/decode kernels are a separate milestone). Padding must be
+cached extend steps (fewer queries than keys) run it on extend spans (queries are the last rows
+of each key sequence; ``backend="flex"`` falls back to ``"auto"`` there, FlexAttention taking
+self-attention spans only). Spans are rebuilt per layer and step in O(sequence length) on
+the device; paged caches and split-KV decode are a separate milestone. Padding must be
 left padding. A bidirectional block may not straddle a cache boundary (transformers' own
 ``generate`` prefills whole prompts). Sliding windows must be at least 2. Attention dropout is
 not supported.
@@ -229,11 +231,11 @@ def _prefill(query, key, value, source, convention, layer, window, backend, scal
     return out.view(bsz, t, hq, d)
 
 
-def _extend_mask(source, convention, layer, window, tq, tk, device, dense: bool) -> torch.Tensor:
-    """Bool ``[B, Tq, Tk]``: the new rows' spans, built on each sequence's full length (cached
-    positions as ordinary tokens) and moved to the layer's key indices."""
-    masks = []
-    keys = torch.arange(tk, device=device)
+def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
+    """Per batch row, the new rows' ``(lo, hi)`` as indices into the layer's keys: spans built
+    on each sequence's full length (cached positions as ordinary tokens), then shifted by the
+    padding and the cache offset. With ``dense`` the bounds are read off :func:`rules.dense`."""
+    out = []
     for b in range(source.links.shape[0]):
         fk = int(source.first_key[b])
         length = source.q_offset + tq - fk
@@ -243,8 +245,8 @@ def _extend_mask(source, convention, layer, window, tq, tk, device, dense: bool)
         ids[-tq:] = _block_ids(source.links[b : b + 1], source.starts[b : b + 1])
         if dense:
             full = rules.dense(source.family, convention, layer, block_ids=ids, window=window)[-tq:]
-            lo = full.int().argmax(1)
-            hi = length - 1 - full.flip(1).int().argmax(1)
+            lo = full.int().argmax(1).long()
+            hi = length - 1 - full.flip(1).int().argmax(1).long()
         else:
             spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, validate=False)
             lo, hi = spans.lo[-tq:].long(), spans.hi[-tq:].long()
@@ -254,20 +256,28 @@ def _extend_mask(source, convention, layer, window, tq, tk, device, dense: bool)
                 f"bidiattn: a query of batch row {b} needs keys this layer's cache no longer holds "
                 f"(kv_offset={source.kv_offset}); this rule needs a longer cache"
             )
-        masks.append((keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None]))
-    return torch.stack(masks)
+        out.append((lo, hi))
+    return out
 
 
-def _masked_math(query, key, value, mask, scaling, softcap):
-    """fp32 attention over a bool ``[B, Tq, Tk]`` mask; returns ``[B, Tq, Hq, D]``."""
-    group = query.shape[1] // key.shape[1]
-    k = key.float().repeat_interleave(group, 1)
-    v = value.float().repeat_interleave(group, 1)
-    s = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask[:, None], float("-inf"))
-    return torch.matmul(torch.softmax(s, -1), v).to(query.dtype).transpose(1, 2)
+def _extend(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn):
+    """Fewer queries than keys (decode, cached extend): each batch row's queries are the last
+    ``Tq`` of its ``Tk`` keys; extend spans over the packed batch, padding keys excluded by
+    ``lo``. A batch of one needs no copy (the kernels take strided views)."""
+    bsz, hq, tq, d = query.shape
+    tk = key.shape[2]
+    bounds = _extend_bounds(source, convention, layer, window, tq, query.device, dense=dense_fn is not None)
+    if dense_fn is not None:
+        keys = torch.arange(tk, device=query.device)
+        return dense_fn(torch.stack([(keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None]) for lo, hi in bounds]))
+    lo = torch.cat([lo for lo, _ in bounds]).to(torch.int32)
+    hi = torch.cat([hi for _, hi in bounds]).to(torch.int32)
+    cu_q = torch.arange(0, (bsz + 1) * tq, tq, device=query.device, dtype=torch.int64)
+    cu_k = torch.arange(0, (bsz + 1) * tk, tk, device=query.device, dtype=torch.int64)
+    spans = SpanMask(lo, hi, cu_q, validate=False, cu_seqlens_k=cu_k, total_keys=bsz * tk)
+    q, k, v = (x.transpose(1, 2).reshape(bsz * x.shape[2], x.shape[1], d) for x in (query, key, value))
+    out = attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend if backend != "flex" else "auto")
+    return out.view(bsz, tq, hq, d)
 
 
 def make_attention_function(convention: str = "official", backend: str = "auto", mode: str = "spans",
@@ -322,8 +332,7 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
         if tq == tk and source.q_offset == 0 and source.kv_offset == 0:
             out = _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn)
         else:
-            mask = _extend_mask(source, convention, layer, window, tq, tk, query.device, dense=mode == "dense")
-            out = dense_fn(mask) if dense_fn is not None else _masked_math(query, key, value, mask, scaling, softcap)
+            out = _extend(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn)
         return out, None
 
     return bidiattn_attention
