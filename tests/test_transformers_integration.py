@@ -88,9 +88,10 @@ def test_generate_with_left_padding_equals_eager(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_through_the_triton_kernels_matches_eager_logits(family):
     # bf16 model, triton backend (interpreter on CPU): prefill and every decode step.
-    model = build_tiny(f"tiny-{family}").to(torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_tiny(f"tiny-{family}").to(device, torch.bfloat16)
     name = bidiattn_hf.register("bidiattn-test-tf-triton", convention="transformers", backend="triton")
-    inputs = random_inputs(family, random.Random(5), batch=2, pad=(0, 3))
+    inputs = {k: v.to(device) for k, v in random_inputs(family, random.Random(5), batch=2, pad=(0, 3)).items()}
     steps = []
     for impl in ("eager", name):
         model.set_attn_implementation(impl)
