@@ -12,6 +12,7 @@ import torch
 import bidiattn
 from bidiattn import reference, rules
 from bidiattn.planner import Chunk, RequestLayout, Step, plan_prefill, step_spans
+from bidiattn.kernels.forward import TileConfig, span_attention_forward
 from bidiattn.spans import SpanMask
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -78,6 +79,24 @@ def test_decode_matches_the_reference_at_every_step():
             out = bidiattn.attention(q[t : t + 1], k[: t + 1], v[: t + 1], spans, backend="triton")
             want = reference.attention(q[: t + 1].float(), k[: t + 1].float(), v[: t + 1].float(), spans_full)[t:]
             torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kv_splits", [2, 7, 64])
+def test_decode_with_key_range_slices_matches_the_reference(kv_splits):
+    # Flash-decoding: each query tile's key range cut into slices, partial results merged by
+    # lse; some slices hold none of a row's keys (sliding window), which must weigh 0.
+    ids = torch.zeros(300, dtype=torch.int64)
+    ids[40:140] = 1
+    g = torch.Generator().manual_seed(kv_splits)
+    q, k, v = (torch.randn(300, h, 64, generator=g).half().to(DEVICE) for h in (4, 1, 1))
+    for layer, window in (("full", None), ("sliding", 37)):
+        full = rules.build("gemma3", "official", layer, block_ids=ids, window=window).to(DEVICE)
+        spans = step_spans(Step((Chunk(0, 290, 300),)), [full])
+        out, lse = span_attention_forward(q[290:], k, v, spans, 0.125, None,
+                                          config=TileConfig(16, 16, 4, 1, kv_splits=kv_splits))
+        want, want_lse = reference.attention(q[290:].float(), k.float(), v.float(), spans, scale=0.125, return_lse=True)
+        torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=0)
+        torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=0)
 
 
 def test_extend_gradients_match_the_reference():

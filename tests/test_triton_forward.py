@@ -83,6 +83,8 @@ def test_head_dims(d):
         TileConfig(32, 64, 4, 2, split_dv=2),
         TileConfig(64, 32, 8, 1, split_dv=4),
         TileConfig(32, 64, 4, 2),
+        TileConfig(16, 16, 4, 1, kv_splits=3),
+        TileConfig(32, 32, 4, 1, split_dv=2, kv_splits=5),
     ],
     ids=str,
 )
@@ -99,6 +101,7 @@ def test_tile_configs(config):
         (dict(block_m=48, block_n=32, num_warps=4, num_stages=1), "block_m must be a power of two, got 48"),
         (dict(block_m=64, block_n=8, num_warps=4, num_stages=1), "at least 16x16, got 64x8"),
         (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, split_dv=3), "split_dv must be a power of two"),
+        (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, kv_splits=0), "kv_splits must be None .* got 0"),
     ],
 )
 def test_tile_config_rejects_bad_values(kwargs, match):

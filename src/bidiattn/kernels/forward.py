@@ -66,16 +66,19 @@ def _attend(
 def _span_fwd_kernel(
     q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh, stride_os, stride_ls,
     qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr,
 ):
     i_h = tl.program_id(0)
     # With BLOCK_DV < BLOCK_D, program i_dv owns output columns [i_dv * BLOCK_DV, +BLOCK_DV) and
     # recomputes q·k for them: the price of an fp32 accumulator that fits in registers.
-    i_dv = tl.program_id(2)
+    # With KV_SPLITS > 1 (decode: few query tiles, long key ranges), program i_s covers one slice
+    # of the tile's key range and writes a partial output and lse, merged by the launcher.
+    i_dv = tl.program_id(2) // KV_SPLITS
+    i_s = tl.program_id(2) % KV_SPLITS
     i_t = tl.load(order + tl.program_id(1))
     rows = tl.load(t_rows + i_t)
     if rows == 0:
@@ -112,26 +115,37 @@ def _span_fwd_kernel(
     n_end = hi_max + 1
     full_start = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
     full_end = ((hi_min + 1) // BLOCK_N) * BLOCK_N
+    if KV_SPLITS == 1:
+        s_lo = n_first
+        s_hi = n_end
+    else:
+        per = tl.cdiv(tl.cdiv(n_end - n_first, BLOCK_N), KV_SPLITS) * BLOCK_N
+        s_lo = tl.minimum(n_first + i_s * per, n_end)
+        s_hi = tl.minimum(s_lo + per, n_end)
     if full_start < full_end:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, full_start, seq_len_k,
+        a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
+        a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_start, full_end, seq_len_k,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, False, SOFTCAP)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, full_end, n_end, seq_len_k,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
     else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, n_first, n_end, seq_len_k,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
 
-    # Every stored row attends at least itself, so l_i > 0 there.
-    l_safe = tl.where(m_ok, l_i, 1.0)
+    # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
+    # then the partial output is 0 with lse = -inf (weight 0 in the merge).
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
     b_o = acc / l_safe[:, None]
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    o_off = rows_g[:, None] * stride_ot + i_h * stride_oh + o_dv[None, :]
+    o_off = i_s * stride_os + rows_g[:, None] * stride_ot + i_h * stride_oh + o_dv[None, :]
     tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] < D))
     if i_dv == 0:
-        b_lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-        tl.store(lse + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
+        b_lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse + i_s * stride_ls + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,9 @@ class TileConfig:
     """Tile shape and launch parameters of the forward kernel.
 
     ``split_dv`` programs share one query tile, each producing ``D / split_dv`` output columns
-    (q·k is recomputed by each). Triton's ``warp_specialize`` loop option was tried and dropped:
+    (q·k is recomputed by each). ``kv_splits`` programs share one query tile's key range
+    (flash-decoding); ``None`` picks it from the launch size (more only when the grid would
+    leave the GPU's multiprocessors idle, as in decode). Triton's ``warp_specialize`` loop option was tried and dropped:
     no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
@@ -149,12 +165,16 @@ class TileConfig:
     num_warps: int
     num_stages: int
     split_dv: int = 1
+    kv_splits: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name} must be a power of two, got {value}")
+        if self.kv_splits is not None and (isinstance(self.kv_splits, bool) or not isinstance(self.kv_splits, int)
+                                           or not 1 <= self.kv_splits <= 256):
+            raise ValueError(f"TileConfig.kv_splits must be None (automatic) or an int in 1..256, got {self.kv_splits!r}")
         if self.block_m < 16 or self.block_n < 16:
             raise ValueError(f"TileConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
 
@@ -206,10 +226,39 @@ def span_attention_forward(
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(hq, t_len, device=q.device, dtype=torch.float32) if lse is None else lse
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
-    grid = (hq, tiles.rows.numel(), cfg.split_dv)
+    splits = cfg.kv_splits or _auto_kv_splits(q, spans, hq * tiles.rows.numel() * cfg.split_dv, cfg.block_n)
+    grid = (hq, tiles.rows.numel(), cfg.split_dv * splits)
+    if splits == 1:
+        with _fits(cfg, d):
+            _launch_forward(grid, q, k, v, out, lse, 0, 0, spans, order, tiles, qk_scale, softcap, group, d, cfg,
+                            block_d, 1)
+        return out, lse
+    o_part = torch.empty(splits, t_len, hq, d, device=q.device, dtype=torch.float32)
+    l_part = torch.empty(splits, hq, t_len, device=q.device, dtype=torch.float32)
     with _fits(cfg, d):
-        _launch_forward(grid, q, k, v, out, lse, spans, order, tiles, qk_scale, softcap, group, d, cfg, block_d)
+        _launch_forward(grid, q, k, v, o_part[0], l_part[0], o_part.stride(0), l_part.stride(0), spans, order, tiles,
+                        qk_scale, softcap, group, d, cfg, block_d, splits)
+    # Exact merge of the slices: weights exp(lse_s - max) (0 for a slice with none of a row's keys).
+    l_max = l_part.amax(0)
+    w = torch.exp(l_part - l_max)
+    total = w.sum(0)
+    merged = (o_part * w.permute(0, 2, 1)[..., None]).sum(0) / total.transpose(0, 1)[..., None]
+    out.copy_(merged)
+    lse.copy_(l_max + torch.log(total))
     return out, lse
+
+
+def _auto_kv_splits(q: torch.Tensor, spans: SpanMask, programs: int, block_n: int) -> int:
+    """Key-range slices per query tile: enough programs for two waves of the GPU when the grid
+    alone is smaller than one (decode), each slice at least 4 key tiles. From sizes only, no
+    host sync; 1 off CUDA."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= sms:
+        return 1
+    keys_per_seq = spans.total_keys // spans.num_sequences
+    return max(1, min(-(-2 * sms // programs), keys_per_seq // (4 * block_n), 64))
 
 
 @contextlib.contextmanager
@@ -221,13 +270,14 @@ def _fits(cfg, head_dim: int):
         raise ValueError(f"{cfg} does not fit this GPU at head_dim={head_dim}: {e}") from e
 
 
-def _launch_forward(grid, q, k, v, out, lse, spans, order, tiles, qk_scale, softcap, group, d, cfg, block_d):
+def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order, tiles, qk_scale, softcap, group, d,
+                    cfg, block_d, splits):
     _span_fwd_kernel[grid](
         q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
         tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        qk_scale, softcap if softcap is not None else 1.0,
+        stride_os, stride_ls, qk_scale, softcap if softcap is not None else 1.0,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None,
+        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
