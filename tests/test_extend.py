@@ -99,6 +99,19 @@ def test_decode_with_key_range_slices_matches_the_reference(kv_splits):
         torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("d", [256, 512])
+def test_decode_tile_config_at_large_head_dims(d):
+    ids = torch.zeros(90, dtype=torch.int64)
+    ids[10:50] = 1
+    full = rules.build("gemma4", "official", "sliding", block_ids=ids, window=20).to(DEVICE)
+    spans = step_spans(Step((Chunk(0, 88, 90),)), [full])  # two new tokens: speculative decode
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(90, h, d, generator=g).bfloat16().to(DEVICE) for h in (4, 2, 2))
+    out = bidiattn.attention(q[88:], k, v, spans, backend="triton")
+    want = reference.attention(q[88:].float(), k.float(), v.float(), spans)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=0)
+
+
 def test_extend_gradients_match_the_reference():
     ids = torch.zeros(50, dtype=torch.int64)
     ids[10:30] = 1

@@ -179,10 +179,16 @@ class TileConfig:
             raise ValueError(f"TileConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
 
 
-def pick_config(head_dim: int) -> TileConfig:
+def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileConfig:
     """Tiles per head dim, chosen by the sweep in benchmarks/tune_forward.py (one H200, bf16,
     16K tokens; numbers in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding
-    limit from hd256 up: 128x64 tiles fit with one stage only."""
+    limit from hd256 up: 128x64 tiles fit with one stage only.
+
+    ``rows_per_sequence`` (query rows over sequences, known on the host): at 16 or fewer
+    (decode, speculative decode) a 16-row tile, since a 256-row tile computed 256x the scores
+    of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200)."""
+    if rows_per_sequence is not None and rows_per_sequence <= 16:
+        return TileConfig(16, 64, 4, 2, split_dv=1) if head_dim <= 256 else TileConfig(16, 64, 4, 1, split_dv=2)
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)  # not swept yet
     if head_dim <= 128:
@@ -211,7 +217,7 @@ def span_attention_forward(
         o32, l32 = span_attention_forward(q.float(), k.float(), v.float(), spans, scale, softcap, config)
         out = o32.to(q.dtype) if out is None else out.copy_(o32)
         return out, (l32 if lse is None else lse.copy_(l32))
-    cfg = config or pick_config(d)
+    cfg = config or pick_config(d, rows_per_sequence=t_len / spans.num_sequences)
     block_d = triton.next_power_of_2(d)
     if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
         raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
