@@ -111,3 +111,19 @@ def test_build_on_cuda_matches_cpu_without_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(gpu.lo.cpu(), cpu.lo) and torch.equal(gpu.hi.cpu(), cpu.hi)
     assert torch.equal(tiles.hi_max.cpu(), cpu.tile_summary(64).hi_max)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_tile_summary_equals_the_spec(seed):
+    pytest.importorskip("triton", reason="triton is not installed")
+    from bidiattn.kernels.tiles import fast_tile_summary
+
+    rng = random.Random(seed)
+    ids, cu = random_packed_layout(rng, max_seqs=rng.choice([1, 3, 9]), max_len=120)
+    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=rng.randint(1, 30), cu_seqlens=cu)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spans = spans.to(device)
+    for block in (16, 64, 128):
+        want, got = spans.tile_summary(block), fast_tile_summary(spans, block)
+        for name in ("seq", "row_start", "rows", "lo_min", "lo_max", "hi_min", "hi_max", "num_tiles"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (name, block)

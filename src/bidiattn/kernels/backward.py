@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..spans import SpanMask
 from .forward import _fits
+from .tiles import fast_tile_summary
 
 __all__ = ["BackwardConfig", "pick_backward_config", "key_tile_ranges", "span_attention_backward"]
 
@@ -288,7 +289,7 @@ def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
         GROUP=hq // hkv, **common)
 
-    qt = spans.tile_summary(cfg.block_m)
+    qt = fast_tile_summary(spans, cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](

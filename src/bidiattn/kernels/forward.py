@@ -19,6 +19,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..spans import SpanMask
+from .tiles import fast_tile_summary
 
 __all__ = ["TileConfig", "pick_config", "span_attention_forward"]
 
@@ -224,7 +225,7 @@ def span_attention_forward(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
-    tiles = spans.tile_summary(cfg.block_m)
+    tiles = fast_tile_summary(spans, cfg.block_m)
     # Longest tiles first: image blocks make the key ranges uneven, and tiles launched last
     # should be the short ones so the tail of the grid stays full.
     work = torch.where(tiles.rows > 0, tiles.hi_max - tiles.lo_min + 1, 0)
