@@ -257,17 +257,19 @@ def span_attention_forward(
 
 def _auto_kv_splits(q: torch.Tensor, spans: SpanMask, heads: int, block_m: int, block_n: int) -> int:
     """Key-range slices per query tile: enough programs for about four waves of the GPU when
-    the real tiles alone are fewer than one wave (decode), each slice at least 4 key tiles.
-    From sizes only, no host sync; 1 off CUDA.
+    the real tiles alone are fewer than one wave, each slice at least 4 key tiles; decode only
+    (16 or fewer query rows per sequence). From sizes only, no host sync; 1 off CUDA.
 
     The real tile count is estimated from sizes (``T / block_m``, or one per sequence when
     sequences are shorter than a tile): the grid's padding capacity would hide an 8-sequence
     decode batch (128 busy programs counted as 144, no split, 2.4x slower at 8K on an H200).
     """
-    if not q.is_cuda:
+    rows_per_seq = spans.total_tokens / spans.num_sequences
+    if not q.is_cuda or rows_per_seq > 16:
+        # Only decode-sized queries: the merge moves splits x T x Hq x D fp32 values, which made
+        # 2K-token prefill chunks slower (0.68x of one-shot against 0.81x unsplit, H200).
         return 1
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    rows_per_seq = spans.total_tokens / spans.num_sequences
     tiles = spans.num_sequences if rows_per_seq <= block_m else -(-spans.total_tokens // block_m)
     programs = heads * tiles
     if programs >= sms:
