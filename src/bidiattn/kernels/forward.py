@@ -29,16 +29,21 @@ _LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instructi
 @triton.jit
 def _attend(
     acc, m_i, l_i, b_q, k_base, v_base, lo, hi, start, end, seq_len,
-    stride_kt, qk_scale, softcap, i_dv,
+    stride_kt, qk_scale, softcap, i_dv, pt_row,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
-    MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     o_d = tl.arange(0, BLOCK_D)
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     for i_n in range(start, end, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
         n_ok = o_n[:, None] < seq_len
-        row = o_n[:, None].to(tl.int64) * stride_kt
+        if PAGE_SIZE > 0:
+            # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
+            page = tl.load(pt_row + o_n // PAGE_SIZE, mask=o_n < seq_len, other=0)
+            row = (page.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
+        else:
+            row = o_n[:, None].to(tl.int64) * stride_kt
         b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k))
@@ -65,13 +70,13 @@ def _attend(
 
 @triton.jit
 def _span_fwd_kernel(
-    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
+    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, page_table,
     t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh, stride_os, stride_ls,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_pt,
     qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     i_h = tl.program_id(0)
     # With BLOCK_DV < BLOCK_D, program i_dv owns output columns [i_dv * BLOCK_DV, +BLOCK_DV) and
@@ -105,8 +110,13 @@ def _span_fwd_kernel(
 
     q_off = rows_g[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
     b_q = tl.load(q + q_off, mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-    k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
-    v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
+    pt_row = page_table + i_b.to(tl.int64) * stride_pt
+    if PAGE_SIZE > 0:
+        k_base = k + (i_h // GROUP) * stride_kh
+        v_base = v + (i_h // GROUP) * stride_kh
+    else:
+        k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
+        v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -127,14 +137,14 @@ def _span_fwd_kernel(
         a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, PAGE_SIZE)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, False, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, False, SOFTCAP, PAGE_SIZE)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, PAGE_SIZE)
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, PAGE_SIZE)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
@@ -205,17 +215,22 @@ def span_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask,
     scale: float, softcap: float | None, config: TileConfig | None = None,
     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None, page_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs; returns ``out [T, Hq, D]`` and ``lse [Hq, T]``.
 
     ``out``/``lse`` may be preallocated (contiguous, q's dtype / fp32); every row is written.
+    With ``page_table`` (int32 ``[B, P]``) and ``page_size``, ``k``/``v`` are the flattened pages
+    ``[num_pages * page_size, Hkv, D]`` and key ``n`` of sequence ``b`` is row
+    ``page_table[b, n // page_size] * page_size + n % page_size`` (see :mod:`bidiattn.kvcache`).
     """
     t_len, hq, d = q.shape
     group = hq // k.shape[1]
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         # Triton's CPU interpreter mis-reads bf16 (max error 8e8 on a 7-token causal case with
         # triton 3.9), so CPU tests run the same kernel on fp32 copies; GPUs run real bf16.
-        o32, l32 = span_attention_forward(q.float(), k.float(), v.float(), spans, scale, softcap, config)
+        o32, l32 = span_attention_forward(q.float(), k.float(), v.float(), spans, scale, softcap, config,
+                                          page_table=page_table, page_size=page_size)
         out = o32.to(q.dtype) if out is None else out.copy_(o32)
         return out, (l32 if lse is None else lse.copy_(l32))
     cfg = config or pick_config(d, rows_per_sequence=t_len / spans.num_sequences)
@@ -235,16 +250,17 @@ def span_attention_forward(
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
     splits = cfg.kv_splits or _auto_kv_splits(q, spans, hq * cfg.split_dv, cfg.block_m, cfg.block_n)
     grid = (hq, tiles.rows.numel(), cfg.split_dv * splits)
+    paging = (page_table, page_size) if page_table is not None else (spans.cu_seqlens, 0)
     if splits == 1:
         with _fits(cfg, d):
             _launch_forward(grid, q, k, v, out, lse, 0, 0, spans, order, tiles, qk_scale, softcap, group, d, cfg,
-                            block_d, 1)
+                            block_d, 1, paging)
         return out, lse
     o_part = torch.empty(splits, t_len, hq, d, device=q.device, dtype=torch.float32)
     l_part = torch.empty(splits, hq, t_len, device=q.device, dtype=torch.float32)
     with _fits(cfg, d):
         _launch_forward(grid, q, k, v, o_part[0], l_part[0], o_part.stride(0), l_part.stride(0), spans, order, tiles,
-                        qk_scale, softcap, group, d, cfg, block_d, splits)
+                        qk_scale, softcap, group, d, cfg, block_d, splits, paging)
     # Exact merge of the slices: weights exp(lse_s - max) (0 for a slice with none of a row's keys).
     l_max = l_part.amax(0)
     w = torch.exp(l_part - l_max)
@@ -288,13 +304,14 @@ def _fits(cfg, head_dim: int):
 
 
 def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order, tiles, qk_scale, softcap, group, d,
-                    cfg, block_d, splits):
+                    cfg, block_d, splits, paging):
+    page_table, page_size = paging
     _span_fwd_kernel[grid](
-        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
+        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, page_table,
         tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        stride_os, stride_ls, qk_scale, softcap if softcap is not None else 1.0,
+        stride_os, stride_ls, page_table.stride(0), qk_scale, softcap if softcap is not None else 1.0,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits,
+        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,0 +1,159 @@
+"""Paged K/V cache: fixed-size pages, a page table per sequence, append and attention over it.
+
+Layout (one layer)::
+
+    k_pages, v_pages   [num_pages, page_size, Hkv, D]
+    page_table         int32 [B, max_pages_per_seq]: page of each sequence's n-th page_size keys
+
+Key ``n`` of sequence ``b`` lives in page ``page_table[b, n // page_size]`` at slot
+``n % page_size``. The engine owns page allocation (which pages a sequence gets); this module
+writes and reads through the table, with no host sync when ``validate=False`` (CUDA graphs).
+Attention runs the span kernel with the page lookup folded into its key loads, over extend
+spans (:class:`~bidiattn.SpanMask` with ``cu_seqlens_k``): each sequence's new query rows are
+the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
+:func:`bidiattn.planner.step_spans` or one decode token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .spans import SpanMask, _first_true, sequence_index
+
+__all__ = ["PagedKVCache", "append", "paged_attention"]
+
+
+@dataclass(frozen=True)
+class PagedKVCache:
+    """K/V pages of one layer (see the module doc). The tensors are written in place by
+    :func:`append`; the dataclass itself never changes."""
+
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("k_pages", "v_pages"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"PagedKVCache.{name} must be a [num_pages, page_size, Hkv, D] tensor")
+        if self.k_pages.shape != self.v_pages.shape or self.k_pages.dtype != self.v_pages.dtype:
+            raise ValueError(f"k_pages and v_pages differ: {tuple(self.k_pages.shape)} {self.k_pages.dtype} vs "
+                             f"{tuple(self.v_pages.shape)} {self.v_pages.dtype}")
+        if self.k_pages.device != self.v_pages.device:
+            raise ValueError("k_pages and v_pages must be on one device")
+
+    @classmethod
+    def allocate(cls, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda") -> PagedKVCache:
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[1]
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages as ``[num_pages * page_size, Hkv, D]`` views (what the kernel indexes)."""
+        return tuple(t.view(-1, *t.shape[2:]) for t in (self.k_pages, self.v_pages))
+
+
+def _check_page_table(cache: PagedKVCache, page_table: torch.Tensor, num_seqs: int) -> None:
+    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or page_table.dim() != 2:
+        raise TypeError("page_table must be an int32 tensor of shape [B, max_pages_per_seq]")
+    if page_table.shape[0] != num_seqs:
+        raise ValueError(f"page_table has {page_table.shape[0]} rows for {num_seqs} sequences")
+    if page_table.device != cache.k_pages.device:
+        raise ValueError(f"page_table is on {page_table.device}, the cache on {cache.k_pages.device}")
+
+
+def _check_capacity(cache: PagedKVCache, page_table: torch.Tensor, needed: torch.Tensor) -> None:
+    """Host-sync checks: every sequence's keys fit its table row, and the pages they use exist."""
+    capacity = page_table.shape[1] * cache.page_size
+    b = _first_true(needed > capacity)
+    if b is not None:
+        raise ValueError(f"sequence {b} needs {int(needed[b])} keys but its page-table row holds "
+                         f"{page_table.shape[1]} pages x {cache.page_size} = {capacity}")
+    used = torch.arange(page_table.shape[1], device=page_table.device)[None, :] * cache.page_size < needed[:, None]
+    bad = used & ((page_table < 0) | (page_table >= cache.num_pages))
+    b = _first_true(bad.any(1))
+    if b is not None:
+        j = int(bad[b].int().argmax())
+        raise ValueError(f"page_table[{b}, {j}] = {int(page_table[b, j])} is not a page (0..{cache.num_pages - 1})")
+
+
+def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor,
+           cu_seqlens: torch.Tensor, start: torch.Tensor, *, validate: bool = True) -> None:
+    """Write new keys/values into the pages: packed row ``cu_seqlens[b] + i`` (``[T, Hkv, D]``)
+    becomes key ``start[b] + i`` of sequence ``b``.
+
+    ``start`` is int64 ``[B]`` (tokens already cached per sequence). Two scattered writes, no
+    host sync with ``validate=False``.
+    """
+    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != cache.k_pages.shape[2:]:
+        raise ValueError(f"k and v must be [T, {cache.k_pages.shape[2]}, {cache.k_pages.shape[3]}], "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.dtype != cache.k_pages.dtype or v.dtype != cache.k_pages.dtype:
+        raise TypeError(f"k/v dtype {k.dtype}/{v.dtype} differs from the cache's {cache.k_pages.dtype}")
+    num_seqs = cu_seqlens.numel() - 1
+    _check_page_table(cache, page_table, num_seqs)
+    if start.shape != (num_seqs,) or start.dtype != torch.int64:
+        raise TypeError(f"start must be int64 [B={num_seqs}], got {start.dtype} {tuple(start.shape)}")
+    if validate:
+        if int(cu_seqlens[-1]) != k.shape[0]:
+            raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but k has {k.shape[0]} rows")
+        _check_capacity(cache, page_table, start + cu_seqlens[1:] - cu_seqlens[:-1])
+    seq = sequence_index(cu_seqlens, k.shape[0])
+    pos = start[seq] + torch.arange(k.shape[0], device=k.device) - cu_seqlens[seq]
+    page = page_table[seq, pos // cache.page_size].long()
+    slot = pos % cache.page_size
+    cache.k_pages[page, slot] = k
+    cache.v_pages[page, slot] = v
+
+
+def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tensor, spans: SpanMask, *,
+                    scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
+                    validate: bool = True):
+    """Attention of new query rows over their sequences' paged keys (forward, Triton).
+
+    Args:
+        q: ``[T, Hq, D]`` fp16/bf16, the new rows of each sequence, packed.
+        cache, page_table: the layer's pages and the int32 ``[B, P]`` table.
+        spans: extend spans: ``spans.cu_seqlens`` packs ``q``, ``spans.cu_seqlens_k`` holds each
+            sequence's key count (cached plus new; the new keys already appended).
+        validate: host-sync checks that every sequence's keys fit its table row and use real pages.
+
+    Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
+    """
+    from .attention import TRITON_DTYPES, TRITON_MAX_HEAD_DIM
+    from .kernels.forward import span_attention_forward
+
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
+    if q.dim() != 3 or q.shape[0] != spans.total_tokens:
+        raise ValueError(f"q must be [T={spans.total_tokens}, Hq, D], got {tuple(q.shape)}")
+    if q.dtype not in TRITON_DTYPES or q.dtype != cache.k_pages.dtype:
+        raise TypeError(f"q must be float16 or bfloat16 and match the cache's {cache.k_pages.dtype}, got {q.dtype}")
+    hkv, d = cache.k_pages.shape[2:]
+    if q.shape[2] != d or q.shape[1] % hkv:
+        raise ValueError(f"q heads/dim {tuple(q.shape[1:])} do not fit the cache's {hkv} kv heads of dim {d}")
+    if d % 16 or d > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be a multiple of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
+    _check_page_table(cache, page_table, spans.num_sequences)
+    if validate:
+        _check_capacity(cache, page_table, spans.cu_seqlens_k[1:] - spans.cu_seqlens_k[:-1])
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    k_flat, v_flat = cache.flat()
+    out, lse = span_attention_forward(q, k_flat, v_flat, spans, scale, softcap, page_table=page_table,
+                                      page_size=cache.page_size)
+    return (out, lse) if return_lse else out
