@@ -78,10 +78,12 @@ def main() -> None:
             row = dict(case=case.name, tokens=case.tokens, hq=case.hq, hkv=case.hkv, head_dim=case.head_dim, pairs=pairs,
                        sdpa_dense_fwd_bwd_ms=sdpa_fb, sdpa_dense_fwd_bwd_tflops=(fwd_fl + bwd_fl) / sdpa_fb / 1e9)
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-            for backend in ("triton", "flex"):
+            for key, backend, deterministic in (("bidiattn_triton", "triton", True), ("bidiattn_triton_atomic", "triton", False),
+                                                ("bidiattn_flex", "flex", True)):
                 def fwd_bwd():
-                    return torch.autograd.grad(bidiattn.attention(qg, kg, vg, spans, backend=backend), (qg, kg, vg), dout)
-                key = f"bidiattn_{backend}"
+                    out = bidiattn.attention(qg, kg, vg, spans, backend=backend, deterministic=deterministic)
+                    return torch.autograd.grad(out, (qg, kg, vg), dout)
+
                 try:
                     row[key + "_rel_err"] = err_of(fwd_bwd(), want)
                     row[key + "_fwd_bwd_ms"] = cases.ms(fwd_bwd, rep=100)
@@ -103,14 +105,15 @@ def main() -> None:
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
              "(fwd 4, bwd 10 FLOPs per pair per head-dim element); bwd alone = (fwd+bwd) - fwd time.", ""]
     if rows:
-        lines += ["| case | bidiattn triton fwd+bwd | bwd alone | bidiattn flex fwd+bwd | bwd alone | SDPA dense fwd+bwd | triton / flex |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| case | bidiattn triton fwd+bwd | bwd alone | atomic-dQ fwd+bwd | bwd alone | bidiattn flex fwd+bwd | bwd alone "
+                  "| SDPA dense fwd+bwd | triton / flex |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             def c(key):
                 return f"{r[key]:.0f}" if key in r else "fails"
             ratio = (r["bidiattn_triton_fwd_bwd_tflops"] / r["bidiattn_flex_fwd_bwd_tflops"]
                      if "bidiattn_flex_fwd_bwd_tflops" in r and "bidiattn_triton_fwd_bwd_tflops" in r else float("nan"))
             lines.append(f"| {r['case']} | {c('bidiattn_triton_fwd_bwd_tflops')} | {c('bidiattn_triton_bwd_tflops')} | "
+                         f"{c('bidiattn_triton_atomic_fwd_bwd_tflops')} | {c('bidiattn_triton_atomic_bwd_tflops')} | "
                          f"{c('bidiattn_flex_fwd_bwd_tflops')} | {c('bidiattn_flex_bwd_tflops')} | {c('sdpa_dense_fwd_bwd_tflops')} | {ratio:.2f}x |")
     if sweep_rows:
         lines += ["", "Backward tile sweep (bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]

@@ -46,7 +46,7 @@ def grads_of(fn, q, k, v, dout, dlse):
     return torch.autograd.grad(loss, (q, k, v))
 
 
-def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, config=None):
+def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, config=None, deterministic=True):
     g = torch.Generator().manual_seed(seed)
     t = spans.total_tokens
     q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEVICE) for h in (hq, hkv, hkv))
@@ -56,7 +56,8 @@ def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, 
     scale = 1 / math.sqrt(d)
 
     def ours(q, k, v):
-        return bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="triton")
+        return bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="triton",
+                                  deterministic=deterministic)
 
     def fp32(q, k, v):
         return reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
@@ -68,7 +69,8 @@ def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, 
         got = grads_of(ours, q, k, v, dout, dlse)
     else:
         out, lse = fp32(q, k, v)
-        got = span_attention_backward(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, scale, softcap, dlse, config)
+        got = span_attention_backward(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, scale, softcap, dlse, config,
+                                      deterministic)
     want = grads_of(fp32, q, k, v, dout, dlse)
     torch_grads = grads_of(lowp, q, k, v, dout, dlse)
     for name, a, w, t in zip("qkv", got, want, torch_grads):
@@ -125,6 +127,17 @@ def test_tile_configs(config):
     check_grads(spans, 4, 2, 256, torch.float16, seed=5, with_lse=True, config=config)
 
 
+@pytest.mark.parametrize(
+    "config", [None, BackwardConfig(16, 32, 4, 1), BackwardConfig(32, 16, 4, 1, split_d=2)], ids=str,
+)
+def test_atomic_dq_mode(config):
+    # deterministic=False: dQ summed by atomics inside the dK/dV pass; same tolerance.
+    ids, cu = random_packed_layout(random.Random(8), max_seqs=3, max_len=70)
+    spans = rules.build("gemma4", "official", "sliding", block_ids=ids, window=7, cu_seqlens=cu)
+    check_grads(spans, 8, 2, 128, torch.bfloat16, softcap=3.0, seed=6, with_lse=True, config=config,
+                deterministic=False)
+
+
 def test_key_tile_ranges_are_exactly_the_rows_that_see_each_tile():
     rng = random.Random(11)
     for _ in range(20):
@@ -162,7 +175,7 @@ def test_operator_registration_passes_opcheck():
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 32, generator=g).half().to(DEVICE).requires_grad_() for h in (4, 2, 2))
-    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None)
+    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None, True)
     torch.library.opcheck(torch.ops.bidiattn.span_attention.default, args)
 
 

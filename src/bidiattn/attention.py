@@ -57,6 +57,7 @@ def attention(
     softcap: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    deterministic: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where each query row sees one contiguous key interval (see :class:`SpanMask`).
 
@@ -71,6 +72,8 @@ def attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none.
         return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
+        deterministic: triton backward without atomics, bitwise repeatable (default); ``False``
+            sums dQ with fp32 atomics in the dK/dV pass (less work; low bits vary by run).
         backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, differentiable
             with a deterministic backward, ``torch.compile``-traceable), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
             fp16/bf16/fp32, compiled on CUDA; eager, slow and forward-only on CPU),
@@ -111,5 +114,8 @@ def attention(
         raise unsupported
     from .ops import span_attention
 
-    out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, scale, softcap)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, scale, softcap,
+                              deterministic)
     return (out, lse) if return_lse else out

@@ -70,12 +70,12 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, do, lse2, delta, dk, dv, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
+    q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     i_hk = tl.program_id(0)
     i_t = tl.load(order + tl.program_id(1))
@@ -121,6 +121,12 @@ def _dkdv_kernel(
                 b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
             b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
             b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
+            if ATOMIC_DQ:
+                if i_c == 0:
+                    # Non-deterministic mode: this key tile's share of dQ, summed in fp32 by
+                    # atomics (the order of the adds varies from run to run).
+                    b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
+                    tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D))
     out_ok = n_ok[:, None] & (o_c[None, :] < D)
     tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
     tl.store(dv + krow + o_c[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
@@ -243,16 +249,19 @@ def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
 def span_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     spans: SpanMask, scale: float, softcap: float | None, dlse: torch.Tensor | None = None,
-    config: BackwardConfig | None = None,
+    config: BackwardConfig | None = None, deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of the forward's ``out`` (and ``lse``, via ``dlse``).
 
     ``lse`` is the forward's natural-log lse ``[Hq, T]``; shapes as in the forward.
+    ``deterministic=False`` accumulates dQ with fp32 atomics inside the dK/dV pass instead of
+    a separate dQ pass (5 matmul units instead of 7; the summation order, so the low bits of
+    dQ, vary between runs).
     """
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter's bf16 bug (see forward.py): run on fp32 copies, return bf16.
         grads = span_attention_backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, spans,
-                                        scale, softcap, dlse, config)
+                                        scale, softcap, dlse, config, deterministic)
         return tuple(g.to(q.dtype) for g in grads)
     t_len, hq, d = q.shape
     hkv = k.shape[1]
@@ -274,20 +283,25 @@ def span_attention_backward(
     common = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
                   SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     with _fits(cfg, d):
-        _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg, common)
-    return dq, dk, dv
+        _launch_backward(q, k, v, do, lse, lse2, delta, dq, dq_acc, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg,
+                         common)
+    return (dq if deterministic else dq_acc.to(q.dtype)), dk, dv
 
 
-def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg, common):
+def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dq_acc, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg,
+                     common):
     kt = key_tile_ranges(spans, cfg.block_n)
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dk, dv, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-        kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+        q, k, v, do, lse2, delta, dk, dv, dq if dq_acc is None else dq_acc, spans.lo, spans.hi, spans.cu_seqlens,
+        spans.cu_seqlens_k, order, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, **common)
+        GROUP=hq // hkv, ATOMIC_DQ=dq_acc is not None, **common)
+    if dq_acc is not None:
+        return
 
     qt = fast_tile_summary(spans, cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
