@@ -76,8 +76,11 @@ def _span_fwd_kernel(
     qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
 ):
+    # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
+    # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
+    # read once per group instead of once per query head.
     i_h = tl.program_id(0)
     # With BLOCK_DV < BLOCK_D, program i_dv owns output columns [i_dv * BLOCK_DV, +BLOCK_DV) and
     # recomputes q·k for them: the price of an fp32 accumulator that fits in registers.
@@ -100,7 +103,13 @@ def _span_fwd_kernel(
     hi_min = tl.load(t_hi_min + i_t)
     hi_max = tl.load(t_hi_max + i_t)
 
-    o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M)
+    o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M) // PACK
+    if PACK > 1:
+        head = i_h * PACK + tl.arange(0, BLOCK_M) % PACK
+        i_hk = i_h
+    else:
+        head = tl.zeros([BLOCK_M], tl.int32) + i_h
+        i_hk = i_h // GROUP
     o_d = tl.arange(0, BLOCK_D)
     m_ok = o_m < seq_len
     rows_g = bos + o_m.to(tl.int64)
@@ -108,15 +117,15 @@ def _span_fwd_kernel(
     lo = tl.load(span_lo + rows_g, mask=m_ok, other=1)
     hi = tl.load(span_hi + rows_g, mask=m_ok, other=0)
 
-    q_off = rows_g[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
+    q_off = rows_g[:, None] * stride_qt + head[:, None] * stride_qh + o_d[None, :]
     b_q = tl.load(q + q_off, mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
     pt_row = page_table + i_b.to(tl.int64) * stride_pt
     if PAGE_SIZE > 0:
-        k_base = k + (i_h // GROUP) * stride_kh
-        v_base = v + (i_h // GROUP) * stride_kh
+        k_base = k + i_hk * stride_kh
+        v_base = v + i_hk * stride_kh
     else:
-        k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
-        v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
+        k_base = k + bos_k * stride_kt + i_hk * stride_kh
+        v_base = v + bos_k * stride_kt + i_hk * stride_kh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -152,11 +161,11 @@ def _span_fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     b_o = acc / l_safe[:, None]
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    o_off = i_s * stride_os + rows_g[:, None] * stride_ot + i_h * stride_oh + o_dv[None, :]
+    o_off = i_s * stride_os + rows_g[:, None] * stride_ot + head[:, None] * stride_oh + o_dv[None, :]
     tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] < D))
     if i_dv == 0:
         b_lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(lse + i_s * stride_ls + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
+        tl.store(lse + i_s * stride_ls + head * stride_lh + rows_g, b_lse, mask=m_ok)
 
 
 @dataclass(frozen=True)
@@ -166,8 +175,10 @@ class TileConfig:
     ``split_dv`` programs share one query tile, each producing ``D / split_dv`` output columns
     (q·k is recomputed by each). ``kv_splits`` programs share one query tile's key range
     (flash-decoding); ``None`` picks it from the launch size (more only when the grid would
-    leave the GPU's multiprocessors idle, as in decode). Triton's ``warp_specialize`` loop option was tried and dropped:
-    no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256).
+    leave the GPU's multiprocessors idle, as in decode). ``pack_gqa`` fills a tile's rows with
+    the query heads of one K/V group (when ``block_m`` is a multiple of the group size), so each
+    K/V tile is read once per group. Triton's ``warp_specialize`` loop option was tried and
+    dropped: no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -177,6 +188,7 @@ class TileConfig:
     num_stages: int
     split_dv: int = 1
     kv_splits: int | None = None
+    pack_gqa: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
@@ -199,7 +211,9 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileCo
     (decode, speculative decode) a 16-row tile, since a 256-row tile computed 256x the scores
     of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200)."""
     if rows_per_sequence is not None and rows_per_sequence <= 16:
-        return TileConfig(16, 64, 4, 2, split_dv=1) if head_dim <= 256 else TileConfig(16, 64, 4, 1, split_dv=2)
+        if head_dim <= 256:
+            return TileConfig(16, 64, 4, 2, pack_gqa=True)
+        return TileConfig(16, 64, 4, 1, split_dv=2, pack_gqa=True)
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)  # not swept yet
     if head_dim <= 128:
@@ -240,7 +254,9 @@ def span_attention_forward(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
-    tiles = fast_tile_summary(spans, cfg.block_m)
+    # Decode: pack the query heads of a K/V group into the tile's rows (see the kernel).
+    pack = group if (cfg.pack_gqa and group > 1 and cfg.block_m % group == 0) else 1
+    tiles = fast_tile_summary(spans, cfg.block_m // pack)
     # Longest tiles first: image blocks make the key ranges uneven, and tiles launched last
     # should be the short ones so the tail of the grid stays full.
     work = torch.where(tiles.rows > 0, tiles.hi_max - tiles.lo_min + 1, 0)
@@ -248,19 +264,20 @@ def span_attention_forward(
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(hq, t_len, device=q.device, dtype=torch.float32) if lse is None else lse
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
-    splits = cfg.kv_splits or _auto_kv_splits(q, spans, hq * cfg.split_dv, cfg.block_m, cfg.block_n)
-    grid = (hq, tiles.rows.numel(), cfg.split_dv * splits)
+    heads = hq // pack
+    splits = cfg.kv_splits or _auto_kv_splits(q, spans, heads * cfg.split_dv, cfg.block_m // pack, cfg.block_n)
+    grid = (heads, tiles.rows.numel(), cfg.split_dv * splits)
     paging = (page_table, page_size) if page_table is not None else (spans.cu_seqlens, 0)
     if splits == 1:
         with _fits(cfg, d):
             _launch_forward(grid, q, k, v, out, lse, 0, 0, spans, order, tiles, qk_scale, softcap, group, d, cfg,
-                            block_d, 1, paging)
+                            block_d, 1, paging, pack)
         return out, lse
     o_part = torch.empty(splits, t_len, hq, d, device=q.device, dtype=torch.float32)
     l_part = torch.empty(splits, hq, t_len, device=q.device, dtype=torch.float32)
     with _fits(cfg, d):
         _launch_forward(grid, q, k, v, o_part[0], l_part[0], o_part.stride(0), l_part.stride(0), spans, order, tiles,
-                        qk_scale, softcap, group, d, cfg, block_d, splits, paging)
+                        qk_scale, softcap, group, d, cfg, block_d, splits, paging, pack)
     # Exact merge of the slices: weights exp(lse_s - max) (0 for a slice with none of a row's keys).
     l_max = l_part.amax(0)
     w = torch.exp(l_part - l_max)
@@ -304,7 +321,7 @@ def _fits(cfg, head_dim: int):
 
 
 def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order, tiles, qk_scale, softcap, group, d,
-                    cfg, block_d, splits, paging):
+                    cfg, block_d, splits, paging, pack):
     page_table, page_size = paging
     _span_fwd_kernel[grid](
         q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, page_table,
@@ -312,6 +329,6 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         stride_os, stride_ls, page_table.stride(0), qk_scale, softcap if softcap is not None else 1.0,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size,
+        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
