@@ -1,13 +1,16 @@
 """bidiattn: exact attention with bidirectional blocks inside a causal sequence.
 
 A mask is a :class:`SpanMask` (one key interval per query row, O(T) memory), built for a model
-by :func:`bidiattn.rules.build` and consumed by :func:`bidiattn.attention`. Importing the
-package touches no GPU.
+by :func:`bidiattn.rules.build` and consumed by :func:`bidiattn.attention`. Serving pieces:
+:mod:`bidiattn.planner` (chunked prefill that never splits a block), :mod:`bidiattn.kvcache`
+(paged K/V), :mod:`bidiattn.runner` (an end-to-end stack for tests and benchmarks);
+:mod:`bidiattn.integrations.transformers` plugs into transformers. Importing the package
+touches no GPU and imports no Triton.
 """
 
-from . import presets, reference, rules
+from . import planner, presets, reference, rules
 from .attention import attention
 from .spans import SpanMask, TileSummary
 
-__all__ = ["SpanMask", "TileSummary", "attention", "presets", "reference", "rules"]
+__all__ = ["SpanMask", "TileSummary", "attention", "planner", "presets", "reference", "rules"]
 __version__ = "0.1.0"
