@@ -143,8 +143,8 @@ def test_prepared_masks_and_dropout_are_refused():
     q = torch.randn(1, 2, 4, 16)
     with pytest.raises(TypeError, match="builds its own masks; got a prepared Tensor"):
         fn(attn, q, q[:, :1], q[:, :1], torch.zeros(1, 1, 4, 4))
-    source = bidiattn_hf.SpanSource("gemma3", 0, 0, 4, torch.zeros(1, 4, dtype=torch.bool),
-                                    torch.tensor([[True, False, False, False]]), torch.zeros(1, dtype=torch.int64), 6)
+    source = bidiattn_hf.SpanSource("gemma3", 0, 0, 4, torch.zeros(1, 4, dtype=torch.int64), torch.tensor([0, 4]),
+                                    (0,), 6)
     with pytest.raises(ValueError, match="dropout=0.1"):
         fn(attn, q, q[:, :1], q[:, :1], source, dropout=0.1)
 

@@ -93,21 +93,24 @@ class SpanSource:
     positions ``kv_offset + j`` (``j < kv_length``).
 
     - ``family``: rule family from the text config's ``model_type``.
-    - ``links``: bool ``[B, Tq]``, row ``i`` and row ``i + 1`` lie in one bidirectional block.
-    - ``starts``: bool ``[B, Tq]``, row ``i`` starts a sequence (it may not see row ``i - 1``):
-      the first row, every left-padding row, the first row of each packed sequence.
-    - ``first_key``: int64 ``[B]``, absolute position of each batch row's first non-padding key.
+    - ``block_ids``: int64 ``[B, Tq]``, 0 for ordinary rows, one positive id per bidirectional
+      block (rows ``i`` and ``i + 1`` share a block when ``i`` may see ``i + 1``).
+    - ``cu_seqlens``: int64 ``[S+1]``, the ``B * Tq`` rows cut into sequences where a row may not
+      see the row before it (batch row starts, every left-padding row, packed sequences).
+    - ``first_key``: each batch row's first non-padding key (absolute position), on the host.
     - ``sliding_window``: the text config's ``sliding_window`` (vllm's rules drop blocks longer
       than it even on full layers).
+
+    Built once per mask by the hook and shared by every layer that uses the mask.
     """
 
     family: str
     q_offset: int
     kv_offset: int
     kv_length: int
-    links: torch.Tensor
-    starts: torch.Tensor
-    first_key: torch.Tensor
+    block_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    first_key: tuple[int, ...]
     sliding_window: int | None
 
 
@@ -155,6 +158,9 @@ def span_source_mask(
         links[:, :-1] = fn(b[:, :-1], h[:, :-1], q[:, :-1], q[:, :-1] + 1)
         starts[:, 1:] = ~fn(b[:, 1:], h[:, 1:], q[:, 1:], q[:, 1:] - 1)
     _check_blocks_are_intervals(fn, links, starts, q_offset)
+    block_ids = _block_ids(links, starts)
+    flat_starts = starts.flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.nonzero(flat_starts).flatten(), (0, 1), value=flat_starts.numel())
     if padding is None:
         first_key = torch.zeros(batch_size, dtype=torch.int64, device=device)
     else:
@@ -169,13 +175,14 @@ def span_source_mask(
                 f"{int(hole[row].int().argmax())} after its first token {int(first_key[row])}"
             )
     window = getattr(config, "sliding_window", None)
-    return SpanSource(FAMILY_OF_MODEL_TYPE[model_type], q_offset, kv_offset, kv_length, links, starts, first_key, window)
+    return SpanSource(FAMILY_OF_MODEL_TYPE[model_type], q_offset, kv_offset, kv_length, block_ids, cu_seqlens,
+                      tuple(first_key.tolist()), window)
 
 
 def _check_blocks_are_intervals(fn, links: torch.Tensor, starts: torch.Tensor, q_offset: int) -> None:
     """Blocks are read off adjacent rows only; a mask where a block's last row also sees the next
     block (one group id over several runs, e.g. PaliGemma type-0 tokens after type-1 ones) is no
-    interval per row. Probe that pair for every block (O(blocks), one host sync)."""
+    interval per row. Probe that pair for every block (O(blocks), one host sync per batch row)."""
     prev = torch.nn.functional.pad(links[:, :-1], (1, 0)) & ~starts
     in_block = links | prev
     for b in range(links.shape[0]):
@@ -197,12 +204,12 @@ def _check_blocks_are_intervals(fn, links: torch.Tensor, starts: torch.Tensor, q
 
 
 def _block_ids(links: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Block ids (int64, flattened ``[B * Tq]``) from the links between adjacent rows."""
+    """Block ids (int64 ``[B, Tq]``, unique over the batch) from the links between adjacent rows."""
     flat = links.flatten()
     prev = torch.nn.functional.pad(flat[:-1], (1, 0)) & ~starts.flatten()
     in_block = flat | prev
     new = in_block & ~prev
-    return torch.where(in_block, torch.cumsum(new.long(), 0), 0)
+    return torch.where(in_block, torch.cumsum(new.long(), 0), 0).view(links.shape)
 
 
 def _rule_window(source: SpanSource, family: str, convention: str, layer: str, sliding_window: int | None):
@@ -215,12 +222,9 @@ def _rule_window(source: SpanSource, family: str, convention: str, layer: str, s
 
 
 def _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn):
-    """Tq == Tk, no cache: the batch packed as varlen sequences split at ``source.starts``."""
+    """Tq == Tk, no cache: the batch packed as varlen sequences (``source.cu_seqlens``)."""
     bsz, hq, t, d = query.shape
-    ids = _block_ids(source.links, source.starts)
-    starts = source.starts.flatten().clone()
-    starts[0] = True
-    cu = torch.nn.functional.pad(torch.nonzero(starts).flatten(), (0, 1), value=bsz * t)
+    ids, cu = source.block_ids.flatten(), source.cu_seqlens
     q, k, v = (x.transpose(1, 2).reshape(bsz * t, x.shape[1], d) for x in (query, key, value))
     if dense_fn is not None:
         mask = rules.dense(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu)
@@ -236,13 +240,12 @@ def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
     on each sequence's full length (cached positions as ordinary tokens), then shifted by the
     padding and the cache offset. With ``dense`` the bounds are read off :func:`rules.dense`."""
     out = []
-    for b in range(source.links.shape[0]):
-        fk = int(source.first_key[b])
+    for b, fk in enumerate(source.first_key):
         length = source.q_offset + tq - fk
         if length < tq:
             raise ValueError(f"bidiattn: batch row {b} has new tokens inside its left padding")
         ids = torch.zeros(length, dtype=torch.int64, device=device)
-        ids[-tq:] = _block_ids(source.links[b : b + 1], source.starts[b : b + 1])
+        ids[-tq:] = source.block_ids[b]
         if dense:
             full = rules.dense(source.family, convention, layer, block_ids=ids, window=window)[-tq:]
             lo = full.int().argmax(1).long()
