@@ -8,7 +8,7 @@ import torch
 
 from .spans import SpanMask
 
-__all__ = ["check_attention_inputs"]
+__all__ = ["check_attention_inputs", "check_scale_softcap"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,8 +53,13 @@ def check_attention_inputs(
         raise ValueError(f"head dims differ: q has D={d}, k/v D={d_k}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"query heads Hq={hq} must be a positive multiple of key/value heads Hkv={hkv}")
+    return check_scale_softcap(scale, softcap, d)
+
+
+def check_scale_softcap(scale: float | None, softcap: float | None, head_dim: int) -> float:
+    """Check the softmax scale and logit softcap; return the scale (default ``1/sqrt(head_dim)``)."""
     if scale is None:
-        scale = 1.0 / math.sqrt(d)
+        scale = 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if softcap is not None and (

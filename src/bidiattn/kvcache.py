@@ -16,11 +16,11 @@ the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .inputs import check_scale_softcap
 from .spans import SpanMask, _first_true, sequence_index
 
 __all__ = ["PagedKVCache", "append", "paged_attention"]
@@ -135,24 +135,25 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
 
     Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
     """
-    from .attention import TRITON_DTYPES, TRITON_MAX_HEAD_DIM
+    from .attention import _triton_unsupported
     from .kernels.forward import span_attention_forward
 
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
-    if q.dim() != 3 or q.shape[0] != spans.total_tokens:
-        raise ValueError(f"q must be [T={spans.total_tokens}, Hq, D], got {tuple(q.shape)}")
-    if q.dtype not in TRITON_DTYPES or q.dtype != cache.k_pages.dtype:
-        raise TypeError(f"q must be float16 or bfloat16 and match the cache's {cache.k_pages.dtype}, got {q.dtype}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != spans.total_tokens:
+        raise ValueError(f"q must be [T={spans.total_tokens}, Hq, D], got {tuple(getattr(q, 'shape', ()))}")
+    unsupported = _triton_unsupported(q, q, q)  # device, dtype, head dim: the kernel's limits
+    if unsupported is not None:
+        raise unsupported
+    if q.dtype != cache.k_pages.dtype:
+        raise TypeError(f"q has dtype {q.dtype}, the cache {cache.k_pages.dtype}")
     hkv, d = cache.k_pages.shape[2:]
     if q.shape[2] != d or q.shape[1] % hkv:
         raise ValueError(f"q heads/dim {tuple(q.shape[1:])} do not fit the cache's {hkv} kv heads of dim {d}")
-    if d % 16 or d > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be a multiple of 16 up to {TRITON_MAX_HEAD_DIM}, got {d}")
     _check_page_table(cache, page_table, spans.num_sequences)
     if validate:
         _check_capacity(cache, page_table, spans.cu_seqlens_k[1:] - spans.cu_seqlens_k[:-1])
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale_softcap(scale, softcap, d)
     k_flat, v_flat = cache.flat()
     out, lse = span_attention_forward(q, k_flat, v_flat, spans, scale, softcap, page_table=page_table,
                                       page_size=cache.page_size)
