@@ -71,17 +71,19 @@ class AttentionStack:
     def output(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return h + attn.reshape(h.shape[0], -1) @ self.layers[layer][3]
 
-    def spans(self, layer: int, block_ids: torch.Tensor) -> SpanMask:
+    def spans(self, block_ids: torch.Tensor) -> dict[str, SpanMask]:
+        """One sequence's spans per layer type (layers of a type share them)."""
         c = self.config
-        return rules.build(c.family, c.convention, c.layer_types[layer], block_ids=block_ids.to(self.device),
-                           window=c.window)
+        return {layer: rules.build(c.family, c.convention, layer, block_ids=block_ids.to(self.device), window=c.window)
+                for layer in set(c.layer_types)}
 
     def one_shot(self, x: torch.Tensor, block_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """The whole prompt (``x [T, hidden]``, one sequence) through every layer at once."""
+        spans = self.spans(block_ids)
         h = x
-        for i in range(len(self.layers)):
+        for i, layer in enumerate(self.config.layer_types):
             q, k, v = self.project(i, h)
-            h = self.output(i, h, attention(q, k, v, self.spans(i, block_ids), backend=backend))
+            h = self.output(i, h, attention(q, k, v, spans[layer], backend=backend))
         return h
 
 
@@ -102,8 +104,9 @@ class ServingSession:
         self.lengths = [0] * len(requests)
         self.max_tokens = max_tokens_per_request
 
-    def _step(self, rows: list[tuple[int, int, int]], h: torch.Tensor, spans_per_layer) -> torch.Tensor:
-        """Append and attend ``rows`` = (request, start, end) for every layer; returns new ``h``."""
+    def _step(self, rows: list[tuple[int, int, int]], h: torch.Tensor, spans: dict[str, SpanMask]) -> torch.Tensor:
+        """Append and attend ``rows`` = (request, start, end) for every layer (``spans`` per layer
+        type); returns the new ``h``."""
         dev = self.stack.device
         reqs = [r for r, _, _ in rows]
         cu = torch.tensor([0, *[e - s for _, s, e in rows]], device=dev).cumsum(0)
@@ -111,7 +114,7 @@ class ServingSession:
         for i, cache in enumerate(self.caches):
             q, k, v = self.stack.project(i, h)
             append(cache, k, v, self.page_table[reqs], cu, start)
-            attn = paged_attention(q, cache, self.page_table[reqs], spans_per_layer[i])
+            attn = paged_attention(q, cache, self.page_table[reqs], spans[self.stack.config.layer_types[i]])
             h = self.stack.output(i, h, attn)
         return h
 
@@ -120,13 +123,13 @@ class ServingSession:
         that never split a block; returns each request's final hidden states."""
         if any(int(x.shape[0]) > self.max_tokens for x in xs):
             raise ValueError(f"a prompt is longer than max_tokens_per_request={self.max_tokens}")
-        full = [[self.stack.spans(i, ids) for i in range(len(self.caches))] for ids in self.block_ids]
+        full = [self.stack.spans(ids) for ids in self.block_ids]
         plan = plan_prefill([RequestLayout.from_block_ids(ids.cpu()) for ids in self.block_ids], budget)
         outs = [torch.empty_like(x) for x in xs]
         for step in plan.steps:
             rows = [(c.request, c.start, c.end) for c in step.chunks]
             h = torch.cat([xs[c.request][c.start : c.end] for c in step.chunks])
-            spans = [step_spans(step, [full[r][i] for r in range(len(xs))]) for i in range(len(self.caches))]
+            spans = {layer: step_spans(step, [f[layer] for f in full]) for layer in full[0]}
             h = self._step(rows, h, spans)
             offset = 0
             for c in step.chunks:
@@ -141,14 +144,12 @@ class ServingSession:
             raise ValueError(f"a request would exceed max_tokens_per_request={self.max_tokens}")
         dev = self.stack.device
         self.block_ids = [torch.cat([ids, ids.new_zeros(1)]) for ids in self.block_ids]
-        spans = []
-        for i in range(len(self.caches)):
-            last = [self.stack.spans(i, ids) for ids in self.block_ids]
-            lo = torch.cat([s.lo[-1:] for s in last])
-            hi = torch.cat([s.hi[-1:] for s in last])
-            cu_k = torch.tensor([0, *[n + 1 for n in self.lengths]], device=dev).cumsum(0)
-            spans.append(SpanMask(lo, hi, torch.arange(len(last) + 1, device=dev), cu_seqlens_k=cu_k,
-                                  total_keys=int(cu_k[-1])))
+        full = [self.stack.spans(ids) for ids in self.block_ids]
+        cu_q = torch.arange(len(full) + 1, device=dev)
+        cu_k = torch.tensor([0, *[n + 1 for n in self.lengths]], device=dev).cumsum(0)
+        spans = {layer: SpanMask(torch.cat([f[layer].lo[-1:] for f in full]), torch.cat([f[layer].hi[-1:] for f in full]),
+                                 cu_q, cu_seqlens_k=cu_k, total_keys=sum(self.lengths) + len(full))
+                 for layer in full[0]}
         rows = [(r, n, n + 1) for r, n in enumerate(self.lengths)]
         h = self._step(rows, x, spans)
         self.lengths = [n + 1 for n in self.lengths]
