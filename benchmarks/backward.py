@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +70,7 @@ def main() -> None:
                         row["ms"] = cases.ms(lambda: span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg), rep=100)
                         row["tflops"] = bwd_fl / row["ms"] / 1e9
                 except Exception as e:  # noqa: BLE001 - record why a variant cannot run
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row["error"] = cases.describe_error(e, 200)
                 print(json.dumps(row), flush=True)
                 sweep_rows.append(row)
         if not args.sweep_only:
@@ -91,16 +90,12 @@ def main() -> None:
                     row[key + "_fwd_bwd_tflops"] = (fwd_fl + bwd_fl) / row[key + "_fwd_bwd_ms"] / 1e9
                     row[key + "_bwd_tflops"] = bwd_fl / (row[key + "_fwd_bwd_ms"] - row[key + "_fwd_ms"]) / 1e9
                 except Exception as e:  # noqa: BLE001
-                    row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row[key + "_error"] = cases.describe_error(e, 200)
             print(json.dumps(row), flush=True)
             rows.append(row)
         del mask, st, sk, sv, want
         torch.cuda.empty_cache()
     meta = cases.meta("python benchmarks/backward.py")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"backward-{meta['device'].replace(' ', '_')}-{meta['date']}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, sweep=sweep_rows, rows=rows), indent=2))
     lines = [f"# Backward, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
              "(fwd 4, bwd 10 FLOPs per pair per head-dim element); bwd alone = (fwd+bwd) - fwd time.", ""]
@@ -120,7 +115,7 @@ def main() -> None:
         for r in sweep_rows:
             lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
                          f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    cases.write_results(args.out, "backward", meta, dict(sweep=sweep_rows, rows=rows), lines)
     print("\n".join(lines))
 
 

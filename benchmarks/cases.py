@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +90,18 @@ def meta(command: str) -> dict:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, commit=commit, command=command)
+
+
+def describe_error(e: Exception, limit: int = 200) -> str:
+    """One line for a variant that could not run (recorded in the results, not fatal)."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:limit]}"
+
+
+def write_results(out_dir: str, prefix: str, meta: dict, payload: dict, lines: list[str]) -> None:
+    """``<prefix>-<device>-<date>.json`` (meta and payload) and ``.md`` (lines) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}-{meta['device'].replace(' ', '_')}-{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, **payload), indent=2))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ def try_time(row, key, fn, check, flop_count):
         row[key + "_ms"] = cases.ms(fn)
         row[key + "_tflops"] = flop_count / row[key + "_ms"] / 1e9
     except Exception as e:  # noqa: BLE001 - a column that cannot run is reported, not fatal
-        row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row[key + "_error"] = cases.describe_error(e, 200)
     print(key, row.get(key + "_tflops", row.get(key + "_error")), flush=True)
 
 
@@ -85,7 +84,7 @@ def main() -> None:
             try_time(row, "flex_mask_mod", lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True, kernel_options=opts)
                      .squeeze(0).transpose(0, 1), check, fl)
         except Exception as e:  # noqa: BLE001
-            row["flex_mask_mod_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row["flex_mask_mod_error"] = cases.describe_error(e, 200)
         st, sk, sv = cases.sdpa_inputs(q, k, v)
         try_time(row, "sdpa_dense", lambda: F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask), lambda o: None, fl)
         try_time(row, "sdpa_causal", lambda: F.scaled_dot_product_attention(st, sk, sv, is_causal=True), lambda o: None, causal_fl)
@@ -98,10 +97,6 @@ def main() -> None:
         torch.cuda.empty_cache()
     meta = cases.meta("python benchmarks/forward.py")
     meta["bf16_matmul_tflops"] = peak
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"forward-{meta['device'].replace(' ', '_')}-{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     cols = [("bidiattn_triton", "bidiattn triton"), ("bidiattn_flex", "bidiattn flex"), ("flex_mask_mod", "Flex mask_mod"),
             ("sdpa_dense", "SDPA dense mask"), ("sdpa_causal", "SDPA causal*"), ("fa4_causal", "FA4 causal*")]
 
@@ -119,7 +114,7 @@ def main() -> None:
     for r in rows:
         ratio = r.get("bidiattn_triton_tflops", 0) / r["flex_mask_mod_tflops"] if "flex_mask_mod_tflops" in r else float("nan")
         lines.append(f"| {r['case']} | " + " | ".join(cell(r, c[0]) for c in cols) + f" | {ratio:.2f}x |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    cases.write_results(args.out, "forward", meta, dict(rows=rows), lines)
     print("\n".join(lines))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +91,7 @@ def decode_rows(ctx_lens, fa4):
                     row[name + "_us"] = 1000 * cases.ms(fn, rep=200)
                     row[name + "_gbps"] = row["kv_bytes"] / row[name + "_us"] / 1e3
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
-                    row[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    row[name + "_error"] = cases.describe_error(e, 160)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -165,10 +164,6 @@ def main() -> None:
     result = dict(decode=decode_rows([8192, 32768, 131072], fa4), prefill=prefill_rows(32768, [2048, 8192]),
                   metadata=metadata_row(131072))
     meta = cases.meta("python benchmarks/inference.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"inference-{meta['device'].replace(' ', '_')}-{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, **result), indent=2))
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
              "bf16, gemma3 official rule, 1092-token images every 2048.", "",
@@ -193,7 +188,7 @@ def main() -> None:
     lines += ["", f"Span metadata at {m['tokens']} tokens: {m['bytes_per_token']} bytes/token, spans + tile summary built "
               f"in {m['build_us']:.0f} µs eager ({m.get('build_us_cuda_graph', float('nan')):.0f} µs as a CUDA graph "
               f"replay), no host sync: {m['no_host_sync']}."]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    cases.write_results(args.out, "inference", meta, result, lines)
     print("\n".join(lines))
 
 

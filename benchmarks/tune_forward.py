@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -59,7 +58,7 @@ def flex_probe(case, spans, q, k, v, want, fl):
             row["ms"] = cases.ms(lambda: fn(qt, kt, vt, block_mask=bm, enable_gqa=True, kernel_options=opts), rep=100)
             row["tflops"] = fl / row["ms"] / 1e9
         except Exception as e:  # noqa: BLE001 - record why a variant cannot run
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["error"] = cases.describe_error(e, 300)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -88,7 +87,7 @@ def main() -> None:
                     row["ms"] = cases.ms(lambda: span_attention_forward(q, k, v, spans, scale, None, config=cfg), rep=100)
                     row["tflops"] = fl / row["ms"] / 1e9
             except Exception as e:  # noqa: BLE001 - record why a variant cannot run
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row["error"] = cases.describe_error(e, 300)
             print(json.dumps(row), flush=True)
             rows.append(row)
         if case.head_dim == 512:
@@ -96,10 +95,6 @@ def main() -> None:
         del want
         torch.cuda.empty_cache()
     meta = cases.meta("python benchmarks/tune_forward.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"tune-forward-{meta['device'].replace(' ', '_')}-{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows, flex_hd512=flex_rows), indent=2))
     lines = [f"# Forward tile sweep, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs.", "",
              "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
@@ -109,7 +104,7 @@ def main() -> None:
     lines += ["", "FlexAttention at hd512 by kernel_options:", "", "| options | TFLOP/s | note |", "|---|---|---|"]
     for r in flex_rows:
         lines.append(f"| {r['kernel_options']} | {r.get('tflops', 0):.0f} | {r.get('error', '')[:160]} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    cases.write_results(args.out, "tune-forward", meta, dict(rows=rows, flex_hd512=flex_rows), lines)
     print("\n".join(lines))
 
 

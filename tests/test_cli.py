@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from bidiattn import cli, rules
 from bidiattn.compare import compare_layer, family_convention
