@@ -41,6 +41,21 @@ def random_packed_layout(rng: random.Random, max_seqs: int = 3, max_len: int = 4
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(cu, dtype=torch.int64)
 
 
+def image_spans(length, blocks, family="gemma3", convention="official", layer="full", window=None):
+    """Spans of one sequence with image blocks ``[(start, end), ...]`` (end exclusive)."""
+    from bidiattn import rules
+
+    ids = torch.zeros(length, dtype=torch.int64)
+    for n, (s, e) in enumerate(blocks, 1):
+        ids[s:e] = n
+    return rules.build(family, convention, layer, block_ids=ids, window=window)
+
+
+def gpu_size_spans():
+    """The benchmark's layout, shorter: 4K tokens, 1092-token images every 2048, sliding W=1024."""
+    return image_spans(4096, [(s, s + 1092) for s in range(500, 4096, 2048)], layer="sliding", window=1024)
+
+
 def lowp_attention(q, k, v, spans, scale, softcap, return_lse=False):
     """The same math as the reference in the inputs' own dtype: PyTorch's low-precision error."""
     group = q.shape[1] // k.shape[1]

@@ -14,7 +14,7 @@ flex_attention = pytest.importorskip("torch.nn.attention.flex_attention", reason
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
 from bidiattn.kernels.flex import block_mask_from_spans  # noqa: E402
-from conftest import lowp_attention, random_packed_layout  # noqa: E402
+from conftest import gpu_size_spans, lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Eager FlexAttention on CPU warns that it materializes the scores; that is expected in tests.
@@ -146,8 +146,5 @@ def test_lengths_that_are_not_a_multiple_of_128_on_gpu(length, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4)])
 def test_real_sizes_on_gpu(d, hq, hkv):
-    ids = torch.zeros(4096, dtype=torch.int64)
-    for n, s in enumerate(range(500, 4096, 2048), 1):
-        ids[s : s + 1092] = n
-    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=1024)
+    spans = gpu_size_spans()
     run_flex(spans, hq, hkv, d, torch.bfloat16, seed=d)

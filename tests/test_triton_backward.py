@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
 from bidiattn.kernels.backward import BackwardConfig, key_tile_ranges, span_attention_backward  # noqa: E402
-from conftest import lowp_attention, random_packed_layout  # noqa: E402
+from conftest import image_spans, lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,13 +30,6 @@ def nan_filled_empty():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(before)
-
-
-def image_spans(length, blocks, family="gemma3", convention="official", layer="full", window=None):
-    ids = torch.zeros(length, dtype=torch.int64)
-    for n, (s, e) in enumerate(blocks, 1):
-        ids[s:e] = n
-    return rules.build(family, convention, layer, block_ids=ids, window=window)
 
 
 def grads_of(fn, q, k, v, dout, dlse):

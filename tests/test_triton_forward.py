@@ -17,7 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
 from bidiattn.kernels.forward import TileConfig, span_attention_forward  # noqa: E402
-from conftest import lowp_attention, random_packed_layout  # noqa: E402
+from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,13 +39,6 @@ def run_case(spans, hq, hkv, d, dtype, softcap=None, seed=0, config=None):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert err <= 2 * torch_err + 1e-3, (err, torch_err)
     torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=0)
-
-
-def image_spans(length, blocks, family="gemma3", convention="official", layer="full", window=None):
-    ids = torch.zeros(length, dtype=torch.int64)
-    for n, (s, e) in enumerate(blocks, 1):
-        ids[s:e] = n
-    return rules.build(family, convention, layer, block_ids=ids, window=window)
 
 
 @pytest.mark.parametrize("length", [1, 7, 63, 130])
@@ -158,9 +151,5 @@ def test_triton_rejects_what_it_cannot_do(dtype, d, exc, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4), (512, 16, 4)])
 def test_real_sizes_on_gpu(d, hq, hkv):
-    # 4K tokens, 1092-token images every 2048 (the benchmark's layout, shorter).
-    ids = torch.zeros(4096, dtype=torch.int64)
-    for n, s in enumerate(range(500, 4096, 2048), 1):
-        ids[s : s + 1092] = n
-    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=1024)
+    spans = gpu_size_spans()
     run_case(spans, hq, hkv, d, torch.bfloat16, seed=d)
