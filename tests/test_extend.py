@@ -136,6 +136,12 @@ def test_extend_dense_mask_is_the_rows_of_the_full_mask():
     assert spans.num_pairs() == int(full.to_dense()[8:24].sum())
 
 
+def test_a_chunk_of_an_unknown_request_is_refused():
+    full = rules.build("causal", "official", "full", block_ids=torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="names request 1, but 1 request spans were given"):
+        step_spans(Step((Chunk(1, 0, 4),)), [full])
+
+
 def test_a_chunk_that_splits_a_block_is_refused():
     ids = torch.zeros(30, dtype=torch.int64)
     ids[8:20] = 3

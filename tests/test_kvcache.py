@@ -126,6 +126,15 @@ def test_bad_page_tables(table, match):
         paged_attention(q, cache, table.to(DEVICE), spans)
 
 
+def test_append_rejects_bad_offsets():
+    cache = PagedKVCache.allocate(2, 4, 1, 16, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(3, 1, 16).half().to(DEVICE)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
+    start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(TypeError, match="cu_seqlens must be an int64 tensor"):
+        append(cache, k, k, table, torch.tensor([0, 3], dtype=torch.int32, device=DEVICE), start)
+
+
 def test_cache_shape_errors():
     with pytest.raises(ValueError, match="page_size must be a positive int, got 0"):
         PagedKVCache.allocate(4, 0, 1, 16, device=DEVICE)

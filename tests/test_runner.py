@@ -54,5 +54,9 @@ def test_limits_are_errors():
     session = ServingSession(stack, [torch.zeros(10, dtype=torch.int64)], max_tokens_per_request=8)
     with pytest.raises(ValueError, match="longer than max_tokens_per_request=8"):
         session.prefill([torch.randn(10, 64).to(DEVICE, torch.bfloat16)], budget=4)
+    session = ServingSession(stack, [torch.zeros(4, dtype=torch.int64)])
+    session.prefill([torch.randn(4, 64).to(DEVICE, torch.bfloat16)], budget=4)
+    with pytest.raises(ValueError, match=r"x must be \[B=1, hidden=64\], got \(2, 64\)"):
+        session.decode(torch.randn(2, 64).to(DEVICE, torch.bfloat16))
     with pytest.raises(ValueError, match="multiple of num_kv_heads=3"):
         StackConfig(num_q_heads=4, num_kv_heads=3)

@@ -105,6 +105,8 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.dtype != cache.k_pages.dtype or v.dtype != cache.k_pages.dtype:
         raise TypeError(f"k/v dtype {k.dtype}/{v.dtype} differs from the cache's {cache.k_pages.dtype}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1:
+        raise TypeError("cu_seqlens must be an int64 tensor of shape [B+1]")
     num_seqs = cu_seqlens.numel() - 1
     _check_page_table(cache, page_table, num_seqs)
     if start.shape != (num_seqs,) or start.dtype != torch.int64:

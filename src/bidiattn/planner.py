@@ -169,6 +169,8 @@ def step_spans(step: Step, request_spans: Sequence[SpanMask]) -> SpanMask:
     """
     los, his, q_lens, k_lens = [], [], [], []
     for c in step.chunks:
+        if not 0 <= c.request < len(request_spans):
+            raise ValueError(f"chunk {c} names request {c.request}, but {len(request_spans)} request spans were given")
         spans = request_spans[c.request]
         if not spans.is_self_attention or spans.num_sequences != 1:
             raise ValueError(f"request {c.request}: request_spans must be one-sequence self-attention spans")

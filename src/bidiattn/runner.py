@@ -142,6 +142,8 @@ class ServingSession:
         """One new text token per request (``x [B, hidden]``); returns their hidden states."""
         if any(n + 1 > self.max_tokens for n in self.lengths):
             raise ValueError(f"a request would exceed max_tokens_per_request={self.max_tokens}")
+        if x.shape != (len(self.lengths), self.stack.config.hidden):
+            raise ValueError(f"x must be [B={len(self.lengths)}, hidden={self.stack.config.hidden}], got {tuple(x.shape)}")
         dev = self.stack.device
         self.block_ids = [torch.cat([ids, ids.new_zeros(1)]) for ids in self.block_ids]
         full = [self.stack.spans(ids) for ids in self.block_ids]

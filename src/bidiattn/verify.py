@@ -109,7 +109,19 @@ def _backends(dtype: torch.dtype, device: str) -> list[str]:
 
 def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
                seed: int = 0, batch: int = 2, backends: list[str] | None = None) -> VerifyReport:
-    """Load ``model`` (a tiny model name or a local checkpoint directory) and compare runs."""
+    """Load ``model`` (a tiny model name or a local checkpoint directory) and compare runs.
+
+    Args:
+        model: ``tiny-gemma3``, ``tiny-gemma4``, ``tiny-paligemma`` or a ``save_pretrained`` directory.
+        layout: ``kind:count,...`` (kinds text/image/video/prefix); default: text and three
+            images, one longer than the sliding window (:func:`default_layout`).
+        dtype, device: where the model runs (the triton backend needs CUDA and fp16/bf16).
+        seed, batch: random text tokens and how many sequences.
+        backends: bidiattn backends to check; default every one available here.
+
+    Returns a :class:`VerifyReport`; ``report.passed`` is False when a check exceeds its
+    tolerance (per dtype, :data:`TOLERANCE`).
+    """
     with warnings.catch_warnings():
         # Eager FlexAttention (CPU) warns that it materializes scores: expected at these sizes.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

@@ -70,6 +70,13 @@ def _block_mask(glo: torch.Tensor, ghi: torch.Tensor, t: int, block_size: int, f
     )
 
 
+def _softcap_score_mod(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
 @functools.cache
 def _compiled_flex():
     # FlexAttention is only fast compiled; one compiled callable per process so that repeated
@@ -99,10 +106,7 @@ def span_attention_flex(
         padded = -(-t // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - t)) for x in (q, k, v))
     block_mask = block_mask_from_spans(spans, for_backward=needs_grad, padded_length=padded)
-    score_mod = None
-    if softcap is not None:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return softcap * torch.tanh(score / softcap)
+    score_mod = _softcap_score_mod(softcap) if softcap is not None else None
 
     fn = _compiled_flex() if q.is_cuda else flex_attention
     options = None
