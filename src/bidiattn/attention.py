@@ -8,11 +8,12 @@ import torch
 
 from . import reference
 from .inputs import check_attention_inputs
+from .segments import SegmentPlan
 from .spans import SpanMask
 
 __all__ = ["attention", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "triton", "flex")
+BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 512
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,6 +59,7 @@ def attention(
     return_lse: bool = False,
     backend: str = "auto",
     deterministic: bool = True,
+    segment_plan: SegmentPlan | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where each query row sees one contiguous key interval (see :class:`SpanMask`).
 
@@ -79,8 +81,16 @@ def attention(
         backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, differentiable
             with a deterministic backward, ``torch.compile``-traceable), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
             fp16/bf16/fp32, compiled on CUDA; eager, slow and forward-only on CPU),
+            ``"fa4"`` (FlashAttention-4 on Hopper/Blackwell, fp16/bf16, head dims FA4 supports
+            there (SM90: multiples of 8 up to 256): the mask as a few FA4 varlen window launches
+            over row segments, see :mod:`bidiattn.segments`; exact; backward through the triton
+            kernels; needs ``pip install 'bidiattn[fa4]'``; one host sync per call to plan the
+            launches unless ``segment_plan`` is given),
             ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or ``"auto"``:
             triton for CUDA inputs that it supports, the reference otherwise.
+        segment_plan: for ``backend="fa4"``: :func:`bidiattn.segments.plan_segments` of
+            ``spans``, built once and shared by the layers that use the same spans (saves the
+            planning and its host sync on every call). Ignored by the other backends.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
@@ -97,6 +107,8 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
     scale = check_attention_inputs(q, k, v, spans, scale, softcap)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     unsupported = _triton_unsupported(q, k, v) if backend != "reference" else None
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" and unsupported is None else "reference"
@@ -112,12 +124,20 @@ def attention(
 
         out, lse = span_attention_flex(q, k, v, spans, scale, softcap)
         return (out, lse) if return_lse else out
+    if backend == "fa4":
+        from .kernels.fa4 import fa4_unsupported, span_attention_fa4
+
+        unsupported = fa4_unsupported(q, k, v)
+        if unsupported is not None:
+            raise unsupported
+        if segment_plan is not None and not isinstance(segment_plan, SegmentPlan):
+            raise TypeError(f"segment_plan must be a SegmentPlan, got {type(segment_plan).__name__}")
+        out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, segment_plan, deterministic)
+        return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported
     from .ops import span_attention
 
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, scale, softcap,
                               deterministic)
     return (out, lse) if return_lse else out

@@ -1,0 +1,123 @@
+"""FA4 backend benchmark: bidiattn fa4 (segment launches) against FA4 causal on the same GPU.
+
+    source .fa4b/env.sh && python benchmarks/fa4.py --out benchmarks/results
+
+For the benchmark cases with head dim <= 256: checks bidiattn fa4 against SDPA with the dense
+mask (forward and gradients), then times (median of CUDA-event runs) the forward with the
+segment plan built inside the call and built once outside it, the plan alone, FA4 causal (speed
+reference, ignores the images), bidiattn triton; and forward+backward of each. TFLOP/s on
+allowed pairs (causal pairs for FA4 causal): forward 4 * pairs * D * Hq, backward 10 *.
+Writes fa4-<device>-<date>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import bidiattn
+import cases
+from bidiattn.segments import plan_segments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes (default: all with D <= 256)")
+    args = parser.parse_args()
+    from flash_attn.cute import flash_attn_func
+
+    rows = []
+    picked = [c for c in cases.CASES if c.head_dim <= 256
+              and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
+    for case in picked:
+        spans, q, k, v = cases.build(case)
+        t, d = case.tokens, case.head_dim
+        pairs = spans.num_pairs()
+        fwd_fl = cases.flops(case, pairs)
+        fb_fl = fwd_fl + 10 * pairs * d * case.hq
+        causal_pairs = t * (t + 1) // 2
+        causal_fwd_fl = 4 * causal_pairs * d * case.hq
+        causal_fb_fl = causal_fwd_fl + 10 * causal_pairs * d * case.hq
+        plan = plan_segments(spans)
+        row = dict(case=case.name, tokens=t, hq=case.hq, hkv=case.hkv, head_dim=d, pairs=pairs,
+                   launches=[dict(kind=c.kind, window=[c.window_left, c.window_right], segments=c.num_segments,
+                                  rows=int(c.q_len.sum()), max_rows=c.max_q_len) for c in plan.calls])
+        dout = torch.randn_like(q)
+        mask = spans.to_dense()
+        st, sk, sv = (x.detach().requires_grad_() for x in cases.sdpa_inputs(q, k, v))
+        ref = F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask)
+        g = torch.autograd.grad(ref, (st, sk, sv), dout.transpose(0, 1).unsqueeze(0))
+        group = case.hq // case.hkv
+        want = (g[0].squeeze(0).transpose(0, 1),
+                *(x.squeeze(0).transpose(0, 1).unflatten(1, (case.hkv, group)).sum(2) for x in g[1:]))
+        ref = ref.squeeze(0).transpose(0, 1).detach()
+        del g, st, sk, sv, mask
+
+        def fwd_bwd(fn):
+            x = [t_.detach().requires_grad_() for t_ in (q, k, v)]
+            return torch.autograd.grad(fn(*x), x, dout)
+
+        def fa4_seg(a, b, c):
+            return bidiattn.attention(a, b, c, spans, backend="fa4", segment_plan=plan)
+
+        def fa4_causal(a, b, c):
+            return flash_attn_func(a.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0), causal=True)[0].squeeze(0)
+
+        def triton(a, b, c):
+            return bidiattn.attention(a, b, c, spans, backend="triton")
+
+        row["fa4_rel_err"] = cases.rel_err(fa4_seg(q, k, v), ref)
+        row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_seg), want))
+        if row["fa4_rel_err"] > 2e-2 or row["fa4_grad_rel_err"] > 2e-2:
+            raise RuntimeError(f"{case.name}: bidiattn fa4 is wrong: {row}")
+        timed = dict(
+            fa4_fwd=(lambda: bidiattn.attention(q, k, v, spans, backend="fa4"), fwd_fl),
+            fa4_planned_fwd=(lambda: fa4_seg(q, k, v), fwd_fl),
+            fa4_causal_fwd=(lambda: fa4_causal(q, k, v), causal_fwd_fl),
+            triton_fwd=(lambda: triton(q, k, v), fwd_fl),
+            fa4_planned_fwd_bwd=(lambda: fwd_bwd(fa4_seg), fb_fl),
+            fa4_causal_fwd_bwd=(lambda: fwd_bwd(fa4_causal), causal_fb_fl),
+            triton_fwd_bwd=(lambda: fwd_bwd(triton), fb_fl),
+        )
+        for key, (fn, fl) in timed.items():
+            try:
+                row[key + "_ms"] = cases.ms(fn, rep=100 if "bwd" in key else 300)
+                row[key + "_tflops"] = fl / row[key + "_ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - a column that cannot run is reported, not fatal
+                row[key + "_error"] = cases.describe_error(e)
+            print(case.name, key, row.get(key + "_tflops", row.get(key + "_error")), flush=True)
+        row["plan_ms"] = cases.ms(lambda: plan_segments(spans), rep=100)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del ref, want
+        torch.cuda.empty_cache()
+    meta = cases.meta("python benchmarks/fa4.py")
+
+    def tf(r, key):
+        return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "fails"
+
+    def ratio(r, a, b):
+        return f"{r[a + '_tflops'] / r[b + '_tflops']:.2f}x" if a + "_tflops" in r and b + "_tflops" in r else "n/a"
+
+    lines = [f"# FA4 backend, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
+             "(FA4 causal: causal pairs, ignores the images); fwd+bwd counts 14 * pairs * D * Hq. 'fa4' builds the "
+             "segment plan in the call (plan ms: that alone), 'fa4 planned' takes it prebuilt; fa4's backward is "
+             "bidiattn's triton backward. Launches per case in the JSON.", "",
+             "| case | fa4 | fa4 planned | FA4 causal | planned / causal | triton | plan ms | fwd+bwd: fa4 planned "
+             "| FA4 causal | triton | planned / causal |", "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_causal_fwd')} | "
+                     f"{ratio(r, 'fa4_planned_fwd', 'fa4_causal_fwd')} | {tf(r, 'triton_fwd')} | {r['plan_ms']:.2f} | "
+                     f"{tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
+                     f"{ratio(r, 'fa4_planned_fwd_bwd', 'fa4_causal_fwd_bwd')} |")
+    cases.write_results(args.out, "fa4", meta, dict(rows=rows), lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

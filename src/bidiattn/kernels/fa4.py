@@ -1,0 +1,114 @@
+"""FlashAttention-4 backend: span masks as a few FA4 varlen window launches (no mask tensor).
+
+The forward runs the launches of a :class:`~bidiattn.segments.SegmentPlan`: each launch is
+FA4's varlen kernel over row segments (``cu_seqlens_q``/``seqused_q`` point at the segment's
+rows inside the packed queries, ``cu_seqlens_k``/``seqused_k`` at its keys inside the packed
+keys), with the causal / sliding-window mask FA4 already has. Segments never share rows, so
+every launch writes its rows of one ``out``/``lse`` in place; keys are read where they are,
+never copied. The result is exact: each row sees exactly its span.
+
+The backward is bidiattn's deterministic Triton backward, fed FA4's ``out`` and ``lse``: FA4's
+own varlen backward writes dK/dV per segment, and segments of one launch share keys (every text
+run of a sequence reads its prefix), so its writes would race.
+
+FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..segments import SegmentPlan, plan_segments
+from ..spans import SpanMask
+
+__all__ = ["fa4_unsupported", "span_attention_fa4_forward", "span_attention_fa4"]
+
+FA4_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fa4_interface():
+    from flash_attn.cute import interface
+
+    return interface
+
+
+def fa4_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exception | None:
+    """Why FA4 cannot take these inputs here, or None if it can (imports FA4; reads the GPU's
+    compute capability: call it at dispatch, not at import)."""
+    try:
+        _fa4_interface()
+    except ImportError as err:
+        return ValueError(f"backend='fa4' needs FlashAttention-4 (pip install 'bidiattn[fa4]'): {err}")
+    if q.device.type != "cuda":
+        return ValueError(f"backend='fa4' needs CUDA tensors, got {q.device}")
+    if q.dtype not in FA4_DTYPES:
+        return TypeError(f"backend='fa4' takes float16 or bfloat16, got {q.dtype}")
+    major, minor = torch.cuda.get_device_capability(q.device)
+    d = q.shape[-1]
+    if major == 9:
+        ok = d % 8 == 0 and 8 <= d <= 256
+        limit = "multiples of 8 up to 256"
+    elif major in (10, 11):
+        ok = (d % 8 == 0 and 8 <= d <= 128) or d == 256
+        limit = "multiples of 8 up to 128, and 256"
+    else:
+        return ValueError(f"backend='fa4' runs on SM90/SM100 GPUs (Hopper, Blackwell), this is sm_{major}{minor}")
+    if not ok:
+        return ValueError(f"backend='fa4' on sm_{major}{minor} supports head dims {limit}, got {d}")
+    return None
+
+
+def span_attention_fa4_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
+    plan: SegmentPlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) through FA4 launches.
+
+    ``plan`` defaults to :func:`plan_segments` of ``spans`` (one host sync); pass one plan to
+    every layer that shares the spans. Inputs are pre-validated by :func:`bidiattn.attention`.
+    """
+    fa4 = _fa4_interface()
+    plan = plan_segments(spans) if plan is None else plan
+    if plan.spans is not spans:
+        raise ValueError("segment_plan was planned from another SpanMask; plan_segments(spans) of the spans passed")
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    for call in plan.calls:
+        fa4._flash_attn_fwd(
+            q, k, v,
+            cu_seqlens_q=call.q_start.to(q.device), cu_seqlens_k=call.k_start.to(q.device),
+            seqused_q=call.q_len.to(q.device), seqused_k=call.k_len.to(q.device),
+            max_seqlen_q=call.max_q_len, max_seqlen_k=call.max_k_len,
+            softmax_scale=scale, causal=False, softcap=softcap,
+            window_size_left=call.window_left, window_size_right=call.window_right,
+            return_lse=True, out=out, lse=lse,
+        )
+    return out, lse
+
+
+class _SpanAttentionFA4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spans, scale, softcap, plan, deterministic):
+        out, lse = span_attention_fa4_forward(q, k, v, spans, scale, softcap, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spans, ctx.scale, ctx.softcap, ctx.deterministic = spans, scale, softcap, deterministic
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from .backward import span_attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse,
+                                             deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def span_attention_fa4(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
+    plan: SegmentPlan | None = None, deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable :func:`span_attention_fa4_forward` (backward: bidiattn's Triton kernels)."""
+    return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan, deterministic)

@@ -1,0 +1,122 @@
+"""backend="fa4" (FlashAttention-4 launches over row segments) against the fp32 reference.
+
+GPU tests need FA4 (``pip install 'bidiattn[fa4]'``, or ``../shared/device/stage-fa4.sh`` on the
+GPU machine); where it does not import they skip with that reason. The pure-torch planning is
+tested on CPU in test_segments.py. Tolerance as for the triton backend: error <= 2x PyTorch's
+own low-precision error against fp32 (+ small atol).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import bidiattn
+from bidiattn import reference, rules
+from bidiattn.segments import plan_segments
+from bidiattn.spans import SpanMask
+from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout
+from test_segments import tail_rows
+
+
+def fa4_available() -> bool:
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_fa4 = pytest.mark.skipif(not fa4_available(), reason="FlashAttention-4 (flash_attn.cute) is not installed")
+
+
+def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, tk = spans.total_tokens, spans.total_keys
+    q = torch.randn(t, hq, d, generator=g).to(dtype).cuda()
+    k, v = (torch.randn(tk, hkv, d, generator=g).to(dtype).cuda() for _ in range(2))
+    spans = spans.to("cuda")
+    scale = 1 / math.sqrt(d)
+    out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="fa4")
+    ref32, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
+    torch_err = (lowp_attention(q, k, v, spans, scale, softcap).float() - ref32).abs().max().item()
+    err = (out.float() - ref32).abs().max().item()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert err <= 2 * torch_err + 1e-3, (err, torch_err)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("length", [1, 7, 63, 130, 333])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_odd_lengths(length, dtype):
+    blocks = [(length // 3, length // 3 + length // 2)] if length > 2 else []
+    check_forward(image_spans(length, blocks), 4, 2, 128, dtype, seed=length)
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("family,convention", [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS])
+@pytest.mark.parametrize("layer", rules.LAYERS)
+def test_every_rule_on_packed_sequences(family, convention, layer):
+    rng = random.Random(hash((family, convention, layer, "fa4")) % 997)
+    ids, cu = random_packed_layout(rng, max_seqs=4, max_len=300, block_frac=0.4)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=37, cu_seqlens=cu)
+    check_forward(spans, 8, 2, 128, torch.bfloat16, seed=3)
+    check_forward(tail_rows(spans, [rng.randint(1, 150) for _ in range(spans.num_sequences)]), 8, 2, 128,
+                  torch.bfloat16, seed=4)
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("d", [64, 256])
+def test_head_dims_and_softcap(d):
+    # Full layer only: each FA4 variant (head dim x window kind) is a separate JIT compile.
+    spans = image_spans(517, [(40, 300), (400, 470)], "gemma3", "official", "full")
+    check_forward(spans, 4, 1, d, torch.bfloat16, softcap=30.0 if d == 256 else None, seed=d)
+
+
+@pytest.mark.gpu
+@requires_fa4
+def test_real_size_and_a_shared_plan():
+    spans = gpu_size_spans().to("cuda")
+    check_forward(spans, 16, 8, 128, torch.bfloat16, seed=9)
+    q, k, v = (torch.randn(spans.total_tokens, h, 128, device="cuda", dtype=torch.bfloat16) for h in (16, 8, 8))
+    plan = plan_segments(spans)
+    shared = bidiattn.attention(q, k, v, spans, backend="fa4", segment_plan=plan)
+    assert torch.equal(shared, bidiattn.attention(q, k, v, spans, backend="fa4"))
+    other = SpanMask(spans.lo.clone(), spans.hi.clone())
+    with pytest.raises(ValueError, match="segment_plan was planned from another SpanMask"):
+        bidiattn.attention(q, k, v, other, backend="fa4", segment_plan=plan)
+
+
+@pytest.mark.gpu
+@requires_fa4
+def test_gradients_match_the_reference():
+    spans = image_spans(301, [(20, 150), (200, 260)], "gemma4", "official", "sliding", window=64).to("cuda")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(301, h, 128, generator=g).to(torch.bfloat16).cuda() for h in (4, 2, 2))
+    dout = torch.randn(301, 4, 128, generator=g).cuda()
+
+    def grads(fn):
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad((fn(*x).float() * dout).sum(), x)
+
+    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, backend="fa4"))
+    want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans))
+    lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(128)))
+    for name, a, w, t in zip("qkv", got, want, lowp):
+        err = (a.float() - w).abs().max().item()
+        bound = 2 * (t.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
+        assert err <= bound, (name, err, bound)
+
+
+def test_without_fa4_or_cuda_it_says_why():
+    q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+    spans = image_spans(5, [(1, 3)])
+    with pytest.raises(ValueError, match="backend='fa4' needs"):
+        bidiattn.attention(q, q[:, :1], q[:, :1], spans, backend="fa4")

@@ -1,0 +1,96 @@
+"""Segment decomposition (the FA4 backend's plan) against brute force: the launches, read with
+FlashAttention's window rule, give exactly the span mask, every row once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bidiattn import rules
+from bidiattn.segments import SegmentPlan, plan_segments
+from bidiattn.spans import SpanMask
+
+from conftest import image_spans, random_packed_layout
+
+RULES = [(f, c, layer) for f in rules.FAMILIES for c in rules.CONVENTIONS for layer in rules.LAYERS]
+
+
+def tail_rows(spans: SpanMask, keep: list[int]) -> SpanMask:
+    """Extend spans: the last ``keep[b]`` rows of each sequence over all of its keys."""
+    cu = spans.cu_seqlens.tolist()
+    rows, new_cu = [], [0]
+    for b, n in enumerate(keep):
+        n = min(n, cu[b + 1] - cu[b])
+        rows += range(cu[b + 1] - n, cu[b + 1])
+        new_cu.append(new_cu[-1] + n)
+    idx = torch.tensor(rows)
+    return SpanMask(spans.lo[idx], spans.hi[idx], torch.tensor(new_cu), cu_seqlens_k=spans.cu_seqlens,
+                    total_keys=spans.total_tokens)
+
+
+def check(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
+    plan = plan_segments(spans, max_calls=max_calls)
+    assert len(plan.calls) <= max_calls
+    assert torch.equal(plan.to_dense(), spans.to_dense())
+    for c in plan.calls:
+        assert bool((c.q_len > 0).all()) and bool((c.k_len > 0).all())
+        assert bool((c.q_start[1:] >= c.q_start[:-1]).all()) and bool((c.k_start[1:] >= c.k_start[:-1]).all())
+        assert c.max_q_len == int(c.q_len.max()) and c.max_k_len == int(c.k_len.max())
+    return plan
+
+
+@pytest.mark.parametrize("family,convention,layer", RULES)
+def test_every_rule_on_random_packed_layouts(family, convention, layer):
+    rng = random.Random(hash((family, convention, layer)) % 1000)
+    for _ in range(25):
+        ids, cu = random_packed_layout(rng, max_len=50)
+        window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
+        spans = rules.build(family, convention, layer, block_ids=ids, cu_seqlens=cu, window=window)
+        check(spans)
+        check(tail_rows(spans, [rng.randint(1, 20) for _ in range(spans.num_sequences)]))
+
+
+def test_example_of_the_docstring():
+    plan = check(image_spans(8, [(2, 5)]))
+    kinds = {c.kind: (c.q_start[:-1].tolist(), c.q_len.tolist(), c.k_start[:-1].tolist(), c.k_len.tolist())
+             for c in plan.calls}
+    assert kinds == {"full": ([2], [2], [0], [5]), "causal": ([0, 4], [2, 4], [0, 0], [2, 8])}
+    assert [c.causal for c in plan.calls] == [False, True]
+
+
+def test_benchmark_layout_needs_few_long_segments():
+    # 16K tokens, 1092-token images every 2048: 8 image runs, 9 text runs, 2 launches.
+    blocks = [(s, s + 1092) for s in range(500, 16384, 2048)]
+    plan = check(image_spans(16384, blocks))
+    assert len(plan.calls) == 2 and plan.num_segments == 17
+    sliding = check(image_spans(16384, blocks, layer="sliding", window=1024))
+    # Official sliding rule, images longer than W: per image a window(2W-2) run where hi = q+W-1,
+    # an open run where hi = the image end, then window(W-1) text; 6 launches, 26 segments.
+    assert len(sliding.calls) == 6 and sliding.num_segments == 26
+
+
+def test_arbitrary_spans_and_the_launch_budget():
+    rng = random.Random(7)
+    for _ in range(40):
+        n = rng.randint(1, 60)
+        lo, hi = [], []
+        for row in range(n):
+            lo.append(rng.randint(lo[-1] if lo else 0, row))
+            hi.append(max(rng.randint(row, min(n - 1, row + rng.randint(0, 6))), hi[-1] if hi else 0))
+        spans = SpanMask(torch.tensor(lo), torch.tensor(hi))
+        for max_calls in (1, 2, 3, 8):
+            check(spans, max_calls=max_calls)
+
+
+def test_bad_budget():
+    with pytest.raises(ValueError, match="max_calls must be a positive int, got 0"):
+        plan_segments(image_spans(8, [(2, 5)]), max_calls=0)
+
+
+def test_to_dense_catches_a_row_written_twice():
+    plan = plan_segments(image_spans(8, [(2, 5)]))
+    twice = SegmentPlan(plan.calls + plan.calls[:1], plan.total_rows, plan.total_keys)
+    with pytest.raises(AssertionError, match="row 2 is written by 2 segments"):
+        twice.to_dense()
