@@ -108,7 +108,7 @@ def test_gradients_match_the_reference():
 
     got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, backend="fa4"))
     want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans))
-    lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(128)))
+    lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(128), None))
     for name, a, w, t in zip("qkv", got, want, lowp):
         err = (a.float() - w).abs().max().item()
         bound = 2 * (t.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
