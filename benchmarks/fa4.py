@@ -5,7 +5,8 @@
 For the benchmark cases with head dim <= 256: checks bidiattn fa4 against SDPA with the dense
 mask (forward and gradients), then times (median of CUDA-event runs) the forward with the
 segment plan built inside the call and built once outside it, the plan alone, FA4 causal (speed
-reference, ignores the images), bidiattn triton; and forward+backward of each. TFLOP/s on
+reference, ignores the images; on sliding cases also FA4 with the plain window, its own pairs),
+bidiattn triton; and forward+backward of each. TFLOP/s on
 allowed pairs (causal pairs for FA4 causal): forward 4 * pairs * D * Hq, backward 10 *.
 Writes fa4-<device>-<date>.json/.md.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import bidiattn
 import cases
+from bidiattn.kernels.fa4 import span_attention_fa4_forward
 from bidiattn.segments import plan_segments
 
 
@@ -70,19 +72,33 @@ def main() -> None:
         def triton(a, b, c):
             return bidiattn.attention(a, b, c, spans, backend="triton")
 
+        scale = d ** -0.5
         row["fa4_rel_err"] = cases.rel_err(fa4_seg(q, k, v), ref)
+        for knobs in (dict(overlap=True), dict(pack_gqa=True), dict(pack_gqa=False)):
+            got = span_attention_fa4_forward(q, k, v, spans, scale, None, plan, **knobs)[0]
+            row[f"fa4_{'_'.join(knobs)}_{list(knobs.values())[0]}_rel_err"] = cases.rel_err(got, ref)
         row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_seg), want))
-        if row["fa4_rel_err"] > 2e-2 or row["fa4_grad_rel_err"] > 2e-2:
+        if max(val for key, val in row.items() if key.endswith("rel_err")) > 2e-2:
             raise RuntimeError(f"{case.name}: bidiattn fa4 is wrong: {row}")
         timed = dict(
             fa4_fwd=(lambda: bidiattn.attention(q, k, v, spans, backend="fa4"), fwd_fl),
             fa4_planned_fwd=(lambda: fa4_seg(q, k, v), fwd_fl),
+            fa4_overlap_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, overlap=True), fwd_fl),
+            fa4_packgqa_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, pack_gqa=True),
+                             fwd_fl),
+            fa4_nopack_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, pack_gqa=False),
+                            fwd_fl),
             fa4_causal_fwd=(lambda: fa4_causal(q, k, v), causal_fwd_fl),
             triton_fwd=(lambda: triton(q, k, v), fwd_fl),
             fa4_planned_fwd_bwd=(lambda: fwd_bwd(fa4_seg), fb_fl),
             fa4_causal_fwd_bwd=(lambda: fwd_bwd(fa4_causal), causal_fb_fl),
             triton_fwd_bwd=(lambda: fwd_bwd(triton), fb_fl),
         )
+        if case.window:
+            w = case.window
+            local_pairs = sum(min(i + 1, w) for i in range(t))
+            timed["fa4_local_fwd"] = (lambda: flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                                              window_size=(w - 1, 0))[0], 4 * local_pairs * d * case.hq)
         for key, (fn, fl) in timed.items():
             try:
                 row[key + "_ms"] = cases.ms(fn, rep=100 if "bwd" in key else 300)
@@ -108,10 +124,11 @@ def main() -> None:
              "(FA4 causal: causal pairs, ignores the images); fwd+bwd counts 14 * pairs * D * Hq. 'fa4' builds the "
              "segment plan in the call (plan ms: that alone), 'fa4 planned' takes it prebuilt; fa4's backward is "
              "bidiattn's triton backward. Launches per case in the JSON.", "",
-             "| case | fa4 | fa4 planned | FA4 causal | planned / causal | triton | plan ms | fwd+bwd: fa4 planned "
-             "| FA4 causal | triton | planned / causal |", "|---" * 11 + "|"]
+             "| case | fa4 | fa4 planned | overlap | pack_gqa | no pack_gqa | FA4 causal | planned / causal | triton "
+             "| plan ms | fwd+bwd: fa4 planned | FA4 causal | triton | planned / causal |", "|---" * 14 + "|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_causal_fwd')} | "
+        lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_overlap_fwd')} | "
+                     f"{tf(r, 'fa4_packgqa_fwd')} | {tf(r, 'fa4_nopack_fwd')} | {tf(r, 'fa4_causal_fwd')} | "
                      f"{ratio(r, 'fa4_planned_fwd', 'fa4_causal_fwd')} | {tf(r, 'triton_fwd')} | {r['plan_ms']:.2f} | "
                      f"{tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
                      f"{ratio(r, 'fa4_planned_fwd_bwd', 'fa4_causal_fwd_bwd')} |")

@@ -56,7 +56,7 @@ def test_example_of_the_docstring():
     plan = check(image_spans(8, [(2, 5)]))
     kinds = {c.kind: (c.q_start[:-1].tolist(), c.q_len.tolist(), c.k_start[:-1].tolist(), c.k_len.tolist())
              for c in plan.calls}
-    assert kinds == {"full": ([2], [2], [0], [5]), "causal": ([0, 4], [2, 4], [0, 0], [2, 8])}
+    assert kinds == {"full": ([2], [3], [0], [5]), "causal": ([0, 5], [2, 3], [0, 0], [2, 8])}
     assert [c.causal for c in plan.calls] == [False, True]
 
 
@@ -67,8 +67,8 @@ def test_benchmark_layout_needs_few_long_segments():
     assert len(plan.calls) == 2 and plan.num_segments == 17
     sliding = check(image_spans(16384, blocks, layer="sliding", window=1024))
     # Official sliding rule, images longer than W: per image a window(2W-2) run where hi = q+W-1,
-    # an open run where hi = the image end, then window(W-1) text; 6 launches, 26 segments.
-    assert len(sliding.calls) == 6 and sliding.num_segments == 26
+    # an open run where hi = the image end, then window(W-1) text; 5 launches, 26 segments.
+    assert len(sliding.calls) == 5 and sliding.num_segments == 26
 
 
 def test_arbitrary_spans_and_the_launch_budget():

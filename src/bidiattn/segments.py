@@ -21,33 +21,34 @@ open       ``lo - p`` constant, same ``hi``    ``[lo_0, hi + 1)``         ``(hi 
 =========  ==================================  =========================  ====================
 
 Example, gemma3 full layer, one sequence of 8 tokens with an image at 2..4: text rows 0..1
-are one causal run, image rows 2..3 one full run over keys ``[0, 5)``, and rows 4..7 one causal
-run over keys ``[0, 8)`` (the last image row sees ``[0, 4]``, a causal interval)::
+are one causal run, the image rows one full run over keys ``[0, 5)``, text rows 5..7 one
+causal run over keys ``[0, 8)``::
 
     row  lo hi   kind     keys 0..7
       0   0  0   causal   x.......
       1   0  1   causal   xx......
       2   0  4   full     xxxxx...
       3   0  4   full     xxxxx...
-      4   0  4   causal   xxxxx...
+      4   0  4   full     xxxxx...
       5   0  5   causal   xxxxxx..
       6   0  6   causal   xxxxxxx.
       7   0  7   causal   xxxxxxxx
 
-Each row takes the shape whose run through it is longest (ties: the order of the table), so
-runs are as long as the mask allows. Runs of one kind and one window form one launch; the
+From each segment start, the segment takes the shape whose run reaches farthest (ties: the
+order of the table): the fewest segments. Runs of one kind and one window form one launch; the
 segments of a launch never share query rows, and the launches together cover every row once,
 so they write one output without a merge. Keys are not copied: segments point into the packed
 keys (``k_start``), several segments may read the same keys. Any row is exact on its own as a
 one-row ``full`` run, which is where rows go when a mask would need more than ``max_calls``
 launches.
 
-Building a plan reads the spans on the host (one sync): launch sizes depend on the data.
+Building a plan reads the spans on the host (one copy, one sync): launch sizes depend on the
+data. Build it once per layout and share it between the layers that use the same spans.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -107,6 +108,18 @@ class SegmentPlan:
     def num_segments(self) -> int:
         return sum(c.num_segments for c in self.calls)
 
+    def to(self, device: torch.device | str, spans: SpanMask | None = None) -> SegmentPlan:
+        """The plan with its tensors on ``device`` (one copy), tied to ``spans`` if given."""
+        spans = self.spans if spans is None else spans
+        parts = [t for c in self.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len)]
+        flat = torch.cat(parts).to(device, non_blocking=True) if parts else torch.empty(0, dtype=torch.int32)
+        moved = list(torch.split(flat, [t.numel() for t in parts]))
+        calls = []
+        for c in self.calls:
+            q_start, q_len, k_start, k_len, moved = *moved[:4], moved[4:]
+            calls.append(replace(c, q_start=q_start, q_len=q_len, k_start=k_start, k_len=k_len))
+        return SegmentPlan(tuple(calls), self.total_rows, self.total_keys, spans)
+
     def to_dense(self) -> torch.Tensor:
         """Bool ``[T, T_keys]``: the mask the launches compute, read with FlashAttention's window
         rule (the executable statement of what a launch does; tests compare it with
@@ -136,11 +149,12 @@ class SegmentPlan:
         return mask
 
 
-def _runs(new_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run id and run length of every row, given where runs start."""
-    run_id = torch.cumsum(new_run.long(), 0) - 1
-    length = torch.bincount(run_id)
-    return run_id, length[run_id]
+def _run_ends(new_run: torch.Tensor) -> torch.Tensor:
+    """For every row, one past the last row of the run it belongs to, given where runs start."""
+    t_len = new_run.numel()
+    starts = torch.nonzero(new_run).flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([t_len])])
+    return ends[torch.cumsum(new_run.long(), 0) - 1]
 
 
 def _changed(new_seq: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
@@ -153,27 +167,38 @@ def _changed(new_seq: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
 def plan_segments(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
     """Cut ``spans`` into row segments and group them into at most ``max_calls`` launches.
 
-    Works for self-attention and extend spans, packed sequences, every rule. Rows whose
-    shape would need a launch beyond ``max_calls`` become one-row ``full`` segments (exact, and
-    rare: the rules of :mod:`bidiattn.rules` need at most four launches).
+    Works for self-attention and extend spans, packed sequences, every rule. Planned on the
+    CPU (one copy of the spans to the host; 16K rows take about a millisecond); the plan's
+    tensors live on the spans' device. Rows whose shape would need a launch beyond
+    ``max_calls`` become one-row ``full`` segments (exact, and rare: the rules of
+    :mod:`bidiattn.rules` need at most six launches).
     """
     if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
         raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
-    device = spans.lo.device
-    seq, pos, _ = spans.local_rows()
-    lo, hi = spans.lo.long(), spans.hi.long()
-    t_len = spans.total_tokens
-    new_seq = torch.ones(t_len, dtype=torch.bool, device=device)
+    host = spans.to("cpu") if spans.lo.device.type != "cpu" else spans
+    seq, pos, _ = host.local_rows()
+    lo, hi = host.lo.long(), host.hi.long()
+    t_len = host.total_tokens
+    new_seq = torch.ones(t_len, dtype=torch.bool)
     new_seq[1:] = seq[1:] != seq[:-1]
     dlo, dhi = lo - pos, hi - pos
     signatures = ((lo, hi), (lo, dhi), (dlo, dhi), (dlo, hi))
-    run_ids, lengths = zip(*(_runs(_changed(new_seq, *sig)) for sig in signatures))
-    # argmax returns the first maximum: ties go to the earlier kind of the table.
-    kind = torch.argmax(torch.stack(lengths), dim=0)
-    run_id = torch.stack(run_ids).gather(0, kind[None])[0]
-    start = torch.nonzero(_changed(new_seq, kind, run_id)).flatten()
+    run_end = torch.stack([_run_ends(_changed(new_seq, *sig)) for sig in signatures]).t().contiguous()
+    # Greedy: from each segment start take the kind whose run reaches farthest (the fewest
+    # segments; ties go to the earlier kind of the table). A run that ends inside a block
+    # never steals the block's last row from it, which would cost a mostly empty row tile.
+    starts, kinds = [], []
+    row = 0
+    while row < t_len:
+        ends = run_end[row].tolist()  # per segment, not per row: a plan has few segments
+        kind = max(range(4), key=lambda k: (ends[k], -k))
+        starts.append(row)
+        kinds.append(kind)
+        row = ends[kind]
+    start = torch.tensor(starts)
     end = torch.cat([start[1:], start.new_tensor([t_len])])
-    return _group(spans, seq, pos, lo, hi, kind[start], start, end, max_calls)
+    plan = _group(host, seq, pos, lo, hi, torch.tensor(kinds), start, end, max_calls)
+    return plan.to(spans.lo.device, spans)
 
 
 def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls) -> SegmentPlan:

@@ -60,12 +60,15 @@ def fa4_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Except
 
 def span_attention_fa4_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
-    plan: SegmentPlan | None = None,
+    plan: SegmentPlan | None = None, *, overlap: bool = False, pack_gqa: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) through FA4 launches.
 
     ``plan`` defaults to :func:`plan_segments` of ``spans`` (one host sync); pass one plan to
     every layer that shares the spans. Inputs are pre-validated by :func:`bidiattn.attention`.
+    Tuning knobs (measured in ``benchmarks/fa4.py``): ``overlap`` runs every other launch on a
+    side stream, so one launch's tail overlaps the next (their rows are disjoint);
+    ``pack_gqa`` is FA4's (``None``: its heuristic).
     """
     fa4 = _fa4_interface()
     plan = plan_segments(spans) if plan is None else plan
@@ -74,16 +77,30 @@ def span_attention_fa4_forward(
     q, k, v = (x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    for call in plan.calls:
+
+    def launch(call):
         fa4._flash_attn_fwd(
             q, k, v,
-            cu_seqlens_q=call.q_start.to(q.device), cu_seqlens_k=call.k_start.to(q.device),
-            seqused_q=call.q_len.to(q.device), seqused_k=call.k_len.to(q.device),
+            cu_seqlens_q=call.q_start, cu_seqlens_k=call.k_start, seqused_q=call.q_len, seqused_k=call.k_len,
             max_seqlen_q=call.max_q_len, max_seqlen_k=call.max_k_len,
             softmax_scale=scale, causal=False, softcap=softcap,
             window_size_left=call.window_left, window_size_right=call.window_right,
-            return_lse=True, out=out, lse=lse,
+            pack_gqa=pack_gqa, return_lse=True, out=out, lse=lse,
         )
+
+    if not overlap or len(plan.calls) < 2:
+        for call in plan.calls:
+            launch(call)
+        return out, lse
+    main = torch.cuda.current_stream(q.device)
+    side = torch.cuda.Stream(q.device)
+    side.wait_stream(main)
+    for n, call in enumerate(plan.calls):
+        with torch.cuda.stream(side if n % 2 else main):
+            launch(call)
+    main.wait_stream(side)
+    for x in (q, k, v, out, lse, *(t for c in plan.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len))):
+        x.record_stream(side)
     return out, lse
 
 
