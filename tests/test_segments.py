@@ -31,13 +31,18 @@ def tail_rows(spans: SpanMask, keep: list[int]) -> SpanMask:
 
 
 def check(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
-    plan = plan_segments(spans, max_calls=max_calls)
+    plan = plan_segments(spans, max_calls=max_calls, order="sequence")
     assert len(plan.calls) <= max_calls
     assert torch.equal(plan.to_dense(), spans.to_dense())
     for c in plan.calls:
         assert bool((c.q_len > 0).all()) and bool((c.k_len > 0).all())
         assert bool((c.q_start[1:] >= c.q_start[:-1]).all()) and bool((c.k_start[1:] >= c.k_start[:-1]).all())
         assert c.max_q_len == int(c.q_len.max()) and c.max_k_len == int(c.k_len.max())
+    longest = plan_segments(spans, max_calls=max_calls)
+    assert torch.equal(longest.to_dense(), spans.to_dense())
+    for c, s in zip(longest.calls, plan.calls):
+        work = c.q_len.long() * c.k_len.long()
+        assert bool((work[1:] <= work[:-1]).all()) and torch.equal(work.sort().values, (s.q_len.long() * s.k_len.long()).sort().values)
     return plan
 
 
@@ -87,10 +92,12 @@ def test_arbitrary_spans_and_the_launch_budget():
 def test_bad_budget():
     with pytest.raises(ValueError, match="max_calls must be a positive int, got 0"):
         plan_segments(image_spans(8, [(2, 5)]), max_calls=0)
+    with pytest.raises(ValueError, match="order must be one of .* got 'random'"):
+        plan_segments(image_spans(8, [(2, 5)]), order="random")
 
 
 def test_to_dense_catches_a_row_written_twice():
-    plan = plan_segments(image_spans(8, [(2, 5)]))
+    plan = plan_segments(image_spans(8, [(2, 5)]), order="sequence")
     twice = SegmentPlan(plan.calls + plan.calls[:1], plan.total_rows, plan.total_keys)
     with pytest.raises(AssertionError, match="row 2 is written by 2 segments"):
         twice.to_dense()

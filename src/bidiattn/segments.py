@@ -54,7 +54,7 @@ import torch
 
 from .spans import SpanMask
 
-__all__ = ["KINDS", "SegmentCall", "SegmentPlan", "plan_segments"]
+__all__ = ["KINDS", "ORDERS", "SegmentCall", "SegmentPlan", "plan_segments"]
 
 KINDS = ("full", "causal", "window", "open")
 _FULL, _CAUSAL, _WINDOW, _OPEN = range(4)
@@ -164,7 +164,10 @@ def _changed(new_seq: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def plan_segments(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
+ORDERS = ("longest_first", "sequence")
+
+
+def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_first") -> SegmentPlan:
     """Cut ``spans`` into row segments and group them into at most ``max_calls`` launches.
 
     Works for self-attention and extend spans, packed sequences, every rule. Planned on the
@@ -172,9 +175,15 @@ def plan_segments(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
     tensors live on the spans' device. Rows whose shape would need a launch beyond
     ``max_calls`` become one-row ``full`` segments (exact, and rare: the rules of
     :mod:`bidiattn.rules` need at most six launches).
+
+    ``order``: the order of the segments inside a launch (the order a kernel schedules them):
+    ``"longest_first"`` (most keys first, so the launch does not end on its longest tiles) or
+    ``"sequence"`` (by row).
     """
     if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
         raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     host = spans.to("cpu") if spans.lo.device.type != "cpu" else spans
     seq, pos, _ = host.local_rows()
     lo, hi = host.lo.long(), host.hi.long()
@@ -198,7 +207,17 @@ def plan_segments(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
     start = torch.tensor(starts)
     end = torch.cat([start[1:], start.new_tensor([t_len])])
     plan = _group(host, seq, pos, lo, hi, torch.tensor(kinds), start, end, max_calls)
+    if order == "longest_first":
+        plan = SegmentPlan(tuple(_longest_first(c) for c in plan.calls), plan.total_rows, plan.total_keys, plan.spans)
     return plan.to(spans.lo.device, spans)
+
+
+def _longest_first(call: SegmentCall) -> SegmentCall:
+    """The call's segments by descending key count (stable); the start arrays keep their
+    trailing total, so they are no longer sorted: only ``q_len``/``k_len`` give lengths."""
+    idx = torch.sort(call.k_len.long() * call.q_len.long(), descending=True, stable=True).indices
+    return replace(call, q_start=torch.cat([call.q_start[:-1][idx], call.q_start[-1:]]), q_len=call.q_len[idx],
+                   k_start=torch.cat([call.k_start[:-1][idx], call.k_start[-1:]]), k_len=call.k_len[idx])
 
 
 def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls) -> SegmentPlan:
