@@ -131,7 +131,7 @@ def main() -> None:
              "bidiattn's triton backward. Launches per case in the JSON.", "",
              "| case | fa4 | fa4 planned | sequence order | overlap | no pack_gqa | overlap, no pack_gqa | FA4 causal "
              "| FA4 window | planned / causal | triton | plan ms | fwd+bwd: fa4 planned | FA4 causal | triton "
-             "| planned / causal |", "|---" * 17 + "|"]
+             "| planned / causal |", "|---" * 16 + "|"]
     for r in rows:
         lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_sequence_order_fwd')} | "
                      f"{tf(r, 'fa4_overlap_fwd')} | {tf(r, 'fa4_nopack_fwd')} | {tf(r, 'fa4_overlap_nopack_fwd')} | "
