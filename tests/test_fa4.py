@@ -89,6 +89,9 @@ def test_real_size_and_a_shared_plan():
     plan = plan_segments(spans)
     shared = bidiattn.attention(q, k, v, spans, backend="fa4", segment_plan=plan)
     assert torch.equal(shared, bidiattn.attention(q, k, v, spans, backend="fa4"))
+    # auto takes fa4 when a plan is given, triton without one.
+    assert torch.equal(shared, bidiattn.attention(q, k, v, spans, segment_plan=plan))
+    assert torch.equal(bidiattn.attention(q, k, v, spans), bidiattn.attention(q, k, v, spans, backend="triton"))
     other = SpanMask(spans.lo.clone(), spans.hi.clone())
     with pytest.raises(ValueError, match="segment_plan was planned from another SpanMask"):
         bidiattn.attention(q, k, v, other, backend="fa4", segment_plan=plan)
@@ -120,3 +123,10 @@ def test_without_fa4_or_cuda_it_says_why():
     spans = image_spans(5, [(1, 3)])
     with pytest.raises(ValueError, match="backend='fa4' needs"):
         bidiattn.attention(q, q[:, :1], q[:, :1], spans, backend="fa4")
+
+
+def test_auto_without_fa4_support_ignores_the_plan():
+    q = torch.randn(5, 2, 64)
+    spans = image_spans(5, [(1, 3)])
+    got = bidiattn.attention(q, q[:, :1], q[:, :1], spans, segment_plan=plan_segments(spans))
+    assert torch.equal(got, reference.attention(q, q[:, :1], q[:, :1], spans))

@@ -87,7 +87,11 @@ def attention(
             kernels; needs ``pip install 'bidiattn[fa4]'``; one host sync per call to plan the
             launches unless ``segment_plan`` is given),
             ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or ``"auto"``:
-            triton for CUDA inputs that it supports, the reference otherwise.
+            fa4 when ``segment_plan`` is given and FA4 takes the inputs (outside
+            ``torch.compile``), else triton for CUDA inputs that it supports, else the reference.
+            On an H200 the planned fa4 forward ran 1.4-1.9x the triton forward at hd128/256;
+            planning in the call (1.6-2.8 ms) made it slower than triton, hence the condition
+            (``benchmarks/results/fa4-*.md``).
         segment_plan: for ``backend="fa4"``: :func:`bidiattn.segments.plan_segments` of
             ``spans``, built once and shared by the layers that use the same spans (saves the
             planning and its host sync on every call). Ignored by the other backends.
@@ -112,6 +116,11 @@ def attention(
     unsupported = _triton_unsupported(q, k, v) if backend != "reference" else None
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" and unsupported is None else "reference"
+        if backend == "triton" and segment_plan is not None and not torch.compiler.is_compiling():
+            from .kernels.fa4 import fa4_unsupported
+
+            if fa4_unsupported(q, k, v) is None:
+                backend = "fa4"
     if backend == "reference":
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
     if backend == "flex":
