@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import bidiattn
 import cases
 from bidiattn.kernels.fa4 import span_attention_fa4_forward
+from bidiattn.kernels.flex import span_attention_flex
 from bidiattn.segments import plan_segments
 
 
@@ -70,6 +71,9 @@ def main() -> None:
         def fa4_causal(a, b, c):
             return flash_attn_func(a.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0), causal=True)[0].squeeze(0)
 
+        def mask_mod_flash(a, b, c):
+            return span_attention_flex(a, b, c, spans, scale, None, flash=True)[0]
+
         def triton(a, b, c):
             return bidiattn.attention(a, b, c, spans, backend="triton")
 
@@ -79,6 +83,12 @@ def main() -> None:
                             ("overlap_nopack", dict(overlap=True, pack_gqa=False))):
             got = span_attention_fa4_forward(q, k, v, spans, scale, None, plan, **knobs)[0]
             row[f"fa4_{name}_rel_err"] = cases.rel_err(got, ref)
+        try:
+            row["fa4_mask_mod_rel_err"] = cases.rel_err(mask_mod_flash(q, k, v), ref)
+            row["fa4_mask_mod_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(mask_mod_flash), want))
+        except Exception as e:  # noqa: BLE001 - FlexAttention's FLASH backend is experimental
+            row["fa4_mask_mod_error"] = cases.describe_error(e, 400)
+            print(case.name, "mask_mod", row["fa4_mask_mod_error"], flush=True)
         row["fa4_sequence_order_rel_err"] = cases.rel_err(span_attention_fa4_forward(q, k, v, spans, scale, None,
                                                                                      plan_seq)[0], ref)
         row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_seg), want))
@@ -94,6 +104,8 @@ def main() -> None:
             fa4_overlap_nopack_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, overlap=True,
                                                                        pack_gqa=False), fwd_fl),
             fa4_causal_fwd=(lambda: fa4_causal(q, k, v), causal_fwd_fl),
+            fa4_mask_mod_fwd=(lambda: mask_mod_flash(q, k, v), fwd_fl),
+            fa4_mask_mod_fwd_bwd=(lambda: fwd_bwd(mask_mod_flash), fb_fl),
             triton_fwd=(lambda: triton(q, k, v), fwd_fl),
             fa4_planned_fwd_bwd=(lambda: fwd_bwd(fa4_seg), fb_fl),
             fa4_causal_fwd_bwd=(lambda: fwd_bwd(fa4_causal), causal_fb_fl),
@@ -105,6 +117,8 @@ def main() -> None:
             timed["fa4_local_fwd"] = (lambda: flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                               window_size=(w - 1, 0))[0], 4 * local_pairs * d * case.hq)
         for key, (fn, fl) in timed.items():
+            if key.startswith("fa4_mask_mod") and "fa4_mask_mod_error" in row:
+                continue
             try:
                 row[key + "_ms"] = cases.ms(fn, rep=100 if "bwd" in key else 300)
                 row[key + "_tflops"] = fl / row[key + "_ms"] / 1e9
@@ -131,14 +145,15 @@ def main() -> None:
              "bidiattn's triton backward. Launches per case in the JSON.", "",
              "| case | fa4 | fa4 planned | sequence order | overlap | no pack_gqa | overlap, no pack_gqa | FA4 causal "
              "| FA4 window | planned / causal | triton | plan ms | fwd+bwd: fa4 planned | FA4 causal | triton "
-             "| planned / causal |", "|---" * 16 + "|"]
+             "| planned / causal | mask_mod | mask_mod fwd+bwd |", "|---" * 18 + "|"]
     for r in rows:
         lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_sequence_order_fwd')} | "
                      f"{tf(r, 'fa4_overlap_fwd')} | {tf(r, 'fa4_nopack_fwd')} | {tf(r, 'fa4_overlap_nopack_fwd')} | "
                      f"{tf(r, 'fa4_causal_fwd')} | {tf(r, 'fa4_local_fwd') if 'fa4_local_fwd_tflops' in r else 'n/a'} | "
                      f"{ratio(r, 'fa4_planned_fwd', 'fa4_causal_fwd')} | {tf(r, 'triton_fwd')} | {r['plan_ms']:.2f} | "
                      f"{tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
-                     f"{ratio(r, 'fa4_planned_fwd_bwd', 'fa4_causal_fwd_bwd')} |")
+                     f"{ratio(r, 'fa4_planned_fwd_bwd', 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_mask_mod_fwd')} | "
+                     f"{tf(r, 'fa4_mask_mod_fwd_bwd')} |")
     cases.write_results(args.out, "fa4", meta, dict(rows=rows), lines)
     print("\n".join(lines))
 

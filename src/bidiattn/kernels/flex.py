@@ -88,11 +88,14 @@ def _compiled_flex():
 
 def span_attention_flex(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask,
-    scale: float, softcap: float | None,
+    scale: float, softcap: float | None, flash: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run FlexAttention on validated inputs; returns ``out [T, Hq, D]`` and ``lse [Hq, T]`` (fp32).
 
-    Compiled on CUDA; eager elsewhere (slow, for tests). Differentiable.
+    Compiled on CUDA; eager elsewhere (slow, for tests). Differentiable. ``flash=True`` asks
+    FlexAttention for its FLASH backend: FA4 (``flash_attn.cute``) with the spans' ``mask_mod``
+    compiled to CuTe and the block tables as FA4's block sparsity, forward and backward (CUDA,
+    head dim <= 256; the FA4 backend's ``mask_mod`` strategy).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -110,7 +113,9 @@ def span_attention_flex(
 
     fn = _compiled_flex() if q.is_cuda else flex_attention
     options = None
-    if q.is_cuda and q.shape[-1] > 256:
+    if flash:
+        options = dict(BACKEND="FLASH")
+    elif q.is_cuda and q.shape[-1] > 256:
         # FlexAttention's default tiles ask for 262144 bytes of shared memory at hd512 and do not
         # compile on an H200; 32x32 with one stage runs (129 TFLOP/s there, benchmarks/NOTES.md).
         options = dict(BLOCK_M=32, BLOCK_N=32, num_stages=1)
