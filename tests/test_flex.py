@@ -50,7 +50,7 @@ def packed_dense(spans) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [16, 32, (16, 40), (32, 24)])
 def test_block_mask_equals_the_spans(seed, block_size):
     rng = random.Random(seed)
     family, convention = rng.choice(rules.FAMILIES), rng.choice(rules.CONVENTIONS)

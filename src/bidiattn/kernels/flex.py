@@ -30,10 +30,11 @@ def _block_table(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return member.sum(1, dtype=torch.int32)[None, None], order[None, None]
 
 
-def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE, for_backward: bool = True,
-                          padded_length: int | None = None):
+def block_mask_from_spans(spans: SpanMask, block_size: int | tuple[int, int] = FLEX_BLOCK_SIZE,
+                          for_backward: bool = True, padded_length: int | None = None):
     """FlexAttention ``BlockMask`` (batch 1, broadcast over heads) equal to ``spans.to_dense()``.
 
+    ``block_size``: one size for query and key blocks, or ``(query block, key block)``.
     ``for_backward=False`` skips the transposed (per-key-block) tables only a backward reads.
     ``padded_length`` (>= T) appends rows that attend only themselves, for inputs padded to it.
     """
@@ -45,17 +46,18 @@ def block_mask_from_spans(spans: SpanMask, block_size: int = FLEX_BLOCK_SIZE, fo
     return _block_mask(glo, ghi, t, block_size, for_backward)
 
 
-def _block_mask(glo: torch.Tensor, ghi: torch.Tensor, t: int, block_size: int, for_backward: bool):
+def _block_mask(glo: torch.Tensor, ghi: torch.Tensor, t: int, block_size: int | tuple[int, int], for_backward: bool):
     from torch.nn.attention.flex_attention import BlockMask
 
-    nb = -(-t // block_size)
-    first = torch.arange(nb, device=glo.device) * block_size
-    last = torch.clamp(first + block_size - 1, max=t - 1)
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    nq = -(-t // bq)
+    first = torch.arange(nq, device=glo.device) * bq
+    last = torch.clamp(first + bq - 1, max=t - 1)
     lo_min, lo_max, hi_min, hi_max = glo[first], glo[last], ghi[first], ghi[last]
-    kb = torch.arange(nb, device=glo.device)[None, :]
-    visited = (kb >= (lo_min // block_size)[:, None]) & (kb <= (hi_max // block_size)[:, None])
-    full_start = -(-lo_max // block_size)
-    full_end = (hi_min + 1) // block_size
+    kb = torch.arange(-(-t // bk), device=glo.device)[None, :]
+    visited = (kb >= (lo_min // bk)[:, None]) & (kb <= (hi_max // bk)[:, None])
+    full_start = -(-lo_max // bk)
+    full_end = (hi_min + 1) // bk
     full = (kb >= full_start[:, None]) & (kb < full_end[:, None])
     partial = visited & ~full
     kv_num, kv_idx = _block_table(partial)
@@ -65,7 +67,7 @@ def _block_mask(glo: torch.Tensor, ghi: torch.Tensor, t: int, block_size: int, f
         return (kv_idx >= glo[q_idx]) & (kv_idx <= ghi[q_idx])
 
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(t, t),
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(t, t),
         compute_q_blocks=for_backward,
     )
 
@@ -95,7 +97,8 @@ def span_attention_flex(
     Compiled on CUDA; eager elsewhere (slow, for tests). Differentiable. ``flash=True`` asks
     FlexAttention for its FLASH backend: FA4 (``flash_attn.cute``) with the spans' ``mask_mod``
     compiled to CuTe and the block tables as FA4's block sparsity, forward and backward (CUDA,
-    head dim <= 256; the FA4 backend's ``mask_mod`` strategy).
+    head dim <= 256; the FA4 backend's ``mask_mod`` strategy); with gradients it returns no
+    lse (``None``).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -108,7 +111,10 @@ def span_attention_flex(
         # attend only themselves and drop them from the output.
         padded = -(-t // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - t)) for x in (q, k, v))
-    block_mask = block_mask_from_spans(spans, for_backward=needs_grad, padded_length=padded)
+    # FA4 on SM90 needs key blocks that are a multiple of its key tile (80 at hd256: "Block
+    # sparsity requires sparse_block_size[1] to be a multiple of tile_n=80", H200).
+    block = (FLEX_BLOCK_SIZE, 160 if q.shape[-1] > 128 else FLEX_BLOCK_SIZE) if flash else FLEX_BLOCK_SIZE
+    block_mask = block_mask_from_spans(spans, block, for_backward=needs_grad, padded_length=padded)
     score_mod = _softcap_score_mod(softcap) if softcap is not None else None
 
     fn = _compiled_flex() if q.is_cuda else flex_attention
@@ -122,6 +128,12 @@ def span_attention_flex(
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                   kernel_options=options)
+    if flash and needs_grad:
+        # The FLASH backward cannot differentiate through the lse ("FLASH backend backward does
+        # not support differentiating through logsumexp", torch 2.11), and asking for the lse
+        # makes it part of the graph: no lse then.
+        out = fn(qt, kt, vt, **kwargs)
+        return out.squeeze(0).transpose(0, 1)[:t], None
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9 only has the older flag
