@@ -33,14 +33,15 @@ def fa4_available() -> bool:
 requires_fa4 = pytest.mark.skipif(not fa4_available(), reason="FlashAttention-4 (flash_attn.cute) is not installed")
 
 
-def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0):
+def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, strategy="segments"):
     g = torch.Generator().manual_seed(seed)
     t, tk = spans.total_tokens, spans.total_keys
     q = torch.randn(t, hq, d, generator=g).to(dtype).cuda()
     k, v = (torch.randn(tk, hkv, d, generator=g).to(dtype).cuda() for _ in range(2))
     spans = spans.to("cuda")
     scale = 1 / math.sqrt(d)
-    out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="fa4")
+    out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="fa4",
+                                  fa4_strategy=strategy)
     ref32, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
     torch_err = (lowp_attention(q, k, v, spans, scale, softcap).float() - ref32).abs().max().item()
     err = (out.float() - ref32).abs().max().item()
@@ -99,7 +100,22 @@ def test_real_size_and_a_shared_plan():
 
 @pytest.mark.gpu
 @requires_fa4
-def test_gradients_match_the_reference():
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("family,convention,layer", [("gemma3", "official", "full"), ("gemma4", "official", "sliding"),
+                                                     ("paligemma", "vllm", "sliding")])
+@pytest.mark.parametrize("d", [128, 256])
+def test_mask_mod_strategy_forward(family, convention, layer, d):
+    rng = random.Random(hash((family, layer, d)) % 997)
+    ids, cu = random_packed_layout(rng, max_seqs=3, max_len=300, block_frac=0.4)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=37, cu_seqlens=cu)
+    check_forward(spans, 8, 2, d, torch.bfloat16, seed=5, strategy="mask_mod")
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("strategy", ["segments", "mask_mod"])
+def test_gradients_match_the_reference(strategy):
     spans = image_spans(301, [(20, 150), (200, 260)], "gemma4", "official", "sliding", window=64).to("cuda")
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(301, h, 128, generator=g).to(torch.bfloat16).cuda() for h in (4, 2, 2))
@@ -109,7 +125,7 @@ def test_gradients_match_the_reference():
         x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         return torch.autograd.grad((fn(*x).float() * dout).sum(), x)
 
-    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, backend="fa4"))
+    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, backend="fa4", fa4_strategy=strategy))
     want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans))
     lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(128), None))
     for name, a, w, t in zip("qkv", got, want, lowp):
@@ -123,6 +139,20 @@ def test_without_fa4_or_cuda_it_says_why():
     spans = image_spans(5, [(1, 3)])
     with pytest.raises(ValueError, match="backend='fa4' needs"):
         bidiattn.attention(q, q[:, :1], q[:, :1], spans, backend="fa4")
+
+
+@pytest.mark.gpu
+@requires_fa4
+def test_strategy_errors():
+    q = torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    spans = image_spans(300, [(10, 200)]).to("cuda")
+    with pytest.raises(ValueError, match="fa4_strategy must be one of .* got 'dense'"):
+        bidiattn.attention(q, q, q, spans, backend="fa4", fa4_strategy="dense")
+    with pytest.raises(ValueError, match="returns no lse with gradients"):
+        bidiattn.attention(q, q, q, spans, backend="fa4", fa4_strategy="mask_mod", return_lse=True)
+    extend = tail_rows(spans.to("cpu"), [5]).to("cuda")
+    with pytest.raises(ValueError, match="self-attention spans only"):
+        bidiattn.attention(q[-5:], q, q, extend, backend="fa4", fa4_strategy="mask_mod")
 
 
 def test_auto_without_fa4_support_ignores_the_plan():

@@ -111,9 +111,9 @@ def span_attention_flex(
         # attend only themselves and drop them from the output.
         padded = -(-t // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - t)) for x in (q, k, v))
-    # FA4 on SM90 needs key blocks that are a multiple of its key tile (80 at hd256: "Block
-    # sparsity requires sparse_block_size[1] to be a multiple of tile_n=80", H200).
-    block = (FLEX_BLOCK_SIZE, 160 if q.shape[-1] > 128 else FLEX_BLOCK_SIZE) if flash else FLEX_BLOCK_SIZE
+    # FA4 on SM90 needs key blocks equal to its key tile, 80 at hd256 ("Block sparsity requires
+    # sparse_block_size[1]=160 to match tile_n=80", H200, FA4 4.0.0b36); 128 up to hd128.
+    block = (FLEX_BLOCK_SIZE, 80 if q.shape[-1] > 128 else FLEX_BLOCK_SIZE) if flash else FLEX_BLOCK_SIZE
     block_mask = block_mask_from_spans(spans, block, for_backward=needs_grad, padded_length=padded)
     score_mod = _softcap_score_mod(softcap) if softcap is not None else None
 
