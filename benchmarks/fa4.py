@@ -85,7 +85,8 @@ def main() -> None:
             row[f"fa4_{name}_rel_err"] = cases.rel_err(got, ref)
         try:
             row["fa4_mask_mod_rel_err"] = cases.rel_err(mask_mod_flash(q, k, v), ref)
-            row["fa4_mask_mod_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(mask_mod_flash), want))
+            if d <= 128:  # FA4's forward and backward key tiles differ at hd256 (see attention())
+                row["fa4_mask_mod_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(mask_mod_flash), want))
         except Exception as e:  # noqa: BLE001 - FlexAttention's FLASH backend is experimental
             row["fa4_mask_mod_error"] = cases.describe_error(e, 400)
             print(case.name, "mask_mod", row["fa4_mask_mod_error"], flush=True)
@@ -117,7 +118,7 @@ def main() -> None:
             timed["fa4_local_fwd"] = (lambda: flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                               window_size=(w - 1, 0))[0], 4 * local_pairs * d * case.hq)
         for key, (fn, fl) in timed.items():
-            if key.startswith("fa4_mask_mod") and "fa4_mask_mod_error" in row:
+            if key.startswith("fa4_mask_mod") and ("fa4_mask_mod_error" in row or ("bwd" in key and d > 128)):
                 continue
             try:
                 row[key + "_ms"] = cases.ms(fn, rep=100 if "bwd" in key else 300)

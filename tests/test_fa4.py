@@ -40,14 +40,20 @@ def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, strategy="segm
     k, v = (torch.randn(tk, hkv, d, generator=g).to(dtype).cuda() for _ in range(2))
     spans = spans.to("cuda")
     scale = 1 / math.sqrt(d)
-    out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="fa4",
-                                  fa4_strategy=strategy)
+    if strategy == "mask_mod":
+        out = bidiattn.attention(q, k, v, spans, softcap=softcap, backend="fa4", fa4_strategy=strategy)
+        lse = None
+    else:
+        out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="fa4",
+                                      fa4_strategy=strategy)
     ref32, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
     torch_err = (lowp_attention(q, k, v, spans, scale, softcap).float() - ref32).abs().max().item()
     err = (out.float() - ref32).abs().max().item()
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert not torch.isnan(out).any()
     assert err <= 2 * torch_err + 1e-3, (err, torch_err)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+    if lse is not None:
+        assert not torch.isnan(lse).any()
+        torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu
@@ -148,8 +154,11 @@ def test_strategy_errors():
     spans = image_spans(300, [(10, 200)]).to("cuda")
     with pytest.raises(ValueError, match="fa4_strategy must be one of .* got 'dense'"):
         bidiattn.attention(q, q, q, spans, backend="fa4", fa4_strategy="dense")
-    with pytest.raises(ValueError, match="returns no lse with gradients"):
+    with pytest.raises(ValueError, match="returns no lse"):
         bidiattn.attention(q, q, q, spans, backend="fa4", fa4_strategy="mask_mod", return_lse=True)
+    q256 = torch.randn(300, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="no backward at head dim 256"):
+        bidiattn.attention(q256, q256, q256, spans, backend="fa4", fa4_strategy="mask_mod")
     extend = tail_rows(spans.to("cpu"), [5]).to("cuda")
     with pytest.raises(ValueError, match="self-attention spans only"):
         bidiattn.attention(q[-5:], q, q, extend, backend="fa4", fa4_strategy="mask_mod")

@@ -97,9 +97,10 @@ def attention(
         fa4_strategy: how ``backend="fa4"`` expresses the mask: ``"segments"`` (the launches
             above; backward through the triton kernels), ``"mask_mod"`` (one FA4 launch through
             FlexAttention's FLASH backend: the spans as a ``mask_mod`` plus block sparsity built
-            on the device, FA4's own backward; self-attention spans only, no lse with
-            gradients) or ``"auto"``: ``mask_mod`` when gradients are needed (fwd+bwd 0.88x FA4
-            causal vs 0.64x at hd128 on an H200), ``segments`` otherwise (forward 0.93-0.98x).
+            on the device, FA4's own backward; self-attention spans only, no lse, backward up
+            to head dim 128) or ``"auto"``: ``mask_mod`` where it can take the call and
+            gradients are needed (fwd+bwd 0.88x FA4 causal vs 0.64x at hd128 on an H200),
+            ``segments`` otherwise (forward 0.93-0.98x).
         segment_plan: for ``backend="fa4"``: :func:`bidiattn.segments.plan_segments` of
             ``spans``, built once and shared by the layers that use the same spans (saves the
             planning and its host sync on every call). Ignored by the other backends.
@@ -153,14 +154,21 @@ def attention(
             raise ValueError(f"fa4_strategy must be one of {FA4_STRATEGIES}, got {fa4_strategy!r}")
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if fa4_strategy == "auto":
-            mask_mod_ok = needs_grad and spans.is_self_attention and not return_lse
+            mask_mod_ok = needs_grad and spans.is_self_attention and not return_lse and q.shape[-1] <= 128
             fa4_strategy = "mask_mod" if mask_mod_ok else "segments"
         if fa4_strategy == "mask_mod":
             if not spans.is_self_attention:
                 raise ValueError("fa4_strategy='mask_mod' takes self-attention spans only; use 'segments'")
-            if needs_grad and return_lse:
-                raise ValueError("fa4_strategy='mask_mod' returns no lse with gradients (FlexAttention's FLASH "
-                                 "backward cannot differentiate it); use 'segments'")
+            if return_lse:
+                # Measured on an H200 (torch 2.11, FA4 4.0.0b36): the FLASH backend's lse came
+                # back as ln(2) times the true one; refused rather than returned wrong.
+                raise ValueError("fa4_strategy='mask_mod' returns no lse (FlexAttention's FLASH lse is wrong by a "
+                                 "factor ln 2 in the tested versions); use 'segments'")
+            if needs_grad and q.shape[-1] > 128:
+                # One BlockMask serves both passes; FA4 wants 80-key blocks forward and 64 backward
+                # at hd256 on SM90.
+                raise ValueError(f"fa4_strategy='mask_mod' has no backward at head dim {q.shape[-1]} (> 128): FA4's "
+                                 "forward and backward key tiles differ there; use 'segments'")
             from .kernels.flex import span_attention_flex
 
             out, lse = span_attention_flex(q, k, v, spans, scale, softcap, flash=True)
