@@ -49,15 +49,10 @@ def main() -> None:
         fwd_fl, bwd_fl = cases.flops(case, pairs), 10 * pairs * case.head_dim * case.hq
         dout = torch.randn_like(q)
         mask = spans.to_dense()
+        _, want = cases.sdpa_reference(q, k, v, mask, dout)
         st, sk, sv = (x.detach().requires_grad_() for x in cases.sdpa_inputs(q, k, v))
-        ref_out = F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask)
-        g = torch.autograd.grad(ref_out, (st, sk, sv), dout.transpose(0, 1).unsqueeze(0))
-        group = case.hq // case.hkv
-        want = (g[0].squeeze(0).transpose(0, 1),
-                *(x.squeeze(0).transpose(0, 1).unflatten(1, (case.hkv, group)).sum(2) for x in g[1:]))
         sdpa_fb = cases.ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask),
                                                        (st, sk, sv), dout.transpose(0, 1).unsqueeze(0)), rep=100)
-        del ref_out, g
         out, lse = bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton")
         scale = case.head_dim**-0.5
         if case.name in SWEPT and not args.no_sweep:

@@ -74,6 +74,19 @@ def sdpa_dense(q, k, v, mask):
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).squeeze(0).transpose(0, 1)
 
 
+def sdpa_reference(q, k, v, mask, dout):
+    """SDPA with the dense mask: ``out [T, Hq, D]`` and the gradients ``(dq, dk, dv)`` of
+    ``(out * dout).sum()`` in the packed layout (dk/dv summed over each K/V head's query heads)."""
+    st, sk, sv = (x.detach().requires_grad_() for x in sdpa_inputs(q, k, v))
+    out = F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask)
+    g = torch.autograd.grad(out, (st, sk, sv), dout.transpose(0, 1).unsqueeze(0))
+    hkv = k.shape[1]
+    group = q.shape[1] // hkv
+    grads = (g[0].squeeze(0).transpose(0, 1),
+             *(x.squeeze(0).transpose(0, 1).unflatten(1, (hkv, group)).sum(2) for x in g[1:]))
+    return out.squeeze(0).transpose(0, 1).detach(), grads
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 

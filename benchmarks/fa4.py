@@ -17,7 +17,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 import bidiattn
 import cases
@@ -51,15 +50,7 @@ def main() -> None:
                    launches=[dict(kind=c.kind, window=[c.window_left, c.window_right], segments=c.num_segments,
                                   rows=int(c.q_len.sum()), max_rows=c.max_q_len) for c in plan.calls])
         dout = torch.randn_like(q)
-        mask = spans.to_dense()
-        st, sk, sv = (x.detach().requires_grad_() for x in cases.sdpa_inputs(q, k, v))
-        ref = F.scaled_dot_product_attention(st, sk, sv, attn_mask=mask)
-        g = torch.autograd.grad(ref, (st, sk, sv), dout.transpose(0, 1).unsqueeze(0))
-        group = case.hq // case.hkv
-        want = (g[0].squeeze(0).transpose(0, 1),
-                *(x.squeeze(0).transpose(0, 1).unflatten(1, (case.hkv, group)).sum(2) for x in g[1:]))
-        ref = ref.squeeze(0).transpose(0, 1).detach()
-        del g, st, sk, sv, mask
+        ref, want = cases.sdpa_reference(q, k, v, spans.to_dense(), dout)
 
         def fwd_bwd(fn):
             x = [t_.detach().requires_grad_() for t_ in (q, k, v)]

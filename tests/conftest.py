@@ -51,6 +51,21 @@ def image_spans(length, blocks, family="gemma3", convention="official", layer="f
     return rules.build(family, convention, layer, block_ids=ids, window=window)
 
 
+def tail_rows(spans, keep: list[int]):
+    """Extend spans: the last ``keep[b]`` rows of each sequence over all of its keys."""
+    from bidiattn.spans import SpanMask
+
+    cu = spans.cu_seqlens.tolist()
+    rows, new_cu = [], [0]
+    for b, n in enumerate(keep):
+        n = min(n, cu[b + 1] - cu[b])
+        rows += range(cu[b + 1] - n, cu[b + 1])
+        new_cu.append(new_cu[-1] + n)
+    idx = torch.tensor(rows)
+    return SpanMask(spans.lo[idx], spans.hi[idx], torch.tensor(new_cu), cu_seqlens_k=spans.cu_seqlens,
+                    total_keys=spans.total_tokens)
+
+
 def gpu_size_spans():
     """The benchmark's layout, shorter: 4K tokens, 1092-token images every 2048, sliding W=1024."""
     return image_spans(4096, [(s, s + 1092) for s in range(500, 4096, 2048)], layer="sliding", window=1024)

@@ -18,8 +18,7 @@ import bidiattn
 from bidiattn import reference, rules
 from bidiattn.segments import plan_segments
 from bidiattn.spans import SpanMask
-from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout
-from test_segments import tail_rows
+from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout, tail_rows
 
 
 def fa4_available() -> bool:

@@ -12,22 +12,9 @@ from bidiattn import rules
 from bidiattn.segments import SegmentPlan, plan_segments
 from bidiattn.spans import SpanMask
 
-from conftest import image_spans, random_packed_layout
+from conftest import image_spans, random_packed_layout, tail_rows
 
 RULES = [(f, c, layer) for f in rules.FAMILIES for c in rules.CONVENTIONS for layer in rules.LAYERS]
-
-
-def tail_rows(spans: SpanMask, keep: list[int]) -> SpanMask:
-    """Extend spans: the last ``keep[b]`` rows of each sequence over all of its keys."""
-    cu = spans.cu_seqlens.tolist()
-    rows, new_cu = [], [0]
-    for b, n in enumerate(keep):
-        n = min(n, cu[b + 1] - cu[b])
-        rows += range(cu[b + 1] - n, cu[b + 1])
-        new_cu.append(new_cu[-1] + n)
-    idx = torch.tensor(rows)
-    return SpanMask(spans.lo[idx], spans.hi[idx], torch.tensor(new_cu), cu_seqlens_k=spans.cu_seqlens,
-                    total_keys=spans.total_tokens)
 
 
 def check(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:

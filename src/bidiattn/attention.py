@@ -14,7 +14,6 @@ from .spans import SpanMask
 __all__ = ["attention", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
-FA4_STRATEGIES = ("auto", "segments", "mask_mod")
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 512
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -143,37 +142,15 @@ def attention(
         out, lse = span_attention_flex(q, k, v, spans, scale, softcap)
         return (out, lse) if return_lse else out
     if backend == "fa4":
-        from .kernels.fa4 import fa4_unsupported, span_attention_fa4
+        from .kernels.fa4 import fa4_attention, fa4_unsupported
 
         unsupported = fa4_unsupported(q, k, v)
         if unsupported is not None:
             raise unsupported
         if segment_plan is not None and not isinstance(segment_plan, SegmentPlan):
             raise TypeError(f"segment_plan must be a SegmentPlan, got {type(segment_plan).__name__}")
-        if fa4_strategy not in FA4_STRATEGIES:
-            raise ValueError(f"fa4_strategy must be one of {FA4_STRATEGIES}, got {fa4_strategy!r}")
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        if fa4_strategy == "auto":
-            mask_mod_ok = needs_grad and spans.is_self_attention and not return_lse and q.shape[-1] <= 128
-            fa4_strategy = "mask_mod" if mask_mod_ok else "segments"
-        if fa4_strategy == "mask_mod":
-            if not spans.is_self_attention:
-                raise ValueError("fa4_strategy='mask_mod' takes self-attention spans only; use 'segments'")
-            if return_lse:
-                # Measured on an H200 (torch 2.11, FA4 4.0.0b36): the FLASH backend's lse came
-                # back as ln(2) times the true one; refused rather than returned wrong.
-                raise ValueError("fa4_strategy='mask_mod' returns no lse (FlexAttention's FLASH lse is wrong by a "
-                                 "factor ln 2 in the tested versions); use 'segments'")
-            if needs_grad and q.shape[-1] > 128:
-                # One BlockMask serves both passes; FA4 wants 80-key blocks forward and 64 backward
-                # at hd256 on SM90.
-                raise ValueError(f"fa4_strategy='mask_mod' has no backward at head dim {q.shape[-1]} (> 128): FA4's "
-                                 "forward and backward key tiles differ there; use 'segments'")
-            from .kernels.flex import span_attention_flex
-
-            out, lse = span_attention_flex(q, k, v, spans, scale, softcap, flash=True)
-        else:
-            out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, segment_plan, deterministic)
+        out, lse = fa4_attention(q, k, v, spans, scale, softcap, return_lse=return_lse, plan=segment_plan,
+                                 strategy=fa4_strategy, deterministic=deterministic)
         return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported

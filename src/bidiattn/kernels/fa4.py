@@ -21,9 +21,10 @@ import torch
 from ..segments import SegmentPlan, plan_segments
 from ..spans import SpanMask
 
-__all__ = ["fa4_unsupported", "span_attention_fa4_forward", "span_attention_fa4"]
+__all__ = ["STRATEGIES", "fa4_attention", "fa4_unsupported", "span_attention_fa4_forward", "span_attention_fa4"]
 
 FA4_DTYPES = (torch.float16, torch.bfloat16)
+STRATEGIES = ("auto", "segments", "mask_mod")
 
 
 def _fa4_interface():
@@ -129,3 +130,36 @@ def span_attention_fa4(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable :func:`span_attention_fa4_forward` (backward: bidiattn's Triton kernels)."""
     return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan, deterministic)
+
+
+def fa4_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None, *,
+    return_lse: bool, plan: SegmentPlan | None, strategy: str, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``backend="fa4"`` of :func:`bidiattn.attention` on validated inputs: picks the strategy
+    (see its ``fa4_strategy``), refuses what a strategy cannot do, returns ``(out, lse)``
+    (``lse`` is ``None`` from ``mask_mod``, which never returns one)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"fa4_strategy must be one of {STRATEGIES}, got {strategy!r}")
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if strategy == "auto":
+        mask_mod_ok = needs_grad and spans.is_self_attention and not return_lse and q.shape[-1] <= 128
+        strategy = "mask_mod" if mask_mod_ok else "segments"
+    if strategy == "segments":
+        return span_attention_fa4(q, k, v, spans, scale, softcap, plan, deterministic)
+    if not spans.is_self_attention:
+        raise ValueError("fa4_strategy='mask_mod' takes self-attention spans only; use 'segments'")
+    if return_lse:
+        # Measured on an H200 (torch 2.11, FA4 4.0.0b36): the FLASH backend's lse came back as
+        # ln(2) times the true one; refused rather than returned wrong.
+        raise ValueError("fa4_strategy='mask_mod' returns no lse (FlexAttention's FLASH lse is wrong by a "
+                         "factor ln 2 in the tested versions); use 'segments'")
+    if needs_grad and q.shape[-1] > 128:
+        # One BlockMask serves both passes; FA4 wants 80-key blocks forward and 64 backward at
+        # hd256 on SM90.
+        raise ValueError(f"fa4_strategy='mask_mod' has no backward at head dim {q.shape[-1]} (> 128): FA4's "
+                         "forward and backward key tiles differ there; use 'segments'")
+    from .flex import span_attention_flex
+
+    out, _ = span_attention_flex(q, k, v, spans, scale, softcap, flash=True)
+    return out, None
