@@ -50,6 +50,7 @@ from typing import Literal
 
 import torch
 
+from .blocks import BlockList
 from .spans import SpanMask, _check_cu_seqlens, _first_true, sequence_index
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "rule_for",
     "build",
     "build_rule",
+    "build_from_blocks",
     "dense",
     "block_extents",
     "block_ids_from_mask",
@@ -289,6 +291,98 @@ def build_rule(
     total = block_ids.numel()
     seq = sequence_index(cu_seqlens, total)
     q = torch.arange(total, device=block_ids.device, dtype=torch.int64) - cu_seqlens[seq]
+    lo, hi = _interval(rule, q, start, end, in_block, window)
+    return SpanMask(lo, hi, cu_seqlens, validate=False)
+
+
+def build_from_blocks(
+    family: str,
+    convention: str,
+    layer: str,
+    *,
+    blocks: BlockList,
+    cu_seqlens: torch.Tensor,
+    total_tokens: int,
+    window: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    total_keys: int | None = None,
+    validate: bool = True,
+) -> SpanMask:
+    """Spans of a step (or of whole prompts) from each sequence's block list: one kernel on CUDA.
+
+    What a serving engine calls once per step and shares across the layers of a type: the
+    blocks are the requests' image positions (static, fixed-size buffers), the offsets change
+    per step. On CUDA this is one Triton launch with no host sync when ``validate=False``
+    (CUDA-graph safe): each row binary-searches its sequence and its block. On CPU the same
+    intervals come from vectorized PyTorch (:meth:`BlockList.token_extents`).
+
+    Args:
+        family, convention, layer, window: as for :func:`build`.
+        blocks: a :class:`~bidiattn.blocks.BlockList` of the step's ``B`` sequences, positions
+            local to each sequence (a request's whole layout may be passed at every step:
+            blocks past the step's keys are never reached).
+        cu_seqlens: int64 ``[B+1]``, the step's query rows per sequence (packed).
+        total_tokens: ``T``, the number of query rows (an int: sizes the output with no sync).
+        cu_seqlens_k, total_keys: extend spans: each sequence's key count (cache + new rows);
+            its query rows are the last ``q_len`` of its ``k_len`` keys. ``None``: the rows are
+            whole sequences (self-attention).
+        validate: host-sync checks of the offsets, of the blocks against the step
+            (:meth:`BlockList.check`: sorted, non-overlapping, no block straddling the step's
+            first row or its last key) and of the resulting spans.
+
+    Returns:
+        A :class:`~bidiattn.SpanMask` (int32 ``lo``/``hi``; extend spans when ``cu_seqlens_k``
+        is given). Example, gemma3 full, one sequence of 10 keys with a block at ``[3, 6)``,
+        a step over its last 5 rows (keys 0..9)::
+
+            pos  lo hi   keys 0..9
+             5    0  5   xxxxxx....   (block row: sees to the block end, 5)
+             6    0  6   xxxxxxx...
+             7    0  7   xxxxxxxx..
+             8    0  8   xxxxxxxxx.
+             9    0  9   xxxxxxxxxx
+    """
+    rule = rule_for(family, convention, layer)
+    _check_window(rule, family, convention, layer, window)
+    if not isinstance(blocks, BlockList):
+        raise TypeError(f"blocks must be a bidiattn.blocks.BlockList, got {type(blocks).__name__}")
+    if isinstance(total_tokens, bool) or not isinstance(total_tokens, int) or total_tokens < 1:
+        raise ValueError(f"total_tokens must be a positive int, got {total_tokens!r}")
+    _check_cu_seqlens(cu_seqlens, total_tokens, validate)
+    if cu_seqlens_k is None:
+        if total_keys is not None:
+            raise ValueError("total_keys needs cu_seqlens_k (self-attention has total_tokens keys)")
+        keys, num_keys = cu_seqlens, total_tokens
+    else:
+        if isinstance(total_keys, bool) or not isinstance(total_keys, int) or total_keys < 1:
+            raise ValueError(f"total_keys must be a positive int with cu_seqlens_k, got {total_keys!r}")
+        _check_cu_seqlens(cu_seqlens_k, total_keys, validate)
+        if cu_seqlens_k.shape != cu_seqlens.shape:
+            raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel() - 1} sequences, cu_seqlens {cu_seqlens.numel() - 1}")
+        keys, num_keys = cu_seqlens_k, total_keys
+    if blocks.num_sequences != cu_seqlens.numel() - 1:
+        raise ValueError(f"blocks has {blocks.num_sequences} sequences, cu_seqlens {cu_seqlens.numel() - 1}")
+    for name, t in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", keys)):
+        if t.device != blocks.device:
+            raise ValueError(f"{name} is on {t.device}, blocks on {blocks.device}")
+    if validate:
+        blocks.check(cu_seqlens, keys)
+    if cu_seqlens.device.type == "cuda":
+        from .kernels.span_builder import build_spans_triton
+
+        lo, hi = build_spans_triton(rule, blocks, cu_seqlens, keys, total_tokens, window)
+    else:
+        pos, start, end, in_block = blocks.token_extents(cu_seqlens, keys, total_tokens)
+        lo, hi = _interval(rule, pos, start, end, in_block, window)
+    if cu_seqlens_k is None:
+        return SpanMask(lo, hi, cu_seqlens, validate=validate)
+    return SpanMask(lo, hi, cu_seqlens, validate=validate, cu_seqlens_k=cu_seqlens_k, total_keys=num_keys)
+
+
+def _interval(rule: Rule, q: torch.Tensor, start: torch.Tensor, end: torch.Tensor, in_block: torch.Tensor,
+              window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``(lo, hi)`` of rows at positions ``q`` whose block is ``[start, end]`` (inclusive,
+    where ``in_block``): the interval formulas of the module doc, the spec of the span kernels."""
     if rule.blocks == "none":
         honoured = torch.zeros_like(in_block)
     elif rule.blocks == "short":
@@ -307,7 +401,7 @@ def build_rule(
         block_lo, block_hi = left, torch.minimum(end, q + window - 1)
     lo = torch.where(honoured, block_lo, left).to(torch.int32)
     hi = torch.where(honoured, block_hi, plain_hi).to(torch.int32)
-    return SpanMask(lo, hi, cu_seqlens, validate=False)
+    return lo, hi
 
 
 def dense(
