@@ -18,11 +18,13 @@ import torch.nn.functional as F
 import bidiattn
 import cases
 from bidiattn import rules
-from bidiattn.kernels.forward import TileConfig, pick_config, span_attention_forward
+from bidiattn.blocks import BlockList
+from bidiattn.kernels.forward import TileConfig, pick_config, plan_forward, span_attention_forward
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
 from bidiattn.spans import SpanMask
 
 HQ, HKV, D = 16, 8, 128
+SPLIT_SWEEP = (2, 4, 8, 16, 32)
 
 
 def image_ids(t: int) -> torch.Tensor:
@@ -82,6 +84,21 @@ def decode_rows(ctx_lens, fa4):
             graph_fn = _graphed(variants["bidiattn_auto_splits"])
             if graph_fn is not None:
                 variants["bidiattn_cuda_graph"] = graph_fn
+            # A launch plan built once per step and shared by the layers: each layer's call is the
+            # kernel (and the split merge) only.
+            plan = plan_forward(spans, HQ, HKV, D)
+            row["planned_kv_splits"] = plan.kv_splits
+            variants["bidiattn_planned"] = lambda: span_attention_forward(q, k, v, spans, D**-0.5, None, plan=plan)[0]
+            graph_fn = _graphed(variants["bidiattn_planned"])
+            if graph_fn is not None:
+                variants["bidiattn_planned_cuda_graph"] = graph_fn
+            decode_cfg = pick_config(D, rows_per_sequence=1)
+            for splits in SPLIT_SWEEP:
+                plan_s = plan_forward(spans, HQ, HKV, D, config=TileConfig(**{**decode_cfg.__dict__, "kv_splits": splits}))
+                graph_fn = _graphed(lambda plan_s=plan_s: span_attention_forward(q, k, v, spans, D**-0.5, None,
+                                                                                 plan=plan_s)[0])
+                if graph_fn is not None:
+                    variants[f"planned_graph_splits{splits}"] = graph_fn
             for name, fn in variants.items():
                 try:
                     got = fn()
@@ -101,13 +118,23 @@ def prefill_rows(t: int, budgets):
     ids = image_ids(t)
     q = torch.randn(t, HQ, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(t, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    layout = RequestLayout.from_block_ids(ids.cpu())
+    blocks = BlockList.from_pairs([layout.blocks], device="cuda")
     rows = []
     for layer, window in (("full", None), ("sliding", 1024)):
         full = rules.build("gemma3", "official", layer, block_ids=ids, window=window)
         one_shot = bidiattn.attention(q, k, v, full, backend="triton")
         t_one = cases.ms(lambda: bidiattn.attention(q, k, v, full, backend="triton"), rep=100)
         row = dict(tokens=t, layer=layer, one_shot_ms=t_one, pairs=full.num_pairs())
-        layout = RequestLayout.from_block_ids(ids.cpu())
+        # With the launch plan built outside the timed call (once per step, shared by the layers).
+        plan_one = plan_forward(full, HQ, HKV, D)
+
+        def one_planned():
+            return span_attention_forward(q, k, v, full, D**-0.5, None, plan=plan_one)[0]
+
+        row["one_shot_planned_ms"] = cases.ms(one_planned, rep=100)
+        graphed = _graphed(one_planned)
+        row["one_shot_planned_graph_ms"] = cases.ms(graphed, rep=100) if graphed else None
         for budget in budgets:
             plan = plan_prefill([layout], budget)
             steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan.steps]
@@ -121,8 +148,37 @@ def prefill_rows(t: int, budgets):
 
             err = cases.rel_err(run(), one_shot)
             ms = cases.ms(run, rep=100)
-            row[f"chunked_{budget}"] = dict(steps=len(plan.steps), max_step_tokens=plan.max_step_tokens, ms=ms,
-                                            rel_err_vs_one_shot=err, throughput_vs_one_shot=t_one / ms)
+            cell = dict(steps=len(plan.steps), max_step_tokens=plan.max_step_tokens, ms=ms,
+                        rel_err_vs_one_shot=err, throughput_vs_one_shot=t_one / ms)
+            planned = [(spans, c, plan_forward(spans, HQ, HKV, D)) for spans, c in steps]
+
+            def run_planned():
+                for spans, c, p in planned:
+                    span_attention_forward(q[c.start : c.end], k[: c.end], v[: c.end], spans, D**-0.5, None,
+                                           out=out[c.start : c.end], plan=p)
+                return out
+
+            cell["planned_rel_err_vs_one_shot"] = cases.rel_err(run_planned(), one_shot)
+            cell["planned_ms"] = cases.ms(run_planned, rep=100)
+            cell["planned_vs_one_shot_planned"] = row["one_shot_planned_ms"] / cell["planned_ms"]
+            graphed = _graphed(run_planned)
+            if graphed is not None and row["one_shot_planned_graph_ms"]:
+                cell["planned_graph_ms"] = cases.ms(graphed, rep=100)
+                cell["planned_graph_vs_one_shot_graph"] = row["one_shot_planned_graph_ms"] / cell["planned_graph_ms"]
+            # Per-step metadata (spans from the block list + launch plan), paid once per step and
+            # layer type, not per layer.
+            c0 = plan.steps[len(plan.steps) // 2].chunks[0]
+            cu_q = torch.tensor([0, c0.tokens], device="cuda")
+            cu_k = torch.tensor([0, c0.end], device="cuda")
+
+            def metadata():
+                spans = rules.build_from_blocks("gemma3", "official", layer, blocks=blocks, cu_seqlens=cu_q,
+                                                total_tokens=c0.tokens, window=window, cu_seqlens_k=cu_k,
+                                                total_keys=c0.end, validate=False)
+                return plan_forward(spans, HQ, HKV, D)
+
+            cell["step_metadata_us"] = 1000 * cases.ms(metadata, rep=50)
+            row[f"chunked_{budget}"] = cell
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -131,64 +187,103 @@ def prefill_rows(t: int, budgets):
 def metadata_row(t: int):
     ids = image_ids(t)
     cu = torch.tensor([0, t], device="cuda")
+    blocks = BlockList.from_pairs([RequestLayout.from_block_ids(ids.cpu()).blocks], device="cuda")
+    want = rules.build("gemma3", "official", "sliding", block_ids=ids, window=1024, cu_seqlens=cu)
 
-    def build():
+    def from_ids():
         spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=1024, cu_seqlens=cu, validate=False)
         return spans.tile_summary(pick_config(D).block_m)
 
-    build()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        build()
-        no_sync = True
-    except RuntimeError:
-        no_sync = False
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    row = dict(tokens=t, bytes_per_token=8, build_us=1000 * cases.ms(build, rep=100), no_host_sync=no_sync)
-    replay = _graphed(build)
-    if replay is not None:
-        row["build_us_cuda_graph"] = 1000 * cases.ms(replay, rep=100)
+    def from_blocks():
+        return rules.build_from_blocks("gemma3", "official", "sliding", blocks=blocks, cu_seqlens=cu, total_tokens=t,
+                                       window=1024, validate=False)
+
+    def from_blocks_and_plan():
+        return plan_forward(from_blocks(), HQ, HKV, D)
+
+    got = from_blocks()
+    row = dict(tokens=t, bytes_per_token=8, blocks=blocks.capacity,
+               blocks_match_build=bool(torch.equal(got.lo, want.lo) and torch.equal(got.hi, want.hi)))
+    for name, fn in (("build", from_ids), ("blocks_build", from_blocks), ("blocks_build_and_plan", from_blocks_and_plan)):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            row[name + "_no_host_sync"] = True
+        except RuntimeError:
+            row[name + "_no_host_sync"] = False
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        row[name + "_us"] = 1000 * cases.ms(fn, rep=100)
+        replay = _graphed(fn)
+        if replay is not None:
+            row[name + "_us_cuda_graph"] = 1000 * cases.ms(replay, rep=100)
+    row["no_host_sync"] = row["build_no_host_sync"]
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="inference", help="result file stem")
     args = parser.parse_args()
     try:
         from flash_attn.cute import flash_attn_func as fa4
     except Exception:  # noqa: BLE001 - FA4 is optional
         fa4 = None
-    result = dict(decode=decode_rows([8192, 32768, 131072], fa4), prefill=prefill_rows(32768, [2048, 8192]),
-                  metadata=metadata_row(131072))
+    result = dict(metadata=metadata_row(131072), decode=decode_rows([8192, 32768, 131072], fa4),
+                  prefill=prefill_rows(32768, [2048, 8192]))
     meta = cases.meta("python benchmarks/inference.py")
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
              "bf16, gemma3 official rule, 1092-token images every 2048.", "",
-             "Decode (one query per sequence; µs, and GB/s of K/V read):", "",
-             "| context | batch | bidiattn (auto splits) | same, CUDA graph replay | bidiattn (no split) | SDPA (no mask) | FA4 causal |",
-             "|---|---|---|---|---|---|---|"]
+             "Decode (one query per sequence; µs, and GB/s of K/V read). *planned*: the launch plan built once "
+             "per step outside the call (shared by the layers); *graph*: CUDA-graph replay; best split: the "
+             f"fastest planned graph over kv_splits {SPLIT_SWEEP}:", "",
+             "| context | batch | bidiattn (auto splits) | graph | planned | planned, graph | best split, graph "
+             "| bidiattn (no split) | SDPA (no mask) | FA4 causal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, key):
         return f"{r[key + '_us']:.1f} µs ({r[key + '_gbps']:.0f} GB/s)" if key + "_us" in r else (
             "fails" if key + "_error" in r else "n/a")
 
     for r in result["decode"]:
+        sweep = {sp: r[f"planned_graph_splits{sp}_us"] for sp in SPLIT_SWEEP if f"planned_graph_splits{sp}_us" in r}
+        best = min(sweep, key=sweep.get) if sweep else None
+        best_cell = f"{sweep[best]:.1f} µs ({best} splits)" if best else "n/a"
         lines.append(f"| {r['context']} | {r['batch']} | " + " | ".join(
-            cell(r, key) for key in ("bidiattn_auto_splits", "bidiattn_cuda_graph", "bidiattn_no_split", "sdpa", "fa4")) + " |")
-    lines += ["", "Prefill, 32K tokens: one shot vs chunks from the planner (no image split):", "",
-              "| layer | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|"]
+            cell(r, key) for key in ("bidiattn_auto_splits", "bidiattn_cuda_graph", "bidiattn_planned",
+                                     "bidiattn_planned_cuda_graph")) + f" | {best_cell} | " + " | ".join(
+            cell(r, key) for key in ("bidiattn_no_split", "sdpa", "fa4")) + " |")
+    lines += ["", "Prefill, 32K tokens: one shot vs chunks from the planner (no image split); ms, and "
+              "throughput relative to the one-shot call of the same kind:", "",
+              "| layer | kind | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|---|"]
     for r in result["prefill"]:
-        cells = [f"{r[f'chunked_{b}']['ms']:.2f} ms ({r[f'chunked_{b}']['throughput_vs_one_shot']:.2f}x, "
-                 f"{r[f'chunked_{b}']['steps']} steps)" for b in (2048, 8192)]
-        lines.append(f"| {r['layer']} | {r['one_shot_ms']:.2f} ms | " + " | ".join(cells) + " |")
+        for kind, one_key, key, ratio in (
+                ("eager, unplanned", "one_shot_ms", "ms", "throughput_vs_one_shot"),
+                ("eager, planned", "one_shot_planned_ms", "planned_ms", "planned_vs_one_shot_planned"),
+                ("planned, graph", "one_shot_planned_graph_ms", "planned_graph_ms", "planned_graph_vs_one_shot_graph")):
+            if r.get(one_key) is None:
+                continue
+            cells = [f"{r[f'chunked_{b}'][key]:.2f} ms ({r[f'chunked_{b}'][ratio]:.2f}x)"
+                     if key in r[f"chunked_{b}"] else "n/a" for b in (2048, 8192)]
+            lines.append(f"| {r['layer']} | {kind} | {r[one_key]:.2f} ms | " + " | ".join(cells) + " |")
+    lines += ["", "Per-step metadata of a mid-prompt chunk (spans from the block list + launch plan, eager, once per "
+              "step and layer type): " + ", ".join(
+                  f"{r['layer']} {b // 1024}K chunks {r[f'chunked_{b}']['step_metadata_us']:.0f} µs"
+                  for r in result["prefill"] for b in (2048, 8192)) + "."]
     m = result["metadata"]
-    lines += ["", f"Span metadata at {m['tokens']} tokens: {m['bytes_per_token']} bytes/token, spans + tile summary built "
-              f"in {m['build_us']:.0f} µs eager ({m.get('build_us_cuda_graph', float('nan')):.0f} µs as a CUDA graph "
-              f"replay), no host sync: {m['no_host_sync']}."]
-    cases.write_results(args.out, "inference", meta, result, lines)
+    lines += ["", f"Span metadata at {m['tokens']} tokens ({m['blocks']} blocks), {m['bytes_per_token']} bytes/token "
+              f"(block-list spans equal rules.build: {m['blocks_match_build']}):", "",
+              "| builder | eager | CUDA graph replay | no host sync |", "|---|---|---|---|"]
+    for name, what in (("build", "rules.build from block ids + tile summary"),
+                       ("blocks_build", "rules.build_from_blocks"),
+                       ("blocks_build_and_plan", "rules.build_from_blocks + plan_forward")):
+        lines.append(f"| {what} | {m[name + '_us']:.1f} µs | {m.get(name + '_us_cuda_graph', float('nan')):.1f} µs "
+                     f"| {m[name + '_no_host_sync']} |")
+    cases.write_results(args.out, args.name, meta, result, lines)
     print("\n".join(lines))
 
 

@@ -17,6 +17,9 @@ from conftest import random_packed_layout
 
 pytest.importorskip("triton", reason="triton is not installed")
 
+# On a GPU machine the builder runs its Triton kernel on CUDA tensors; on CPU the PyTorch path,
+# and the kernel itself through the interpreter (triton_build).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_RULES = [(f, c, layer) for f in rules.FAMILIES for c in rules.CONVENTIONS for layer in rules.LAYERS]
 
 
@@ -36,7 +39,10 @@ def cuts(rng: random.Random, length: int, blocks: list[tuple[int, int]]) -> tupl
 def triton_build(family, convention, layer, blocks, cu, cu_k, total, window):
     from bidiattn.kernels.span_builder import build_spans_triton
 
-    return build_spans_triton(rules.rule_for(family, convention, layer), blocks, cu, cu_k, total, window)
+    blocks = BlockList(*(t.to(DEVICE) for t in (blocks.starts, blocks.ends, blocks.cu_blocks)))
+    lo, hi = build_spans_triton(rules.rule_for(family, convention, layer), blocks, cu.to(DEVICE), cu_k.to(DEVICE),
+                                total, window)
+    return lo.cpu(), hi.cpu()
 
 
 @settings(max_examples=60, deadline=None)
@@ -48,12 +54,13 @@ def test_whole_prompts_match_build(seed, window, spare):
     # Spare slots hold garbage that must never be read as a block.
     blocks.starts[sum(map(len, pairs)):] = 0
     blocks.ends[sum(map(len, pairs)):] = 10**6
+    blocks = BlockList(*(t.to(DEVICE) for t in (blocks.starts, blocks.ends, blocks.cu_blocks)))
     for family, convention, layer in ALL_RULES:
         want = rules.build(family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu)
-        got = rules.build_from_blocks(family, convention, layer, blocks=blocks, cu_seqlens=cu,
+        got = rules.build_from_blocks(family, convention, layer, blocks=blocks, cu_seqlens=cu.to(DEVICE),
                                       total_tokens=ids.numel(), window=window)
         assert got.is_self_attention
-        assert torch.equal(got.lo, want.lo) and torch.equal(got.hi, want.hi), (family, convention, layer, pairs)
+        assert torch.equal(got.lo.cpu(), want.lo) and torch.equal(got.hi.cpu(), want.hi), (family, convention, layer, pairs)
 
 
 @settings(max_examples=40, deadline=None)
@@ -63,7 +70,7 @@ def test_extend_steps_match_slices_of_the_whole_prompt(seed, window):
     ids, cu = random_packed_layout(rng, max_seqs=4)
     pairs = pairs_of(ids, cu)
     # The whole layout of each request is passed at every step: blocks past the step's keys too.
-    blocks = BlockList.from_pairs(pairs)
+    blocks = BlockList.from_pairs(pairs, device=DEVICE)
     steps = [cuts(rng, int(cu[b + 1] - cu[b]), pairs[b]) for b in range(len(pairs))]
     rows = torch.tensor([int(cu[b]) + p for b, (s, e) in enumerate(steps) for p in range(s, e)])
     cu_q = torch.tensor([0, *[e - s for s, e in steps]]).cumsum(0)
@@ -71,10 +78,11 @@ def test_extend_steps_match_slices_of_the_whole_prompt(seed, window):
     total, total_keys = int(cu_q[-1]), int(cu_k[-1])
     for family, convention, layer in ALL_RULES:
         whole = rules.build(family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu)
-        got = rules.build_from_blocks(family, convention, layer, blocks=blocks, cu_seqlens=cu_q, total_tokens=total,
-                                      window=window, cu_seqlens_k=cu_k, total_keys=total_keys)
+        got = rules.build_from_blocks(family, convention, layer, blocks=blocks, cu_seqlens=cu_q.to(DEVICE),
+                                      total_tokens=total, window=window, cu_seqlens_k=cu_k.to(DEVICE),
+                                      total_keys=total_keys)
         assert not got.is_self_attention and got.total_keys == total_keys
-        assert torch.equal(got.lo, whole.lo[rows]) and torch.equal(got.hi, whole.hi[rows]), (family, convention, layer)
+        assert torch.equal(got.lo.cpu(), whole.lo[rows]) and torch.equal(got.hi.cpu(), whole.hi[rows]), (family, convention, layer)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -77,3 +77,73 @@ def test_128k_prompt_allocates_nothing_quadratic():
     extra = torch.cuda.max_memory_allocated() - base
     # The output (256 MiB) and O(T) metadata; a dense bool mask alone would be 16 GiB.
     assert extra < 512 * 2**20, extra
+
+
+@pytest.mark.gpu
+def test_serving_step_from_block_lists_replays_with_new_layouts():
+    # One prefill-chunk step of 3 requests, as an engine captures it: static buffers for the
+    # block lists (capacity 8), offsets and the query rows; spans built by the block-list kernel,
+    # one launch plan, two layers over it. Replayed with layouts whose block counts, chunk sizes
+    # and cache lengths all change; no host sync inside the step.
+    from bidiattn.blocks import BlockList
+    from bidiattn.kernels.forward import plan_forward, span_attention_forward
+
+    hq, hkv, d, total, keys_per_seq = 8, 2, 128, 96, 400
+    starts = torch.zeros(8, dtype=torch.int32, device="cuda")
+    ends = torch.zeros(8, dtype=torch.int32, device="cuda")
+    cu_blocks = torch.zeros(4, dtype=torch.int64, device="cuda")
+    cu_q = torch.zeros(4, dtype=torch.int64, device="cuda")
+    cu_k = torch.zeros(4, dtype=torch.int64, device="cuda")
+    blocks = BlockList(starts, ends, cu_blocks)
+    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(3 * keys_per_seq, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def step():
+        outs = []
+        for layer in ("sliding", "full"):
+            spans = rules.build_from_blocks("gemma3", "official", layer, blocks=blocks, cu_seqlens=cu_q,
+                                            total_tokens=total, window=64, cu_seqlens_k=cu_k,
+                                            total_keys=3 * keys_per_seq, validate=False)
+            plan = plan_forward(spans, hq, hkv, d)
+            outs += [span_attention_forward(q, k, v, spans, d**-0.5, None, plan=plan)[0] for _ in range(2)]
+        return outs
+
+    def load(pairs, q_lens, k_lens):
+        flat = [p for seq in pairs for p in seq]
+        starts.zero_(), ends.zero_()
+        starts[: len(flat)] = torch.tensor([s for s, _ in flat], dtype=torch.int32)
+        ends[: len(flat)] = torch.tensor([e for _, e in flat], dtype=torch.int32)
+        cu_blocks.copy_(torch.tensor([0, *map(len, pairs)]).cumsum(0))
+        cu_q.copy_(torch.tensor([0, *q_lens]).cumsum(0))
+        # Keys of each sequence live in its own stretch of keys_per_seq rows; only k_len are used.
+        cu_k.copy_(torch.tensor([0, *k_lens]).cumsum(0))
+
+    # k_len sums to 3 * keys_per_seq in every layout, so total_keys is static.
+    layouts = [
+        ([[(10, 50)], [(0, 30), (100, 200)], []], [32, 32, 32], [300, 400, 500]),
+        ([[], [(5, 9), (9, 20), (320, 390)], [(40, 60)]], [10, 80, 6], [350, 390, 460]),
+        ([[(0, 300)], [], [(2, 3)]], [1, 94, 1], [399, 500, 301]),
+    ]
+    load(*layouts[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            outs = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for pairs, q_lens, k_lens in layouts:
+        load(pairs, q_lens, k_lens)
+        for x in (q, k, v):
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        for got, want in zip(outs, step()):
+            assert torch.equal(got, want)
+        spans = rules.build_from_blocks("gemma3", "official", "sliding", blocks=blocks, cu_seqlens=cu_q,
+                                        total_tokens=total, window=64, cu_seqlens_k=cu_k, total_keys=3 * keys_per_seq)
+        torch.testing.assert_close(outs[0].float(), reference.attention(q, k, v, spans).float(), atol=2e-2, rtol=0)

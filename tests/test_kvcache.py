@@ -140,3 +140,50 @@ def test_cache_shape_errors():
         PagedKVCache.allocate(4, 0, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="k_pages and v_pages differ"):
         PagedKVCache(torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 32))
+
+
+def test_shared_launch_plan_gives_the_same_bits_for_every_layer():
+    # Two layers over one step's spans (decode of 3 sequences and a prefill chunk): one plan,
+    # built once, passed to both; each equals its own unplanned call bitwise.
+    from bidiattn.blocks import BlockList
+    from bidiattn.kernels.forward import plan_forward
+
+    g = torch.Generator().manual_seed(5)
+    page_size, k_lens, q_lens = 8, [40, 17, 29], [1, 1, 12]
+    blocks = BlockList.from_pairs([[(3, 20)], [], [(2, 9), (17, 29)]], device=DEVICE)
+    cu_q = torch.tensor([0, *q_lens], device=DEVICE).cumsum(0)
+    cu_k = torch.tensor([0, *k_lens], device=DEVICE).cumsum(0)
+    spans = rules.build_from_blocks("gemma3", "official", "sliding", blocks=blocks, cu_seqlens=cu_q,
+                                    total_tokens=sum(q_lens), window=9, cu_seqlens_k=cu_k, total_keys=sum(k_lens))
+    table, num_pages = shuffled_page_table(random.Random(5), k_lens, page_size)
+    table = table.to(DEVICE)
+    plan = plan_forward(spans, HQ, HKV, D)
+    for _layer in range(2):
+        cache = PagedKVCache.allocate(num_pages, page_size, HKV, D, dtype=torch.float16, device=DEVICE)
+        k, v = (torch.randn(sum(k_lens), HKV, D, generator=g).half().to(DEVICE) for _ in range(2))
+        append(cache, k, v, table, cu_k, torch.zeros(3, dtype=torch.int64, device=DEVICE))
+        q = torch.randn(sum(q_lens), HQ, D, generator=g).half().to(DEVICE)
+        got = paged_attention(q, cache, table, spans, plan=plan)
+        assert torch.equal(got, paged_attention(q, cache, table, spans))
+        torch.testing.assert_close(got.float(), reference.attention(q.float(), k.float(), v.float(), spans),
+                                   atol=2e-3, rtol=0)
+
+
+def test_launch_plan_refuses_other_spans_and_shapes():
+    from bidiattn.kernels.forward import TileConfig, plan_forward, span_attention_forward
+
+    spans = rules.build("gemma3", "official", "full", block_ids=torch.tensor([0, 1, 1, 0, 0]).to(DEVICE))
+    q = torch.randn(5, HQ, D).half().to(DEVICE)
+    k = torch.randn(5, HKV, D).half().to(DEVICE)
+    plan = plan_forward(spans, HQ, HKV, D)
+    same = SpanMask(spans.lo, spans.hi, spans.cu_seqlens)
+    with pytest.raises(ValueError, match="made for another SpanMask object"):
+        span_attention_forward(q, k, k, same, 0.1, None, plan=plan)
+    with pytest.raises(ValueError, match=r"\(Hq, Hkv, D\) = \(4, 2, 64\), the call has \(4, 4, 64\)"):
+        span_attention_forward(q, q, q, spans, 0.1, None, plan=plan)
+    with pytest.raises(ValueError, match="either config or plan"):
+        span_attention_forward(q, k, k, spans, 0.1, None, config=TileConfig(64, 64, 4, 1), plan=plan)
+    with pytest.raises(ValueError, match="num_q_heads=3 must be a multiple of num_kv_heads=2"):
+        plan_forward(spans, 3, 2, D)
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        plan_forward(spans, HQ, HKV, 0)

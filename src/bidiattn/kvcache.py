@@ -125,7 +125,7 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
 
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tensor, spans: SpanMask, *,
                     scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
-                    validate: bool = True):
+                    validate: bool = True, plan=None):
     """Attention of new query rows over their sequences' paged keys (forward, Triton).
 
     Args:
@@ -134,6 +134,10 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
         spans: extend spans: ``spans.cu_seqlens`` packs ``q``, ``spans.cu_seqlens_k`` holds each
             sequence's key count (cached plus new; the new keys already appended).
         validate: host-sync checks that every sequence's keys fit its table row and use real pages.
+        plan: a :class:`~bidiattn.kernels.forward.LaunchPlan` of ``spans``
+            (:func:`~bidiattn.kernels.forward.plan_forward`), built once per step and shared by
+            the layers that use these spans: each call is then one kernel launch (two when the
+            plan splits the key range) with no planning work.
 
     Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
     """
@@ -158,5 +162,5 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     scale = check_scale_softcap(scale, softcap, d)
     k_flat, v_flat = cache.flat()
     out, lse = span_attention_forward(q, k_flat, v_flat, spans, scale, softcap, page_table=page_table,
-                                      page_size=cache.page_size)
+                                      page_size=cache.page_size, plan=plan)
     return (out, lse) if return_lse else out

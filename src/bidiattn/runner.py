@@ -18,7 +18,8 @@ import torch
 from . import rules
 from .attention import attention
 from .kvcache import PagedKVCache, append, paged_attention
-from .planner import RequestLayout, plan_prefill, step_spans
+from .blocks import BlockList
+from .planner import RequestLayout, plan_prefill
 from .spans import SpanMask
 
 __all__ = ["StackConfig", "AttentionStack", "ServingSession"]
@@ -95,7 +96,8 @@ class ServingSession:
     def __init__(self, stack: AttentionStack, requests: Sequence[torch.Tensor], page_size: int = 16,
                  max_tokens_per_request: int = 256):
         self.stack = stack
-        self.block_ids = [ids.to(stack.device) for ids in requests]
+        # The prompts' blocks; decoded tokens are text, so the layouts never change after this.
+        self.layouts = [RequestLayout.from_block_ids(ids.cpu()) for ids in requests]
         c = stack.config
         pages = -(-max_tokens_per_request // page_size)
         self.page_table = torch.arange(len(requests) * pages, dtype=torch.int32, device=stack.device).view(len(requests), pages)
@@ -104,17 +106,31 @@ class ServingSession:
         self.lengths = [0] * len(requests)
         self.max_tokens = max_tokens_per_request
 
-    def _step(self, rows: list[tuple[int, int, int]], h: torch.Tensor, spans: dict[str, SpanMask]) -> torch.Tensor:
-        """Append and attend ``rows`` = (request, start, end) for every layer (``spans`` per layer
-        type); returns the new ``h``."""
+    def _step(self, rows: list[tuple[int, int, int]], h: torch.Tensor) -> torch.Tensor:
+        """Append and attend ``rows`` = (request, start, end) for every layer; returns the new ``h``.
+
+        The step's spans come from the requests' block lists (one builder launch per layer type
+        on CUDA) and one launch plan per layer type is shared by the layers of that type: the
+        per-step metadata work of a serving engine."""
+        from .kernels.forward import plan_forward
+
         dev = self.stack.device
+        c = self.stack.config
         reqs = [r for r, _, _ in rows]
-        cu = torch.tensor([0, *[e - s for _, s, e in rows]], device=dev).cumsum(0)
+        cu_q = torch.tensor([0, *[e - s for _, s, e in rows]], device=dev).cumsum(0)
+        cu_k = torch.tensor([0, *[e for _, _, e in rows]], device=dev).cumsum(0)
         start = torch.tensor([s for _, s, _ in rows], device=dev)
+        blocks = BlockList.from_pairs([self.layouts[r].blocks for r in reqs], device=dev)
+        spans = {layer: rules.build_from_blocks(c.family, c.convention, layer, blocks=blocks, cu_seqlens=cu_q,
+                                                total_tokens=h.shape[0], window=c.window, cu_seqlens_k=cu_k,
+                                                total_keys=sum(e for _, _, e in rows))
+                 for layer in set(c.layer_types)}
+        plans = {layer: plan_forward(m, c.num_q_heads, c.num_kv_heads, c.head_dim) for layer, m in spans.items()}
         for i, cache in enumerate(self.caches):
             q, k, v = self.stack.project(i, h)
-            append(cache, k, v, self.page_table[reqs], cu, start)
-            attn = paged_attention(q, cache, self.page_table[reqs], spans[self.stack.config.layer_types[i]])
+            append(cache, k, v, self.page_table[reqs], cu_q, start)
+            layer = c.layer_types[i]
+            attn = paged_attention(q, cache, self.page_table[reqs], spans[layer], plan=plans[layer])
             h = self.stack.output(i, h, attn)
         return h
 
@@ -123,14 +139,12 @@ class ServingSession:
         that never split a block; returns each request's final hidden states."""
         if any(int(x.shape[0]) > self.max_tokens for x in xs):
             raise ValueError(f"a prompt is longer than max_tokens_per_request={self.max_tokens}")
-        full = [self.stack.spans(ids) for ids in self.block_ids]
-        plan = plan_prefill([RequestLayout.from_block_ids(ids.cpu()) for ids in self.block_ids], budget)
+        plan = plan_prefill(self.layouts, budget)
         outs = [torch.empty_like(x) for x in xs]
         for step in plan.steps:
             rows = [(c.request, c.start, c.end) for c in step.chunks]
             h = torch.cat([xs[c.request][c.start : c.end] for c in step.chunks])
-            spans = {layer: step_spans(step, [f[layer] for f in full]) for layer in full[0]}
-            h = self._step(rows, h, spans)
+            h = self._step(rows, h)
             offset = 0
             for c in step.chunks:
                 outs[c.request][c.start : c.end] = h[offset : offset + c.tokens]
@@ -144,15 +158,7 @@ class ServingSession:
             raise ValueError(f"a request would exceed max_tokens_per_request={self.max_tokens}")
         if x.shape != (len(self.lengths), self.stack.config.hidden):
             raise ValueError(f"x must be [B={len(self.lengths)}, hidden={self.stack.config.hidden}], got {tuple(x.shape)}")
-        dev = self.stack.device
-        self.block_ids = [torch.cat([ids, ids.new_zeros(1)]) for ids in self.block_ids]
-        full = [self.stack.spans(ids) for ids in self.block_ids]
-        cu_q = torch.arange(len(full) + 1, device=dev)
-        cu_k = torch.tensor([0, *[n + 1 for n in self.lengths]], device=dev).cumsum(0)
-        spans = {layer: SpanMask(torch.cat([f[layer].lo[-1:] for f in full]), torch.cat([f[layer].hi[-1:] for f in full]),
-                                 cu_q, cu_seqlens_k=cu_k, total_keys=sum(self.lengths) + len(full))
-                 for layer in full[0]}
         rows = [(r, n, n + 1) for r, n in enumerate(self.lengths)]
-        h = self._step(rows, x, spans)
+        h = self._step(rows, x)
         self.lengths = [n + 1 for n in self.lengths]
         return h
