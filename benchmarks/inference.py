@@ -57,6 +57,16 @@ def _graphed(fn):
     return replay
 
 
+class _Lazy:
+    """A call to capture in a CUDA graph when its turn to be timed comes."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def capture(self):
+        return _graphed(self.fn)
+
+
 def decode_rows(ctx_lens, fa4):
     rows = []
     for ctx in ctx_lens:
@@ -81,26 +91,28 @@ def decode_rows(ctx_lens, fa4):
             }
             if fa4 is not None:
                 variants["fa4"] = lambda: fa4(q.view(batch, 1, HQ, D), kb, vb, causal=True)
-            graph_fn = _graphed(variants["bidiattn_auto_splits"])
-            if graph_fn is not None:
-                variants["bidiattn_cuda_graph"] = graph_fn
             # A launch plan built once per step and shared by the layers: each layer's call is the
             # kernel (and the split merge) only.
             plan = plan_forward(spans, HQ, HKV, D)
             row["planned_kv_splits"] = plan.kv_splits
             variants["bidiattn_planned"] = lambda: span_attention_forward(q, k, v, spans, D**-0.5, None, plan=plan)[0]
-            graph_fn = _graphed(variants["bidiattn_planned"])
-            if graph_fn is not None:
-                variants["bidiattn_planned_cuda_graph"] = graph_fn
+            # CUDA graphs, each captured just before it is timed (after every eager variant ran).
+            graphs = {"bidiattn_cuda_graph": variants["bidiattn_auto_splits"],
+                      "bidiattn_planned_cuda_graph": variants["bidiattn_planned"]}
             decode_cfg = pick_config(D, rows_per_sequence=1)
             for splits in SPLIT_SWEEP:
                 plan_s = plan_forward(spans, HQ, HKV, D, config=TileConfig(**{**decode_cfg.__dict__, "kv_splits": splits}))
-                graph_fn = _graphed(lambda plan_s=plan_s: span_attention_forward(q, k, v, spans, D**-0.5, None,
-                                                                                 plan=plan_s)[0])
-                if graph_fn is not None:
-                    variants[f"planned_graph_splits{splits}"] = graph_fn
+                graphs[f"planned_graph_splits{splits}"] = (
+                    lambda plan_s=plan_s: span_attention_forward(q, k, v, spans, D**-0.5, None, plan=plan_s)[0])
+            for name, fn in graphs.items():
+                variants[name] = _Lazy(fn)
             for name, fn in variants.items():
                 try:
+                    if isinstance(fn, _Lazy):
+                        fn = fn.capture()
+                        if fn is None:
+                            row[name + "_error"] = "capture failed"
+                            continue
                     got = fn()
                     if isinstance(got, tuple):
                         got = got[0]
@@ -227,13 +239,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="inference", help="result file stem")
+    parser.add_argument("--sections", default="metadata,decode,prefill",
+                        help="comma-separated subset of metadata, decode, prefill")
     args = parser.parse_args()
     try:
         from flash_attn.cute import flash_attn_func as fa4
     except Exception:  # noqa: BLE001 - FA4 is optional
         fa4 = None
-    result = dict(metadata=metadata_row(131072), decode=decode_rows([8192, 32768, 131072], fa4),
-                  prefill=prefill_rows(32768, [2048, 8192]))
+    sections = args.sections.split(",")
+    result = dict(metadata=metadata_row(131072) if "metadata" in sections else None,
+                  decode=decode_rows([8192, 32768, 131072], fa4) if "decode" in sections else [],
+                  prefill=prefill_rows(32768, [2048, 8192]) if "prefill" in sections else [])
     meta = cases.meta("python benchmarks/inference.py")
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
@@ -270,17 +286,17 @@ def main() -> None:
             cells = [f"{r[f'chunked_{b}'][key]:.2f} ms ({r[f'chunked_{b}'][ratio]:.2f}x)"
                      if key in r[f"chunked_{b}"] else "n/a" for b in (2048, 8192)]
             lines.append(f"| {r['layer']} | {kind} | {r[one_key]:.2f} ms | " + " | ".join(cells) + " |")
-    lines += ["", "Per-step metadata of a mid-prompt chunk (spans from the block list + launch plan, eager, once per "
+    lines += [] if not result["prefill"] else ["", "Per-step metadata of a mid-prompt chunk (spans from the block list + launch plan, eager, once per "
               "step and layer type): " + ", ".join(
                   f"{r['layer']} {b // 1024}K chunks {r[f'chunked_{b}']['step_metadata_us']:.0f} µs"
                   for r in result["prefill"] for b in (2048, 8192)) + "."]
-    m = result["metadata"]
-    lines += ["", f"Span metadata at {m['tokens']} tokens ({m['blocks']} blocks), {m['bytes_per_token']} bytes/token "
+    m = result["metadata"] or {}
+    lines += [] if not m else ["", f"Span metadata at {m['tokens']} tokens ({m['blocks']} blocks), {m['bytes_per_token']} bytes/token "
               f"(block-list spans equal rules.build: {m['blocks_match_build']}):", "",
               "| builder | eager | CUDA graph replay | no host sync |", "|---|---|---|---|"]
     for name, what in (("build", "rules.build from block ids + tile summary"),
                        ("blocks_build", "rules.build_from_blocks"),
-                       ("blocks_build_and_plan", "rules.build_from_blocks + plan_forward")):
+                       ("blocks_build_and_plan", "rules.build_from_blocks + plan_forward")) if m else ():
         lines.append(f"| {what} | {m[name + '_us']:.1f} µs | {m.get(name + '_us_cuda_graph', float('nan')):.1f} µs "
                      f"| {m[name + '_no_host_sync']} |")
     cases.write_results(args.out, args.name, meta, result, lines)
