@@ -25,6 +25,9 @@ from bidiattn.spans import SpanMask
 
 HQ, HKV, D = 16, 8, 128
 SPLIT_SWEEP = (2, 4, 8, 16, 32)
+# Tiles for small prefill steps (a 2K chunk is 8 tiles of 256 rows x 16 heads: one wave).
+STEP_SWEEP = (TileConfig(256, 64, 16, 2), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 2),
+              TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3))
 
 
 def image_ids(t: int) -> torch.Tensor:
@@ -177,6 +180,21 @@ def prefill_rows(t: int, budgets):
             if graphed is not None and row["one_shot_planned_graph_ms"]:
                 cell["planned_graph_ms"] = cases.ms(graphed, rep=100)
                 cell["planned_graph_vs_one_shot_graph"] = row["one_shot_planned_graph_ms"] / cell["planned_graph_ms"]
+            if budget <= 2048 and graphed is not None:
+                sweep = {}
+                for cfg in STEP_SWEEP:
+                    tuned = [(spans, c, plan_forward(spans, HQ, HKV, D, config=cfg)) for spans, c in steps]
+
+                    def run_tuned(tuned=tuned):
+                        for spans, c, p in tuned:
+                            span_attention_forward(q[c.start : c.end], k[: c.end], v[: c.end], spans, D**-0.5, None,
+                                                   out=out[c.start : c.end], plan=p)
+                        return out
+
+                    err = cases.rel_err(run_tuned(), one_shot)
+                    g = _graphed(run_tuned)
+                    sweep[repr(cfg)] = dict(rel_err_vs_one_shot=err, graph_ms=cases.ms(g, rep=100) if g else None)
+                cell["config_sweep_graph"] = sweep
             # Per-step metadata (spans from the block list + launch plan), paid once per step and
             # layer type, not per layer.
             c0 = plan.steps[len(plan.steps) // 2].chunks[0]
@@ -286,6 +304,12 @@ def main() -> None:
             cells = [f"{r[f'chunked_{b}'][key]:.2f} ms ({r[f'chunked_{b}'][ratio]:.2f}x)"
                      if key in r[f"chunked_{b}"] else "n/a" for b in (2048, 8192)]
             lines.append(f"| {r['layer']} | {kind} | {r[one_key]:.2f} ms | " + " | ".join(cells) + " |")
+    for r in result["prefill"]:
+        for b in (2048,):
+            sweep = r[f"chunked_{b}"].get("config_sweep_graph", {})
+            if sweep:
+                lines += ["", f"{r['layer']}, {b // 1024}K chunks, tile configs (planned, graph): " + "; ".join(
+                    f"{name}: {v['graph_ms']:.2f} ms" for name, v in sweep.items() if v["graph_ms"])]
     lines += [] if not result["prefill"] else ["", "Per-step metadata of a mid-prompt chunk (spans from the block list + launch plan, eager, once per "
               "step and layer type): " + ", ".join(
                   f"{r['layer']} {b // 1024}K chunks {r[f'chunked_{b}']['step_metadata_us']:.0f} µs"
