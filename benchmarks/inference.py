@@ -142,7 +142,7 @@ def prefill_rows(t: int, budgets):
         t_one = cases.ms(lambda: bidiattn.attention(q, k, v, full, backend="triton"), rep=100)
         row = dict(tokens=t, layer=layer, one_shot_ms=t_one, pairs=full.num_pairs())
         # With the launch plan built outside the timed call (once per step, shared by the layers).
-        plan_one = plan_forward(full, HQ, HKV, D)
+        plan_one = plan_forward(full, HQ, HKV, D, window=window)
 
         def one_planned():
             return span_attention_forward(q, k, v, full, D**-0.5, None, plan=plan_one)[0]
@@ -165,7 +165,7 @@ def prefill_rows(t: int, budgets):
             ms = cases.ms(run, rep=100)
             cell = dict(steps=len(plan.steps), max_step_tokens=plan.max_step_tokens, ms=ms,
                         rel_err_vs_one_shot=err, throughput_vs_one_shot=t_one / ms)
-            planned = [(spans, c, plan_forward(spans, HQ, HKV, D)) for spans, c in steps]
+            planned = [(spans, c, plan_forward(spans, HQ, HKV, D, window=window)) for spans, c in steps]
 
             def run_planned():
                 for spans, c, p in planned:
@@ -205,7 +205,7 @@ def prefill_rows(t: int, budgets):
                 spans = rules.build_from_blocks("gemma3", "official", layer, blocks=blocks, cu_seqlens=cu_q,
                                                 total_tokens=c0.tokens, window=window, cu_seqlens_k=cu_k,
                                                 total_keys=c0.end, validate=False)
-                return plan_forward(spans, HQ, HKV, D)
+                return plan_forward(spans, HQ, HKV, D, window=window)
 
             cell["step_metadata_us"] = 1000 * cases.ms(metadata, rep=50)
             row[f"chunked_{budget}"] = cell

@@ -187,3 +187,5 @@ def test_launch_plan_refuses_other_spans_and_shapes():
         plan_forward(spans, 3, 2, D)
     with pytest.raises(ValueError, match="head_dim must be a positive int"):
         plan_forward(spans, HQ, HKV, 0)
+    with pytest.raises(ValueError, match="window must be None or a positive int, got 0"):
+        plan_forward(spans, HQ, HKV, D, window=0)

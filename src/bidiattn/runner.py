@@ -125,7 +125,8 @@ class ServingSession:
                                                 total_tokens=h.shape[0], window=c.window, cu_seqlens_k=cu_k,
                                                 total_keys=sum(e for _, _, e in rows))
                  for layer in set(c.layer_types)}
-        plans = {layer: plan_forward(m, c.num_q_heads, c.num_kv_heads, c.head_dim) for layer, m in spans.items()}
+        plans = {layer: plan_forward(m, c.num_q_heads, c.num_kv_heads, c.head_dim,
+                                     window=c.window if layer == "sliding" else None) for layer, m in spans.items()}
         for i, cache in enumerate(self.caches):
             q, k, v = self.stack.project(i, h)
             append(cache, k, v, self.page_table[reqs], cu_q, start)
