@@ -189,3 +189,39 @@ def test_launch_plan_refuses_other_spans_and_shapes():
         plan_forward(spans, HQ, HKV, 0)
     with pytest.raises(ValueError, match="window must be None or a positive int, got 0"):
         plan_forward(spans, HQ, HKV, D, window=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_append_matches_a_row_by_row_copy(dtype):
+    # Non-contiguous k/v (every other head of a wider projection), pages drawn from a shuffled
+    # pool, three sequences with different cached lengths, page size 5 (rows straddle pages).
+    rng = random.Random(2)
+    page_size, hkv, d = 5, 3, 48
+    start_lens, new_lens = [7, 0, 13], [6, 11, 1]
+    table, num_pages = shuffled_page_table(rng, [a + b for a, b in zip(start_lens, new_lens)], page_size)
+    table = table.to(DEVICE)
+    cache = PagedKVCache.allocate(num_pages, page_size, hkv, d, dtype=dtype, device=DEVICE)
+    cache.k_pages.normal_()
+    before = cache.k_pages.clone()
+    wide = torch.randn(sum(new_lens), 2 * hkv, d).to(dtype).to(DEVICE)
+    k, v = wide[:, ::2], wide[:, 1::2]
+    assert not k.is_contiguous()
+    cu = torch.tensor([0, *new_lens], device=DEVICE).cumsum(0)
+    append(cache, k, v, table, cu, torch.tensor(start_lens, device=DEVICE))
+    want_k = before.clone()
+    row = 0
+    for b, (s0, n) in enumerate(zip(start_lens, new_lens)):
+        for i in range(n):
+            pos = s0 + i
+            want_k[int(table[b, pos // page_size]), pos % page_size] = k[row]
+            assert torch.equal(cache.v_pages[int(table[b, pos // page_size]), pos % page_size], v[row])
+            row += 1
+    assert torch.equal(cache.k_pages, want_k)  # every other slot untouched
+
+
+def test_append_rejects_tensors_on_another_device():
+    cache = PagedKVCache.allocate(2, 4, 1, 16, dtype=torch.float16, device="cpu")
+    k = torch.randn(3, 1, 16).half()
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="start is on meta, the cache on cpu"):
+        append(cache, k, k, table, torch.tensor([0, 3]), torch.zeros(1, dtype=torch.int64, device="meta"))

@@ -16,6 +16,7 @@ the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,9 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
     """Write new keys/values into the pages: packed row ``cu_seqlens[b] + i`` (``[T, Hkv, D]``)
     becomes key ``start[b] + i`` of sequence ``b``.
 
-    ``start`` is int64 ``[B]`` (tokens already cached per sequence). Two scattered writes, no
-    host sync with ``validate=False``.
+    ``start`` is int64 ``[B]`` (tokens already cached per sequence). On CUDA one fused Triton
+    launch writes both (:mod:`bidiattn.kernels.append`); elsewhere two scattered writes. No host
+    sync with ``validate=False``.
     """
     if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != cache.k_pages.shape[2:]:
         raise ValueError(f"k and v must be [T, {cache.k_pages.shape[2]}, {cache.k_pages.shape[3]}], "
@@ -111,10 +113,20 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
     _check_page_table(cache, page_table, num_seqs)
     if start.shape != (num_seqs,) or start.dtype != torch.int64:
         raise TypeError(f"start must be int64 [B={num_seqs}], got {start.dtype} {tuple(start.shape)}")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens), ("start", start)):
+        if t.device != cache.k_pages.device:
+            raise ValueError(f"{name} is on {t.device}, the cache on {cache.k_pages.device}")
     if validate:
         if int(cu_seqlens[-1]) != k.shape[0]:
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but k has {k.shape[0]} rows")
         _check_capacity(cache, page_table, start + cu_seqlens[1:] - cu_seqlens[:-1])
+    contiguous = cache.k_pages.is_contiguous() and cache.v_pages.is_contiguous()
+    if contiguous and (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from .kernels.append import append_triton
+
+        append_triton(cache.k_pages, cache.v_pages, k, v, page_table, cu_seqlens, start)
+        return
+    # The spec of the fused kernel (and the CPU path).
     seq = sequence_index(cu_seqlens, k.shape[0])
     pos = start[seq] + torch.arange(k.shape[0], device=k.device) - cu_seqlens[seq]
     page = page_table[seq, pos // cache.page_size].long()
