@@ -33,6 +33,19 @@ def check(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
     return plan
 
 
+def check_paged(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
+    """Paged plans: the same mask, every segment's keys from its sequence's first key, and each
+    segment's ``seq`` the sequence of its rows."""
+    plan = plan_segments(spans, max_calls=max_calls, paged=True)
+    assert plan.paged and torch.equal(plan.to_dense(), spans.to_dense())
+    row_seq = torch.searchsorted(spans.cu_seqlens[1:], torch.arange(spans.total_tokens), right=True)
+    for c in plan.calls:
+        assert torch.equal(c.k_start[:-1].long(), spans.cu_seqlens_k[c.seq.long()])
+        assert torch.equal(row_seq[c.q_start[:-1].long()], c.seq.long())
+        assert torch.equal(row_seq[(c.q_start[:-1] + c.q_len - 1).long()], c.seq.long())
+    return plan
+
+
 @pytest.mark.parametrize("family,convention,layer", RULES)
 def test_every_rule_on_random_packed_layouts(family, convention, layer):
     rng = random.Random(hash((family, convention, layer)) % 1000)
@@ -41,7 +54,10 @@ def test_every_rule_on_random_packed_layouts(family, convention, layer):
         window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
         spans = rules.build(family, convention, layer, block_ids=ids, cu_seqlens=cu, window=window)
         check(spans)
-        check(tail_rows(spans, [rng.randint(1, 20) for _ in range(spans.num_sequences)]))
+        tail = tail_rows(spans, [rng.randint(1, 20) for _ in range(spans.num_sequences)])
+        check(tail)
+        check_paged(spans)
+        check_paged(tail)
 
 
 def test_example_of_the_docstring():
@@ -74,6 +90,28 @@ def test_arbitrary_spans_and_the_launch_budget():
         spans = SpanMask(torch.tensor(lo), torch.tensor(hi))
         for max_calls in (1, 2, 3, 8):
             check(spans, max_calls=max_calls)
+            check_paged(spans, max_calls=max_calls)
+
+
+def test_paged_plans_turn_runs_with_an_offset_first_key_into_one_row_windows():
+    # paligemma sliding, (c ∧ win_left) ∨ blk, W=4, a 9-token block at 10..18 that is not a prefix:
+    # its rows from 13 on all see [10, 18]; rows 14..18 form a full run starting at key 10 (13
+    # ends the open run before it), which a page-table row cannot express. The benchmark layout
+    # of gemma3 has no such run and plans the same segments paged or not.
+    spans = image_spans(24, [(10, 19)], family="paligemma", layer="sliding", window=4)
+    plain, paged = plan_segments(spans), check_paged(spans)
+    assert any(c.kind == "full" and 10 in c.k_start.tolist() for c in plain.calls)
+    windows = [c for c in paged.calls if c.kind == "window" and c.window_left == 8]
+    assert len(windows) == 1 and windows[0].q_len.tolist() == [1] * 5
+    blocks = [(s, s + 1092) for s in range(500, 16384, 2048)]
+    for layer, window in (("full", None), ("sliding", 1024)):
+        gemma = image_spans(16384, blocks, layer=layer, window=window)
+        assert plan_segments(gemma).num_segments == check_paged(gemma).num_segments
+
+
+def test_bad_paged_flag():
+    with pytest.raises(TypeError, match="paged must be a bool, got int"):
+        plan_segments(image_spans(8, [(2, 5)]), paged=1)
 
 
 def test_bad_budget():

@@ -68,7 +68,8 @@ class SegmentCall:
     packed keys ``k_start[j] : k_start[j] + k_len[j]``. ``q_start``/``k_start`` are int32
     ``[S+1]`` (the last entry is the total row / key count, so they read as ``cu_seqlens`` of a
     launch whose lengths come from ``q_len``/``k_len``, int32 ``[S]``, FlashAttention's
-    ``seqused_q``/``seqused_k``).
+    ``seqused_q``/``seqused_k``). ``seq`` (int32 ``[S]``) is each segment's sequence: a paged
+    launch gives segment ``j`` the page-table row of sequence ``seq[j]``.
     """
 
     kind: str
@@ -80,6 +81,7 @@ class SegmentCall:
     k_len: torch.Tensor
     max_q_len: int
     max_k_len: int
+    seq: torch.Tensor
 
     @property
     def num_segments(self) -> int:
@@ -97,12 +99,18 @@ class SegmentPlan:
 
     ``spans`` is the mask it was planned from: backends take a plan only together with that
     same object, so a plan can never be applied to other spans of the same size.
+
+    ``paged``: every segment's keys start at its sequence's first key (``k_start`` is the
+    sequence's offset, ``k_len`` the key end), so a launch can read them through the
+    sequence's page-table row, which has no start offset; the window alone bounds each row's
+    first key.
     """
 
     calls: tuple[SegmentCall, ...]
     total_rows: int
     total_keys: int
     spans: SpanMask | None = field(default=None, repr=False, compare=False)
+    paged: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -111,14 +119,14 @@ class SegmentPlan:
     def to(self, device: torch.device | str, spans: SpanMask | None = None) -> SegmentPlan:
         """The plan with its tensors on ``device`` (one copy), tied to ``spans`` if given."""
         spans = self.spans if spans is None else spans
-        parts = [t for c in self.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len)]
+        parts = [t for c in self.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len, c.seq)]
         flat = torch.cat(parts).to(device, non_blocking=True) if parts else torch.empty(0, dtype=torch.int32)
         moved = list(torch.split(flat, [t.numel() for t in parts]))
         calls = []
         for c in self.calls:
-            q_start, q_len, k_start, k_len, moved = *moved[:4], moved[4:]
-            calls.append(replace(c, q_start=q_start, q_len=q_len, k_start=k_start, k_len=k_len))
-        return SegmentPlan(tuple(calls), self.total_rows, self.total_keys, spans)
+            q_start, q_len, k_start, k_len, seq, moved = *moved[:5], moved[5:]
+            calls.append(replace(c, q_start=q_start, q_len=q_len, k_start=k_start, k_len=k_len, seq=seq))
+        return SegmentPlan(tuple(calls), self.total_rows, self.total_keys, spans, self.paged)
 
     def to_dense(self) -> torch.Tensor:
         """Bool ``[T, T_keys]``: the mask the launches compute, read with FlashAttention's window
@@ -167,7 +175,8 @@ def _changed(new_seq: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
 ORDERS = ("longest_first", "sequence")
 
 
-def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_first") -> SegmentPlan:
+def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_first", paged: bool = False
+                  ) -> SegmentPlan:
     """Cut ``spans`` into row segments and group them into at most ``max_calls`` launches.
 
     Works for self-attention and extend spans, packed sequences, every rule. Planned on the
@@ -179,7 +188,16 @@ def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_fir
     ``order``: the order of the segments inside a launch (the order a kernel schedules them):
     ``"longest_first"`` (most keys first, so the launch does not end on its longest tiles) or
     ``"sequence"`` (by row).
+
+    ``paged``: plan for keys read through page tables (see :attr:`SegmentPlan.paged`). A
+    ``full`` or ``causal`` run whose first key is not the sequence's first cannot start its
+    keys there, so its rows become one-row ``window`` segments (``L = hi - lo``): exact, but a
+    one-row segment fills a whole query tile. No rule of :mod:`bidiattn.rules` makes such runs
+    except around blocks longer than the window under ``(c ∧ win_left) ∨ blk`` (paligemma-style
+    sliding layers with a block that is not the prefix).
     """
+    if not isinstance(paged, bool):
+        raise TypeError(f"paged must be a bool, got {type(paged).__name__}")
     if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
         raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
     if order not in ORDERS:
@@ -206,11 +224,32 @@ def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_fir
         row = ends[kind]
     start = torch.tensor(starts)
     end = torch.cat([start[1:], start.new_tensor([t_len])])
-    plan = _group(host, seq, pos, lo, hi, torch.tensor(kinds), start, end, max_calls, order)
+    plan = _group(host, seq, pos, lo, hi, torch.tensor(kinds), start, end, max_calls, order, paged)
     return plan.to(spans.lo.device, spans)
 
 
-def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, order) -> SegmentPlan:
+def _one_row_windows(lo, kind, start, end):
+    """Paged plans: ``full``/``causal`` segments whose keys do not start at 0 become one-row
+    ``window`` segments (their window then bounds the first key)."""
+    bad = ((kind == _FULL) | (kind == _CAUSAL)) & (lo[start] > 0)
+    if not bool(bad.any()):
+        return kind, start, end
+    lengths = end - start
+    row_bad = torch.repeat_interleave(bad, lengths)
+    row_kind = torch.where(row_bad, torch.full_like(row_bad, _WINDOW, dtype=kind.dtype),
+                           torch.repeat_interleave(kind, lengths))
+    seg_of_row = torch.repeat_interleave(torch.arange(start.numel()), lengths)
+    new = torch.ones_like(row_bad)
+    new[1:] = row_bad[1:] | (seg_of_row[1:] != seg_of_row[:-1])
+    rows = torch.arange(row_bad.numel())
+    new_start = rows[new] + start[0]
+    new_end = torch.cat([new_start[1:], end[-1:]])
+    return row_kind[new], new_start, new_end
+
+
+def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, order, paged) -> SegmentPlan:
+    if paged:
+        kind, start, end = _one_row_windows(lo, kind, start, end)
     last = end - 1
     p_first, p_end = pos[start], pos[last] + 1
     lo0, hi0 = lo[start], hi[start]
@@ -219,6 +258,9 @@ def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, order) -> Segme
     k1 = torch.where((kind == _CAUSAL) | (kind == _WINDOW), p_end + dhi, hi0 + 1)
     left = torch.where(kind == _WINDOW, dhi - dlo, k1 - p_end - dlo)
     bos = spans.cu_seqlens_k[seq[start]]
+    if paged:
+        # Keys from the sequence's first: the window of every kind left here bounds the first key.
+        k0 = torch.zeros_like(k0)
     # One launch per (kind, window): full and causal have fixed windows, window/open one per L.
     has_left = (kind == _WINDOW) | (kind == _OPEN)
     key = torch.where(has_left, left, torch.zeros_like(left))
@@ -233,18 +275,18 @@ def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, order) -> Segme
     keep = set(full + (others if len(full) + len(others) <= max_calls else others[:max_calls - 1]))
     demoted = torch.tensor([g not in keep for g in range(uniq.shape[0])], device=start.device)[inverse]
     if bool(demoted.any()):
-        return _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order)
+        return _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order, paged)
     calls = []
     for g in sorted(keep, key=lambda g: (int(uniq[g, 0]), int(uniq[g, 1]))):
         sel = inverse == g
         kind_g, left_g = int(uniq[g, 0]), int(uniq[g, 1])
         window = {_FULL: (None, None), _CAUSAL: (None, 0), _WINDOW: (left_g, 0), _OPEN: (left_g, None)}[kind_g]
         calls.append(_call(KINDS[kind_g], window, start[sel], (end - start)[sel], (bos + k0)[sel], (k1 - k0)[sel],
-                           spans.total_tokens, spans.total_keys, order))
-    return SegmentPlan(tuple(calls), spans.total_tokens, spans.total_keys, spans)
+                           seq[start][sel], spans.total_tokens, spans.total_keys, order))
+    return SegmentPlan(tuple(calls), spans.total_tokens, spans.total_keys, spans, paged)
 
 
-def _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order) -> SegmentPlan:
+def _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order, paged) -> SegmentPlan:
     """Re-cut with the rows of demoted segments as one-row full segments."""
     row_demoted = torch.repeat_interleave(demoted, end - start)
     row_kind = torch.repeat_interleave(kind, end - start)
@@ -256,10 +298,10 @@ def _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order) -> Segmen
     new[1:] = row_demoted[1:] | row_demoted[:-1] | (seg_of_row[1:] != seg_of_row[:-1])
     new_start = rows[new]
     new_end = torch.cat([new_start[1:], new_start.new_tensor([spans.total_tokens])])
-    return _group(spans, seq, pos, lo, hi, row_kind[new_start], new_start, new_end, spans.total_tokens, order)
+    return _group(spans, seq, pos, lo, hi, row_kind[new_start], new_start, new_end, spans.total_tokens, order, paged)
 
 
-def _call(kind, window, q_start, q_len, k_start, k_len, total_rows, total_keys, order) -> SegmentCall:
+def _call(kind, window, q_start, q_len, k_start, k_len, seq, total_rows, total_keys, order) -> SegmentCall:
     def cu(starts: torch.Tensor, total: int) -> torch.Tensor:
         return torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
 
@@ -267,11 +309,11 @@ def _call(kind, window, q_start, q_len, k_start, k_len, total_rows, total_keys, 
         # Most rows x keys first (stable); the start arrays keep their trailing total, so they
         # are no longer sorted: only q_len/k_len give the lengths.
         idx = torch.sort(q_len * k_len, descending=True, stable=True).indices
-        q_start, q_len, k_start, k_len = q_start[idx], q_len[idx], k_start[idx], k_len[idx]
+        q_start, q_len, k_start, k_len, seq = q_start[idx], q_len[idx], k_start[idx], k_len[idx], seq[idx]
 
     return SegmentCall(
         kind=kind, window_left=window[0], window_right=window[1],
         q_start=cu(q_start, total_rows), q_len=q_len.to(torch.int32),
         k_start=cu(k_start, total_keys), k_len=k_len.to(torch.int32),
-        max_q_len=int(q_len.max()), max_k_len=int(k_len.max()),
+        max_q_len=int(q_len.max()), max_k_len=int(k_len.max()), seq=seq.to(torch.int32),
     )
