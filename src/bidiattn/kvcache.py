@@ -137,8 +137,8 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
 
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tensor, spans: SpanMask, *,
                     scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
-                    validate: bool = True, plan=None):
-    """Attention of new query rows over their sequences' paged keys (forward, Triton).
+                    validate: bool = True, plan=None, backend: str = "triton", segment_plan=None):
+    """Attention of new query rows over their sequences' paged keys (forward).
 
     Args:
         q: ``[T, Hq, D]`` fp16/bf16, the new rows of each sequence, packed.
@@ -146,21 +146,37 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
         spans: extend spans: ``spans.cu_seqlens`` packs ``q``, ``spans.cu_seqlens_k`` holds each
             sequence's key count (cached plus new; the new keys already appended).
         validate: host-sync checks that every sequence's keys fit its table row and use real pages.
-        plan: a :class:`~bidiattn.kernels.forward.LaunchPlan` of ``spans``
+        backend: ``"triton"`` (the span kernel with the page lookup in its key loads) or
+            ``"fa4"`` (FlashAttention-4 window launches over row segments, each reading its
+            sequence's page-table row; see :mod:`bidiattn.segments`; Hopper/Blackwell, head dims
+            FA4 supports there).
+        plan: triton only: a :class:`~bidiattn.kernels.forward.LaunchPlan` of ``spans``
             (:func:`~bidiattn.kernels.forward.plan_forward`), built once per step and shared by
             the layers that use these spans: each call is then one kernel launch (two when the
             plan splits the key range) with no planning work.
+        segment_plan: fa4 only: ``plan_segments(spans, paged=True)``, shared the same way
+            (without it each call plans, one host sync).
 
     Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
     """
     from .attention import _triton_unsupported
-    from .kernels.forward import span_attention_forward
 
+    if backend not in ("triton", "fa4"):
+        raise ValueError(f"paged_attention backend must be 'triton' or 'fa4', got {backend!r}")
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != spans.total_tokens:
         raise ValueError(f"q must be [T={spans.total_tokens}, Hq, D], got {tuple(getattr(q, 'shape', ()))}")
-    unsupported = _triton_unsupported(q, q, q)  # device, dtype, head dim: the kernel's limits
+    if backend == "fa4":
+        from .kernels.fa4 import fa4_unsupported
+
+        if plan is not None:
+            raise ValueError("plan is the triton backend's LaunchPlan; backend='fa4' takes segment_plan")
+        unsupported = fa4_unsupported(q, q, q)
+    else:
+        if segment_plan is not None:
+            raise ValueError("segment_plan is for backend='fa4'; the triton backend takes plan")
+        unsupported = _triton_unsupported(q, q, q)  # device, dtype, head dim: the kernel's limits
     if unsupported is not None:
         raise unsupported
     if q.dtype != cache.k_pages.dtype:
@@ -172,6 +188,17 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     if validate:
         _check_capacity(cache, page_table, spans.cu_seqlens_k[1:] - spans.cu_seqlens_k[:-1])
     scale = check_scale_softcap(scale, softcap, d)
+    if backend == "fa4":
+        from .kernels.fa4 import span_attention_fa4_forward
+        from .segments import SegmentPlan
+
+        if segment_plan is not None and not isinstance(segment_plan, SegmentPlan):
+            raise TypeError(f"segment_plan must be a SegmentPlan, got {type(segment_plan).__name__}")
+        out, lse = span_attention_fa4_forward(q, cache.k_pages, cache.v_pages, spans, scale, softcap, segment_plan,
+                                              page_table=page_table)
+        return (out, lse) if return_lse else out
+    from .kernels.forward import span_attention_forward
+
     k_flat, v_flat = cache.flat()
     out, lse = span_attention_forward(q, k_flat, v_flat, spans, scale, softcap, page_table=page_table,
                                       page_size=cache.page_size, plan=plan)

@@ -62,8 +62,14 @@ def fa4_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Except
 def span_attention_fa4_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
     plan: SegmentPlan | None = None, *, overlap: bool = False, pack_gqa: bool | None = None,
+    page_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) through FA4 launches.
+
+    With ``page_table`` (int32 ``[B, P]``), ``k``/``v`` are K/V pages ``[num_pages, page_size,
+    Hkv, D]`` and the plan must be paged (:func:`plan_segments` with ``paged=True``): segment
+    ``j`` reads its keys through row ``seq[j]`` of the table (the rows are gathered per launch,
+    ``S x P`` ints; no K/V is copied).
 
     ``plan`` defaults to :func:`plan_segments` of ``spans`` (one host sync); pass one plan to
     every layer that shares the spans. Inputs are pre-validated by :func:`bidiattn.attention`.
@@ -72,21 +78,27 @@ def span_attention_fa4_forward(
     ``pack_gqa`` is FA4's (``None``: its heuristic).
     """
     fa4 = _fa4_interface()
-    plan = plan_segments(spans) if plan is None else plan
+    paged = page_table is not None
+    plan = plan_segments(spans, paged=paged) if plan is None else plan
     if plan.spans is not spans:
         raise ValueError("segment_plan was planned from another SpanMask; plan_segments(spans) of the spans passed")
+    if plan.paged != paged:
+        raise ValueError(f"a {'paged' if plan.paged else 'contiguous'} segment plan for a "
+                         f"{'paged' if paged else 'contiguous'} cache; plan_segments(spans, paged={paged})")
     q, k, v = (x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
 
     def launch(call):
+        keys = (dict(page_table=page_table[call.seq.long()].contiguous(), cu_seqlens_k=None) if paged
+                else dict(cu_seqlens_k=call.k_start))
         fa4._flash_attn_fwd(
             q, k, v,
-            cu_seqlens_q=call.q_start, cu_seqlens_k=call.k_start, seqused_q=call.q_len, seqused_k=call.k_len,
+            cu_seqlens_q=call.q_start, seqused_q=call.q_len, seqused_k=call.k_len,
             max_seqlen_q=call.max_q_len, max_seqlen_k=call.max_k_len,
             softmax_scale=scale, causal=False, softcap=softcap,
             window_size_left=call.window_left, window_size_right=call.window_right,
-            pack_gqa=pack_gqa, return_lse=True, out=out, lse=lse,
+            pack_gqa=pack_gqa, return_lse=True, out=out, lse=lse, **keys,
         )
 
     if not overlap or len(plan.calls) < 2:
@@ -100,7 +112,7 @@ def span_attention_fa4_forward(
         with torch.cuda.stream(side if n % 2 else main):
             launch(call)
     main.wait_stream(side)
-    for x in (q, k, v, out, lse, *(t for c in plan.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len))):
+    for x in (q, k, v, out, lse, *(t for c in plan.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len, c.seq))):
         x.record_stream(side)
     return out, lse
 
