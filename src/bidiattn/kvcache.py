@@ -16,7 +16,6 @@ the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -120,8 +119,10 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
         if int(cu_seqlens[-1]) != k.shape[0]:
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but k has {k.shape[0]} rows")
         _check_capacity(cache, page_table, start + cu_seqlens[1:] - cu_seqlens[:-1])
+    from .attention import _interpreting
+
     contiguous = cache.k_pages.is_contiguous() and cache.v_pages.is_contiguous()
-    if contiguous and (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if contiguous and (k.is_cuda or _interpreting()):
         from .kernels.append import append_triton
 
         append_triton(cache.k_pages, cache.v_pages, k, v, page_table, cu_seqlens, start)

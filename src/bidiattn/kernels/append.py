@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .indexing import last_at_most
+
 __all__ = ["append_triton"]
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -24,14 +26,7 @@ def _append_kernel(
     PAGE_SIZE: tl.constexpr, D: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
-    # Sequence of the row: the largest s in [0, num_seq - 1] with cu_seqlens[s] <= row.
-    a = tl.zeros([], tl.int64)
-    b = tl.zeros([], tl.int64) + (num_seq - 1)
-    for _ in range(STEPS):
-        mid = (a + b + 1) // 2
-        go = tl.load(cu_seqlens + mid) <= i_t
-        a = tl.where(go, mid, a)
-        b = tl.where(go, b, mid - 1)
+    a = last_at_most(cu_seqlens, i_t, num_seq, i_t >= 0, STEPS)
     pos = tl.load(start + a) + i_t - tl.load(cu_seqlens + a)
     page = tl.load(page_table + a * stride_pt + pos // PAGE_SIZE).to(tl.int64)
     dst = (page * PAGE_SIZE + pos % PAGE_SIZE) * ROW

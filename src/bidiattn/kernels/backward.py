@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..spans import SpanMask
 from .forward import _fits
+from .indexing import program_tile
 from .tiles import fast_tile_summary
 
 __all__ = ["BackwardConfig", "pick_backward_config", "key_tile_ranges", "span_attention_backward"]
@@ -78,15 +79,10 @@ def _dkdv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     i_hk = tl.program_id(0)
-    i_t = tl.load(order + tl.program_id(1))
     i_c = tl.program_id(2)
-    keys = tl.load(t_rows + i_t)
+    i_t, keys, i_b, bos, _, bos_k, seq_len_k = program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k)
     if keys == 0:
         return
-    i_b = tl.load(t_seq + i_t)
-    bos = tl.load(cu_seqlens + i_b)
-    bos_k = tl.load(cu_seqlens_k + i_b)
-    seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
     q_first = tl.load(t_q_first + i_t)
     q_last = tl.load(t_q_last + i_t)
     o_n = tl.load(t_row + i_t) + tl.arange(0, BLOCK_N)
@@ -142,14 +138,10 @@ def _dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     i_h = tl.program_id(0)
-    i_t = tl.load(order + tl.program_id(1))
     i_c = tl.program_id(2)
-    rows_n = tl.load(t_rows + i_t)
+    i_t, rows_n, i_b, bos, seq_len, bos_k, seq_len_k = program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k)
     if rows_n == 0:
         return
-    i_b = tl.load(t_seq + i_t)
-    bos = tl.load(cu_seqlens + i_b)
-    seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
     o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -162,8 +154,6 @@ def _dq_kernel(
     b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
     b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-    bos_k = tl.load(cu_seqlens_k + i_b)
-    seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
     k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)

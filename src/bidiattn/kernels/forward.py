@@ -19,6 +19,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..spans import SpanMask, TileSummary
+from .indexing import program_tile
 from .tiles import fast_tile_summary
 
 __all__ = ["LaunchPlan", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
@@ -88,16 +89,10 @@ def _span_fwd_kernel(
     # of the tile's key range and writes a partial output and lse, merged by the launcher.
     i_dv = tl.program_id(2) // KV_SPLITS
     i_s = tl.program_id(2) % KV_SPLITS
-    i_t = tl.load(order + tl.program_id(1))
-    rows = tl.load(t_rows + i_t)
+    # Keys of the sequence: the query rows themselves, or a longer cache (extend / decode).
+    i_t, rows, i_b, bos, seq_len, bos_k, seq_len_k = program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k)
     if rows == 0:
         return
-    i_b = tl.load(t_seq + i_t)
-    bos = tl.load(cu_seqlens + i_b)
-    seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
-    # Keys of the sequence: the query rows themselves, or a longer cache (extend / decode).
-    bos_k = tl.load(cu_seqlens_k + i_b)
-    seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
     lo_min = tl.load(t_lo_min + i_t)
     lo_max = tl.load(t_lo_max + i_t)
     hi_min = tl.load(t_hi_min + i_t)

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..blocks import BlockList
 from ..rules import Rule
+from .indexing import last_at_most
 
 __all__ = ["build_spans_triton"]
 
@@ -30,14 +31,7 @@ def _build_spans_kernel(
 ):
     o_t = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     ok = o_t < total
-    # Sequence of the row: the largest s in [0, num_seq - 1] with cu_q[s] <= row.
-    a = tl.zeros([CHUNK], tl.int64)
-    b = tl.zeros([CHUNK], tl.int64) + (num_seq - 1)
-    for _ in range(SEQ_STEPS):
-        mid = (a + b + 1) // 2
-        go = tl.load(cu_q + mid, mask=ok, other=0) <= o_t
-        a = tl.where(go, mid, a)
-        b = tl.where(go, b, mid - 1)
+    a = last_at_most(cu_q, o_t, num_seq, ok, SEQ_STEPS)
     bos = tl.load(cu_q + a, mask=ok, other=0)
     q_len = tl.load(cu_q + a + 1, mask=ok, other=0) - bos
     k_len = tl.load(cu_k + a + 1, mask=ok, other=0) - tl.load(cu_k + a, mask=ok, other=0)

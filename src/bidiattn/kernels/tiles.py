@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..spans import SpanMask, TileSummary
+from .indexing import last_at_most
 
 __all__ = ["fast_tile_summary"]
 
@@ -28,15 +29,7 @@ def _tile_summary_kernel(
     idx = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     in_grid = idx < capacity
     real = in_grid & (idx < tl.load(tile_off + num_seq))
-    # Largest s in [0, num_seq - 1] with tile_off[s] <= idx (tile_off[0] = 0).
-    a = tl.zeros([CHUNK], tl.int64)
-    b = tl.zeros([CHUNK], tl.int64) + (num_seq - 1)
-    for _ in range(STEPS):
-        mid = (a + b + 1) // 2
-        go = tl.load(tile_off + mid, mask=real, other=0) <= idx
-        a = tl.where(go, mid, a)
-        b = tl.where(go, b, mid - 1)
-    seq = a
+    seq = last_at_most(tile_off, idx, num_seq, real, STEPS)
     bos = tl.load(cu + seq, mask=real, other=0)
     length = tl.load(cu + seq + 1, mask=real, other=0) - bos
     start = (idx - tl.load(tile_off + seq, mask=real, other=0)) * BLOCK
