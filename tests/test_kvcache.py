@@ -189,6 +189,8 @@ def test_launch_plan_refuses_other_spans_and_shapes():
         plan_forward(spans, HQ, HKV, 0)
     with pytest.raises(ValueError, match="window must be None or a positive int, got 0"):
         plan_forward(spans, HQ, HKV, D, window=0)
+    with pytest.raises(TypeError, match="spans must be a bidiattn.SpanMask, got tuple"):
+        plan_forward((spans.lo, spans.hi), HQ, HKV, D)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -276,12 +276,18 @@ class LaunchPlan:
 
 def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  config: TileConfig | None = None, window: int | None = None) -> LaunchPlan:
-    """The :class:`LaunchPlan` of a forward call over ``spans`` (no host sync).
+    """The :class:`LaunchPlan` of a forward call over ``spans`` (no host sync): for ``q [T, Hq,
+    D]`` and ``k``/``v [T_keys, Hkv, D]`` with ``Hq = num_q_heads``, ``Hkv = num_kv_heads``,
+    ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
 
     ``window``: the layer's sliding window, if it has one. It tells the planner that rows see
     short key ranges, which no host-side size reveals: a small prefill step of such a layer
     then gets 128-row tiles (see :func:`_step_config`). ``config`` overrides the choice.
     """
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
+    if config is not None and not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a TileConfig or None, got {type(config).__name__}")
     for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
