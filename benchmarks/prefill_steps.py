@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--budgets", default="2048,8192")
+    parser.add_argument("--layers", default="full,sliding")
     args = parser.parse_args()
     t = args.tokens
     ids = image_ids(t)
@@ -47,7 +48,7 @@ def main() -> None:
     scale = D**-0.5
     results = []
     default_one_shot = {}
-    for (layer, window), budget, cfg in itertools.product(LAYERS, map(int, args.budgets.split(",")), CONFIGS):
+    for (layer, window), budget, cfg in itertools.product([x for x in LAYERS if x[0] in args.layers.split(",")], map(int, args.budgets.split(",")), CONFIGS):
         full = rules.build("gemma3", "official", layer, block_ids=ids, window=window)
         steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan_prefill([layout], budget).steps]
         reference = span_attention_forward(q, k, v, full, scale, None)[0]

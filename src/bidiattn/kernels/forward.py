@@ -178,13 +178,22 @@ def _span_fwd_kernel(
 
 @triton.jit
 def _stream_unit(t_cum, x, num_tiles, HQ: tl.constexpr, STEPS: tl.constexpr):
-    """The (tile, head) unit holding work position ``x`` of a stream-K launch, and the unit's
-    ``[begin, end)`` in work positions. Tile ``j`` spans ``[HQ * cum[j], HQ * cum[j + 1])``, one
-    key-tile iteration per position, its heads one after another."""
+    """The (tile, head) unit holding work position ``x`` of a stream-K launch, as ``tile * HQ +
+    head``. Tile ``j`` spans positions ``[HQ * cum[j], HQ * cum[j + 1])``, one per key-tile
+    iteration, its heads one after another."""
     i_t = last_at_most(t_cum, x // HQ, num_tiles, x >= 0, STEPS)
     c_t = tl.load(t_cum + i_t)
     n_t = tl.load(t_cum + i_t + 1) - c_t
-    i_h = (x - HQ * c_t) // n_t
+    return i_t * HQ + ((x - HQ * c_t) // n_t).to(tl.int32)
+
+
+@triton.jit
+def _unit_bounds(t_cum, u, HQ: tl.constexpr):
+    """Tile, head and ``[begin, end)`` work positions of unit ``u``."""
+    i_t = u // HQ
+    i_h = u % HQ
+    c_t = tl.load(t_cum + i_t)
+    n_t = tl.load(t_cum + i_t + 1) - c_t
     begin = HQ * c_t + i_h * n_t
     return i_t, i_h, begin, begin + n_t
 
@@ -210,9 +219,13 @@ def _span_fwd_stream_kernel(
     end = (i_p + 1) * total // num_programs
     o_r = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    x = start
-    while x < end:
-        i_t, i_h, u_begin, u_end = _stream_unit(t_cum, x, num_tiles, HQ, STEPS)
+    # A for loop over the program's units, not a while loop over positions: Triton 3.6 ran the
+    # while-loop version 25% slower on an H200 (one-shot 32K, hd128: 12.53 vs 9.97 ms).
+    u_first = _stream_unit(t_cum, start, num_tiles, HQ, STEPS)
+    u_last = tl.where(end > start, _stream_unit(t_cum, end - 1, num_tiles, HQ, STEPS), u_first - 1)
+    for u in range(u_first, u_last + 1):
+        i_t, i_h, u_begin, u_end = _unit_bounds(t_cum, u, HQ)
+        x = tl.maximum(u_begin, start)
         piece_end = tl.minimum(u_end, end)
         i_b = tl.load(t_seq + i_t)
         bos = tl.load(cu_seqlens + i_b)
@@ -254,7 +267,6 @@ def _span_fwd_stream_kernel(
             slot = (i_p * 2 + (x != start).to(tl.int32)).to(tl.int64) * BLOCK_M + o_r
             tl.store(o_ws + slot[:, None] * BLOCK_D + o_d[None, :], b_o)
             tl.store(l_ws + slot, b_lse)
-        x = piece_end
 
 
 @triton.jit
@@ -275,7 +287,7 @@ def _stream_fixup_kernel(
     prev = (b - 1) * total // num_programs
     if pos >= total:
         return
-    i_t, i_h, u_begin, u_end = _stream_unit(t_cum, pos, num_tiles, HQ, STEPS)
+    i_t, i_h, u_begin, u_end = _unit_bounds(t_cum, _stream_unit(t_cum, pos, num_tiles, HQ, STEPS), HQ)
     if (pos == u_begin) | (prev > u_begin):
         return
     o_r = tl.program_id(1) * FIX_M + tl.arange(0, FIX_M)
