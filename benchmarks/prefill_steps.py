@@ -25,10 +25,10 @@ from bidiattn.kernels.forward import TileConfig, plan_forward, span_attention_fo
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
 from inference import D, HKV, HQ, _graphed, image_ids
 
-# None: the planner's choice. 256x128 / 3-stage / 128x128 tiles were tried at b373e13 and do not fit
-# in shared memory at hd128 (262-328 KB asked).
-CONFIGS = (None, TileConfig(256, 64, 16, 2, stream_k=True), TileConfig(128, 64, 8, 3, stream_k=True),
-           TileConfig(128, 64, 8, 3))
+# None: the planner's choice. Tried and dropped (NOTES, "Chunked prefill step by step"): 256x128,
+# 3-stage 256x64 and 128x128 tiles do not fit in shared memory at hd128 (262-328 KB asked); a
+# stream-K schedule (commits b0d07b6, 7163e35) ran 20-50% slower.
+CONFIGS = (None, TileConfig(128, 64, 8, 3))
 LAYERS = (("full", None), ("sliding", 1024))
 
 

@@ -80,9 +80,6 @@ def test_head_dims(d):
         TileConfig(32, 32, 4, 1, split_dv=2, kv_splits=5),
         TileConfig(32, 32, 4, 1, pack_gqa=True),
         TileConfig(16, 16, 4, 1, kv_splits=3, pack_gqa=True),
-        TileConfig(32, 16, 4, 1, stream_k=True, programs=1),
-        TileConfig(32, 16, 4, 1, stream_k=True, programs=7),
-        TileConfig(16, 32, 4, 2, stream_k=True, programs=1000),
     ],
     ids=str,
 )
@@ -100,13 +97,6 @@ def test_tile_configs(config):
         (dict(block_m=64, block_n=8, num_warps=4, num_stages=1), "at least 16x16, got 64x8"),
         (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, split_dv=3), "split_dv must be a power of two"),
         (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, kv_splits=0), "kv_splits must be None .* got 0"),
-        (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, stream_k=True, programs=0),
-         "programs must be None or a positive int, got 0"),
-        (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, programs=4), "programs applies to stream_k=True"),
-        (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, stream_k=True, split_dv=2),
-         "stream_k does not combine with split_dv=2"),
-        (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, stream_k=True, kv_splits=2),
-         "stream_k does not combine with .*kv_splits=2"),
     ],
 )
 def test_tile_config_rejects_bad_values(kwargs, match):
@@ -121,23 +111,6 @@ def test_a_config_that_does_not_fit_shared_memory_raises_value_error():
     q = torch.randn(101, 2, 256, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match="does not fit this GPU at head_dim=256"):
         span_attention_forward(q, q, q, spans, 0.0625, None, config=TileConfig(64, 64, 4, 2))
-
-
-@pytest.mark.parametrize("programs", [2, 5, 13, 64])
-def test_stream_k_on_packed_sequences_with_softcap(programs):
-    # Units cut between programs at every kind of place: inside a tile, at a tile's first key,
-    # across sequences; several programs inside one unit when programs is large.
-    ids, cu = random_packed_layout(random.Random(programs), max_seqs=3, max_len=90)
-    spans = rules.build("gemma3", "official", "full", block_ids=ids, cu_seqlens=cu)
-    run_case(spans, 4, 2, 64, torch.bfloat16, softcap=3.0, seed=programs,
-             config=TileConfig(32, 16, 4, 1, stream_k=True, programs=programs))
-
-
-def test_stream_k_off_cuda_needs_a_program_count():
-    spans = image_spans(9, [])
-    q = torch.randn(9, 1, 64)
-    with pytest.raises(ValueError, match="needs programs=... off CUDA"):
-        span_attention_forward(q, q, q, spans, 0.125, None, config=TileConfig(32, 16, 4, 1, stream_k=True))
 
 
 def test_split_dv_too_fine_for_head_dim():

@@ -19,10 +19,10 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..spans import SpanMask, TileSummary
-from .indexing import last_at_most, program_tile
+from .indexing import program_tile
 from .tiles import fast_tile_summary
 
-__all__ = ["LaunchPlan", "StreamSchedule", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
+__all__ = ["LaunchPlan", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
 
 _LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instruction)
 
@@ -32,21 +32,31 @@ def _attend(
     acc, m_i, l_i, b_q, k_base, v_base, lo, hi, start, end, seq_len,
     stride_kt, qk_scale, softcap, i_dv, pt_row,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
-    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
+    # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
+    # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
+    # every key tile ends inside the sequence, so the loads need no bounds mask either.
     o_d = tl.arange(0, BLOCK_D)
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     for i_n in range(start, end, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        n_ok = o_n[:, None] < seq_len
+        if MASK >= 2:
+            n_ok = o_n[:, None] < seq_len
+        else:
+            n_ok = o_n[:, None] >= 0
         if PAGE_SIZE > 0:
             # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
             page = tl.load(pt_row + o_n // PAGE_SIZE, mask=o_n < seq_len, other=0)
             row = (page.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
         else:
             row = o_n[:, None].to(tl.int64) * stride_kt
-        b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
-        b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
+        if MASK >= 2 or D < BLOCK_D:
+            b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
+            b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
+        else:
+            b_k = tl.load(k_base + row + o_d[None, :])
+            b_v = tl.load(v_base + row + o_dv[None, :])
         b_s = tl.dot(b_q, tl.trans(b_k))
         if SOFTCAP:
             # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
@@ -55,7 +65,11 @@ def _attend(
             b_s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0))
         else:
             b_s = b_s * qk_scale
-        if MASKED:
+        if MASK == 1:
+            b_s = tl.where(o_n[None, :] >= lo[:, None], b_s, float("-inf"))
+        elif MASK == 2:
+            b_s = tl.where(o_n[None, :] <= hi[:, None], b_s, float("-inf"))
+        elif MASK == 3:
             allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None])
             b_s = tl.where(allowed, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
@@ -66,35 +80,6 @@ def _attend(
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_slice(
-    b_q, k_base, v_base, lo, hi, lo_max, hi_min, s_lo, s_hi, seq_len_k, stride_kt, qk_scale, softcap, i_dv, pt_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
-    SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
-):
-    """One query tile over the keys ``[s_lo, s_hi)`` (``s_lo`` on a key-tile edge): the key tiles
-    inside ``[lo_max, hi_min]`` without mask math, the others masked. Returns the unnormalized
-    ``(acc, m, l)`` of the online softmax (base 2)."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    full_start = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
-    full_end = ((hi_min + 1) // BLOCK_N) * BLOCK_N
-    if full_start < full_end:
-        a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
-        a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, PAGE_SIZE)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, False, SOFTCAP, PAGE_SIZE)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, PAGE_SIZE)
-    else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, True, SOFTCAP, PAGE_SIZE)
     return acc, m_i, l_i
 
 
@@ -151,8 +136,14 @@ def _span_fwd_kernel(
         k_base = k + bos_k * stride_kt + i_hk * stride_kh
         v_base = v + bos_k * stride_kt + i_hk * stride_kh
 
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
     n_first = (lo_min // BLOCK_N) * BLOCK_N
     n_end = hi_max + 1
+    full_start = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
+    full_end = ((hi_min + 1) // BLOCK_N) * BLOCK_N
     if KV_SPLITS == 1:
         s_lo = n_first
         s_hi = n_end
@@ -160,9 +151,19 @@ def _span_fwd_kernel(
         per = tl.cdiv(tl.cdiv(n_end - n_first, BLOCK_N), KV_SPLITS) * BLOCK_N
         s_lo = tl.minimum(n_first + i_s * per, n_end)
         s_hi = tl.minimum(s_lo + per, n_end)
-    acc, m_i, l_i = _attend_slice(b_q, k_base, v_base, lo, hi, lo_max, hi_min, s_lo, s_hi, seq_len_k, stride_kt,
-                                  qk_scale, softcap, i_dv, pt_row, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, SOFTCAP,
-                                  PAGE_SIZE)
+    if full_start < full_end:
+        a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
+        a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1, SOFTCAP, PAGE_SIZE)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0, SOFTCAP, PAGE_SIZE)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2, SOFTCAP, PAGE_SIZE)
+    else:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3, SOFTCAP, PAGE_SIZE)
+
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
     has_keys = l_i > 0
@@ -174,153 +175,6 @@ def _span_fwd_kernel(
     if i_dv == 0:
         b_lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse + i_s * stride_ls + head * stride_lh + rows_g, b_lse, mask=m_ok)
-
-
-@triton.jit
-def _stream_unit(t_cum, x, num_tiles, HQ: tl.constexpr, STEPS: tl.constexpr):
-    """The (tile, head) unit holding work position ``x`` of a stream-K launch, as ``tile * HQ +
-    head``. Tile ``j`` spans positions ``[HQ * cum[j], HQ * cum[j + 1])``, one per key-tile
-    iteration, its heads one after another."""
-    i_t = last_at_most(t_cum, x // HQ, num_tiles, x >= 0, STEPS)
-    c_t = tl.load(t_cum + i_t)
-    n_t = tl.load(t_cum + i_t + 1) - c_t
-    return i_t * HQ + ((x - HQ * c_t) // n_t).to(tl.int32)
-
-
-@triton.jit
-def _unit_bounds(t_cum, u, HQ: tl.constexpr):
-    """Tile, head and ``[begin, end)`` work positions of unit ``u``."""
-    i_t = u // HQ
-    i_h = u % HQ
-    c_t = tl.load(t_cum + i_t)
-    n_t = tl.load(t_cum + i_t + 1) - c_t
-    begin = HQ * c_t + i_h * n_t
-    return i_t, i_h, begin, begin + n_t
-
-
-@triton.jit
-def _span_fwd_stream_kernel(
-    q, k, v, o, lse, o_ws, l_ws, span_lo, span_hi, cu_seqlens, cu_seqlens_k, page_table,
-    t_seq, t_row, t_lo_min, t_lo_max, t_hi_min, t_hi_max, t_cum, num_tiles, num_programs,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh, stride_pt,
-    qk_scale, softcap,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, STEPS: tl.constexpr,
-):
-    # Stream-K: the launch's work, one position per (query tile, head, key tile), is cut into
-    # num_programs equal ranges. A program walks its range unit by unit; a unit it holds whole
-    # is written out directly, a unit cut at the range's start or end goes to the workspace
-    # slot 0 or 1 of this program, merged by _stream_fixup_kernel. Why: a step with about one
-    # wave of tiles is as slow as its longest tile (2K-token prefill chunks, see _step_config).
-    i_p = tl.program_id(0)
-    total = tl.load(t_cum + num_tiles) * HQ
-    start = i_p * total // num_programs
-    end = (i_p + 1) * total // num_programs
-    o_r = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    # A for loop over the program's units, not a while loop over positions: Triton 3.6 ran the
-    # while-loop version 25% slower on an H200 (one-shot 32K, hd128: 12.53 vs 9.97 ms).
-    u_first = _stream_unit(t_cum, start, num_tiles, HQ, STEPS)
-    u_last = tl.where(end > start, _stream_unit(t_cum, end - 1, num_tiles, HQ, STEPS), u_first - 1)
-    for u in range(u_first, u_last + 1):
-        i_t, i_h, u_begin, u_end = _unit_bounds(t_cum, u, HQ)
-        x = tl.maximum(u_begin, start)
-        piece_end = tl.minimum(u_end, end)
-        i_b = tl.load(t_seq + i_t)
-        bos = tl.load(cu_seqlens + i_b)
-        seq_len = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
-        bos_k = tl.load(cu_seqlens_k + i_b)
-        seq_len_k = (tl.load(cu_seqlens_k + i_b + 1) - bos_k).to(tl.int32)
-        lo_min = tl.load(t_lo_min + i_t)
-        hi_max = tl.load(t_hi_max + i_t)
-        o_m = tl.load(t_row + i_t) + o_r
-        m_ok = o_m < seq_len
-        rows_g = bos + o_m.to(tl.int64)
-        lo = tl.load(span_lo + rows_g, mask=m_ok, other=1)
-        hi = tl.load(span_hi + rows_g, mask=m_ok, other=0)
-        b_q = tl.load(q + rows_g[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
-                      mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-        pt_row = page_table + i_b.to(tl.int64) * stride_pt
-        i_hk = i_h // GROUP
-        if PAGE_SIZE > 0:
-            k_base = k + i_hk * stride_kh
-            v_base = v + i_hk * stride_kh
-        else:
-            k_base = k + bos_k * stride_kt + i_hk * stride_kh
-            v_base = v + bos_k * stride_kt + i_hk * stride_kh
-        n_first = (lo_min // BLOCK_N) * BLOCK_N
-        s_lo = (n_first + (x - u_begin) * BLOCK_N).to(tl.int32)
-        s_hi = tl.minimum(n_first + (piece_end - u_begin) * BLOCK_N, hi_max + 1).to(tl.int32)
-        acc, m_i, l_i = _attend_slice(b_q, k_base, v_base, lo, hi, tl.load(t_lo_max + i_t), tl.load(t_hi_min + i_t),
-                                      s_lo, s_hi, seq_len_k, stride_kt, qk_scale, softcap, 0, pt_row, BLOCK_M, BLOCK_N,
-                                      BLOCK_D, BLOCK_D, D, SOFTCAP, PAGE_SIZE)
-        has_keys = l_i > 0
-        l_safe = tl.where(has_keys, l_i, 1.0)
-        b_o = acc / l_safe[:, None]
-        b_lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        if (x == u_begin) & (piece_end == u_end):
-            o_off = rows_g[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
-            tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_d[None, :] < D))
-            tl.store(lse + i_h * stride_lh + rows_g, b_lse, mask=m_ok)
-        else:
-            slot = (i_p * 2 + (x != start).to(tl.int32)).to(tl.int64) * BLOCK_M + o_r
-            tl.store(o_ws + slot[:, None] * BLOCK_D + o_d[None, :], b_o)
-            tl.store(l_ws + slot, b_lse)
-
-
-@triton.jit
-def _stream_fixup_kernel(
-    o, lse, o_ws, l_ws, cu_seqlens, t_seq, t_row, t_rows, t_cum, num_tiles, num_programs,
-    stride_ot, stride_oh, stride_lh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FIX_M: tl.constexpr,
-    STEPS: tl.constexpr,
-):
-    """Merge the pieces of the units cut by the stream-K ranges. Program (b - 1, i) handles the
-    unit holding boundary b (the start of program b), rows [i * FIX_M, +FIX_M), unless b falls on
-    a unit edge or an earlier boundary cuts the same unit. The unit's pieces come from program
-    b - 1 (slot 1, or slot 0 when that program starts at the unit's first position) and every
-    later program that starts inside the unit (slot 0)."""
-    b = tl.program_id(0) + 1
-    total = tl.load(t_cum + num_tiles) * HQ
-    pos = b * total // num_programs
-    prev = (b - 1) * total // num_programs
-    if pos >= total:
-        return
-    i_t, i_h, u_begin, u_end = _unit_bounds(t_cum, _stream_unit(t_cum, pos, num_tiles, HQ, STEPS), HQ)
-    if (pos == u_begin) | (prev > u_begin):
-        return
-    o_r = tl.program_id(1) * FIX_M + tl.arange(0, FIX_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m = tl.full([FIX_M], float("-inf"), tl.float32)
-    total_w = tl.zeros([FIX_M], tl.float32)
-    acc = tl.zeros([FIX_M, BLOCK_D], tl.float32)
-    i_p = b - 1
-    p_start = prev
-    while (i_p < num_programs) & (p_start < u_end):
-        # A program with an empty range (more programs than work) wrote nothing.
-        p_end = (i_p + 1) * total // num_programs
-        wrote = p_end > p_start
-        slot = (i_p * 2 + (p_start < u_begin).to(tl.int32)).to(tl.int64) * BLOCK_M + o_r
-        b_l = tl.where(wrote, tl.load(l_ws + slot), float("-inf"))
-        b_o = tl.where(wrote, tl.load(o_ws + slot[:, None] * BLOCK_D + o_d[None, :]), 0.0)
-        m_new = tl.maximum(m, b_l)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(b_l - m_safe)
-        total_w = total_w * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * b_o
-        m = m_new
-        i_p += 1
-        p_start = p_end
-    i_b = tl.load(t_seq + i_t)
-    bos = tl.load(cu_seqlens + i_b)
-    r_ok = o_r < tl.load(t_rows + i_t)
-    rows_g = bos + (tl.load(t_row + i_t) + o_r).to(tl.int64)
-    out = acc / total_w[:, None]
-    tl.store(o + rows_g[:, None] * stride_ot + i_h * stride_oh + o_d[None, :], out.to(o.dtype.element_ty),
-             mask=r_ok[:, None] & (o_d[None, :] < D))
-    tl.store(lse + i_h * stride_lh + rows_g, m + tl.log(total_w), mask=r_ok)
 
 
 @triton.jit
@@ -357,13 +211,6 @@ class TileConfig:
     K/V tile is read once per group. Triton's ``warp_specialize`` loop option was tried and
     dropped: no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
-
-    ``stream_k`` launches ``programs`` persistent programs (``None``: one per multiprocessor of
-    the GPU; required off CUDA) that split the whole launch's work, (query tile, head, key tile)
-    iterations, into equal contiguous ranges; a (tile, head) cut between two programs is merged
-    exactly by a second small launch. For launches of about one wave of tiles, whose time is
-    otherwise that of the longest tile. Not combinable with ``split_dv``, ``kv_splits`` or
-    ``pack_gqa``.
     """
 
     block_m: int
@@ -373,8 +220,6 @@ class TileConfig:
     split_dv: int = 1
     kv_splits: int | None = None
     pack_gqa: bool = False
-    stream_k: bool = False
-    programs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
@@ -386,14 +231,6 @@ class TileConfig:
             raise ValueError(f"TileConfig.kv_splits must be None (automatic) or an int in 1..256, got {self.kv_splits!r}")
         if self.block_m < 16 or self.block_n < 16:
             raise ValueError(f"TileConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
-        if self.programs is not None and (isinstance(self.programs, bool) or not isinstance(self.programs, int)
-                                          or self.programs < 1):
-            raise ValueError(f"TileConfig.programs must be None or a positive int, got {self.programs!r}")
-        if self.programs is not None and not self.stream_k:
-            raise ValueError("TileConfig.programs applies to stream_k=True only")
-        if self.stream_k and (self.split_dv != 1 or self.kv_splits not in (None, 1) or self.pack_gqa):
-            raise ValueError(f"TileConfig.stream_k does not combine with split_dv={self.split_dv}, "
-                             f"kv_splits={self.kv_splits}, pack_gqa={self.pack_gqa}")
 
 
 def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileConfig:
@@ -420,17 +257,6 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileCo
 
 
 @dataclass(frozen=True)
-class StreamSchedule:
-    """The work split of a stream-K launch: ``programs`` persistent programs and
-    ``tile_iterations`` (int64 ``[capacity + 1]``), the running sum over the tile summary's
-    tiles of each tile's key-tile iterations (0 for padding tiles): a program's share of the
-    work is ``1 / programs`` of ``num_q_heads * tile_iterations[-1]``."""
-
-    programs: int
-    tile_iterations: torch.Tensor
-
-
-@dataclass(frozen=True)
 class LaunchPlan:
     """Everything the forward launcher derives from the spans before it launches: the tile
     config, the tile summary, the longest-first tile order and the key-range split count.
@@ -451,7 +277,6 @@ class LaunchPlan:
     tiles: TileSummary
     order: torch.Tensor
     kv_splits: int
-    stream: StreamSchedule | None = None
 
     def check(self, q: torch.Tensor, k: torch.Tensor, spans: SpanMask) -> None:
         """ValueError unless this plan was made for these spans and head shape."""
@@ -485,8 +310,6 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
     cfg = config or _step_config(spans, num_q_heads, head_dim, window)
-    if cfg.stream_k and cfg.programs is None and spans.lo.device.type != "cuda":
-        raise ValueError("TileConfig(stream_k=True) needs programs=... off CUDA (on CUDA: one per multiprocessor)")
     block_d = triton.next_power_of_2(head_dim)
     if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
         raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
@@ -498,22 +321,9 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     # should be the short ones so the tail of the grid stays full.
     work = torch.where(tiles.rows > 0, tiles.hi_max - tiles.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    if cfg.stream_k:
-        return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, 1, tiles, order, 1,
-                          _stream_schedule(spans, tiles, cfg))
     splits = cfg.kv_splits or _auto_kv_splits(spans, (num_q_heads // pack) * cfg.split_dv, cfg.block_m // pack,
                                               cfg.block_n)
     return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
-
-
-def _stream_schedule(spans: SpanMask, tiles: TileSummary, cfg: TileConfig) -> StreamSchedule:
-    """Each tile's key-tile iterations, summed in tile order (no host sync)."""
-    programs = cfg.programs or torch.cuda.get_device_properties(spans.lo.device).multi_processor_count
-    n = cfg.block_n
-    first = torch.div(tiles.lo_min, n, rounding_mode="floor") * n
-    iters = torch.where(tiles.rows > 0, torch.div(tiles.hi_max + 1 - first + n - 1, n, rounding_mode="floor"), 0)
-    cum = torch.nn.functional.pad(torch.cumsum(iters.to(torch.int64), 0), (1, 0))
-    return StreamSchedule(programs, cum)
 
 
 def _step_config(spans: SpanMask, num_q_heads: int, head_dim: int, window: int | None) -> TileConfig:
@@ -571,11 +381,6 @@ def span_attention_forward(
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
     grid = (hq // pack, tiles.rows.numel(), cfg.split_dv * splits)
     paging = (page_table, page_size) if page_table is not None else (spans.cu_seqlens, 0)
-    if plan.stream is not None:
-        with _fits(cfg, d):
-            _launch_stream(q, k, v, out, lse, spans, tiles, plan.stream, qk_scale, softcap, group, d, cfg, block_d,
-                           paging)
-        return out, lse
     if splits == 1:
         with _fits(cfg, d):
             _launch_forward(grid, q, k, v, out, lse, 0, 0, spans, order, tiles, qk_scale, softcap, group, d, cfg,
@@ -644,33 +449,3 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
-
-# Rows per fixup program: a FIX_M x head_dim fp32 block stays in registers up to hd 512.
-_FIX_M = 16
-
-
-def _launch_stream(q, k, v, out, lse, spans, tiles, stream, qk_scale, softcap, group, d, cfg, block_d, paging):
-    page_table, page_size = paging
-    p = stream.programs
-    capacity = tiles.rows.numel()
-    steps = max(1, (capacity - 1).bit_length())
-    # Each program parks at most two cut pieces: its first unit and its last.
-    o_ws = torch.empty(p, 2, cfg.block_m, block_d, device=q.device, dtype=torch.float32)
-    l_ws = torch.empty(p, 2, cfg.block_m, device=q.device, dtype=torch.float32)
-    _span_fwd_stream_kernel[(p,)](
-        q, k, v, out, lse, o_ws, l_ws, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, page_table,
-        tiles.seq, tiles.row_start, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max, stream.tile_iterations,
-        capacity, p, q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        page_table.stride(0), qk_scale, softcap if softcap is not None else 1.0,
-        HQ=q.shape[1], GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        SOFTCAP=softcap is not None, PAGE_SIZE=page_size, STEPS=steps, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    if p > 1:
-        fix_m = min(_FIX_M, cfg.block_m)
-        _stream_fixup_kernel[(p - 1, cfg.block_m // fix_m)](
-            out, lse, o_ws, l_ws, spans.cu_seqlens, tiles.seq, tiles.row_start, tiles.rows, stream.tile_iterations,
-            capacity, p, out.stride(0), out.stride(1), lse.stride(0),
-            HQ=q.shape[1], D=d, BLOCK_M=cfg.block_m, BLOCK_D=block_d, FIX_M=fix_m, STEPS=steps, num_warps=4,
-        )
