@@ -80,6 +80,8 @@ def test_head_dims(d):
         TileConfig(32, 32, 4, 1, split_dv=2, kv_splits=5),
         TileConfig(32, 32, 4, 1, pack_gqa=True),
         TileConfig(16, 16, 4, 1, kv_splits=3, pack_gqa=True),
+        TileConfig(32, 16, 4, 2, one_sided_masks=False),
+        TileConfig(16, 16, 4, 1, kv_splits=3, one_sided_masks=False),
     ],
     ids=str,
 )
