@@ -303,8 +303,8 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
 
     ``window``: the layer's sliding window, if it has one. It tells the planner that rows see
-    short key ranges, which no host-side size reveals: a small prefill step of such a layer
-    then gets 128-row tiles (see :func:`_step_config`). ``config`` overrides the choice.
+    short key ranges, which no host-side size reveals: at head dim <= 128 such a layer then gets
+    128-row tiles (see :func:`_step_config`). ``config`` overrides the choice.
     """
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
@@ -317,7 +317,7 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
         raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
-    cfg = config or _step_config(spans, num_q_heads, head_dim, window)
+    cfg = config or _step_config(spans, head_dim, window)
     block_d = triton.next_power_of_2(head_dim)
     if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
         raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
@@ -334,19 +334,17 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
 
 
-def _step_config(spans: SpanMask, num_q_heads: int, head_dim: int, window: int | None) -> TileConfig:
-    """:func:`pick_config`, except for small steps of sliding-window layers at head dim <= 128:
-    when 256-row tiles would not fill one wave of the GPU, 128-row tiles (8 warps, 3 stages).
-    H200, 32K-token prompt in 2K chunks, hd128, planned calls in a CUDA graph: sliding W=1024
-    1.94 -> 1.39 ms (one shot 1.25); on full layers the same tiles were slower (11.42 -> 11.87
-    ms: long key ranges amortize the deeper tile), hence the window condition."""
+def _step_config(spans: SpanMask, head_dim: int, window: int | None) -> TileConfig:
+    """:func:`pick_config`, except for sliding-window layers at head dim <= 128: 128-row tiles
+    (8 warps, 3 stages, one-sided masks) instead of 256-row ones. H200, hd128, 16 q / 8 kv
+    heads, 32K-token prompt, W=1024, planned calls in a CUDA graph (results/prefill-steps-*):
+    one shot 1.25 -> 1.11 ms, 2K chunks 1.94 -> 1.31 ms (whole prompt), 8K chunks 1.27 -> 1.13;
+    the rows' short key ranges do not amortize the deeper tile. On full layers the 128-row tile
+    is slower (one shot 10.0 -> 10.7 ms), hence the window condition."""
     cfg = pick_config(head_dim, rows_per_sequence=spans.total_tokens / spans.num_sequences)
-    if window is None or cfg.block_m != 256 or spans.lo.device.type != "cuda":
+    if window is None or cfg.block_m != 256:
         return cfg
-    sms = torch.cuda.get_device_properties(spans.lo.device).multi_processor_count
-    if (-(-spans.total_tokens // 256)) * num_q_heads < sms:
-        return TileConfig(128, 64, 8, 3)
-    return cfg
+    return TileConfig(128, 64, 8, 3)
 
 
 def span_attention_forward(
