@@ -48,53 +48,55 @@ def main() -> None:
     scale = D**-0.5
     results = []
     default_one_shot = {}
-    for (layer, window), budget, cfg in itertools.product([x for x in LAYERS if x[0] in args.layers.split(",")], map(int, args.budgets.split(",")), CONFIGS):
+    budgets = [int(x) for x in args.budgets.split(",")]
+    for layer, window in [x for x in LAYERS if x[0] in args.layers.split(",")]:
         full = rules.build("gemma3", "official", layer, block_ids=ids, window=window)
-        steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan_prefill([layout], budget).steps]
         reference = span_attention_forward(q, k, v, full, scale, None)[0]
-        row = dict(layer=layer, budget=budget, config=repr(cfg) if cfg else "default")
-        try:
-            plan_one = plan_forward(full, HQ, HKV, D, config=cfg, window=window)
-            out_one = torch.empty_like(q)
+        for budget, cfg in itertools.product(budgets, CONFIGS):
+            steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan_prefill([layout], budget).steps]
+            row = dict(layer=layer, budget=budget, config=repr(cfg) if cfg else "default")
+            try:
+                plan_one = plan_forward(full, HQ, HKV, D, config=cfg, window=window)
+                out_one = torch.empty_like(q)
 
-            def one():
-                return span_attention_forward(q, k, v, full, scale, None, out=out_one, plan=plan_one)[0]
+                def one():
+                    return span_attention_forward(q, k, v, full, scale, None, out=out_one, plan=plan_one)[0]
 
-            row["one_shot_rel_err"] = cases.rel_err(one(), reference)
-            if row["one_shot_rel_err"] > 1e-2:
-                raise RuntimeError(f"one-shot output differs from the default kernel: {row['one_shot_rel_err']:.2e}")
-            row["one_shot_ms"] = cases.ms(_graphed(one), rep=100)
-            pairs_one = full.num_pairs()
-            rate = pairs_one / default_one_shot.get(layer, row["one_shot_ms"])
-            out = torch.empty_like(q)
-            planned = [(s, c, plan_forward(s, HQ, HKV, D, config=cfg, window=window)) for s, c in steps]
+                row["one_shot_rel_err"] = cases.rel_err(one(), reference)
+                if row["one_shot_rel_err"] > 1e-2:
+                    raise RuntimeError(f"one-shot output differs from the default kernel: {row['one_shot_rel_err']:.2e}")
+                row["one_shot_ms"] = cases.ms(_graphed(one), rep=100)
+                pairs_one = full.num_pairs()
+                rate = pairs_one / default_one_shot.get(layer, row["one_shot_ms"])
+                out = torch.empty_like(q)
+                planned = [(s, c, plan_forward(s, HQ, HKV, D, config=cfg, window=window)) for s, c in steps]
 
-            def step_fn(s, c, p):
-                return lambda: span_attention_forward(q[c.start : c.end], k[: c.end], v[: c.end], s, scale, None,
-                                                      out=out[c.start : c.end], plan=p)[0]
+                def step_fn(s, c, p):
+                    return lambda: span_attention_forward(q[c.start : c.end], k[: c.end], v[: c.end], s, scale, None,
+                                                          out=out[c.start : c.end], plan=p)[0]
 
-            def run_all():
-                for s, c, p in planned:
-                    step_fn(s, c, p)()
-                return out
+                def run_all():
+                    for s, c, p in planned:
+                        step_fn(s, c, p)()
+                    return out
 
-            row["chunked_rel_err"] = cases.rel_err(run_all(), reference)
-            if row["chunked_rel_err"] > 1e-2:
-                raise RuntimeError(f"chunked output differs from one shot: {row['chunked_rel_err']:.2e}")
-            row["chunked_ms"] = cases.ms(_graphed(run_all), rep=100)
-            default_one_shot.setdefault(layer, row["one_shot_ms"])
-            # Against the default one-shot call: what a user of the default gets without chunks.
-            row["ratio"] = default_one_shot[layer] / row["chunked_ms"]
-            row["steps"] = []
-            for s, c, p in planned if budget <= 2048 else ():
-                step_ms = cases.ms(_graphed(step_fn(s, c, p)), rep=50)
-                pairs = s.num_pairs()
-                row["steps"].append(dict(start=c.start, end=c.end, pairs=pairs, ms=step_ms,
-                                         efficiency=pairs / rate / step_ms))
-        except Exception as e:  # noqa: BLE001 - record the failing variant and go on
-            row["error"] = cases.describe_error(e)
-        print(json.dumps(row), flush=True)
-        results.append(row)
+                row["chunked_rel_err"] = cases.rel_err(run_all(), reference)
+                if row["chunked_rel_err"] > 1e-2:
+                    raise RuntimeError(f"chunked output differs from one shot: {row['chunked_rel_err']:.2e}")
+                row["chunked_ms"] = cases.ms(_graphed(run_all), rep=100)
+                default_one_shot.setdefault(layer, row["one_shot_ms"])
+                # Against the default one-shot call: what a user of the default gets without chunks.
+                row["ratio"] = default_one_shot[layer] / row["chunked_ms"]
+                row["steps"] = []
+                for s, c, p in planned if budget <= 2048 else ():
+                    step_ms = cases.ms(_graphed(step_fn(s, c, p)), rep=50)
+                    pairs = s.num_pairs()
+                    row["steps"].append(dict(start=c.start, end=c.end, pairs=pairs, ms=step_ms,
+                                             efficiency=pairs / rate / step_ms))
+            except Exception as e:  # noqa: BLE001 - record the failing variant and go on
+                row["error"] = cases.describe_error(e)
+            print(json.dumps(row), flush=True)
+            results.append(row)
     meta = cases.meta("python benchmarks/prefill_steps.py")
     lines = [f"# Chunked prefill step by step, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv "

@@ -20,6 +20,26 @@ def layout(t: int, starts: list[int], length: int) -> torch.Tensor:
     return ids
 
 
+def capture(step, forbid_sync: bool = False):
+    """``step`` run once on a side stream (compile and warm up), then captured in a CUDA graph;
+    returns the graph and the captured call's static outputs. ``forbid_sync``: a host sync
+    during the capture raises."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    if forbid_sync:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            outs = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return graph, outs
+
+
 @pytest.mark.gpu
 def test_prefill_and_decode_steps_replay_with_new_layouts():
     t, hq, hkv, d, window = 700, 8, 2, 128, 64
@@ -38,14 +58,7 @@ def test_prefill_and_decode_steps_replay_with_new_layouts():
         dec = SpanMask(lo1, hi1, cu_q1, validate=False, cu_seqlens_k=cu, total_keys=t)
         return prefill, bidiattn.attention(q1, k, v, dec, backend="triton")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_prefill, out_decode = step()
+    graph, (out_prefill, out_decode) = capture(step)
 
     for starts_a, starts_b, n in (([10, 100], [320, 500], 40), ([0], [300], 250), ([50, 150, 250], [400], 90)):
         new_ids = torch.cat([layout(300, starts_a, n), layout(400, [s - 300 for s in starts_b], n) * 10])
@@ -125,18 +138,7 @@ def test_serving_step_from_block_lists_replays_with_new_layouts():
         ([[(0, 300)], [], [(2, 3)]], [1, 94, 1], [399, 500, 301]),
     ]
     load(*layouts[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            outs = step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph, outs = capture(step, forbid_sync=True)
     for pairs, q_lens, k_lens in layouts:
         load(pairs, q_lens, k_lens)
         for x in (q, k, v):

@@ -42,10 +42,6 @@ def _attend(
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     for i_n in range(start, end, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        if MASK >= 2:
-            n_ok = o_n[:, None] < seq_len
-        else:
-            n_ok = o_n[:, None] >= 0
         if PAGE_SIZE > 0:
             # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
             page = tl.load(pt_row + o_n // PAGE_SIZE, mask=o_n < seq_len, other=0)
@@ -53,6 +49,7 @@ def _attend(
         else:
             row = o_n[:, None].to(tl.int64) * stride_kt
         if MASK >= 2 or D < BLOCK_D:
+            n_ok = o_n[:, None] < seq_len
             b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
             b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
         else:
@@ -337,10 +334,11 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
 def _step_config(spans: SpanMask, head_dim: int, window: int | None) -> TileConfig:
     """:func:`pick_config`, except for sliding-window layers at head dim <= 128: 128-row tiles
     (8 warps, 3 stages, one-sided masks) instead of 256-row ones. H200, hd128, 16 q / 8 kv
-    heads, 32K-token prompt, W=1024, planned calls in a CUDA graph (results/prefill-steps-*):
-    one shot 1.25 -> 1.11 ms, 2K chunks 1.94 -> 1.31 ms (whole prompt), 8K chunks 1.27 -> 1.13;
-    the rows' short key ranges do not amortize the deeper tile. On full layers the 128-row tile
-    is slower (one shot 10.0 -> 10.7 ms), hence the window condition."""
+    heads, 32K-token prompt, W=1024, planned calls in a CUDA graph: one shot 1.25 -> 1.11 ms,
+    8K chunks 1.27 -> 1.13 (whole prompt; results/prefill-steps-*), 2K chunks 1.94 -> 1.39
+    (the inference benchmark's tile sweep at 7d5dd27, results/inference-*); the rows' short
+    key ranges do not amortize the deeper tile. On full layers the 128-row tile is slower (one
+    shot 10.0 -> 10.7 ms), hence the window condition."""
     cfg = pick_config(head_dim, rows_per_sequence=spans.total_tokens / spans.num_sequences)
     if window is None or cfg.block_m != 256:
         return cfg
