@@ -112,7 +112,8 @@ def test_gradient_through_lse():
 
 
 @pytest.mark.parametrize(
-    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4)],
+    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4),
+               BackwardConfig(32, 16, 4, 1, split_d=2, dq=BackwardConfig(16, 32, 4, 1))],
     ids=str,
 )
 def test_tile_configs(config):
@@ -148,6 +149,13 @@ def test_key_tile_ranges_are_exactly_the_rows_that_see_each_tile():
             sees = dense[:, k0 : k0 + int(kt.keys[i])].any(1).nonzero().flatten()
             assert (int(sees[0]) - bos, int(sees[-1]) - bos) == (int(kt.q_first[i]), int(kt.q_last[i]))
             assert len(sees) == int(kt.q_last[i]) - int(kt.q_first[i]) + 1  # contiguous
+            full = dense[:, k0 : k0 + int(kt.keys[i])].all(1).nonzero().flatten() - bos
+            first, last = int(kt.full_first[i]), int(kt.full_last[i])
+            if int(kt.keys[i]) < block_n or len(full) == 0:
+                assert first > last  # empty: the kernels keep the mask
+            else:
+                assert (int(full[0]), int(full[-1])) == (first, last)
+                assert len(full) == last - first + 1
 
 
 def test_backward_is_bitwise_deterministic():
@@ -194,19 +202,23 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.mark.parametrize(
     "args,match",
     [((48, 32, 4, 1), "block_m must be a power of two, got 48"), ((64, 8, 4, 1), "at least 16x16, got 64x8"),
-     ((64, 32, 4, 1, 3), "split_d must be a power of two, got 3")],
+     ((64, 32, 4, 1, 3), "split_d must be a power of two, got 3"),
+     ((64, 32, 4, 1, 1, (64, 32)), "BackwardConfig.dq must be None or a BackwardConfig"),
+     ((64, 32, 4, 1, 1, BackwardConfig(16, 16, 4, 1, dq=BackwardConfig(16, 16, 4, 1))), "without its own dq")],
 )
 def test_backward_config_rejects_bad_values(args, match):
     with pytest.raises(ValueError, match=match):
         BackwardConfig(*args)
 
 
-def test_split_d_too_fine_for_head_dim():
+@pytest.mark.parametrize("config", [BackwardConfig(64, 32, 4, 1, split_d=8),
+                                    BackwardConfig(64, 32, 4, 1, dq=BackwardConfig(64, 32, 4, 1, split_d=8))], ids=str)
+def test_split_d_too_fine_for_head_dim(config):
     spans = image_spans(9, [])
     q = torch.randn(9, 1, 64).half().to(DEVICE)
     lse = torch.zeros(1, 9, device=DEVICE)
     with pytest.raises(ValueError, match="split_d=8 leaves fewer than 16 of the 64"):
-        span_attention_backward(q, q, q, q, q, lse, spans.to(DEVICE), 0.125, None, config=BackwardConfig(64, 32, 4, 1, split_d=8))
+        span_attention_backward(q, q, q, q, q, lse, spans.to(DEVICE), 0.125, None, config=config)
 
 
 @pytest.mark.gpu

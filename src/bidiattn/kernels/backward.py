@@ -51,8 +51,11 @@ def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, st
 
 @triton.jit
 def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
-                    SOFTCAP: tl.constexpr):
-    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
+                    masked, SOFTCAP: tl.constexpr):
+    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale).
+    ``masked`` (a runtime bool) false: every (row, key) of the tile is allowed, so no mask math.
+    A branch rather than a separate loop per case: separate loops each got their own pipeline
+    buffers (hd128 dK/dV: 108 -> 166 KB of shared memory, so one program per SM instead of two)."""
     b_s = tl.dot(b_q, tl.trans(b_k))
     if SOFTCAP:
         b_x = b_s * qk_scale
@@ -60,8 +63,11 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
         b_s2 = softcap * 1.4426950408889634 * b_t
     else:
         b_s2 = b_s * qk_scale
-    allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
-    b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
+    if masked:
+        allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
+        b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
+    else:
+        b_p = tl.math.exp2(b_s2 - b_lse[:, None])
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
     if SOFTCAP:
@@ -72,7 +78,7 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 @triton.jit
 def _dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
-    t_seq, t_row, t_rows, t_q_first, t_q_last,
+    t_seq, t_row, t_rows, t_q_first, t_q_last, t_full_first, t_full_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,7 +90,13 @@ def _dkdv_kernel(
     if keys == 0:
         return
     q_first = tl.load(t_q_first + i_t)
-    q_last = tl.load(t_q_last + i_t)
+    q_end = tl.load(t_q_last + i_t) + 1
+    # Row steps from q_first on: those wholly inside the rows that see every key of the tile
+    # [full_first, full_last], i.e. in [a, b), skip the mask math.
+    full_first = tl.load(t_full_first + i_t)
+    full_last = tl.load(t_full_last + i_t)
+    a = q_first + tl.cdiv(tl.maximum(full_first - q_first, 0), BLOCK_M) * BLOCK_M
+    b = a + tl.maximum(full_last + 1 - a, 0) // BLOCK_M * BLOCK_M
     o_n = tl.load(t_row + i_t) + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -96,9 +108,9 @@ def _dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
     for i_g in range(GROUP):
         i_h = i_hk * GROUP + i_g
-        for i_m in range(q_first, q_last + 1, BLOCK_M):
+        for i_m in range(q_first, q_end, BLOCK_M):
             o_m = i_m + tl.arange(0, BLOCK_M)
-            m_ok = o_m <= q_last
+            m_ok = o_m < q_end
             rows = bos + o_m.to(tl.int64)
             lo = tl.load(span_lo + rows, mask=m_ok, other=1)
             hi = tl.load(span_hi + rows, mask=m_ok, other=0)
@@ -108,7 +120,7 @@ def _dkdv_kernel(
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                        qk_scale, softcap, SOFTCAP)
+                                        qk_scale, softcap, (i_m < a) | (i_m >= b), SOFTCAP)
             if BLOCK_DC == BLOCK_D:
                 b_qc, b_doc = b_q, b_do
             else:
@@ -131,7 +143,7 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_kernel(
     q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
-    t_seq, t_row, t_rows, t_lo_min, t_hi_max,
+    t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,15 +169,20 @@ def _dq_kernel(
     k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    # The forward's key range; key tiles inside [lo_max, hi_min], i.e. in [full_start, full_end),
+    # skip the mask math.
     n_first = (tl.load(t_lo_min + i_t) // BLOCK_N) * BLOCK_N
-    for i_n in range(n_first, tl.load(t_hi_max + i_t) + 1, BLOCK_N):
+    n_end = tl.load(t_hi_max + i_t) + 1
+    full_start = tl.cdiv(tl.load(t_lo_max + i_t), BLOCK_N) * BLOCK_N
+    full_end = ((tl.load(t_hi_min + i_t) + 1) // BLOCK_N) * BLOCK_N
+    for i_n in range(n_first, n_end, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seq_len_k
         krow = o_n.to(tl.int64)[:, None] * stride_kt
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                    qk_scale, softcap, SOFTCAP)
+                                    qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP)
         if BLOCK_DC == BLOCK_D:
             b_kc = b_k
         else:
@@ -177,13 +194,15 @@ def _dq_kernel(
 @dataclass(frozen=True)
 class BackwardConfig:
     """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step;
-    ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns."""
+    ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns. ``dq``: the
+    dQ pass's own tiles when they differ from the dK/dV pass's (its ``dq`` must be ``None``)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     split_d: int = 1
+    dq: BackwardConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_d"):
@@ -192,6 +211,13 @@ class BackwardConfig:
                 raise ValueError(f"BackwardConfig.{name} must be a power of two, got {value}")
         if self.block_m < 16 or self.block_n < 16:
             raise ValueError(f"BackwardConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
+        if self.dq is not None and (not isinstance(self.dq, BackwardConfig) or self.dq.dq is not None):
+            raise ValueError(f"BackwardConfig.dq must be None or a BackwardConfig without its own dq, got {self.dq!r}")
+
+    @property
+    def dq_pass(self) -> BackwardConfig:
+        """The tiles the dQ pass runs with."""
+        return self.dq or self
 
 
 def pick_backward_config(head_dim: int) -> BackwardConfig:
@@ -213,7 +239,10 @@ class KeyTiles:
 
     Same fixed capacity as :class:`~bidiattn.spans.TileSummary`; int32 ``[capacity]`` each:
     ``seq``, ``key_start`` (local), ``keys`` (0 for padding), ``q_first``/``q_last`` (local,
-    inclusive; every row outside the range has no allowed key in the tile).
+    inclusive; every row outside the range has no allowed key in the tile), and
+    ``full_first``/``full_last`` (local, inclusive): the rows that see *every* key of the tile,
+    an empty range (``full_first > full_last``) when none does or the tile is shorter than
+    ``block_n`` (the kernels then keep the mask for all its rows).
     """
 
     seq: torch.Tensor
@@ -221,19 +250,26 @@ class KeyTiles:
     keys: torch.Tensor
     q_first: torch.Tensor
     q_last: torch.Tensor
+    full_first: torch.Tensor
+    full_last: torch.Tensor
 
 
 def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
-    """Per-key-tile query ranges from two binary searches over the packed bounds; no host sync."""
+    """Per-key-tile query ranges from four binary searches over the packed bounds; no host sync."""
     seq, key_start, keys = spans.key_tiles(block_n)
-    glo, ghi = spans.packed_bounds()
+    glo, ghi = (x.contiguous() for x in spans.packed_bounds())
     k_first = spans.cu_seqlens_k[seq.long()] + key_start.long()
     k_last = k_first + keys.long() - 1
     bos = spans.cu_seqlens[seq.long()]
-    # Rows with hi >= k_first are a suffix, rows with lo <= k_last a prefix (bounds non-decreasing).
-    q_first = torch.searchsorted(ghi.contiguous(), k_first, right=False) - bos
-    q_last = torch.searchsorted(glo.contiguous(), k_last, right=True) - 1 - bos
-    return KeyTiles(seq, key_start, keys, q_first.to(torch.int32), q_last.to(torch.int32))
+    # Rows with hi >= x are a suffix, rows with lo <= x a prefix (bounds non-decreasing); a row
+    # sees some key of [k_first, k_last] iff hi >= k_first and lo <= k_last, all of them iff
+    # hi >= k_last and lo <= k_first. Both sets stay inside the tile's sequence.
+    q_first = torch.searchsorted(ghi, k_first, right=False) - bos
+    q_last = torch.searchsorted(glo, k_last, right=True) - 1 - bos
+    full_first = torch.searchsorted(ghi, k_last, right=False) - bos
+    full_last = torch.searchsorted(glo, k_first, right=True) - 1 - bos
+    full_last = torch.where(keys == block_n, full_last, full_first - 1)
+    return KeyTiles(seq, key_start, keys, *(x.to(torch.int32) for x in (q_first, q_last, full_first, full_last)))
 
 
 def span_attention_backward(
@@ -257,8 +293,9 @@ def span_attention_backward(
     hkv = k.shape[1]
     cfg = config or pick_backward_config(d)
     block_d = triton.next_power_of_2(d)
-    if block_d % cfg.split_d or block_d // cfg.split_d < 16:
-        raise ValueError(f"split_d={cfg.split_d} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
+    for c in (cfg, cfg.dq_pass):
+        if block_d % c.split_d or block_d // c.split_d < 16:
+            raise ValueError(f"split_d={c.split_d} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
     q, k, v, do, out = (x.contiguous() for x in (q, k, v, do, out))
     lse = lse.contiguous()
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
@@ -270,34 +307,41 @@ def span_attention_backward(
     qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
     cap = softcap if softcap is not None else 1.0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
-                  SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
     dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    args = (q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap is not None)
     with _fits(cfg, d):
-        _launch_backward(q, k, v, do, lse, lse2, delta, dq, dq_acc, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg,
-                         common)
-    return (dq if deterministic else dq_acc.to(q.dtype)), dk, dv
+        _launch_dkdv(*args, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg)
+    if dq_acc is not None:
+        return dq_acc.to(q.dtype), dk, dv
+    with _fits(cfg.dq_pass, d):
+        _launch_dq(*args, dq, cfg.dq_pass)
+    return dq, dk, dv
 
 
-def _launch_backward(q, k, v, do, lse, lse2, delta, dq, dq_acc, dk, dv, spans, scale, qk_scale, cap, hq, hkv, cfg,
-                     common):
+def _tile_args(cfg: BackwardConfig, d: int, block_d: int, softcap: bool) -> dict:
+    return dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
+                SOFTCAP=softcap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_dkdv(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
+                 dq_out, atomic_dq, cfg):
     kt = key_tile_ranges(spans, cfg.block_n)
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dk, dv, dq if dq_acc is None else dq_acc, spans.lo, spans.hi, spans.cu_seqlens,
-        spans.cu_seqlens_k, order, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+        q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
+        kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last, kt.full_first, kt.full_last,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, ATOMIC_DQ=dq_acc is not None, **common)
-    if dq_acc is not None:
-        return
+        GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, **_tile_args(cfg, d, block_d, softcap))
 
+
+def _launch_dq(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
+               dq, cfg):
     qt = fast_tile_summary(spans, cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
+        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.lo_max, qt.hi_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, **common)
+        GROUP=hq // hkv, **_tile_args(cfg, d, block_d, softcap))
