@@ -221,16 +221,18 @@ class BackwardConfig:
 
 
 def pick_backward_config(head_dim: int) -> BackwardConfig:
-    """Tiles per head dim from the sweep in benchmarks/backward.py (one H200, bf16, 16K tokens;
-    backward-alone TFLOP/s in benchmarks/NOTES.md)."""
+    """Tiles per head dim from the sweeps in benchmarks/backward.py and backward_passes.py (one
+    H200, bf16, 16K tokens; backward-alone TFLOP/s in benchmarks/NOTES.md). Computing dK/dV as
+    keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was slower on the same
+    H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*)."""
     if head_dim <= 128:
         return BackwardConfig(64, 64, 4, 2)  # 340; 8 warps at the same tile: 147
     if head_dim <= 256:
         return BackwardConfig(128, 64, 8, 1)  # 280; 64x64, 8 warps: 152
-    # Every unsplit hd512 tile asks for more than 227 KB of shared memory.
-    return BackwardConfig(32, 64, 8, 1, split_d=2)  # 57
-    # Computing dK/dV as keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was
-    # slower on the same H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*).
+    # Every unsplit hd512 dK/dV tile asks for more than 227 KB of shared memory. The dQ pass fits
+    # unsplit with 64-row tiles (wgmma's M) and 32-key steps: dQ 101.5 -> 33.9 ms, the whole
+    # backward 59 -> 91 TFLOP/s (results/backward-passes-*).
+    return BackwardConfig(32, 64, 8, 1, split_d=2, dq=BackwardConfig(64, 32, 8, 1))
 
 
 @dataclass(frozen=True)
