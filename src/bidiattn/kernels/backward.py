@@ -51,11 +51,8 @@ def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, st
 
 @triton.jit
 def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
-                    masked, SOFTCAP: tl.constexpr):
-    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale).
-    ``masked`` (a runtime bool) false: every (row, key) of the tile is allowed, so no mask math.
-    A branch rather than a separate loop per case: separate loops each got their own pipeline
-    buffers (hd128 dK/dV: 108 -> 166 KB of shared memory, so one program per SM instead of two)."""
+                    SOFTCAP: tl.constexpr):
+    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
     b_s = tl.dot(b_q, tl.trans(b_k))
     if SOFTCAP:
         b_x = b_s * qk_scale
@@ -63,11 +60,8 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
         b_s2 = softcap * 1.4426950408889634 * b_t
     else:
         b_s2 = b_s * qk_scale
-    if masked:
-        allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
-        b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
-    else:
-        b_p = tl.math.exp2(b_s2 - b_lse[:, None])
+    allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
+    b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
     if SOFTCAP:
@@ -78,7 +72,7 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 @triton.jit
 def _dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
-    t_seq, t_row, t_rows, t_q_first, t_q_last, t_full_first, t_full_last,
+    t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,13 +84,7 @@ def _dkdv_kernel(
     if keys == 0:
         return
     q_first = tl.load(t_q_first + i_t)
-    q_end = tl.load(t_q_last + i_t) + 1
-    # Row steps from q_first on: those wholly inside the rows that see every key of the tile
-    # [full_first, full_last], i.e. in [a, b), skip the mask math.
-    full_first = tl.load(t_full_first + i_t)
-    full_last = tl.load(t_full_last + i_t)
-    a = q_first + tl.cdiv(tl.maximum(full_first - q_first, 0), BLOCK_M) * BLOCK_M
-    b = a + tl.maximum(full_last + 1 - a, 0) // BLOCK_M * BLOCK_M
+    q_last = tl.load(t_q_last + i_t)
     o_n = tl.load(t_row + i_t) + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -108,9 +96,9 @@ def _dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
     for i_g in range(GROUP):
         i_h = i_hk * GROUP + i_g
-        for i_m in range(q_first, q_end, BLOCK_M):
+        for i_m in range(q_first, q_last + 1, BLOCK_M):
             o_m = i_m + tl.arange(0, BLOCK_M)
-            m_ok = o_m < q_end
+            m_ok = o_m <= q_last
             rows = bos + o_m.to(tl.int64)
             lo = tl.load(span_lo + rows, mask=m_ok, other=1)
             hi = tl.load(span_hi + rows, mask=m_ok, other=0)
@@ -120,7 +108,7 @@ def _dkdv_kernel(
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                        qk_scale, softcap, (i_m < a) | (i_m >= b), SOFTCAP)
+                                        qk_scale, softcap, SOFTCAP)
             if BLOCK_DC == BLOCK_D:
                 b_qc, b_doc = b_q, b_do
             else:
@@ -143,7 +131,7 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_kernel(
     q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
-    t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
+    t_seq, t_row, t_rows, t_lo_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -169,20 +157,15 @@ def _dq_kernel(
     k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
-    # The forward's key range; key tiles inside [lo_max, hi_min], i.e. in [full_start, full_end),
-    # skip the mask math.
     n_first = (tl.load(t_lo_min + i_t) // BLOCK_N) * BLOCK_N
-    n_end = tl.load(t_hi_max + i_t) + 1
-    full_start = tl.cdiv(tl.load(t_lo_max + i_t), BLOCK_N) * BLOCK_N
-    full_end = ((tl.load(t_hi_min + i_t) + 1) // BLOCK_N) * BLOCK_N
-    for i_n in range(n_first, n_end, BLOCK_N):
+    for i_n in range(n_first, tl.load(t_hi_max + i_t) + 1, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seq_len_k
         krow = o_n.to(tl.int64)[:, None] * stride_kt
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                    qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP)
+                                    qk_scale, softcap, SOFTCAP)
         if BLOCK_DC == BLOCK_D:
             b_kc = b_k
         else:
@@ -241,10 +224,7 @@ class KeyTiles:
 
     Same fixed capacity as :class:`~bidiattn.spans.TileSummary`; int32 ``[capacity]`` each:
     ``seq``, ``key_start`` (local), ``keys`` (0 for padding), ``q_first``/``q_last`` (local,
-    inclusive; every row outside the range has no allowed key in the tile), and
-    ``full_first``/``full_last`` (local, inclusive): the rows that see *every* key of the tile,
-    an empty range (``full_first > full_last``) when none does or the tile is shorter than
-    ``block_n`` (the kernels then keep the mask for all its rows).
+    inclusive; every row outside the range has no allowed key in the tile).
     """
 
     seq: torch.Tensor
@@ -252,26 +232,19 @@ class KeyTiles:
     keys: torch.Tensor
     q_first: torch.Tensor
     q_last: torch.Tensor
-    full_first: torch.Tensor
-    full_last: torch.Tensor
 
 
 def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
-    """Per-key-tile query ranges from four binary searches over the packed bounds; no host sync."""
+    """Per-key-tile query ranges from two binary searches over the packed bounds; no host sync."""
     seq, key_start, keys = spans.key_tiles(block_n)
-    glo, ghi = (x.contiguous() for x in spans.packed_bounds())
+    glo, ghi = spans.packed_bounds()
     k_first = spans.cu_seqlens_k[seq.long()] + key_start.long()
     k_last = k_first + keys.long() - 1
     bos = spans.cu_seqlens[seq.long()]
-    # Rows with hi >= x are a suffix, rows with lo <= x a prefix (bounds non-decreasing); a row
-    # sees some key of [k_first, k_last] iff hi >= k_first and lo <= k_last, all of them iff
-    # hi >= k_last and lo <= k_first. Both sets stay inside the tile's sequence.
-    q_first = torch.searchsorted(ghi, k_first, right=False) - bos
-    q_last = torch.searchsorted(glo, k_last, right=True) - 1 - bos
-    full_first = torch.searchsorted(ghi, k_last, right=False) - bos
-    full_last = torch.searchsorted(glo, k_first, right=True) - 1 - bos
-    full_last = torch.where(keys == block_n, full_last, full_first - 1)
-    return KeyTiles(seq, key_start, keys, *(x.to(torch.int32) for x in (q_first, q_last, full_first, full_last)))
+    # Rows with hi >= k_first are a suffix, rows with lo <= k_last a prefix (bounds non-decreasing).
+    q_first = torch.searchsorted(ghi.contiguous(), k_first, right=False) - bos
+    q_last = torch.searchsorted(glo.contiguous(), k_last, right=True) - 1 - bos
+    return KeyTiles(seq, key_start, keys, q_first.to(torch.int32), q_last.to(torch.int32))
 
 
 def span_attention_backward(
@@ -332,7 +305,7 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, 
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-        kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last, kt.full_first, kt.full_last,
+        kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
         GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, **_tile_args(cfg, d, block_d, softcap))
 
@@ -344,6 +317,6 @@ def _launch_dq(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, ca
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.lo_max, qt.hi_min, qt.hi_max,
+        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
         GROUP=hq // hkv, **_tile_args(cfg, d, block_d, softcap))
