@@ -26,16 +26,14 @@ from bidiattn.kernels import backward as bw
 def _configs(head_dim: int) -> list:
     b = bw.BackwardConfig
     table = {
-        128: [None, lambda: b(64, 64, 4, 2, dq=b(128, 64, 8, 2)), lambda: b(64, 64, 4, 2, dq=b(64, 128, 8, 2)),
-              lambda: b(64, 64, 4, 2, dq=b(128, 32, 4, 2))],
-        256: [None, lambda: b(128, 64, 8, 1, dq=b(64, 64, 4, 1)), lambda: b(128, 64, 8, 1, dq=b(64, 64, 8, 1)),
-              lambda: b(128, 64, 8, 1, dq=b(128, 32, 8, 1))],
-        512: [None, lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 8, 1)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 8, 1, split_d=2)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 64, 8, 1, split_d=2)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 4, 1, split_d=2)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(128, 32, 8, 1, split_d=2)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 16, 4, 1))],
+        128: [None, lambda: b(64, 64, 4, 2, separate_dk_dv=True)],
+        256: [None, lambda: b(128, 64, 8, 1, separate_dk_dv=True)],
+        512: [None, lambda: b(32, 64, 8, 1, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
+              lambda: b(32, 64, 16, 1, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
+              lambda: b(32, 64, 8, 1, split_d=2, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
+              lambda: b(32, 64, 16, 1, split_d=2, dq=b(64, 32, 8, 1)),
+              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 16, 1)),
+              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 8, 1, split_d=2))],
     }
     return table[head_dim]
 

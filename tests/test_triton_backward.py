@@ -113,7 +113,8 @@ def test_gradient_through_lse():
 
 @pytest.mark.parametrize(
     "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4),
-               BackwardConfig(32, 16, 4, 1, split_d=2, dq=BackwardConfig(16, 32, 4, 1))],
+               BackwardConfig(32, 16, 4, 1, split_d=2, dq=BackwardConfig(16, 32, 4, 1)),
+               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(32, 16, 4, 1, split_d=2, separate_dk_dv=True)],
     ids=str,
 )
 def test_tile_configs(config):
@@ -122,7 +123,8 @@ def test_tile_configs(config):
 
 
 @pytest.mark.parametrize(
-    "config", [None, BackwardConfig(16, 32, 4, 1), BackwardConfig(32, 16, 4, 1, split_d=2)], ids=str,
+    "config", [None, BackwardConfig(16, 32, 4, 1), BackwardConfig(32, 16, 4, 1, split_d=2),
+               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True)], ids=str,
 )
 def test_atomic_dq_mode(config):
     # deterministic=False: dQ summed by atomics inside the dK/dV pass; same tolerance.

@@ -50,18 +50,25 @@ def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, st
 
 
 @triton.jit
-def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
-                    SOFTCAP: tl.constexpr):
-    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
+def _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, SOFTCAP: tl.constexpr):
+    """Recompute P for a [M, N] tile; also tanh(x / softcap), the softcap's derivative term."""
     b_s = tl.dot(b_q, tl.trans(b_k))
     if SOFTCAP:
         b_x = b_s * qk_scale
         b_t = 1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0)
         b_s2 = softcap * 1.4426950408889634 * b_t
     else:
+        b_t = b_s
         b_s2 = b_s * qk_scale
     allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
-    b_p = tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0)
+    return tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0), b_t
+
+
+@triton.jit
+def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
+                    SOFTCAP: tl.constexpr):
+    """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
+    b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, SOFTCAP)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
     if SOFTCAP:
@@ -77,7 +84,9 @@ def _dkdv_kernel(
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    PART: tl.constexpr,
 ):
+    # PART 0: dK and dV; 1: dV alone (P only: no do·vᵀ, no dS); 2: dK alone.
     i_hk = tl.program_id(0)
     i_c = tl.program_id(2)
     i_t, keys, i_b, bos, _, bos_k, seq_len_k = program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k)
@@ -91,7 +100,8 @@ def _dkdv_kernel(
     n_ok = o_n < seq_len_k
     krow = (bos_k + o_n.to(tl.int64))[:, None] * stride_kt + i_hk * stride_kh
     b_k = tl.load(k + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-    b_v = tl.load(v + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    if PART != 1:
+        b_v = tl.load(v + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_dk = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
     for i_g in range(GROUP):
@@ -107,25 +117,32 @@ def _dkdv_kernel(
             b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-            b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                        qk_scale, softcap, SOFTCAP)
+            if PART == 1:
+                b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len_k, qk_scale, softcap, SOFTCAP)
+            else:
+                b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
+                                            qk_scale, softcap, SOFTCAP)
             if BLOCK_DC == BLOCK_D:
                 b_qc, b_doc = b_q, b_do
             else:
                 cmask = m_ok[:, None] & (o_c[None, :] < D)
                 b_qc = tl.load(q + qrow + o_c[None, :], mask=cmask, other=0.0)
                 b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
-            b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
-            b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
-            if ATOMIC_DQ:
+            if PART != 2:
+                b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
+            if PART != 1:
+                b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
+            if ATOMIC_DQ and PART != 1:
                 if i_c == 0:
                     # Non-deterministic mode: this key tile's share of dQ, summed in fp32 by
                     # atomics (the order of the adds varies from run to run).
                     b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
                     tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D))
     out_ok = n_ok[:, None] & (o_c[None, :] < D)
-    tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
-    tl.store(dv + krow + o_c[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
+    if PART != 1:
+        tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
+    if PART != 2:
+        tl.store(dv + krow + o_c[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -178,7 +195,10 @@ def _dq_kernel(
 class BackwardConfig:
     """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step;
     ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns. ``dq``: the
-    dQ pass's own tiles when they differ from the dK/dV pass's (its ``dq`` must be ``None``)."""
+    dQ pass's own tiles when they differ from the dK/dV pass's (its ``dq`` must be ``None``).
+    ``separate_dk_dv``: dV and dK by two launches instead of one, so a program holds one
+    accumulator instead of two, and the dV launch skips do·vᵀ (5 matmul units instead of 4,
+    against 6 for the two programs of ``split_d=2``)."""
 
     block_m: int
     block_n: int
@@ -186,6 +206,7 @@ class BackwardConfig:
     num_stages: int
     split_d: int = 1
     dq: BackwardConfig | None = None
+    separate_dk_dv: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_d"):
@@ -303,11 +324,13 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, 
     kt = key_tile_ranges(spans, cfg.block_n)
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-        kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, **_tile_args(cfg, d, block_d, softcap))
+    # PART 1 (dV) then 2 (dK, with the atomic dQ if asked), or 0: both in one launch.
+    for part in ((1, 2) if cfg.separate_dk_dv else (0,)):
+        _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
+            q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
+            kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
+            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, **_tile_args(cfg, d, block_d, softcap))
 
 
 def _launch_dq(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
