@@ -26,14 +26,11 @@ from bidiattn.kernels import backward as bw
 def _configs(head_dim: int) -> list:
     b = bw.BackwardConfig
     table = {
-        128: [None, lambda: b(64, 64, 4, 2, separate_dk_dv=True)],
-        256: [None, lambda: b(128, 64, 8, 1, separate_dk_dv=True)],
+        128: [None, lambda: b(64, 64, 4, 2, mask_free_tiles=True)],
+        256: [None, lambda: b(128, 64, 8, 1, mask_free_tiles=True)],
         512: [None, lambda: b(32, 64, 8, 1, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
-              lambda: b(32, 64, 16, 1, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
-              lambda: b(32, 64, 8, 1, split_d=2, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
-              lambda: b(32, 64, 16, 1, split_d=2, dq=b(64, 32, 8, 1)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 16, 1)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 8, 1, split_d=2))],
+              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 8, 1, mask_free_tiles=True)),
+              lambda: b(32, 64, 8, 1, separate_dk_dv=True, dq=b(64, 32, 8, 2, mask_free_tiles=True))],
     }
     return table[head_dim]
 

@@ -114,7 +114,9 @@ def test_gradient_through_lse():
 @pytest.mark.parametrize(
     "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4),
                BackwardConfig(32, 16, 4, 1, split_d=2, dq=BackwardConfig(16, 32, 4, 1)),
-               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(32, 16, 4, 1, split_d=2, separate_dk_dv=True)],
+               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(32, 16, 4, 1, split_d=2, separate_dk_dv=True),
+               BackwardConfig(16, 16, 4, 1, mask_free_tiles=True),
+               BackwardConfig(32, 16, 4, 1, dq=BackwardConfig(32, 16, 4, 1, split_d=2, mask_free_tiles=True))],
     ids=str,
 )
 def test_tile_configs(config):

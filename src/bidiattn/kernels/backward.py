@@ -50,8 +50,11 @@ def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, st
 
 
 @triton.jit
-def _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, SOFTCAP: tl.constexpr):
-    """Recompute P for a [M, N] tile; also tanh(x / softcap), the softcap's derivative term."""
+def _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, masked, SOFTCAP: tl.constexpr,
+           MASK_FREE: tl.constexpr):
+    """Recompute P for a [M, N] tile; also tanh(x / softcap), the softcap's derivative term.
+    With ``MASK_FREE``, the runtime bool ``masked`` false says every (row, key) of the tile is
+    allowed: the mask math is skipped."""
     b_s = tl.dot(b_q, tl.trans(b_k))
     if SOFTCAP:
         b_x = b_s * qk_scale
@@ -60,15 +63,22 @@ def _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, SOFTCAP: tl
     else:
         b_t = b_s
         b_s2 = b_s * qk_scale
-    allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
-    return tl.where(allowed, tl.math.exp2(b_s2 - b_lse[:, None]), 0.0), b_t
+    b_p = tl.math.exp2(b_s2 - b_lse[:, None])
+    if MASK_FREE:
+        if masked:
+            allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
+            b_p = tl.where(allowed, b_p, 0.0)
+    else:
+        allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None]) & (o_n[None, :] < seq_len)
+        b_p = tl.where(allowed, b_p, 0.0)
+    return b_p, b_t
 
 
 @triton.jit
-def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap,
-                    SOFTCAP: tl.constexpr):
+def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len, qk_scale, softcap, masked,
+                    SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr):
     """Recompute P for a [M, N] tile and dS with respect to the raw q·k (before scale)."""
-    b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, SOFTCAP)
+    b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, masked, SOFTCAP, MASK_FREE)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
     if SOFTCAP:
@@ -118,10 +128,10 @@ def _dkdv_kernel(
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             if PART == 1:
-                b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len_k, qk_scale, softcap, SOFTCAP)
+                b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len_k, qk_scale, softcap, True, SOFTCAP, False)
             else:
                 b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                            qk_scale, softcap, SOFTCAP)
+                                            qk_scale, softcap, True, SOFTCAP, False)
             if BLOCK_DC == BLOCK_D:
                 b_qc, b_doc = b_q, b_do
             else:
@@ -148,11 +158,11 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_kernel(
     q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
-    t_seq, t_row, t_rows, t_lo_min, t_hi_max,
+    t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr,
 ):
     i_h = tl.program_id(0)
     i_c = tl.program_id(2)
@@ -175,6 +185,9 @@ def _dq_kernel(
     v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
     n_first = (tl.load(t_lo_min + i_t) // BLOCK_N) * BLOCK_N
+    # Key tiles in [full_start, full_end) lie inside [lo_max, hi_min]: allowed for every row.
+    full_start = tl.cdiv(tl.load(t_lo_max + i_t), BLOCK_N) * BLOCK_N
+    full_end = ((tl.load(t_hi_min + i_t) + 1) // BLOCK_N) * BLOCK_N
     for i_n in range(n_first, tl.load(t_hi_max + i_t) + 1, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seq_len_k
@@ -182,7 +195,7 @@ def _dq_kernel(
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                    qk_scale, softcap, SOFTCAP)
+                                    qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP, MASK_FREE)
         if BLOCK_DC == BLOCK_D:
             b_kc = b_k
         else:
@@ -198,7 +211,10 @@ class BackwardConfig:
     dQ pass's own tiles when they differ from the dK/dV pass's (its ``dq`` must be ``None``).
     ``separate_dk_dv``: dV and dK by two launches instead of one, so a program holds one
     accumulator instead of two, and the dV launch skips do·vᵀ (5 matmul units instead of 4,
-    against 6 for the two programs of ``split_d=2``)."""
+    against 6 for the two programs of ``split_d=2``). ``mask_free_tiles`` (dQ pass only): key
+    tiles inside every row's span skip the mask math, at the price of a branch per key tile.
+    Whether either pays depends on the head dim (register pressure): see
+    :func:`pick_backward_config`."""
 
     block_m: int
     block_n: int
@@ -207,6 +223,7 @@ class BackwardConfig:
     split_d: int = 1
     dq: BackwardConfig | None = None
     separate_dk_dv: bool = False
+    mask_free_tiles: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_d"):
@@ -233,10 +250,12 @@ def pick_backward_config(head_dim: int) -> BackwardConfig:
         return BackwardConfig(64, 64, 4, 2)  # 340; 8 warps at the same tile: 147
     if head_dim <= 256:
         return BackwardConfig(128, 64, 8, 1)  # 280; 64x64, 8 warps: 152
-    # Every unsplit hd512 dK/dV tile asks for more than 227 KB of shared memory. The dQ pass fits
-    # unsplit with 64-row tiles (wgmma's M) and 32-key steps: dQ 101.5 -> 33.9 ms, the whole
-    # backward 59 -> 91 TFLOP/s (results/backward-passes-*).
-    return BackwardConfig(32, 64, 8, 1, split_d=2, dq=BackwardConfig(64, 32, 8, 1))
+    # hd512 (results/backward-passes-*): one launch computing both dK and dV needs more than
+    # 227 KB of shared memory unsplit, and with split_d=2 each program recomputes q·kᵀ and do·vᵀ
+    # (91 ms for dK/dV); two launches, dV then dK, each holding one [64, 512] accumulator: 64.5
+    # ms. The dQ pass fits unsplit with 64-row tiles (wgmma's M) and 32-key steps: 101.5 -> 43.5
+    # ms, and 33.9 with mask-free key tiles (fewer spills: ptxas spill stores 484 -> 196 bytes).
+    return BackwardConfig(32, 64, 8, 1, separate_dk_dv=True, dq=BackwardConfig(64, 32, 8, 1, mask_free_tiles=True))
 
 
 @dataclass(frozen=True)
@@ -340,6 +359,6 @@ def _launch_dq(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, ca
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.hi_max,
+        qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.lo_max, qt.hi_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, **_tile_args(cfg, d, block_d, softcap))
+        GROUP=hq // hkv, MASK_FREE=cfg.mask_free_tiles, **_tile_args(cfg, d, block_d, softcap))
