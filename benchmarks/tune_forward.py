@@ -1,6 +1,6 @@
 """Sweep forward-kernel tile configs per head dim: check each against SDPA, then time it.
 
-    python benchmarks/tune_forward.py --out benchmarks/results
+    python benchmarks/tune_forward.py --out benchmarks/results [--round stages] [--no-flex]
 
 Writes tune-forward-<device>-<date>.json and .md (every variant, its time or why it failed).
 The winners go into ``bidiattn.kernels.forward.pick_config`` by hand, with the numbers in
@@ -34,6 +34,17 @@ SWEEP = {
           T(64, 64, 8, 1, split_dv=2), T(128, 32, 16, 1), T(64, 64, 16, 1), T(128, 64, 16, 1, split_dv=2),
           T(256, 32, 16, 1, split_dv=4), T(128, 64, 8, 1, split_dv=4)],
 }
+# Round 3 (sixth session): a deeper pipeline on the mask-free middle loop only (edge_stages).
+STAGES = {
+    128: [T(256, 64, 16, 2, one_sided_masks=False), T(256, 64, 16, 3, one_sided_masks=False, edge_stages=1),
+          T(256, 64, 16, 2, one_sided_masks=False, edge_stages=1), T(256, 64, 16, 3, edge_stages=1),
+          T(256, 128, 16, 2, one_sided_masks=False, edge_stages=1), T(128, 64, 8, 3), T(128, 64, 8, 4, edge_stages=1)],
+    256: [T(128, 64, 8, 1), T(128, 64, 8, 2, edge_stages=1), T(128, 32, 8, 3, edge_stages=1),
+          T(128, 32, 8, 2, edge_stages=1), T(128, 64, 8, 2, edge_stages=1, one_sided_masks=False)],
+    512: [T(128, 64, 8, 1, split_dv=2), T(128, 32, 8, 2, split_dv=2, edge_stages=1), T(64, 32, 8, 2, edge_stages=1),
+          T(64, 16, 8, 3, edge_stages=1), T(128, 32, 8, 1, split_dv=2)],
+}
+ROUNDS = {"tiles": SWEEP, "stages": STAGES}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]
@@ -67,16 +78,19 @@ def flex_probe(case, spans, q, k, v, want, fl):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--round", choices=sorted(ROUNDS), default="tiles")
+    parser.add_argument("--cases", default=",".join(TUNED), help="comma-separated case names")
+    parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention hd512 probe")
     args = parser.parse_args()
     rows, flex_rows = [], []
     for case in cases.CASES:
-        if case.name not in TUNED:
+        if case.name not in args.cases.split(","):
             continue
         spans, q, k, v = cases.build(case)
         want = cases.sdpa_dense(q, k, v, spans.to_dense())
         fl = cases.flops(case, spans.num_pairs())
         scale = case.head_dim**-0.5
-        for cfg in SWEEP[case.head_dim]:
+        for cfg in ROUNDS[args.round][case.head_dim]:
             row = dict(case=case.name, config=repr(cfg))
             t0 = time.perf_counter()
             try:
@@ -90,11 +104,11 @@ def main() -> None:
                 row["error"] = cases.describe_error(e, 300)
             print(json.dumps(row), flush=True)
             rows.append(row)
-        if case.head_dim == 512:
+        if case.head_dim == 512 and not args.no_flex:
             flex_rows += flex_probe(case, spans, q, k, v, want, fl)
         del want
         torch.cuda.empty_cache()
-    meta = cases.meta("python benchmarks/tune_forward.py")
+    meta = cases.meta(f"python benchmarks/tune_forward.py --round {args.round}")
     lines = [f"# Forward tile sweep, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs.", "",
              "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
@@ -104,7 +118,7 @@ def main() -> None:
     lines += ["", "FlexAttention at hd512 by kernel_options:", "", "| options | TFLOP/s | note |", "|---|---|---|"]
     for r in flex_rows:
         lines.append(f"| {r['kernel_options']} | {r.get('tflops', 0):.0f} | {r.get('error', '')[:160]} |")
-    cases.write_results(args.out, "tune-forward", meta, dict(rows=rows, flex_hd512=flex_rows), lines)
+    cases.write_results(args.out, f"tune-forward-{args.round}", meta, dict(rows=rows, flex_hd512=flex_rows), lines)
     print("\n".join(lines))
 
 

@@ -82,6 +82,8 @@ def test_head_dims(d):
         TileConfig(16, 16, 4, 1, kv_splits=3, pack_gqa=True),
         TileConfig(32, 16, 4, 2, one_sided_masks=False),
         TileConfig(16, 16, 4, 1, kv_splits=3, one_sided_masks=False),
+        TileConfig(16, 16, 4, 2, edge_stages=1),
+        TileConfig(32, 16, 4, 3, split_dv=2, edge_stages=1),
     ],
     ids=str,
 )
@@ -99,6 +101,8 @@ def test_tile_configs(config):
         (dict(block_m=64, block_n=8, num_warps=4, num_stages=1), "at least 16x16, got 64x8"),
         (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, split_dv=3), "split_dv must be a power of two"),
         (dict(block_m=64, block_n=32, num_warps=4, num_stages=1, kv_splits=0), "kv_splits must be None .* got 0"),
+        (dict(block_m=64, block_n=32, num_warps=4, num_stages=2, edge_stages=0), "edge_stages must be a positive int, got 0"),
+        (dict(block_m=64, block_n=32, num_warps=4, num_stages=0), "num_stages must be a positive int, got 0"),
     ],
 )
 def test_tile_config_rejects_bad_values(kwargs, match):

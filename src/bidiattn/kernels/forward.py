@@ -33,6 +33,7 @@ def _attend(
     stride_kt, qk_scale, softcap, i_dv, pt_row,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, ONE_SIDED: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
     # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
@@ -40,7 +41,7 @@ def _attend(
     # 259 -> 268 TFLOP/s on an H200). ONE_SIDED=False compares both sides whatever MASK says.
     o_d = tl.arange(0, BLOCK_D)
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    for i_n in range(start, end, BLOCK_N):
+    for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
         if PAGE_SIZE > 0:
             # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
@@ -90,7 +91,7 @@ def _span_fwd_kernel(
     GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
-    ONE_SIDED: tl.constexpr,
+    ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr,
 ):
     # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
     # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
@@ -154,14 +155,14 @@ def _span_fwd_kernel(
         a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1, SOFTCAP, PAGE_SIZE, ONE_SIDED)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1, SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0, SOFTCAP, PAGE_SIZE, ONE_SIDED)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0, SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2, SOFTCAP, PAGE_SIZE, ONE_SIDED)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2, SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES)
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3, SOFTCAP, PAGE_SIZE, ONE_SIDED)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3, SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
@@ -213,6 +214,11 @@ class TileConfig:
     rows' ``lo`` only, those above it with ``hi`` only (both are exact there); ``False`` compares
     both everywhere. One H200, 16K tokens, TFLOP/s one-sided vs two-sided: hd256 386 vs 374,
     sliding hd256 305 vs 293, but hd128 with 256-row, 16-warp tiles 423 vs 435.
+    ``edge_stages``: the pipeline depth of the loops over the masked key tiles at the two ends of
+    a query tile's key range (``None``: ``num_stages``); the loop over the mask-free middle runs
+    ``num_stages`` deep. Each of the three loops gets its own pipeline buffers in shared memory,
+    so shallow edge loops leave room for a deeper middle one (hd256, 128x64 tiles: 128 KB at one
+    stage everywhere, 192 KB with a two-stage middle, 320 KB with two stages everywhere).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -224,6 +230,7 @@ class TileConfig:
     kv_splits: int | None = None
     pack_gqa: bool = False
     one_sided_masks: bool = True
+    edge_stages: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
@@ -235,6 +242,11 @@ class TileConfig:
             raise ValueError(f"TileConfig.kv_splits must be None (automatic) or an int in 1..256, got {self.kv_splits!r}")
         if self.block_m < 16 or self.block_n < 16:
             raise ValueError(f"TileConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
+        for name in ("num_warps", "num_stages", "edge_stages"):
+            value = getattr(self, name)
+            if not (value is None and name == "edge_stages") and (isinstance(value, bool) or not isinstance(value, int)
+                                                                   or value < 1):
+                raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
 
 
 def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileConfig:
@@ -451,6 +463,6 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         stride_os, stride_ls, page_table.stride(0), qk_scale, softcap if softcap is not None else 1.0,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
-        ONE_SIDED=cfg.one_sided_masks,
+        ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
