@@ -28,7 +28,8 @@ from inference import D, HKV, HQ, _graphed, image_ids
 # None: the planner's choice. Tried and dropped (NOTES, "Chunked prefill step by step"): 256x128,
 # 3-stage 256x64 and 128x128 tiles do not fit in shared memory at hd128 (262-328 KB asked); a
 # stream-K schedule (commits b0d07b6, 7163e35) ran 20-50% slower.
-CONFIGS = (None, TileConfig(128, 64, 8, 3))
+CONFIGS = (None, TileConfig(128, 64, 8, 3), TileConfig(256, 64, 16, 3, edge_stages=1),
+           TileConfig(128, 64, 8, 4, edge_stages=1))
 LAYERS = (("full", None), ("sliding", 1024))
 
 

@@ -252,7 +252,7 @@ class TileConfig:
 def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileConfig:
     """Tiles per head dim, chosen by the sweep in benchmarks/tune_forward.py (one H200, bf16,
     16K tokens; numbers in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding
-    limit from hd256 up: 128x64 tiles fit with one stage only.
+    limit from hd256 up: 128x64 tiles fit a 2-stage pipeline on the mask-free loop only.
 
     ``rows_per_sequence`` (query rows over sequences, known on the host): at 16 or fewer
     (decode, speculative decode) a 16-row tile, since a 256-row tile computed 256x the scores
@@ -264,10 +264,13 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileCo
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)  # not swept yet
     if head_dim <= 128:
-        # 409 TFLOP/s; 128x64, 8 warps, 3 stages: 387. Two-sided masks: see TileConfig.
-        return TileConfig(256, 64, 16, 2, one_sided_masks=False)
+        # 485 TFLOP/s with a 3-stage middle loop and 1-stage edges (results/tune-forward-stages-*);
+        # 2 stages everywhere, two-sided masks (the earlier choice): 426; 128x64, 8 warps: 400.
+        return TileConfig(256, 64, 16, 3, edge_stages=1)
     if head_dim <= 256:
-        return TileConfig(128, 64, 8, 1)  # 348; 64x32, 4 warps (the first version): 152
+        # 391 (32K: 404) with a 2-stage middle loop, which only fits with 1-stage edges; 1 stage
+        # everywhere: 376 (383); 64x32, 4 warps (the first version): 152.
+        return TileConfig(128, 64, 8, 2, edge_stages=1)
     # A 128x512 fp32 accumulator does not fit in registers; two programs of 256 output columns
     # each recompute q.k: 184, against 104 for the best unsplit 64-row tile.
     return TileConfig(128, 64, 8, 1, split_dv=2)
