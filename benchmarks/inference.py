@@ -26,8 +26,8 @@ from bidiattn.spans import SpanMask
 HQ, HKV, D = 16, 8, 128
 SPLIT_SWEEP = (2, 4, 8, 16, 32)
 # Tiles for small prefill steps (a 2K chunk is 8 tiles of 256 rows x 16 heads: one wave).
-STEP_SWEEP = (TileConfig(256, 64, 16, 3, edge_stages=1), TileConfig(256, 64, 16, 2, one_sided_masks=False),
-              TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 4, edge_stages=1), TileConfig(128, 64, 8, 3, edge_stages=1),
+STEP_SWEEP = (TileConfig(256, 64, 16, 3, edge_stages=1), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3, edge_stages=1),
+              TileConfig(128, 64, 8, 2, edge_stages=1), TileConfig(128, 64, 8, 3, pack_gqa=True),
               TileConfig(256, 64, 16, 3, edge_stages=1, kv_splits=2))
 
 
