@@ -28,8 +28,8 @@ from inference import D, HKV, HQ, _graphed, image_ids
 # None: the planner's choice. Tried and dropped (NOTES, "Chunked prefill step by step"): 256x128,
 # 3-stage 256x64 and 128x128 tiles do not fit in shared memory at hd128 (262-328 KB asked); a
 # stream-K schedule (commits b0d07b6, 7163e35) ran 20-50% slower.
-CONFIGS = (None, TileConfig(128, 64, 8, 3), TileConfig(256, 64, 16, 3, edge_stages=1),
-           TileConfig(128, 64, 8, 4, edge_stages=1))
+CONFIGS = (None, TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3, pack_gqa=True),
+           TileConfig(256, 64, 16, 3, edge_stages=1, pack_gqa=True), TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True))
 LAYERS = (("full", None), ("sliding", 1024))
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--budgets", default="2048,8192")
     parser.add_argument("--layers", default="full,sliding")
+    parser.add_argument("--no-steps", action="store_true", help="time whole runs only, not each 2K step")
     args = parser.parse_args()
     t = args.tokens
     ids = image_ids(t)
@@ -89,7 +90,7 @@ def main() -> None:
                 # Against the default one-shot call: what a user of the default gets without chunks.
                 row["ratio"] = default_one_shot[layer] / row["chunked_ms"]
                 row["steps"] = []
-                for s, c, p in planned if budget <= 2048 else ():
+                for s, c, p in planned if budget <= 2048 and not args.no_steps else ():
                     step_ms = cases.ms(_graphed(step_fn(s, c, p)), rep=50)
                     pairs = s.num_pairs()
                     row["steps"].append(dict(start=c.start, end=c.end, pairs=pairs, ms=step_ms,
