@@ -13,6 +13,7 @@ from bidiattn import reference, rules
 from bidiattn.kvcache import PagedKVCache, append, paged_attention
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
 from bidiattn.spans import SpanMask
+from conftest import lowp_attention
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -227,3 +228,34 @@ def test_append_rejects_tensors_on_another_device():
     table = torch.tensor([[0, 1]], dtype=torch.int32)
     with pytest.raises(ValueError, match="start is on meta, the cache on cpu"):
         append(cache, k, k, table, torch.tensor([0, 3]), torch.zeros(1, dtype=torch.int64, device="meta"))
+
+
+@pytest.mark.parametrize("tokens,hq,hkv,want", [
+    (32768, 16, 8, (256, 16, True)),  # many waves of programs: the 128-row x 2-head packed tile
+    (2048, 16, 8, (128, 8, True)),    # one 2K step: 64 rows x 2 heads, twice the programs
+    (2048, 8, 8, (128, 8, False)),    # no GQA: one head per tile
+])
+def test_sliding_layers_get_tiles_for_their_step_size(tokens, hq, hkv, want):
+    from bidiattn.kernels.forward import plan_forward
+
+    spans = rules.build("gemma3", "official", "sliding", block_ids=torch.zeros(tokens, dtype=torch.int64), window=1024)
+    cfg = plan_forward(spans, hq, hkv, 128, window=1024).config
+    assert (cfg.block_m, cfg.num_warps, cfg.pack_gqa) == want
+    assert plan_forward(spans, hq, hkv, 128).config.block_m == 256  # a full layer keeps the 256-row tile
+
+
+def test_packed_sliding_step_tiles_match_the_reference():
+    from bidiattn.kernels.forward import TileConfig, span_attention_forward
+
+    ids = torch.zeros(300, dtype=torch.int64)
+    ids[40:170] = 1
+    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=37).to(DEVICE)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(300, 4, 64, generator=g).half().to(DEVICE)
+    k, v = (torch.randn(300, 2, 64, generator=g).half().to(DEVICE) for _ in range(2))
+    want = reference.attention(q.float(), k.float(), v.float(), spans)
+    # Tolerance: twice PyTorch's own fp16 error against the fp32 reference, plus a small atol.
+    bound = 2 * (lowp_attention(q, k, v, spans, 64**-0.5, None).float() - want).abs().max().item() + 1e-4
+    for cfg in (TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True), TileConfig(64, 16, 4, 3, edge_stages=1, pack_gqa=True)):
+        got, _ = span_attention_forward(q, k, v, spans, 64**-0.5, None, config=cfg)
+        assert (got.float() - want).abs().max().item() <= bound, cfg

@@ -316,7 +316,8 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
 
     ``window``: the layer's sliding window, if it has one. It tells the planner that rows see
     short key ranges, which no host-side size reveals: at head dim <= 128 such a layer then gets
-    128-row tiles (see :func:`_step_config`). ``config`` overrides the choice.
+    tiles sized for them, GQA-packed where heads share K/V (see :func:`_step_config`).
+    ``config`` overrides the choice.
     """
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
@@ -329,7 +330,7 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
         raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
-    cfg = config or _step_config(spans, head_dim, window)
+    cfg = config or _step_config(spans, head_dim, window, num_q_heads, num_kv_heads)
     block_d = triton.next_power_of_2(head_dim)
     if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
         raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
@@ -346,18 +347,32 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
 
 
-def _step_config(spans: SpanMask, head_dim: int, window: int | None) -> TileConfig:
-    """:func:`pick_config`, except for sliding-window layers at head dim <= 128: 128-row tiles
-    (8 warps, 3 stages, one-sided masks) instead of 256-row ones. H200, hd128, 16 q / 8 kv
-    heads, 32K-token prompt, W=1024, planned calls in a CUDA graph: one shot 1.25 -> 1.11 ms,
-    8K chunks 1.27 -> 1.13 (whole prompt; results/prefill-steps-*), 2K chunks 1.94 -> 1.39
-    (the inference benchmark's tile sweep at 7d5dd27, results/inference-*); the rows' short
-    key ranges do not amortize the deeper tile. On full layers the 128-row tile is slower (one
-    shot 10.0 -> 10.7 ms), hence the window condition."""
+def _step_config(spans: SpanMask, head_dim: int, window: int | None, num_q_heads: int, num_kv_heads: int) -> TileConfig:
+    """:func:`pick_config`, except for sliding-window layers at head dim <= 128, whose rows see
+    short key ranges that the 256-row full-layer tile does not amortize. H200, hd128, 16 q / 8 kv
+    heads, 32K-token prompt, W=1024, planned calls in a CUDA graph (results/prefill-steps-* at
+    3d86f4e), ms for one shot / 8K chunks / 2K chunks:
+
+    - 256-row tiles, 16 warps (the full-layer tile): 1.25 / 1.27 / 1.94 (earlier runs);
+    - 128 rows x 1 head, 8 warps, 3 stages: 1.10 / 1.13 / 1.31;
+    - GQA-packed, 64 rows x 2 heads, 8 warps, 1-stage edges: 1.09 / 1.10 / 1.24;
+    - GQA-packed, 128 rows x 2 heads, 16 warps, 1-stage edges: 0.97 / 0.99 / 1.55.
+
+    The last is fastest where the launch has many waves of programs, and slowest for a 2K step
+    (128 programs: one wave of long ones); so it is taken from three waves of programs up.
+    Without GQA (one query head per K/V head) packing is moot: the 128 x 1 tile."""
     cfg = pick_config(head_dim, rows_per_sequence=spans.total_tokens / spans.num_sequences)
     if window is None or cfg.block_m != 256:
         return cfg
-    return TileConfig(128, 64, 8, 3)
+    group = num_q_heads // num_kv_heads
+    if group == 1 or 128 % group:
+        return TileConfig(128, 64, 8, 3)
+    device = spans.lo.device
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    programs = (-(-spans.total_tokens // (256 // group)) + spans.num_sequences) * num_kv_heads
+    if programs >= 3 * sms:
+        return TileConfig(256, 64, 16, 3, edge_stages=1, pack_gqa=True)
+    return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True)
 
 
 def span_attention_forward(
