@@ -238,7 +238,8 @@ def test_append_rejects_tensors_on_another_device():
 def test_sliding_layers_get_tiles_for_their_step_size(tokens, hq, hkv, want):
     from bidiattn.kernels.forward import plan_forward
 
-    spans = rules.build("gemma3", "official", "sliding", block_ids=torch.zeros(tokens, dtype=torch.int64), window=1024)
+    spans = rules.build("gemma3", "official", "sliding", block_ids=torch.zeros(tokens, dtype=torch.int64),
+                        window=1024).to(DEVICE)
     cfg = plan_forward(spans, hq, hkv, 128, window=1024).config
     assert (cfg.block_m, cfg.num_warps, cfg.pack_gqa) == want
     assert plan_forward(spans, hq, hkv, 128).config.block_m == 256  # a full layer keeps the 256-row tile
