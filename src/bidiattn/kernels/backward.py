@@ -1,10 +1,12 @@
 """Span-attention backward: Triton kernels -> launcher.
 
-Three launches, no atomics, so gradients are bitwise reproducible:
+Three launches (four with ``BackwardConfig.separate_dk_dv``), no atomics, so gradients are
+bitwise reproducible:
 
 1. ``delta[h, t] = sum_d o * do - dlse`` (the softmax-backward row term; ``dlse`` is the
    incoming gradient of the returned lse, zero when lse is not used).
-2. dK/dV: one program per (key/value head, tile of ``BLOCK_N`` keys of one sequence). Because
+2. dK/dV: one program per (key/value head, tile of ``BLOCK_N`` keys of one sequence), or one
+   launch for dV and one for dK (hd512: one accumulator per program instead of two). Because
    ``lo``/``hi`` are non-decreasing over the pack, the rows that see a key tile are one
    contiguous range ``[q_first, q_last]`` (two binary searches); the program walks it for every
    query head of its GQA group and sums their contributions in registers.
