@@ -325,9 +325,9 @@ def span_attention_backward(
     cap = softcap if softcap is not None else 1.0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    args = (q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap is not None)
+    args = (q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap is not None)
     with _fits(cfg, d):
-        _launch_dkdv(*args, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg)
+        _launch_dkdv(*args, dk, dv, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg)
     if dq_acc is not None:
         return dq_acc.to(q.dtype), dk, dv
     with _fits(cfg.dq_pass, d):
@@ -340,8 +340,8 @@ def _tile_args(cfg: BackwardConfig, d: int, block_d: int, softcap: bool) -> dict
                 SOFTCAP=softcap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launch_dkdv(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
-                 dq_out, atomic_dq, cfg):
+def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
+                 dk, dv, dq_out, atomic_dq, cfg):
     kt = key_tile_ranges(spans, cfg.block_n)
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
@@ -354,8 +354,7 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, 
             GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, **_tile_args(cfg, d, block_d, softcap))
 
 
-def _launch_dq(q, k, v, do, lse, lse2, delta, dk, dv, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
-               dq, cfg):
+def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg):
     qt = fast_tile_summary(spans, cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
