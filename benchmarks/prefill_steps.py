@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
+import sys
 
 import torch
 
@@ -40,7 +42,13 @@ def main() -> None:
     parser.add_argument("--budgets", default="2048,8192")
     parser.add_argument("--layers", default="full,sliding")
     parser.add_argument("--no-steps", action="store_true", help="time whole runs only, not each 2K step")
+    parser.add_argument("--configs", default=None,
+                        help="tile configs instead of the built-in list, ';'-separated: 'default' (the planner's "
+                        "choice) or block_m,block_n,num_warps,num_stages[,field=value...], e.g. "
+                        "'default;64,64,4,3,edge_stages=1,pack_gqa=1'")
+    parser.add_argument("--label", default=None, help="results file name: prefill-steps-<label>-...")
     args = parser.parse_args()
+    configs = CONFIGS if args.configs is None else tuple(_parse_config(c) for c in args.configs.split(";"))
     t = args.tokens
     ids = image_ids(t)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -54,7 +62,7 @@ def main() -> None:
     for layer, window in [x for x in LAYERS if x[0] in args.layers.split(",")]:
         full = rules.build("gemma3", "official", layer, block_ids=ids, window=window)
         reference = span_attention_forward(q, k, v, full, scale, None)[0]
-        for budget, cfg in itertools.product(budgets, CONFIGS):
+        for budget, cfg in itertools.product(budgets, configs):
             steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan_prefill([layout], budget).steps]
             row = dict(layer=layer, budget=budget, config=repr(cfg) if cfg else "default")
             try:
@@ -99,7 +107,7 @@ def main() -> None:
                 row["error"] = cases.describe_error(e)
             print(json.dumps(row), flush=True)
             results.append(row)
-    meta = cases.meta("python benchmarks/prefill_steps.py")
+    meta = cases.meta("python benchmarks/prefill_steps.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     lines = [f"# Chunked prefill step by step, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv "
              f"heads, {t} tokens, gemma3 official rule, CUDA-graph replays.", "",
@@ -112,8 +120,21 @@ def main() -> None:
         eff = " ".join(f"{s['efficiency']:.2f}" for s in r["steps"])
         lines.append(f"| {r['layer']} | {r['budget']} | {r['config']} | {r['one_shot_ms']:.2f} | {r['chunked_ms']:.2f} "
                      f"| {r['ratio']:.3f} | {eff} |")
-    cases.write_results(args.out, "prefill-steps", meta, dict(results=results), lines)
+    cases.write_results(args.out, "prefill-steps" + (f"-{args.label}" if args.label else ""), meta, dict(results=results), lines)
     print("\n".join(lines))
+
+
+def _parse_config(text: str) -> TileConfig | None:
+    """'default' -> None; 'bm,bn,warps,stages[,field=value...]' -> TileConfig (ints; pack_gqa and
+    one_sided_masks take 0/1)."""
+    if text.strip() == "default":
+        return None
+    parts = [x.strip() for x in text.split(",")]
+    kwargs = {}
+    for item in parts[4:]:
+        name, _, value = item.partition("=")
+        kwargs[name] = bool(int(value)) if name in ("pack_gqa", "one_sided_masks") else int(value)
+    return TileConfig(*(int(x) for x in parts[:4]), **kwargs)
 
 
 if __name__ == "__main__":
