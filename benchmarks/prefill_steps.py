@@ -126,14 +126,14 @@ def main() -> None:
 
 def _parse_config(text: str) -> TileConfig | None:
     """'default' -> None; 'bm,bn,warps,stages[,field=value...]' -> TileConfig (ints; pack_gqa and
-    one_sided_masks take 0/1)."""
+    one_sided_masks, tma take 0/1)."""
     if text.strip() == "default":
         return None
     parts = [x.strip() for x in text.split(",")]
     kwargs = {}
     for item in parts[4:]:
         name, _, value = item.partition("=")
-        kwargs[name] = bool(int(value)) if name in ("pack_gqa", "one_sided_masks") else int(value)
+        kwargs[name] = bool(int(value)) if name in ("pack_gqa", "one_sided_masks", "tma") else int(value)
     return TileConfig(*(int(x) for x in parts[:4]), **kwargs)
 
 

@@ -44,7 +44,16 @@ STAGES = {
     512: [T(128, 64, 8, 1, split_dv=2), T(128, 32, 8, 2, split_dv=2, edge_stages=1), T(64, 32, 8, 2, edge_stages=1),
           T(64, 16, 8, 3, edge_stages=1), T(128, 32, 8, 1, split_dv=2)],
 }
-ROUNDS = {"tiles": SWEEP, "stages": STAGES}
+# Round 4 (seventh session): K/V tiles through TMA descriptors (head dims up to 256).
+TMA = {
+    128: [T(256, 64, 16, 3, edge_stages=1), T(256, 64, 16, 3, edge_stages=1, tma=True),
+          T(256, 64, 16, 2, edge_stages=1, tma=True), T(256, 64, 16, 4, edge_stages=1, tma=True),
+          T(128, 64, 8, 3, tma=True), T(128, 128, 8, 2, edge_stages=1, tma=True), T(256, 128, 16, 2, edge_stages=1, tma=True)],
+    256: [T(128, 64, 8, 2, edge_stages=1), T(128, 64, 8, 2, edge_stages=1, tma=True), T(128, 64, 8, 1, tma=True),
+          T(128, 32, 8, 3, edge_stages=1, tma=True), T(128, 64, 8, 2, tma=True), T(64, 64, 4, 2, edge_stages=1, tma=True)],
+    512: [],
+}
+ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]

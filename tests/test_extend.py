@@ -176,3 +176,20 @@ def test_flex_refuses_extend_spans():
     with pytest.raises(ValueError, match="self-attention spans only"):
         bidiattn.attention(q, torch.randn(5, 1, 16), torch.randn(5, 1, 16), spans, backend="flex")
     assert math.isfinite(float(bidiattn.attention(q, torch.randn(5, 1, 16), torch.randn(5, 1, 16), spans).sum()))
+
+
+@pytest.mark.parametrize("config", [TileConfig(16, 16, 4, 2), TileConfig(16, 16, 4, 2, tma=True)], ids=str)
+def test_keys_past_a_sequence_never_reach_its_rows(config):
+    # Two requests' keys packed back to back: request 0's last key tile runs into request 1's
+    # first keys, which request 1's rows (window 6) never see. Made inf there, they must not
+    # reach request 0's output through the pointer loads or the TMA loads (0 * inf = NaN).
+    full = rules.build("gemma3", "official", "sliding", block_ids=torch.zeros(40, dtype=torch.int64), window=6)
+    spans = step_spans(Step((Chunk(0, 36, 37), Chunk(1, 36, 40))), [full, full])
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 2, 64, generator=g).half()
+    k, v = (torch.randn(77, 1, 64, generator=g).half() for _ in range(2))
+    want = reference.attention(q.float(), k.float(), v.float(), spans, scale=0.125)
+    k[37:48], v[37:48] = float("inf"), float("inf")
+    out, _ = span_attention_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), spans.to(DEVICE), 0.125, None,
+                                    config=config)
+    torch.testing.assert_close(out.float().cpu(), want, atol=2e-3, rtol=0)

@@ -84,6 +84,9 @@ def test_head_dims(d):
         TileConfig(16, 16, 4, 1, kv_splits=3, one_sided_masks=False),
         TileConfig(16, 16, 4, 2, edge_stages=1),
         TileConfig(32, 16, 4, 3, split_dv=2, edge_stages=1),
+        TileConfig(16, 16, 4, 2, edge_stages=1, tma=True),
+        TileConfig(32, 16, 4, 3, split_dv=2, tma=True),
+        TileConfig(16, 16, 4, 1, kv_splits=3, pack_gqa=True, tma=True),
     ],
     ids=str,
 )

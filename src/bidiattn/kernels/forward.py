@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..spans import SpanMask, TileSummary
 from .indexing import program_tile
@@ -30,10 +31,10 @@ _LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instructi
 @triton.jit
 def _attend(
     acc, m_i, l_i, b_q, k_base, v_base, lo, hi, start, end, seq_len,
-    stride_kt, qk_scale, softcap, i_dv, pt_row,
+    stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, desc_row, desc_col,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, ONE_SIDED: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr,
 ):
     # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
     # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
@@ -43,19 +44,28 @@ def _attend(
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        if PAGE_SIZE > 0:
-            # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
-            page = tl.load(pt_row + o_n // PAGE_SIZE, mask=o_n < seq_len, other=0)
-            row = (page.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
+        if TMA:
+            # K/V tiles by the tensor-memory accelerator: rows past this sequence's keys belong to
+            # the next sequence (zeros past the tensor end); their scores are masked by hi, and V's
+            # rows are zeroed so a non-finite value there cannot reach the output (0 * inf).
+            b_k = k_desc.load([desc_row + i_n, desc_col])
+            b_v = v_desc.load([desc_row + i_n, desc_col + i_dv * BLOCK_DV])
+            if MASK >= 2:
+                b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
         else:
-            row = o_n[:, None].to(tl.int64) * stride_kt
-        if MASK >= 2 or D < BLOCK_D:
-            n_ok = o_n[:, None] < seq_len
-            b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
-            b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
-        else:
-            b_k = tl.load(k_base + row + o_d[None, :])
-            b_v = tl.load(v_base + row + o_dv[None, :])
+            if PAGE_SIZE > 0:
+                # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
+                page = tl.load(pt_row + o_n // PAGE_SIZE, mask=o_n < seq_len, other=0)
+                row = (page.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
+            else:
+                row = o_n[:, None].to(tl.int64) * stride_kt
+            if MASK >= 2 or D < BLOCK_D:
+                n_ok = o_n[:, None] < seq_len
+                b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
+                b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
+            else:
+                b_k = tl.load(k_base + row + o_d[None, :])
+                b_v = tl.load(v_base + row + o_dv[None, :])
         b_s = tl.dot(b_q, tl.trans(b_k))
         if SOFTCAP:
             # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
@@ -84,14 +94,14 @@ def _attend(
 
 @triton.jit
 def _span_fwd_kernel(
-    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, page_table,
+    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, page_table, k_desc, v_desc,
     t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_pt,
     qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
-    ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr,
+    ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, TMA: tl.constexpr,
 ):
     # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
     # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
@@ -136,6 +146,9 @@ def _span_fwd_kernel(
         k_base = k + bos_k * stride_kt + i_hk * stride_kh
         v_base = v + bos_k * stride_kt + i_hk * stride_kh
 
+    # TMA coordinates: K/V as [keys, Hkv * D] matrices; this sequence's keys start at row bos_k.
+    d_row = bos_k.to(tl.int32)
+    d_col = i_hk * D
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -155,14 +168,18 @@ def _span_fwd_kernel(
         a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1, SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0, SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA)
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2, SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA)
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3, SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES)
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
@@ -220,6 +237,9 @@ class TileConfig:
     ``num_stages`` deep. Each of the three loops gets its own pipeline buffers in shared memory,
     so shallow edge loops leave room for a deeper middle one (hd256, 128x64 tiles: 128 KB at one
     stage everywhere, 192 KB with a two-stage middle, 320 KB with two stages everywhere).
+    ``tma``: K/V tiles through tensor descriptors (Hopper's tensor-memory accelerator) where the
+    call allows it — keys in rows of a tensor (no page table), a head dim of 16 to 256 that is a
+    power of two, 16-byte-aligned rows — and through pointer loads elsewhere (same results).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -232,6 +252,7 @@ class TileConfig:
     pack_gqa: bool = False
     one_sided_masks: bool = True
     edge_stages: int | None = None
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
@@ -472,16 +493,30 @@ def _fits(cfg, head_dim: int):
         raise ValueError(f"{cfg} does not fit this GPU at head_dim={head_dim}: {e}") from e
 
 
+def _descriptors(k, v, cfg, block_d, page_size):
+    """(k_desc, v_desc, True) for TMA loads of K/V viewed as [keys, Hkv * D], or (k, v, False)
+    where the config or the call rules them out (see ``TileConfig.tma``)."""
+    d = k.shape[2]
+    usable = (cfg.tma and page_size == 0 and d == block_d and 16 <= d <= 256 and k.stride(2) == 1 and k.stride(1) == d
+              and all(x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in (k, v)))
+    if not usable:
+        return k, v, False
+    shape = [k.shape[0], k.shape[1] * d]
+    return (TensorDescriptor(k, shape, [k.stride(0), 1], [cfg.block_n, block_d]),
+            TensorDescriptor(v, shape, [v.stride(0), 1], [cfg.block_n, block_d // cfg.split_dv]), True)
+
+
 def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order, tiles, qk_scale, softcap, group, d,
                     cfg, block_d, splits, paging, pack):
     page_table, page_size = paging
+    k_desc, v_desc, tma = _descriptors(k, v, cfg, block_d, page_size)
     _span_fwd_kernel[grid](
-        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, page_table,
+        q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, page_table, k_desc, v_desc,
         tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         stride_os, stride_ls, page_table.stride(0), qk_scale, softcap if softcap is not None else 1.0,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
-        ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages,
+        ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
