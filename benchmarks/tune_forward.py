@@ -53,7 +53,18 @@ TMA = {
           T(128, 32, 8, 3, edge_stages=1, tma=True), T(128, 64, 8, 2, tma=True), T(64, 64, 4, 2, edge_stages=1, tma=True)],
     512: [],
 }
-ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA}
+# Round 5: TMA with the query heads of a K/V group packed into the tile (pack_gqa).
+TMA_PACK = {
+    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True), T(128, 64, 8, 4, edge_stages=1, pack_gqa=True, tma=True),
+          T(128, 64, 8, 3, pack_gqa=True, tma=True), T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True),
+          T(256, 64, 16, 3, edge_stages=1, pack_gqa=True, tma=True), T(256, 64, 16, 4, edge_stages=1, tma=True),
+          T(128, 64, 8, 3, edge_stages=1, tma=True), T(128, 64, 8, 4, edge_stages=1, tma=True)],
+    256: [T(128, 64, 8, 2, edge_stages=1, tma=True), T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True),
+          T(128, 32, 8, 3, edge_stages=1, pack_gqa=True, tma=True), T(64, 64, 4, 2, edge_stages=1, pack_gqa=True, tma=True),
+          T(128, 64, 8, 1, pack_gqa=True, tma=True), T(128, 32, 8, 4, edge_stages=1, pack_gqa=True, tma=True)],
+    512: [],
+}
+ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]
