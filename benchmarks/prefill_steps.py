@@ -47,13 +47,15 @@ def main() -> None:
                         "choice) or block_m,block_n,num_warps,num_stages[,field=value...], e.g. "
                         "'default;64,64,4,3,edge_stages=1,pack_gqa=1'")
     parser.add_argument("--label", default=None, help="results file name: prefill-steps-<label>-...")
+    parser.add_argument("--kv-heads", type=int, default=HKV, help=f"K/V heads (default {HKV}; {HQ} query heads)")
     args = parser.parse_args()
     configs = CONFIGS if args.configs is None else tuple(_parse_config(c) for c in args.configs.split(";"))
     t = args.tokens
     ids = image_ids(t)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(t, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k, v = (torch.randn(t, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    hkv = args.kv_heads
+    k, v = (torch.randn(t, hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     layout = RequestLayout.from_block_ids(ids.cpu())
     scale = D**-0.5
     results = []
@@ -66,7 +68,7 @@ def main() -> None:
             steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan_prefill([layout], budget).steps]
             row = dict(layer=layer, budget=budget, config=repr(cfg) if cfg else "default")
             try:
-                plan_one = plan_forward(full, HQ, HKV, D, config=cfg, window=window)
+                plan_one = plan_forward(full, HQ, hkv, D, config=cfg, window=window)
                 out_one = torch.empty_like(q)
 
                 def one():
@@ -79,7 +81,7 @@ def main() -> None:
                 pairs_one = full.num_pairs()
                 rate = pairs_one / default_one_shot.get(layer, row["one_shot_ms"])
                 out = torch.empty_like(q)
-                planned = [(s, c, plan_forward(s, HQ, HKV, D, config=cfg, window=window)) for s, c in steps]
+                planned = [(s, c, plan_forward(s, HQ, hkv, D, config=cfg, window=window)) for s, c in steps]
 
                 def step_fn(s, c, p):
                     return lambda: span_attention_forward(q[c.start : c.end], k[: c.end], v[: c.end], s, scale, None,
@@ -109,7 +111,7 @@ def main() -> None:
             results.append(row)
     meta = cases.meta("python benchmarks/prefill_steps.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     lines = [f"# Chunked prefill step by step, {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv "
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {hkv} kv "
              f"heads, {t} tokens, gemma3 official rule, CUDA-graph replays.", "",
              "| layer | chunk | config | one shot ms | chunked ms | ratio | step efficiencies (first ... last) |",
              "|---|---|---|---|---|---|---|"]

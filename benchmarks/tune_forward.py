@@ -10,7 +10,10 @@ benchmarks/NOTES.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
+import sys
 import time
 
 import torch
@@ -64,7 +67,16 @@ TMA_PACK = {
           T(128, 64, 8, 1, pack_gqa=True, tma=True), T(128, 32, 8, 4, edge_stages=1, pack_gqa=True, tma=True)],
     512: [],
 }
-ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK}
+# Round 6: the GQA group at hd128 (run with --kv-heads): packed tiles at groups 4 and 8, and
+# the tiles without a group to pack (group 1).
+GROUPS = {
+    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True), T(256, 64, 16, 3, edge_stages=1, tma=True),
+          T(128, 64, 8, 3, edge_stages=1, tma=True), T(128, 64, 8, 3, tma=True), T(128, 64, 8, 3),
+          T(256, 64, 16, 3, edge_stages=1, pack_gqa=True, tma=True)],
+    256: [T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True), T(128, 64, 8, 2, edge_stages=1, tma=True)],
+    512: [],
+}
+ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]
@@ -101,11 +113,15 @@ def main() -> None:
     parser.add_argument("--round", choices=sorted(ROUNDS), default="tiles")
     parser.add_argument("--cases", default=",".join(TUNED), help="comma-separated case names")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention hd512 probe")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="K/V heads instead of each case's (the GQA group is hq / kv-heads)")
     args = parser.parse_args()
     rows, flex_rows = [], []
     for case in cases.CASES:
         if case.name not in args.cases.split(","):
             continue
+        if args.kv_heads:
+            case = dataclasses.replace(case, name=f"{case.name} {case.hq}q/{args.kv_heads}kv", hkv=args.kv_heads)
         spans, q, k, v = cases.build(case)
         want = cases.sdpa_dense(q, k, v, spans.to_dense())
         fl = cases.flops(case, spans.num_pairs())
@@ -128,7 +144,7 @@ def main() -> None:
             flex_rows += flex_probe(case, spans, q, k, v, want, fl)
         del want
         torch.cuda.empty_cache()
-    meta = cases.meta(f"python benchmarks/tune_forward.py --round {args.round}")
+    meta = cases.meta("python benchmarks/tune_forward.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     lines = [f"# Forward tile sweep, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs.", "",
              "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
@@ -138,7 +154,8 @@ def main() -> None:
     lines += ["", "FlexAttention at hd512 by kernel_options:", "", "| options | TFLOP/s | note |", "|---|---|---|"]
     for r in flex_rows:
         lines.append(f"| {r['kernel_options']} | {r.get('tflops', 0):.0f} | {r.get('error', '')[:160]} |")
-    cases.write_results(args.out, f"tune-forward-{args.round}", meta, dict(rows=rows, flex_hd512=flex_rows), lines)
+    label = f"tune-forward-{args.round}" + (f"-{args.kv_heads}kv" if args.kv_heads else "")
+    cases.write_results(args.out, label, meta, dict(rows=rows, flex_hd512=flex_rows), lines)
     print("\n".join(lines))
 
 

@@ -230,19 +230,20 @@ def test_append_rejects_tensors_on_another_device():
         append(cache, k, k, table, torch.tensor([0, 3]), torch.zeros(1, dtype=torch.int64, device="meta"))
 
 
-@pytest.mark.parametrize("tokens,hq,hkv,want", [
-    (32768, 16, 8, (256, 16, True)),  # many waves of programs: the 128-row x 2-head packed tile
-    (2048, 16, 8, (128, 8, True)),    # one 2K step: 64 rows x 2 heads, twice the programs
-    (2048, 8, 8, (128, 8, False)),    # no GQA: one head per tile
+@pytest.mark.parametrize("tokens,hq,hkv,window,want", [
+    (32768, 16, 8, 1024, (128, 8, True)),  # GQA: 64 rows x 2 heads of a K/V group, at every size
+    (2048, 16, 8, 1024, (128, 8, True)),
+    (2048, 16, 8, None, (128, 8, True)),   # full layers too
+    (2048, 8, 8, 1024, (128, 8, False)),   # no GQA, sliding: 128 rows of one head
+    (2048, 8, 8, None, (256, 16, False)),  # no GQA, full: 256 rows of one head
 ])
-def test_sliding_layers_get_tiles_for_their_step_size(tokens, hq, hkv, want):
+def test_tiles_by_layer_and_gqa_group(tokens, hq, hkv, window, want):
     from bidiattn.kernels.forward import plan_forward
 
-    spans = rules.build("gemma3", "official", "sliding", block_ids=torch.zeros(tokens, dtype=torch.int64),
-                        window=1024).to(DEVICE)
-    cfg = plan_forward(spans, hq, hkv, 128, window=1024).config
-    assert (cfg.block_m, cfg.num_warps, cfg.pack_gqa) == want
-    assert plan_forward(spans, hq, hkv, 128).config.block_m == 256  # a full layer keeps the 256-row tile
+    spans = rules.build("gemma3", "official", "sliding" if window else "full",
+                        block_ids=torch.zeros(tokens, dtype=torch.int64), window=window).to(DEVICE)
+    cfg = plan_forward(spans, hq, hkv, 128, window=window).config
+    assert (cfg.block_m, cfg.num_warps, cfg.pack_gqa, cfg.tma) == (*want, True)
 
 
 def test_packed_sliding_step_tiles_match_the_reference():

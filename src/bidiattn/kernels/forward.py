@@ -271,14 +271,16 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
 
 
-def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileConfig:
-    """Tiles per head dim, chosen by the sweep in benchmarks/tune_forward.py (one H200, bf16,
+def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group: int = 1) -> TileConfig:
+    """Tiles per head dim, chosen by the sweeps in benchmarks/tune_forward.py (one H200, bf16,
     16K tokens; numbers in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding
     limit from hd256 up: 128x64 tiles fit a 2-stage pipeline on the mask-free loop only.
 
     ``rows_per_sequence`` (query rows over sequences, known on the host): at 16 or fewer
     (decode, speculative decode) a 16-row tile, since a 256-row tile computed 256x the scores
-    of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200)."""
+    of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200).
+    ``gqa_group`` (query heads per K/V head): at head dim <= 128, a group that divides 128 gets
+    tiles of 128 rows x heads of one group, so each K/V tile is read once for the group."""
     if rows_per_sequence is not None and rows_per_sequence <= 16:
         if head_dim <= 256:
             return TileConfig(16, 64, 4, 2, pack_gqa=True)
@@ -286,15 +288,20 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None) -> TileCo
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)  # not swept yet
     if head_dim <= 128:
-        # 485 TFLOP/s with a 3-stage middle loop and 1-stage edges (results/tune-forward-stages-*);
-        # 2 stages everywhere, two-sided masks (the earlier choice): 426; 128x64, 8 warps: 400.
-        return TileConfig(256, 64, 16, 3, edge_stages=1)
+        if gqa_group > 1 and 128 % gqa_group == 0:
+            # 545 TFLOP/s (16 q / 8 kv heads) with TMA loads; the unpacked 256-row tile: 486 with
+            # TMA, 468 without (results/tune-forward-tma-*).
+            return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)
+        # One query head per K/V head: 128-row tiles with TMA ran at 427, 256-row ones at 486.
+        return TileConfig(256, 64, 16, 3, edge_stages=1, tma=True)
     if head_dim <= 256:
-        # 391 (32K: 404) with a 2-stage middle loop, which only fits with 1-stage edges; 1 stage
-        # everywhere: 376 (383); 64x32, 4 warps (the first version): 152.
-        return TileConfig(128, 64, 8, 2, edge_stages=1)
+        # 417 (32K: 432) with TMA loads and a 2-stage middle loop, which only fits with 1-stage
+        # edges; 395 without TMA; 1 stage everywhere: 376; 64x32, 4 warps (the first version):
+        # 152. Packing GQA heads: the same on full layers, 292 against 276 on sliding ones.
+        return TileConfig(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True)
     # A 128x512 fp32 accumulator does not fit in registers; two programs of 256 output columns
-    # each recompute q.k: 184, against 104 for the best unsplit 64-row tile.
+    # each recompute q.k: 184, against 104 for the best unsplit 64-row tile. No TMA: a K tile
+    # row of 512 columns is wider than a TMA box (256).
     return TileConfig(128, 64, 8, 1, split_dv=2)
 
 
@@ -337,8 +344,8 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
 
     ``window``: the layer's sliding window, if it has one. It tells the planner that rows see
-    short key ranges, which no host-side size reveals: at head dim <= 128 such a layer then gets
-    tiles sized for them, GQA-packed where heads share K/V (see :func:`_step_config`).
+    short key ranges, which no host-side size reveals: at head dim <= 128 without GQA such a
+    layer then gets tiles sized for them (see :func:`_step_config`).
     ``config`` overrides the choice.
     """
     if not isinstance(spans, SpanMask):
@@ -370,31 +377,20 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
 
 
 def _step_config(spans: SpanMask, head_dim: int, window: int | None, num_q_heads: int, num_kv_heads: int) -> TileConfig:
-    """:func:`pick_config`, except for sliding-window layers at head dim <= 128, whose rows see
-    short key ranges that the 256-row full-layer tile does not amortize. H200, hd128, 16 q / 8 kv
-    heads, 32K-token prompt, W=1024, planned calls in a CUDA graph (results/prefill-steps-* at
-    3d86f4e), ms for one shot / 8K chunks / 2K chunks:
+    """:func:`pick_config` for this call's sizes and GQA group, except for sliding-window layers
+    at head dim <= 128 without GQA, whose rows see short key ranges that the 256-row tile does
+    not amortize: 128-row tiles there (H200, hd128, 32K-token prompt, W=1024: 1.10 ms against
+    1.25 for the 256-row tile, both without TMA; results/prefill-steps-* at 3d86f4e).
 
-    - 256-row tiles, 16 warps (the full-layer tile): 1.25 / 1.27 / 1.94 (earlier runs);
-    - 128 rows x 1 head, 8 warps, 3 stages: 1.10 / 1.13 / 1.31;
-    - GQA-packed, 64 rows x 2 heads, 8 warps, 1-stage edges: 1.09 / 1.10 / 1.24;
-    - GQA-packed, 128 rows x 2 heads, 16 warps, 1-stage edges: 0.97 / 0.99 / 1.55.
-
-    The last is fastest where the launch has many waves of programs, and slowest for a 2K step
-    (128 programs: one wave of long ones); so it is taken from three waves of programs up.
-    Without GQA (one query head per K/V head) packing is moot: the 128 x 1 tile."""
-    cfg = pick_config(head_dim, rows_per_sequence=spans.total_tokens / spans.num_sequences)
-    if window is None or cfg.block_m != 256:
-        return cfg
+    With GQA, the packed 128-row tile serves sliding layers at every step size (16 q / 8 kv
+    heads, planned calls in a CUDA graph, ms for one shot / 8K chunks / 2K chunks, with TMA:
+    0.97 / 0.92 / 1.01; results/prefill-steps-tma-pack-*). Before TMA loads it lost 20% in 2K
+    chunks (1.24 ms), and the 256-row packed tile took the one-shot calls."""
     group = num_q_heads // num_kv_heads
-    if group == 1 or 128 % group:
-        return TileConfig(128, 64, 8, 3)
-    device = spans.lo.device
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    programs = (-(-spans.total_tokens // (256 // group)) + spans.num_sequences) * num_kv_heads
-    if programs >= 3 * sms:
-        return TileConfig(256, 64, 16, 3, edge_stages=1, pack_gqa=True)
-    return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True)
+    cfg = pick_config(head_dim, rows_per_sequence=spans.total_tokens / spans.num_sequences, gqa_group=group)
+    if window is not None and cfg.block_m == 256:
+        return TileConfig(128, 64, 8, 3, tma=True)
+    return cfg
 
 
 def span_attention_forward(
