@@ -70,9 +70,9 @@ TMA_PACK = {
 # Round 6: the GQA group at hd128 (run with --kv-heads): packed tiles at groups 4 and 8, and
 # the tiles without a group to pack (group 1).
 GROUPS = {
-    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True), T(256, 64, 16, 3, edge_stages=1, tma=True),
-          T(128, 64, 8, 3, edge_stages=1, tma=True), T(128, 64, 8, 3, tma=True), T(128, 64, 8, 3),
-          T(256, 64, 16, 3, edge_stages=1, pack_gqa=True, tma=True)],
+    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True), T(128, 64, 8, 3, pack_gqa=True, tma=True),
+          T(128, 64, 8, 3, tma=True), T(128, 64, 8, 3, edge_stages=1, tma=True), T(256, 64, 16, 3, edge_stages=1, tma=True),
+          T(128, 64, 8, 4, pack_gqa=True, tma=True), T(128, 64, 8, 3)],
     256: [T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True), T(128, 64, 8, 2, edge_stages=1, tma=True)],
     512: [],
 }
