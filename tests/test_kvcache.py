@@ -230,20 +230,21 @@ def test_append_rejects_tensors_on_another_device():
         append(cache, k, k, table, torch.tensor([0, 3]), torch.zeros(1, dtype=torch.int64, device="meta"))
 
 
-@pytest.mark.parametrize("tokens,hq,hkv,window,want", [
-    (32768, 16, 8, 1024, (128, 8, True)),  # GQA: 64 rows x 2 heads of a K/V group, at every size
-    (2048, 16, 8, 1024, (128, 8, True)),
-    (2048, 16, 8, None, (128, 8, True)),   # full layers too
-    (2048, 8, 8, 1024, (128, 8, False)),   # no GQA, sliding: 128 rows of one head
-    (2048, 8, 8, None, (256, 16, False)),  # no GQA, full: 256 rows of one head
+@pytest.mark.parametrize("tokens,hq,hkv,want", [
+    (32768, 16, 8, (2, 1)),   # group 2: 64 rows x 2 heads, 1-stage edge loops
+    (2048, 16, 8, (2, 1)),    # the same tile at a 2K step
+    (2048, 16, 4, (4, None)),  # group 4: 32 rows x 4 heads
+    (2048, 8, 8, (1, None)),   # no GQA: 128 rows of one head
+    (2048, 12, 4, (1, None)),  # group 3 does not divide 128 rows: one head per tile
 ])
-def test_tiles_by_layer_and_gqa_group(tokens, hq, hkv, window, want):
+def test_tiles_by_gqa_group_for_sliding_and_full_layers(tokens, hq, hkv, want):
     from bidiattn.kernels.forward import plan_forward
 
-    spans = rules.build("gemma3", "official", "sliding" if window else "full",
-                        block_ids=torch.zeros(tokens, dtype=torch.int64), window=window).to(DEVICE)
-    cfg = plan_forward(spans, hq, hkv, 128, window=window).config
-    assert (cfg.block_m, cfg.num_warps, cfg.pack_gqa, cfg.tma) == (*want, True)
+    ids = torch.zeros(tokens, dtype=torch.int64)
+    for layer, window in (("sliding", 1024), ("full", None)):
+        spans = rules.build("gemma3", "official", layer, block_ids=ids, window=window).to(DEVICE)
+        plan = plan_forward(spans, hq, hkv, 128, window=window)
+        assert (plan.config.block_m, plan.config.tma, plan.pack, plan.config.edge_stages) == (128, True, *want), layer
 
 
 def test_packed_sliding_step_tiles_match_the_reference():

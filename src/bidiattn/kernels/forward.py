@@ -279,8 +279,8 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
     ``rows_per_sequence`` (query rows over sequences, known on the host): at 16 or fewer
     (decode, speculative decode) a 16-row tile, since a 256-row tile computed 256x the scores
     of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200).
-    ``gqa_group`` (query heads per K/V head): at head dim <= 128, a group that divides 128 gets
-    tiles of 128 rows x heads of one group, so each K/V tile is read once for the group."""
+    ``gqa_group`` (query heads per K/V head): tiles hold the query heads of one group where the
+    group divides ``block_m`` (each K/V tile is then read once per group)."""
     if rows_per_sequence is not None and rows_per_sequence <= 16:
         if head_dim <= 256:
             return TileConfig(16, 64, 4, 2, pack_gqa=True)
@@ -288,12 +288,14 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)  # not swept yet
     if head_dim <= 128:
-        if gqa_group > 1 and 128 % gqa_group == 0:
-            # 545 TFLOP/s (16 q / 8 kv heads) with TMA loads; the unpacked 256-row tile: 486 with
-            # TMA, 468 without (results/tune-forward-tma-*).
+        # TMA loads, 128 rows x the query heads of one K/V group (results/tune-forward-tma*-*,
+        # tune-forward-groups-*; 16 q heads, 16K tokens): 466-516 TFLOP/s at groups 1, 4 and 8,
+        # the 256-row tile 475-491, without TMA 387-400. At group 2 a 1-stage pipeline on the
+        # masked edge loops measured 491-545 against 482-496 (and full-layer 2K chunks 9.07 vs
+        # 9.40 ms), while at the other groups it cost 15-20%; hence the special case.
+        if gqa_group == 2:
             return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)
-        # One query head per K/V head: 128-row tiles with TMA ran at 427, 256-row ones at 486.
-        return TileConfig(256, 64, 16, 3, edge_stages=1, tma=True)
+        return TileConfig(128, 64, 8, 3, pack_gqa=True, tma=True)
     if head_dim <= 256:
         # 417 (32K: 432) with TMA loads and a 2-stage middle loop, which only fits with 1-stage
         # edges; 395 without TMA; 1 stage everywhere: 376; 64x32, 4 warps (the first version):
@@ -343,9 +345,12 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     D]`` and ``k``/``v [T_keys, Hkv, D]`` with ``Hq = num_q_heads``, ``Hkv = num_kv_heads``,
     ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
 
-    ``window``: the layer's sliding window, if it has one. It tells the planner that rows see
-    short key ranges, which no host-side size reveals: at head dim <= 128 without GQA such a
-    layer then gets tiles sized for them (see :func:`_step_config`).
+    ``window``: the layer's sliding window, if it has one (rows then see short key ranges, which
+    no host-side size reveals). Validated; the tiles chosen today do not depend on it: with TMA
+    loads, the best measured tile of sliding and full layers is the same at every step size
+    (hd128, 32K prompt, W=1024, 16 q / 8 kv heads, planned calls in a CUDA graph: 0.97 ms one
+    shot, 1.01 ms in 2K chunks, where before TMA a sliding-only 64 x 2-head tile took 1.24 ms;
+    results/prefill-steps-tma-pack-*, NOTES).
     ``config`` overrides the choice.
     """
     if not isinstance(spans, SpanMask):
@@ -359,7 +364,8 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
         raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
-    cfg = config or _step_config(spans, head_dim, window, num_q_heads, num_kv_heads)
+    rows_per_sequence = spans.total_tokens / spans.num_sequences
+    cfg = config or pick_config(head_dim, rows_per_sequence, gqa_group=num_q_heads // num_kv_heads)
     block_d = triton.next_power_of_2(head_dim)
     if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
         raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
@@ -374,23 +380,6 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     splits = cfg.kv_splits or _auto_kv_splits(spans, (num_q_heads // pack) * cfg.split_dv, cfg.block_m // pack,
                                               cfg.block_n)
     return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
-
-
-def _step_config(spans: SpanMask, head_dim: int, window: int | None, num_q_heads: int, num_kv_heads: int) -> TileConfig:
-    """:func:`pick_config` for this call's sizes and GQA group, except for sliding-window layers
-    at head dim <= 128 without GQA, whose rows see short key ranges that the 256-row tile does
-    not amortize: 128-row tiles there (H200, hd128, 32K-token prompt, W=1024: 1.10 ms against
-    1.25 for the 256-row tile, both without TMA; results/prefill-steps-* at 3d86f4e).
-
-    With GQA, the packed 128-row tile serves sliding layers at every step size (16 q / 8 kv
-    heads, planned calls in a CUDA graph, ms for one shot / 8K chunks / 2K chunks, with TMA:
-    0.97 / 0.92 / 1.01; results/prefill-steps-tma-pack-*). Before TMA loads it lost 20% in 2K
-    chunks (1.24 ms), and the 256-row packed tile took the one-shot calls."""
-    group = num_q_heads // num_kv_heads
-    cfg = pick_config(head_dim, rows_per_sequence=spans.total_tokens / spans.num_sequences, gqa_group=group)
-    if window is not None and cfg.block_m == 256:
-        return TileConfig(128, 64, 8, 3, tma=True)
-    return cfg
 
 
 def span_attention_forward(
