@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..spans import SpanMask
 from .forward import _fits
@@ -91,13 +90,13 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, q_desc, do_desc,
+    q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PART: tl.constexpr, TMA: tl.constexpr,
+    PART: tl.constexpr,
 ):
     # PART 0: dK and dV; 1: dV alone (P only: no do·vᵀ, no dS); 2: dK alone.
     i_hk = tl.program_id(0)
@@ -126,14 +125,8 @@ def _dkdv_kernel(
             lo = tl.load(span_lo + rows, mask=m_ok, other=1)
             hi = tl.load(span_hi + rows, mask=m_ok, other=0)
             qrow = rows[:, None] * stride_qt + i_h * stride_qh
-            if TMA:
-                # Rows past q_last are other rows of the pack (zeros past the tensor end): their
-                # P is 0, and zeroing them keeps a non-finite value there out of dK/dV (0 * inf).
-                b_q = tl.where(m_ok[:, None], q_desc.load([(bos + i_m).to(tl.int32), i_h * D]), 0.0)
-                b_do = tl.where(m_ok[:, None], do_desc.load([(bos + i_m).to(tl.int32), i_h * D]), 0.0)
-            else:
-                b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-                b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+            b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+            b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
             if PART == 1:
@@ -166,13 +159,12 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, k_desc, v_desc,
+    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
     t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr,
-    TMA: tl.constexpr,
 ):
     i_h = tl.program_id(0)
     i_c = tl.program_id(2)
@@ -202,14 +194,8 @@ def _dq_kernel(
         o_n = i_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seq_len_k
         krow = o_n.to(tl.int64)[:, None] * stride_kt
-        if TMA:
-            # Keys past the sequence are the next sequence's (zeros past the tensor end): zeroed,
-            # so a non-finite value there cannot reach dQ through P or dS (0 * inf).
-            b_k = tl.where(n_ok[:, None], k_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D]), 0.0)
-            b_v = tl.where(n_ok[:, None], v_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D]), 0.0)
-        else:
-            b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-            b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+        b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+        b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
                                     qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP, MASK_FREE)
         if BLOCK_DC == BLOCK_D:
@@ -230,9 +216,7 @@ class BackwardConfig:
     against 6 for the two programs of ``split_d=2``). ``mask_free_tiles`` (dQ pass only): key
     tiles inside every row's span skip the mask math, at the price of a branch per key tile.
     Whether either pays depends on the head dim (register pressure): see
-    :func:`pick_backward_config`. ``tma``: the tiles a pass walks over (Q/dO in the dK/dV pass,
-    K/V in the dQ pass) come through tensor descriptors where the head dim is a power of two
-    from 16 to 256 and ``split_d`` is 1; pointer loads elsewhere (same results)."""
+    :func:`pick_backward_config`."""
 
     block_m: int
     block_n: int
@@ -242,7 +226,6 @@ class BackwardConfig:
     dq: BackwardConfig | None = None
     separate_dk_dv: bool = False
     mask_free_tiles: bool = False
-    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_d"):
@@ -352,17 +335,6 @@ def span_attention_backward(
     return dq, dk, dv
 
 
-def _descriptors(a, b, cfg: BackwardConfig, rows: int, block_d: int):
-    """``(a_desc, b_desc, True)``: TMA descriptors of two contiguous ``[T, H, D]`` tensors viewed
-    as ``[T, H * D]`` with ``[rows, D]`` blocks, or ``(a, b, False)`` where ``cfg.tma`` is off or
-    the shapes rule TMA out (see :class:`BackwardConfig`)."""
-    d = a.shape[2]
-    if not (cfg.tma and cfg.split_d == 1 and d == block_d and 16 <= d <= 256
-            and all(x.data_ptr() % 16 == 0 for x in (a, b))):
-        return a, b, False
-    return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.shape[1] * d, 1], [rows, d]) for x in (a, b)) + (True,)
-
-
 def _tile_args(cfg: BackwardConfig, d: int, block_d: int, softcap: bool) -> dict:
     return dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
                 SOFTCAP=softcap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -374,22 +346,20 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq,
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     # PART 1 (dV) then 2 (dK, with the atomic dQ if asked), or 0: both in one launch.
-    q_desc, do_desc, tma = _descriptors(q, do, cfg, cfg.block_m, block_d)
     for part in ((1, 2) if cfg.separate_dk_dv else (0,)):
         _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
             q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-            q_desc, do_desc, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+            kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
+            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, **_tile_args(cfg, d, block_d, softcap))
 
 
 def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg):
     qt = fast_tile_summary(spans, cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    k_desc, v_desc, tma = _descriptors(k, v, cfg, cfg.block_n, block_d)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, k_desc, v_desc,
+        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
         qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.lo_max, qt.hi_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, MASK_FREE=cfg.mask_free_tiles, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
+        GROUP=hq // hkv, MASK_FREE=cfg.mask_free_tiles, **_tile_args(cfg, d, block_d, softcap))
