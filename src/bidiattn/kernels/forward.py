@@ -231,7 +231,7 @@ class TileConfig:
     rows' ``lo`` only, those above it with ``hi`` only (both are exact there); ``False`` compares
     both everywhere. One H200, 16K tokens, TFLOP/s one-sided vs two-sided: hd256 386 vs 374,
     sliding hd256 305 vs 293; hd128 with 256-row, 16-warp tiles: 423 vs 435 with 2 stages
-    everywhere, 485 vs 461 with a 3-stage middle loop and 1-stage edges (the default since).
+    everywhere, 485 vs 461 with a 3-stage middle loop and 1-stage edges.
     ``edge_stages``: the pipeline depth of the loops over the masked key tiles at the two ends of
     a query tile's key range (``None``: ``num_stages``); the loop over the mask-free middle runs
     ``num_stages`` deep. Each of the three loops gets its own pipeline buffers in shared memory,
