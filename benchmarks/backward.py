@@ -90,7 +90,7 @@ def main() -> None:
             rows.append(row)
         del mask, st, sk, sv, want
         torch.cuda.empty_cache()
-    meta = cases.meta("python benchmarks/backward.py")
+    meta = cases.meta()
     lines = [f"# Backward, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
              "(fwd 4, bwd 10 FLOPs per pair per head-dim element); bwd alone = (fwd+bwd) - fwd time.", ""]

@@ -88,7 +88,7 @@ def main() -> None:
             rows.append(row)
         del want
         torch.cuda.empty_cache()
-    meta = cases.meta(f"python benchmarks/backward_passes.py --label {args.label}")
+    meta = cases.meta()
     lines = [f"# Backward passes ({args.label}), {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. Whole backward: median ms, "
              "TFLOP/s on allowed pairs (10 FLOPs per pair and head-dim element); kernels: mean device ms (profiler).", "",

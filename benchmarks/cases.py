@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +98,10 @@ def matmul_peak() -> float:
     return 2 * 8192**3 / ms(lambda: a @ a) / 1e9
 
 
-def meta(command: str) -> dict:
+def meta(command: str | None = None) -> dict:
+    """Device, date, versions, commit and the command that produced a result (by default this
+    process's own command line, arguments included)."""
+    command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
     # The GPU machine's copy of the tree has no usable git history: pass the hash there in
     # BIDIATTN_COMMIT, which wins over git.
     commit = os.environ.get("BIDIATTN_COMMIT") or subprocess.run(

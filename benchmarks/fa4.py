@@ -122,7 +122,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del ref, want
         torch.cuda.empty_cache()
-    meta = cases.meta("python benchmarks/fa4.py")
+    meta = cases.meta()
 
     def tf(r, key):
         return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "fails"

@@ -87,7 +87,7 @@ def main() -> None:
                     row[name + "_error"] = cases.describe_error(e)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    meta = cases.meta("python benchmarks/fa4_paged.py")
+    meta = cases.meta()
     lines = [f"# FA4 over a paged cache, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; pages of {PAGE} keys, shuffled; "
              "plans built outside the call. TFLOP/s on allowed pairs (FA4 causal: causal pairs); ms in brackets.", "",

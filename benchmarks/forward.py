@@ -95,7 +95,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del mask, want, st, sk, sv
         torch.cuda.empty_cache()
-    meta = cases.meta("python benchmarks/forward.py")
+    meta = cases.meta()
     meta["bf16_matmul_tflops"] = peak
     cols = [("bidiattn_triton", "bidiattn triton"), ("bidiattn_flex", "bidiattn flex"), ("flex_mask_mod", "Flex mask_mod"),
             ("sdpa_dense", "SDPA dense mask"), ("sdpa_causal", "SDPA causal*"), ("fa4_causal", "FA4 causal*")]

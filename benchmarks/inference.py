@@ -269,7 +269,7 @@ def main() -> None:
     result = dict(metadata=metadata_row(131072) if "metadata" in sections else None,
                   decode=decode_rows([8192, 32768, 131072], fa4) if "decode" in sections else [],
                   prefill=prefill_rows(32768, [2048, 8192]) if "prefill" in sections else [])
-    meta = cases.meta("python benchmarks/inference.py")
+    meta = cases.meta()
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
              "bf16, gemma3 official rule, 1092-token images every 2048.", "",

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
-import sys
 
 import torch
 
@@ -109,7 +107,7 @@ def main() -> None:
                 row["error"] = cases.describe_error(e)
             print(json.dumps(row), flush=True)
             results.append(row)
-    meta = cases.meta("python benchmarks/prefill_steps.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    meta = cases.meta()
     lines = [f"# Chunked prefill step by step, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {hkv} kv "
              f"heads, {t} tokens, gemma3 official rule, CUDA-graph replays.", "",

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import time
 
 import torch
@@ -144,7 +142,7 @@ def main() -> None:
             flex_rows += flex_probe(case, spans, q, k, v, want, fl)
         del want
         torch.cuda.empty_cache()
-    meta = cases.meta("python benchmarks/tune_forward.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    meta = cases.meta()
     lines = [f"# Forward tile sweep, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs.", "",
              "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
