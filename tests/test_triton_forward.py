@@ -122,6 +122,14 @@ def test_a_config_that_does_not_fit_shared_memory_raises_value_error():
         span_attention_forward(q, q, q, spans, 0.0625, None, config=TileConfig(64, 64, 4, 2))
 
 
+@pytest.mark.parametrize("group", [0, 1.5, True])
+def test_pick_config_rejects_a_bad_gqa_group(group):
+    from bidiattn.kernels.forward import pick_config
+
+    with pytest.raises(ValueError, match=f"gqa_group must be a positive int, got {group!r}"):
+        pick_config(128, gqa_group=group)
+
+
 def test_split_dv_too_fine_for_head_dim():
     spans = image_spans(9, [])
     q, k, v = (torch.randn(9, 1, 64).half().to(DEVICE) for _ in range(3))

@@ -281,6 +281,8 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
     of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200).
     ``gqa_group`` (query heads per K/V head): tiles hold the query heads of one group where the
     group divides ``block_m`` (each K/V tile is then read once per group)."""
+    if isinstance(gqa_group, bool) or not isinstance(gqa_group, int) or gqa_group < 1:
+        raise ValueError(f"gqa_group must be a positive int, got {gqa_group!r}")
     if rows_per_sequence is not None and rows_per_sequence <= 16:
         if head_dim <= 256:
             return TileConfig(16, 64, 4, 2, pack_gqa=True)
