@@ -1,16 +1,21 @@
-"""Inference benchmark: decode over long contexts, chunked vs one-shot prefill, span metadata.
+"""Inference benchmark: decode over long contexts, chunked vs one-shot prefill, span metadata,
+and the end-to-end runner (:class:`bidiattn.runner.ServingSession`) driven through chunked
+prefill and decode.
 
     python benchmarks/inference.py --out benchmarks/results
 
-Checks each variant against the reference math (SDPA with the dense rows of the mask) before
-timing (median of CUDA-event runs). Writes inference-<device>-<date>.json and .md.
-Decode is memory-bound: GB/s counts the K and V bytes of the keys each query may attend.
+Checks each variant against the reference math (SDPA with the dense rows of the mask, or the
+one-shot call) before timing (median of CUDA-event runs; the runner: median of wall-clock runs).
+Writes inference-<device>-<date>.json and .md. Decode is memory-bound: GB/s counts the K and V
+bytes of the keys each query may attend.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,7 @@ from bidiattn import rules
 from bidiattn.blocks import BlockList
 from bidiattn.kernels.forward import TileConfig, pick_config, plan_forward, span_attention_forward
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.runner import AttentionStack, ServingSession, StackConfig
 from bidiattn.spans import SpanMask
 
 HQ, HKV, D = 16, 8, 128
@@ -130,8 +136,14 @@ def decode_rows(ctx_lens, fa4):
     return rows
 
 
-def prefill_rows(t: int, budgets):
+def _rep(t: int) -> int:
+    """do_bench's time budget in ms: enough for ~7 runs of a 128K-token full layer (~140 ms)."""
+    return max(100, t // 128)
+
+
+def prefill_rows(t: int, budgets, step_sweep: bool = False):
     ids = image_ids(t)
+    rep = _rep(t)
     q = torch.randn(t, HQ, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(t, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     layout = RequestLayout.from_block_ids(ids.cpu())
@@ -140,7 +152,7 @@ def prefill_rows(t: int, budgets):
     for layer, window in (("full", None), ("sliding", 1024)):
         full = rules.build("gemma3", "official", layer, block_ids=ids, window=window)
         one_shot = bidiattn.attention(q, k, v, full, backend="triton")
-        t_one = cases.ms(lambda: bidiattn.attention(q, k, v, full, backend="triton"), rep=100)
+        t_one = cases.ms(lambda: bidiattn.attention(q, k, v, full, backend="triton"), rep=rep)
         row = dict(tokens=t, layer=layer, one_shot_ms=t_one, pairs=full.num_pairs())
         # With the launch plan built outside the timed call (once per step, shared by the layers).
         plan_one = plan_forward(full, HQ, HKV, D, window=window)
@@ -148,9 +160,9 @@ def prefill_rows(t: int, budgets):
         def one_planned():
             return span_attention_forward(q, k, v, full, D**-0.5, None, plan=plan_one)[0]
 
-        row["one_shot_planned_ms"] = cases.ms(one_planned, rep=100)
+        row["one_shot_planned_ms"] = cases.ms(one_planned, rep=rep)
         graphed = _graphed(one_planned)
-        row["one_shot_planned_graph_ms"] = cases.ms(graphed, rep=100) if graphed else None
+        row["one_shot_planned_graph_ms"] = cases.ms(graphed, rep=rep) if graphed else None
         for budget in budgets:
             plan = plan_prefill([layout], budget)
             steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan.steps]
@@ -163,7 +175,7 @@ def prefill_rows(t: int, budgets):
                 return out
 
             err = cases.rel_err(run(), one_shot)
-            ms = cases.ms(run, rep=100)
+            ms = cases.ms(run, rep=rep)
             cell = dict(steps=len(plan.steps), max_step_tokens=plan.max_step_tokens, ms=ms,
                         rel_err_vs_one_shot=err, throughput_vs_one_shot=t_one / ms)
             planned = [(spans, c, plan_forward(spans, HQ, HKV, D, window=window)) for spans, c in steps]
@@ -175,13 +187,13 @@ def prefill_rows(t: int, budgets):
                 return out
 
             cell["planned_rel_err_vs_one_shot"] = cases.rel_err(run_planned(), one_shot)
-            cell["planned_ms"] = cases.ms(run_planned, rep=100)
+            cell["planned_ms"] = cases.ms(run_planned, rep=rep)
             cell["planned_vs_one_shot_planned"] = row["one_shot_planned_ms"] / cell["planned_ms"]
             graphed = _graphed(run_planned)
             if graphed is not None and row["one_shot_planned_graph_ms"]:
-                cell["planned_graph_ms"] = cases.ms(graphed, rep=100)
+                cell["planned_graph_ms"] = cases.ms(graphed, rep=rep)
                 cell["planned_graph_vs_one_shot_graph"] = row["one_shot_planned_graph_ms"] / cell["planned_graph_ms"]
-            if budget <= 2048 and graphed is not None:
+            if step_sweep and budget <= 2048 and graphed is not None:
                 sweep = {}
                 for cfg in STEP_SWEEP:
                     tuned = [(spans, c, plan_forward(spans, HQ, HKV, D, config=cfg)) for spans, c in steps]
@@ -194,7 +206,7 @@ def prefill_rows(t: int, budgets):
 
                     err = cases.rel_err(run_tuned(), one_shot)
                     g = _graphed(run_tuned)
-                    sweep[repr(cfg)] = dict(rel_err_vs_one_shot=err, graph_ms=cases.ms(g, rep=100) if g else None)
+                    sweep[repr(cfg)] = dict(rel_err_vs_one_shot=err, graph_ms=cases.ms(g, rep=rep) if g else None)
                 cell["config_sweep_graph"] = sweep
             # Per-step metadata (spans from the block list + launch plan), paid once per step and
             # layer type, not per layer.
@@ -210,6 +222,68 @@ def prefill_rows(t: int, budgets):
 
             cell["step_metadata_us"] = 1000 * cases.ms(metadata, rep=50)
             row[f"chunked_{budget}"] = cell
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+RUNNER_LAYERS = ("sliding",) * 5 + ("full",)  # Gemma-3's pattern: five sliding layers, then one global
+
+
+def _wall_ms(fn, runs: int) -> float:
+    """Median wall-clock ms of ``runs`` calls after one warm-up (host work included)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def runner_rows(contexts, budgets, page_size: int, decode_steps: int = 16):
+    """The end-to-end runner: a six-layer stack (random weights, hd128, 16 q / 8 kv heads, window
+    1024) through :class:`ServingSession` — prefill in planned chunks over paged caches, then decode.
+    Eager, as the runner is written (host work of each step included); the one-step plan (budget =
+    prompt length) is the one-shot baseline, and :meth:`AttentionStack.one_shot` (contiguous K/V, no
+    cache) shows what paging costs."""
+    config = StackConfig(hidden=HQ * D, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, layer_types=RUNNER_LAYERS,
+                         window=1024)
+    stack = AttentionStack(config, seed=0, device="cuda")
+    rows = []
+    for t in contexts:
+        ids = image_ids(t)
+        g = torch.Generator(device="cuda").manual_seed(t)
+        x = torch.randn(t, config.hidden, device="cuda", dtype=config.dtype, generator=g)
+        session = ServingSession(stack, [ids], page_size=page_size, max_tokens_per_request=t + decode_steps + 1)
+        runs = 3 if t > 32768 else 5
+        want = stack.one_shot(x, ids, backend="triton")
+        row = dict(tokens=t, layers=len(RUNNER_LAYERS), page_size=page_size, runs=runs,
+                   stack_one_shot_ms=_wall_ms(lambda: stack.one_shot(x, ids, backend="triton"), runs))
+        for budget in (t, *budgets):
+            plan = plan_prefill(session.layouts, budget)
+            got = session.prefill([x], budget)[0]
+            cell = dict(steps=len(plan.steps), rel_err_vs_stack_one_shot=cases.rel_err(got, want),
+                        ms=_wall_ms(lambda budget=budget: session.prefill([x], budget), runs))
+            row["one_step" if budget == t else f"chunked_{budget}"] = cell
+        for budget in budgets:
+            cell = row[f"chunked_{budget}"]
+            cell["throughput_vs_one_step"] = row["one_step"]["ms"] / cell["ms"]
+        # Decode after a whole prefill: each step appends one token per layer and attends the cache.
+        tokens = torch.randn(decode_steps, 1, config.hidden, device="cuda", dtype=config.dtype, generator=g)
+        first = session.decode(tokens[0])
+        full = stack.one_shot(torch.cat([x, tokens[0]]), torch.cat([ids, ids.new_zeros(1)]), backend="triton")
+        row["decode_rel_err_vs_stack_one_shot"] = cases.rel_err(first, full[-1:])
+        times = []
+        for i in range(1, decode_steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            session.decode(tokens[i])
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - t0))
+        row["decode_ms_per_step"] = statistics.median(times)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -258,9 +332,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="inference", help="result file stem")
-    parser.add_argument("--sections", default="metadata,decode,prefill",
-                        help="comma-separated subset of metadata, decode, prefill")
+    parser.add_argument("--sections", default="metadata,decode,prefill,runner",
+                        help="comma-separated subset of metadata, decode, prefill, runner")
+    parser.add_argument("--contexts", default="8192,32768,131072", help="prompt lengths of the prefill and runner sections")
+    parser.add_argument("--step-sweep", action="store_true", help="also time STEP_SWEEP's tiles on 2K chunks")
+    parser.add_argument("--page-size", type=int, default=16, help="the runner's page size")
     args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
     try:
         from flash_attn.cute import flash_attn_func as fa4
     except Exception:  # noqa: BLE001 - FA4 is optional
@@ -268,7 +346,9 @@ def main() -> None:
     sections = args.sections.split(",")
     result = dict(metadata=metadata_row(131072) if "metadata" in sections else None,
                   decode=decode_rows([8192, 32768, 131072], fa4) if "decode" in sections else [],
-                  prefill=prefill_rows(32768, [2048, 8192]) if "prefill" in sections else [])
+                  prefill=[r for t in contexts for r in prefill_rows(t, [2048, 8192], args.step_sweep)]
+                  if "prefill" in sections else [],
+                  runner=runner_rows(contexts, [2048, 8192], args.page_size) if "runner" in sections else [])
     meta = cases.meta()
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
@@ -292,9 +372,9 @@ def main() -> None:
             cell(r, key) for key in ("bidiattn_auto_splits", "bidiattn_cuda_graph", "bidiattn_planned",
                                      "bidiattn_planned_cuda_graph")) + f" | {best_cell} | " + " | ".join(
             cell(r, key) for key in ("bidiattn_no_split", "sdpa", "fa4")) + " |")
-    lines += ["", "Prefill, 32K tokens: one shot vs chunks from the planner (no image split); ms, and "
+    lines += ["", "Prefill, one attention layer: one shot vs chunks from the planner (no image split); ms, and "
               "throughput relative to the one-shot call of the same kind:", "",
-              "| layer | kind | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|---|"]
+              "| tokens | layer | kind | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|---|---|"]
     for r in result["prefill"]:
         for kind, one_key, key, ratio in (
                 ("eager, unplanned", "one_shot_ms", "ms", "throughput_vs_one_shot"),
@@ -304,17 +384,33 @@ def main() -> None:
                 continue
             cells = [f"{r[f'chunked_{b}'][key]:.2f} ms ({r[f'chunked_{b}'][ratio]:.2f}x)"
                      if key in r[f"chunked_{b}"] else "n/a" for b in (2048, 8192)]
-            lines.append(f"| {r['layer']} | {kind} | {r[one_key]:.2f} ms | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['tokens']} | {r['layer']} | {kind} | {r[one_key]:.2f} ms | " + " | ".join(cells) + " |")
     for r in result["prefill"]:
         for b in (2048,):
             sweep = r[f"chunked_{b}"].get("config_sweep_graph", {})
             if sweep:
-                lines += ["", f"{r['layer']}, {b // 1024}K chunks, tile configs (planned, graph): " + "; ".join(
+                lines += ["", f"{r['tokens']} tokens, {r['layer']}, {b // 1024}K chunks, tile configs (planned, graph): " + "; ".join(
                     f"{name}: {v['graph_ms']:.2f} ms" for name, v in sweep.items() if v["graph_ms"])]
     lines += [] if not result["prefill"] else ["", "Per-step metadata of a mid-prompt chunk (spans from the block list + launch plan, eager, once per "
               "step and layer type): " + ", ".join(
-                  f"{r['layer']} {b // 1024}K chunks {r[f'chunked_{b}']['step_metadata_us']:.0f} µs"
+                  f"{r['tokens']} tokens {r['layer']} {b // 1024}K chunks {r[f'chunked_{b}']['step_metadata_us']:.0f} µs"
                   for r in result["prefill"] for b in (2048, 8192)) + "."]
+    if result["runner"]:
+        lines += ["", f"End-to-end runner (`bidiattn.runner.ServingSession`): {len(RUNNER_LAYERS)} layers "
+                  f"({', '.join(RUNNER_LAYERS)}), hidden {HQ * D}, window 1024, page size {args.page_size}; eager, "
+                  "wall-clock median, host work of every step included. *stack one shot*: "
+                  "`AttentionStack.one_shot` (contiguous K/V, no cache); *one step*: the session with a budget of "
+                  "the whole prompt; chunk columns: throughput relative to one step; rel. err: the session's "
+                  "output vs the stack's one shot:", "",
+                  "| tokens | stack one shot | one step | chunks of 2K | chunks of 8K | max rel. err | decode, ms/step |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["runner"]:
+            cells = [f"{r[f'chunked_{b}']['ms']:.1f} ms ({r[f'chunked_{b}']['throughput_vs_one_step']:.2f}x, "
+                     f"{r[f'chunked_{b}']['steps']} steps)" for b in (2048, 8192)]
+            err = max([r["decode_rel_err_vs_stack_one_shot"]] + [r[k]["rel_err_vs_stack_one_shot"] for k in r
+                                                                   if k == "one_step" or k.startswith("chunked_")])
+            lines.append(f"| {r['tokens']} | {r['stack_one_shot_ms']:.1f} ms | {r['one_step']['ms']:.1f} ms | "
+                         + " | ".join(cells) + f" | {err:.1e} | {r['decode_ms_per_step']:.2f} |")
     m = result["metadata"] or {}
     lines += [] if not m else ["", f"Span metadata at {m['tokens']} tokens ({m['blocks']} blocks), {m['bytes_per_token']} bytes/token "
               f"(block-list spans equal rules.build: {m['blocks_match_build']}):", "",
