@@ -262,12 +262,11 @@ def runner_rows(contexts, budgets, page_size: int, decode_steps: int = 16):
         want = stack.one_shot(x, ids, backend="triton")
         row = dict(tokens=t, layers=len(RUNNER_LAYERS), page_size=page_size, runs=runs,
                    stack_one_shot_ms=_wall_ms(lambda: stack.one_shot(x, ids, backend="triton"), runs))
-        for budget in (t, *budgets):
+        for key, budget in (("one_step", t), *((f"chunked_{b}", b) for b in budgets)):
             plan = plan_prefill(session.layouts, budget)
             got = session.prefill([x], budget)[0]
-            cell = dict(steps=len(plan.steps), rel_err_vs_stack_one_shot=cases.rel_err(got, want),
-                        ms=_wall_ms(lambda budget=budget: session.prefill([x], budget), runs))
-            row["one_step" if budget == t else f"chunked_{budget}"] = cell
+            row[key] = dict(steps=len(plan.steps), rel_err_vs_stack_one_shot=cases.rel_err(got, want),
+                            ms=_wall_ms(lambda budget=budget: session.prefill([x], budget), runs))
         for budget in budgets:
             cell = row[f"chunked_{budget}"]
             cell["throughput_vs_one_step"] = row["one_step"]["ms"] / cell["ms"]
