@@ -13,6 +13,7 @@ bytes of the keys each query may attend.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -24,6 +25,7 @@ import bidiattn
 import cases
 from bidiattn import rules
 from bidiattn.blocks import BlockList
+from bidiattn.kvcache import PagedKVCache, paged_attention
 from bidiattn.kernels.forward import TileConfig, pick_config, plan_forward, span_attention_forward
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
 from bidiattn.runner import AttentionStack, ServingSession, StackConfig
@@ -31,6 +33,7 @@ from bidiattn.spans import SpanMask
 
 HQ, HKV, D = 16, 8, 128
 SPLIT_SWEEP = (2, 4, 8, 16, 32)
+PAGE_SIZES = (16, 64)  # 64: a key tile per page, so TMA loads (hd128 tiles are 64 keys)
 # Tiles for small prefill steps (a 2K chunk is 8 tiles of 256 rows x 16 heads: one wave).
 STEP_SWEEP = (TileConfig(256, 64, 16, 3, edge_stages=1), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3, edge_stages=1),
               TileConfig(128, 64, 8, 2, edge_stages=1), TileConfig(128, 64, 8, 3, pack_gqa=True),
@@ -163,6 +166,22 @@ def prefill_rows(t: int, budgets, step_sweep: bool = False):
         row["one_shot_planned_ms"] = cases.ms(one_planned, rep=rep)
         graphed = _graphed(one_planned)
         row["one_shot_planned_graph_ms"] = cases.ms(graphed, rep=rep) if graphed else None
+        # The same call over a paged cache (pages in order; the kernel reads the table either way).
+        for page_size in PAGE_SIZES:
+            cache = PagedKVCache.allocate(-(-t // page_size), page_size, HKV, D, torch.bfloat16, "cuda")
+            cache.k_pages.view(-1, HKV, D)[:t].copy_(k)
+            cache.v_pages.view(-1, HKV, D)[:t].copy_(v)
+            table = torch.arange(cache.num_pages, dtype=torch.int32, device="cuda")[None]
+            extend = SpanMask(full.lo, full.hi, full.cu_seqlens, cu_seqlens_k=full.cu_seqlens, total_keys=t)
+            plan_paged = plan_forward(extend, HQ, HKV, D, window=window)
+
+            def paged(cache=cache, table=table, extend=extend, plan_paged=plan_paged):
+                return paged_attention(q, cache, table, extend, plan=plan_paged, validate=False)
+
+            row[f"one_shot_paged{page_size}_rel_err"] = cases.rel_err(paged(), one_shot)
+            graphed_paged = _graphed(paged)
+            row[f"one_shot_paged{page_size}_graph_ms"] = cases.ms(graphed_paged, rep=rep) if graphed_paged else None
+            del cache, graphed_paged
         for budget in budgets:
             plan = plan_prefill([layout], budget)
             steps = [(step_spans(s, [full]), s.chunks[0]) for s in plan.steps]
@@ -243,7 +262,7 @@ def _wall_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def runner_rows(contexts, budgets, page_size: int, decode_steps: int = 16):
+def runner_rows(contexts, budgets, page_sizes, decode_steps: int = 16):
     """The end-to-end runner: a six-layer stack (random weights, hd128, 16 q / 8 kv heads, window
     1024) through :class:`ServingSession` — prefill in planned chunks over paged caches, then decode.
     Eager, as the runner is written (host work of each step included); the one-step plan (budget =
@@ -253,7 +272,7 @@ def runner_rows(contexts, budgets, page_size: int, decode_steps: int = 16):
                          window=1024)
     stack = AttentionStack(config, seed=0, device="cuda")
     rows = []
-    for t in contexts:
+    for t, page_size in itertools.product(contexts, page_sizes):
         ids = image_ids(t)
         g = torch.Generator(device="cuda").manual_seed(t)
         x = torch.randn(t, config.hidden, device="cuda", dtype=config.dtype, generator=g)
@@ -335,7 +354,8 @@ def main() -> None:
                         help="comma-separated subset of metadata, decode, prefill, runner")
     parser.add_argument("--contexts", default="8192,32768,131072", help="prompt lengths of the prefill and runner sections")
     parser.add_argument("--step-sweep", action="store_true", help="also time STEP_SWEEP's tiles on 2K chunks")
-    parser.add_argument("--page-size", type=int, default=16, help="the runner's page size")
+    parser.add_argument("--page-sizes", default="16,64",
+                        help="the runner's page sizes (pages of a multiple of 64 keys take TMA loads at hd128)")
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     try:
@@ -347,7 +367,7 @@ def main() -> None:
                   decode=decode_rows([8192, 32768, 131072], fa4) if "decode" in sections else [],
                   prefill=[r for t in contexts for r in prefill_rows(t, [2048, 8192], args.step_sweep)]
                   if "prefill" in sections else [],
-                  runner=runner_rows(contexts, [2048, 8192], args.page_size) if "runner" in sections else [])
+                  runner=runner_rows(contexts, [2048, 8192], [int(p) for p in args.page_sizes.split(",")]) if "runner" in sections else [])
     meta = cases.meta()
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
@@ -384,6 +404,15 @@ def main() -> None:
             cells = [f"{r[f'chunked_{b}'][key]:.2f} ms ({r[f'chunked_{b}'][ratio]:.2f}x)"
                      if key in r[f"chunked_{b}"] else "n/a" for b in (2048, 8192)]
             lines.append(f"| {r['tokens']} | {r['layer']} | {kind} | {r[one_key]:.2f} ms | " + " | ".join(cells) + " |")
+    if result["prefill"]:
+        lines += ["", "One-shot prefill over a paged cache (planned, graph; pages in order): ms, and the contiguous "
+                  "call's time over it:", "", "| tokens | layer | contiguous | " + " | ".join(
+                      f"pages of {p}" for p in PAGE_SIZES) + " |", "|---|---|---|" + "---|" * len(PAGE_SIZES)]
+        for r in result["prefill"]:
+            base = r["one_shot_planned_graph_ms"]
+            cells = [f"{r[f'one_shot_paged{p}_graph_ms']:.2f} ms ({base / r[f'one_shot_paged{p}_graph_ms']:.2f}x)"
+                     if r.get(f"one_shot_paged{p}_graph_ms") and base else "n/a" for p in PAGE_SIZES]
+            lines.append(f"| {r['tokens']} | {r['layer']} | {base:.2f} ms | " + " | ".join(cells) + " |")
     for r in result["prefill"]:
         for b in (2048,):
             sweep = r[f"chunked_{b}"].get("config_sweep_graph", {})
@@ -396,19 +425,19 @@ def main() -> None:
                   for r in result["prefill"] for b in (2048, 8192)) + "."]
     if result["runner"]:
         lines += ["", f"End-to-end runner (`bidiattn.runner.ServingSession`): {len(RUNNER_LAYERS)} layers "
-                  f"({', '.join(RUNNER_LAYERS)}), hidden {HQ * D}, window 1024, page size {args.page_size}; eager, "
+                  f"({', '.join(RUNNER_LAYERS)}), hidden {HQ * D}, window 1024; eager, "
                   "wall-clock median, host work of every step included. *stack one shot*: "
                   "`AttentionStack.one_shot` (contiguous K/V, no cache); *one step*: the session with a budget of "
                   "the whole prompt; chunk columns: throughput relative to one step; rel. err: the session's "
                   "output vs the stack's one shot:", "",
-                  "| tokens | stack one shot | one step | chunks of 2K | chunks of 8K | max rel. err | decode, ms/step |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| tokens | page size | stack one shot | one step | chunks of 2K | chunks of 8K | max rel. err "
+                  "| decode, ms/step |", "|---|---|---|---|---|---|---|---|"]
         for r in result["runner"]:
             cells = [f"{r[f'chunked_{b}']['ms']:.1f} ms ({r[f'chunked_{b}']['throughput_vs_one_step']:.2f}x, "
                      f"{r[f'chunked_{b}']['steps']} steps)" for b in (2048, 8192)]
             err = max([r["decode_rel_err_vs_stack_one_shot"]] + [r[k]["rel_err_vs_stack_one_shot"] for k in r
                                                                    if k == "one_step" or k.startswith("chunked_")])
-            lines.append(f"| {r['tokens']} | {r['stack_one_shot_ms']:.1f} ms | {r['one_step']['ms']:.1f} ms | "
+            lines.append(f"| {r['tokens']} | {r['page_size']} | {r['stack_one_shot_ms']:.1f} ms | {r['one_step']['ms']:.1f} ms | "
                          + " | ".join(cells) + f" | {err:.1e} | {r['decode_ms_per_step']:.2f} |")
     m = result["metadata"] or {}
     lines += [] if not m else ["", f"Span metadata at {m['tokens']} tokens ({m['blocks']} blocks), {m['bytes_per_token']} bytes/token "

@@ -262,3 +262,42 @@ def test_packed_sliding_step_tiles_match_the_reference():
     for cfg in (TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True), TileConfig(64, 16, 4, 3, edge_stages=1, pack_gqa=True)):
         got, _ = span_attention_forward(q, k, v, spans, 64**-0.5, None, config=cfg)
         assert (got.float() - want).abs().max().item() <= bound, cfg
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_tma_loads_through_pages_equal_contiguous_and_ignore_unwritten_slots(seed, page_size):
+    """Pages of a multiple of block_n keys take the TMA path (one page-table read per key tile).
+    Unwritten slots and spare pages hold inf/nan: the last key tile of a sequence reads past its
+    keys inside its last page, which must not reach any output."""
+    from bidiattn.kernels.forward import TileConfig, plan_forward
+
+    rng = random.Random(seed)
+    ids = [request_ids(rng, rng.randint(20, 90)) for _ in range(rng.randint(1, 3))]
+    lengths = [i.numel() for i in ids]
+    packed = torch.cat([torch.where(i > 0, i + 1000 * r, 0) for r, i in enumerate(ids)])  # an id per block
+    spans = rules.build("gemma3", "official", "full", block_ids=packed,
+                        cu_seqlens=torch.tensor([0, *lengths]).cumsum(0)).to(DEVICE)
+    table, num_pages = shuffled_page_table(rng, lengths, page_size)
+    table = table.to(DEVICE)
+    cache = PagedKVCache.allocate(num_pages, page_size, HKV, D, dtype=torch.float16, device=DEVICE)
+    cache.k_pages.fill_(float("inf"))
+    cache.v_pages.fill_(float("nan"))
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    q = torch.randn(t, HQ, D, generator=g).half().to(DEVICE)
+    k, v = (torch.randn(t, HKV, D, generator=g).half().to(DEVICE) for _ in range(2))
+    append(cache, k, v, table, spans.cu_seqlens, torch.zeros(len(lengths), dtype=torch.int64, device=DEVICE))
+    extend = SpanMask(spans.lo, spans.hi, spans.cu_seqlens, cu_seqlens_k=spans.cu_seqlens, total_keys=t)
+    want = reference.attention(q.float(), k.float(), v.float(), spans)
+    for cfg in (TileConfig(32, 16, 4, 2, tma=True), TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True, tma=True)):
+        got = paged_attention(q, cache, table, extend, plan=plan_forward(extend, HQ, HKV, D, config=cfg))
+        contiguous = span_attention_forward_with(q, k, v, spans, cfg)
+        assert torch.equal(got, contiguous), cfg  # the same tiles and loads; only the rows' addresses differ
+        torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=0)
+
+
+def span_attention_forward_with(q, k, v, spans, cfg):
+    from bidiattn.kernels.forward import span_attention_forward
+
+    return span_attention_forward(q, k, v, spans, D**-0.5, None, config=cfg)[0]

@@ -58,5 +58,34 @@ def test_limits_are_errors():
     session.prefill([torch.randn(4, 64).to(DEVICE, torch.bfloat16)], budget=4)
     with pytest.raises(ValueError, match=r"x must be \[B=1, hidden=64\], got \(2, 64\)"):
         session.decode(torch.randn(2, 64).to(DEVICE, torch.bfloat16))
+    with pytest.raises(ValueError, match="prefill got 2 prompts for 1 requests"):
+        session.prefill([torch.randn(4, 64).to(DEVICE, torch.bfloat16)] * 2, budget=4)
+    with pytest.raises(ValueError, match=r"request 0: x must be \[T=4, hidden=64\] \(the length of its block ids\), "
+                                         r"got \(5, 64\)"):
+        session.prefill([torch.randn(5, 64).to(DEVICE, torch.bfloat16)], budget=4)
     with pytest.raises(ValueError, match="multiple of num_kv_heads=3"):
         StackConfig(num_q_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA notion")
+def test_serving_steps_issue_no_host_sync():
+    """A step's offsets reach the GPU through pinned memory and the kernels run unvalidated (the
+    session checked its inputs on the host), so the host can queue the next step's work while the
+    GPU runs this one."""
+    rng = random.Random(7)
+    config = StackConfig(layer_types=("sliding", "full"), window=6)
+    stack = AttentionStack(config, device="cuda")
+    prompts = [prompt(rng, 40), prompt(rng, 33)]
+    xs = [torch.randn(p.numel(), config.hidden, device="cuda", dtype=config.dtype) for p in prompts]
+    session = ServingSession(stack, prompts, page_size=8, max_tokens_per_request=64)
+    new = torch.randn(2, config.hidden, device="cuda", dtype=config.dtype)
+    session.prefill(xs, 16)  # compiles the kernels first
+    session.decode(new)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        session.prefill(xs, 16)
+        session.decode(new)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -26,7 +26,17 @@ import torch
 
 from .spans import _first_true
 
-__all__ = ["BlockList"]
+__all__ = ["BlockList", "host_to_device"]
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device`` with no host sync: to a GPU through pinned memory, which the
+    caching host allocator keeps until the copy has run (a plain ``.to("cuda")`` of pageable
+    memory waits for the stream, so for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class BlockList:
             starts[: len(flat)] = torch.tensor([s for s, _ in flat], dtype=torch.int32)
             ends[: len(flat)] = torch.tensor([e for _, e in flat], dtype=torch.int32)
         cu = torch.tensor([0, *[len(seq) for seq in blocks]], dtype=torch.int64).cumsum(0)
-        return cls(starts.to(device), ends.to(device), cu.to(device))
+        return cls(*(host_to_device(x, device) for x in (starts, ends, cu)))
 
     def check(self, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
         """Check the blocks against a step's rows (host sync): ``ValueError`` naming the block.

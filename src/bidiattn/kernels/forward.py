@@ -46,10 +46,17 @@ def _attend(
         o_n = i_n + tl.arange(0, BLOCK_N)
         if TMA:
             # K/V tiles by the tensor-memory accelerator: rows past this sequence's keys belong to
-            # the next sequence (zeros past the tensor end); their scores are masked by hi, and V's
-            # rows are zeroed so a non-finite value there cannot reach the output (0 * inf).
-            b_k = k_desc.load([desc_row + i_n, desc_col])
-            b_v = v_desc.load([desc_row + i_n, desc_col + i_dv * BLOCK_DV])
+            # the next sequence, or to unwritten slots of its last page (zeros past the tensor
+            # end); their scores are masked by hi, and V's rows are zeroed so a non-finite value
+            # there cannot reach the output (0 * inf).
+            if PAGE_SIZE > 0:
+                # A key tile lies inside one page (the launcher asks PAGE_SIZE % BLOCK_N == 0), and
+                # its first key is a key of the sequence, so its table entry is a real page.
+                t_row = tl.load(pt_row + i_n // PAGE_SIZE) * PAGE_SIZE + i_n % PAGE_SIZE
+            else:
+                t_row = desc_row + i_n
+            b_k = k_desc.load([t_row, desc_col])
+            b_v = v_desc.load([t_row, desc_col + i_dv * BLOCK_DV])
             if MASK >= 2:
                 b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
         else:
@@ -238,8 +245,9 @@ class TileConfig:
     so shallow edge loops leave room for a deeper middle one (hd256, 128x64 tiles: 128 KB at one
     stage everywhere, 192 KB with a two-stage middle, 320 KB with two stages everywhere).
     ``tma``: K/V tiles through tensor descriptors (Hopper's tensor-memory accelerator) where the
-    call allows it — keys in rows of a tensor (no page table), a head dim of 16 to 256 that is a
-    power of two, 16-byte-aligned rows — and through pointer loads elsewhere (same results).
+    call allows it — keys in rows of a tensor, or in pages of a multiple of ``block_n`` keys, a
+    head dim of 16 to 256 that is a power of two, 16-byte-aligned rows — and through pointer
+    loads elsewhere (same results).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -481,10 +489,12 @@ def _fits(cfg, head_dim: int):
 
 
 def _descriptors(k, v, cfg, block_d, page_size):
-    """(k_desc, v_desc, True) for TMA loads of K/V viewed as [keys, Hkv * D], or (k, v, False)
-    where the config or the call rules them out (see ``TileConfig.tma``)."""
+    """(k_desc, v_desc, True) for TMA loads of K/V viewed as [keys, Hkv * D] (paged: the
+    flattened pages, when every key tile lies inside one page), or (k, v, False) where the
+    config or the call rules them out (see ``TileConfig.tma``)."""
     d = k.shape[2]
-    usable = (cfg.tma and page_size == 0 and d == block_d and 16 <= d <= 256 and k.stride(2) == 1 and k.stride(1) == d
+    usable = (cfg.tma and page_size % cfg.block_n == 0 and d == block_d and 16 <= d <= 256 and k.stride(2) == 1
+              and k.stride(1) == d and k.shape[0] < 2**31
               and all(x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in (k, v)))
     if not usable:
         return k, v, False
