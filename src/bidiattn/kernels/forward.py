@@ -42,6 +42,10 @@ def _attend(
     # 259 -> 268 TFLOP/s on an H200). ONE_SIDED=False compares both sides whatever MASK says.
     o_d = tl.arange(0, BLOCK_D)
     o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    # Paged TMA: a key tile lies inside one page (the launcher asks PAGE_SIZE % BLOCK_N == 0) and
+    # its first key is a key of the sequence, so its table entry is a real page. The entry is read
+    # one tile ahead, so the TMA issue does not wait on a global load.
+    p_next = tl.load(pt_row + start // PAGE_SIZE, mask=start < end, other=0) if TMA and PAGE_SIZE > 0 else start
     for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
         if TMA:
@@ -50,9 +54,8 @@ def _attend(
             # end); their scores are masked by hi, and V's rows are zeroed so a non-finite value
             # there cannot reach the output (0 * inf).
             if PAGE_SIZE > 0:
-                # A key tile lies inside one page (the launcher asks PAGE_SIZE % BLOCK_N == 0), and
-                # its first key is a key of the sequence, so its table entry is a real page.
-                t_row = tl.load(pt_row + i_n // PAGE_SIZE) * PAGE_SIZE + i_n % PAGE_SIZE
+                t_row = p_next * PAGE_SIZE + i_n % PAGE_SIZE
+                p_next = tl.load(pt_row + (i_n + BLOCK_N) // PAGE_SIZE, mask=i_n + BLOCK_N < end, other=0)
             else:
                 t_row = desc_row + i_n
             b_k = k_desc.load([t_row, desc_col])
