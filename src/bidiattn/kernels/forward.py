@@ -45,7 +45,14 @@ def _attend(
     # Paged TMA: a key tile lies inside one page (the launcher asks PAGE_SIZE % BLOCK_N == 0) and
     # its first key is a key of the sequence, so its table entry is a real page. The entry is read
     # one tile ahead, so the TMA issue does not wait on a global load.
-    p_next = tl.load(pt_row + start // PAGE_SIZE, mask=start < end, other=0) if TMA and PAGE_SIZE > 0 else start
+    if PAGE_SIZE > 0:
+        if TMA:
+            p_next = tl.load(pt_row + start // PAGE_SIZE, mask=start < end, other=0)
+        else:
+            o_n0 = start + tl.arange(0, BLOCK_N)
+            p_next = tl.load(pt_row + o_n0 // PAGE_SIZE, mask=o_n0 < seq_len, other=0)
+    else:
+        p_next = start
     for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
         if TMA:
@@ -64,9 +71,11 @@ def _attend(
                 b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
         else:
             if PAGE_SIZE > 0:
-                # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE].
-                page = tl.load(pt_row + o_n // PAGE_SIZE, mask=o_n < seq_len, other=0)
-                row = (page.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
+                # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE];
+                # the next tile's entries are read one tile ahead, as for TMA.
+                row = (p_next.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
+                o_nn = o_n + BLOCK_N
+                p_next = tl.load(pt_row + o_nn // PAGE_SIZE, mask=o_nn < seq_len, other=0)
             else:
                 row = o_n[:, None].to(tl.int64) * stride_kt
             if MASK >= 2 or D < BLOCK_D:
