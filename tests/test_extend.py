@@ -195,7 +195,8 @@ def test_keys_past_a_sequence_never_reach_its_rows(config):
     torch.testing.assert_close(out.float().cpu(), want, atol=2e-3, rtol=0)
 
 
-def test_gradients_of_a_sequence_ignore_the_next_ones_rows_and_keys():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_gradients_of_a_sequence_ignore_the_next_ones_rows_and_keys(tma):
     # The backward's tiles run past a sequence: a dQ-pass key tile into the next request's keys
     # (never seen by its rows: window 6), a dK/dV-pass query range into the next request's
     # rows. Both made inf there; request 0's gradients must stay those of the clean inputs.
@@ -212,6 +213,6 @@ def test_gradients_of_a_sequence_ignore_the_next_ones_rows_and_keys():
     q, k, v, dout = (x.half() for x in (q, k, v, dout))
     q[7:], dout[7:], k[37:48], v[37:48] = float("inf"), float("inf"), float("inf"), float("inf")
     got = span_attention_backward(*(x.to(DEVICE) for x in (dout, q, k, v, out.half(), lse)), spans.to(DEVICE), 0.125,
-                                  None, config=BackwardConfig(16, 16, 4, 1))
+                                  None, config=BackwardConfig(16, 16, 4, 1, tma=tma))
     for name, a, w, rows in zip("qkv", got, want, (7, 37, 37)):
         torch.testing.assert_close(a[:rows].float().cpu(), w[:rows], atol=3e-3, rtol=0, msg=f"d{name}")

@@ -116,7 +116,9 @@ def test_gradient_through_lse():
                BackwardConfig(32, 16, 4, 1, split_d=2, dq=BackwardConfig(16, 32, 4, 1)),
                BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(32, 16, 4, 1, split_d=2, separate_dk_dv=True),
                BackwardConfig(16, 16, 4, 1, mask_free_tiles=True),
-               BackwardConfig(32, 16, 4, 1, dq=BackwardConfig(32, 16, 4, 1, split_d=2, mask_free_tiles=True))],
+               BackwardConfig(32, 16, 4, 1, dq=BackwardConfig(32, 16, 4, 1, split_d=2, mask_free_tiles=True)),
+               BackwardConfig(16, 16, 4, 1, tma=True), BackwardConfig(32, 16, 4, 1, separate_dk_dv=True, tma=True),
+               BackwardConfig(16, 32, 4, 1, tma=True, dq=BackwardConfig(32, 16, 4, 1, mask_free_tiles=True, tma=True))],
     ids=str,
 )
 def test_tile_configs(config):
@@ -126,7 +128,7 @@ def test_tile_configs(config):
 
 @pytest.mark.parametrize(
     "config", [None, BackwardConfig(16, 32, 4, 1), BackwardConfig(32, 16, 4, 1, split_d=2),
-               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True)], ids=str,
+               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(16, 16, 4, 1, tma=True)], ids=str,
 )
 def test_atomic_dq_mode(config):
     # deterministic=False: dQ summed by atomics inside the dK/dV pass; same tolerance.

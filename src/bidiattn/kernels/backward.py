@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..spans import SpanMask
 from .forward import _fits
@@ -89,14 +90,56 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 
 
 @triton.jit
+def _dkdv_step(
+    b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc, span_lo, span_hi, bos, q_last, o_n,
+    seq_len_k, stride_qt, stride_qh, stride_lh, scale, qk_scale, softcap,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
+):
+    """One tile of ``BLOCK_M`` query rows (``b_q``/``b_do`` loaded) against the program's keys."""
+    o_m = i_m + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    m_ok = o_m <= q_last
+    rows = bos + o_m.to(tl.int64)
+    lo = tl.load(span_lo + rows, mask=m_ok, other=1)
+    hi = tl.load(span_hi + rows, mask=m_ok, other=0)
+    qrow = rows[:, None] * stride_qt + i_h * stride_qh
+    b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
+    b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
+    if PART == 1:
+        b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len_k, qk_scale, softcap, True, SOFTCAP, False)
+    else:
+        b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
+                                    qk_scale, softcap, True, SOFTCAP, False)
+    if BLOCK_DC == BLOCK_D:
+        b_qc, b_doc = b_q, b_do
+    else:
+        cmask = m_ok[:, None] & (o_c[None, :] < D)
+        b_qc = tl.load(q + qrow + o_c[None, :], mask=cmask, other=0.0)
+        b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
+    if PART != 2:
+        b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
+    if PART != 1:
+        b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
+    if ATOMIC_DQ and PART != 1:
+        if i_c == 0:
+            # Non-deterministic mode: this key tile's share of dQ, summed in fp32 by
+            # atomics (the order of the adds varies from run to run).
+            b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
+            tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D))
+    return b_dk, b_dv
+
+
+@triton.jit
 def _dkdv_kernel(
-    q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
+    q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, q_desc, do_desc,
     t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PART: tl.constexpr,
+    PART: tl.constexpr, TMA: tl.constexpr,
 ):
     # PART 0: dK and dV; 1: dV alone (P only: no do·vᵀ, no dS); 2: dK alone.
     i_hk = tl.program_id(0)
@@ -112,44 +155,37 @@ def _dkdv_kernel(
     n_ok = o_n < seq_len_k
     krow = (bos_k + o_n.to(tl.int64))[:, None] * stride_kt + i_hk * stride_kh
     b_k = tl.load(k + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = b_k
     if PART != 1:
         b_v = tl.load(v + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_dk = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+    # Row tiles wholly inside [q_first, q_last] hold rows of this sequence only: with TMA they
+    # load unmasked. The last, partial tile (rows past q_last belong to other rows or sequences,
+    # which may hold anything) loads through masked pointers, so the gradients stay exact.
+    if TMA:
+        m_full = q_first + ((q_last + 1 - q_first) // BLOCK_M) * BLOCK_M
+    else:
+        m_full = q_first
     for i_g in range(GROUP):
         i_h = i_hk * GROUP + i_g
-        for i_m in range(q_first, q_last + 1, BLOCK_M):
+        if TMA:
+            for i_m in range(q_first, m_full, BLOCK_M):
+                b_q = q_desc.load([(bos + i_m).to(tl.int32), i_h * D])
+                b_do = do_desc.load([(bos + i_m).to(tl.int32), i_h * D])
+                b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc,
+                                        span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh,
+                                        stride_lh, scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP,
+                                        ATOMIC_DQ, PART)
+        for i_m in range(m_full, q_last + 1, BLOCK_M):
             o_m = i_m + tl.arange(0, BLOCK_M)
             m_ok = o_m <= q_last
-            rows = bos + o_m.to(tl.int64)
-            lo = tl.load(span_lo + rows, mask=m_ok, other=1)
-            hi = tl.load(span_hi + rows, mask=m_ok, other=0)
-            qrow = rows[:, None] * stride_qt + i_h * stride_qh
+            qrow = (bos + o_m.to(tl.int64))[:, None] * stride_qt + i_h * stride_qh
             b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-            b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-            b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
-            if PART == 1:
-                b_p, b_t = _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len_k, qk_scale, softcap, True, SOFTCAP, False)
-            else:
-                b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                            qk_scale, softcap, True, SOFTCAP, False)
-            if BLOCK_DC == BLOCK_D:
-                b_qc, b_doc = b_q, b_do
-            else:
-                cmask = m_ok[:, None] & (o_c[None, :] < D)
-                b_qc = tl.load(q + qrow + o_c[None, :], mask=cmask, other=0.0)
-                b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
-            if PART != 2:
-                b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
-            if PART != 1:
-                b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
-            if ATOMIC_DQ and PART != 1:
-                if i_c == 0:
-                    # Non-deterministic mode: this key tile's share of dQ, summed in fp32 by
-                    # atomics (the order of the adds varies from run to run).
-                    b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
-                    tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D))
+            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc,
+                                    span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh, stride_lh,
+                                    scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP, ATOMIC_DQ, PART)
     out_ok = n_ok[:, None] & (o_c[None, :] < D)
     if PART != 1:
         tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
@@ -158,13 +194,31 @@ def _dkdv_kernel(
 
 
 @triton.jit
+def _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, k_base, o_m, i_n, lo, hi, seq_len_k, stride_kt, i_c,
+             full_start, full_end, qk_scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr):
+    """One key tile (``b_k``/``b_v`` loaded) of the dQ pass."""
+    o_n = i_n + tl.arange(0, BLOCK_N)
+    b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
+                                qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP, MASK_FREE)
+    if BLOCK_DC == BLOCK_D:
+        b_kc = b_k
+    else:
+        o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
+        krow = o_n.to(tl.int64)[:, None] * stride_kt
+        b_kc = tl.load(k_base + krow + o_c[None, :], mask=(o_n[:, None] < seq_len_k) & (o_c[None, :] < D), other=0.0)
+    return b_dq + tl.dot(b_ds.to(b_kc.dtype), b_kc)
+
+
+@triton.jit
 def _dq_kernel(
-    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order,
+    q, k, v, do, lse2, delta, dq, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, k_desc, v_desc,
     t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     i_h = tl.program_id(0)
     i_c = tl.program_id(2)
@@ -190,19 +244,28 @@ def _dq_kernel(
     # Key tiles in [full_start, full_end) lie inside [lo_max, hi_min]: allowed for every row.
     full_start = tl.cdiv(tl.load(t_lo_max + i_t), BLOCK_N) * BLOCK_N
     full_end = ((tl.load(t_hi_min + i_t) + 1) // BLOCK_N) * BLOCK_N
-    for i_n in range(n_first, tl.load(t_hi_max + i_t) + 1, BLOCK_N):
+    n_end = tl.load(t_hi_max + i_t) + 1
+    # Key tiles that end inside the sequence load unmasked through TMA; the last, partial one
+    # (keys past the sequence belong to the next, which may hold anything) through masked
+    # pointers, so dQ stays exact.
+    if TMA:
+        n_full = n_first + tl.cdiv(tl.maximum(tl.minimum(n_end, seq_len_k - BLOCK_N + 1) - n_first, 0), BLOCK_N) * BLOCK_N
+        for i_n in range(n_first, n_full, BLOCK_N):
+            b_k = k_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D])
+            b_v = v_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D])
+            b_dq = _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, k_base, o_m, i_n, lo, hi, seq_len_k, stride_kt,
+                            i_c, full_start, full_end, qk_scale, softcap, D, BLOCK_N, BLOCK_D, BLOCK_DC, SOFTCAP,
+                            MASK_FREE)
+    else:
+        n_full = n_first
+    for i_n in range(n_full, n_end, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seq_len_k
         krow = o_n.to(tl.int64)[:, None] * stride_kt
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-        b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
-                                    qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP, MASK_FREE)
-        if BLOCK_DC == BLOCK_D:
-            b_kc = b_k
-        else:
-            b_kc = tl.load(k_base + krow + o_c[None, :], mask=n_ok[:, None] & (o_c[None, :] < D), other=0.0)
-        b_dq += tl.dot(b_ds.to(b_kc.dtype), b_kc)
+        b_dq = _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, k_base, o_m, i_n, lo, hi, seq_len_k, stride_kt,
+                        i_c, full_start, full_end, qk_scale, softcap, D, BLOCK_N, BLOCK_D, BLOCK_DC, SOFTCAP, MASK_FREE)
     tl.store(dq + qrow + o_c[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None] & (o_c[None, :] < D))
 
 
@@ -216,7 +279,12 @@ class BackwardConfig:
     against 6 for the two programs of ``split_d=2``). ``mask_free_tiles`` (dQ pass only): key
     tiles inside every row's span skip the mask math, at the price of a branch per key tile.
     Whether either pays depends on the head dim (register pressure): see
-    :func:`pick_backward_config`."""
+    :func:`pick_backward_config`. ``tma``: the tiles a pass walks over (Q/dO in the dK/dV pass,
+    K/V in the dQ pass) come through tensor descriptors, unmasked, where they lie wholly inside
+    the rows (keys) the program needs; the one partial tile at the end of each walk loads
+    through masked pointers, so no value outside a sequence is read into a product. Used where
+    the head dim is a power of two from 16 to 256 and ``split_d`` is 1; pointer loads elsewhere
+    (same results)."""
 
     block_m: int
     block_n: int
@@ -226,6 +294,7 @@ class BackwardConfig:
     dq: BackwardConfig | None = None
     separate_dk_dv: bool = False
     mask_free_tiles: bool = False
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_d"):
@@ -249,9 +318,9 @@ def pick_backward_config(head_dim: int) -> BackwardConfig:
     keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was slower on the same
     H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*)."""
     if head_dim <= 128:
-        return BackwardConfig(64, 64, 4, 2)  # 340; 8 warps at the same tile: 147
+        return BackwardConfig(64, 64, 4, 2, tma=True)  # pointer loads 340; 8 warps at the same tile: 147
     if head_dim <= 256:
-        return BackwardConfig(128, 64, 8, 1)  # 280; 64x64, 8 warps: 152
+        return BackwardConfig(128, 64, 8, 1, tma=True)  # pointer loads 280; 64x64, 8 warps: 152
     # hd512 (results/backward-passes-*): one launch computing both dK and dV needs more than
     # 227 KB of shared memory unsplit, and with split_d=2 each program recomputes q·kᵀ and do·vᵀ
     # (91 ms for dK/dV); two launches, dV then dK, each holding one [64, 512] accumulator: 64.5
@@ -335,6 +404,17 @@ def span_attention_backward(
     return dq, dk, dv
 
 
+def _descriptors(a, b, cfg: BackwardConfig, rows: int, block_d: int):
+    """``(a_desc, b_desc, True)``: TMA descriptors of two contiguous ``[T, H, D]`` tensors viewed
+    as ``[T, H * D]`` with ``[rows, D]`` blocks, or ``(a, b, False)`` where ``cfg.tma`` is off or
+    the shapes rule TMA out (see :class:`BackwardConfig`)."""
+    d = a.shape[2]
+    if not (cfg.tma and cfg.split_d == 1 and d == block_d and 16 <= d <= 256 and a.shape[0] < 2**31
+            and all(x.data_ptr() % 16 == 0 and x.is_contiguous() for x in (a, b))):
+        return a, b, False
+    return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.shape[1] * d, 1], [rows, d]) for x in (a, b)) + (True,)
+
+
 def _tile_args(cfg: BackwardConfig, d: int, block_d: int, softcap: bool) -> dict:
     return dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
                 SOFTCAP=softcap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -346,20 +426,22 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq,
     work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
     # PART 1 (dV) then 2 (dK, with the atomic dQ if asked), or 0: both in one launch.
+    q_desc, do_desc, tma = _descriptors(q, do, cfg, cfg.block_m, block_d)
     for part in ((1, 2) if cfg.separate_dk_dv else (0,)):
         _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
             q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-            kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+            q_desc, do_desc, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, **_tile_args(cfg, d, block_d, softcap))
+            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
 
 
 def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg):
     qt = fast_tile_summary(spans, cfg.block_m)
     work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    k_desc, v_desc, tma = _descriptors(k, v, cfg, cfg.block_n, block_d)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
-        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
+        q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, k_desc, v_desc,
         qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.lo_max, qt.hi_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-        GROUP=hq // hkv, MASK_FREE=cfg.mask_free_tiles, **_tile_args(cfg, d, block_d, softcap))
+        GROUP=hq // hkv, MASK_FREE=cfg.mask_free_tiles, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
