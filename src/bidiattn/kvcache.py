@@ -12,6 +12,12 @@ Attention runs the span kernel with the page lookup folded into its key loads, o
 spans (:class:`~bidiattn.SpanMask` with ``cu_seqlens_k``): each sequence's new query rows are
 the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
 :func:`bidiattn.planner.step_spans` or one decode token.
+
+Page size and speed: when a page holds a whole number of the kernel's key tiles (64 keys at
+head dims up to 256), key tiles come through TMA with one table read per tile, read a tile
+ahead; smaller pages gather each key row through the table. One-shot prefill on an H200
+(hd128, 8K-128K prompts): pages of 64 keys 0.92-0.99x the contiguous kernel's speed, pages of
+16 0.80-0.89x (results/inference-*).
 """
 
 from __future__ import annotations
