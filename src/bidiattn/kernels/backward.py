@@ -317,12 +317,14 @@ def pick_backward_config(head_dim: int) -> BackwardConfig:
     H200, bf16, 16K tokens; backward-alone TFLOP/s in benchmarks/NOTES.md). Computing dK/dV as
     keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was slower on the same
     H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*). TMA loads of the
-    whole tiles: hd128 335 -> 361, hd256 298 -> 305, and 312 with mask-free key tiles in the dQ
-    pass (results/backward-passes-tma-exact-*)."""
+    whole tiles: hd128 335 -> 361, hd256 298 -> 305 (results/backward-passes-tma-exact-*).
+    Mask-free key tiles in the dQ pass at hd256 measured 312 there, but as the default they
+    cost the sliding layer 224 -> 209 fwd+bwd for +1.5-2.4% on full layers (history/
+    backward-mask-free-hd256-bc183d2-*), so they stay off."""
     if head_dim <= 128:
         return BackwardConfig(64, 64, 4, 2, tma=True)  # 8 warps at the same tile: 147
     if head_dim <= 256:
-        return BackwardConfig(128, 64, 8, 1, mask_free_tiles=True, tma=True)  # 64x64, 8 warps: 152
+        return BackwardConfig(128, 64, 8, 1, tma=True)  # 64x64, 8 warps: 152
     # hd512 (results/backward-passes-*): one launch computing both dK and dV needs more than
     # 227 KB of shared memory unsplit, and with split_d=2 each program recomputes q·kᵀ and do·vᵀ
     # (91 ms for dK/dV); two launches, dV then dK, each holding one [64, 512] accumulator: 64.5
