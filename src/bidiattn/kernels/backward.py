@@ -125,9 +125,11 @@ def _dkdv_step(
     if ATOMIC_DQ and PART != 1:
         if i_c == 0:
             # Non-deterministic mode: this key tile's share of dQ, summed in fp32 by
-            # atomics (the order of the adds varies from run to run).
+            # atomics (the order of the adds varies from run to run). Relaxed: nothing reads
+            # dq_acc before the launch ends, so the adds need no ordering (Triton's default,
+            # acq_rel, fences every element's add).
             b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
-            tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D))
+            tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D), sem="relaxed")
     return b_dk, b_dv
 
 
