@@ -320,9 +320,9 @@ def pick_backward_config(head_dim: int) -> BackwardConfig:
     keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was slower on the same
     H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*). TMA loads of the
     whole tiles: hd128 335 -> 361, hd256 298 -> 305 (results/backward-passes-tma-exact-*).
-    Mask-free key tiles in the dQ pass at hd256 measured 312 there, but as the default they
-    cost the sliding layer 224 -> 209 fwd+bwd for +1.5-2.4% on full layers (history/
-    backward-mask-free-hd256-bc183d2-*), so they stay off."""
+    Mask-free key tiles in the dQ pass at hd256 measured 312 there, a gain inside the ~10%
+    run-to-run drift of this machine (the sliding-layer fwd+bwd read 224, 209 and 203 in three
+    runs), so they stay off."""
     if head_dim <= 128:
         return BackwardConfig(64, 64, 4, 2, tma=True)  # 8 warps at the same tile: 147
     if head_dim <= 256:
