@@ -76,9 +76,9 @@ def attention(
         softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none.
         return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
         deterministic: triton backward without atomics, bitwise repeatable (default); ``False``
-            sums dQ with fp32 atomics in the dK/dV pass: less arithmetic, but 5x slower on an
-            H200 (atomic contention; 71 vs 357 TFLOP/s fwd+bwd at hd128) and its default tiles
-            do not fit shared memory at hd512 (``ValueError``). Kept for comparison.
+            sums dQ with fp32 atomics in the dK/dV pass: less arithmetic, but slower on an
+            H200 (235 vs 388 TFLOP/s fwd+bwd at hd128, 195 vs 332 at hd256) and its default
+            tiles do not fit shared memory at hd512 (``ValueError``). Kept for comparison.
         backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, differentiable
             with a deterministic backward, ``torch.compile``-traceable), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
             fp16/bf16/fp32, compiled on CUDA; eager, slow and forward-only on CPU),
