@@ -117,6 +117,16 @@ def decode_rows(ctx_lens, fa4):
                 plan_s = plan_forward(spans, HQ, HKV, D, config=TileConfig(**{**decode_cfg.__dict__, "kv_splits": splits}))
                 graphs[f"planned_graph_splits{splits}"] = (
                     lambda plan_s=plan_s: span_attention_forward(q, k, v, spans, D**-0.5, None, plan=plan_s)[0])
+            # The serving layout: the same keys in shuffled pages, read through the page table.
+            for page_size in PAGE_SIZES:
+                pages = batch * ctx // page_size
+                perm = torch.randperm(pages, device="cuda")
+                cache = PagedKVCache.allocate(pages, page_size, HKV, D, torch.bfloat16, "cuda")
+                cache.k_pages[perm] = k.view(pages, page_size, HKV, D)
+                cache.v_pages[perm] = v.view(pages, page_size, HKV, D)
+                table = perm.to(torch.int32).view(batch, ctx // page_size)
+                graphs[f"paged{page_size}_planned_graph"] = (
+                    lambda cache=cache, table=table: paged_attention(q, cache, table, spans, plan=plan, validate=False))
             for name, fn in graphs.items():
                 variants[name] = _Lazy(fn)
             for name, fn in variants.items():
@@ -372,12 +382,14 @@ def main() -> None:
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
              "bf16, gemma3 official rule, 1092-token images every 2048.", "",
-             "Decode (one query per sequence; µs, and GB/s of K/V read). *planned*: the launch plan built once "
+             "Decode (one query per sequence; µs, and GB/s of K/V read). *paged*: the same keys in shuffled "
+             "pages of a paged cache. *planned*: the launch plan built once "
              "per step outside the call (shared by the layers); *graph*: CUDA-graph replay; best split: the "
              f"fastest planned graph over kv_splits {SPLIT_SWEEP}:", "",
              "| context | batch | bidiattn (auto splits) | graph | planned | planned, graph | best split, graph "
-             "| bidiattn (no split) | SDPA (no mask) | FA4 causal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| bidiattn (no split) | SDPA (no mask) | FA4 causal | " + " | ".join(
+                 f"paged {p}, planned, graph" for p in PAGE_SIZES) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(PAGE_SIZES)]
 
     def cell(r, key):
         return f"{r[key + '_us']:.1f} µs ({r[key + '_gbps']:.0f} GB/s)" if key + "_us" in r else (
@@ -390,7 +402,8 @@ def main() -> None:
         lines.append(f"| {r['context']} | {r['batch']} | " + " | ".join(
             cell(r, key) for key in ("bidiattn_auto_splits", "bidiattn_cuda_graph", "bidiattn_planned",
                                      "bidiattn_planned_cuda_graph")) + f" | {best_cell} | " + " | ".join(
-            cell(r, key) for key in ("bidiattn_no_split", "sdpa", "fa4")) + " |")
+            cell(r, key) for key in ("bidiattn_no_split", "sdpa", "fa4", *(f"paged{p}_planned_graph" for p in PAGE_SIZES)))
+            + " |")
     lines += ["", "Prefill, one attention layer: one shot vs chunks from the planner (no image split); ms, and "
               "throughput relative to the one-shot call of the same kind:", "",
               "| tokens | layer | kind | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|---|---|"]
