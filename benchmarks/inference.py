@@ -381,15 +381,16 @@ def main() -> None:
     meta = cases.meta()
     lines = [f"# Inference, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. hd{D}, {HQ} q / {HKV} kv heads, "
-             "bf16, gemma3 official rule, 1092-token images every 2048.", "",
-             "Decode (one query per sequence; µs, and GB/s of K/V read). *paged*: the same keys in shuffled "
-             "pages of a paged cache. *planned*: the launch plan built once "
-             "per step outside the call (shared by the layers); *graph*: CUDA-graph replay; best split: the "
-             f"fastest planned graph over kv_splits {SPLIT_SWEEP}:", "",
-             "| context | batch | bidiattn (auto splits) | graph | planned | planned, graph | best split, graph "
-             "| bidiattn (no split) | SDPA (no mask) | FA4 causal | " + " | ".join(
-                 f"paged {p}, planned, graph" for p in PAGE_SIZES) + " |",
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(PAGE_SIZES)]
+             "bf16, gemma3 official rule, 1092-token images every 2048."]
+    lines += [] if not result["decode"] else [
+        "", "Decode (one query per sequence; µs, and GB/s of K/V read). *paged*: the same keys in shuffled "
+        "pages of a paged cache. *planned*: the launch plan built once "
+        "per step outside the call (shared by the layers); *graph*: CUDA-graph replay; best split: the "
+        f"fastest planned graph over kv_splits {SPLIT_SWEEP}:", "",
+        "| context | batch | bidiattn (auto splits) | graph | planned | planned, graph | best split, graph "
+        "| bidiattn (no split) | SDPA (no mask) | FA4 causal | " + " | ".join(
+            f"paged {p}, planned, graph" for p in PAGE_SIZES) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(PAGE_SIZES)]
 
     def cell(r, key):
         return f"{r[key + '_us']:.1f} µs ({r[key + '_gbps']:.0f} GB/s)" if key + "_us" in r else (
@@ -404,9 +405,10 @@ def main() -> None:
                                      "bidiattn_planned_cuda_graph")) + f" | {best_cell} | " + " | ".join(
             cell(r, key) for key in ("bidiattn_no_split", "sdpa", "fa4", *(f"paged{p}_planned_graph" for p in PAGE_SIZES)))
             + " |")
-    lines += ["", "Prefill, one attention layer: one shot vs chunks from the planner (no image split); ms, and "
-              "throughput relative to the one-shot call of the same kind:", "",
-              "| tokens | layer | kind | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|---|---|"]
+    lines += [] if not result["prefill"] else [
+        "", "Prefill, one attention layer: one shot vs chunks from the planner (no image split); ms, and "
+        "throughput relative to the one-shot call of the same kind:", "",
+        "| tokens | layer | kind | one shot | chunks of 2K | chunks of 8K |", "|---|---|---|---|---|---|"]
     for r in result["prefill"]:
         for kind, one_key, key, ratio in (
                 ("eager, unplanned", "one_shot_ms", "ms", "throughput_vs_one_shot"),
