@@ -301,3 +301,14 @@ def span_attention_forward_with(q, k, v, spans, cfg):
     from bidiattn.kernels.forward import span_attention_forward
 
     return span_attention_forward(q, k, v, spans, D**-0.5, None, config=cfg)[0]
+
+
+@pytest.mark.parametrize("page_size,want", [(0, True), (16, False), (64, True), (128, True), (96, False)])
+def test_tma_is_used_exactly_when_pages_hold_whole_key_tiles(page_size, want):
+    from bidiattn.kernels.forward import TileConfig, _descriptors
+
+    k, v = (torch.randn(256, 2, 64).half() for _ in range(2))
+    *_, tma = _descriptors(k, v, TileConfig(128, 64, 8, 3, tma=True), 64, page_size)
+    assert tma is want
+    *_, tma = _descriptors(k, v, TileConfig(128, 64, 8, 3), 64, page_size)
+    assert tma is False
