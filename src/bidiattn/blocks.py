@@ -24,19 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .spans import _first_true
+from .spans import _first_true, host_to_device
 
-__all__ = ["BlockList", "host_to_device"]
-
-
-def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor on ``device`` with no host sync: to a GPU through pinned memory, which the
-    caching host allocator keeps until the copy has run (a plain ``.to("cuda")`` of pageable
-    memory waits for the stream, so for every kernel queued before it)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+__all__ = ["BlockList"]
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import torch
 from . import rules
 from .attention import attention
 from .kvcache import PagedKVCache, append, paged_attention
-from .blocks import BlockList, host_to_device
+from .blocks import BlockList
 from .planner import RequestLayout, plan_prefill
-from .spans import SpanMask
+from .spans import SpanMask, host_to_device
 
 __all__ = ["StackConfig", "AttentionStack", "ServingSession"]
 

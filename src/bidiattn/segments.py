@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .spans import SpanMask
+from .spans import SpanMask, host_to_device
 
 __all__ = ["KINDS", "ORDERS", "SegmentCall", "SegmentPlan", "plan_segments"]
 
@@ -120,7 +120,7 @@ class SegmentPlan:
         """The plan with its tensors on ``device`` (one copy), tied to ``spans`` if given."""
         spans = self.spans if spans is None else spans
         parts = [t for c in self.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len, c.seq)]
-        flat = torch.cat(parts).to(device, non_blocking=True) if parts else torch.empty(0, dtype=torch.int32)
+        flat = host_to_device(torch.cat(parts), device) if parts else torch.empty(0, dtype=torch.int32)
         moved = list(torch.split(flat, [t.numel() for t in parts]))
         calls = []
         for c in self.calls:

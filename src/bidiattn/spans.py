@@ -24,6 +24,16 @@ def _first_true(flags: torch.Tensor) -> int | None:
     return int(hits[0, 0]) if hits.numel() else None
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device`` with no host sync: to a GPU through pinned memory, which the
+    caching host allocator keeps until the copy has run (a plain ``.to("cuda")`` of pageable
+    memory waits for the stream, so for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Sequence number (int64 ``[total]``) of every packed token, computed on device.
 

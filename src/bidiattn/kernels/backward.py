@@ -251,7 +251,7 @@ def _dq_kernel(
     # (keys past the sequence belong to the next, which may hold anything) through masked
     # pointers, so dQ stays exact.
     if TMA:
-        n_full = n_first + tl.cdiv(tl.maximum(tl.minimum(n_end, seq_len_k - BLOCK_N + 1) - n_first, 0), BLOCK_N) * BLOCK_N
+        n_full = tl.maximum(n_first, tl.minimum(n_end, (seq_len_k // BLOCK_N) * BLOCK_N))
         for i_n in range(n_first, n_full, BLOCK_N):
             b_k = k_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D])
             b_v = v_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D])
