@@ -29,19 +29,75 @@ _LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instructi
 
 
 @triton.jit
+def _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, col_k, col_v, desc_col,
+             WIDTH_K: tl.constexpr, WIDTH_V: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr,
+             ZERO_TAIL: tl.constexpr, TMA: tl.constexpr):
+    # K columns [col_k, +WIDTH_K) and V columns [col_v, +WIDTH_V) of one key tile of this head.
+    if TMA:
+        # Rows past this sequence's keys belong to the next sequence, or to unwritten slots of
+        # its last page (zeros past the tensor end); their scores are masked by hi, and V's rows
+        # are zeroed so a non-finite value there cannot reach the output (0 * inf).
+        b_k = k_desc.load([t_row, desc_col + col_k])
+        b_v = v_desc.load([t_row, desc_col + col_v])
+        if ZERO_TAIL:
+            b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
+    else:
+        o_ck = col_k + tl.arange(0, WIDTH_K)
+        o_cv = col_v + tl.arange(0, WIDTH_V)
+        if ZERO_TAIL or PADDED:
+            n_ok = o_n[:, None] < seq_len
+            b_k = tl.load(k_base + row + o_ck[None, :], mask=n_ok & (o_ck[None, :] < D), other=0.0)
+            b_v = tl.load(v_base + row + o_cv[None, :], mask=n_ok & (o_cv[None, :] < D), other=0.0)
+        else:
+            b_k = tl.load(k_base + row + o_ck[None, :])
+            b_v = tl.load(v_base + row + o_cv[None, :])
+    return b_k, b_v
+
+
+@triton.jit
+def _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ONE_SIDED: tl.constexpr):
+    # q·k in base 2 with the tile's mask applied (see _attend for MASK).
+    if SOFTCAP:
+        # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
+        # then rescale to base 2. qk_scale here is scale / softcap.
+        b_x = b_s * qk_scale
+        b_s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0))
+    else:
+        b_s = b_s * qk_scale
+    if (MASK == 1) and ONE_SIDED:
+        b_s = tl.where(o_n[None, :] >= lo[:, None], b_s, float("-inf"))
+    elif (MASK == 2) and ONE_SIDED:
+        b_s = tl.where(o_n[None, :] <= hi[:, None], b_s, float("-inf"))
+    elif MASK > 0:
+        allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None])
+        b_s = tl.where(allowed, b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
 def _attend(
-    acc, m_i, l_i, b_q, k_base, v_base, lo, hi, start, end, seq_len,
+    acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, start, end, seq_len,
     stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, desc_row, desc_col,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, ONE_SIDED: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr, SLACK: tl.constexpr,
 ):
     # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
     # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
     # every key tile ends inside the sequence, so the loads need no bounds mask either (hd512:
     # 259 -> 268 TFLOP/s on an H200). ONE_SIDED=False compares both sides whatever MASK says.
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    # HALVES: q, k, v and the output in two column halves (b_q/b_q2, acc/acc2): q·k is the sum
+    # of two dots and each half of V feeds its own accumulator, so a head dim of 512 runs in one
+    # program without recomputing q·k, and each K/V load is a TMA box of 256 columns. Otherwise
+    # acc2/b_q2 are placeholders, never touched.
+    # SLACK > 0: the running max of a row moves only when some row's max grew by more than SLACK
+    # (base 2) in this tile; otherwise the tile's exponentials use the stale max (each at most
+    # 2^SLACK) and the rescale of the accumulator is skipped. Exact: the output divides by a sum
+    # taken against the same max.
+    WK: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
+    WV: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
+    PADDED: tl.constexpr = D < BLOCK_D
+    ZERO_TAIL: tl.constexpr = MASK >= 2
     # Paged TMA: a key tile lies inside one page (the launcher asks PAGE_SIZE % BLOCK_N == 0) and
     # its first key is a key of the sequence, so its table entry is a real page. The entry is read
     # one tile ahead, so the TMA issue does not wait on a global load.
@@ -55,60 +111,52 @@ def _attend(
         p_next = start
     for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            # K/V tiles by the tensor-memory accelerator: rows past this sequence's keys belong to
-            # the next sequence, or to unwritten slots of its last page (zeros past the tensor
-            # end); their scores are masked by hi, and V's rows are zeroed so a non-finite value
-            # there cannot reach the output (0 * inf).
-            if PAGE_SIZE > 0:
+        t_row = desc_row + i_n
+        row = o_n[:, None].to(tl.int64) * stride_kt
+        if PAGE_SIZE > 0:
+            if TMA:
                 t_row = p_next * PAGE_SIZE + i_n % PAGE_SIZE
                 p_next = tl.load(pt_row + (i_n + BLOCK_N) // PAGE_SIZE, mask=i_n + BLOCK_N < end, other=0)
             else:
-                t_row = desc_row + i_n
-            b_k = k_desc.load([t_row, desc_col])
-            b_v = v_desc.load([t_row, desc_col + i_dv * BLOCK_DV])
-            if MASK >= 2:
-                b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
-        else:
-            if PAGE_SIZE > 0:
                 # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE];
                 # the next tile's entries are read one tile ahead, as for TMA.
                 row = (p_next.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
                 o_nn = o_n + BLOCK_N
                 p_next = tl.load(pt_row + o_nn // PAGE_SIZE, mask=o_nn < seq_len, other=0)
-            else:
-                row = o_n[:, None].to(tl.int64) * stride_kt
-            if MASK >= 2 or D < BLOCK_D:
-                n_ok = o_n[:, None] < seq_len
-                b_k = tl.load(k_base + row + o_d[None, :], mask=n_ok & (o_d[None, :] < D), other=0.0)
-                b_v = tl.load(v_base + row + o_dv[None, :], mask=n_ok & (o_dv[None, :] < D), other=0.0)
-            else:
-                b_k = tl.load(k_base + row + o_d[None, :])
-                b_v = tl.load(v_base + row + o_dv[None, :])
+        b_k, b_v = _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, 0, i_dv * BLOCK_DV, desc_col,
+                            WK, WV, D, PADDED, ZERO_TAIL, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k))
-        if SOFTCAP:
-            # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
-            # then rescale to base 2. qk_scale here is scale / softcap.
-            b_x = b_s * qk_scale
-            b_s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0))
-        else:
-            b_s = b_s * qk_scale
-        if (MASK == 1) and ONE_SIDED:
-            b_s = tl.where(o_n[None, :] >= lo[:, None], b_s, float("-inf"))
-        elif (MASK == 2) and ONE_SIDED:
-            b_s = tl.where(o_n[None, :] <= hi[:, None], b_s, float("-inf"))
-        elif MASK > 0:
-            allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None])
-            b_s = tl.where(allowed, b_s, float("-inf"))
+        if HALVES:
+            b_k2, b_v2 = _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, WK,
+                                  i_dv * BLOCK_DV + WV, desc_col, WK, WV, D, PADDED, ZERO_TAIL, TMA)
+            b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
+        b_s = _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK, SOFTCAP, ONE_SIDED)
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        m_i = m_new
-    return acc, m_i, l_i
+        if SLACK > 0:
+            # Rows with no allowed key so far keep m = -inf; their first key forces the rescale.
+            if tl.max((m_new > m_i + SLACK).to(tl.int32), 0) > 0:
+                alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                acc = acc * alpha[:, None]
+                if HALVES:
+                    acc2 = acc2 * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            b_p = tl.math.exp2(b_s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+            l_i = l_i + tl.sum(b_p, 1)
+            acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+            if HALVES:
+                acc2 = tl.dot(b_p.to(b_v2.dtype), b_v2, acc2)
+        else:
+            # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            b_p = tl.math.exp2(b_s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(b_p, 1)
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+            if HALVES:
+                acc2 = acc2 * alpha[:, None] + tl.dot(b_p.to(b_v2.dtype), b_v2)
+            m_i = m_new
+    return acc, acc2, m_i, l_i
 
 
 @triton.jit
@@ -121,6 +169,7 @@ def _span_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
     ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, TMA: tl.constexpr,
+    HALVES: tl.constexpr, SLACK: tl.constexpr,
 ):
     # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
     # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
@@ -148,15 +197,24 @@ def _span_fwd_kernel(
     else:
         head = tl.zeros([BLOCK_M], tl.int32) + i_h
         i_hk = i_h // GROUP
-    o_d = tl.arange(0, BLOCK_D)
     m_ok = o_m < seq_len
     rows_g = bos + o_m.to(tl.int64)
     # Rows past the sequence end get an empty span; they are never stored.
     lo = tl.load(span_lo + rows_g, mask=m_ok, other=1)
     hi = tl.load(span_hi + rows_g, mask=m_ok, other=0)
 
+    # With HALVES, q's two column halves (see _attend); otherwise b_q2 and acc2 are placeholders.
+    WQ: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
+    WO: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
+    o_d = tl.arange(0, WQ)
     q_off = rows_g[:, None] * stride_qt + head[:, None] * stride_qh + o_d[None, :]
     b_q = tl.load(q + q_off, mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
+    if HALVES:
+        b_q2 = tl.load(q + q_off + WQ, mask=m_ok[:, None] & (o_d[None, :] + WQ < D), other=0.0)
+        acc2 = tl.zeros([BLOCK_M, WO], tl.float32)
+    else:
+        b_q2 = b_q
+        acc2 = tl.zeros([BLOCK_M, 16], tl.float32)
     pt_row = page_table + i_b.to(tl.int64) * stride_pt
     if PAGE_SIZE > 0:
         k_base = k + i_hk * stride_kh
@@ -170,7 +228,7 @@ def _span_fwd_kernel(
     d_col = i_hk * D
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc = tl.zeros([BLOCK_M, WO], tl.float32)
 
     n_first = (lo_min // BLOCK_N) * BLOCK_N
     n_end = hi_max + 1
@@ -186,28 +244,31 @@ def _span_fwd_kernel(
     if full_start < full_end:
         a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a1, a2, seq_len_k,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, SLACK)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES, SLACK)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, SLACK)
     else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, SLACK)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
-    b_o = acc / l_safe[:, None]
-    o_dv = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    o_dv = i_dv * BLOCK_DV + tl.arange(0, WO)
     o_off = i_s * stride_os + rows_g[:, None] * stride_ot + head[:, None] * stride_oh + o_dv[None, :]
+    b_o = acc / l_safe[:, None]
     tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] < D))
+    if HALVES:
+        b_o2 = acc2 / l_safe[:, None]
+        tl.store(o + o_off + WO, b_o2.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] + WO < D))
     if i_dv == 0:
         b_lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse + i_s * stride_ls + head * stride_lh + rows_g, b_lse, mask=m_ok)
@@ -258,8 +319,15 @@ class TileConfig:
     stage everywhere, 192 KB with a two-stage middle, 320 KB with two stages everywhere).
     ``tma``: K/V tiles through tensor descriptors (Hopper's tensor-memory accelerator) where the
     call allows it — keys in rows of a tensor, or in pages of a multiple of ``block_n`` keys, a
-    head dim of 16 to 256 that is a power of two, 16-byte-aligned rows — and through pointer
+    head dim of 16 to 256 (512 with ``column_halves``) that is a power of two, 16-byte-aligned rows — and through pointer
     loads elsewhere (same results).
+    ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
+    the sum of two dots, one accumulator per half of V): a head dim of 512 in one program
+    without recomputing q·k as ``split_dv`` does, with K/V tiles in TMA boxes of 256 columns.
+    ``rescale_slack`` (base-2 units, ``None``: off): a row's running max moves only when some
+    row's max in the tile grew by more than this, so most key tiles skip the rescale of the
+    accumulator; each exponential is then at most ``2**rescale_slack`` (exact, since the output
+    is divided by a sum against the same max).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -273,8 +341,14 @@ class TileConfig:
     one_sided_masks: bool = True
     edge_stages: int | None = None
     tma: bool = False
+    column_halves: bool = False
+    rescale_slack: float | None = None
 
     def __post_init__(self) -> None:
+        if self.rescale_slack is not None and (isinstance(self.rescale_slack, bool)
+                                               or not isinstance(self.rescale_slack, (int, float))
+                                               or not 0 < self.rescale_slack <= 16):
+            raise ValueError(f"TileConfig.rescale_slack must be None or a number in (0, 16], got {self.rescale_slack!r}")
         for name in ("block_m", "block_n", "split_dv"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -391,6 +465,9 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     block_d = triton.next_power_of_2(head_dim)
     if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
         raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
+    if cfg.column_halves and block_d // cfg.split_dv < 32:
+        raise ValueError(f"column_halves needs at least 32 output columns per program; head_dim={head_dim} with "
+                         f"split_dv={cfg.split_dv} leaves {block_d // cfg.split_dv}")
     group = num_q_heads // num_kv_heads
     # Decode: pack the query heads of a K/V group into the tile's rows (see the kernel).
     pack = group if (cfg.pack_gqa and group > 1 and cfg.block_m % group == 0) else 1
@@ -505,14 +582,16 @@ def _descriptors(k, v, cfg, block_d, page_size):
     flattened pages, when every key tile lies inside one page), or (k, v, False) where the
     config or the call rules them out (see ``TileConfig.tma``)."""
     d = k.shape[2]
-    usable = (cfg.tma and page_size % cfg.block_n == 0 and d == block_d and 16 <= d <= 256 and k.stride(2) == 1
+    box = block_d // 2 if cfg.column_halves else block_d
+    usable = (cfg.tma and page_size % cfg.block_n == 0 and d == block_d and 16 <= box <= 256 and k.stride(2) == 1
               and k.stride(1) == d and k.shape[0] < 2**31
               and all(x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in (k, v)))
     if not usable:
         return k, v, False
     shape = [k.shape[0], k.shape[1] * d]
-    return (TensorDescriptor(k, shape, [k.stride(0), 1], [cfg.block_n, block_d]),
-            TensorDescriptor(v, shape, [v.stride(0), 1], [cfg.block_n, block_d // cfg.split_dv]), True)
+    box_v = block_d // cfg.split_dv // (2 if cfg.column_halves else 1)
+    return (TensorDescriptor(k, shape, [k.stride(0), 1], [cfg.block_n, box]),
+            TensorDescriptor(v, shape, [v.stride(0), 1], [cfg.block_n, box_v]), True)
 
 
 def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order, tiles, qk_scale, softcap, group, d,
@@ -527,5 +606,6 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
         ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages, TMA=tma,
+        HALVES=cfg.column_halves, SLACK=float(cfg.rescale_slack or 0.0),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
