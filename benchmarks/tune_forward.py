@@ -92,7 +92,27 @@ HALVES = {
           T(64, 64, 8, 1, pack_gqa=True, column_halves=True, tma=True),
           T(128, 64, 8, 1, split_dv=2)],
 }
-ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS, "halves": HALVES}
+# Round 8: column halves without the lazy max (which cost 4-10% everywhere in round 7).
+HALVES2 = {
+    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True),
+          T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
+          T(128, 64, 8, 3, pack_gqa=True, tma=True, column_halves=True),
+          T(128, 64, 8, 4, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)],
+    256: [T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
+          T(128, 64, 8, 2, edge_stages=1, tma=True, column_halves=True),
+          T(128, 64, 8, 1, pack_gqa=True, tma=True, column_halves=True),
+          T(128, 32, 8, 3, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, column_halves=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True)],
+    512: [T(128, 64, 8, 1, split_dv=2), T(128, 64, 8, 1, split_dv=2, column_halves=True),
+          T(128, 32, 8, 1, split_dv=2, column_halves=True, tma=True),
+          T(128, 32, 8, 2, edge_stages=1, split_dv=2, column_halves=True, tma=True),
+          T(128, 64, 8, 1, split_dv=2, pack_gqa=True, column_halves=True, tma=True),
+          T(128, 64, 8, 1, split_dv=2)],
+}
+ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS, "halves": HALVES,
+          "halves2": HALVES2}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]
