@@ -125,15 +125,15 @@ def main() -> None:
 
 
 def _parse_config(text: str) -> TileConfig | None:
-    """'default' -> None; 'bm,bn,warps,stages[,field=value...]' -> TileConfig (ints; pack_gqa and
-    one_sided_masks, tma take 0/1)."""
+    """'default' -> None; 'bm,bn,warps,stages[,field=value...]' -> TileConfig (ints; the
+    boolean fields take 0/1)."""
     if text.strip() == "default":
         return None
     parts = [x.strip() for x in text.split(",")]
     kwargs = {}
     for item in parts[4:]:
         name, _, value = item.partition("=")
-        kwargs[name] = bool(int(value)) if name in ("pack_gqa", "one_sided_masks", "tma") else int(value)
+        kwargs[name] = bool(int(value)) if isinstance(getattr(TileConfig, name, None), bool) else int(value)
     return TileConfig(*(int(x) for x in parts[:4]), **kwargs)
 
 

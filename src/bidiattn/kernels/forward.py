@@ -80,7 +80,7 @@ def _attend(
     stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, desc_row, desc_col,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, ONE_SIDED: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr, SLACK: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr, WS: tl.constexpr,
 ):
     # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
     # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
@@ -90,10 +90,6 @@ def _attend(
     # of two dots and each half of V feeds its own accumulator, so a head dim of 512 runs in one
     # program without recomputing q·k, and each K/V load is a TMA box of 256 columns. Otherwise
     # acc2/b_q2 are placeholders, never touched.
-    # SLACK > 0: the running max of a row moves only when some row's max grew by more than SLACK
-    # (base 2) in this tile; otherwise the tile's exponentials use the stale max (each at most
-    # 2^SLACK) and the rescale of the accumulator is skipped. Exact: the output divides by a sum
-    # taken against the same max.
     WK: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
     WV: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
     PADDED: tl.constexpr = D < BLOCK_D
@@ -109,7 +105,7 @@ def _attend(
             p_next = tl.load(pt_row + o_n0 // PAGE_SIZE, mask=o_n0 < seq_len, other=0)
     else:
         p_next = start
-    for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+    for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
         o_n = i_n + tl.arange(0, BLOCK_N)
         t_row = desc_row + i_n
         row = o_n[:, None].to(tl.int64) * stride_kt
@@ -132,30 +128,15 @@ def _attend(
             b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
         b_s = _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK, SOFTCAP, ONE_SIDED)
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        if SLACK > 0:
-            # Rows with no allowed key so far keep m = -inf; their first key forces the rescale.
-            if tl.max((m_new > m_i + SLACK).to(tl.int32), 0) > 0:
-                alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                acc = acc * alpha[:, None]
-                if HALVES:
-                    acc2 = acc2 * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            b_p = tl.math.exp2(b_s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-            l_i = l_i + tl.sum(b_p, 1)
-            acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
-            if HALVES:
-                acc2 = tl.dot(b_p.to(b_v2.dtype), b_v2, acc2)
-        else:
-            # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            b_p = tl.math.exp2(b_s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(b_p, 1)
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-            if HALVES:
-                acc2 = acc2 * alpha[:, None] + tl.dot(b_p.to(b_v2.dtype), b_v2)
-            m_i = m_new
+        # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        if HALVES:
+            acc2 = acc2 * alpha[:, None] + tl.dot(b_p.to(b_v2.dtype), b_v2)
+        m_i = m_new
     return acc, acc2, m_i, l_i
 
 
@@ -169,7 +150,7 @@ def _span_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
     ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, TMA: tl.constexpr,
-    HALVES: tl.constexpr, SLACK: tl.constexpr,
+    HALVES: tl.constexpr, WS: tl.constexpr,
 ):
     # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
     # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
@@ -246,17 +227,17 @@ def _span_fwd_kernel(
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, SLACK)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, False)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES, SLACK)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES, WS)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, SLACK)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, False)
     else:
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, SLACK)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, False)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
@@ -324,10 +305,8 @@ class TileConfig:
     ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
     the sum of two dots, one accumulator per half of V): a head dim of 512 in one program
     without recomputing q·k as ``split_dv`` does, with K/V tiles in TMA boxes of 256 columns.
-    ``rescale_slack`` (base-2 units, ``None``: off): a row's running max moves only when some
-    row's max in the tile grew by more than this, so most key tiles skip the rescale of the
-    accumulator; each exponential is then at most ``2**rescale_slack`` (exact, since the output
-    is divided by a sum against the same max).
+    ``warp_specialize``: Triton's warp-specialized pipeline on the loop over the mask-free key
+    tiles (producer warps issue the loads).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -342,13 +321,9 @@ class TileConfig:
     edge_stages: int | None = None
     tma: bool = False
     column_halves: bool = False
-    rescale_slack: float | None = None
+    warp_specialize: bool = False
 
     def __post_init__(self) -> None:
-        if self.rescale_slack is not None and (isinstance(self.rescale_slack, bool)
-                                               or not isinstance(self.rescale_slack, (int, float))
-                                               or not 0 < self.rescale_slack <= 16):
-            raise ValueError(f"TileConfig.rescale_slack must be None or a number in (0, 16], got {self.rescale_slack!r}")
         for name in ("block_m", "block_n", "split_dv"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -393,10 +368,12 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
             return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)
         return TileConfig(128, 64, 8, 3, pack_gqa=True, tma=True)
     if head_dim <= 256:
-        # 417 (32K: 432) with TMA loads and a 2-stage middle loop, which only fits with 1-stage
-        # edges; 395 without TMA; 1 stage everywhere: 376; 64x32, 4 warps (the first version):
-        # 152. Packing GQA heads: the same on full layers, 292 against 276 on sliding ones.
-        return TileConfig(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True)
+        # 515 (32K: 527, sliding: 326) with GQA heads packed, TMA loads and the head dim in two
+        # column halves (boxes of 128 columns), against 414 / 430 / 292 in one piece
+        # (results/tune-forward-halves2-*); without packing or without TMA the halves gain
+        # nothing (421, 416). A 2-stage middle loop only fits with 1-stage edges; 1 stage
+        # everywhere: 258 with halves; 64x32, 4 warps (the first version): 152.
+        return TileConfig(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)
     # A 128x512 fp32 accumulator does not fit in registers; two programs of 256 output columns
     # each recompute q.k: 184, against 104 for the best unsplit 64-row tile. No TMA: a K tile
     # row of 512 columns is wider than a TMA box (256).
@@ -606,6 +583,6 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
         ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages, TMA=tma,
-        HALVES=cfg.column_halves, SLACK=float(cfg.rescale_slack or 0.0),
+        HALVES=cfg.column_halves, WS=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
