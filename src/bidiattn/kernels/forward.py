@@ -56,13 +56,14 @@ def _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, col_k, co
 
 @triton.jit
 def _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ONE_SIDED: tl.constexpr):
-    # The tile's scores with its mask applied (see _attend for MASK): with SOFTCAP in base 2,
-    # otherwise unscaled (the caller folds the scale into the exponent's FMA).
+    # q·k in base 2 with the tile's mask applied (see _attend for MASK).
     if SOFTCAP:
         # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
         # then rescale to base 2. qk_scale here is scale / softcap.
         b_x = b_s * qk_scale
         b_s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0))
+    else:
+        b_s = b_s * qk_scale
     if (MASK == 1) and ONE_SIDED:
         b_s = tl.where(o_n[None, :] >= lo[:, None], b_s, float("-inf"))
     elif (MASK == 2) and ONE_SIDED:
@@ -126,13 +127,10 @@ def _attend(
                                   i_dv * BLOCK_DV + WV, desc_col, WK, WV, D, PADDED, ZERO_TAIL, TMA)
             b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
         b_s = _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK, SOFTCAP, ONE_SIDED)
-        # Scores to base 2 inside the exponent's argument: one FMA per score instead of a
-        # multiply and a subtract (the scale is positive, so the row max commutes with it).
-        sc = 1.0 if SOFTCAP else qk_scale
-        m_new = tl.maximum(m_i, tl.max(b_s, 1) * sc)
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
         # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s * sc - m_safe[:, None])
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
