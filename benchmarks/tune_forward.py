@@ -106,21 +106,11 @@ HALVES2 = {
           T(128, 64, 8, 1, split_dv=2, pack_gqa=True, column_halves=True, tma=True),
           T(128, 64, 8, 1, split_dv=2)],
 }
-# Round 9: Triton's warp-specialized pipeline on the mask-free loop, with TMA loads.
-WS = {
-    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True),
-          T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True, warp_specialize=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, warp_specialize=True),
-          T(128, 64, 8, 3, pack_gqa=True, tma=True, warp_specialize=True),
-          T(128, 128, 8, 2, edge_stages=1, pack_gqa=True, tma=True, warp_specialize=True)],
-    256: [T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True, warp_specialize=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, warp_specialize=True)],
-    512: [T(128, 64, 8, 1, split_dv=2), T(128, 64, 8, 1, split_dv=2, warp_specialize=True),
-          T(128, 64, 8, 2, edge_stages=1, split_dv=2, warp_specialize=True)],
-}
+# Round 9 (warp_specialize=True on the mask-free loop with TMA loads) ran at e4057e1
+# (results/tune-forward-ws-*); the knob was removed after an A/B in alternating processes showed
+# no gain (results/forward-ab-fma-ws-*).
 ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS, "halves": HALVES,
-          "halves2": HALVES2, "ws": WS}
+          "halves2": HALVES2}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]

@@ -91,7 +91,6 @@ def test_head_dims(d):
         TileConfig(16, 16, 4, 2, edge_stages=1, column_halves=True, tma=True),
         TileConfig(32, 16, 4, 1, split_dv=2, kv_splits=3, column_halves=True, pack_gqa=True),
         TileConfig(32, 16, 4, 1, kv_splits=3, column_halves=True, tma=True),
-        TileConfig(16, 16, 4, 2, warp_specialize=True),
     ],
     ids=str,
 )

@@ -80,7 +80,7 @@ def _attend(
     stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, desc_row, desc_col,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, ONE_SIDED: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr, WS: tl.constexpr,
+    STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr,
 ):
     # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
     # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
@@ -105,7 +105,7 @@ def _attend(
             p_next = tl.load(pt_row + o_n0 // PAGE_SIZE, mask=o_n0 < seq_len, other=0)
     else:
         p_next = start
-    for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
+    for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
         t_row = desc_row + i_n
         row = o_n[:, None].to(tl.int64) * stride_kt
@@ -150,7 +150,7 @@ def _span_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
     ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, TMA: tl.constexpr,
-    HALVES: tl.constexpr, WS: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
     # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
@@ -227,17 +227,17 @@ def _span_fwd_kernel(
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, False)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES, WS)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, False)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
     else:
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES, False)
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
@@ -287,7 +287,8 @@ class TileConfig:
     leave the GPU's multiprocessors idle, as in decode). ``pack_gqa`` fills a tile's rows with
     the query heads of one K/V group (when ``block_m`` is a multiple of the group size), so each
     K/V tile is read once per group. Triton's ``warp_specialize`` loop option was tried and
-    dropped: no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256).
+    dropped: no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256;
+    with TMA loads on the mask-free loop, hd128 491-504 vs 502-505, hd256 506 vs 520).
     ``one_sided_masks``: key tiles below a query tile's mask-free range compare keys with the
     rows' ``lo`` only, those above it with ``hi`` only (both are exact there); ``False`` compares
     both everywhere. One H200, 16K tokens, TFLOP/s one-sided vs two-sided: hd256 386 vs 374,
@@ -305,8 +306,6 @@ class TileConfig:
     ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
     the sum of two dots, one accumulator per half of V): a head dim of 512 in one program
     without recomputing q·k as ``split_dv`` does, with K/V tiles in TMA boxes of 256 columns.
-    ``warp_specialize``: Triton's warp-specialized pipeline on the loop over the mask-free key
-    tiles (producer warps issue the loads).
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -321,7 +320,6 @@ class TileConfig:
     edge_stages: int | None = None
     tma: bool = False
     column_halves: bool = False
-    warp_specialize: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
@@ -583,6 +581,6 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
         ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages, TMA=tma,
-        HALVES=cfg.column_halves, WS=cfg.warp_specialize,
+        HALVES=cfg.column_halves,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
