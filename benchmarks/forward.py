@@ -4,8 +4,10 @@
 
 Writes forward-<device>-<date>.json and .md. TFLOP/s are counted on spans.num_pairs()
 (4 * pairs * D * Hq: two matmuls, 2 FLOPs per multiply-add); the causal columns on causal pairs.
-Columns: bidiattn triton; bidiattn flex (FlexAttention, BlockMask built from the spans inside
-the call); FlexAttention with create_block_mask over a mask_mod (the usual peer recipe, mask
+Columns: bidiattn triton (the public call: validation and the launch plan inside the call);
+bidiattn triton, planned (the launch plan built once outside the timing, as a model's layers
+share it and as the peer's block mask below is built once); bidiattn flex (FlexAttention,
+BlockMask built from the spans inside the call); FlexAttention with create_block_mask over a mask_mod (the usual peer recipe, mask
 built once, outside the timing); SDPA with a dense mask; SDPA causal and FA4 causal (speed
 references that ignore the images; FA4 only where flash_attn.cute imports).
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 import bidiattn
 import cases
+from bidiattn.kernels.forward import plan_forward, span_attention_forward
 
 
 def try_time(row, key, fn, check, flop_count):
@@ -69,6 +72,9 @@ def main() -> None:
             return cases.rel_err(out, want)
 
         try_time(row, "bidiattn_triton", lambda: bidiattn.attention(q, k, v, spans, backend="triton"), check, fl)
+        plan = plan_forward(spans, case.hq, case.hkv, d, window=case.window)
+        try_time(row, "bidiattn_planned", lambda: span_attention_forward(q, k, v, spans, d**-0.5, None, plan=plan)[0],
+                 check, fl)
         try_time(row, "bidiattn_flex", lambda: bidiattn.attention(q, k, v, spans, backend="flex"), check, fl)
 
         glo, ghi = spans.packed_bounds()
@@ -97,7 +103,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     meta = cases.meta()
     meta["bf16_matmul_tflops"] = peak
-    cols = [("bidiattn_triton", "bidiattn triton"), ("bidiattn_flex", "bidiattn flex"), ("flex_mask_mod", "Flex mask_mod"),
+    cols = [("bidiattn_triton", "bidiattn triton"), ("bidiattn_planned", "bidiattn triton, planned"),
+            ("bidiattn_flex", "bidiattn flex"), ("flex_mask_mod", "Flex mask_mod"),
             ("sdpa_dense", "SDPA dense mask"), ("sdpa_causal", "SDPA causal*"), ("fa4_causal", "FA4 causal*")]
 
     def cell(r, key):
@@ -110,10 +117,13 @@ def main() -> None:
              "TFLOP/s on allowed pairs; * on causal pairs (ignores the images). bidiattn flex builds its block mask "
              "inside the timed call; Flex mask_mod's create_block_mask runs once outside (its time in the JSON). "
              "Errors are in the JSON.", "",
-             "| case | " + " | ".join(c[1] for c in cols) + " | triton / flex |", "|---" * (len(cols) + 2) + "|"]
+             "| case | " + " | ".join(c[1] for c in cols) + " | triton / flex | planned / flex |",
+             "|---" * (len(cols) + 3) + "|"]
     for r in rows:
-        ratio = r.get("bidiattn_triton_tflops", 0) / r["flex_mask_mod_tflops"] if "flex_mask_mod_tflops" in r else float("nan")
-        lines.append(f"| {r['case']} | " + " | ".join(cell(r, c[0]) for c in cols) + f" | {ratio:.2f}x |")
+        ratios = [r.get(key + "_tflops", 0) / r["flex_mask_mod_tflops"] if "flex_mask_mod_tflops" in r else float("nan")
+                  for key in ("bidiattn_triton", "bidiattn_planned")]
+        lines.append(f"| {r['case']} | " + " | ".join(cell(r, c[0]) for c in cols) + " | "
+                     + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
     cases.write_results(args.out, "forward", meta, dict(rows=rows), lines)
     print("\n".join(lines))
 
