@@ -5,8 +5,8 @@
 Writes forward-<device>-<date>.json and .md. TFLOP/s are counted on spans.num_pairs()
 (4 * pairs * D * Hq: two matmuls, 2 FLOPs per multiply-add); the causal columns on causal pairs.
 Columns: bidiattn triton (the public call: validation and the launch plan inside the call);
-bidiattn triton, planned (the launch plan built once outside the timing, as a model's layers
-share it and as the peer's block mask below is built once); bidiattn flex (FlexAttention,
+bidiattn triton, planned (the public call with ``plan=bidiattn.plan_attention(...)`` built once
+outside the timing, as a model's layers share it and as the peer's block mask below is built once); bidiattn flex (FlexAttention,
 BlockMask built from the spans inside the call); FlexAttention with create_block_mask over a mask_mod (the usual peer recipe, mask
 built once, outside the timing); SDPA with a dense mask; SDPA causal and FA4 causal (speed
 references that ignore the images; FA4 only where flash_attn.cute imports).
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 import bidiattn
 import cases
-from bidiattn.kernels.forward import plan_forward, span_attention_forward
 
 
 def try_time(row, key, fn, check, flop_count):
@@ -72,8 +71,8 @@ def main() -> None:
             return cases.rel_err(out, want)
 
         try_time(row, "bidiattn_triton", lambda: bidiattn.attention(q, k, v, spans, backend="triton"), check, fl)
-        plan = plan_forward(spans, case.hq, case.hkv, d, window=case.window)
-        try_time(row, "bidiattn_planned", lambda: span_attention_forward(q, k, v, spans, d**-0.5, None, plan=plan)[0],
+        plan = bidiattn.plan_attention(spans, case.hq, case.hkv, d, window=case.window)
+        try_time(row, "bidiattn_planned", lambda: bidiattn.attention(q, k, v, spans, backend="triton", plan=plan),
                  check, fl)
         try_time(row, "bidiattn_flex", lambda: bidiattn.attention(q, k, v, spans, backend="flex"), check, fl)
 

@@ -171,20 +171,26 @@ def test_backward_is_bitwise_deterministic():
             assert torch.equal(a, b)
 
 
-def test_operator_registration_passes_opcheck():
+@pytest.mark.parametrize("planned", [False, True])
+def test_operator_registration_passes_opcheck(planned):
+    from bidiattn.ops import plan_arguments
+
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 32, generator=g).half().to(DEVICE).requires_grad_() for h in (4, 2, 2))
     args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None, True)
+    args += plan_arguments(bidiattn.plan_attention(spans, 4, 2, 32)) if planned else ([], None)
     torch.library.opcheck(torch.ops.bidiattn.span_attention.default, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("planned", [False, True])
+def test_torch_compile_fullgraph_forward_and_backward(planned):
     spans = image_spans(50, [(10, 30)], "gemma4", "official", "sliding", window=12).to(DEVICE)
+    plan = bidiattn.plan_attention(spans, 4, 2, 32, window=12) if planned else None
 
     def layer(x, wq, wk, wv):
         q, k, v = ((x @ w).view(50, -1, 32) for w in (wq, wk, wv))
-        return bidiattn.attention(q, k, v, spans, backend="triton").reshape(50, -1).float().square().sum()
+        return bidiattn.attention(q, k, v, spans, backend="triton", plan=plan).reshape(50, -1).float().square().sum()
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 64, generator=g).half().to(DEVICE)
@@ -196,6 +202,58 @@ def test_torch_compile_fullgraph_forward_and_backward():
     got = torch.autograd.grad(compiled(x, *ws), ws)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_a_launch_plan_changes_nothing_in_outputs_or_gradients():
+    # Packed sequences, GQA, a sliding rule: the planned call runs the same launch as the
+    # unplanned one, so outputs, lse and gradients are bitwise equal.
+    ids, cu = random_packed_layout(random.Random(5), max_seqs=3, max_len=90)
+    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=9, cu_seqlens=cu).to(DEVICE)
+    g = torch.Generator().manual_seed(2)
+    t = spans.total_tokens
+    q, k, v = (torch.randn(t, h, 64, generator=g).to(torch.bfloat16).to(DEVICE) for h in (4, 2, 2))
+    dout = torch.randn(t, 4, 64, generator=g).to(DEVICE)
+    dlse = torch.randn(4, t, generator=g).to(DEVICE)
+    plan = bidiattn.plan_attention(spans, 4, 2, 64, window=9)
+    runs = [grads_of(lambda q, k, v: bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p),
+                     q, k, v, dout, dlse) for p in (None, plan)]
+    outs = [bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p) for p in (None, plan)]
+    for a, b in zip((*runs[0], *outs[0]), (*runs[1], *outs[1])):
+        assert torch.equal(a, b)
+
+
+def test_a_launch_plan_survives_the_operator_arguments():
+    import dataclasses
+
+    from bidiattn.kernels.forward import TileConfig, plan_forward
+    from bidiattn.ops import _plan, plan_arguments
+
+    # A new TileConfig field must be carried by plan_arguments too.
+    assert [f.name for f in dataclasses.fields(TileConfig)] == [
+        "block_m", "block_n", "num_warps", "num_stages", "split_dv", "kv_splits", "pack_gqa", "one_sided_masks",
+        "edge_stages", "tma", "column_halves"]
+    spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
+    q, k = torch.randn(40, 4, 64).half().to(DEVICE), torch.randn(40, 2, 64).half().to(DEVICE)
+    cfg = TileConfig(32, 16, 4, 3, split_dv=2, pack_gqa=True, one_sided_masks=False, tma=True, column_halves=True)
+    plan = plan_forward(spans, 4, 2, 64, config=cfg)
+    back = _plan(spans, q, k, *plan_arguments(plan))
+    assert back.config == dataclasses.replace(cfg, edge_stages=3, kv_splits=plan.kv_splits)
+    assert (back.pack, back.kv_splits, back.tiles.block_m) == (plan.pack, plan.kv_splits, plan.tiles.block_m)
+    assert back.order is plan.order and back.tiles.hi_max is plan.tiles.hi_max
+
+
+def test_a_launch_plan_is_checked_against_the_call():
+    spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
+    q, k, v = (torch.randn(40, h, 32).half().to(DEVICE) for h in (4, 2, 2))
+    plan = bidiattn.plan_attention(spans, 4, 2, 32)
+    with pytest.raises(TypeError, match="plan must be a LaunchPlan from bidiattn.plan_attention, got dict"):
+        bidiattn.attention(q, k, v, spans, backend="triton", plan={})
+    with pytest.raises(ValueError, match="launch plan of the triton backend; this call runs backend='reference'"):
+        bidiattn.attention(q, k, v, spans, backend="reference", plan=plan)
+    with pytest.raises(ValueError, match="made for another SpanMask object"):
+        bidiattn.attention(q, k, v, image_spans(40, [(5, 25)], "gemma3").to(DEVICE), backend="triton", plan=plan)
+    with pytest.raises(ValueError, match=r"for \(Hq, Hkv, D\) = \(4, 2, 32\), the call has \(4, 4, 32\)"):
+        bidiattn.attention(q, q, q, spans, backend="triton", plan=plan)
 
 
 @pytest.mark.parametrize(

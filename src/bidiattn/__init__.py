@@ -9,8 +9,8 @@ touches no GPU and imports no Triton.
 """
 
 from . import planner, presets, reference, rules
-from .attention import attention
+from .attention import attention, plan_attention
 from .spans import SpanMask, TileSummary
 
-__all__ = ["SpanMask", "TileSummary", "attention", "planner", "presets", "reference", "rules"]
+__all__ = ["SpanMask", "TileSummary", "attention", "plan_attention", "planner", "presets", "reference", "rules"]
 __version__ = "0.1.0"

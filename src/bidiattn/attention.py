@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,7 +12,10 @@ from .inputs import check_attention_inputs
 from .segments import SegmentPlan
 from .spans import SpanMask
 
-__all__ = ["attention", "BACKENDS"]
+if TYPE_CHECKING:
+    from .kernels.forward import LaunchPlan
+
+__all__ = ["attention", "plan_attention", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
@@ -61,6 +65,7 @@ def attention(
     deterministic: bool = True,
     segment_plan: SegmentPlan | None = None,
     fa4_strategy: str = "auto",
+    plan: LaunchPlan | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where each query row sees one contiguous key interval (see :class:`SpanMask`).
 
@@ -103,6 +108,12 @@ def attention(
         segment_plan: for ``backend="fa4"``: :func:`bidiattn.segments.plan_segments` of
             ``spans``, built once and shared by the layers that use the same spans (saves the
             planning and its host sync on every call). Ignored by the other backends.
+        plan: for the triton forward: :func:`plan_attention` of these ``spans`` (the same
+            object) and head shape, built once and shared by the layers that use them; without
+            it every call plans its launch (a few small kernels and ~0.4 ms of host time on an
+            H200 host, which a short call cannot hide: a sliding hd256 layer at 16K tokens ran
+            0.36 ms planned, 0.45-1.03 ms unplanned; ``benchmarks/NOTES.md``). ``ValueError``
+            if the call does not run the triton backend or the plan is for other spans or heads.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
@@ -129,6 +140,14 @@ def attention(
 
             if fa4_unsupported(q, k, v) is None:
                 backend = "fa4"
+    if plan is not None:
+        from .kernels.forward import LaunchPlan
+
+        if not isinstance(plan, LaunchPlan):
+            raise TypeError(f"plan must be a LaunchPlan from bidiattn.plan_attention, got {type(plan).__name__}")
+        if backend != "triton":
+            raise ValueError(f"plan is a launch plan of the triton backend; this call runs backend={backend!r}")
+        plan.check(q, k, spans)
     if backend == "reference":
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
     if backend == "flex":
@@ -154,8 +173,29 @@ def attention(
         return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported
-    from .ops import span_attention
+    from .ops import plan_arguments, span_attention
 
+    plan_tensors, plan_meta = plan_arguments(plan) if plan is not None else ([], None)
     out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, scale, softcap,
-                              deterministic)
+                              deterministic, plan_tensors, plan_meta)
     return (out, lse) if return_lse else out
+
+
+def plan_attention(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
+                   window: int | None = None) -> LaunchPlan:
+    """The triton forward's launch plan for ``spans`` and a head shape (``q [T, Hq, D]``,
+    ``k``/``v [T_keys, Hkv, D]`` with ``Hq = num_q_heads``, ``Hkv = num_kv_heads``,
+    ``D = head_dim``): tile config, per-tile key bounds and the longest-first launch order,
+    built on the spans' device with no host sync. Pass it as ``attention(..., plan=)`` to every
+    layer that uses these spans and head shape; ``window`` is the layers' sliding window, if any.
+
+    Example (a model's layers sharing one mask)::
+
+        spans = rules.build("gemma3", "official", "full", block_ids=ids)
+        plan = bidiattn.plan_attention(spans, 16, 8, 128)
+        for layer in layers:
+            out = bidiattn.attention(q, k, v, spans, backend="triton", plan=plan)
+    """
+    from .kernels.forward import plan_forward
+
+    return plan_forward(spans, num_q_heads, num_kv_heads, head_dim, window=window)

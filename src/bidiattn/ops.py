@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 
 from .kernels.backward import span_attention_backward
-from .kernels.forward import span_attention_forward
-from .spans import SpanMask
+from .kernels.forward import LaunchPlan, TileConfig, span_attention_forward
+from .spans import SpanMask, TileSummary
 
-__all__ = ["span_attention", "span_attention_backward_op"]
+__all__ = ["plan_arguments", "span_attention", "span_attention_backward_op"]
 
 
 def _spans(lo: torch.Tensor, hi: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -25,19 +25,45 @@ def _spans(lo: torch.Tensor, hi: torch.Tensor, cu_seqlens: torch.Tensor, cu_seql
     return SpanMask(lo, hi, cu_seqlens, validate=False, cu_seqlens_k=cu_seqlens_k, total_keys=total_keys)
 
 
+def plan_arguments(plan: LaunchPlan) -> tuple[list[torch.Tensor], list[int]]:
+    """A :class:`LaunchPlan` as operator arguments: its tensors (the tile summary's arrays and the
+    launch order) and its launch parameters as ints, resolved (edge-loop depth, key-range splits)
+    so none is optional. Plain attribute reads, so ``torch.compile`` traces them as constants."""
+    t, c = plan.tiles, plan.config
+    tensors = [t.seq, t.row_start, t.rows, t.lo_min, t.lo_max, t.hi_min, t.hi_max, t.num_tiles, plan.order]
+    ints = [c.block_m, c.block_n, c.num_warps, c.num_stages, c.split_dv, int(c.pack_gqa), int(c.one_sided_masks),
+            c.edge_stages or c.num_stages, int(c.tma), int(c.column_halves), plan.pack, plan.kv_splits, t.block_m]
+    return tensors, ints
+
+
+def _plan(spans: SpanMask, q: torch.Tensor, k: torch.Tensor, tensors: list[torch.Tensor], ints: list[int]) -> LaunchPlan:
+    """The inverse of :func:`plan_arguments` (the config with its optional fields resolved)."""
+    bm, bn, warps, stages, split_dv, pack_gqa, one_sided, edge, tma, halves, pack, kv_splits, tile_rows = ints
+    config = TileConfig(bm, bn, warps, stages, split_dv, kv_splits, bool(pack_gqa), bool(one_sided), edge, bool(tma),
+                        bool(halves))
+    *arrays, order = tensors
+    return LaunchPlan(spans, q.shape[1], k.shape[1], q.shape[2], config, pack, TileSummary(tile_rows, *arrays), order,
+                      kv_splits)
+
+
 @torch.library.custom_op("bidiattn::span_attention", mutates_args=())
 def span_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, scale: float, softcap: Optional[float],
-    deterministic: bool = True,
+    deterministic: bool, plan_tensors: list[torch.Tensor], plan_meta: Optional[list[int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32). Inputs pre-validated;
-    ``cu_seqlens_k`` is ``cu_seqlens`` for self-attention; ``deterministic`` is for the backward."""
-    return span_attention_forward(q, k, v, _spans(lo, hi, cu_seqlens, cu_seqlens_k, k.shape[0]), scale, softcap)
+    ``cu_seqlens_k`` is ``cu_seqlens`` for self-attention; ``deterministic`` is for the backward;
+    ``plan_tensors``/``plan_meta``: a launch plan made for these spans (:func:`plan_arguments`),
+    or ``[]``/``None`` to plan in the call (an operator schema has no optional tensor list)."""
+    spans = _spans(lo, hi, cu_seqlens, cu_seqlens_k, k.shape[0])
+    plan = _plan(spans, q, k, plan_tensors, plan_meta) if plan_meta is not None else None
+    return span_attention_forward(q, k, v, spans, scale, softcap, plan=plan)
 
 
 @span_attention.register_fake
-def _span_attention_fake(q, k, v, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap, deterministic=True):
+def _span_attention_fake(q, k, v, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap, deterministic, plan_tensors,
+                         plan_meta):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -60,7 +86,8 @@ def _span_attention_backward_fake(dout, dlse, q, k, v, out, lse, lo, hi, cu_seql
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap, deterministic = inputs
+    q, k, v, lo, hi, cu_seqlens, cu_seqlens_k, scale, softcap, deterministic, plan_tensors, _ = inputs
+    ctx.num_plan_tensors = len(plan_tensors)
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, lo, hi, cu_seqlens, cu_seqlens_k)
     ctx.scale, ctx.softcap, ctx.deterministic = scale, softcap, deterministic
@@ -72,7 +99,8 @@ def _backward(ctx, dout, dlse):
     dlse = torch.zeros_like(lse) if dlse is None else dlse
     dq, dk, dv = span_attention_backward_op(dout, dlse, q, k, v, out, lse, lo, hi, cu_seqlens, cu_seqlens_k,
                                             ctx.scale, ctx.softcap, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    # One None per input; a list input gets a list of them (autograd matches the structure).
+    return dq, dk, dv, None, None, None, None, None, None, None, [None] * ctx.num_plan_tensors, None
 
 
 span_attention.register_autograd(_backward, setup_context=_setup_context)
