@@ -28,6 +28,7 @@ from bidiattn.blocks import BlockList
 from bidiattn.kvcache import PagedKVCache, paged_attention
 from bidiattn.kernels.forward import TileConfig, pick_config, plan_forward, span_attention_forward
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.graphs import capture
 from bidiattn.runner import AttentionStack, ServingSession, StackConfig
 from bidiattn.spans import SpanMask
 
@@ -50,15 +51,8 @@ def image_ids(t: int) -> torch.Tensor:
 def _graphed(fn):
     """The call captured once in a CUDA graph; returns a replay that yields the static output.
     Serving engines replay decode steps this way, so host overhead does not count."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            static = fn()
+        graph, static = capture(fn)
     except RuntimeError as e:
         print("capture failed:", e)
         return None

@@ -8,6 +8,7 @@ import torch
 
 import bidiattn
 from bidiattn import reference, rules
+from bidiattn.graphs import capture
 from bidiattn.spans import SpanMask
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -18,26 +19,6 @@ def layout(t: int, starts: list[int], length: int) -> torch.Tensor:
     for n, s in enumerate(starts, 1):
         ids[s : s + length] = n
     return ids
-
-
-def capture(step, forbid_sync: bool = False):
-    """``step`` run once on a side stream (compile and warm up), then captured in a CUDA graph;
-    returns the graph and the captured call's static outputs. ``forbid_sync``: a host sync
-    during the capture raises."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    if forbid_sync:
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            outs = step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return graph, outs
 
 
 @pytest.mark.gpu

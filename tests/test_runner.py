@@ -89,3 +89,36 @@ def test_serving_steps_issue_no_host_sync():
         session.decode(new)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graphs_need_a_cuda_stack():
+    stack = AttentionStack(StackConfig(), device="cpu")
+    with pytest.raises(ValueError, match="cuda_graphs needs the stack on a CUDA device, it is on cpu"):
+        ServingSession(stack, [torch.zeros(4, dtype=torch.int64)], cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_steps_equal_one_shot_and_decode_replays_one_graph():
+    """Each step shape is captured once, then replayed with the step's hidden states and offsets
+    copied in: prefill twice (the second run replays every chunk's graph), then decode steps whose
+    cache lengths change at every replay of their one graph."""
+    rng = random.Random(3)
+    config = StackConfig(layer_types=("sliding", "full", "sliding"), window=6)
+    stack = AttentionStack(config, seed=3, device="cuda")
+    prompts = [prompt(rng, rng.randint(20, 60)) for _ in range(3)]
+    xs = [torch.randn(p.numel(), config.hidden, device="cuda", dtype=config.dtype) for p in prompts]
+    session = ServingSession(stack, prompts, page_size=8, max_tokens_per_request=80, cuda_graphs=True)
+    for _ in range(2):
+        got = session.prefill(xs, 24)
+        for x, ids, out in zip(xs, prompts, got):
+            torch.testing.assert_close(out.float(), stack.one_shot(x, ids).float(), atol=3e-2, rtol=2e-2)
+    prefill_graphs = len(session.graphs)
+    for _ in range(4):
+        new = torch.randn(len(xs), config.hidden, device="cuda", dtype=config.dtype)
+        h = session.decode(new)
+        for r in range(len(xs)):
+            xs[r] = torch.cat([xs[r], new[r : r + 1]])
+            prompts[r] = torch.cat([prompts[r], prompts[r].new_zeros(1)])
+            torch.testing.assert_close(h[r].float(), stack.one_shot(xs[r], prompts[r])[-1].float(), atol=3e-2, rtol=2e-2)
+    assert len(session.graphs) == prefill_graphs + 1

@@ -27,10 +27,11 @@ from . import rules
 from .attention import attention
 from .kvcache import PagedKVCache, append, paged_attention
 from .blocks import BlockList
+from .graphs import capture
 from .planner import RequestLayout, plan_prefill
 from .spans import SpanMask, host_to_device
 
-__all__ = ["StackConfig", "AttentionStack", "ServingSession"]
+__all__ = ["StackConfig", "AttentionStack", "ServingSession", "StepGraph"]
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,38 @@ class AttentionStack:
         return h
 
 
+@dataclass(frozen=True)
+class StepGraph:
+    """One captured step: replayed after its inputs are copied into ``h`` (hidden states) and
+    ``offsets`` (int64: cu_seqlens, cu_seqlens_k, starts, request indices); ``out`` receives
+    the new hidden states. ``blocks`` (the step's requests' blocks, fixed for its key) is read
+    by the capture and must outlive it."""
+
+    graph: torch.cuda.CUDAGraph
+    h: torch.Tensor
+    offsets: torch.Tensor
+    blocks: BlockList
+    out: torch.Tensor
+
+
 class ServingSession:
     """Several requests served through paged caches: :meth:`prefill` in planned chunks, then
     :meth:`decode` one text token per request per step. Pages are handed out in order from one
-    pool per layer (``pages_per_request`` each)."""
+    pool per layer (``pages_per_request`` each).
+
+    ``cuda_graphs=True`` (CUDA only): each step is captured once per shape — the requests it
+    serves and its token count — and replayed after its hidden states and offsets are copied
+    into the captured tensors, so a step costs one graph launch of host time instead of the
+    eager Python of every layer. Decode steps all share one graph; a prefill chunk of a new
+    shape pays one capture (its graph and memory pool are kept for the session's lifetime).
+    The spans of a captured step are built for a key capacity of ``max_tokens_per_request``
+    per request (the split-KV count of decode follows from it).
+    """
 
     def __init__(self, stack: AttentionStack, requests: Sequence[torch.Tensor], page_size: int = 16,
-                 max_tokens_per_request: int = 256):
+                 max_tokens_per_request: int = 256, cuda_graphs: bool = False):
+        if cuda_graphs and stack.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the stack on a CUDA device, it is on {stack.device}")
         self.stack = stack
         # The prompts' blocks; decoded tokens are text, so the layouts never change after this.
         self.layouts = [RequestLayout.from_block_ids(ids.cpu()) for ids in requests]
@@ -113,29 +139,49 @@ class ServingSession:
                                              stack.device) for _ in c.layer_types]
         self.lengths = [0] * len(requests)
         self.max_tokens = max_tokens_per_request
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[tuple[tuple[int, ...], int], StepGraph] = {}
 
     def _step(self, rows: list[tuple[int, int, int]], h: torch.Tensor) -> torch.Tensor:
-        """Append and attend ``rows`` = (request, start, end) for every layer; returns the new ``h``.
-
-        The step's spans come from the requests' block lists (one builder launch per layer type
-        on CUDA) and one launch plan per layer type is shared by the layers of that type: the
-        per-step metadata work of a serving engine."""
-        from .kernels.forward import plan_forward
-
-        dev = self.stack.device
-        c = self.stack.config
-        reqs = [r for r, _, _ in rows]
+        """Append and attend ``rows`` = (request, start, end) for every layer; returns the new ``h``."""
+        reqs = tuple(r for r, _, _ in rows)
         # One host tensor (offsets, starts, request indices), one copy, no host sync.
-        n = len(rows)
         cu_q_host = [0, *accumulate(e - s for _, s, e in rows)]
         cu_k_host = [0, *accumulate(e for _, _, e in rows)]
-        meta = torch.tensor([*cu_q_host, *cu_k_host, *(s for _, s, _ in rows), *reqs], dtype=torch.int64)
-        cu_q, cu_k, start, req_index = host_to_device(meta, dev).split([n + 1, n + 1, n, n])
+        offsets = torch.tensor([*cu_q_host, *cu_k_host, *(s for _, s, _ in rows), *reqs], dtype=torch.int64)
+        dev = self.stack.device
+        if not self.cuda_graphs:
+            blocks = BlockList.from_pairs([self.layouts[r].blocks for r in reqs], device=dev)
+            return self._layers(h, host_to_device(offsets, dev), blocks, cu_k_host[-1])
+        key = (reqs, h.shape[0])
+        step = self.graphs.get(key)
+        if step is None:
+            # Everything the capture reads from the host is copied before it: a copy captured
+            # from pinned memory would re-read that buffer, reused by then, at every replay.
+            static_h, static_offsets = h.clone(), host_to_device(offsets, dev)
+            blocks = BlockList.from_pairs([self.layouts[r].blocks for r in reqs], device=dev)
+            # Key counts change between replays; the spans carry the capacity as their bound.
+            capacity = len(rows) * self.max_tokens
+            graph, out = capture(lambda: self._layers(static_h, static_offsets, blocks, capacity))
+            step = self.graphs[key] = StepGraph(graph, static_h, static_offsets, blocks, out)
+        step.h.copy_(h)
+        step.offsets.copy_(offsets.pin_memory(), non_blocking=True)
+        step.graph.replay()
+        return step.out.clone()
+
+    def _layers(self, h: torch.Tensor, offsets: torch.Tensor, blocks: BlockList, total_keys: int) -> torch.Tensor:
+        """Every layer of one step on the device. The step's spans come from the requests' block
+        lists (one builder launch per layer type on CUDA) and one launch plan per layer type is
+        shared by the layers of that type: the per-step metadata work of a serving engine."""
+        from .kernels.forward import plan_forward
+
+        c = self.stack.config
+        n = (offsets.numel() - 2) // 4
+        cu_q, cu_k, start, req_index = offsets.split([n + 1, n + 1, n, n])
         page_table = self.page_table[req_index]
-        blocks = BlockList.from_pairs([self.layouts[r].blocks for r in reqs], device=dev)
         spans = {layer: rules.build_from_blocks(c.family, c.convention, layer, blocks=blocks, cu_seqlens=cu_q,
                                                 total_tokens=h.shape[0], window=c.window, cu_seqlens_k=cu_k,
-                                                total_keys=cu_k_host[-1], validate=False)
+                                                total_keys=total_keys, validate=False)
                  for layer in set(c.layer_types)}
         plans = {layer: plan_forward(m, c.num_q_heads, c.num_kv_heads, c.head_dim,
                                      window=c.window if layer == "sliding" else None) for layer, m in spans.items()}

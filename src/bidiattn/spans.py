@@ -140,7 +140,9 @@ class SpanMask:
         cu_seqlens_k, total_keys: extend/decode spans, where each sequence's query rows are
             the *last* ``q_len`` of its ``k_len`` keys (a prefill chunk or decode step over a
             cache): int64 ``[B+1]`` key offsets and their total (an int, so that no host sync
-            is needed to size buffers). ``lo``/``hi`` are then key positions local to the
+            is needed to size buffers; with ``validate=False`` an upper bound of it also works,
+            as in a captured step whose key counts change between replays: it sizes the key
+            tiles and the split-KV count, and ``to_dense`` gets all-False columns past the end). ``lo``/``hi`` are then key positions local to the
             sequence, and row ``i`` of a sequence sits at position ``k_len - q_len + i``.
             ``None`` (the default): keys are the query rows themselves.
 
