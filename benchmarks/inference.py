@@ -269,8 +269,8 @@ def _wall_ms(fn, runs: int) -> float:
 def runner_rows(contexts, budgets, page_sizes, decode_steps: int = 16):
     """The end-to-end runner: a six-layer stack (random weights, hd128, 16 q / 8 kv heads, window
     1024) through :class:`ServingSession` — prefill in planned chunks over paged caches, then decode.
-    Eager, as the runner is written (host work of each step included); the one-step plan (budget =
-    prompt length) is the one-shot baseline, and :meth:`AttentionStack.one_shot` (contiguous K/V, no
+    Eager and with ``cuda_graphs=True`` (host work of each step included); the one-step plan
+    (budget = prompt length) is the one-shot baseline, and :meth:`AttentionStack.one_shot` (contiguous K/V, no
     cache) shows what paging costs."""
     config = StackConfig(hidden=HQ * D, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, layer_types=RUNNER_LAYERS,
                          window=1024)
@@ -281,6 +281,8 @@ def runner_rows(contexts, budgets, page_sizes, decode_steps: int = 16):
         g = torch.Generator(device="cuda").manual_seed(t)
         x = torch.randn(t, config.hidden, device="cuda", dtype=config.dtype, generator=g)
         session = ServingSession(stack, [ids], page_size=page_size, max_tokens_per_request=t + decode_steps + 1)
+        graphed = ServingSession(stack, [ids], page_size=page_size, max_tokens_per_request=t + decode_steps + 1,
+                                 cuda_graphs=True)
         runs = 3 if t > 32768 else 5
         want = stack.one_shot(x, ids, backend="triton")
         row = dict(tokens=t, layers=len(RUNNER_LAYERS), page_size=page_size, runs=runs,
@@ -290,22 +292,31 @@ def runner_rows(contexts, budgets, page_sizes, decode_steps: int = 16):
             got = session.prefill([x], budget)[0]
             row[key] = dict(steps=len(plan.steps), rel_err_vs_stack_one_shot=cases.rel_err(got, want),
                             ms=_wall_ms(lambda budget=budget: session.prefill([x], budget), runs))
+            # CUDA graphs: the first run captures each step shape, the timed runs replay them.
+            got = graphed.prefill([x], budget)[0]
+            row[key]["graphs_rel_err_vs_stack_one_shot"] = cases.rel_err(got, want)
+            row[key]["graphs_ms"] = _wall_ms(lambda budget=budget: graphed.prefill([x], budget), runs)
         for budget in budgets:
             cell = row[f"chunked_{budget}"]
             cell["throughput_vs_one_step"] = row["one_step"]["ms"] / cell["ms"]
+            cell["graphs_throughput_vs_one_step"] = row["one_step"]["graphs_ms"] / cell["graphs_ms"]
         # Decode after a whole prefill: each step appends one token per layer and attends the cache.
         tokens = torch.randn(decode_steps, 1, config.hidden, device="cuda", dtype=config.dtype, generator=g)
         first = session.decode(tokens[0])
         full = stack.one_shot(torch.cat([x, tokens[0]]), torch.cat([ids, ids.new_zeros(1)]), backend="triton")
         row["decode_rel_err_vs_stack_one_shot"] = cases.rel_err(first, full[-1:])
-        times = []
-        for i in range(1, decode_steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            session.decode(tokens[i])
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - t0))
-        row["decode_ms_per_step"] = statistics.median(times)
+        graphed.prefill([x], t)
+        row["decode_graphs_rel_err_vs_stack_one_shot"] = cases.rel_err(graphed.decode(tokens[0]), full[-1:])
+        for name, s in (("decode_ms_per_step", session), ("decode_graphs_ms_per_step", graphed)):
+            times = []
+            for i in range(1, decode_steps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                s.decode(tokens[i])
+                torch.cuda.synchronize()
+                times.append(1000 * (time.perf_counter() - t0))
+            row[name] = statistics.median(times)
+        del graphed
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -434,20 +445,23 @@ def main() -> None:
                   for r in result["prefill"] for b in (2048, 8192)) + "."]
     if result["runner"]:
         lines += ["", f"End-to-end runner (`bidiattn.runner.ServingSession`): {len(RUNNER_LAYERS)} layers "
-                  f"({', '.join(RUNNER_LAYERS)}), hidden {HQ * D}, window 1024; eager, "
-                  "wall-clock median, host work of every step included. *stack one shot*: "
+                  f"({', '.join(RUNNER_LAYERS)}), hidden {HQ * D}, window 1024; wall-clock median, host work of "
+                  "every step included; *eager*: the session's Python per layer, *graphs*: `cuda_graphs=True` "
+                  "(each step shape captured in a first run, replayed in the timed ones). *stack one shot*: "
                   "`AttentionStack.one_shot` (contiguous K/V, no cache); *one step*: the session with a budget of "
-                  "the whole prompt; chunk columns: throughput relative to one step; rel. err: the session's "
-                  "output vs the stack's one shot:", "",
-                  "| tokens | page size | stack one shot | one step | chunks of 2K | chunks of 8K | max rel. err "
-                  "| decode, ms/step |", "|---|---|---|---|---|---|---|---|"]
+                  "the whole prompt; chunk columns: throughput relative to one step of the same mode; rel. err: "
+                  "the session's output vs the stack's one shot (both modes):", "",
+                  "| tokens | page size | mode | stack one shot | one step | chunks of 2K | chunks of 8K | max rel. err "
+                  "| decode, ms/step |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["runner"]:
-            cells = [f"{r[f'chunked_{b}']['ms']:.1f} ms ({r[f'chunked_{b}']['throughput_vs_one_step']:.2f}x, "
-                     f"{r[f'chunked_{b}']['steps']} steps)" for b in (2048, 8192)]
-            err = max([r["decode_rel_err_vs_stack_one_shot"]] + [r[k]["rel_err_vs_stack_one_shot"] for k in r
-                                                                   if k == "one_step" or k.startswith("chunked_")])
-            lines.append(f"| {r['tokens']} | {r['page_size']} | {r['stack_one_shot_ms']:.1f} ms | {r['one_step']['ms']:.1f} ms | "
-                         + " | ".join(cells) + f" | {err:.1e} | {r['decode_ms_per_step']:.2f} |")
+            for mode, pre in (("eager", ""), ("graphs", "graphs_")):
+                cells = [f"{r[f'chunked_{b}'][pre + 'ms']:.1f} ms ({r[f'chunked_{b}'][pre + 'throughput_vs_one_step']:.2f}x, "
+                         f"{r[f'chunked_{b}']['steps']} steps)" for b in (2048, 8192)]
+                err = max([r[f"decode_{pre}rel_err_vs_stack_one_shot"]]
+                          + [r[k][pre + "rel_err_vs_stack_one_shot"] for k in r if k == "one_step" or k.startswith("chunked_")])
+                lines.append(f"| {r['tokens']} | {r['page_size']} | {mode} | {r['stack_one_shot_ms']:.1f} ms | "
+                             f"{r['one_step'][pre + 'ms']:.1f} ms | " + " | ".join(cells)
+                             + f" | {err:.1e} | {r[f'decode_{pre}ms_per_step']:.2f} |")
     m = result["metadata"] or {}
     lines += [] if not m else ["", f"Span metadata at {m['tokens']} tokens ({m['blocks']} blocks), {m['bytes_per_token']} bytes/token "
               f"(block-list spans equal rules.build: {m['blocks_match_build']}):", "",
