@@ -72,16 +72,20 @@ def main() -> None:
             row = dict(case=case.name, tokens=case.tokens, hq=case.hq, hkv=case.hkv, head_dim=case.head_dim, pairs=pairs,
                        sdpa_dense_fwd_bwd_ms=sdpa_fb, sdpa_dense_fwd_bwd_tflops=(fwd_fl + bwd_fl) / sdpa_fb / 1e9)
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-            for key, backend, deterministic in (("bidiattn_triton", "triton", True), ("bidiattn_triton_atomic", "triton", False),
-                                                ("bidiattn_flex", "flex", True)):
+            # planned: both launch plans built once outside the timing (as a model's layers share them).
+            plan = bidiattn.plan_attention(spans, case.hq, case.hkv, case.head_dim, window=case.window)
+            for key, backend, deterministic, p in (("bidiattn_triton", "triton", True, None),
+                                                   ("bidiattn_planned", "triton", True, plan),
+                                                   ("bidiattn_triton_atomic", "triton", False, None),
+                                                   ("bidiattn_flex", "flex", True, None)):
                 def fwd_bwd():
-                    out = bidiattn.attention(qg, kg, vg, spans, backend=backend, deterministic=deterministic)
+                    out = bidiattn.attention(qg, kg, vg, spans, backend=backend, deterministic=deterministic, plan=p)
                     return torch.autograd.grad(out, (qg, kg, vg), dout)
 
                 try:
                     row[key + "_rel_err"] = err_of(fwd_bwd(), want)
                     row[key + "_fwd_bwd_ms"] = cases.ms(fwd_bwd, rep=100)
-                    row[key + "_fwd_ms"] = cases.ms(lambda: bidiattn.attention(q, k, v, spans, backend=backend), rep=100)
+                    row[key + "_fwd_ms"] = cases.ms(lambda: bidiattn.attention(q, k, v, spans, backend=backend, plan=p), rep=100)
                     row[key + "_fwd_bwd_tflops"] = (fwd_fl + bwd_fl) / row[key + "_fwd_bwd_ms"] / 1e9
                     row[key + "_bwd_tflops"] = bwd_fl / (row[key + "_fwd_bwd_ms"] - row[key + "_fwd_ms"]) / 1e9
                 except Exception as e:  # noqa: BLE001
@@ -95,16 +99,23 @@ def main() -> None:
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
              "(fwd 4, bwd 10 FLOPs per pair per head-dim element); bwd alone = (fwd+bwd) - fwd time.", ""]
     if rows:
-        lines += ["| case | bidiattn triton fwd+bwd | bwd alone | atomic-dQ fwd+bwd | bwd alone | bidiattn flex fwd+bwd | bwd alone "
-                  "| SDPA dense fwd+bwd | triton / flex |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["*planned*: `plan=bidiattn.plan_attention(...)` (forward and backward launch plans) built once "
+                  "outside the timing.", "",
+                  "| case | bidiattn triton fwd+bwd | bwd alone | planned fwd+bwd | bwd alone | atomic-dQ fwd+bwd | bwd alone "
+                  "| bidiattn flex fwd+bwd | bwd alone | SDPA dense fwd+bwd | triton / flex | planned / flex |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             def c(key):
                 return f"{r[key]:.0f}" if key in r else "fails"
-            ratio = (r["bidiattn_triton_fwd_bwd_tflops"] / r["bidiattn_flex_fwd_bwd_tflops"]
-                     if "bidiattn_flex_fwd_bwd_tflops" in r and "bidiattn_triton_fwd_bwd_tflops" in r else float("nan"))
+
+            def ratio(key):
+                flex = r.get("bidiattn_flex_fwd_bwd_tflops")
+                return f"{r[key] / flex:.2f}x" if flex and key in r else "n/a"
             lines.append(f"| {r['case']} | {c('bidiattn_triton_fwd_bwd_tflops')} | {c('bidiattn_triton_bwd_tflops')} | "
+                         f"{c('bidiattn_planned_fwd_bwd_tflops')} | {c('bidiattn_planned_bwd_tflops')} | "
                          f"{c('bidiattn_triton_atomic_fwd_bwd_tflops')} | {c('bidiattn_triton_atomic_bwd_tflops')} | "
-                         f"{c('bidiattn_flex_fwd_bwd_tflops')} | {c('bidiattn_flex_bwd_tflops')} | {c('sdpa_dense_fwd_bwd_tflops')} | {ratio:.2f}x |")
+                         f"{c('bidiattn_flex_fwd_bwd_tflops')} | {c('bidiattn_flex_bwd_tflops')} | {c('sdpa_dense_fwd_bwd_tflops')} | "
+                         f"{ratio('bidiattn_triton_fwd_bwd_tflops')} | {ratio('bidiattn_planned_fwd_bwd_tflops')} |")
     if sweep_rows:
         lines += ["", "Backward tile sweep (bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
         for r in sweep_rows:

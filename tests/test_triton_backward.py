@@ -7,6 +7,7 @@ with NaN (torch's deterministic mode), so an unwritten gradient row fails.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -214,19 +215,21 @@ def test_a_launch_plan_changes_nothing_in_outputs_or_gradients():
     q, k, v = (torch.randn(t, h, 64, generator=g).to(torch.bfloat16).to(DEVICE) for h in (4, 2, 2))
     dout = torch.randn(t, 4, 64, generator=g).to(DEVICE)
     dlse = torch.randn(4, t, generator=g).to(DEVICE)
-    plan = bidiattn.plan_attention(spans, 4, 2, 64, window=9)
+    plans = [None, bidiattn.plan_attention(spans, 4, 2, 64, window=9),
+             bidiattn.plan_attention(spans, 4, 2, 64, window=9, backward=False)]
+    assert plans[1].backward is not None and plans[2].backward is None
     runs = [grads_of(lambda q, k, v: bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p),
-                     q, k, v, dout, dlse) for p in (None, plan)]
-    outs = [bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p) for p in (None, plan)]
-    for a, b in zip((*runs[0], *outs[0]), (*runs[1], *outs[1])):
-        assert torch.equal(a, b)
+                     q, k, v, dout, dlse) for p in plans]
+    outs = [bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p) for p in plans]
+    for got_grads, got_outs in zip(runs[1:], outs[1:]):
+        for a, b in zip((*runs[0], *outs[0]), (*got_grads, *got_outs)):
+            assert torch.equal(a, b)
 
 
 def test_a_launch_plan_survives_the_operator_arguments():
-    import dataclasses
-
+    from bidiattn.kernels.backward import BackwardConfig, plan_backward
     from bidiattn.kernels.forward import TileConfig, plan_forward
-    from bidiattn.ops import _plan, plan_arguments
+    from bidiattn.ops import _backward_plan, _plan, plan_arguments
 
     # A new TileConfig field must be carried by plan_arguments too.
     assert [f.name for f in dataclasses.fields(TileConfig)] == [
@@ -240,6 +243,18 @@ def test_a_launch_plan_survives_the_operator_arguments():
     assert back.config == dataclasses.replace(cfg, edge_stages=3, kv_splits=plan.kv_splits)
     assert (back.pack, back.kv_splits, back.tiles.block_m) == (plan.pack, plan.kv_splits, plan.tiles.block_m)
     assert back.order is plan.order and back.tiles.hi_max is plan.tiles.hi_max
+    assert _backward_plan(spans, q, *plan_arguments(plan)) is None
+    # The gradient plan: its config with and without separate dQ tiles, and every tensor.
+    assert [f.name for f in dataclasses.fields(BackwardConfig)] == [
+        "block_m", "block_n", "num_warps", "num_stages", "split_d", "dq", "separate_dk_dv", "mask_free_tiles", "tma"]
+    for bcfg in (BackwardConfig(32, 16, 4, 2, tma=True),
+                 BackwardConfig(16, 32, 4, 1, 2, separate_dk_dv=True, dq=BackwardConfig(32, 16, 8, 1, mask_free_tiles=True))):
+        full = dataclasses.replace(plan, backward=plan_backward(spans, 64, config=bcfg))
+        bwd = _backward_plan(spans, q, *plan_arguments(full))
+        assert bwd.config == bcfg and bwd.head_dim == 64 and bwd.query_tiles.block_m == bcfg.dq_pass.block_m
+        assert bwd.key_order is full.backward.key_order and bwd.query_order is full.backward.query_order
+        assert bwd.key_tiles.q_last is full.backward.key_tiles.q_last
+        assert bwd.query_tiles.num_tiles is full.backward.query_tiles.num_tiles
 
 
 def test_a_launch_plan_is_checked_against_the_call():
@@ -254,6 +269,16 @@ def test_a_launch_plan_is_checked_against_the_call():
         bidiattn.attention(q, k, v, image_spans(40, [(5, 25)], "gemma3").to(DEVICE), backend="triton", plan=plan)
     with pytest.raises(ValueError, match=r"for \(Hq, Hkv, D\) = \(4, 2, 32\), the call has \(4, 4, 32\)"):
         bidiattn.attention(q, q, q, spans, backend="triton", plan=plan)
+    with pytest.raises(TypeError, match="backward must be a bool, got int"):
+        bidiattn.plan_attention(spans, 4, 2, 32, backward=1)
+    from bidiattn.kernels.backward import plan_backward
+
+    other = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
+    with pytest.raises(ValueError, match="this BackwardPlan was made for another SpanMask object"):
+        bidiattn.attention(q, k, v, spans, backend="triton", plan=dataclasses.replace(plan, backward=plan_backward(other, 32)))
+    with pytest.raises(ValueError, match="pass either config or plan"):
+        span_attention_backward(q, q, k, v, q, torch.zeros(4, 40, device=DEVICE), spans, 0.2, None,
+                                config=BackwardConfig(64, 64, 4, 1), plan=plan.backward)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -108,9 +109,10 @@ def attention(
         segment_plan: for ``backend="fa4"``: :func:`bidiattn.segments.plan_segments` of
             ``spans``, built once and shared by the layers that use the same spans (saves the
             planning and its host sync on every call). Ignored by the other backends.
-        plan: for the triton forward: :func:`plan_attention` of these ``spans`` (the same
-            object) and head shape, built once and shared by the layers that use them; without
-            it every call plans its launch (a few small kernels and ~0.4 ms of host time on an
+        plan: for the triton kernels: :func:`plan_attention` of these ``spans`` (the same
+            object) and head shape, built once and shared by the layers that use them (the
+            backward uses its gradient plan when it has one); without it every call plans its
+            launch (a few small kernels and ~0.4 ms of host time on an
             H200 host, which a short call cannot hide: a sliding hd256 layer at 16K tokens ran
             0.36 ms planned, 0.45-1.03 ms unplanned; ``benchmarks/NOTES.md``). ``ValueError``
             if the call does not run the triton backend or the plan is for other spans or heads.
@@ -182,12 +184,14 @@ def attention(
 
 
 def plan_attention(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
-                   window: int | None = None) -> LaunchPlan:
-    """The triton forward's launch plan for ``spans`` and a head shape (``q [T, Hq, D]``,
+                   window: int | None = None, backward: bool = True) -> LaunchPlan:
+    """The triton kernels' launch plan for ``spans`` and a head shape (``q [T, Hq, D]``,
     ``k``/``v [T_keys, Hkv, D]`` with ``Hq = num_q_heads``, ``Hkv = num_kv_heads``,
-    ``D = head_dim``): tile config, per-tile key bounds and the longest-first launch order,
-    built on the spans' device with no host sync. Pass it as ``attention(..., plan=)`` to every
-    layer that uses these spans and head shape; ``window`` is the layers' sliding window, if any.
+    ``D = head_dim``): tile configs, per-tile bounds and longest-first launch orders, built on
+    the spans' device with no host sync. Pass it as ``attention(..., plan=)`` to every layer
+    that uses these spans and head shape; ``window`` is the layers' sliding window, if any.
+    ``backward``: also plan the gradient kernels (their key and query tiles), for training;
+    ``False`` skips that work for inference (a backward through such a plan plans in the call).
 
     Example (a model's layers sharing one mask)::
 
@@ -198,4 +202,11 @@ def plan_attention(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_di
     """
     from .kernels.forward import plan_forward
 
-    return plan_forward(spans, num_q_heads, num_kv_heads, head_dim, window=window)
+    if not isinstance(backward, bool):
+        raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
+    plan = plan_forward(spans, num_q_heads, num_kv_heads, head_dim, window=window)
+    if not backward:
+        return plan
+    from .kernels.backward import plan_backward
+
+    return dataclasses.replace(plan, backward=plan_backward(spans, head_dim))

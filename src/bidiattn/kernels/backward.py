@@ -28,12 +28,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..spans import SpanMask
+from ..spans import SpanMask, TileSummary
 from .forward import _fits
 from .indexing import program_tile
 from .tiles import fast_tile_summary
 
-__all__ = ["BackwardConfig", "pick_backward_config", "key_tile_ranges", "span_attention_backward"]
+__all__ = ["BackwardConfig", "BackwardPlan", "KeyTiles", "pick_backward_config", "key_tile_ranges", "plan_backward",
+           "span_attention_backward"]
 
 _LOG2E = 1.4426950408889634
 
@@ -364,26 +365,78 @@ def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
     return KeyTiles(seq, key_start, keys, q_first.to(torch.int32), q_last.to(torch.int32))
 
 
+@dataclass(frozen=True)
+class BackwardPlan:
+    """What the backward launcher derives from the spans before it launches: the tile config,
+    the key tiles of the dK/dV pass with the query rows that see them, the query tiles of the dQ
+    pass, and both longest-first launch orders. Built once by :func:`plan_backward` and shared
+    by the layers that use the same spans and head dim (no host sync to build). Tied to its
+    :class:`SpanMask` object."""
+
+    spans: SpanMask
+    head_dim: int
+    config: BackwardConfig
+    key_tiles: KeyTiles
+    key_order: torch.Tensor
+    query_tiles: TileSummary
+    query_order: torch.Tensor
+
+    def check(self, q: torch.Tensor, spans: SpanMask) -> None:
+        """ValueError unless this plan was made for these spans and head dim."""
+        if spans is not self.spans:
+            raise ValueError("this BackwardPlan was made for another SpanMask object; plan each step's spans")
+        if q.shape[2] != self.head_dim:
+            raise ValueError(f"this BackwardPlan is for head_dim={self.head_dim}, the call has {q.shape[2]}")
+
+
+def plan_backward(spans: SpanMask, head_dim: int, config: BackwardConfig | None = None) -> BackwardPlan:
+    """The :class:`BackwardPlan` of a backward call over ``spans`` at ``head_dim`` (no host sync);
+    ``config`` overrides :func:`pick_backward_config`."""
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if config is not None and not isinstance(config, BackwardConfig):
+        raise TypeError(f"config must be a BackwardConfig or None, got {type(config).__name__}")
+    cfg = config or pick_backward_config(head_dim)
+    kt = key_tile_ranges(spans, cfg.block_n)
+    # Longest first in both passes, as in the forward: the rows (keys) a tile walks vary with
+    # the image blocks.
+    key_order = torch.argsort(torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0), descending=True,
+                              stable=True).to(torch.int32)
+    qt = fast_tile_summary(spans, cfg.dq_pass.block_m)
+    query_order = torch.argsort(torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0), descending=True,
+                                stable=True).to(torch.int32)
+    return BackwardPlan(spans, head_dim, cfg, kt, key_order, qt, query_order)
+
+
 def span_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     spans: SpanMask, scale: float, softcap: float | None, dlse: torch.Tensor | None = None,
-    config: BackwardConfig | None = None, deterministic: bool = True,
+    config: BackwardConfig | None = None, deterministic: bool = True, plan: BackwardPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of the forward's ``out`` (and ``lse``, via ``dlse``).
 
     ``lse`` is the forward's natural-log lse ``[Hq, T]``; shapes as in the forward.
     ``deterministic=False`` accumulates dQ with fp32 atomics inside the dK/dV pass instead of
     a separate dQ pass (5 matmul units instead of 7; the summation order, so the low bits of
-    dQ, vary between runs).
+    dQ, vary between runs). ``plan`` (from :func:`plan_backward` on the same spans) skips the
+    planning; ``config`` must then be ``None``.
     """
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter's bf16 bug (see forward.py): run on fp32 copies, return bf16.
         grads = span_attention_backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, spans,
-                                        scale, softcap, dlse, config, deterministic)
+                                        scale, softcap, dlse, config, deterministic, plan)
         return tuple(g.to(q.dtype) for g in grads)
     t_len, hq, d = q.shape
     hkv = k.shape[1]
-    cfg = config or pick_backward_config(d)
+    if plan is None:
+        plan = plan_backward(spans, d, config)
+    else:
+        if config is not None:
+            raise ValueError("pass either config or plan (the plan carries its config)")
+        plan.check(q, spans)
+    cfg = plan.config
     block_d = triton.next_power_of_2(d)
     for c in (cfg, cfg.dq_pass):
         if block_d % c.split_d or block_d // c.split_d < 16:
@@ -402,11 +455,12 @@ def span_attention_backward(
     dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     args = (q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap is not None)
     with _fits(cfg, d):
-        _launch_dkdv(*args, dk, dv, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg)
+        _launch_dkdv(*args, dk, dv, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg, plan.key_tiles,
+                     plan.key_order)
     if dq_acc is not None:
         return dq_acc.to(q.dtype), dk, dv
     with _fits(cfg.dq_pass, d):
-        _launch_dq(*args, dq, cfg.dq_pass)
+        _launch_dq(*args, dq, cfg.dq_pass, plan.query_tiles, plan.query_order)
     return dq, dk, dv
 
 
@@ -427,10 +481,7 @@ def _tile_args(cfg: BackwardConfig, d: int, block_d: int, softcap: bool) -> dict
 
 
 def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
-                 dk, dv, dq_out, atomic_dq, cfg):
-    kt = key_tile_ranges(spans, cfg.block_n)
-    work = torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0)
-    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+                 dk, dv, dq_out, atomic_dq, cfg, kt, order):
     # PART 1 (dV) then 2 (dK, with the atomic dQ if asked), or 0: both in one launch.
     q_desc, do_desc, tma = _descriptors(q, do, cfg, cfg.block_m, block_d)
     for part in ((1, 2) if cfg.separate_dk_dv else (0,)):
@@ -441,10 +492,8 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq,
             GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
 
 
-def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg):
-    qt = fast_tile_summary(spans, cfg.block_m)
-    work = torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0)
-    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg,
+               qt, order):
     k_desc, v_desc, tma = _descriptors(k, v, cfg, cfg.block_n, block_d)
     _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
         q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, k_desc, v_desc,

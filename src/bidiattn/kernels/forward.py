@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -22,6 +23,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..spans import SpanMask, TileSummary
 from .indexing import program_tile
 from .tiles import fast_tile_summary
+
+if TYPE_CHECKING:
+    from .backward import BackwardPlan
 
 __all__ = ["LaunchPlan", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
 
@@ -383,7 +387,8 @@ class LaunchPlan:
     """Everything the forward launcher derives from the spans before it launches: the tile
     config, the tile summary, the longest-first tile order and the key-range split count.
 
-    Built once per step by :func:`plan_forward` and passed to every layer that uses the same
+    Built once per step by :func:`plan_forward` (``backward``: the gradient kernels' plan, from
+    :func:`bidiattn.plan_attention`, for training) and passed to every layer that uses the same
     spans and head shape (a serving step runs dozens of layers over one layout): the layers
     then pay for one kernel launch (two with ``kv_splits > 1``) instead of the ~6 small ops and
     launches of planning (an eager decode call cost ~315 µs of host time with them on an H200).
@@ -399,6 +404,7 @@ class LaunchPlan:
     tiles: TileSummary
     order: torch.Tensor
     kv_splits: int
+    backward: BackwardPlan | None = None
 
     def check(self, q: torch.Tensor, k: torch.Tensor, spans: SpanMask) -> None:
         """ValueError unless this plan was made for these spans and head shape."""
@@ -408,6 +414,8 @@ class LaunchPlan:
         want = (self.num_q_heads, self.num_kv_heads, self.head_dim)
         if got != want:
             raise ValueError(f"this LaunchPlan is for (Hq, Hkv, D) = {want}, the call has {got}")
+        if self.backward is not None:
+            self.backward.check(q, spans)
 
 
 def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int,
