@@ -91,9 +91,10 @@ def _attend(
     # every key tile ends inside the sequence, so the loads need no bounds mask either (hd512:
     # 259 -> 268 TFLOP/s on an H200). ONE_SIDED=False compares both sides whatever MASK says.
     # HALVES: q, k, v and the output in two column halves (b_q/b_q2, acc/acc2): q·k is the sum
-    # of two dots and each half of V feeds its own accumulator, so a head dim of 512 runs in one
-    # program without recomputing q·k, and each K/V load is a TMA box of 256 columns. Otherwise
-    # acc2/b_q2 are placeholders, never touched.
+    # of two dots and each half of V feeds its own accumulator; each K/V load is a TMA box of
+    # D/2 columns. Built for hd512 in one program (measured slower there: 160-166 TFLOP/s against
+    # 270 for split_dv=2), kept for hd256 with packed GQA tiles and TMA (414 -> 515 on an H200).
+    # Otherwise acc2/b_q2 are placeholders, never touched.
     WK: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
     WV: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
     PADDED: tl.constexpr = D < BLOCK_D
