@@ -290,7 +290,9 @@ def test_tma_loads_through_pages_equal_contiguous_and_ignore_unwritten_slots(see
     append(cache, k, v, table, spans.cu_seqlens, torch.zeros(len(lengths), dtype=torch.int64, device=DEVICE))
     extend = SpanMask(spans.lo, spans.hi, spans.cu_seqlens, cu_seqlens_k=spans.cu_seqlens, total_keys=t)
     want = reference.attention(q.float(), k.float(), v.float(), spans)
-    for cfg in (TileConfig(32, 16, 4, 2, tma=True), TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True, tma=True)):
+    for cfg in (TileConfig(32, 16, 4, 2, tma=True), TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True, tma=True),
+                TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
+                TileConfig(32, 16, 4, 2, column_halves=True)):
         got = paged_attention(q, cache, table, extend, plan=plan_forward(extend, HQ, HKV, D, config=cfg))
         contiguous = span_attention_forward_with(q, k, v, spans, cfg)
         assert torch.equal(got, contiguous), cfg  # the same tiles and loads; only the rows' addresses differ
@@ -312,3 +314,15 @@ def test_tma_is_used_exactly_when_pages_hold_whole_key_tiles(page_size, want):
     assert tma is want
     *_, tma = _descriptors(k, v, TileConfig(128, 64, 8, 3), 64, page_size)
     assert tma is False
+
+
+@pytest.mark.parametrize("halves", [False, True])
+def test_tma_at_head_dim_512_needs_column_halves(halves):
+    # A TMA box holds at most 256 columns: a 512-column K row fits only as two halves.
+    from bidiattn.kernels.forward import TileConfig, _descriptors
+
+    k, v = (torch.randn(256, 2, 512).half() for _ in range(2))
+    k_desc, v_desc, tma = _descriptors(k, v, TileConfig(64, 64, 8, 1, tma=True, column_halves=halves), 512, 0)
+    assert tma is halves
+    if halves:
+        assert list(k_desc.block_shape) == [64, 256] and list(v_desc.block_shape) == [64, 256]
