@@ -25,7 +25,7 @@ def _spans(lo: torch.Tensor, hi: torch.Tensor, cu_seqlens: torch.Tensor, cu_seql
     return SpanMask(lo, hi, cu_seqlens, validate=False, cu_seqlens_k=cu_seqlens_k, total_keys=total_keys)
 
 
-_FORWARD_INTS = 13  # ints of the forward part of a plan (see plan_arguments)
+_FORWARD_INTS = 12  # ints of the forward part of a plan (see plan_arguments)
 _FORWARD_TENSORS = 9
 
 
@@ -33,11 +33,13 @@ def plan_arguments(plan: LaunchPlan) -> tuple[list[torch.Tensor], list[int]]:
     """A :class:`LaunchPlan` as operator arguments: its tensors (tile arrays, launch orders) and
     its launch parameters as ints, resolved (edge-loop depth, key-range splits, the dQ pass's
     tiles) so none is optional; the gradient plan, if any, follows the forward's. Plain
-    attribute reads, so ``torch.compile`` traces them as constants."""
+    attribute reads, so ``torch.compile`` traces them as constants. The tile summaries' row
+    counts are not passed: they follow from the configs (``block_m // pack``, the dQ pass's
+    ``block_m``), as in :func:`~bidiattn.kernels.forward.plan_forward` and ``plan_backward``."""
     t, c = plan.tiles, plan.config
     tensors = [t.seq, t.row_start, t.rows, t.lo_min, t.lo_max, t.hi_min, t.hi_max, t.num_tiles, plan.order]
     ints = [c.block_m, c.block_n, c.num_warps, c.num_stages, c.split_dv, int(c.pack_gqa), int(c.one_sided_masks),
-            c.edge_stages or c.num_stages, int(c.tma), int(c.column_halves), plan.pack, plan.kv_splits, t.block_m]
+            c.edge_stages or c.num_stages, int(c.tma), int(c.column_halves), plan.pack, plan.kv_splits]
     b = plan.backward
     if b is not None:
         kt, qt = b.key_tiles, b.query_tiles
@@ -46,17 +48,16 @@ def plan_arguments(plan: LaunchPlan) -> tuple[list[torch.Tensor], list[int]]:
         for x in (b.config, b.config.dq_pass):
             ints += [x.block_m, x.block_n, x.num_warps, x.num_stages, x.split_d, int(x.separate_dk_dv),
                      int(x.mask_free_tiles), int(x.tma)]
-        ints.append(qt.block_m)
     return tensors, ints
 
 
 def _plan(spans: SpanMask, q: torch.Tensor, k: torch.Tensor, tensors: list[torch.Tensor], ints: list[int]) -> LaunchPlan:
     """The forward part of :func:`plan_arguments`, back (the config with its optional fields resolved)."""
-    bm, bn, warps, stages, split_dv, pack_gqa, one_sided, edge, tma, halves, pack, kv_splits, tile_rows = ints[:_FORWARD_INTS]
+    bm, bn, warps, stages, split_dv, pack_gqa, one_sided, edge, tma, halves, pack, kv_splits = ints[:_FORWARD_INTS]
     config = TileConfig(bm, bn, warps, stages, split_dv, kv_splits, bool(pack_gqa), bool(one_sided), edge, bool(tma),
                         bool(halves))
     *arrays, order = tensors[:_FORWARD_TENSORS]
-    return LaunchPlan(spans, q.shape[1], k.shape[1], q.shape[2], config, pack, TileSummary(tile_rows, *arrays), order,
+    return LaunchPlan(spans, q.shape[1], k.shape[1], q.shape[2], config, pack, TileSummary(bm // pack, *arrays), order,
                       kv_splits)
 
 
@@ -64,7 +65,7 @@ def _backward_plan(spans: SpanMask, q: torch.Tensor, tensors: list[torch.Tensor]
     """The gradient part of :func:`plan_arguments`, back; ``None`` if the plan had none."""
     if len(ints) == _FORWARD_INTS:
         return None
-    main, dq, tile_rows = ints[_FORWARD_INTS : _FORWARD_INTS + 8], ints[_FORWARD_INTS + 8 : -1], ints[-1]
+    main, dq = ints[_FORWARD_INTS : _FORWARD_INTS + 8], ints[_FORWARD_INTS + 8 :]
 
     def config(x, dq_config=None):
         bm, bn, warps, stages, split_d, separate, mask_free, tma = x
@@ -73,7 +74,8 @@ def _backward_plan(spans: SpanMask, q: torch.Tensor, tensors: list[torch.Tensor]
     cfg = config(main, None if dq == main else config(dq))
     kt, key_order, qt, query_order = (tensors[_FORWARD_TENSORS : _FORWARD_TENSORS + 5], tensors[_FORWARD_TENSORS + 5],
                                       tensors[_FORWARD_TENSORS + 6 : -1], tensors[-1])
-    return BackwardPlan(spans, q.shape[2], cfg, KeyTiles(*kt), key_order, TileSummary(tile_rows, *qt), query_order)
+    return BackwardPlan(spans, q.shape[2], cfg, KeyTiles(*kt), key_order, TileSummary(cfg.dq_pass.block_m, *qt),
+                        query_order)
 
 
 @torch.library.custom_op("bidiattn::span_attention", mutates_args=())

@@ -143,7 +143,8 @@ class ServingSession:
         self.graphs: dict[tuple[tuple[int, ...], int], StepGraph] = {}
 
     def _step(self, rows: list[tuple[int, int, int]], h: torch.Tensor) -> torch.Tensor:
-        """Append and attend ``rows`` = (request, start, end) for every layer; returns the new ``h``."""
+        """Append and attend ``rows`` = (request, start, end) for every layer; returns the new
+        ``h`` (with CUDA graphs: the captured output, overwritten by the next replay)."""
         reqs = tuple(r for r, _, _ in rows)
         # One host tensor (offsets, starts, request indices), one copy, no host sync.
         cu_q_host = [0, *accumulate(e - s for _, s, e in rows)]
@@ -167,7 +168,7 @@ class ServingSession:
         step.h.copy_(h)
         step.offsets.copy_(offsets.pin_memory(), non_blocking=True)
         step.graph.replay()
-        return step.out.clone()
+        return step.out
 
     def _layers(self, h: torch.Tensor, offsets: torch.Tensor, blocks: BlockList, total_keys: int) -> torch.Tensor:
         """Every layer of one step on the device. The step's spans come from the requests' block
@@ -227,4 +228,6 @@ class ServingSession:
         rows = [(r, n, n + 1) for r, n in enumerate(self.lengths)]
         h = self._step(rows, x)
         self.lengths = [n + 1 for n in self.lengths]
-        return h
+        # A captured step's output is overwritten by the next replay; prefill copies its slices
+        # out at once, decode hands its output to the caller.
+        return h.clone() if self.cuda_graphs else h
