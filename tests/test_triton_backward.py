@@ -257,6 +257,15 @@ def test_a_launch_plan_survives_the_operator_arguments():
         assert bwd.query_tiles.num_tiles is full.backward.query_tiles.num_tiles
 
 
+def test_plan_attention_needs_spans_the_kernels_can_read(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spans = image_spans(40, [(5, 25)], "gemma3")
+    with pytest.raises(ValueError, match="spans must be on a CUDA device .or TRITON_INTERPRET=1., got cpu"):
+        bidiattn.plan_attention(spans, 4, 2, 32)
+    with pytest.raises(TypeError, match="spans must be a bidiattn.SpanMask, got dict"):
+        bidiattn.plan_attention({}, 4, 2, 32)
+
+
 def test_a_launch_plan_is_checked_against_the_call():
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     q, k, v = (torch.randn(40, h, 32).half().to(DEVICE) for h in (4, 2, 2))

@@ -193,6 +193,13 @@ def plan_attention(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_di
     ``backward``: also plan the gradient kernels (their key and query tiles), for training;
     ``False`` skips that work for inference (a backward through such a plan plans in the call).
 
+    The plan summarizes the mask itself — per tile of query rows the min/max of ``lo``/``hi``
+    (row ``i`` sees keys ``lo[i]..hi[i]``), per key tile the rows that see it — so it is valid
+    for this ``SpanMask`` object only: :func:`attention` raises ``ValueError`` for a plan made
+    from other spans (even equal ones) or another head shape. Spans must be on a CUDA device
+    (or run under ``TRITON_INTERPRET=1``); bad sizes, a head count that is not a multiple of
+    the K/V head count or a non-positive window raise ``ValueError``.
+
     Example (a model's layers sharing one mask)::
 
         spans = rules.build("gemma3", "official", "full", block_ids=ids)
@@ -204,6 +211,11 @@ def plan_attention(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_di
 
     if not isinstance(backward, bool):
         raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
+    if spans.lo.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"plan_attention plans the triton kernels: spans must be on a CUDA device "
+                         f"(or TRITON_INTERPRET=1), got {spans.lo.device}")
     plan = plan_forward(spans, num_q_heads, num_kv_heads, head_dim, window=window)
     if not backward:
         return plan

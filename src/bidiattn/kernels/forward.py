@@ -309,8 +309,9 @@ class TileConfig:
     head dim of 16 to 256 (512 with ``column_halves``) that is a power of two, 16-byte-aligned rows — and through pointer
     loads elsewhere (same results).
     ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
-    the sum of two dots, one accumulator per half of V): a head dim of 512 in one program
-    without recomputing q·k as ``split_dv`` does, with K/V tiles in TMA boxes of 256 columns.
+    the sum of two dots, one accumulator per half of V), K/V tiles in TMA boxes of D/2 columns.
+    One H200, 16K tokens: hd256 with packed GQA tiles and TMA 414 -> 515 TFLOP/s (the default
+    there); hd512 in one program without ``split_dv``'s q·k recompute 160-166 against 270.
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -378,8 +379,9 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
         # everywhere: 258 with halves; 64x32, 4 warps (the first version): 152.
         return TileConfig(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)
     # A 128x512 fp32 accumulator does not fit in registers; two programs of 256 output columns
-    # each recompute q.k: 184, against 104 for the best unsplit 64-row tile. No TMA: a K tile
-    # row of 512 columns is wider than a TMA box (256).
+    # each recompute q.k: 184 (270 since), against 104 for the best unsplit 64-row tile. No
+    # TMA: a 512-column K row fits a TMA box (256 columns) only in column halves, which
+    # measured 216 here (results/tune-forward-halves2-*).
     return TileConfig(128, 64, 8, 1, split_dv=2)
 
 
