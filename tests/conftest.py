@@ -83,3 +83,15 @@ def lowp_attention(q, k, v, spans, scale, softcap, return_lse=False):
     s = s.masked_fill(~spans.to_dense(), float("-inf"))
     out = torch.matmul(torch.softmax(s, -1), vt).transpose(0, 1)
     return (out, torch.logsumexp(s, -1).float()) if return_lse else out
+
+
+def assert_longest_first(order: torch.Tensor, work: torch.Tensor, longest: int, classes: int = 64):
+    """``order`` (a kernel launch order) must be the tiles sorted by work class, longest first,
+    tile index order inside a class: class ``c`` holds work in the ``c``-th of ``classes`` equal
+    slices of ``[0, longest]`` (see ``bidiattn.kernels.tiles``)."""
+    cls = (classes - 1) - work.long().clamp_min(0) * classes // (longest + 1)
+    assert torch.equal(order, torch.argsort(cls, stable=True).to(torch.int32))
+    assert sorted(order.tolist()) == list(range(order.numel()))
+    real = work > 0
+    if bool(real.any()):
+        assert int(work[int(order[0])]) * classes // (longest + 1) == int(work.max()) * classes // (longest + 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bidiattn import SpanMask, rules
-from conftest import random_packed_layout
+from conftest import assert_longest_first, random_packed_layout
 
 
 def t(values, dtype=torch.int32):
@@ -114,16 +114,19 @@ def test_build_on_cuda_matches_cpu_without_sync():
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_fast_tile_summary_equals_the_spec(seed):
+def test_query_tiles_equal_the_spec(seed):
     pytest.importorskip("triton", reason="triton is not installed")
-    from bidiattn.kernels.tiles import fast_tile_summary
+    from bidiattn.kernels.tiles import query_tiles
 
     rng = random.Random(seed)
     ids, cu = random_packed_layout(rng, max_seqs=rng.choice([1, 3, 9]), max_len=120)
-    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=rng.randint(1, 30), cu_seqlens=cu)
+    spans = rules.build("gemma3", "official", rng.choice(["sliding", "full"]), block_ids=ids,
+                        window=rng.randint(1, 30), cu_seqlens=cu)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    spans = spans.to(device)
+    longest = int((cu[1:] - cu[:-1]).max())
     for block in (16, 64, 128):
-        want, got = spans.tile_summary(block), fast_tile_summary(spans, block)
+        want, (got, order) = spans.tile_summary(block), query_tiles(spans.to(device), block)
         for name in ("seq", "row_start", "rows", "lo_min", "lo_max", "hi_min", "hi_max", "num_tiles"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), (name, block)
+            assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), (name, block)
+        work = torch.where(want.rows > 0, want.hi_max - want.lo_min + 1, 0)
+        assert_longest_first(order.cpu(), work, longest)

@@ -101,6 +101,37 @@ def test_generate_through_the_triton_kernels_matches_eager_logits(family):
     assert (steps[0] - steps[1]).abs().max() < 0.1
 
 
+def test_layers_of_a_kind_share_their_spans_and_plan(monkeypatch):
+    # Four layers, two of each kind: one spans build and one launch plan per kind and step,
+    # and the shared plan changes no value (against every layer building its own).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_tiny("tiny-gemma3", num_layers=4).to(device, torch.bfloat16)
+    name = bidiattn_hf.register("bidiattn-test-triton-shared", backend="triton")
+    inputs = {k: v.to(device) for k, v in random_inputs("gemma3", random.Random(3), batch=2, pad=(0, 0)).items()}
+    calls = {"build": 0, "plan": 0}
+
+    def counting(fn, what):
+        def wrapped(*args, **kwargs):
+            calls[what] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(bidiattn_hf.rules, "build", counting(bidiattn_hf.rules.build, "build"))
+    monkeypatch.setattr(bidiattn_hf, "plan_attention", counting(bidiattn_hf.plan_attention, "plan"))
+    shared = logits(model, name, inputs)
+    assert calls == {"build": 2, "plan": 2}
+    with monkeypatch.context() as m:
+        m.setattr(bidiattn_hf, "_memo", lambda source, key, build: build())
+        calls.update(build=0, plan=0)
+        each = logits(model, name, inputs)
+        assert calls == {"build": 4, "plan": 4}
+    assert torch.equal(shared, each)
+    model.set_attn_implementation(name)
+    calls.update(build=0, plan=0)
+    model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert calls["plan"] == 2 * 3  # the prefill and two decode steps, two layer kinds each
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_gradients_match_eager(family):
     model = build_tiny(f"tiny-{family}").train()

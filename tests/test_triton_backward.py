@@ -18,8 +18,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
-from bidiattn.kernels.backward import BackwardConfig, key_tile_ranges, span_attention_backward  # noqa: E402
-from conftest import image_spans, lowp_attention, random_packed_layout  # noqa: E402
+from bidiattn.kernels.backward import BackwardConfig, span_attention_backward  # noqa: E402
+from bidiattn.kernels.tiles import key_tile_ranges_spec, key_tiles  # noqa: E402
+from conftest import assert_longest_first, image_spans, lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -147,7 +148,12 @@ def test_key_tile_ranges_are_exactly_the_rows_that_see_each_tile():
                             window=rng.randint(1, 15), cu_seqlens=cu)
         dense = spans.to_dense()
         block_n = rng.choice([16, 32])
-        kt = key_tile_ranges(spans, block_n)
+        kt = key_tile_ranges_spec(spans, block_n)
+        fused, order = key_tiles(spans.to(DEVICE), block_n)
+        for name in ("seq", "key_start", "keys", "q_first", "q_last"):
+            assert torch.equal(getattr(fused, name).cpu(), getattr(kt, name)), name
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        assert_longest_first(order.cpu(), torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0), max(lengths))
         for i in range(kt.keys.numel()):
             if int(kt.keys[i]) == 0:
                 continue

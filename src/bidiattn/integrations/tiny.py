@@ -23,22 +23,26 @@ def _tiny_text(**extra) -> dict:
     return cfg
 
 
-def build_tiny(name: str, seed: int = 0, attn_implementation: str = "eager"):
-    """A tiny model (two layers: one sliding, one full) with weights drawn from ``seed``."""
+def build_tiny(name: str, seed: int = 0, attn_implementation: str = "eager", num_layers: int = 2):
+    """A tiny model (``num_layers`` layers, sliding and full in turn, two by default) with
+    weights drawn from ``seed``."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2 or num_layers % 2:
+        raise ValueError(f"num_layers must be an even int >= 2, got {num_layers!r}")
     tf = _transformers()
+    kinds = ["sliding_attention", "full_attention"] * (num_layers // 2)
     if name == "tiny-gemma3":
-        cfg = tf.Gemma3Config(text_config=_tiny_text(layer_types=["sliding_attention", "full_attention"]),
+        cfg = tf.Gemma3Config(text_config=_tiny_text(layer_types=kinds, num_hidden_layers=num_layers),
                               vision_config=_TINY_VISION, mm_tokens_per_image=4, image_token_index=5)
         cls = tf.Gemma3ForConditionalGeneration
     elif name == "tiny-gemma4":
         cfg = tf.Gemma4Config(
-            text_config=_tiny_text(layer_types=["sliding_attention", "full_attention"], global_head_dim=16,
+            text_config=_tiny_text(layer_types=kinds, num_hidden_layers=num_layers, global_head_dim=16,
                                    use_bidirectional_attention="vision", hidden_size_per_layer_input=0,
                                    vocab_size_per_layer_input=64, num_kv_shared_layers=0),
             vision_config=None, audio_config=None)
         cls = tf.Gemma4ForConditionalGeneration
     elif name == "tiny-paligemma":
-        cfg = tf.PaliGemmaConfig(text_config=_tiny_text(model_type="gemma2"), vision_config=_TINY_VISION,
+        cfg = tf.PaliGemmaConfig(text_config=_tiny_text(model_type="gemma2", num_hidden_layers=num_layers), vision_config=_TINY_VISION,
                                  image_token_index=5, projection_dim=32)
         cls = tf.PaliGemmaForConditionalGeneration
     else:

@@ -23,22 +23,24 @@ How it plugs in (both through transformers' official registries):
 Scope and limits: prefill and training run the chosen backend on the packed batch; decode and
 cached extend steps (fewer queries than keys) run it on extend spans (queries are the last rows
 of each key sequence; ``backend="flex"`` falls back to ``"auto"`` there, FlexAttention taking
-self-attention spans only). Spans are rebuilt per layer and step in O(sequence length) on
-the device; paged caches and split-KV decode are a separate milestone. Padding must be
-left padding. A bidirectional block may not straddle a cache boundary (transformers' own
-``generate`` prefills whole prompts). Sliding windows must be at least 2. Attention dropout is
+self-attention spans only). Spans (and, for the triton kernels, their launch plan) are built
+in O(sequence length) on the device once per step and layer kind, and shared by the layers of
+that kind (``SpanSource.layer_masks``). The integration runs on transformers' own cache
+(paged caches and split-KV decode are :mod:`bidiattn.kvcache` and :mod:`bidiattn.runner`).
+Padding must be left padding. A bidirectional block may not straddle a cache boundary
+(transformers' own ``generate`` prefills whole prompts). Sliding windows must be at least 2. Attention dropout is
 not supported.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .. import rules
-from ..attention import BACKENDS, attention
+from ..attention import BACKENDS, _triton_unsupported, attention, plan_attention
 from ..spans import SpanMask
 
 __all__ = [
@@ -102,6 +104,12 @@ class SpanSource:
       than it even on full layers).
 
     Built once per mask by the hook and shared by every layer that uses the mask.
+
+    - ``layer_masks``: filled by the attention function, per layer kind (rule, window, query
+      count, head shape): the spans and, where the triton kernels run, their launch plan
+      (:func:`bidiattn.plan_attention`), so a forward builds each once instead of once per layer
+      (two for a Gemma-3 model's dozens of layers). Not used under ``torch.compile``, where
+      every layer builds its own.
     """
 
     family: str
@@ -112,6 +120,7 @@ class SpanSource:
     cu_seqlens: torch.Tensor
     first_key: tuple[int, ...]
     sliding_window: int | None
+    layer_masks: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _as_int(value, name: str) -> int:
@@ -221,6 +230,27 @@ def _rule_window(source: SpanSource, family: str, convention: str, layer: str, s
     return window
 
 
+def _memo(source: SpanSource, key: tuple, build):
+    """``build()`` once per ``key`` and mask (see ``SpanSource.layer_masks``)."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in source.layer_masks:
+        source.layer_masks[key] = build()
+    return source.layer_masks[key]
+
+
+def _run(q, k, v, spans, key, source, backend, scaling, softcap, window):
+    """:func:`attention` on ``[T, H, D]`` views, with a launch plan shared through ``source``
+    where the triton kernels run (outside ``torch.compile``, which plans inside the operator)."""
+    plan = None
+    triton_runs = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
+    if triton_runs and not torch.compiler.is_compiling() and _triton_unsupported(q, k, v) is None:
+        backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        plan = _memo(source, key + ("plan", q.shape[1], k.shape[1], q.shape[2], backward),
+                     lambda: plan_attention(spans, q.shape[1], k.shape[1], q.shape[2], window=window, backward=backward))
+    return attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend, plan=plan)
+
+
 def _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn):
     """Tq == Tk, no cache: the batch packed as varlen sequences (``source.cu_seqlens``)."""
     bsz, hq, t, d = query.shape
@@ -230,8 +260,10 @@ def _prefill(query, key, value, source, convention, layer, window, backend, scal
         mask = rules.dense(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu)
         per_row = torch.stack([mask[i * t : (i + 1) * t, i * t : (i + 1) * t] for i in range(bsz)])
         return dense_fn(per_row)
-    spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu, validate=False)
-    out = attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend)
+    memo_key = ("prefill", source.family, convention, layer, window)
+    spans = _memo(source, memo_key, lambda: rules.build(source.family, convention, layer, block_ids=ids, window=window,
+                                                        cu_seqlens=cu, validate=False))
+    out = _run(q, k, v, spans, memo_key, source, backend, scaling, softcap, window)
     return out.view(bsz, t, hq, d)
 
 
@@ -269,17 +301,23 @@ def _extend(query, key, value, source, convention, layer, window, backend, scali
     ``lo``. A batch of one needs no copy (the kernels take strided views)."""
     bsz, hq, tq, d = query.shape
     tk = key.shape[2]
-    bounds = _extend_bounds(source, convention, layer, window, tq, query.device, dense=dense_fn is not None)
     if dense_fn is not None:
+        bounds = _extend_bounds(source, convention, layer, window, tq, query.device, dense=True)
         keys = torch.arange(tk, device=query.device)
         return dense_fn(torch.stack([(keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None]) for lo, hi in bounds]))
-    lo = torch.cat([lo for lo, _ in bounds]).to(torch.int32)
-    hi = torch.cat([hi for _, hi in bounds]).to(torch.int32)
-    cu_q = torch.arange(0, (bsz + 1) * tq, tq, device=query.device, dtype=torch.int64)
-    cu_k = torch.arange(0, (bsz + 1) * tk, tk, device=query.device, dtype=torch.int64)
-    spans = SpanMask(lo, hi, cu_q, validate=False, cu_seqlens_k=cu_k, total_keys=bsz * tk)
+
+    def build():
+        bounds = _extend_bounds(source, convention, layer, window, tq, query.device, dense=False)
+        lo = torch.cat([lo for lo, _ in bounds]).to(torch.int32)
+        hi = torch.cat([hi for _, hi in bounds]).to(torch.int32)
+        cu_q = torch.arange(0, (bsz + 1) * tq, tq, device=query.device, dtype=torch.int64)
+        cu_k = torch.arange(0, (bsz + 1) * tk, tk, device=query.device, dtype=torch.int64)
+        return SpanMask(lo, hi, cu_q, validate=False, cu_seqlens_k=cu_k, total_keys=bsz * tk)
+
+    memo_key = ("extend", source.family, convention, layer, window, bsz, tq, tk)
+    spans = _memo(source, memo_key, build)
     q, k, v = (x.transpose(1, 2).reshape(bsz * x.shape[2], x.shape[1], d) for x in (query, key, value))
-    out = attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend if backend != "flex" else "auto")
+    out = _run(q, k, v, spans, memo_key, source, backend if backend != "flex" else "auto", scaling, softcap, window)
     return out.view(bsz, tq, hq, d)
 
 

@@ -31,9 +31,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..spans import SpanMask, TileSummary
 from .forward import _fits
 from .indexing import program_tile
-from .tiles import fast_tile_summary
+from .tiles import KeyTiles, key_tiles, query_tiles
 
-__all__ = ["BackwardConfig", "BackwardPlan", "KeyTiles", "pick_backward_config", "key_tile_ranges", "plan_backward",
+__all__ = ["BackwardConfig", "BackwardPlan", "KeyTiles", "pick_backward_config", "plan_backward",
            "span_attention_backward"]
 
 _LOG2E = 1.4426950408889634
@@ -337,35 +337,6 @@ def pick_backward_config(head_dim: int) -> BackwardConfig:
 
 
 @dataclass(frozen=True)
-class KeyTiles:
-    """Key tiles of ``block_n`` keys of one sequence, with the local query rows that see them.
-
-    Same fixed capacity as :class:`~bidiattn.spans.TileSummary`; int32 ``[capacity]`` each:
-    ``seq``, ``key_start`` (local), ``keys`` (0 for padding), ``q_first``/``q_last`` (local,
-    inclusive; every row outside the range has no allowed key in the tile).
-    """
-
-    seq: torch.Tensor
-    key_start: torch.Tensor
-    keys: torch.Tensor
-    q_first: torch.Tensor
-    q_last: torch.Tensor
-
-
-def key_tile_ranges(spans: SpanMask, block_n: int) -> KeyTiles:
-    """Per-key-tile query ranges from two binary searches over the packed bounds; no host sync."""
-    seq, key_start, keys = spans.key_tiles(block_n)
-    glo, ghi = spans.packed_bounds()
-    k_first = spans.cu_seqlens_k[seq.long()] + key_start.long()
-    k_last = k_first + keys.long() - 1
-    bos = spans.cu_seqlens[seq.long()]
-    # Rows with hi >= k_first are a suffix, rows with lo <= k_last a prefix (bounds non-decreasing).
-    q_first = torch.searchsorted(ghi.contiguous(), k_first, right=False) - bos
-    q_last = torch.searchsorted(glo.contiguous(), k_last, right=True) - 1 - bos
-    return KeyTiles(seq, key_start, keys, q_first.to(torch.int32), q_last.to(torch.int32))
-
-
-@dataclass(frozen=True)
 class BackwardPlan:
     """What the backward launcher derives from the spans before it launches: the tile config,
     the key tiles of the dK/dV pass with the query rows that see them, the query tiles of the dQ
@@ -399,14 +370,10 @@ def plan_backward(spans: SpanMask, head_dim: int, config: BackwardConfig | None 
     if config is not None and not isinstance(config, BackwardConfig):
         raise TypeError(f"config must be a BackwardConfig or None, got {type(config).__name__}")
     cfg = config or pick_backward_config(head_dim)
-    kt = key_tile_ranges(spans, cfg.block_n)
     # Longest first in both passes, as in the forward: the rows (keys) a tile walks vary with
     # the image blocks.
-    key_order = torch.argsort(torch.where(kt.keys > 0, kt.q_last - kt.q_first + 1, 0), descending=True,
-                              stable=True).to(torch.int32)
-    qt = fast_tile_summary(spans, cfg.dq_pass.block_m)
-    query_order = torch.argsort(torch.where(qt.rows > 0, qt.hi_max - qt.lo_min + 1, 0), descending=True,
-                                stable=True).to(torch.int32)
+    kt, key_order = key_tiles(spans, cfg.block_n)
+    qt, query_order = query_tiles(spans, cfg.dq_pass.block_m)
     return BackwardPlan(spans, head_dim, cfg, kt, key_order, qt, query_order)
 
 

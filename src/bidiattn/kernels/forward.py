@@ -22,7 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..spans import SpanMask, TileSummary
 from .indexing import program_tile
-from .tiles import fast_tile_summary
+from .tiles import query_tiles
 
 if TYPE_CHECKING:
     from .backward import BackwardPlan
@@ -457,11 +457,9 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     group = num_q_heads // num_kv_heads
     # Decode: pack the query heads of a K/V group into the tile's rows (see the kernel).
     pack = group if (cfg.pack_gqa and group > 1 and cfg.block_m % group == 0) else 1
-    tiles = fast_tile_summary(spans, cfg.block_m // pack)
     # Longest tiles first: image blocks make the key ranges uneven, and tiles launched last
     # should be the short ones so the tail of the grid stays full.
-    work = torch.where(tiles.rows > 0, tiles.hi_max - tiles.lo_min + 1, 0)
-    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    tiles, order = query_tiles(spans, cfg.block_m // pack)
     splits = cfg.kv_splits or _auto_kv_splits(spans, (num_q_heads // pack) * cfg.split_dv, cfg.block_m // pack,
                                               cfg.block_n)
     return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
