@@ -1,16 +1,15 @@
-"""Tile tables and longest-first launch orders, each in one Triton launch.
+"""Tile tables and longest-first launch orders, two Triton launches per table.
 
 The kernels' launchers need, per tile, where it lies and which keys (query rows) it meets, plus
 an order that starts the longest tiles first. The specs are PyTorch code:
 :meth:`SpanMask.tile_summary` for query tiles, :func:`key_tile_ranges_spec` for the key tiles of
 the backward's dK/dV pass, and a stable descending ``argsort`` of the work for the order.
 
-Why one launch: the PyTorch versions cost about 320 µs of host time per plan (tile summary),
-then a multi-launch version 116 µs for the summary plus 75 µs for the ``argsort`` and 404 µs
-for the key tiles (H200 host, ``results/host-breakdown-*``), which made an unplanned sliding
-call host-bound. Here one program (tiles number ``T / block`` plus the sequence count, a few
-thousand at 128K tokens) walks the sequences, then the tiles in chunks, then sorts them by
-counting, with no host sync.
+Why: planning in PyTorch ops cost 227-353 µs of host time for the forward's plan and 1.04-1.14
+ms with the backward's (an H200 host, b7e4e84, ``results/plan-cost-*``), which made unplanned
+sliding calls host-bound. Here a table kernel (each program: a chunk of tiles, locating them by
+a scan over the sequences) and an order kernel (a counting sort); no host sync. A version in
+one single-program launch cost less host time but 283 µs of GPU time at 128K tokens.
 
 The order is longest-first in ``_CLASSES`` work classes: a tile's work (keys it walks, or rows
 for a key tile) falls in class ``c`` of ``_CLASSES`` equal slices of ``[0, longest possible]``
@@ -27,11 +26,11 @@ import triton
 import triton.language as tl
 
 from ..spans import SpanMask, TileSummary
-from .indexing import last_at_most
 
 __all__ = ["KeyTiles", "query_tiles", "key_tiles", "key_tile_ranges_spec"]
 
 _CHUNK = 128
+_SEQ_CHUNK = 64
 _CLASSES = 64
 
 
@@ -53,23 +52,29 @@ class KeyTiles:
 
 
 @triton.jit
-def _tile_offsets(cu, cu_other, tile_off, num_seq, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """``tile_off[s]``: the first tile of sequence ``s`` (tiles of ``BLOCK`` entries of ``cu``'s
-    axis); returns the longest sequence on ``cu_other``'s axis (the scale of a tile's work)."""
+def _locate(cu, cu_other, idx, num_seq, BLOCK: tl.constexpr, SEQ_CHUNK: tl.constexpr):
+    """For tile lanes ``idx`` (tiles of ``BLOCK`` entries of ``cu``'s axis, sequence by sequence):
+    the tile's sequence, that sequence's first tile, the real tile count, and the longest
+    sequence on ``cu_other``'s axis (the scale of a tile's work). A scan over all sequences per
+    program, so the programs need no prefix sum from another launch."""
+    count = tl.zeros(idx.shape, tl.int32)
+    first = tl.zeros(idx.shape, tl.int64)
     carry = tl.full([], 0, tl.int64)
     longest = tl.full([], 0, tl.int64)
-    tl.store(tile_off, carry)
-    for c in range(0, tl.cdiv(num_seq, CHUNK)):
-        s = c * CHUNK + tl.arange(0, CHUNK)
+    for c in range(0, tl.cdiv(num_seq, SEQ_CHUNK)):
+        s = c * SEQ_CHUNK + tl.arange(0, SEQ_CHUNK)
         ok = s < num_seq
-        length = tl.load(cu + s + 1, mask=ok, other=0) - tl.load(cu + s, mask=ok, other=0)
+        n = (tl.load(cu + s + 1, mask=ok, other=0) - tl.load(cu + s, mask=ok, other=0) + BLOCK - 1) // BLOCK
+        start = carry + tl.cumsum(n, 0) - n
+        # The owner of a tile is the last sequence starting at or before it (empty sequences
+        # start where the next one does, and lose to it).
+        hit = ok[None, :] & (start[None, :] <= idx[:, None])
+        count += tl.sum(hit.to(tl.int32), 1)
+        first = tl.maximum(first, tl.max(tl.where(hit, start[None, :], 0), 1))
+        carry += tl.sum(n, 0)
         other = tl.load(cu_other + s + 1, mask=ok, other=0) - tl.load(cu_other + s, mask=ok, other=0)
-        tl.store(tile_off + s + 1, carry + tl.cumsum((length + BLOCK - 1) // BLOCK, 0), mask=ok)
-        carry += tl.sum((length + BLOCK - 1) // BLOCK, 0)
         longest = tl.maximum(longest, tl.max(other, 0))
-    # Every thread of the program reads these offsets back (binary searches).
-    tl.debug_barrier()
-    return longest
+    return tl.maximum(count - 1, 0), first, carry, longest
 
 
 @triton.jit
@@ -81,62 +86,65 @@ def _work_class(work, longest, ok, CLASSES: tl.constexpr):
 
 
 @triton.jit
-def _class_counts(cls, CLASSES: tl.constexpr):
+def _store_classes(cls, classes, counts, idx, in_grid, CLASSES: tl.constexpr):
+    """Each tile's class, and this program's count per class (row ``program_id`` of ``counts``)."""
+    tl.store(classes + idx, cls.to(tl.int32), mask=in_grid)
     hot = (cls[:, None] == tl.arange(0, CLASSES)[None, :]).to(tl.int32)
-    return hot, tl.sum(hot, 0)
+    tl.store(counts + tl.program_id(0) * CLASSES + tl.arange(0, CLASSES), tl.sum(hot, 0))
 
 
 @triton.jit
-def _order_by_class(classes, order, capacity, counts, CLASSES: tl.constexpr, CHUNK: tl.constexpr):
-    """Counting sort of the tiles by class (stable): ``order[p]`` is the tile launched ``p``-th."""
-    # The classes were stored by other threads of the program.
-    tl.debug_barrier()
-    taken = tl.cumsum(counts, 0) - counts
-    for c in range(0, tl.cdiv(capacity, CHUNK)):
-        idx = c * CHUNK + tl.arange(0, CHUNK)
-        ok = idx < capacity
-        hot, chunk_counts = _class_counts(tl.load(classes + idx, mask=ok, other=CLASSES), CLASSES)
-        rank = tl.sum(hot * tl.cumsum(hot, 0), 1) - 1
-        pos = tl.sum(hot * taken[None, :], 1) + rank
-        tl.store(order + pos, idx, mask=ok)
-        taken += chunk_counts
+def _order_kernel(classes, counts, order, capacity, num_programs, CLASSES: tl.constexpr, CHUNK: tl.constexpr,
+                  ROWS: tl.constexpr):
+    """Counting sort of the tiles by class, stable: ``order[p]`` is the tile launched ``p``-th.
+    Program ``i`` places the tiles the table kernel's program ``i`` classified: a tile's place
+    is its class's start, plus the tiles of its class in earlier programs, plus those before it
+    in its own chunk."""
+    i_p = tl.program_id(0)
+    o_c = tl.arange(0, CLASSES)
+    total = tl.zeros([CLASSES], tl.int32)
+    before = tl.zeros([CLASSES], tl.int32)
+    for r in range(0, tl.cdiv(num_programs, ROWS)):
+        o_r = r * ROWS + tl.arange(0, ROWS)
+        b_n = tl.load(counts + o_r[:, None] * CLASSES + o_c[None, :], mask=(o_r < num_programs)[:, None], other=0)
+        total += tl.sum(b_n, 0)
+        before += tl.sum(tl.where((o_r < i_p)[:, None], b_n, 0), 0)
+    base = tl.cumsum(total, 0) - total + before
+    idx = i_p * CHUNK + tl.arange(0, CHUNK)
+    ok = idx < capacity
+    hot = (tl.load(classes + idx, mask=ok, other=CLASSES)[:, None] == o_c[None, :]).to(tl.int32)
+    rank = tl.sum(hot * tl.cumsum(hot, 0), 1) - 1
+    tl.store(order + tl.sum(hot * base[None, :], 1) + rank, idx, mask=ok)
 
 
 @triton.jit
 def _query_tiles_kernel(
-    cu, cu_k, tile_off, lo, hi, t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, classes, order,
-    num_tiles, capacity, num_seq, BLOCK: tl.constexpr, STEPS: tl.constexpr, CLASSES: tl.constexpr,
-    CHUNK: tl.constexpr,
+    cu, cu_k, lo, hi, t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, classes, counts, num_tiles,
+    capacity, num_seq, BLOCK: tl.constexpr, CLASSES: tl.constexpr, CHUNK: tl.constexpr, SEQ_CHUNK: tl.constexpr,
 ):
-    longest = _tile_offsets(cu, cu_k, tile_off, num_seq, BLOCK, CHUNK)
-    total = tl.load(tile_off + num_seq)
-    tl.store(num_tiles, total)
-    counts = tl.zeros([CLASSES], tl.int32)
-    for c in range(0, tl.cdiv(capacity, CHUNK)):
-        idx = c * CHUNK + tl.arange(0, CHUNK)
-        in_grid = idx < capacity
-        real = in_grid & (idx < total)
-        seq = last_at_most(tile_off, idx, num_seq, real, STEPS)
-        bos = tl.load(cu + seq, mask=real, other=0)
-        length = tl.load(cu + seq + 1, mask=real, other=0) - bos
-        start = (idx - tl.load(tile_off + seq, mask=real, other=0)) * BLOCK
-        rows = tl.minimum(tl.maximum(length - start, 0), BLOCK)
-        first = bos + start
-        last = first + rows - 1
-        lo_min = tl.load(lo + first, mask=real, other=0)
-        hi_max = tl.load(hi + last, mask=real, other=0)
-        tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
-        tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
-        tl.store(t_rows + idx, tl.where(real, rows, 0).to(tl.int32), mask=in_grid)
-        tl.store(t_lo_min + idx, lo_min.to(tl.int32), mask=in_grid)
-        tl.store(t_lo_max + idx, tl.load(lo + last, mask=real, other=0).to(tl.int32), mask=in_grid)
-        tl.store(t_hi_min + idx, tl.load(hi + first, mask=real, other=0).to(tl.int32), mask=in_grid)
-        tl.store(t_hi_max + idx, hi_max.to(tl.int32), mask=in_grid)
-        cls = _work_class(tl.where(real, hi_max - lo_min + 1, 0), longest, in_grid, CLASSES)
-        tl.store(classes + idx, cls.to(tl.int32), mask=in_grid)
-        _, chunk_counts = _class_counts(cls, CLASSES)
-        counts += chunk_counts
-    _order_by_class(classes, order, capacity, counts, CLASSES, CHUNK)
+    idx = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    in_grid = idx < capacity
+    seq, first_tile, total, longest = _locate(cu, cu_k, idx, num_seq, BLOCK, SEQ_CHUNK)
+    if tl.program_id(0) == 0:
+        tl.store(num_tiles, total)
+    real = in_grid & (idx < total)
+    bos = tl.load(cu + seq, mask=real, other=0)
+    length = tl.load(cu + seq + 1, mask=real, other=0) - bos
+    start = (idx - first_tile) * BLOCK
+    rows = tl.minimum(tl.maximum(length - start, 0), BLOCK)
+    first = bos + start
+    last = first + rows - 1
+    lo_min = tl.load(lo + first, mask=real, other=0)
+    hi_max = tl.load(hi + last, mask=real, other=0)
+    tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_rows + idx, tl.where(real, rows, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_lo_min + idx, lo_min.to(tl.int32), mask=in_grid)
+    tl.store(t_lo_max + idx, tl.load(lo + last, mask=real, other=0).to(tl.int32), mask=in_grid)
+    tl.store(t_hi_min + idx, tl.load(hi + first, mask=real, other=0).to(tl.int32), mask=in_grid)
+    tl.store(t_hi_max + idx, hi_max.to(tl.int32), mask=in_grid)
+    cls = _work_class(tl.where(real, hi_max - lo_min + 1, 0), longest, in_grid, CLASSES)
+    _store_classes(cls, classes, counts, idx, in_grid, CLASSES)
 
 
 @triton.jit
@@ -155,38 +163,30 @@ def _count_below(values, n, x, mask, STEPS: tl.constexpr):
 
 @triton.jit
 def _key_tiles_kernel(
-    cu, cu_k, tile_off, lo, hi, t_seq, t_start, t_keys, t_q_first, t_q_last, classes, order, capacity, num_seq,
-    BLOCK: tl.constexpr, STEPS: tl.constexpr, ROW_STEPS: tl.constexpr, CLASSES: tl.constexpr, CHUNK: tl.constexpr,
+    cu, cu_k, lo, hi, t_seq, t_start, t_keys, t_q_first, t_q_last, classes, counts, capacity, num_seq,
+    BLOCK: tl.constexpr, ROW_STEPS: tl.constexpr, CLASSES: tl.constexpr, CHUNK: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr,
 ):
-    longest = _tile_offsets(cu_k, cu, tile_off, num_seq, BLOCK, CHUNK)
-    total = tl.load(tile_off + num_seq)
-    counts = tl.zeros([CLASSES], tl.int32)
-    for c in range(0, tl.cdiv(capacity, CHUNK)):
-        idx = c * CHUNK + tl.arange(0, CHUNK)
-        in_grid = idx < capacity
-        real = in_grid & (idx < total)
-        seq = last_at_most(tile_off, idx, num_seq, real, STEPS)
-        length_k = tl.load(cu_k + seq + 1, mask=real, other=0) - tl.load(cu_k + seq, mask=real, other=0)
-        start = (idx - tl.load(tile_off + seq, mask=real, other=0)) * BLOCK
-        keys = tl.minimum(tl.maximum(length_k - start, 0), BLOCK)
-        bos = tl.load(cu + seq, mask=real, other=0)
-        rows = tl.load(cu + seq + 1, mask=real, other=0) - bos
-        # Bounds are non-decreasing inside a sequence: the rows with hi >= the tile's first key
-        # are a suffix, those with lo <= its last key a prefix.
-        q_first = _count_below(hi + bos, rows, start, real, ROW_STEPS)
-        q_last = _count_below(lo + bos, rows, start + keys, real, ROW_STEPS) - 1
-        q_first = tl.where(real, q_first, 0)
-        q_last = tl.where(real, q_last, -1)
-        tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
-        tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
-        tl.store(t_keys + idx, tl.where(real, keys, 0).to(tl.int32), mask=in_grid)
-        tl.store(t_q_first + idx, q_first.to(tl.int32), mask=in_grid)
-        tl.store(t_q_last + idx, q_last.to(tl.int32), mask=in_grid)
-        cls = _work_class(tl.where(real & (keys > 0), q_last - q_first + 1, 0), longest, in_grid, CLASSES)
-        tl.store(classes + idx, cls.to(tl.int32), mask=in_grid)
-        _, chunk_counts = _class_counts(cls, CLASSES)
-        counts += chunk_counts
-    _order_by_class(classes, order, capacity, counts, CLASSES, CHUNK)
+    idx = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    in_grid = idx < capacity
+    seq, first_tile, total, longest = _locate(cu_k, cu, idx, num_seq, BLOCK, SEQ_CHUNK)
+    real = in_grid & (idx < total)
+    length_k = tl.load(cu_k + seq + 1, mask=real, other=0) - tl.load(cu_k + seq, mask=real, other=0)
+    start = (idx - first_tile) * BLOCK
+    keys = tl.minimum(tl.maximum(length_k - start, 0), BLOCK)
+    bos = tl.load(cu + seq, mask=real, other=0)
+    rows = tl.load(cu + seq + 1, mask=real, other=0) - bos
+    # Bounds are non-decreasing inside a sequence: the rows with hi >= the tile's first key
+    # are a suffix, those with lo <= its last key a prefix.
+    q_first = tl.where(real, _count_below(hi + bos, rows, start, real, ROW_STEPS), 0)
+    q_last = tl.where(real, _count_below(lo + bos, rows, start + keys, real, ROW_STEPS) - 1, -1)
+    tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_keys + idx, tl.where(real, keys, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_q_first + idx, q_first.to(tl.int32), mask=in_grid)
+    tl.store(t_q_last + idx, q_last.to(tl.int32), mask=in_grid)
+    cls = _work_class(tl.where(real & (keys > 0), q_last - q_first + 1, 0), longest, in_grid, CLASSES)
+    _store_classes(cls, classes, counts, idx, in_grid, CLASSES)
 
 
 def _steps(n: int) -> int:
@@ -194,43 +194,52 @@ def _steps(n: int) -> int:
     return max(1, n.bit_length())
 
 
+def _order(classes: torch.Tensor, counts: torch.Tensor, order: torch.Tensor, capacity: int) -> None:
+    programs = counts.shape[0]
+    _order_kernel[(programs,)](classes, counts, order, capacity, programs, CLASSES=_CLASSES, CHUNK=_CHUNK, ROWS=32)
+
+
 def query_tiles(spans: SpanMask, block_m: int) -> tuple[TileSummary, torch.Tensor]:
     """:meth:`SpanMask.tile_summary` of ``block_m`` rows and the longest-first launch order
-    (int32 ``[capacity]``, a permutation of the tiles, padding last), in one launch (CUDA, or
+    (int32 ``[capacity]``, a permutation of the tiles, padding last), in two launches (CUDA, or
     the Triton interpreter); no host sync."""
     if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
         raise ValueError(f"block_m must be a positive int, got {block_m!r}")
     num_seq = spans.num_sequences
     capacity = -(-spans.total_tokens // block_m) + num_seq
+    programs = triton.cdiv(capacity, _CHUNK)
     device = spans.lo.device
-    arrays = torch.empty(9, capacity, dtype=torch.int32, device=device)
-    scratch = torch.empty(num_seq + 2, dtype=torch.int64, device=device)
-    tile_off, num_tiles = scratch[: num_seq + 1], scratch[num_seq + 1]
-    _query_tiles_kernel[(1,)](
-        spans.cu_seqlens, spans.cu_seqlens_k, tile_off, spans.lo, spans.hi, *arrays, num_tiles, capacity, num_seq,
-        BLOCK=block_m, STEPS=_steps(num_seq - 1), CLASSES=_CLASSES, CHUNK=_CHUNK,
+    arrays = torch.empty(9 * capacity + programs * _CLASSES, dtype=torch.int32, device=device)
+    *table, order = arrays[: 9 * capacity].view(9, capacity)
+    counts = arrays[9 * capacity :].view(programs, _CLASSES)
+    num_tiles = torch.empty((), dtype=torch.int64, device=device)
+    _query_tiles_kernel[(programs,)](
+        spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, counts, num_tiles, capacity, num_seq,
+        BLOCK=block_m, CLASSES=_CLASSES, CHUNK=_CHUNK, SEQ_CHUNK=_SEQ_CHUNK,
     )
-    seq, start, rows, lo_min, lo_max, hi_min, hi_max, _, order = arrays
+    _order(table[7], counts, order, capacity)
+    seq, start, rows, lo_min, lo_max, hi_min, hi_max, _ = table
     return TileSummary(block_m, seq, start, rows, lo_min, lo_max, hi_min, hi_max, num_tiles), order
 
 
 def key_tiles(spans: SpanMask, block_n: int) -> tuple[KeyTiles, torch.Tensor]:
     """Tiles of ``block_n`` keys with the query rows that see them (:class:`KeyTiles`, as
-    :func:`key_tile_ranges_spec`) and their longest-first launch order, in one launch; no host
-    sync."""
+    :func:`key_tile_ranges_spec`) and their longest-first launch order, in two launches; no
+    host sync."""
     if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"block_n must be a positive int, got {block_n!r}")
     num_seq = spans.num_sequences
     capacity = -(-spans.total_keys // block_n) + num_seq
-    device = spans.lo.device
-    arrays = torch.empty(7, capacity, dtype=torch.int32, device=device)
-    tile_off = torch.empty(num_seq + 1, dtype=torch.int64, device=device)
-    _key_tiles_kernel[(1,)](
-        spans.cu_seqlens, spans.cu_seqlens_k, tile_off, spans.lo, spans.hi, *arrays, capacity, num_seq,
-        BLOCK=block_n, STEPS=_steps(num_seq - 1), ROW_STEPS=_steps(spans.total_tokens), CLASSES=_CLASSES,
-        CHUNK=_CHUNK,
+    programs = triton.cdiv(capacity, _CHUNK)
+    arrays = torch.empty(7 * capacity + programs * _CLASSES, dtype=torch.int32, device=spans.lo.device)
+    *table, order = arrays[: 7 * capacity].view(7, capacity)
+    counts = arrays[7 * capacity :].view(programs, _CLASSES)
+    _key_tiles_kernel[(programs,)](
+        spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, counts, capacity, num_seq,
+        BLOCK=block_n, ROW_STEPS=_steps(spans.total_tokens), CLASSES=_CLASSES, CHUNK=_CHUNK, SEQ_CHUNK=_SEQ_CHUNK,
     )
-    seq, start, keys, q_first, q_last, _, order = arrays
+    _order(table[5], counts, order, capacity)
+    seq, start, keys, q_first, q_last, _ = table
     return KeyTiles(seq, start, keys, q_first, q_last), order
 
 
