@@ -5,6 +5,7 @@ import torch
 
 from bidiattn import rules
 from bidiattn.kernels import forward as fw
+from bidiattn.kernels.tiles import query_tiles
 from bidiattn.spans import SpanMask
 
 ctx, hq, hkv, d = 8192, 16, 8, 128
@@ -26,13 +27,10 @@ def timed(name, fn, n=200):
     print(f"{name:<28} {1e6 * (time.perf_counter() - t0) / n:8.1f} us/call")
 
 
-tiles = spans.tile_summary(16)
-order = torch.zeros(tiles.rows.numel(), dtype=torch.int32, device="cuda")
-out = torch.empty_like(q)
-lse = torch.empty(hq, 1, device="cuda")
-timed("tile_summary", lambda: spans.tile_summary(16))
-timed("argsort", lambda: torch.argsort(tiles.rows, descending=True, stable=True))
-timed("kernel launch only", lambda: fw._launch_forward((hq, tiles.rows.numel(), 1), q, k, v, out, lse, 0, 0, spans, order,
-                                                        tiles, d**-0.5 * 1.44, None, 2, d, cfg, 128, 1))
+plan = fw.plan_forward(spans, hq, hkv, d, config=cfg)
+timed("spans.tile_summary (spec)", lambda: spans.tile_summary(16))
+timed("query_tiles (planning)", lambda: query_tiles(spans, 16))
+timed("plan_forward", lambda: fw.plan_forward(spans, hq, hkv, d, config=cfg))
+timed("span_attention_forward, plan", lambda: fw.span_attention_forward(q, k, v, spans, d**-0.5, None, plan=plan))
 timed("span_attention_forward", lambda: fw.span_attention_forward(q, k, v, spans, d**-0.5, None, config=cfg))
 timed("cuda.get_device_properties", lambda: torch.cuda.get_device_properties(q.device).multi_processor_count)

@@ -112,9 +112,9 @@ def attention(
         plan: for the triton kernels: :func:`plan_attention` of these ``spans`` (the same
             object) and head shape, built once and shared by the layers that use them (the
             backward uses its gradient plan when it has one); without it every call plans its
-            launch (a few small kernels and ~0.4 ms of host time on an
-            H200 host, which a short call cannot hide: a sliding hd256 layer at 16K tokens ran
-            0.36 ms planned, 0.45-1.03 ms unplanned; ``benchmarks/NOTES.md``). ``ValueError``
+            launch (two small Triton launches per tile table, ~90 µs of host time on an H200
+            host, ~250 µs with the backward's; a sliding hd256 layer at 16K tokens ran 0.35 ms
+            planned, 0.38 ms unplanned; ``benchmarks/NOTES.md``). ``ValueError``
             if the call does not run the triton backend or the plan is for other spans or heads.
 
     Returns:
