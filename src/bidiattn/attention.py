@@ -40,6 +40,22 @@ def _triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Ex
     return None
 
 
+def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     segment_plan: SegmentPlan | None = None) -> tuple[str, Exception | None]:
+    """The backend a call runs (``"auto"`` resolved: triton on CUDA where it takes the inputs,
+    fa4 instead when a ``segment_plan`` is given and FA4 takes them, else the reference), and
+    why triton cannot take the inputs (``None`` if it can; not checked for the reference)."""
+    unsupported = _triton_unsupported(q, k, v) if backend != "reference" else None
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" and unsupported is None else "reference"
+        if backend == "triton" and segment_plan is not None and not torch.compiler.is_compiling():
+            from .kernels.fa4 import fa4_unsupported
+
+            if fa4_unsupported(q, k, v) is None:
+                backend = "fa4"
+    return backend, unsupported
+
+
 def _flex_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exception | None:
     """Why the flex backend cannot take these inputs, or None if it can."""
     try:
@@ -134,14 +150,7 @@ def attention(
     scale = check_attention_inputs(q, k, v, spans, scale, softcap)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    unsupported = _triton_unsupported(q, k, v) if backend != "reference" else None
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" and unsupported is None else "reference"
-        if backend == "triton" and segment_plan is not None and not torch.compiler.is_compiling():
-            from .kernels.fa4 import fa4_unsupported
-
-            if fa4_unsupported(q, k, v) is None:
-                backend = "fa4"
+    backend, unsupported = _resolve_backend(backend, q, k, v, segment_plan)
     if plan is not None:
         from .kernels.forward import LaunchPlan
 

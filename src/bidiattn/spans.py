@@ -142,8 +142,9 @@ class SpanMask:
             cache): int64 ``[B+1]`` key offsets and their total (an int, so that no host sync
             is needed to size buffers; with ``validate=False`` an upper bound of it also works,
             as in a captured step whose key counts change between replays: it sizes the key
-            tiles and the split-KV count, and ``to_dense`` gets all-False columns past the end). ``lo``/``hi`` are then key positions local to the
-            sequence, and row ``i`` of a sequence sits at position ``k_len - q_len + i``.
+            tiles and the split-KV count, and ``to_dense`` gets all-False columns past the end).
+            ``lo``/``hi`` are then key positions local to the sequence, and row ``i`` of a
+            sequence sits at position ``k_len - q_len + i``.
             ``None`` (the default): keys are the query rows themselves.
 
     Invariants (checked when ``validate``): ``lo <= position <= hi``, ``hi`` inside the

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import rules
-from ..attention import BACKENDS, _triton_unsupported, attention, plan_attention
+from ..attention import BACKENDS, _resolve_backend, attention, plan_attention
 from ..spans import SpanMask
 
 __all__ = [
@@ -243,8 +243,8 @@ def _run(q, k, v, spans, key, source, backend, scaling, softcap, window):
     """:func:`attention` on ``[T, H, D]`` views, with a launch plan shared through ``source``
     where the triton kernels run (outside ``torch.compile``, which plans inside the operator)."""
     plan = None
-    triton_runs = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
-    if triton_runs and not torch.compiler.is_compiling() and _triton_unsupported(q, k, v) is None:
+    runs, unsupported = _resolve_backend(backend, q, k, v)
+    if runs == "triton" and unsupported is None and not torch.compiler.is_compiling():
         backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         plan = _memo(source, key + ("plan", q.shape[1], k.shape[1], q.shape[2], backward),
                      lambda: plan_attention(spans, q.shape[1], k.shape[1], q.shape[2], window=window, backward=backward))

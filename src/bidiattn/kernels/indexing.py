@@ -22,6 +22,21 @@ def last_at_most(offsets, x, n, mask, STEPS: tl.constexpr):
 
 
 @triton.jit
+def count_below(values, n, x, mask, STEPS: tl.constexpr):
+    """Per lane, how many of ``values[0:n]`` (non-decreasing; each lane its own base pointer and
+    ``n``) are below ``x``: a lower-bound binary search; ``STEPS >= ceil(log2(n + 1))``, e.g.
+    ``n.bit_length()``. Lanes where ``mask`` is false read nothing."""
+    a = (x * 0).to(tl.int64)
+    b = a + n
+    for _ in range(STEPS):
+        mid = (a + b) // 2
+        below = (tl.load(values + mid, mask=mask & (mid < b), other=0) < x) & (mid < b)
+        a = tl.where(below, mid + 1, a)
+        b = tl.where(below, b, mid)
+    return a
+
+
+@triton.jit
 def program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k):
     """The tile of this program (axis 1, in the launcher's ``order``), its row or key count
     (0: a padding tile, exit), its sequence, and the sequence's query and key offsets and

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..spans import SpanMask, TileSummary
+from .indexing import count_below
 
 __all__ = ["KeyTiles", "query_tiles", "key_tiles", "key_tile_ranges_spec"]
 
@@ -118,27 +119,38 @@ def _order_kernel(classes, counts, order, capacity, num_programs, CLASSES: tl.co
 
 
 @triton.jit
+def _tile_entries(cu, cu_other, t_seq, t_start, t_count, capacity, num_seq, BLOCK: tl.constexpr,
+                  CHUNK: tl.constexpr, SEQ_CHUNK: tl.constexpr):
+    """This program's chunk of tiles of ``BLOCK`` entries on ``cu``'s axis: stores each tile's
+    sequence, first entry (local) and entry count, and returns ``(idx, in_grid, real, seq,
+    bos, start, count, total, longest)`` (``bos``: the sequence's offset on ``cu``'s axis;
+    ``total``/``longest`` as in :func:`_locate`)."""
+    idx = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    in_grid = idx < capacity
+    seq, first_tile, total, longest = _locate(cu, cu_other, idx, num_seq, BLOCK, SEQ_CHUNK)
+    real = in_grid & (idx < total)
+    bos = tl.load(cu + seq, mask=real, other=0)
+    start = (idx - first_tile) * BLOCK
+    count = tl.minimum(tl.maximum(tl.load(cu + seq + 1, mask=real, other=0) - bos - start, 0), BLOCK)
+    tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
+    tl.store(t_count + idx, tl.where(real, count, 0).to(tl.int32), mask=in_grid)
+    return idx, in_grid, real, seq, bos, start, count, total, longest
+
+
+@triton.jit
 def _query_tiles_kernel(
     cu, cu_k, lo, hi, t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, classes, counts, num_tiles,
     capacity, num_seq, BLOCK: tl.constexpr, CLASSES: tl.constexpr, CHUNK: tl.constexpr, SEQ_CHUNK: tl.constexpr,
 ):
-    idx = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    in_grid = idx < capacity
-    seq, first_tile, total, longest = _locate(cu, cu_k, idx, num_seq, BLOCK, SEQ_CHUNK)
+    idx, in_grid, real, seq, bos, start, rows, total, longest = _tile_entries(
+        cu, cu_k, t_seq, t_start, t_rows, capacity, num_seq, BLOCK, CHUNK, SEQ_CHUNK)
     if tl.program_id(0) == 0:
         tl.store(num_tiles, total)
-    real = in_grid & (idx < total)
-    bos = tl.load(cu + seq, mask=real, other=0)
-    length = tl.load(cu + seq + 1, mask=real, other=0) - bos
-    start = (idx - first_tile) * BLOCK
-    rows = tl.minimum(tl.maximum(length - start, 0), BLOCK)
     first = bos + start
     last = first + rows - 1
     lo_min = tl.load(lo + first, mask=real, other=0)
     hi_max = tl.load(hi + last, mask=real, other=0)
-    tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
-    tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
-    tl.store(t_rows + idx, tl.where(real, rows, 0).to(tl.int32), mask=in_grid)
     tl.store(t_lo_min + idx, lo_min.to(tl.int32), mask=in_grid)
     tl.store(t_lo_max + idx, tl.load(lo + last, mask=real, other=0).to(tl.int32), mask=in_grid)
     tl.store(t_hi_min + idx, tl.load(hi + first, mask=real, other=0).to(tl.int32), mask=in_grid)
@@ -148,50 +160,32 @@ def _query_tiles_kernel(
 
 
 @triton.jit
-def _count_below(values, n, x, mask, STEPS: tl.constexpr):
-    """Per lane, how many of ``values[0:n]`` (non-decreasing; each lane its own base and ``n``)
-    are below ``x``: a lower-bound binary search of ``STEPS >= ceil(log2(n + 1))`` steps."""
-    a = (x * 0).to(tl.int64)
-    b = a + n
-    for _ in range(STEPS):
-        mid = (a + b) // 2
-        below = (tl.load(values + mid, mask=mask & (mid < b), other=0) < x) & (mid < b)
-        a = tl.where(below, mid + 1, a)
-        b = tl.where(below, b, mid)
-    return a
-
-
-@triton.jit
 def _key_tiles_kernel(
     cu, cu_k, lo, hi, t_seq, t_start, t_keys, t_q_first, t_q_last, classes, counts, capacity, num_seq,
     BLOCK: tl.constexpr, ROW_STEPS: tl.constexpr, CLASSES: tl.constexpr, CHUNK: tl.constexpr,
     SEQ_CHUNK: tl.constexpr,
 ):
-    idx = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    in_grid = idx < capacity
-    seq, first_tile, total, longest = _locate(cu_k, cu, idx, num_seq, BLOCK, SEQ_CHUNK)
-    real = in_grid & (idx < total)
-    length_k = tl.load(cu_k + seq + 1, mask=real, other=0) - tl.load(cu_k + seq, mask=real, other=0)
-    start = (idx - first_tile) * BLOCK
-    keys = tl.minimum(tl.maximum(length_k - start, 0), BLOCK)
+    idx, in_grid, real, seq, _, start, keys, _, longest = _tile_entries(
+        cu_k, cu, t_seq, t_start, t_keys, capacity, num_seq, BLOCK, CHUNK, SEQ_CHUNK)
     bos = tl.load(cu + seq, mask=real, other=0)
     rows = tl.load(cu + seq + 1, mask=real, other=0) - bos
     # Bounds are non-decreasing inside a sequence: the rows with hi >= the tile's first key
     # are a suffix, those with lo <= its last key a prefix.
-    q_first = tl.where(real, _count_below(hi + bos, rows, start, real, ROW_STEPS), 0)
-    q_last = tl.where(real, _count_below(lo + bos, rows, start + keys, real, ROW_STEPS) - 1, -1)
-    tl.store(t_seq + idx, tl.where(real, seq, 0).to(tl.int32), mask=in_grid)
-    tl.store(t_start + idx, tl.where(real, start, 0).to(tl.int32), mask=in_grid)
-    tl.store(t_keys + idx, tl.where(real, keys, 0).to(tl.int32), mask=in_grid)
+    q_first = tl.where(real, count_below(hi + bos, rows, start, real, ROW_STEPS), 0)
+    q_last = tl.where(real, count_below(lo + bos, rows, start + keys, real, ROW_STEPS) - 1, -1)
     tl.store(t_q_first + idx, q_first.to(tl.int32), mask=in_grid)
     tl.store(t_q_last + idx, q_last.to(tl.int32), mask=in_grid)
     cls = _work_class(tl.where(real & (keys > 0), q_last - q_first + 1, 0), longest, in_grid, CLASSES)
     _store_classes(cls, classes, counts, idx, in_grid, CLASSES)
 
 
-def _steps(n: int) -> int:
-    """Binary-search steps that cover ``n + 1`` outcomes."""
-    return max(1, n.bit_length())
+def _tables(fields: int, capacity: int, device: torch.device):
+    """One allocation for a table kernel and the order kernel: ``fields`` int32 ``[capacity]``
+    table rows, the tiles' classes, the order, and the per-program class counts."""
+    programs = triton.cdiv(capacity, _CHUNK)
+    arrays = torch.empty((fields + 2) * capacity + programs * _CLASSES, dtype=torch.int32, device=device)
+    *rows, classes, order = arrays[: (fields + 2) * capacity].view(fields + 2, capacity)
+    return rows, classes, order, arrays[(fields + 2) * capacity :].view(programs, _CLASSES)
 
 
 def _order(classes: torch.Tensor, counts: torch.Tensor, order: torch.Tensor, capacity: int) -> None:
@@ -207,19 +201,14 @@ def query_tiles(spans: SpanMask, block_m: int) -> tuple[TileSummary, torch.Tenso
         raise ValueError(f"block_m must be a positive int, got {block_m!r}")
     num_seq = spans.num_sequences
     capacity = -(-spans.total_tokens // block_m) + num_seq
-    programs = triton.cdiv(capacity, _CHUNK)
-    device = spans.lo.device
-    arrays = torch.empty(9 * capacity + programs * _CLASSES, dtype=torch.int32, device=device)
-    *table, order = arrays[: 9 * capacity].view(9, capacity)
-    counts = arrays[9 * capacity :].view(programs, _CLASSES)
-    num_tiles = torch.empty((), dtype=torch.int64, device=device)
-    _query_tiles_kernel[(programs,)](
-        spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, counts, num_tiles, capacity, num_seq,
-        BLOCK=block_m, CLASSES=_CLASSES, CHUNK=_CHUNK, SEQ_CHUNK=_SEQ_CHUNK,
+    table, classes, order, counts = _tables(7, capacity, spans.lo.device)
+    num_tiles = torch.empty((), dtype=torch.int64, device=spans.lo.device)
+    _query_tiles_kernel[(counts.shape[0],)](
+        spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, classes, counts, num_tiles, capacity,
+        num_seq, BLOCK=block_m, CLASSES=_CLASSES, CHUNK=_CHUNK, SEQ_CHUNK=_SEQ_CHUNK,
     )
-    _order(table[7], counts, order, capacity)
-    seq, start, rows, lo_min, lo_max, hi_min, hi_max, _ = table
-    return TileSummary(block_m, seq, start, rows, lo_min, lo_max, hi_min, hi_max, num_tiles), order
+    _order(classes, counts, order, capacity)
+    return TileSummary(block_m, *table, num_tiles), order
 
 
 def key_tiles(spans: SpanMask, block_n: int) -> tuple[KeyTiles, torch.Tensor]:
@@ -230,17 +219,14 @@ def key_tiles(spans: SpanMask, block_n: int) -> tuple[KeyTiles, torch.Tensor]:
         raise ValueError(f"block_n must be a positive int, got {block_n!r}")
     num_seq = spans.num_sequences
     capacity = -(-spans.total_keys // block_n) + num_seq
-    programs = triton.cdiv(capacity, _CHUNK)
-    arrays = torch.empty(7 * capacity + programs * _CLASSES, dtype=torch.int32, device=spans.lo.device)
-    *table, order = arrays[: 7 * capacity].view(7, capacity)
-    counts = arrays[7 * capacity :].view(programs, _CLASSES)
-    _key_tiles_kernel[(programs,)](
-        spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, counts, capacity, num_seq,
-        BLOCK=block_n, ROW_STEPS=_steps(spans.total_tokens), CLASSES=_CLASSES, CHUNK=_CHUNK, SEQ_CHUNK=_SEQ_CHUNK,
+    table, classes, order, counts = _tables(5, capacity, spans.lo.device)
+    _key_tiles_kernel[(counts.shape[0],)](
+        spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, classes, counts, capacity, num_seq,
+        BLOCK=block_n, ROW_STEPS=max(1, spans.total_tokens.bit_length()), CLASSES=_CLASSES, CHUNK=_CHUNK,
+        SEQ_CHUNK=_SEQ_CHUNK,
     )
-    _order(table[5], counts, order, capacity)
-    seq, start, keys, q_first, q_last, _ = table
-    return KeyTiles(seq, start, keys, q_first, q_last), order
+    _order(classes, counts, order, capacity)
+    return KeyTiles(*table), order
 
 
 def key_tile_ranges_spec(spans: SpanMask, block_n: int) -> KeyTiles:
