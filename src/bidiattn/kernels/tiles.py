@@ -197,6 +197,8 @@ def query_tiles(spans: SpanMask, block_m: int) -> tuple[TileSummary, torch.Tenso
     """:meth:`SpanMask.tile_summary` of ``block_m`` rows and the longest-first launch order
     (int32 ``[capacity]``, a permutation of the tiles, padding last), in two launches (CUDA, or
     the Triton interpreter); no host sync."""
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
         raise ValueError(f"block_m must be a positive int, got {block_m!r}")
     num_seq = spans.num_sequences
@@ -215,6 +217,8 @@ def key_tiles(spans: SpanMask, block_n: int) -> tuple[KeyTiles, torch.Tensor]:
     """Tiles of ``block_n`` keys with the query rows that see them (:class:`KeyTiles`, as
     :func:`key_tile_ranges_spec`) and their longest-first launch order, in two launches; no
     host sync."""
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"block_n must be a positive int, got {block_n!r}")
     num_seq = spans.num_sequences
