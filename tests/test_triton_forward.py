@@ -180,6 +180,64 @@ def test_auto_and_public_api_use_the_kernel():
     torch.testing.assert_close(out.float(), reference.attention(q, k, v, spans.to(DEVICE)).float(), atol=2e-2, rtol=0)
 
 
+def _operator_calls(monkeypatch):
+    """Counts the public call's trips through the ``bidiattn::span_attention`` operator."""
+    import bidiattn.ops
+
+    calls = []
+    real = bidiattn.ops.span_attention
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(bidiattn.ops, "span_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_an_eager_call_needing_no_gradient_skips_the_operator_with_the_same_result(monkeypatch, planned):
+    ids, cu = random_packed_layout(random.Random(3), max_seqs=3, max_len=70)
+    spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=11, cu_seqlens=cu).to(DEVICE)
+    g = torch.Generator().manual_seed(4)
+    t = spans.total_tokens
+    q, k, v = (torch.randn(t, h, 64, generator=g).half().to(DEVICE) for h in (4, 2, 2))
+    plan = bidiattn.plan_attention(spans, 4, 2, 64, window=11) if planned else None
+    calls = _operator_calls(monkeypatch)
+    out, lse = bidiattn.attention(q, k, v, spans, backend="triton", return_lse=True, plan=plan)
+    with torch.no_grad():
+        out_ng = bidiattn.attention(q.requires_grad_(), k, v, spans, backend="triton", plan=plan)
+    assert calls == []
+    from bidiattn.ops import plan_arguments
+
+    args = plan_arguments(plan) if planned else ([], None)
+    want, want_lse = torch.ops.bidiattn.span_attention(q.detach(), k, v, spans.lo, spans.hi, spans.cu_seqlens,
+                                                       spans.cu_seqlens_k, 64**-0.5, None, True, *args)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(out_ng, want)
+
+
+def test_calls_that_need_the_operator_still_go_through_it(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spans = image_spans(33, [(4, 20)]).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(33, 2, 64, generator=g).half().to(DEVICE) for _ in range(3))
+    calls = _operator_calls(monkeypatch)
+    bidiattn.attention(q, k, v.requires_grad_(), spans, backend="triton").sum().backward()
+    assert len(calls) == 1 and v.grad is not None
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen():
+        bidiattn.attention(q, k, v, spans, backend="triton")
+    assert len(calls) == 2 and "bidiattn.span_attention.default" in Seen.ops
+
+
 @pytest.mark.parametrize(
     "dtype,d,exc,match",
     [

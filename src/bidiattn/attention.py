@@ -56,6 +56,24 @@ def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return backend, unsupported
 
 
+def _skips_operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask) -> bool:
+    """Whether a triton call may launch the kernel itself instead of through the
+    ``bidiattn::span_attention`` operator, whose dispatch costs ~85 µs of host time per call on
+    an H200 host (``benchmarks/results/host-breakdown-*``): only where the operator would do
+    nothing but call the same launcher — eager (not traced by ``torch.compile``), no gradient
+    needed, plain tensors (no fake or other subclass), and no function/dispatch mode or functorch
+    transform (``vmap``, ``grad``) that expects to see the operator."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    tensors = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k)
+    if any(type(x) is not torch.Tensor for x in tensors):
+        return False
+    return (not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
 def _flex_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exception | None:
     """Why the flex backend cannot take these inputs, or None if it can."""
     try:
@@ -184,6 +202,11 @@ def attention(
         return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported
+    if _skips_operator(q, k, v, spans):
+        from .kernels.forward import span_attention_forward
+
+        out, lse = span_attention_forward(q, k, v, spans, scale, softcap, plan=plan)
+        return (out, lse) if return_lse else out
     from .ops import plan_arguments, span_attention
 
     plan_tensors, plan_meta = plan_arguments(plan) if plan is not None else ([], None)
