@@ -151,6 +151,11 @@ def attention(
             planned, 0.38 ms unplanned; ``benchmarks/NOTES.md``). ``ValueError``
             if the call does not run the triton backend or the plan is for other spans or heads.
 
+    The triton backend runs as the operator ``torch.ops.bidiattn.span_attention`` (autograd,
+    ``torch.compile``); an eager call that needs no gradient, with plain tensors and no
+    dispatch/function mode or functorch transform active, launches the same kernel directly
+    (bitwise the same output, 60-150 µs less host time per call on an H200's host).
+
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
         image at 2..3, full layer of gemma3 (``x`` allowed)::
