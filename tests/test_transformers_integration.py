@@ -129,7 +129,9 @@ def test_layers_of_a_kind_share_their_spans_and_plan(monkeypatch):
     model.set_attn_implementation(name)
     calls.update(build=0, plan=0)
     model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert calls["plan"] == 2 * 3  # the prefill and two decode steps, two layer kinds each
+    # The prefill and two decode steps, two layer kinds each; a decode step builds the batch's
+    # two rows together.
+    assert calls == {"build": 2 * 3, "plan": 2 * 3}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -232,3 +234,37 @@ def test_verify_with_the_triton_backend_on_gpu(model):
     report = run_verify(model, dtype=torch.bfloat16, device="cuda")
     assert any(c.label.startswith("triton") for c in report.checks)
     assert report.passed, report
+
+
+def _source(family, q_offset, kv_offset, block_ids, first_key, window=None):
+    bsz, tq = block_ids.shape
+    return bidiattn_hf.SpanSource(family, q_offset, kv_offset, q_offset + tq - kv_offset, block_ids,
+                                  torch.arange(0, (bsz + 1) * tq, tq), tuple(first_key), window)
+
+
+@pytest.mark.parametrize("family,convention,layer", [("gemma3", "official", "sliding"), ("gemma4", "transformers", "full"),
+                                                     ("paligemma", "official", "sliding")])
+def test_extend_bounds_of_a_batch_built_together_equal_the_dense_rule(family, convention, layer):
+    # Three batch rows with different padding, new rows holding an image that runs to the
+    # step's end in one row and sits inside it in another; the packed build against each
+    # row's dense mask.
+    ids = torch.zeros(3, 9, dtype=torch.int64)
+    ids[0, 4:9] = 1
+    ids[2, 1:6] = 2
+    source = _source(family, 23, 2, ids, first_key=(2, 7, 3), window=6)
+    window = 6 if layer == "sliding" else None
+    got = bidiattn_hf._extend_bounds(source, convention, layer, window, 9, "cpu", dense=False)
+    want = bidiattn_hf._extend_bounds(source, convention, layer, window, 9, "cpu", dense=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].shape == (3, 9) and bool((got[1] > got[0]).any())
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_extend_bounds_name_the_batch_row_whose_keys_the_cache_dropped(dense):
+    # Row 1 starts at key 0 and its full layer needs it, but the cache starts at 5.
+    source = _source("gemma3", 12, 5, torch.zeros(2, 1, dtype=torch.int64), first_key=(8, 0))
+    with pytest.raises(ValueError, match="a query of batch row 1 needs keys this layer's cache no longer holds .kv_offset=5"):
+        bidiattn_hf._extend_bounds(source, "official", "full", None, 1, "cpu", dense=dense)
+    with pytest.raises(ValueError, match="batch row 0 has new tokens inside its left padding"):
+        bidiattn_hf._extend_bounds(_source("gemma3", 12, 0, torch.zeros(1, 3, dtype=torch.int64), first_key=(14,)),
+                                   "official", "full", None, 3, "cpu", dense=dense)

@@ -268,31 +268,44 @@ def _prefill(query, key, value, source, convention, layer, window, backend, scal
 
 
 def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
-    """Per batch row, the new rows' ``(lo, hi)`` as indices into the layer's keys: spans built
-    on each sequence's full length (cached positions as ordinary tokens), then shifted by the
-    padding and the cache offset. With ``dense`` the bounds are read off :func:`rules.dense`."""
-    out = []
-    for b, fk in enumerate(source.first_key):
-        length = source.q_offset + tq - fk
+    """The new rows' ``(lo, hi)`` as indices into the layer's keys, int64 ``[B, Tq]``: spans built
+    on each batch row's full length (cached positions as ordinary tokens), then shifted by the
+    padding and the cache offset. The batch rows are built together as packed sequences (one
+    rule build and one host check per layer kind and step, whatever the batch size); with
+    ``dense`` each row's bounds are read off :func:`rules.dense` instead (the spec path)."""
+    lengths = [source.q_offset + tq - fk for fk in source.first_key]
+    for b, length in enumerate(lengths):
         if length < tq:
             raise ValueError(f"bidiattn: batch row {b} has new tokens inside its left padding")
-        ids = torch.zeros(length, dtype=torch.int64, device=device)
-        ids[-tq:] = source.block_ids[b]
-        if dense:
+    # One host-to-device copy: each row's first key, then the packed sequences' offsets.
+    host = torch.tensor([*source.first_key, 0, *lengths], dtype=torch.int64)
+    bsz = len(lengths)
+    host[bsz:] = host[bsz:].cumsum(0)
+    meta = host.to(device)
+    shift, cu = meta[:bsz, None] - source.kv_offset, meta[bsz:]
+    if dense:
+        bounds = []
+        for b, length in enumerate(lengths):
+            ids = torch.zeros(length, dtype=torch.int64, device=device)
+            ids[-tq:] = source.block_ids[b]
             full = rules.dense(source.family, convention, layer, block_ids=ids, window=window)[-tq:]
-            lo = full.int().argmax(1).long()
-            hi = length - 1 - full.flip(1).int().argmax(1).long()
-        else:
-            spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, validate=False)
-            lo, hi = spans.lo[-tq:].long(), spans.hi[-tq:].long()
-        lo, hi = lo + fk - source.kv_offset, hi + fk - source.kv_offset
-        if bool((lo < 0).any()):
-            raise ValueError(
-                f"bidiattn: a query of batch row {b} needs keys this layer's cache no longer holds "
-                f"(kv_offset={source.kv_offset}); this rule needs a longer cache"
-            )
-        out.append((lo, hi))
-    return out
+            bounds.append((full.int().argmax(1).long(), length - 1 - full.flip(1).int().argmax(1).long()))
+        lo, hi = (torch.stack(x) for x in zip(*bounds))
+    else:
+        rows = cu[1:, None] - tq + torch.arange(tq, device=device)
+        ids = torch.zeros(sum(lengths), dtype=torch.int64, device=device)
+        ids[rows] = source.block_ids
+        spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu,
+                            validate=False)
+        lo, hi = spans.lo[rows].long(), spans.hi[rows].long()
+    lo, hi = lo + shift, hi + shift
+    short = (lo < 0).any(1)
+    if bool(short.any()):
+        raise ValueError(
+            f"bidiattn: a query of batch row {int(short.int().argmax())} needs keys this layer's cache no longer "
+            f"holds (kv_offset={source.kv_offset}); this rule needs a longer cache"
+        )
+    return lo, hi
 
 
 def _extend(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn):
@@ -302,14 +315,13 @@ def _extend(query, key, value, source, convention, layer, window, backend, scali
     bsz, hq, tq, d = query.shape
     tk = key.shape[2]
     if dense_fn is not None:
-        bounds = _extend_bounds(source, convention, layer, window, tq, query.device, dense=True)
+        lo, hi = _extend_bounds(source, convention, layer, window, tq, query.device, dense=True)
         keys = torch.arange(tk, device=query.device)
-        return dense_fn(torch.stack([(keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None]) for lo, hi in bounds]))
+        return dense_fn((keys >= lo[..., None]) & (keys <= hi[..., None]))
 
     def build():
-        bounds = _extend_bounds(source, convention, layer, window, tq, query.device, dense=False)
-        lo = torch.cat([lo for lo, _ in bounds]).to(torch.int32)
-        hi = torch.cat([hi for _, hi in bounds]).to(torch.int32)
+        lo, hi = _extend_bounds(source, convention, layer, window, tq, query.device, dense=False)
+        lo, hi = lo.flatten().to(torch.int32), hi.flatten().to(torch.int32)
         cu_q = torch.arange(0, (bsz + 1) * tq, tq, device=query.device, dtype=torch.int64)
         cu_k = torch.arange(0, (bsz + 1) * tk, tk, device=query.device, dtype=torch.int64)
         return SpanMask(lo, hi, cu_q, validate=False, cu_seqlens_k=cu_k, total_keys=bsz * tk)
