@@ -41,7 +41,7 @@ import torch
 
 from .. import rules
 from ..attention import BACKENDS, _resolve_backend, attention, plan_attention
-from ..spans import SpanMask
+from ..spans import SpanMask, host_to_device
 
 __all__ = [
     "TESTED_VERSIONS",
@@ -281,7 +281,7 @@ def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
     host = torch.tensor([*source.first_key, 0, *lengths], dtype=torch.int64)
     bsz = len(lengths)
     host[bsz:] = host[bsz:].cumsum(0)
-    meta = host.to(device)
+    meta = host_to_device(host, device)
     shift, cu = meta[:bsz, None] - source.kv_offset, meta[bsz:]
     if dense:
         bounds = []

@@ -188,6 +188,16 @@ def _tables(fields: int, capacity: int, device: torch.device):
     return rows, classes, order, arrays[(fields + 2) * capacity :].view(programs, _CLASSES)
 
 
+def _capacity(spans: SpanMask, block: int, name: str, total: int) -> tuple[int, int]:
+    """Checked arguments of a table: the sequence count and the table's fixed capacity (every
+    sequence's tiles of ``block`` entries over ``total`` entries, at most one partial each)."""
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{name} must be a positive int, got {block!r}")
+    return spans.num_sequences, -(-total // block) + spans.num_sequences
+
+
 def _order(classes: torch.Tensor, counts: torch.Tensor, order: torch.Tensor, capacity: int) -> None:
     programs = counts.shape[0]
     _order_kernel[(programs,)](classes, counts, order, capacity, programs, CLASSES=_CLASSES, CHUNK=_CHUNK, ROWS=32)
@@ -197,12 +207,7 @@ def query_tiles(spans: SpanMask, block_m: int) -> tuple[TileSummary, torch.Tenso
     """:meth:`SpanMask.tile_summary` of ``block_m`` rows and the longest-first launch order
     (int32 ``[capacity]``, a permutation of the tiles, padding last), in two launches (CUDA, or
     the Triton interpreter); no host sync."""
-    if not isinstance(spans, SpanMask):
-        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
-    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
-        raise ValueError(f"block_m must be a positive int, got {block_m!r}")
-    num_seq = spans.num_sequences
-    capacity = -(-spans.total_tokens // block_m) + num_seq
+    num_seq, capacity = _capacity(spans, block_m, "block_m", spans.total_tokens)
     table, classes, order, counts = _tables(7, capacity, spans.lo.device)
     num_tiles = torch.empty((), dtype=torch.int64, device=spans.lo.device)
     _query_tiles_kernel[(counts.shape[0],)](
@@ -217,12 +222,7 @@ def key_tiles(spans: SpanMask, block_n: int) -> tuple[KeyTiles, torch.Tensor]:
     """Tiles of ``block_n`` keys with the query rows that see them (:class:`KeyTiles`, as
     :func:`key_tile_ranges_spec`) and their longest-first launch order, in two launches; no
     host sync."""
-    if not isinstance(spans, SpanMask):
-        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
-    if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1:
-        raise ValueError(f"block_n must be a positive int, got {block_n!r}")
-    num_seq = spans.num_sequences
-    capacity = -(-spans.total_keys // block_n) + num_seq
+    num_seq, capacity = _capacity(spans, block_n, "block_n", spans.total_keys)
     table, classes, order, counts = _tables(5, capacity, spans.lo.device)
     _key_tiles_kernel[(counts.shape[0],)](
         spans.cu_seqlens, spans.cu_seqlens_k, spans.lo, spans.hi, *table, classes, counts, capacity, num_seq,
