@@ -17,6 +17,7 @@ import time
 import torch
 
 import cases
+from bidiattn.kernels import forward
 from bidiattn.kernels.forward import TileConfig, span_attention_forward
 
 T = TileConfig
@@ -109,8 +110,30 @@ HALVES2 = {
 # Round 9 (warp_specialize=True on the mask-free loop with TMA loads) ran at e4057e1
 # (results/tune-forward-ws-*); the knob was removed after an A/B in alternating processes showed
 # no gain (results/forward-ab-fma-ws-*).
+# Round 10 (twelfth session): q·k of the next key tile issued before this tile's softmax on the
+# mask-free loop (scores_ahead), and a register cap (max_registers) that lets two programs share
+# a multiprocessor.
+AHEAD = {
+    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True),
+          T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
+          T(128, 64, 8, 4, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, max_registers=128),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True, max_registers=128),
+          T(64, 64, 4, 3, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
+          T(64, 64, 4, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True, max_registers=168),
+          T(128, 128, 8, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
+          T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)],
+    256: [T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True, scores_ahead=True),
+          T(128, 64, 8, 1, pack_gqa=True, tma=True, column_halves=True, scores_ahead=True),
+          T(128, 32, 8, 3, edge_stages=1, pack_gqa=True, tma=True, column_halves=True, scores_ahead=True),
+          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)],
+    512: [T(128, 64, 8, 1, split_dv=2), T(128, 64, 8, 1, split_dv=2, scores_ahead=True),
+          T(128, 32, 8, 2, edge_stages=1, split_dv=2, scores_ahead=True), T(128, 64, 8, 1, split_dv=2)],
+}
 ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS, "halves": HALVES,
-          "halves2": HALVES2}
+          "halves2": HALVES2, "ahead": AHEAD}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]
@@ -141,6 +164,20 @@ def flex_probe(case, spans, q, k, v, want, fl):
     return rows
 
 
+def _compiled() -> dict:
+    """Registers, spills and shared memory of every compiled forward kernel, by cache key (read
+    from Triton's JIT cache; empty where this Triton version keeps it elsewhere)."""
+    stats = {}
+    try:
+        for cache, *_ in forward._span_fwd_kernel.device_caches.values():
+            for key, kernel in cache.items():
+                stats[key] = dict(regs=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None),
+                                  shared=kernel.metadata.shared)
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    return stats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -164,7 +201,9 @@ def main() -> None:
             row = dict(case=case.name, config=repr(cfg))
             t0 = time.perf_counter()
             try:
+                before = _compiled()
                 out, _ = span_attention_forward(q, k, v, spans, scale, None, config=cfg)
+                row["kernels"] = [x for key, x in _compiled().items() if key not in before]
                 row["rel_err"] = cases.rel_err(out, want)
                 row["compile_s"] = time.perf_counter() - t0
                 if row["rel_err"] < 1e-2:
@@ -184,13 +223,17 @@ def main() -> None:
              "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
-                     f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
+                     f"| {r.get('ms', 0):.2f} | {_kernel_note(r)}{r.get('error', '')[:120]} |")
     lines += ["", "FlexAttention at hd512 by kernel_options:", "", "| options | TFLOP/s | note |", "|---|---|---|"]
     for r in flex_rows:
         lines.append(f"| {r['kernel_options']} | {r.get('tflops', 0):.0f} | {r.get('error', '')[:160]} |")
     label = f"tune-forward-{args.round}" + (f"-{args.kv_heads}kv" if args.kv_heads else "")
     cases.write_results(args.out, label, meta, dict(rows=rows, flex_hd512=flex_rows), lines)
     print("\n".join(lines))
+
+
+def _kernel_note(row: dict) -> str:
+    return " ".join(f"{x['regs']} regs, {x['spills']} spills, {x['shared'] // 1024} KB;" for x in row.get("kernels", []))
 
 
 if __name__ == "__main__":
