@@ -110,30 +110,11 @@ HALVES2 = {
 # Round 9 (warp_specialize=True on the mask-free loop with TMA loads) ran at e4057e1
 # (results/tune-forward-ws-*); the knob was removed after an A/B in alternating processes showed
 # no gain (results/forward-ab-fma-ws-*).
-# Round 10 (twelfth session): q·k of the next key tile issued before this tile's softmax on the
-# mask-free loop (scores_ahead), and a register cap (max_registers) that lets two programs share
-# a multiprocessor.
-AHEAD = {
-    128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True),
-          T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
-          T(128, 64, 8, 4, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, max_registers=128),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True, max_registers=128),
-          T(64, 64, 4, 3, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
-          T(64, 64, 4, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True, max_registers=168),
-          T(128, 128, 8, 2, edge_stages=1, pack_gqa=True, tma=True, scores_ahead=True),
-          T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)],
-    256: [T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True, scores_ahead=True),
-          T(128, 64, 8, 1, pack_gqa=True, tma=True, column_halves=True, scores_ahead=True),
-          T(128, 32, 8, 3, edge_stages=1, pack_gqa=True, tma=True, column_halves=True, scores_ahead=True),
-          T(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)],
-    512: [T(128, 64, 8, 1, split_dv=2), T(128, 64, 8, 1, split_dv=2, scores_ahead=True),
-          T(128, 32, 8, 2, edge_stages=1, split_dv=2, scores_ahead=True), T(128, 64, 8, 1, split_dv=2)],
-}
+# Round 10 (twelfth session) ran at 5295784 (results/tune-forward-ahead-*): q·k of the next key
+# tile issued before this tile's softmax on the mask-free loop (scores_ahead), and a register cap
+# (max_registers) letting two programs share a multiprocessor; both slower everywhere, removed.
 ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS, "halves": HALVES,
-          "halves2": HALVES2, "ahead": AHEAD}
+          "halves2": HALVES2}
 TUNED = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 FLEX_OPTIONS = [None, dict(BLOCK_M=64, BLOCK_N=32, num_stages=1), dict(BLOCK_M=32, BLOCK_N=32, num_stages=1),
                 dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, num_warps=8)]

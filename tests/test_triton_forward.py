@@ -91,10 +91,6 @@ def test_head_dims(d):
         TileConfig(16, 16, 4, 2, edge_stages=1, column_halves=True, tma=True),
         TileConfig(32, 16, 4, 1, split_dv=2, kv_splits=3, column_halves=True, pack_gqa=True),
         TileConfig(32, 16, 4, 1, kv_splits=3, column_halves=True, tma=True),
-        TileConfig(16, 16, 4, 2, scores_ahead=True),
-        TileConfig(16, 16, 4, 2, edge_stages=1, scores_ahead=True, tma=True, pack_gqa=True),
-        TileConfig(32, 16, 4, 1, split_dv=2, scores_ahead=True, column_halves=True, tma=True),
-        TileConfig(16, 16, 4, 1, kv_splits=3, scores_ahead=True),
     ],
     ids=str,
 )
@@ -145,8 +141,8 @@ def test_split_dv_too_fine_for_head_dim():
         span_attention_forward(q, k, v, spans.to(DEVICE), 0.125, None, config=TileConfig(64, 32, 4, 1, split_dv=8))
 
 
-@pytest.mark.parametrize("d,halves,ahead", [(64, False, False), (512, True, False), (64, False, True), (512, True, True)])
-def test_row_maxima_climbing_across_key_tiles(d, halves, ahead):
+@pytest.mark.parametrize("d,halves", [(64, False), (512, True)])
+def test_row_maxima_climbing_across_key_tiles(d, halves):
     # Keys scaled up along the sequence: each row's running max climbs tile after tile, so
     # every key tile rescales the accumulator(s).
     spans = image_spans(150, [(40, 97)], "gemma3", "official", "full")
@@ -155,7 +151,7 @@ def test_row_maxima_climbing_across_key_tiles(d, halves, ahead):
     k = k * torch.linspace(0.2, 3.0, 150)[:, None, None]
     q, k, v = (x.half().to(DEVICE) for x in (q, k, v))
     spans = spans.to(DEVICE)
-    cfg = TileConfig(16, 16, 4, 2, column_halves=halves, scores_ahead=ahead)
+    cfg = TileConfig(16, 16, 4, 2, column_halves=halves)
     out, lse = span_attention_forward(q, k, v, spans, d**-0.5, None, config=cfg)
     ref32, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, return_lse=True)
     torch_err = (lowp_attention(q, k, v, spans, d**-0.5, None).float() - ref32).abs().max().item()

@@ -33,47 +33,28 @@ _LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instructi
 
 
 @triton.jit
-def _k_tile(k_base, k_desc, t_row, row, o_n, seq_len, col, desc_col,
-            WIDTH: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr, ZERO_TAIL: tl.constexpr, TMA: tl.constexpr):
-    # K columns [col, +WIDTH) of one key tile of this head. Through TMA, rows past this
-    # sequence's keys belong to the next sequence, or to unwritten slots of its last page (zeros
-    # past the tensor end); their scores are masked by hi.
-    if TMA:
-        b_k = k_desc.load([t_row, desc_col + col])
-    else:
-        o_c = col + tl.arange(0, WIDTH)
-        if ZERO_TAIL or PADDED:
-            b_k = tl.load(k_base + row + o_c[None, :], mask=(o_n[:, None] < seq_len) & (o_c[None, :] < D), other=0.0)
-        else:
-            b_k = tl.load(k_base + row + o_c[None, :])
-    return b_k
-
-
-@triton.jit
-def _v_tile(v_base, v_desc, t_row, row, o_n, seq_len, col, desc_col,
-            WIDTH: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr, ZERO_TAIL: tl.constexpr, TMA: tl.constexpr):
-    # V columns [col, +WIDTH) of one key tile. Rows past the sequence are zeroed, so a
-    # non-finite value there cannot reach the output (0 * inf).
-    if TMA:
-        b_v = v_desc.load([t_row, desc_col + col])
-        if ZERO_TAIL:
-            b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
-    else:
-        o_c = col + tl.arange(0, WIDTH)
-        if ZERO_TAIL or PADDED:
-            b_v = tl.load(v_base + row + o_c[None, :], mask=(o_n[:, None] < seq_len) & (o_c[None, :] < D), other=0.0)
-        else:
-            b_v = tl.load(v_base + row + o_c[None, :])
-    return b_v
-
-
-@triton.jit
 def _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, col_k, col_v, desc_col,
              WIDTH_K: tl.constexpr, WIDTH_V: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr,
              ZERO_TAIL: tl.constexpr, TMA: tl.constexpr):
     # K columns [col_k, +WIDTH_K) and V columns [col_v, +WIDTH_V) of one key tile of this head.
-    b_k = _k_tile(k_base, k_desc, t_row, row, o_n, seq_len, col_k, desc_col, WIDTH_K, D, PADDED, ZERO_TAIL, TMA)
-    b_v = _v_tile(v_base, v_desc, t_row, row, o_n, seq_len, col_v, desc_col, WIDTH_V, D, PADDED, ZERO_TAIL, TMA)
+    if TMA:
+        # Rows past this sequence's keys belong to the next sequence, or to unwritten slots of
+        # its last page (zeros past the tensor end); their scores are masked by hi, and V's rows
+        # are zeroed so a non-finite value there cannot reach the output (0 * inf).
+        b_k = k_desc.load([t_row, desc_col + col_k])
+        b_v = v_desc.load([t_row, desc_col + col_v])
+        if ZERO_TAIL:
+            b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
+    else:
+        o_ck = col_k + tl.arange(0, WIDTH_K)
+        o_cv = col_v + tl.arange(0, WIDTH_V)
+        if ZERO_TAIL or PADDED:
+            n_ok = o_n[:, None] < seq_len
+            b_k = tl.load(k_base + row + o_ck[None, :], mask=n_ok & (o_ck[None, :] < D), other=0.0)
+            b_v = tl.load(v_base + row + o_cv[None, :], mask=n_ok & (o_cv[None, :] < D), other=0.0)
+        else:
+            b_k = tl.load(k_base + row + o_ck[None, :])
+            b_v = tl.load(v_base + row + o_cv[None, :])
     return b_k, b_v
 
 
@@ -151,75 +132,17 @@ def _attend(
                                   i_dv * BLOCK_DV + WV, desc_col, WK, WV, D, PADDED, ZERO_TAIL, TMA)
             b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
         b_s = _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK, SOFTCAP, ONE_SIDED)
-        if not HALVES:
-            b_v2 = b_v
-        acc, acc2, m_i, l_i = _accumulate(acc, acc2, m_i, l_i, b_s, b_v, b_v2, HALVES)
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.math.exp2(b_s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        if HALVES:
+            acc2 = acc2 * alpha[:, None] + tl.dot(b_p.to(b_v2.dtype), b_v2)
+        m_i = m_new
     return acc, acc2, m_i, l_i
-
-
-@triton.jit
-def _accumulate(acc, acc2, m_i, l_i, b_s, b_v, b_v2, HALVES: tl.constexpr):
-    # One online-softmax step over a tile of base-2 scores b_s.
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.math.exp2(b_s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-    if HALVES:
-        acc2 = acc2 * alpha[:, None] + tl.dot(b_p.to(b_v2.dtype), b_v2)
-    return acc, acc2, m_new, l_i
-
-
-@triton.jit
-def _attend_ahead(
-    acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, start, end, seq_len,
-    stride_kt, qk_scale, softcap, i_dv, k_desc, v_desc, desc_row, desc_col,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
-    SOFTCAP: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr,
-):
-    # The mask-free key tiles [start, end) (at least one; contiguous keys) with q·k of the next
-    # tile issued before the softmax of this one, so the tensor cores have work while the
-    # softmax runs (FA3's intra-warpgroup overlap). Same sums as _attend with MASK=0.
-    WK: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
-    WV: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
-    PADDED: tl.constexpr = D < BLOCK_D
-    o_n = start + tl.arange(0, BLOCK_N)
-    row = o_n[:, None].to(tl.int64) * stride_kt
-    b_k = _k_tile(k_base, k_desc, desc_row + start, row, o_n, seq_len, 0, desc_col, WK, D, PADDED, False, TMA)
-    b_s = tl.dot(b_q, tl.trans(b_k))
-    if HALVES:
-        b_k2 = _k_tile(k_base, k_desc, desc_row + start, row, o_n, seq_len, WK, desc_col, WK, D, PADDED, False, TMA)
-        b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
-    for i_n in tl.range(start + BLOCK_N, end, BLOCK_N, num_stages=STAGES):
-        o_n = i_n + tl.arange(0, BLOCK_N)
-        row = o_n[:, None].to(tl.int64) * stride_kt
-        b_k = _k_tile(k_base, k_desc, desc_row + i_n, row, o_n, seq_len, 0, desc_col, WK, D, PADDED, False, TMA)
-        b_next = tl.dot(b_q, tl.trans(b_k))
-        if HALVES:
-            b_k2 = _k_tile(k_base, k_desc, desc_row + i_n, row, o_n, seq_len, WK, desc_col, WK, D, PADDED, False, TMA)
-            b_next = tl.dot(b_q2, tl.trans(b_k2), b_next)
-        row_p = row - BLOCK_N * stride_kt
-        b_v = _v_tile(v_base, v_desc, desc_row + i_n - BLOCK_N, row_p, o_n - BLOCK_N, seq_len, i_dv * BLOCK_DV,
-                      desc_col, WV, D, PADDED, False, TMA)
-        b_v2 = b_v
-        if HALVES:
-            b_v2 = _v_tile(v_base, v_desc, desc_row + i_n - BLOCK_N, row_p, o_n - BLOCK_N, seq_len,
-                           i_dv * BLOCK_DV + WV, desc_col, WV, D, PADDED, False, TMA)
-        b_s = _scores(b_s, o_n - BLOCK_N, lo, hi, qk_scale, softcap, 0, SOFTCAP, False)
-        acc, acc2, m_i, l_i = _accumulate(acc, acc2, m_i, l_i, b_s, b_v, b_v2, HALVES)
-        b_s = b_next
-    o_n = end - BLOCK_N + tl.arange(0, BLOCK_N)
-    row = o_n[:, None].to(tl.int64) * stride_kt
-    b_v = _v_tile(v_base, v_desc, desc_row + end - BLOCK_N, row, o_n, seq_len, i_dv * BLOCK_DV, desc_col, WV, D,
-                  PADDED, False, TMA)
-    b_v2 = b_v
-    if HALVES:
-        b_v2 = _v_tile(v_base, v_desc, desc_row + end - BLOCK_N, row, o_n, seq_len, i_dv * BLOCK_DV + WV, desc_col,
-                       WV, D, PADDED, False, TMA)
-    b_s = _scores(b_s, o_n, lo, hi, qk_scale, softcap, 0, SOFTCAP, False)
-    return _accumulate(acc, acc2, m_i, l_i, b_s, b_v, b_v2, HALVES)
 
 
 @triton.jit
@@ -232,7 +155,7 @@ def _span_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
     ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, TMA: tl.constexpr,
-    HALVES: tl.constexpr, AHEAD: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
     # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
@@ -310,16 +233,9 @@ def _span_fwd_kernel(
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1,
                                 SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
-        if AHEAD and PAGE_SIZE == 0:
-            if a1 < a2:
-                acc, acc2, m_i, l_i = _attend_ahead(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2,
-                                                    seq_len_k, stride_kt, qk_scale, softcap, i_dv, k_desc, v_desc,
-                                                    d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, SOFTCAP, STAGES, TMA,
-                                                    HALVES)
-        else:
-            acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2, seq_len_k,
-                                    stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
-                                    SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2, seq_len_k,
+                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
+                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES)
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
                                 stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2,
                                 SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
@@ -410,8 +326,6 @@ class TileConfig:
     edge_stages: int | None = None
     tma: bool = False
     column_halves: bool = False
-    scores_ahead: bool = False
-    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "split_dv"):
@@ -677,12 +591,6 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
         GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
         ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages, TMA=tma,
-        HALVES=cfg.column_halves, AHEAD=cfg.scores_ahead,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap(cfg),
+        HALVES=cfg.column_halves,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
-
-def _register_cap(cfg: TileConfig) -> dict:
-    # ptxas's per-thread register limit, only when the config sets one (the interpreter takes
-    # no such option).
-    return {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
