@@ -29,6 +29,15 @@ SWEEP = {
           B(64, 32, 8, 1, split_d=2), B(16, 64, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=4), B(32, 64, 8, 1),
           B(32, 128, 8, 1, split_d=4)],
 }
+# The atomic-dQ mode (deterministic=False) by tile, with dQ summed through TMA bulk reductions
+# where the tiles come through TMA (twelfth session; --atomic-sweep).
+ATOMIC_SWEEP = {
+    128: [B(64, 64, 4, 2, tma=True), B(64, 64, 8, 2, tma=True), B(64, 128, 8, 2, tma=True), B(64, 128, 8, 1, tma=True),
+          B(128, 64, 8, 1, tma=True), B(128, 128, 8, 1, tma=True), B(32, 128, 8, 2, tma=True), B(64, 64, 4, 2)],
+    256: [B(128, 64, 8, 1, tma=True), B(64, 64, 8, 1, tma=True), B(64, 128, 8, 1, tma=True), B(64, 64, 4, 1, tma=True),
+          B(128, 64, 8, 1)],
+    512: [],
+}
 SWEPT = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 
 
@@ -41,7 +50,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--atomic-sweep", action="store_true",
+                        help="sweep the atomic-dQ mode's tiles (deterministic=False) instead of the default mode's")
     args = parser.parse_args()
+    sweep, deterministic_sweep = (ATOMIC_SWEEP, False) if args.atomic_sweep else (SWEEP, True)
     sweep_rows, rows = [], []
     for case in cases.CASES:
         spans, q, k, v = cases.build(case)
@@ -56,13 +68,17 @@ def main() -> None:
         out, lse = bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton")
         scale = case.head_dim**-0.5
         if case.name in SWEPT and not args.no_sweep:
-            for cfg in SWEEP[case.head_dim]:
-                row = dict(case=case.name, config=repr(cfg))
+            for cfg in sweep[case.head_dim]:
+                row = dict(case=case.name, config=repr(cfg), deterministic=deterministic_sweep)
+
+                def bwd():
+                    return span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg,
+                                                   deterministic=deterministic_sweep)
+
                 try:
-                    got = span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg)
-                    row["rel_err"] = err_of(got, want)
+                    row["rel_err"] = err_of(bwd(), want)
                     if row["rel_err"] < 2e-2:
-                        row["ms"] = cases.ms(lambda: span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg), rep=100)
+                        row["ms"] = cases.ms(bwd, rep=100)
                         row["tflops"] = bwd_fl / row["ms"] / 1e9
                 except Exception as e:  # noqa: BLE001 - record why a variant cannot run
                     row["error"] = cases.describe_error(e, 200)
@@ -117,11 +133,12 @@ def main() -> None:
                          f"{c('bidiattn_flex_fwd_bwd_tflops')} | {c('bidiattn_flex_bwd_tflops')} | {c('sdpa_dense_fwd_bwd_tflops')} | "
                          f"{ratio('bidiattn_triton_fwd_bwd_tflops')} | {ratio('bidiattn_planned_fwd_bwd_tflops')} |")
     if sweep_rows:
-        lines += ["", "Backward tile sweep (bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
+        mode = "atomic-dQ mode, deterministic=False" if args.atomic_sweep else "default mode"
+        lines += ["", f"Backward tile sweep ({mode}; bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
         for r in sweep_rows:
             lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
                          f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
-    cases.write_results(args.out, "backward", meta, dict(sweep=sweep_rows, rows=rows), lines)
+    cases.write_results(args.out, "backward-atomic" if args.atomic_sweep else "backward", meta, dict(sweep=sweep_rows, rows=rows), lines)
     print("\n".join(lines))
 
 
