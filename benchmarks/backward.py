@@ -29,8 +29,9 @@ SWEEP = {
           B(64, 32, 8, 1, split_d=2), B(16, 64, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=4), B(32, 64, 8, 1),
           B(32, 128, 8, 1, split_d=4)],
 }
-# The atomic-dQ mode (deterministic=False) by tile, with dQ summed through TMA bulk reductions
-# where the tiles come through TMA (twelfth session; --atomic-sweep).
+# The atomic-dQ mode (deterministic=False) by tile (--atomic-sweep). Its run at cf0b34a summed dQ
+# through one TMA bulk reduction per tile where the tiles came through TMA: no faster than the
+# elementwise atomics (hd128 13.4-19.3 ms against 13.0), removed (results/backward-atomic-*).
 ATOMIC_SWEEP = {
     128: [B(64, 64, 4, 2, tma=True), B(64, 64, 8, 2, tma=True), B(64, 128, 8, 2, tma=True), B(64, 128, 8, 1, tma=True),
           B(128, 64, 8, 1, tma=True), B(128, 128, 8, 1, tma=True), B(32, 128, 8, 2, tma=True), B(64, 64, 4, 2)],

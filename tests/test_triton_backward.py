@@ -329,9 +329,9 @@ def test_real_sizes_on_gpu(d, hq, hkv):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4), (64, 4, 4)])
-def test_atomic_dq_through_tma_reductions_at_real_sizes_on_gpu(d, hq, hkv):
-    # Packed sequences of odd lengths: the last row tile of each key tile's walk is partial, so
-    # its bulk reduction covers rows of the next sequence (which must only receive zeros).
+def test_atomic_dq_mode_at_real_sizes_on_gpu(d, hq, hkv):
+    # Packed sequences of odd lengths, so the last row tile of each key tile's walk is partial
+    # and its atomics must leave the next sequence's rows alone.
     ids = torch.zeros(1000 + 777 + 1201, dtype=torch.int64)
     ids[200:700] = 1
     ids[1100:1500] = 2

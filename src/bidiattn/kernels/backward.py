@@ -92,10 +92,10 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 
 @triton.jit
 def _dkdv_step(
-    b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc, dq_desc, span_lo, span_hi, bos, q_last,
-    o_n, seq_len_k, stride_qt, stride_qh, stride_lh, scale, qk_scale, softcap,
+    b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc, span_lo, span_hi, bos, q_last, o_n,
+    seq_len_k, stride_qt, stride_qh, stride_lh, scale, qk_scale, softcap,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PART: tl.constexpr, DQ_TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
 ):
     """One tile of ``BLOCK_M`` query rows (``b_q``/``b_do`` loaded) against the program's keys."""
     o_m = i_m + tl.arange(0, BLOCK_M)
@@ -130,26 +130,19 @@ def _dkdv_step(
             # dq_acc before the launch ends, so the adds need no ordering (Triton's default,
             # acq_rel, fences every element's add).
             b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
-            if DQ_TMA:
-                # One bulk reduction of the whole tile (TMA): rows past q_last add exact zeros
-                # (their P is masked to 0 and their q/do/k/v operands are loaded as 0), rows past
-                # the tensor end are clipped by the unit.
-                dq_desc.atomic_add([(bos + i_m).to(tl.int32), i_h * D], b_dq)
-            else:
-                tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D),
-                              sem="relaxed")
+            tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D), sem="relaxed")
     return b_dk, b_dv
 
 
 @triton.jit
 def _dkdv_kernel(
     q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, q_desc, do_desc,
-    dq_desc, t_seq, t_row, t_rows, t_q_first, t_q_last,
+    t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PART: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+    PART: tl.constexpr, TMA: tl.constexpr,
 ):
     # PART 0: dK and dV; 1: dV alone (P only: no do·vᵀ, no dS); 2: dK alone.
     i_hk = tl.program_id(0)
@@ -184,9 +177,9 @@ def _dkdv_kernel(
                 b_q = q_desc.load([(bos + i_m).to(tl.int32), i_h * D])
                 b_do = do_desc.load([(bos + i_m).to(tl.int32), i_h * D])
                 b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc,
-                                        dq_desc, span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh,
+                                        span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh,
                                         stride_lh, scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP,
-                                        ATOMIC_DQ, PART, DQ_TMA)
+                                        ATOMIC_DQ, PART)
         for i_m in range(m_full, q_last + 1, BLOCK_M):
             o_m = i_m + tl.arange(0, BLOCK_M)
             m_ok = o_m <= q_last
@@ -194,9 +187,8 @@ def _dkdv_kernel(
             b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc,
-                                    dq_desc, span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh,
-                                    stride_lh, scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP,
-                                    ATOMIC_DQ, PART, DQ_TMA)
+                                    span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh, stride_lh,
+                                    scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP, ATOMIC_DQ, PART)
     out_ok = n_ok[:, None] & (o_c[None, :] < D)
     if PART != 1:
         tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
@@ -459,18 +451,12 @@ def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq,
                  dk, dv, dq_out, atomic_dq, cfg, kt, order):
     # PART 1 (dV) then 2 (dK, with the atomic dQ if asked), or 0: both in one launch.
     q_desc, do_desc, tma = _descriptors(q, do, cfg, cfg.block_m, block_d)
-    # The atomic dQ through TMA bulk reductions (one per tile instead of one atomic per element),
-    # on a GPU only: Triton's interpreter has no descriptor reductions, so CPU runs take the
-    # elementwise atomics (same sums, other order).
-    dq_tma = atomic_dq and tma and os.environ.get("TRITON_INTERPRET") != "1"
-    dq_desc = TensorDescriptor(dq_out, [dq_out.shape[0], hq * d], [hq * d, 1], [cfg.block_m, d]) if dq_tma else dq_out
     for part in ((1, 2) if cfg.separate_dk_dv else (0,)):
         _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
             q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
-            q_desc, do_desc, dq_desc, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
+            q_desc, do_desc, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, TMA=tma, DQ_TMA=dq_tma,
-            **_tile_args(cfg, d, block_d, softcap))
+            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
 
 
 def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg,
