@@ -88,10 +88,13 @@ def _work_class(work, longest, ok, CLASSES: tl.constexpr):
 
 @triton.jit
 def _store_classes(cls, classes, counts, idx, in_grid, CLASSES: tl.constexpr):
-    """Each tile's class, and this program's count per class (row ``program_id`` of ``counts``)."""
+    """Each tile's class, and this program's count per class (row ``program_id`` of ``counts``).
+    A histogram, not a sum over a [tiles, classes] one-hot matrix: that matrix held the kernel at
+    255 registers and 20.7 µs per launch on an H200, the histogram at 32 and 2.5 µs
+    (results/plan-kernels-*)."""
     tl.store(classes + idx, cls.to(tl.int32), mask=in_grid)
-    hot = (cls[:, None] == tl.arange(0, CLASSES)[None, :]).to(tl.int32)
-    tl.store(counts + tl.program_id(0) * CLASSES + tl.arange(0, CLASSES), tl.sum(hot, 0))
+    tl.store(counts + tl.program_id(0) * CLASSES + tl.arange(0, CLASSES),
+             tl.histogram(cls.to(tl.int32), CLASSES, mask=in_grid))
 
 
 @triton.jit
