@@ -31,7 +31,7 @@ from .indexing import count_below
 __all__ = ["KeyTiles", "query_tiles", "key_tiles", "key_tile_ranges_spec"]
 
 _CHUNK = 128
-_SEQ_CHUNK = 64
+_SEQ_CHUNK = 16
 _CLASSES = 64
 
 
@@ -58,14 +58,16 @@ def _locate(cu, cu_other, idx, num_seq, BLOCK: tl.constexpr, SEQ_CHUNK: tl.const
     the tile's sequence, that sequence's first tile, the real tile count, and the longest
     sequence on ``cu_other``'s axis (the scale of a tile's work). A scan over all sequences per
     program, so the programs need no prefix sum from another launch."""
+    # Tile indices in int32 (a table's capacity is far below 2**31): the [tiles, sequences]
+    # comparison is the kernel's largest value, and int64 doubled its registers.
     count = tl.zeros(idx.shape, tl.int32)
-    first = tl.zeros(idx.shape, tl.int64)
-    carry = tl.full([], 0, tl.int64)
+    first = tl.zeros(idx.shape, tl.int32)
+    carry = tl.full([], 0, tl.int32)
     longest = tl.full([], 0, tl.int64)
     for c in range(0, tl.cdiv(num_seq, SEQ_CHUNK)):
         s = c * SEQ_CHUNK + tl.arange(0, SEQ_CHUNK)
         ok = s < num_seq
-        n = (tl.load(cu + s + 1, mask=ok, other=0) - tl.load(cu + s, mask=ok, other=0) + BLOCK - 1) // BLOCK
+        n = ((tl.load(cu + s + 1, mask=ok, other=0) - tl.load(cu + s, mask=ok, other=0) + BLOCK - 1) // BLOCK).to(tl.int32)
         start = carry + tl.cumsum(n, 0) - n
         # The owner of a tile is the last sequence starting at or before it (empty sequences
         # start where the next one does, and lose to it).
@@ -89,8 +91,9 @@ def _work_class(work, longest, ok, CLASSES: tl.constexpr):
 @triton.jit
 def _store_classes(cls, classes, counts, idx, in_grid, CLASSES: tl.constexpr):
     """Each tile's class, and this program's count per class (row ``program_id`` of ``counts``).
-    A histogram, not a sum over a [tiles, classes] one-hot matrix: that matrix held the kernel at
-    255 registers and 20.7 µs per launch on an H200, the histogram at 32 and 2.5 µs
+    A histogram, not a sum over a [tiles, classes] one-hot matrix: with that matrix the query-tile
+    kernel ran at 255 registers and 20.7 µs per launch on an H200; with the histogram, int32
+    tile indices and 16 sequences per scan step, at 32 registers and 2.5 µs
     (results/plan-kernels-*)."""
     tl.store(classes + idx, cls.to(tl.int32), mask=in_grid)
     tl.store(counts + tl.program_id(0) * CLASSES + tl.arange(0, CLASSES),
@@ -149,7 +152,7 @@ def _query_tiles_kernel(
     idx, in_grid, real, seq, bos, start, rows, total, longest = _tile_entries(
         cu, cu_k, t_seq, t_start, t_rows, capacity, num_seq, BLOCK, CHUNK, SEQ_CHUNK)
     if tl.program_id(0) == 0:
-        tl.store(num_tiles, total)
+        tl.store(num_tiles, total.to(tl.int64))
     first = bos + start
     last = first + rows - 1
     lo_min = tl.load(lo + first, mask=real, other=0)
