@@ -27,28 +27,10 @@ import cases
 from bidiattn import rules
 from bidiattn.kernels.forward import plan_forward, span_attention_forward
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
-from bidiattn.spans import SpanMask
 from inference import D, HKV, HQ, _graphed, image_ids
 
 WINDOW = 1024
 SCALE = D**-0.5
-
-
-def plain_causal(t: int, window: int | None) -> SpanMask:
-    r = torch.arange(t, device="cuda")
-    lo = (r - window + 1).clamp(min=0) if window else torch.zeros_like(r)
-    return SpanMask(lo, r.clone(), torch.tensor([0, t], device="cuda"))
-
-
-def equal_chunks(full: SpanMask, t: int, budget: int) -> list[tuple[SpanMask, int, int]]:
-    """Steps of ``budget`` rows (the last one shorter), as extend spans over the keys so far."""
-    steps = []
-    for a in range(0, t, budget):
-        b = min(a + budget, t)
-        cu_q = torch.tensor([0, b - a], device="cuda")
-        cu_k = torch.tensor([0, b], device="cuda")
-        steps.append((SpanMask(full.lo[a:b], full.hi[a:b], cu_q, validate=False, cu_seqlens_k=cu_k, total_keys=b), a, b))
-    return steps
 
 
 def bidiattn_calls(q, k, v, full, window, steps):
@@ -106,16 +88,16 @@ def main() -> None:
         k, v = (torch.randn(t, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         ids = image_ids(t)
         layout = RequestLayout.from_block_ids(ids.cpu())
+        plain = RequestLayout.from_block_ids(torch.zeros(t, dtype=torch.int64))
         for images, (layer, window), budget in ((i, lw, b) for i in (True, False)
                                                 for lw in (("full", None), ("sliding", WINDOW))
                                                 for b in (int(x) for x in args.budgets.split(","))):
-            if images:
-                full = rules.build("gemma3", "official", layer, block_ids=ids, window=window)
-                steps = [(step_spans(s, [full]), s.chunks[0].start, s.chunks[0].end)
-                         for s in plan_prefill([layout], budget).steps]
-            else:
-                full = plain_causal(t, window)
-                steps = equal_chunks(full, t, budget)
+            # No images: block ids all zero, so the rule is plain causal (with the window) and
+            # the planner cuts equal chunks.
+            block_ids = ids if images else torch.zeros_like(ids)
+            full = rules.build("gemma3", "official", layer, block_ids=block_ids, window=window)
+            steps = [(step_spans(s, [full]), s.chunks[0].start, s.chunks[0].end)
+                     for s in plan_prefill([layout if images else plain], budget).steps]
             row = dict(tokens=t, mask="images" if images else "plain causal", layer=layer, budget=budget,
                        steps=len(steps))
             ref = span_attention_forward(q, k, v, full, SCALE, None)[0]
