@@ -34,6 +34,7 @@ not supported.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -46,6 +47,7 @@ from ..spans import SpanMask, host_to_device
 __all__ = [
     "TESTED_VERSIONS",
     "FAMILY_OF_MODEL_TYPE",
+    "ENCODER_MODEL_TYPES",
     "SpanSource",
     "span_source_mask",
     "make_attention_function",
@@ -65,6 +67,17 @@ FAMILY_OF_MODEL_TYPE = {
     "gemma2": "paligemma",
     "paligemma": "paligemma",
 }
+# The vision and audio encoders of these models (SigLIP for Gemma-3 and PaliGemma; Gemma-4's own
+# vision and audio towers). Their attention is bidirectional over one image or clip and has
+# nothing to do with the language model's rule: under a bidiattn name they keep the attention
+# transformers would give them by default (sdpa where the encoder supports it, else eager).
+ENCODER_MODEL_TYPES = ("siglip_vision_model", "gemma4_vision", "gemma4_audio")
+RULE_SOURCES = {
+    "official": "the reference implementation's rule (google-deepmind/gemma, big_vision)",
+    "transformers": "transformers' own masks (what eager/sdpa compute)",
+    "vllm": "vLLM's rule",
+}
+_log = logging.getLogger("bidiattn")
 
 
 def _transformers():
@@ -87,6 +100,42 @@ def _transformers():
     return transformers
 
 
+def encoder_attention(config) -> str:
+    """The attention implementation an encoder (``config.model_type`` in
+    :data:`ENCODER_MODEL_TYPES`) keeps under a bidiattn name: the one transformers picks for it by
+    default, ``"sdpa"`` where its model class supports it (SigLIP, Gemma-4's vision tower),
+    ``"eager"`` otherwise (Gemma-4's audio tower, whose chunked attention reads eager's additive
+    mask)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except KeyError:
+        return "eager"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def _encoder_mask(config, **arguments):
+    """An encoder's own mask (see :func:`encoder_attention`), from transformers' mask functions."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if arguments.get("mask_function") is None:
+        arguments.pop("mask_function", None)
+    return ALL_MASK_ATTENTION_FUNCTIONS[encoder_attention(config)](config=config, **arguments)
+
+
+def _encoder_forward(module, query, key, value, attention_mask, **kwargs):
+    """An encoder layer's attention through its default implementation (:func:`encoder_attention`)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation = encoder_attention(module.config)
+    if implementation == "eager":
+        forward = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        forward = ALL_ATTENTION_FUNCTIONS[implementation]
+    return forward(module, query, key, value, attention_mask, **kwargs)
+
+
 @dataclass(frozen=True)
 class SpanSource:
     """What the mask hook hands every attention layer instead of a mask (O(B x Tq) data).
@@ -102,6 +151,10 @@ class SpanSource:
     - ``first_key``: each batch row's first non-padding key (absolute position), on the host.
     - ``sliding_window``: the text config's ``sliding_window`` (vllm's rules drop blocks longer
       than it even on full layers).
+
+    - ``kept``: how many of the ``Tq`` query rows the layers compute, the last ones (``None``: all).
+      Gemma-4's K/V-sharing layers slice the mask to the rows whose logits are kept
+      (``source[:, :, -n:, :]``); such rows attend as the last rows of their sequences.
 
     Built once per mask by the hook and shared by every layer that uses the mask.
 
@@ -121,6 +174,26 @@ class SpanSource:
     first_key: tuple[int, ...]
     sliding_window: int | None
     layer_masks: dict = field(default_factory=dict, compare=False, repr=False)
+    kept: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """Query rows per batch row that the layers compute."""
+        return self.block_ids.shape[1] if self.kept is None else self.kept
+
+    def __getitem__(self, index) -> SpanSource:
+        """``source[:, :, rows, :]`` with ``rows`` a slice of the last rows (``slice(-n, None)``):
+        the same mask for the last ``n`` query rows only (how transformers slices a mask)."""
+        total = self.block_ids.shape[1]
+        if not (isinstance(index, tuple) and len(index) == 4 and isinstance(index[2], slice)
+                and all(i == slice(None) for i in (index[0], index[1], index[3]))):
+            raise TypeError(f"a SpanSource can only be sliced as [:, :, -n:, :] (its last query rows), got {index!r}")
+        start, stop, step = index[2].indices(self.rows)
+        if stop != self.rows or step != 1:
+            raise TypeError(f"a SpanSource can only keep its last query rows, got rows {index[2]!r}")
+        if start == 0:
+            return self
+        return replace(self, kept=self.rows - start, layer_masks={}) if total else self
 
 
 def _as_int(value, name: str) -> int:
@@ -143,14 +216,26 @@ def span_source_mask(
     device: torch.device | str = "cpu",
     **kwargs,
 ) -> SpanSource:
-    """The mask hook (same arguments as transformers' ``sdpa_mask``); returns a :class:`SpanSource`."""
+    """The mask hook (same arguments as transformers' ``sdpa_mask``): a :class:`SpanSource` for a
+    language model; an encoder (:data:`ENCODER_MODEL_TYPES`) gets its own default mask."""
     from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, prepare_padding_mask
 
     model_type = getattr(config, "model_type", None)
+    if model_type in ENCODER_MODEL_TYPES:
+        return _encoder_mask(config, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                             device=device, **kwargs)
     if model_type not in FAMILY_OF_MODEL_TYPE:
         raise ValueError(
             f"bidiattn has rules for Gemma-3, Gemma-4 and PaliGemma language models "
-            f"(model_type in {sorted(FAMILY_OF_MODEL_TYPE)}), got model_type={model_type!r}"
+            f"(model_type in {sorted(FAMILY_OF_MODEL_TYPE)}) and keeps their encoders "
+            f"({', '.join(ENCODER_MODEL_TYPES)}) on their own attention; got model_type={model_type!r}"
+        )
+    if getattr(config, "use_bidirectional_attention", None) == "all":
+        raise ValueError(
+            "bidiattn: this Gemma-4 config has use_bidirectional_attention='all' (every token sees every "
+            "token, an encoder-style model); bidiattn's rules are for causal language models with "
+            "bidirectional image blocks"
         )
     q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
     fn = mask_function if mask_function is not None else causal_mask_function
@@ -272,10 +357,12 @@ def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
     on each batch row's full length (cached positions as ordinary tokens), then shifted by the
     padding and the cache offset. The batch rows are built together as packed sequences (one
     rule build and one host check per layer kind and step, whatever the batch size); with
-    ``dense`` each row's bounds are read off :func:`rules.dense` instead (the spec path)."""
-    lengths = [source.q_offset + tq - fk for fk in source.first_key]
+    ``dense`` each row's bounds are read off :func:`rules.dense` instead (the spec path). The
+    mask's query rows all carry their block ids; the layer computes the last ``tq`` of them."""
+    rows_all = source.block_ids.shape[1]
+    lengths = [source.q_offset + rows_all - fk for fk in source.first_key]
     for b, length in enumerate(lengths):
-        if length < tq:
+        if length < rows_all:
             raise ValueError(f"bidiattn: batch row {b} has new tokens inside its left padding")
     # One host-to-device copy: each row's first key, then the packed sequences' offsets.
     host = torch.tensor([*source.first_key, 0, *lengths], dtype=torch.int64)
@@ -287,16 +374,16 @@ def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
         bounds = []
         for b, length in enumerate(lengths):
             ids = torch.zeros(length, dtype=torch.int64, device=device)
-            ids[-tq:] = source.block_ids[b]
+            ids[-rows_all:] = source.block_ids[b]
             full = rules.dense(source.family, convention, layer, block_ids=ids, window=window)[-tq:]
             bounds.append((full.int().argmax(1).long(), length - 1 - full.flip(1).int().argmax(1).long()))
         lo, hi = (torch.stack(x) for x in zip(*bounds))
     else:
-        rows = cu[1:, None] - tq + torch.arange(tq, device=device)
         ids = torch.zeros(sum(lengths), dtype=torch.int64, device=device)
-        ids[rows] = source.block_ids
+        ids[cu[1:, None] - rows_all + torch.arange(rows_all, device=device)] = source.block_ids
         spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu,
                             validate=False)
+        rows = cu[1:, None] - tq + torch.arange(tq, device=device)
         lo, hi = spans.lo[rows].long(), spans.hi[rows].long()
     lo, hi = lo + shift, hi + shift
     short = (lo < 0).any(1)
@@ -353,9 +440,14 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
     if family is not None and family not in rules.FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {rules.FAMILIES}")
 
+    announced = set()  # families whose rule this function has logged (once each)
+
     def bidiattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            sliding_window=None, softcap=None, **kwargs):
         if not isinstance(attention_mask, SpanSource):
+            if getattr(getattr(module, "config", None), "model_type", None) in ENCODER_MODEL_TYPES:
+                return _encoder_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                        sliding_window=sliding_window, softcap=softcap, **kwargs)
             raise TypeError(
                 "attn_implementation='bidiattn' builds its own masks; got a prepared "
                 f"{type(attention_mask).__name__} instead (do not pass 4D masks with this implementation)"
@@ -365,6 +457,13 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
         source = attention_mask
         if family is not None:
             source = replace(source, family=family)
+        if source.family not in announced and mode == "spans":
+            announced.add(source.family)
+            _log.warning(
+                "bidiattn: %s language-model layers use the %r rule, %s (backend %r; vision/audio encoders keep "
+                "their own attention); eager/sdpa follow transformers' masks, which differ where an image is "
+                "longer than the sliding window: attn_implementation='bidiattn-transformers' reproduces them",
+                source.family, convention, RULE_SOURCES[convention], backend)
         layer = "sliding" if sliding_window else "full"
         window = _rule_window(source, source.family, convention, layer, sliding_window)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -382,7 +481,9 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
                 return eager(module, query, key, value, bias, scaling=scaling, softcap=softcap)[0]
         else:
             dense_fn = None
-        if tq == tk and source.q_offset == 0 and source.kv_offset == 0:
+        if tq != source.rows:
+            raise ValueError(f"bidiattn: the layer has {tq} queries but its mask was made for {source.rows}")
+        if tq == tk and source.kept is None and source.q_offset == 0 and source.kv_offset == 0:
             out = _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn)
         else:
             out = _extend(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn)
@@ -391,21 +492,31 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
     return bidiattn_attention
 
 
-def register(name: str = "bidiattn", *, convention: str = "official", backend: str = "auto", mode: str = "spans",
+def register(name: str | None = None, *, convention: str = "official", backend: str = "auto", mode: str = "spans",
              family: str | None = None) -> str:
-    """Register ``name`` as an attention implementation (attention function and mask hook);
+    """Register attention implementations (attention function and mask hook) with transformers;
     arguments as in :func:`make_attention_function`.
 
-    Registering the same name again replaces it. Returns ``name``, for ``attn_implementation=``.
+    Without ``name``: ``"bidiattn"`` (``convention``, official by default) and one name per
+    convention, ``"bidiattn-official"``, ``"bidiattn-transformers"`` (reproduces transformers'
+    own masks: the logits of eager/sdpa) and ``"bidiattn-vllm"``, all on ``backend``; returns
+    ``"bidiattn"``. With ``name``: that one name. Registering a name again replaces it. Returns
+    the name to pass as ``attn_implementation=``.
     """
     tf = _transformers()
-    tf.AttentionInterface.register(name, make_attention_function(convention, backend, mode, family))
-    tf.AttentionMaskInterface.register(name, span_source_mask)
-    return name
+    names = {name: convention} if name is not None else {
+        "bidiattn": convention, **{f"bidiattn-{c}": c for c in rules.CONVENTIONS}}
+    for registered, rule in names.items():
+        tf.AttentionInterface.register(registered, make_attention_function(rule, backend, mode, family))
+        tf.AttentionMaskInterface.register(registered, span_source_mask)
+    return name if name is not None else "bidiattn"
 
 
 def enable(model, *, convention: str = "official", backend: str = "auto", name: str | None = None):
-    """Switch a loaded model to bidiattn (registering ``name``, default ``bidiattn-<convention>-<backend>``)."""
-    name = register(name or f"bidiattn-{convention}-{backend}", convention=convention, backend=backend)
+    """Switch a loaded model's language model to bidiattn (registering ``name``, default
+    ``bidiattn-<convention>``, or ``bidiattn-<convention>-<backend>`` for a backend other than
+    ``"auto"``); its vision/audio encoders keep their own attention (:func:`encoder_attention`)."""
+    default = f"bidiattn-{convention}" if backend == "auto" else f"bidiattn-{convention}-{backend}"
+    name = register(name or default, convention=convention, backend=backend)
     model.set_attn_implementation(name)
     return model
