@@ -77,7 +77,14 @@ def build_tiny(name: str, seed: int = 0, attn_implementation: str = "eager", num
         cls = tf.PaliGemmaForConditionalGeneration
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    return cls(cfg).eval()
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        # The models' own init leaves some weights at zero (Gemma-3's image projection among
+        # them: images would not reach the language model); every weight random instead.
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    return model
 
 
 def family_of(model) -> str:

@@ -362,7 +362,7 @@ def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
     rows_all = source.block_ids.shape[1]
     lengths = [source.q_offset + rows_all - fk for fk in source.first_key]
     for b, length in enumerate(lengths):
-        if length < rows_all:
+        if length < tq:
             raise ValueError(f"bidiattn: batch row {b} has new tokens inside its left padding")
     # One host-to-device copy: each row's first key, then the packed sequences' offsets.
     host = torch.tensor([*source.first_key, 0, *lengths], dtype=torch.int64)
@@ -374,13 +374,18 @@ def _extend_bounds(source, convention, layer, window, tq, device, dense: bool):
         bounds = []
         for b, length in enumerate(lengths):
             ids = torch.zeros(length, dtype=torch.int64, device=device)
-            ids[-rows_all:] = source.block_ids[b]
+            n = min(length, rows_all)  # the mask's rows may start inside the padding
+            ids[-n:] = source.block_ids[b, -n:]
             full = rules.dense(source.family, convention, layer, block_ids=ids, window=window)[-tq:]
             bounds.append((full.int().argmax(1).long(), length - 1 - full.flip(1).int().argmax(1).long()))
         lo, hi = (torch.stack(x) for x in zip(*bounds))
     else:
-        ids = torch.zeros(sum(lengths), dtype=torch.int64, device=device)
-        ids[cu[1:, None] - rows_all + torch.arange(rows_all, device=device)] = source.block_ids
+        # The mask's rows, as positions of the packed sequences; rows inside a batch row's left
+        # padding (possible when the layer keeps only the last rows) go to one spare slot.
+        at = cu[1:, None] - rows_all + torch.arange(rows_all, device=device)
+        ids = torch.zeros(sum(lengths) + 1, dtype=torch.int64, device=device)
+        ids[torch.where(at >= cu[:-1, None], at, sum(lengths))] = source.block_ids
+        ids = ids[:-1]
         spans = rules.build(source.family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu,
                             validate=False)
         rows = cu[1:, None] - tq + torch.arange(tq, device=device)
@@ -459,11 +464,9 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
             source = replace(source, family=family)
         if source.family not in announced and mode == "spans":
             announced.add(source.family)
-            _log.warning(
-                "bidiattn: %s language-model layers use the %r rule, %s (backend %r; vision/audio encoders keep "
-                "their own attention); eager/sdpa follow transformers' masks, which differ where an image is "
-                "longer than the sliding window: attn_implementation='bidiattn-transformers' reproduces them",
-                source.family, convention, RULE_SOURCES[convention], backend)
+            _log.warning("bidiattn: %s language-model layers use the %r rule, %s; encoders keep their own attention. "
+                         "eager/sdpa apply transformers' masks: attn_implementation='bidiattn-transformers' matches them",
+                         source.family, convention, RULE_SOURCES[convention])
         layer = "sliding" if sliding_window else "full"
         window = _rule_window(source, source.family, convention, layer, sliding_window)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
