@@ -4,7 +4,9 @@
 
 Every variant is checked against SDPA's gradients (dense mask) before it is timed (median of
 CUDA-event runs). FLOPs on allowed pairs: forward 4 * pairs * D * Hq, backward 10 * pairs * D * Hq
-(five matmuls; recomputation is not counted as useful work). Writes backward-<device>-<date>.json/.md.
+(five matmuls; recomputation is not counted as useful work). Writes backward-<device>-<date>.json/.md
+(backward-atomic-... with --atomic-sweep; PERF.md sections 2 and 3 cite the --no-sweep run) and prints
+PERF.md's rows for the comparison.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ SWEEP = {
 }
 # The atomic-dQ mode (deterministic=False) by tile (--atomic-sweep). Its run at cf0b34a summed dQ
 # through one TMA bulk reduction per tile where the tiles came through TMA: no faster than the
-# elementwise atomics (hd128 13.4-19.3 ms against 13.0), removed (results/backward-atomic-*).
+# elementwise atomics (hd128 13.4-19.3 ms against 13.0), removed (NOTES.md; the run is in git history).
 ATOMIC_SWEEP = {
     128: [B(64, 64, 4, 2, tma=True), B(64, 64, 8, 2, tma=True), B(64, 128, 8, 2, tma=True), B(64, 128, 8, 1, tma=True),
           B(128, 64, 8, 1, tma=True), B(128, 128, 8, 1, tma=True), B(32, 128, 8, 2, tma=True), B(64, 64, 4, 2)],
@@ -139,8 +141,44 @@ def main() -> None:
         for r in sweep_rows:
             lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
                          f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
-    cases.write_results(args.out, "backward-atomic" if args.atomic_sweep else "backward", meta, dict(sweep=sweep_rows, rows=rows), lines)
+    stem = cases.write_results(args.out, "backward-atomic" if args.atomic_sweep else "backward", meta,
+                               dict(sweep=sweep_rows, rows=rows), lines)
     print("\n".join(lines))
+    if rows:
+        print("\nPERF.md rows (sections 2 and 3):")
+        for line in _perf_rows(meta, stem, rows):
+            print(line)
+
+
+def _perf_rows(meta: dict, stem: str, rows: list[dict]) -> list[str]:
+    """PERF.md rows: fwd+bwd per case (planned, the public call in brackets) against the flex backend,
+    the atomic-dQ mode against the default, and the hd512 backward alone."""
+    def tf(r, key):
+        return f"{r[key]:.0f}" if key in r else "fails"
+
+    def ratio(r, key, peer):
+        return f"{r[key] / r[peer]:.2f}x" if key in r and r.get(peer) else "n/a"
+
+    out = []
+    for n, r in enumerate(rows, 1):
+        out.append(cases.perf_row(
+            meta, stem, f"B{n}", r["case"], "triton fwd+bwd, planned (public)",
+            f"{tf(r, 'bidiattn_planned_fwd_bwd_tflops')} TFLOP/s ({tf(r, 'bidiattn_triton_fwd_bwd_tflops')})",
+            f"flex: {tf(r, 'bidiattn_flex_fwd_bwd_tflops')}",
+            f"{ratio(r, 'bidiattn_planned_fwd_bwd_tflops', 'bidiattn_flex_fwd_bwd_tflops')} "
+            f"({ratio(r, 'bidiattn_triton_fwd_bwd_tflops', 'bidiattn_flex_fwd_bwd_tflops')})"))
+    out.append(cases.perf_row(
+        meta, stem, f"B{len(rows) + 1}", " / ".join(r["case"] for r in rows), "triton fwd+bwd, atomic dQ",
+        " / ".join(tf(r, "bidiattn_triton_atomic_fwd_bwd_tflops") for r in rows) + " TFLOP/s",
+        "default deterministic (public): " + " / ".join(tf(r, "bidiattn_triton_fwd_bwd_tflops") for r in rows),
+        " / ".join(ratio(r, "bidiattn_triton_atomic_fwd_bwd_tflops", "bidiattn_triton_fwd_bwd_tflops") for r in rows)))
+    for r in rows:
+        if r["head_dim"] == 512:
+            out.append(cases.perf_row(
+                meta, stem, "K1", r["case"], "triton backward, planned ((fwd+bwd) - fwd time)",
+                f"{tf(r, 'bidiattn_planned_bwd_tflops')} TFLOP/s", f"flex backward alone: {tf(r, 'bidiattn_flex_bwd_tflops')}",
+                ratio(r, "bidiattn_planned_bwd_tflops", "bidiattn_flex_bwd_tflops")))
+    return out
 
 
 if __name__ == "__main__":

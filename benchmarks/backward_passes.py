@@ -7,7 +7,8 @@ the library's choice): the gradients are checked against SDPA's (dense mask) fir
 whole backward is timed (median of CUDA-event runs) and each kernel's device time is read from
 the PyTorch profiler (mean over ``--profile-runs`` runs). TFLOP/s on allowed pairs, 10 FLOPs
 per pair and head-dim element for the whole backward. Run it once per source tree (``--label``)
-to compare kernels: configs the tree cannot build are recorded as errors.
+to compare kernels: configs the tree cannot build are recorded as errors. Writes
+backward-passes-<label>-<device>-<date>.json and .md (PERF.md section 3).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
@@ -107,7 +109,16 @@ def meta(command: str | None = None) -> dict:
     commit = os.environ.get("BIDIATTN_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-                triton=triton.__version__, commit=commit, command=command)
+                triton=triton.__version__, fa4=fa4_version(), commit=commit, command=command)
+
+
+def fa4_version() -> str | None:
+    """flash-attn-4's installed version; "staged, version unknown" where ``flash_attn`` imports from a
+    path without package metadata; None where it is absent (PERF.md's versions column)."""
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return "staged, version unknown" if importlib.util.find_spec("flash_attn") is not None else None
 
 
 def describe_error(e: Exception, limit: int = 200) -> str:
@@ -116,10 +127,20 @@ def describe_error(e: Exception, limit: int = 200) -> str:
     return f"{type(e).__name__}: {first[:limit]}"
 
 
-def write_results(out_dir: str, prefix: str, meta: dict, payload: dict, lines: list[str]) -> None:
-    """``<prefix>-<device>-<date>.json`` (meta and payload) and ``.md`` (lines) under ``out_dir``."""
+def write_results(out_dir: str, prefix: str, meta: dict, payload: dict, lines: list[str]) -> str:
+    """``<prefix>-<device>-<date>.json`` (meta and payload) and ``.md`` (lines) under ``out_dir``
+    (``benchmarks/results/`` by default, where PERF.md's rows point); returns the file stem."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{prefix}-{meta['device'].replace(' ', '_')}-{meta['date']}"
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, **payload), indent=2))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
+def perf_row(meta: dict, stem: str, label: str, case: str, backend: str, figure: str, peer: str, ratio: str) -> str:
+    """One row of PERF.md's table for a result of this run (printed by forward.py and backward.py for
+    pasting; nothing reads it back)."""
+    versions = f"torch {meta['torch']}, triton {meta['triton']}" + (f", FA4 {meta['fa4']}" if meta.get("fa4") else "")
+    return (f"| {label} | {case} | {backend} | {figure} | {peer} | {ratio} | {meta['device']} | {meta['date']} | "
+            f"{versions} | {meta['commit']} | `results/{stem}.{{md,json}}` | `{meta['command']}` |")

@@ -12,7 +12,8 @@ from the planner) and, as the peer's own reference, for bidiattn and FA4 on plai
 one-shot output before anything is timed, and the variants of a case are timed in turns
 (``--rounds`` rounds, median of the rounds' medians) so that clock drift hits them alike.
 *Ratio*: one-shot time over chunked time (1.0: chunking loses nothing). FA4 runs only where
-``flash_attn.cute`` imports.
+``flash_attn.cute`` imports. Writes prefill-peers[-<label>]-<device>-<date>.json and .md (PERF.md
+section 5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FA4 backend benchmark: bidiattn fa4 (segment launches) against FA4 causal on the same GPU.
 
-    source .fa4b/env.sh && python benchmarks/fa4.py --out benchmarks/results
+    python benchmarks/fa4.py --out benchmarks/results [--label L]     (FA4: pip install 'bidiattn[fa4]')
 
 For the benchmark cases with head dim <= 256: checks bidiattn fa4 against SDPA with the dense
 mask (forward and gradients), then times (median of CUDA-event runs) the forward with the
@@ -8,7 +8,7 @@ segment plan built inside the call and built once outside it, the plan alone, FA
 reference, ignores the images; on sliding cases also FA4 with the plain window, its own pairs),
 bidiattn triton; and forward+backward of each. TFLOP/s on
 allowed pairs (causal pairs for FA4 causal): forward 4 * pairs * D * Hq, backward 10 *.
-Writes fa4-<device>-<date>.json/.md.
+Writes fa4[-<label>]-<device>-<date>.json/.md (PERF.md section 4).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cases", default="", help="comma-separated case-name prefixes (default: all with D <= 256)")
+    parser.add_argument("--label", default=None, help="results file name: fa4-<label>-...")
     args = parser.parse_args()
     from flash_attn.cute import flash_attn_func
 
@@ -146,7 +147,7 @@ def main() -> None:
                      f"{tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
                      f"{ratio(r, 'fa4_planned_fwd_bwd', 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_mask_mod_fwd')} | "
                      f"{tf(r, 'fa4_mask_mod_fwd_bwd')} |")
-    cases.write_results(args.out, "fa4", meta, dict(rows=rows), lines)
+    cases.write_results(args.out, "fa4" + (f"-{args.label}" if args.label else ""), meta, dict(rows=rows), lines)
     print("\n".join(lines))
 
 

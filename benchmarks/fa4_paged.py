@@ -1,13 +1,13 @@
 """Paged FA4 benchmark: bidiattn fa4 over a paged K/V cache against the contiguous fa4 path, the
 triton paged kernel and FA4's own causal paged kernel, on the same GPU.
 
-    source .fa4b/env.sh && python benchmarks/fa4_paged.py --out benchmarks/results
+    python benchmarks/fa4_paged.py --out benchmarks/results     (FA4: pip install 'bidiattn[fa4]')
 
 Per case (the hd128 / hd256 cases of cases.py, pages of 128 keys in a shuffled pool): a whole
 prompt as one extend step over its cached keys, and its last 2K rows as a prefill chunk. Checks
 every variant against SDPA with the dense mask first (relative error), then times (median of
 CUDA-event runs) with plans built once outside the call (as layers share them). TFLOP/s on
-allowed pairs (FA4 causal on causal pairs). Writes fa4-paged-<device>-<date>.json/.md.
+allowed pairs (FA4 causal on causal pairs). Writes fa4-paged-<device>-<date>.json/.md (PERF.md section 4).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python benchmarks/forward.py --out benchmarks/results
 
-Writes forward-<device>-<date>.json and .md. TFLOP/s are counted on spans.num_pairs()
+Writes forward-<device>-<date>.json and .md (PERF.md section 1 cites them) and prints PERF.md's rows for
+them. TFLOP/s are counted on spans.num_pairs()
 (4 * pairs * D * Hq: two matmuls, 2 FLOPs per multiply-add); the causal columns on causal pairs.
 Columns: bidiattn triton (the public call: validation and the launch plan inside the call);
 bidiattn triton, planned (the public call with ``plan=bidiattn.plan_attention(...)`` built once
@@ -42,7 +43,7 @@ def try_time(row, key, fn, check, flop_count):
 def fa4_causal():
     try:
         from flash_attn.cute import flash_attn_func
-    except Exception:  # noqa: BLE001 - FA4 is optional (staged by ../shared/device/stage-fa4.sh)
+    except Exception:  # noqa: BLE001 - FA4 is optional (pip install 'bidiattn[fa4]')
         return None
     return flash_attn_func
 
@@ -123,8 +124,24 @@ def main() -> None:
                   for key in ("bidiattn_triton", "bidiattn_planned")]
         lines.append(f"| {r['case']} | " + " | ".join(cell(r, c[0]) for c in cols) + " | "
                      + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
-    cases.write_results(args.out, "forward", meta, dict(rows=rows), lines)
+    stem = cases.write_results(args.out, "forward", meta, dict(rows=rows), lines)
     print("\n".join(lines))
+    print("\nPERF.md rows (section 1):")
+    for n, r in enumerate(rows, 1):
+        print(cases.perf_row(meta, stem, f"F{n}", r["case"], "triton, planned (public)", *_perf_cells(r)))
+
+
+def _perf_cells(r: dict) -> tuple[str, str, str]:
+    """(figure, peer, ratio) of a PERF.md row: the planned call (the public call in brackets) against
+    FlexAttention's mask_mod recipe of the same run."""
+    def tf(key):
+        return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "fails"
+
+    flex = r.get("flex_mask_mod_tflops")
+    ratios = [f"{r[k + '_tflops'] / flex:.2f}x" if flex and k + "_tflops" in r else "n/a"
+              for k in ("bidiattn_planned", "bidiattn_triton")]
+    return (f"{tf('bidiattn_planned')} TFLOP/s ({tf('bidiattn_triton')})", f"Flex mask_mod: {tf('flex_mask_mod')}",
+            f"{ratios[0]} ({ratios[1]})")
 
 
 if __name__ == "__main__":

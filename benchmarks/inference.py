@@ -6,7 +6,8 @@ prefill and decode.
 
 Checks each variant against the reference math (SDPA with the dense rows of the mask, or the
 one-shot call) before timing (median of CUDA-event runs; the runner: median of wall-clock runs).
-Writes inference-<device>-<date>.json and .md. Decode is memory-bound: GB/s counts the K and V
+Writes <name>-<device>-<date>.json and .md (``--name``, default ``inference``; PERF.md sections 5-7 and 9
+cite the runs). Decode is memory-bound: GB/s counts the K and V
 bytes of the keys each query may attend.
 """
 

@@ -1,6 +1,8 @@
 """Where chunked prefill loses time: each step of a chunked 32K prompt timed alone.
 
-    python benchmarks/prefill_steps.py --out benchmarks/results
+    python benchmarks/prefill_steps.py --out benchmarks/results [--label L]
+
+Writes prefill-steps[-<label>]-<device>-<date>.json and .md (PERF.md row P5 cites the ``--label 8k`` run).
 
 Same case as the prefill section of ``inference.py`` (hd128, 16 q / 8 kv heads, gemma3 full and
 sliding layers, 1092-token images every 2048, planned calls replayed in CUDA graphs). For each
@@ -25,7 +27,7 @@ from bidiattn.kernels.forward import TileConfig, plan_forward, span_attention_fo
 from bidiattn.planner import RequestLayout, plan_prefill, step_spans
 from inference import D, HKV, HQ, _graphed, image_ids
 
-# None: the planner's choice. Tried and dropped (NOTES, "Chunked prefill step by step"): 256x128,
+# None: the planner's choice. Tried and dropped (NOTES.md, "Tried and removed"): 256x128,
 # 3-stage 256x64 and 128x128 tiles do not fit in shared memory at hd128 (262-328 KB asked); a
 # stream-K schedule (commits b0d07b6, 7163e35) ran 20-50% slower.
 CONFIGS = (None, TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3, pack_gqa=True),

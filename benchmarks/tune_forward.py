@@ -2,9 +2,10 @@
 
     python benchmarks/tune_forward.py --out benchmarks/results [--round stages] [--no-flex]
 
-Writes tune-forward-<device>-<date>.json and .md (every variant, its time or why it failed).
-The winners go into ``bidiattn.kernels.forward.pick_config`` by hand, with the numbers in
-benchmarks/NOTES.md.
+Writes tune-forward-<round>-<device>-<date>.json and .md (every variant, its time or why it failed;
+``-<N>kv`` added with --kv-heads). The winners go into ``bidiattn.kernels.forward.pick_config`` by
+hand, the decision and its numbers into benchmarks/NOTES.md; the round behind a current default is
+a PERF.md row (section 10).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bidiattn.kernels import forward
 from bidiattn.kernels.forward import TileConfig, span_attention_forward
 
 T = TileConfig
-# Round 1 and 2 of 2026-11-21 (warp_specialize variants, since dropped, are in that run's results).
+# Round 1 and 2 of 2026-11-21 (warp_specialize variants, since dropped, are in that run's results, in git history).
 SWEEP = {
     128: [T(128, 64, 8, 3), T(128, 64, 4, 3), T(128, 64, 8, 2), T(128, 128, 8, 2), T(64, 64, 4, 3), T(128, 32, 4, 3),
           T(128, 64, 8, 4), T(128, 128, 8, 1), T(256, 64, 8, 2), T(256, 64, 16, 2), T(128, 64, 16, 3)],
@@ -76,7 +77,7 @@ GROUPS = {
     512: [],
 }
 # Round 7 (ninth session): hd512 in one program without recomputing q·k (column_halves, K/V
-# in TMA boxes of 256 columns). Its run at f6a2d9f (results/tune-forward-halves-*) also timed a
+# in TMA boxes of 256 columns). Its run at f6a2d9f (in git history) also timed a
 # lazy running max (rescale_slack=8, since removed: 4-10% slower in every case).
 HALVES = {
     128: [T(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)],
@@ -107,10 +108,9 @@ HALVES2 = {
           T(128, 64, 8, 1, split_dv=2, pack_gqa=True, column_halves=True, tma=True),
           T(128, 64, 8, 1, split_dv=2)],
 }
-# Round 9 (warp_specialize=True on the mask-free loop with TMA loads) ran at e4057e1
-# (results/tune-forward-ws-*); the knob was removed after an A/B in alternating processes showed
-# no gain (results/forward-ab-fma-ws-*).
-# Round 10 (twelfth session) ran at 5295784 (results/tune-forward-ahead-*): q·k of the next key
+# Round 9 (warp_specialize=True on the mask-free loop with TMA loads) ran at e4057e1; the knob
+# was removed after an A/B in alternating processes showed no gain (NOTES.md; runs in git history).
+# Round 10 (twelfth session) ran at 5295784 (in git history): q·k of the next key
 # tile issued before this tile's softmax on the mask-free loop (scores_ahead), and a register cap
 # (max_registers) letting two programs share a multiprocessor; both slower everywhere, removed.
 ROUNDS = {"tiles": SWEEP, "stages": STAGES, "tma": TMA, "tma-pack": TMA_PACK, "groups": GROUPS, "halves": HALVES,
