@@ -205,14 +205,29 @@ def test_missing_transformers(monkeypatch):
         bidiattn_hf.register()
 
 
-@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-paligemma"])
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma4-e2b", "tiny-paligemma"])
 def test_verify_passes_and_reports_differences(model):
     report = run_verify(model)
     assert report.passed, report
     assert {c.label.split(",")[0] for c in report.checks} >= {"reference", "flex"}
-    # The default layout has an image longer than the window, so the rules disagree somewhere.
+    assert {b for b, _ in report.skipped} >= {"triton", "fa4"}  # CPU: named, with a reason
     causal = [c for c in report.differences if "causal" in c.label][0]
-    assert causal.max_abs_logit_diff > 1e-5 and causal.max_kl > 0
+    if model == "tiny-gemma4-e2b":
+        assert causal.max_abs_logit_diff == 0  # E2B/E4B images are causal in every rule
+    else:
+        # The default layout has images (longer than the window), so the rules disagree somewhere.
+        assert causal.max_abs_logit_diff > 1e-5 and causal.max_kl > 0
+
+
+def test_verify_runs_pixel_values_through_the_towers(monkeypatch):
+    seen = []
+    model = build_tiny("tiny-gemma4")
+    for tower in ("vision_tower", "audio_tower"):
+        cls = type(getattr(model.model, tower))
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _f=forward, _t=tower, **k: seen.append(_t) or _f(self, *a, **k))
+    assert run_verify("tiny-gemma4", backends=["reference"]).passed
+    assert "vision_tower" in seen and "audio_tower" in seen
 
 
 def test_verify_loads_a_checkpoint_directory(tmp_path):
@@ -223,13 +238,21 @@ def test_verify_loads_a_checkpoint_directory(tmp_path):
 
 def test_verify_cli(capsys):
     assert main(["verify", "--model", "tiny-gemma4"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "all checks passed" in out and "official vs causal (images ignored)" in out
+    assert "fail above max |dlogit| 0.0001 in float32" in out and "backends not run here:" in out
+    assert "Warning" not in captured.err and "Loading" not in captured.err  # no deprecation or progress noise
     assert main(["verify", "--model", "/nonexistent/checkpoint"]) == 2
+    # A hub name is not downloaded: a clear error, no retries.
+    assert main(["verify", "--model", "google/gemma-3-4b-it"]) == 2
+    assert "not download" in capsys.readouterr().err
+    assert main(["verify", "--model", "tiny-gemma3", "--layout", "text:3,image:4,text:2"]) == 2
+    assert "9 tokens per image" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-paligemma"])
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma4-e2b", "tiny-paligemma"])
 def test_verify_with_the_triton_backend_on_gpu(model):
     report = run_verify(model, dtype=torch.bfloat16, device="cuda")
     assert any(c.label.startswith("triton") for c in report.checks)

@@ -6,7 +6,8 @@ Segment kinds:
 - ``image`` / ``video``: soft tokens of one image or video (bidirectional in every convention
   that has blocks; adjacent segments with no separator form one block, as in the models);
 - ``prefix``: PaliGemma prefix text (BOS + prompt + separator), bidirectional only in the
-  paligemma official/transformers conventions, ordinary text elsewhere.
+  paligemma official/transformers conventions, ordinary text elsewhere;
+- ``audio``: Gemma-4 audio soft tokens, causal like text in every convention.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .rules import block_ids_from_mask, rule_for
 
 __all__ = ["Layout", "parse_layout", "SEGMENT_KINDS"]
 
-SEGMENT_KINDS = ("text", "image", "video", "prefix")
+SEGMENT_KINDS = ("text", "image", "video", "audio", "prefix")
 
 
 @dataclass(frozen=True)

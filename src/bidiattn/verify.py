@@ -9,12 +9,17 @@ Two kinds of rows:
 * differences (the practical size of the disagreement): official against the transformers,
   vllm and causal (images ignored) rules, all through bidiattn's reference backend.
 
-Image tokens are placeholders (the model's image token id, token types set), with no pixel
-values: the attention mask depends on the token types only.
+Inputs are what the model's processor would give: token ids with image (audio) placeholders,
+token types, and random pixel values (audio features) that run through the model's own vision
+(audio) tower, which keeps its own attention under bidiattn. Nothing is downloaded: ``model``
+is a tiny random-weight model or a local checkpoint directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -53,19 +58,27 @@ class VerifyReport:
     device: str
     checks: tuple[Comparison, ...]
     differences: tuple[Comparison, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (backend, why it did not run)
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
 
-def default_layout(family: str, window: int | None) -> str:
-    """Text and three images, the second one longer than the sliding window (PaliGemma: a prefix
-    of two images and prompt text, longer than the window, then the suffix text)."""
-    long = (window or 32) + 4
+def default_layout(model) -> str:
+    """Text, three images (the second longer than the sliding window where the vision tower's
+    image size allows) and, for Gemma-4 models with an audio tower, an audio clip; PaliGemma: a
+    prefix of two images and prompt text, then the suffix text."""
+    from .integrations.tiny import family_of, tokens_per_image
+
+    family = family_of(model)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    fixed = tokens_per_image(model)
+    image, long = (fixed, fixed) if fixed is not None else (4, (window or 32) + 4)
     if family == "paligemma":
-        return f"image:4,image:{long},prefix:5,text:16"
-    return f"text:5,image:4,text:3,image:{long},text:4,image:3,text:6"
+        return f"image:{image},image:{long},prefix:5,text:16"
+    audio = "audio:3,text:2," if getattr(model.config, "audio_config", None) is not None else ""
+    return f"text:5,image:{image},text:3,image:{long},text:4,{audio}image:{image},text:6"
 
 
 def _compare(label: str, a: torch.Tensor, b: torch.Tensor, tolerance: float | None) -> Comparison:
@@ -80,31 +93,67 @@ def _load(model: str, dtype: torch.dtype, device: str):
 
     if model in TINY_MODELS:
         return build_tiny(model).to(device=device, dtype=dtype)
+    if not os.path.isdir(model):
+        raise ValueError(f"--model {model!r} is neither a tiny model ({', '.join(TINY_MODELS)}) nor a local "
+                         "checkpoint directory (bidiattn verify does not download; save_pretrained a model first)")
     tf = _transformers()
     errors = []
     for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
         try:
-            loaded = getattr(tf, auto).from_pretrained(model, torch_dtype=dtype, attn_implementation="eager")
+            loaded = getattr(tf, auto).from_pretrained(model, dtype=dtype, attn_implementation="eager",
+                                                       local_files_only=True)
             return loaded.to(device).eval()
         except (ValueError, OSError, KeyError) as e:
             errors.append(f"{auto}: {e}")
-    raise ValueError(f"could not load {model!r} as a local checkpoint directory or one of {TINY_MODELS}: " + "; ".join(errors))
+    raise ValueError(f"could not load {model!r} as a Gemma-3, Gemma-4 or PaliGemma checkpoint: " + "; ".join(errors))
 
 
-def _backends(dtype: torch.dtype, device: str) -> list[str]:
-    out = ["reference"]
+def _backends(dtype: torch.dtype, device: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The backends that run here, and each other backend with the reason it does not."""
+    out, skipped = ["reference"], []
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
-        pass
+        skipped.append(("flex", "this torch has no FlexAttention"))
     else:
-        # On CUDA the tiny models' head dim (16) has no compiled FlexAttention kernel (inductor
-        # finds no valid config, torch 2.11 on an H200); flex is tested at real sizes elsewhere.
-        if dtype != torch.float64 and device == "cpu":
+        if device == "cpu":
             out.append("flex")
+        else:
+            skipped.append(("flex", "the tiny models' head dim (16) has no compiled FlexAttention kernel on CUDA; "
+                                    "flex is tested at real sizes in the test suite"))
     if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
         out.append("triton")
-    return out
+    else:
+        skipped.append(("triton", "needs --device cuda and --dtype bfloat16/float16 (on CPU the kernels run only "
+                                  "through Triton's interpreter, in the test suite)"))
+    skipped.append(("fa4", "not part of verify: FA4 needs head dims 64-256 on an SM90/SM100 GPU; tested in the "
+                           "GPU test suite"))
+    return out, skipped
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars, deprecation warnings or the integration's one-line rule notice (the
+    report states the rules) while verify runs."""
+    from transformers.utils import logging as tf_logging
+
+    ours = logging.getLogger("bidiattn")
+    level, tf_level, bars = ours.level, tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    ours.setLevel(logging.ERROR)
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            # Eager FlexAttention (CPU) warns that it materializes scores: expected at these sizes.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            yield
+    finally:
+        ours.setLevel(level)
+        tf_logging.set_verbosity(tf_level)
+        if bars:
+            tf_logging.enable_progress_bar()
 
 
 def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -112,9 +161,10 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
     """Load ``model`` (a tiny model name or a local checkpoint directory) and compare runs.
 
     Args:
-        model: ``tiny-gemma3``, ``tiny-gemma4``, ``tiny-paligemma`` or a ``save_pretrained`` directory.
-        layout: ``kind:count,...`` (kinds text/image/video/prefix); default: text and three
-            images, one longer than the sliding window (:func:`default_layout`).
+        model: a tiny model (:data:`bidiattn.integrations.tiny.TINY_MODELS`) or a local
+            ``save_pretrained`` directory.
+        layout: ``kind:count,...`` (kinds text/image/video/audio/prefix; an image has the token
+            count its vision tower gives); default: :func:`default_layout`.
         dtype, device: where the model runs (the triton backend needs CUDA and fp16/bf16).
         seed, batch: random text tokens and how many sequences.
         backends: bidiattn backends to check; default every one available here.
@@ -122,9 +172,10 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
     Returns a :class:`VerifyReport`; ``report.passed`` is False when a check exceeds its
     tolerance (per dtype, :data:`TOLERANCE`).
     """
-    with warnings.catch_warnings():
-        # Eager FlexAttention (CPU) warns that it materializes scores: expected at these sizes.
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    from .integrations.transformers import _transformers
+
+    _transformers()
+    with _quiet():
         return _run(model, layout, dtype, device, seed, batch, backends)
 
 
@@ -135,10 +186,14 @@ def _run(model, layout, dtype, device, seed, batch, backends) -> VerifyReport:
     net = _load(model, dtype, device)
     family = family_of(net)
     window = getattr(net.config.get_text_config(), "sliding_window", None)
-    layout = layout or default_layout(family, window)
+    layout = layout or default_layout(net)
     parsed = parse_layout(layout)
     segments = list(parsed.segments)
-    inputs = {k: v.to(device) for k, v in example_inputs(net, segments, batch=batch, seed=seed).items()}
+    inputs = example_inputs(net, segments, batch=batch, seed=seed, pixels=True)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    available, skipped = _backends(dtype, device)
+    if backends is not None:
+        skipped = [(b, "not requested") for b in available if b not in backends]
 
     def logits(impl: str) -> torch.Tensor:
         net.set_attn_implementation(impl)
@@ -149,7 +204,7 @@ def _run(model, layout, dtype, device, seed, batch, backends) -> VerifyReport:
     eager_transformers = logits("eager")
     dense_official = logits(bidiattn_hf.register("bidiattn-verify-dense", convention="official", mode="dense"))
     checks, runs = [], {}
-    for backend in backends or _backends(dtype, device):
+    for backend in backends or available:
         runs[backend] = logits(bidiattn_hf.register(f"bidiattn-verify-{backend}", convention="official", backend=backend))
         checks.append(_compare(f"{backend}, official vs eager + dense official mask", runs[backend], dense_official, tol))
         ours_tf = logits(bidiattn_hf.register(f"bidiattn-verify-{backend}-tf", convention="transformers", backend=backend))
@@ -164,22 +219,30 @@ def _run(model, layout, dtype, device, seed, batch, backends) -> VerifyReport:
         label = "official vs " + ("causal (images ignored)" if fam else convention)
         differences.append(_compare(label, base, logits(name), None))
     return VerifyReport(model, family, layout, window, parsed.total_tokens, str(dtype).replace("torch.", ""),
-                        device, tuple(checks), tuple(differences))
+                        device, tuple(checks), tuple(differences), tuple(skipped))
 
 
 def format_report(report: VerifyReport) -> str:
     lines = [
         f"bidiattn verify: {report.model} (family {report.family}), {report.tokens} tokens per sequence, "
-        f"layout {report.layout}, sliding window {report.window}, {report.dtype} on {report.device}",
+        f"layout {report.layout}, sliding window {report.window}, {report.dtype} on {report.device}; "
+        "real pixel values (and audio features) through the model's own towers",
         "",
-        f"  {'comparison':<58} {'max |dlogit|':>12} {'mean KL':>10} {'max KL':>10}  status",
     ]
+    header = f"  {'comparison':<58} {'max |dlogit|':>12} {'mean KL':>10} {'max KL':>10}  status"
 
     def row(c: Comparison) -> str:
         status = "" if c.tolerance is None else ("ok" if c.passed else f"FAIL (> {c.tolerance:g})")
         return f"  {c.label:<58} {c.max_abs_logit_diff:>12.2e} {c.mean_kl:>10.2e} {c.max_kl:>10.2e}  {status}"
 
-    lines += ["checks (should be ~0):"] + [row(c) for c in report.checks]
-    lines += ["", "convention differences (bidiattn reference backend):"] + [row(c) for c in report.differences]
+    tolerance = next((c.tolerance for c in report.checks), None)
+    lines += [f"checks: the same rule two ways, should be ~0 (fail above max |dlogit| {tolerance:g} in "
+              f"{report.dtype}: rounding differences of the attention, nothing more):"]
+    lines += [header] + [row(c) for c in report.checks]
+    lines += ["", "convention differences: how much the rules disagree on this input (not errors; 0 where the",
+              "layout has nothing they treat differently, e.g. no image longer than the window):"]
+    lines += [header] + [row(c) for c in report.differences]
+    if report.skipped:
+        lines += ["", "backends not run here:"] + [f"  {b}: {why}" for b, why in report.skipped]
     lines += ["", "all checks passed" if report.passed else "SOME CHECKS FAILED"]
     return "\n".join(lines)
