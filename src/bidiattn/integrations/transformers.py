@@ -47,6 +47,7 @@ from ..spans import SpanMask, host_to_device
 __all__ = [
     "TESTED_VERSIONS",
     "FAMILY_OF_MODEL_TYPE",
+    "ENCODER_ATTENTION",
     "ENCODER_MODEL_TYPES",
     "SpanSource",
     "span_source_mask",
@@ -68,10 +69,12 @@ FAMILY_OF_MODEL_TYPE = {
     "paligemma": "paligemma",
 }
 # The vision and audio encoders of these models (SigLIP for Gemma-3 and PaliGemma; Gemma-4's own
-# vision and audio towers). Their attention is bidirectional over one image or clip and has
-# nothing to do with the language model's rule: under a bidiattn name they keep the attention
-# transformers would give them by default (sdpa where the encoder supports it, else eager).
-ENCODER_MODEL_TYPES = ("siglip_vision_model", "gemma4_vision", "gemma4_audio")
+# vision and audio towers) and the attention they keep under a bidiattn name: their attention is
+# bidirectional over one image or clip and has nothing to do with the language model's rule.
+# Gemma-4's audio tower reads eager's additive mask in its own chunked attention (transformers
+# 5.17 gives it sdpa's boolean mask under "sdpa" and computes it wrong), so it stays on eager.
+ENCODER_ATTENTION = {"siglip_vision_model": "sdpa", "gemma4_vision": "sdpa", "gemma4_audio": "eager"}
+ENCODER_MODEL_TYPES = tuple(ENCODER_ATTENTION)
 RULE_SOURCES = {
     "official": "the reference implementation's rule (google-deepmind/gemma, big_vision)",
     "transformers": "transformers' own masks (what eager/sdpa compute)",
@@ -102,17 +105,8 @@ def _transformers():
 
 def encoder_attention(config) -> str:
     """The attention implementation an encoder (``config.model_type`` in
-    :data:`ENCODER_MODEL_TYPES`) keeps under a bidiattn name: the one transformers picks for it by
-    default, ``"sdpa"`` where its model class supports it (SigLIP, Gemma-4's vision tower),
-    ``"eager"`` otherwise (Gemma-4's audio tower, whose chunked attention reads eager's additive
-    mask)."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-    try:
-        model_class = MODEL_MAPPING[type(config)]
-    except KeyError:
-        return "eager"
-    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+    :data:`ENCODER_ATTENTION`) keeps under a bidiattn name."""
+    return ENCODER_ATTENTION[config.model_type]
 
 
 def _encoder_mask(config, **arguments):
