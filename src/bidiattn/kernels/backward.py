@@ -20,7 +20,6 @@ a ``[BLOCK_N, 512]`` fp32 pair of dK/dV accumulators does not fit in registers).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +28,12 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..spans import SpanMask, TileSummary
-from .forward import _fits
+from .common import LOG2E, bf16_in_interpreter, fits, softcap_tanh
 from .indexing import program_tile
 from .tiles import KeyTiles, key_tiles, query_tiles
 
 __all__ = ["BackwardConfig", "BackwardPlan", "KeyTiles", "pick_backward_config", "plan_backward",
            "span_attention_backward"]
-
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -61,9 +58,7 @@ def _probs(b_q, b_k, b_lse, o_n, lo, hi, seq_len, qk_scale, softcap, masked, SOF
     allowed: the mask math is skipped."""
     b_s = tl.dot(b_q, tl.trans(b_k))
     if SOFTCAP:
-        b_x = b_s * qk_scale
-        b_t = 1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0)
-        b_s2 = softcap * 1.4426950408889634 * b_t
+        b_s2, b_t = softcap_tanh(b_s, qk_scale, softcap)
     else:
         b_t = b_s
         b_s2 = b_s * qk_scale
@@ -390,8 +385,7 @@ def span_attention_backward(
     dQ, vary between runs). ``plan`` (from :func:`plan_backward` on the same spans) skips the
     planning; ``config`` must then be ``None``.
     """
-    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter's bf16 bug (see forward.py): run on fp32 copies, return bf16.
+    if bf16_in_interpreter(q):
         grads = span_attention_backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, spans,
                                         scale, softcap, dlse, config, deterministic, plan)
         return tuple(g.to(q.dtype) for g in grads)
@@ -415,18 +409,18 @@ def span_attention_backward(
     _delta_kernel[(hq, triton.cdiv(t_len, 64))](
         out, do, dlse, delta, t_len, out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
         D=d, BLOCK_M=64, BLOCK_D=block_d)
-    lse2 = lse * _LOG2E
-    qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
+    lse2 = lse * LOG2E
+    qk_scale = (scale / softcap) if softcap is not None else scale * LOG2E
     cap = softcap if softcap is not None else 1.0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     args = (q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap is not None)
-    with _fits(cfg, d):
+    with fits(cfg, d):
         _launch_dkdv(*args, dk, dv, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg, plan.key_tiles,
                      plan.key_order)
     if dq_acc is not None:
         return dq_acc.to(q.dtype), dk, dv
-    with _fits(cfg.dq_pass, d):
+    with fits(cfg.dq_pass, d):
         _launch_dq(*args, dq, cfg.dq_pass, plan.query_tiles, plan.query_order)
     return dq, dk, dv
 

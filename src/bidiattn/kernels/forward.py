@@ -9,18 +9,16 @@ reads two ints per row, never a dense mask.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..spans import SpanMask, TileSummary
+from .common import LOG2E, bf16_in_interpreter, fits, softcap_tanh
 from .indexing import program_tile
 from .tiles import query_tiles
 
@@ -28,8 +26,6 @@ if TYPE_CHECKING:
     from .backward import BackwardPlan
 
 __all__ = ["LaunchPlan", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
-
-_LOG2E = 1.4426950408889634  # the kernel works in base 2 (exp2 is one instruction)
 
 
 @triton.jit
@@ -62,10 +58,7 @@ def _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, col_k, co
 def _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ONE_SIDED: tl.constexpr):
     # q·k in base 2 with the tile's mask applied (see _attend for MASK).
     if SOFTCAP:
-        # softcap * tanh(x / softcap), tanh through exp so it also runs in the interpreter;
-        # then rescale to base 2. qk_scale here is scale / softcap.
-        b_x = b_s * qk_scale
-        b_s = softcap * 1.4426950408889634 * (1.0 - 2.0 / (tl.exp(2.0 * b_x) + 1.0))
+        b_s, _ = softcap_tanh(b_s, qk_scale, softcap)
     else:
         b_s = b_s * qk_scale
     if (MASK == 1) and ONE_SIDED:
@@ -488,9 +481,7 @@ def span_attention_forward(
         if config is not None:
             raise ValueError("pass either config or plan (the plan carries its config)")
         plan.check(q, k, spans)
-    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton's CPU interpreter mis-reads bf16 (max error 8e8 on a 7-token causal case with
-        # triton 3.9), so CPU tests run the same kernel on fp32 copies; GPUs run real bf16.
+    if bf16_in_interpreter(q):
         o32, l32 = span_attention_forward(q.float(), k.float(), v.float(), spans, scale, softcap,
                                           page_table=page_table, page_size=page_size, plan=plan)
         out = o32.to(q.dtype) if out is None else out.copy_(o32)
@@ -503,17 +494,17 @@ def span_attention_forward(
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(hq, t_len, device=q.device, dtype=torch.float32) if lse is None else lse
-    qk_scale = (scale / softcap) if softcap is not None else scale * _LOG2E
+    qk_scale = (scale / softcap) if softcap is not None else scale * LOG2E
     grid = (hq // pack, tiles.rows.numel(), cfg.split_dv * splits)
     paging = (page_table, page_size) if page_table is not None else (spans.cu_seqlens, 0)
     if splits == 1:
-        with _fits(cfg, d):
+        with fits(cfg, d):
             _launch_forward(grid, q, k, v, out, lse, 0, 0, spans, order, tiles, qk_scale, softcap, group, d, cfg,
                             block_d, 1, paging, pack)
         return out, lse
     o_part = torch.empty(splits, t_len, hq, d, device=q.device, dtype=torch.float32)
     l_part = torch.empty(splits, hq, t_len, device=q.device, dtype=torch.float32)
-    with _fits(cfg, d):
+    with fits(cfg, d):
         _launch_forward(grid, q, k, v, o_part[0], l_part[0], o_part.stride(0), l_part.stride(0), spans, order, tiles,
                         qk_scale, softcap, group, d, cfg, block_d, splits, paging, pack)
     # Exact merge of the slices in one launch (it replaced ~8 PyTorch ops per decode call).
@@ -551,15 +542,6 @@ def _auto_kv_splits(spans: SpanMask, heads: int, block_m: int, block_n: int) -> 
     keys_per_seq = spans.total_keys // spans.num_sequences
     waves = 1 << ((-(-8 * sms // programs)).bit_length() - 1)
     return max(1, min(waves, keys_per_seq // (4 * block_n), 32))
-
-
-@contextlib.contextmanager
-def _fits(cfg, head_dim: int):
-    """Turn Triton's launch-time resource error into a ValueError naming the config."""
-    try:
-        yield
-    except OutOfResources as e:
-        raise ValueError(f"{cfg} does not fit this GPU at head_dim={head_dim}: {e}") from e
 
 
 def _descriptors(k, v, cfg, block_d, page_size):

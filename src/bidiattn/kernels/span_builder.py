@@ -8,12 +8,13 @@ writes ``lo``/``hi`` with the rule's formula. No host sync, fixed-size buffers: 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import triton
 import triton.language as tl
 
 from ..blocks import BlockList
-from ..rules import Rule
 from .indexing import last_at_most
 
 __all__ = ["build_spans_triton"]
@@ -21,6 +22,15 @@ __all__ = ["build_spans_triton"]
 _CHUNK = 1024
 _BLOCKS = {"none": 0, "all": 1, "short": 2}
 _WINDOW = {"none": 0, "left": 1, "sym": 2}
+
+
+class RuleFields(Protocol):
+    """The fields of a :class:`bidiattn.rules.Rule` the kernel reads (typed structurally, so this
+    module does not import ``rules``, which imports it)."""
+
+    blocks: str
+    window: str
+    window_scope: str
 
 
 @triton.jit
@@ -79,7 +89,7 @@ def _build_spans_kernel(
     tl.store(hi_out + o_t, tl.where(honoured, block_hi, pos).to(tl.int32), mask=ok)
 
 
-def build_spans_triton(rule: Rule, blocks: BlockList, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor,
+def build_spans_triton(rule: RuleFields, blocks: BlockList, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor,
                        total: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 ``(lo, hi)`` ``[total]`` of the step's rows (inputs validated by the caller)."""
     lo = torch.empty(total, dtype=torch.int32, device=cu_seqlens.device)
