@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +84,39 @@ def test_unknown_preset_is_rejected(capsys):
     with pytest.raises(SystemExit):
         cli.main(["masks", "--preset", "gemma-9"])
     assert "invalid choice: 'gemma-9'" in capsys.readouterr().err
+
+
+def test_version_flag_and_python_m(capsys):
+    import bidiattn
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"bidiattn {bidiattn.__version__}\n"
+    run = subprocess.run([sys.executable, "-m", "bidiattn", "--version"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout == f"bidiattn {bidiattn.__version__}\n", run.stderr
+
+
+def test_version_comes_from_the_installed_metadata_with_a_fallback(monkeypatch):
+    import importlib.metadata
+
+    import bidiattn
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {"bidiattn": "9.8.7"}[name])
+    assert bidiattn._installed_version() == "9.8.7"
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert bidiattn._installed_version() == "0+unknown"
+
+
+def test_png_without_matplotlib_names_the_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    png = tmp_path / "masks.png"
+    assert cli.main(["masks", "--png", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert "bidiattn: error: bidiattn masks --png needs matplotlib" in captured.err
+    assert "pip install 'bidiattn[cli]'" in captured.err
+    assert captured.out == "" and not png.exists()  # refused before any work

@@ -13,4 +13,16 @@ from .attention import attention, plan_attention
 from .spans import SpanMask, TileSummary
 
 __all__ = ["SpanMask", "TileSummary", "attention", "plan_attention", "planner", "presets", "reference", "rules"]
-__version__ = "0.1.0"
+
+
+def _installed_version() -> str:
+    """The installed distribution's version; ``"0+unknown"`` for a source tree never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bidiattn")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _installed_version()

@@ -1,12 +1,13 @@
-"""Command line: ``bidiattn masks`` shows where the mask conventions of a model differ;
-``bidiattn verify`` runs a model forward pass per backend and convention."""
+"""Command line (``bidiattn`` or ``python -m bidiattn``): ``bidiattn masks`` shows where the mask
+conventions of a model differ; ``bidiattn verify`` runs a model forward pass per backend and
+convention; ``bidiattn --version`` prints the installed version."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import rules
+from . import __version__, rules
 from .compare import LayerComparison, compare_layer
 from .layouts import parse_layout
 from .presets import PRESETS, get_preset
@@ -30,6 +31,10 @@ def _format_table(comp: LayerComparison, layer_count: str) -> str:
 
 
 def _masks(args: argparse.Namespace) -> int:
+    if args.png:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
     preset = get_preset(args.preset) if args.preset else None
     family = args.family or (preset.family if preset else None)
     if family is None:
@@ -76,6 +81,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bidiattn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bidiattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     masks = sub.add_parser(
         "masks",
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"segments kind:count, kinds text/image/video/prefix (default {DEFAULT_LAYOUT!r})")
     masks.add_argument("--window", type=int, default=None,
                        help=f"sliding window W (default: the preset's; {DEFAULT_WINDOW} for the default example)")
-    masks.add_argument("--png", default=None, help="write a picture of the masks to this path")
+    masks.add_argument("--png", default=None,
+                       help="write a picture of the masks to this path (needs matplotlib: pip install 'bidiattn[cli]')")
     masks.add_argument("--pixels", type=int, default=512, help="picture resolution per panel side (default 512)")
     masks.set_defaults(func=_masks)
     verify = sub.add_parser(

@@ -195,6 +195,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     if validate:
         _check_capacity(cache, page_table, spans.cu_seqlens_k[1:] - spans.cu_seqlens_k[:-1])
     scale = check_scale_softcap(scale, softcap, d)
+    softcap = None if softcap is None else float(softcap)
     if backend == "fa4":
         from .kernels.fa4 import span_attention_fa4_forward
         from .segments import SegmentPlan

@@ -65,17 +65,24 @@ def category_grid(spans: SpanMask, windowless: SpanMask, official: SpanMask, pix
     return grid
 
 
+def require_matplotlib() -> None:
+    """``ImportError`` naming the install (``pip install 'bidiattn[cli]'``) if matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError("bidiattn masks --png needs matplotlib, which is not installed: "
+                          "pip install 'bidiattn[cli]'") from err
+
+
 def render_png(comparisons: list[LayerComparison], path: str, title: str, pixels: int = 512) -> None:
     """Write one row of panels per layer type, one column per convention, with a legend."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-        from matplotlib.patches import Patch
-    except ImportError as err:
-        raise RuntimeError("--png needs matplotlib: pip install 'bidiattn[cli]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
     total = comparisons[0].layout.total_tokens
     if total > MAX_PNG_TOKENS:
         raise ValueError(f"--png draws layouts of at most {MAX_PNG_TOKENS} tokens, this one has {total}")

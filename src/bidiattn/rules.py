@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 
 from .blocks import BlockList
-from .spans import SpanMask, _check_cu_seqlens, _first_true, sequence_index
+from .spans import SpanMask, _check_cu_seqlens, _first_true, as_int, sequence_index
 
 __all__ = [
     "FAMILIES",
@@ -140,14 +140,16 @@ def rule_for(family: str, convention: str, layer: str) -> Rule:
     return _TABLE[family, convention, layer]
 
 
-def _check_window(rule: Rule, family: str, convention: str, layer: str, window: int | None) -> None:
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+def _check_window(rule: Rule, family: str, convention: str, layer: str, window: int | None) -> int | None:
+    """The window as a Python int (or None), checked against the rule."""
+    if window is not None:
+        window = as_int(window, "window")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (a query sees W keys including itself), got {window}")
     if rule.needs_window and window is None:
         why = "sliding layers need one" if layer == "sliding" else "vllm drops blocks longer than the window"
         raise ValueError(f"{family}/{convention}/{layer} needs window=W ({why})")
+    return window
 
 
 def _check_block_ids(block_ids: torch.Tensor) -> None:
@@ -164,14 +166,13 @@ def _validate_block_ids(ids: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     i = _first_true(ids < 0)
     if i is not None:
         raise ValueError(f"block_ids must be >= 0 (0 = ordinary token), got {int(ids[i])} at row {i}")
-    starts = cu_seqlens[1:-1]
-    crossing = (ids[starts] > 0) & (ids[starts] == ids[starts - 1])
-    b = _first_true(crossing)
-    if b is not None:
-        row = int(starts[b])
+    seq = sequence_index(cu_seqlens, ids.numel())
+    crossing = (ids[1:] > 0) & (ids[1:] == ids[:-1]) & (seq[1:] != seq[:-1])
+    i = _first_true(crossing)
+    if i is not None:
         raise ValueError(
-            f"block id {int(ids[row])} is split across sequences {b} and {b + 1} (rows {row - 1} and {row}); "
-            "a block must lie inside one sequence"
+            f"block id {int(ids[i])} is split across sequences {int(seq[i])} and {int(seq[i + 1])} "
+            f"(rows {i} and {i + 1}); a block must lie inside one sequence"
         )
     prev = torch.nn.functional.pad(ids[:-1], (1, 0), value=0)
     run_start = (ids > 0) & (ids != prev)
@@ -219,9 +220,9 @@ def block_extents(
 def _prepare(
     family: str, convention: str, layer: str, block_ids: torch.Tensor, window: int | None,
     cu_seqlens: torch.Tensor | None, validate: bool,
-) -> tuple[Rule, torch.Tensor]:
+) -> tuple[Rule, torch.Tensor, int | None]:
     rule = rule_for(family, convention, layer)
-    _check_window(rule, family, convention, layer, window)
+    window = _check_window(rule, family, convention, layer, window)
     _check_block_ids(block_ids)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, block_ids.numel()], dtype=torch.int64, device=block_ids.device)
@@ -230,7 +231,7 @@ def _prepare(
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, block_ids on {block_ids.device}")
     if validate:
         _validate_block_ids(block_ids.long(), cu_seqlens)
-    return rule, cu_seqlens
+    return rule, cu_seqlens, window
 
 
 def build(
@@ -254,8 +255,10 @@ def build(
             run, inside one sequence (use :func:`block_ids_from_token_types` to make them).
         window: sliding window ``W`` (a query sees ``W`` keys including itself). Required on
             sliding layers and, for the vllm convention of gemma3/paligemma, on full layers too;
-            ignored where the rule has no use for it.
-        cu_seqlens: int64 ``[B+1]`` for packed sequences; ``None`` means one sequence.
+            ignored where the rule has no use for it. Any integer type (numpy's too); a bool or
+            float raises ``TypeError``.
+        cu_seqlens: int64 ``[B+1]`` for packed sequences; ``None`` means one sequence. Empty
+            sequences (an engine's padding slots) are allowed and contribute no rows.
         validate: check ``block_ids``/``cu_seqlens`` (host sync on CUDA). With ``False`` the
             build is pure device work with no host sync (CUDA-graph safe); the spans are valid
             by construction for valid inputs.
@@ -275,7 +278,7 @@ def build(
         5    ...xxx.
         6    ....xxx
     """
-    rule, cu_seqlens = _prepare(family, convention, layer, block_ids, window, cu_seqlens, validate)
+    rule, cu_seqlens, window = _prepare(family, convention, layer, block_ids, window, cu_seqlens, validate)
     return build_rule(rule, block_ids=block_ids, window=window, cu_seqlens=cu_seqlens)
 
 
@@ -343,10 +346,11 @@ def build_from_blocks(
              9    0  9   xxxxxxxxxx
     """
     rule = rule_for(family, convention, layer)
-    _check_window(rule, family, convention, layer, window)
+    window = _check_window(rule, family, convention, layer, window)
     if not isinstance(blocks, BlockList):
         raise TypeError(f"blocks must be a bidiattn.blocks.BlockList, got {type(blocks).__name__}")
-    if isinstance(total_tokens, bool) or not isinstance(total_tokens, int) or total_tokens < 1:
+    total_tokens = as_int(total_tokens, "total_tokens")
+    if total_tokens < 1:
         raise ValueError(f"total_tokens must be a positive int, got {total_tokens!r}")
     _check_cu_seqlens(cu_seqlens, total_tokens, validate)
     if cu_seqlens_k is None:
@@ -354,7 +358,8 @@ def build_from_blocks(
             raise ValueError("total_keys needs cu_seqlens_k (self-attention has total_tokens keys)")
         keys, num_keys = cu_seqlens, total_tokens
     else:
-        if isinstance(total_keys, bool) or not isinstance(total_keys, int) or total_keys < 1:
+        total_keys = None if total_keys is None else as_int(total_keys, "total_keys")
+        if total_keys is None or total_keys < 1:
             raise ValueError(f"total_keys must be a positive int with cu_seqlens_k, got {total_keys!r}")
         _check_cu_seqlens(cu_seqlens_k, total_keys, validate)
         if cu_seqlens_k.shape != cu_seqlens.shape:
@@ -417,7 +422,7 @@ def dense(
 
     O(T^2) memory; for tests, the CLI and small inputs. Same arguments as :func:`build`.
     """
-    rule, cu_seqlens = _prepare(family, convention, layer, block_ids, window, cu_seqlens, True)
+    rule, cu_seqlens, window = _prepare(family, convention, layer, block_ids, window, cu_seqlens, True)
     total = block_ids.numel()
     ids = block_ids.long()
     seq = sequence_index(cu_seqlens, total)
@@ -457,10 +462,32 @@ def block_ids_from_mask(is_block: torch.Tensor, cu_seqlens: torch.Tensor | None 
     return torch.where(is_block, ids, torch.zeros_like(ids)).to(torch.int32)
 
 
-# Token-type values that mark bidirectional tokens, per family (transformers' conventions:
-# Gemma-3 ``token_type_ids`` 1 = image; Gemma-4 ``mm_token_type_ids`` 1 = image, 2 = video;
-# PaliGemma ``token_type_ids`` 0 = prefix (image + prompt), 1 = suffix).
+# ----------------------------------------------------------------------------- token types
+# Per family, the token-type values its processor writes (transformers' processors) and what
+# each marks; any other value is refused. Gemma-3 ``token_type_ids``; Gemma-4
+# ``mm_token_type_ids``, whose audio soft tokens (3) are ordinary causal tokens, as in
+# transformers' Gemma-4 (its bidirectional mask covers types 1 and 2 only); PaliGemma
+# ``token_type_ids``.
+_GEMMA3_TOKEN_TYPES = {0: "text", 1: "image"}
+_GEMMA4_TOKEN_TYPES = {0: "text", 1: "image", 2: "video", 3: "audio"}
+_PALIGEMMA_TOKEN_TYPES = {0: "prefix", 1: "suffix"}
+_TOKEN_TYPES = {"gemma3": _GEMMA3_TOKEN_TYPES, "gemma4": _GEMMA4_TOKEN_TYPES, "paligemma": _PALIGEMMA_TOKEN_TYPES}
+# The types whose runs are bidirectional blocks (paligemma: its prefix, type 0, handled apart).
 _BLOCK_TOKEN_TYPES = {"gemma3": (1,), "gemma4": (1, 2)}
+
+
+def _check_token_types(tt: torch.Tensor, family: str) -> None:
+    """``ValueError`` naming the values of ``tt`` that ``family`` does not define (host sync)."""
+    defined = _TOKEN_TYPES[family]
+    bad = ~torch.isin(tt, torch.tensor(sorted(defined), device=tt.device))
+    row = _first_true(bad)
+    if row is None:
+        return
+    values = torch.unique(tt[bad]).tolist()
+    shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+    names = ", ".join(f"{v} = {name}" for v, name in defined.items())
+    raise ValueError(f"token type{'s' if len(values) > 1 else ''} {shown} (first at row {row}) not defined for "
+                     f"family {family!r}, which defines {names}")
 
 
 def block_ids_from_token_types(
@@ -474,12 +501,16 @@ def block_ids_from_token_types(
 
     - gemma3: runs of image soft tokens (type 1); adjacent images with no separator form one
       block, as in transformers and the official code.
-    - gemma4: runs of image or video soft tokens (types 1 and 2), same merging.
+    - gemma4: runs of image or video soft tokens (types 1 and 2), same merging; audio soft
+      tokens (type 3) are ordinary causal tokens, like text (0).
     - paligemma, official/transformers: the whole prefix (type 0: image + BOS + prompt +
       separator) of each sequence is one block; it must be one run at the sequence start.
     - paligemma, vllm: only image tokens are bidirectional, which token types do not tell;
       call :func:`block_ids_from_mask` with the image-token mask instead.
-    - causal: no blocks (all zeros).
+    - causal: no blocks (all zeros); the types are not read.
+
+    A type the family does not define (gemma3: 0, 1; gemma4: 0-3; paligemma: 0, 1) raises
+    ``ValueError`` naming it (one host sync). ``cu_seqlens`` may hold empty sequences.
     """
     rule_for(family, convention, "full")
     _check_block_ids(token_type_ids)
@@ -494,9 +525,10 @@ def block_ids_from_token_types(
                 "paligemma/vllm makes only image tokens bidirectional, which token_type_ids cannot tell; "
                 "use block_ids_from_mask(input_ids == image_token_id, cu_seqlens)"
             )
+        _check_token_types(tt, family)
         ids = block_ids_from_mask(tt == 0, cu_seqlens)
         _check_cu_seqlens(cu_seqlens, tt.numel(), validate=True)
-        starts = cu_seqlens[:-1]
+        starts = cu_seqlens[:-1][cu_seqlens[1:] > cu_seqlens[:-1]]
         late = ids.bool() & ~torch.isin(ids, ids[starts])
         bad = _first_true(late)
         if bad is not None:
@@ -505,5 +537,6 @@ def block_ids_from_token_types(
                 f"row {bad} is a prefix token after a suffix token"
             )
         return ids
+    _check_token_types(tt, family)
     types = torch.tensor(_BLOCK_TOKEN_TYPES[family], device=tt.device)
     return block_ids_from_mask(torch.isin(tt, types), cu_seqlens)

@@ -9,6 +9,7 @@ query ranges of a backward pass contiguous. Memory is O(T) instead of O(T^2).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,17 @@ def _first_true(flags: torch.Tensor) -> int | None:
     """Index of the first True of a 1-D bool tensor, or None (host sync: validation only)."""
     hits = torch.nonzero(flags)
     return int(hits[0, 0]) if hits.numel() else None
+
+
+def as_int(value: object, name: str) -> int:
+    """``value`` as a Python int: ints and integer scalars such as ``numpy.int64`` (anything with
+    ``__index__``) pass; bools, floats and the rest raise ``TypeError`` naming the value."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
 def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -56,16 +68,17 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, validate: bool) -> N
     if first != 0 or last != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got first={first}, last={last}")
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    bad = _first_true(lengths < 1)
+    bad = _first_true(lengths < 0)
     if bad is not None:
-        raise ValueError(f"cu_seqlens must be strictly increasing: sequence {bad} has length {int(lengths[bad])}")
+        raise ValueError(f"cu_seqlens must be non-decreasing: sequence {bad} has length {int(lengths[bad])}")
 
 
 def _tile_layout(cu_seqlens: torch.Tensor, total: int, block: int):
     """Tiles of ``block`` consecutive rows of one sequence over a fixed capacity
     ``ceil(total / block) + B``: int32 ``(seq, start, rows)`` (``rows == 0`` past the real
     tiles), the bool ``real`` mask and the 0-d tile count."""
-    if not isinstance(block, int) or block < 1:
+    block = as_int(block, "block_m")
+    if block < 1:
         raise ValueError(f"block_m must be a positive int, got {block!r}")
     num_seq = cu_seqlens.numel() - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -133,7 +146,8 @@ class SpanMask:
         lo: int32 or int64 ``[T]``, first allowed key of each row.
         hi: same dtype and shape as ``lo``, last allowed key of each row (inclusive).
         cu_seqlens: int64 ``[B+1]``, prefix sums of the sequence lengths; ``None`` means one
-            sequence of ``T`` tokens. Must be on the same device as ``lo``.
+            sequence of ``T`` tokens. Must be on the same device as ``lo``. A length may be 0
+            (an engine's empty batch slot): that sequence has no rows.
         validate: check the invariants below. It reads the data, so on CUDA it synchronizes
             the host; pass ``False`` inside CUDA-graph capture or a hot loop when the spans come
             from :func:`bidiattn.rules.build`, which produces valid spans by construction.
@@ -195,8 +209,10 @@ class SpanMask:
             object.__setattr__(self, "cu_seqlens_k", self.cu_seqlens)
             object.__setattr__(self, "total_keys", self.lo.numel())
             return
-        if isinstance(self.total_keys, bool) or not isinstance(self.total_keys, int) or self.total_keys < 1:
+        total_keys = None if self.total_keys is None else as_int(self.total_keys, "SpanMask.total_keys")
+        if total_keys is None or total_keys < 1:
             raise ValueError(f"SpanMask.total_keys must be a positive int with cu_seqlens_k, got {self.total_keys!r}")
+        object.__setattr__(self, "total_keys", total_keys)
         _check_cu_seqlens(self.cu_seqlens_k, self.total_keys, self.validate)
         if self.cu_seqlens_k.shape != self.cu_seqlens.shape:
             raise ValueError(
@@ -294,6 +310,7 @@ class SpanMask:
         Vectorized, no host sync: since ``lo``/``hi`` are non-decreasing inside a sequence, the
         minimum is the tile's first row and the maximum its last.
         """
+        block_m = as_int(block_m, "block_m")
         seq, row_start, rows, real, num_tiles = _tile_layout(self.cu_seqlens, self.total_tokens, block_m)
         first = (self.cu_seqlens[seq.long()] + row_start.long()).clamp(0, self.total_tokens - 1)
         last = (first + rows.long() - 1).clamp(0, self.total_tokens - 1)
