@@ -103,15 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify",
         help="run a Gemma-family model with bidiattn and compare against eager attention and other conventions",
-        description="Forward a multimodal input (text and image placeholders, one image longer than the sliding "
-        "window) through a tiny random-weight model or a local checkpoint; print max |logit diff| and per-token KL "
+        description="Forward a multimodal input (text, images with random pixel values through the model's vision "
+        "tower, Gemma-4 audio) through a tiny random-weight model or a local checkpoint directory (nothing is "
+        "downloaded); print max |logit diff| and per-token KL "
         "of bidiattn against eager attention with the same rule's dense mask (should be ~0; exit status 1 if not) "
         "and between conventions.",
     )
     verify.add_argument("--model", default="tiny-gemma4",
-                        help="tiny-gemma3, tiny-gemma4, tiny-paligemma, or a local checkpoint directory (default tiny-gemma4)")
+                        help="tiny-gemma3, tiny-gemma4, tiny-gemma4-e2b, tiny-paligemma, or a local checkpoint "
+                        "directory (default tiny-gemma4)")
     verify.add_argument("--layout", default=None,
-                        help="segments kind:count (default: text and three images, one longer than the window)")
+                        help="segments kind:count, kinds text/image/video/audio/prefix; an image has as many tokens "
+                        "as the vision tower gives (default: text, three images, Gemma-4: an audio clip)")
     verify.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     verify.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     verify.add_argument("--seed", type=int, default=0, help="seed of the random text tokens")
