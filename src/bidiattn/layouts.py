@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .families import Family, family
 from .rules import block_ids_from_mask, rule_for
 
 __all__ = ["Layout", "parse_layout", "SEGMENT_KINDS"]
@@ -37,14 +38,11 @@ class Layout:
         """The kind of every token."""
         return [kind for kind, n in self.segments for _ in range(n)]
 
-    def block_ids(self, family: str, convention: str) -> torch.Tensor:
-        """``block_ids`` ``[T]`` for :func:`bidiattn.rules.build` under one family/convention."""
-        rule_for(family, convention, "full")
-        bidirectional = {"image", "video"}
-        if family == "paligemma" and convention != "vllm":
-            bidirectional.add("prefix")
-        if family == "causal":
-            bidirectional = set()
+    def block_ids(self, family_: str | Family, convention: str) -> torch.Tensor:
+        """``block_ids`` ``[T]`` for :func:`bidiattn.rules.build` under one family/convention
+        (the kinds the family's record makes blocks, :meth:`Family.block_kinds`)."""
+        rule_for(family_, convention, "full")
+        bidirectional = set(family(family_).block_kinds(convention))
         is_block = torch.tensor([kind in bidirectional for kind in self.kinds()], dtype=torch.bool)
         return block_ids_from_mask(is_block)
 

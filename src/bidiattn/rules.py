@@ -19,7 +19,8 @@ paligemma             vllm                 c ∨ blk'    (c ∧ win_left) ∨ bl
 ====================  ===================  ==========  ===========================
 
 (gemma4 here means the models whose images are bidirectional, 26B-A4B and 31B; E2B/E4B use
-``causal``: see :mod:`bidiattn.presets`.)
+``causal``: see :mod:`bidiattn.presets`.) The table's rows live in the family records of
+:mod:`bidiattn.families`; this module applies them.
 
 Why every rule is one contiguous interval ``[lo, hi]`` with ``lo``/``hi`` non-decreasing
 ---------------------------------------------------------------------------------------
@@ -45,12 +46,11 @@ turns some block rows into plain rows, which the same argument covers. The prope
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from .blocks import BlockList
+from .families import CONVENTIONS, FAMILIES, LAYERS, Family, Rule
+from .families import family as _family
 from .spans import SpanMask, _check_cu_seqlens, _first_true, as_int, sequence_index
 
 __all__ = [
@@ -68,79 +68,13 @@ __all__ = [
     "block_ids_from_token_types",
 ]
 
-FAMILIES = ("causal", "gemma3", "gemma4", "paligemma")
-CONVENTIONS = ("official", "transformers", "vllm")
-LAYERS = ("full", "sliding")
+def rule_for(family: str | Family, convention: str, layer: str) -> Rule:
+    """The :class:`Rule` of a (family, convention, layer); the family by name or as a
+    :class:`~bidiattn.families.Family` record. ``ValueError`` for unknown names."""
+    return _family(family).rule(convention, layer)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One row of the rule table, in a form both the span builder and the dense spec read.
-
-    - ``blocks``: ``"none"`` (blocks ignored), ``"all"`` (``blk``), ``"short"`` (``blk'``: only
-      blocks of at most ``W`` tokens).
-    - ``window``: ``"none"``, ``"left"`` (``win_left``) or ``"sym"`` (``win_sym``).
-    - ``window_scope``: ``"all"`` applies the window after the OR, ``(c ∨ blk) ∧ win``;
-      ``"causal"`` applies it to the causal part only, ``(c ∧ win) ∨ blk``.
-    """
-
-    blocks: Literal["none", "all", "short"]
-    window: Literal["none", "left", "sym"]
-    window_scope: Literal["all", "causal"] = "all"
-
-    @property
-    def needs_window(self) -> bool:
-        return self.window != "none" or self.blocks == "short"
-
-    def without_window(self) -> Rule:
-        """The same blocks with no window: ``c ∨ blk`` (or ``c`` when blocks are ignored)."""
-        return Rule(self.blocks, "none")
-
-
-_CAUSAL = Rule("none", "none")
-_CAUSAL_WINDOW = Rule("none", "left")
-
-# (family, convention, layer) -> Rule. The only place the per-model semantics live.
-_TABLE: dict[tuple[str, str, str], Rule] = {}
-for _conv in CONVENTIONS:
-    _TABLE["causal", _conv, "full"] = _CAUSAL
-    _TABLE["causal", _conv, "sliding"] = _CAUSAL_WINDOW
-_TABLE.update(
-    {
-        ("gemma3", "official", "full"): Rule("all", "none"),
-        ("gemma3", "official", "sliding"): Rule("all", "sym"),
-        ("gemma3", "transformers", "full"): Rule("all", "none"),
-        ("gemma3", "transformers", "sliding"): Rule("all", "left"),
-        ("gemma3", "vllm", "full"): Rule("short", "none"),
-        ("gemma3", "vllm", "sliding"): Rule("short", "left", "causal"),
-        ("gemma4", "official", "full"): _CAUSAL,
-        ("gemma4", "official", "sliding"): Rule("all", "sym"),
-        ("gemma4", "transformers", "full"): _CAUSAL,
-        ("gemma4", "transformers", "sliding"): Rule("all", "left"),
-        ("gemma4", "vllm", "full"): _CAUSAL,
-        ("gemma4", "vllm", "sliding"): Rule("all", "left"),
-        ("paligemma", "official", "full"): Rule("all", "none"),
-        ("paligemma", "official", "sliding"): Rule("all", "left", "causal"),
-        ("paligemma", "transformers", "full"): Rule("all", "none"),
-        ("paligemma", "transformers", "sliding"): Rule("all", "left", "causal"),
-        ("paligemma", "vllm", "full"): Rule("short", "none"),
-        ("paligemma", "vllm", "sliding"): Rule("short", "left", "causal"),
-    }
-)
-
-
-def rule_for(family: str, convention: str, layer: str) -> Rule:
-    """The :class:`Rule` of a (family, convention, layer); ``ValueError`` for unknown names."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}; expected one of {CONVENTIONS}")
-    if layer not in LAYERS:
-        raise ValueError(f"unknown layer {layer!r}; expected one of {LAYERS}")
-    return _TABLE[family, convention, layer]
-
-
-def _check_window(rule: Rule, family: str, convention: str, layer: str, window: int | None) -> int | None:
+def _check_window(rule: Rule, family: str | Family, convention: str, layer: str, window: int | None) -> int | None:
     """The window as a Python int (or None), checked against the rule."""
     if window is not None:
         window = as_int(window, "window")
@@ -148,7 +82,7 @@ def _check_window(rule: Rule, family: str, convention: str, layer: str, window: 
         raise ValueError(f"window must be >= 1 (a query sees W keys including itself), got {window}")
     if rule.needs_window and window is None:
         why = "sliding layers need one" if layer == "sliding" else "vllm drops blocks longer than the window"
-        raise ValueError(f"{family}/{convention}/{layer} needs window=W ({why})")
+        raise ValueError(f"{_family(family).name}/{convention}/{layer} needs window=W ({why})")
     return window
 
 
@@ -218,7 +152,7 @@ def block_extents(
 
 
 def _prepare(
-    family: str, convention: str, layer: str, block_ids: torch.Tensor, window: int | None,
+    family: str | Family, convention: str, layer: str, block_ids: torch.Tensor, window: int | None,
     cu_seqlens: torch.Tensor | None, validate: bool,
 ) -> tuple[Rule, torch.Tensor, int | None]:
     rule = rule_for(family, convention, layer)
@@ -235,7 +169,7 @@ def _prepare(
 
 
 def build(
-    family: str,
+    family: str | Family,
     convention: str,
     layer: str,
     *,
@@ -247,7 +181,8 @@ def build(
     """Spans of one layer type of a model, from its bidirectional blocks.
 
     Args:
-        family: ``"causal"``, ``"gemma3"``, ``"gemma4"`` or ``"paligemma"``.
+        family: ``"causal"``, ``"gemma3"``, ``"gemma4"``, ``"paligemma"`` or a
+            :class:`~bidiattn.families.Family` record.
         convention: ``"official"``, ``"transformers"`` or ``"vllm"`` (see the module table).
         layer: ``"full"`` or ``"sliding"``.
         block_ids: integer ``[T]``; 0 for ordinary tokens, a positive id for tokens of a
@@ -299,7 +234,7 @@ def build_rule(
 
 
 def build_from_blocks(
-    family: str,
+    family: str | Family,
     convention: str,
     layer: str,
     *,
@@ -410,7 +345,7 @@ def _interval(rule: Rule, q: torch.Tensor, start: torch.Tensor, end: torch.Tenso
 
 
 def dense(
-    family: str,
+    family: str | Family,
     convention: str,
     layer: str,
     *,
@@ -462,23 +397,9 @@ def block_ids_from_mask(is_block: torch.Tensor, cu_seqlens: torch.Tensor | None 
     return torch.where(is_block, ids, torch.zeros_like(ids)).to(torch.int32)
 
 
-# ----------------------------------------------------------------------------- token types
-# Per family, the token-type values its processor writes (transformers' processors) and what
-# each marks; any other value is refused. Gemma-3 ``token_type_ids``; Gemma-4
-# ``mm_token_type_ids``, whose audio soft tokens (3) are ordinary causal tokens, as in
-# transformers' Gemma-4 (its bidirectional mask covers types 1 and 2 only); PaliGemma
-# ``token_type_ids``.
-_GEMMA3_TOKEN_TYPES = {0: "text", 1: "image"}
-_GEMMA4_TOKEN_TYPES = {0: "text", 1: "image", 2: "video", 3: "audio"}
-_PALIGEMMA_TOKEN_TYPES = {0: "prefix", 1: "suffix"}
-_TOKEN_TYPES = {"gemma3": _GEMMA3_TOKEN_TYPES, "gemma4": _GEMMA4_TOKEN_TYPES, "paligemma": _PALIGEMMA_TOKEN_TYPES}
-# The types whose runs are bidirectional blocks (paligemma: its prefix, type 0, handled apart).
-_BLOCK_TOKEN_TYPES = {"gemma3": (1,), "gemma4": (1, 2)}
-
-
-def _check_token_types(tt: torch.Tensor, family: str) -> None:
+def _check_token_types(tt: torch.Tensor, family: Family) -> None:
     """``ValueError`` naming the values of ``tt`` that ``family`` does not define (host sync)."""
-    defined = _TOKEN_TYPES[family]
+    defined = family.token_types
     bad = ~torch.isin(tt, torch.tensor(sorted(defined), device=tt.device))
     row = _first_true(bad)
     if row is None:
@@ -487,17 +408,18 @@ def _check_token_types(tt: torch.Tensor, family: str) -> None:
     shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
     names = ", ".join(f"{v} = {name}" for v, name in defined.items())
     raise ValueError(f"token type{'s' if len(values) > 1 else ''} {shown} (first at row {row}) not defined for "
-                     f"family {family!r}, which defines {names}")
+                     f"family {family.name!r}, which defines {names}")
 
 
 def block_ids_from_token_types(
     token_type_ids: torch.Tensor,
     *,
-    family: str,
+    family: str | Family,
     convention: str = "official",
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Turn a model's token-type ids ``[T]`` into ``block_ids`` for :func:`build`.
+    """Turn a model's token-type ids ``[T]`` into ``block_ids`` for :func:`build` (the family's
+    token types and block types: :mod:`bidiattn.families`).
 
     - gemma3: runs of image soft tokens (type 1); adjacent images with no separator form one
       block, as in transformers and the official code.
@@ -513,30 +435,32 @@ def block_ids_from_token_types(
     ``ValueError`` naming it (one host sync). ``cu_seqlens`` may hold empty sequences.
     """
     rule_for(family, convention, "full")
+    family = _family(family)
     _check_block_ids(token_type_ids)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, token_type_ids.numel()], dtype=torch.int64, device=token_type_ids.device)
     tt = token_type_ids.long()
-    if family == "causal":
+    if not family.token_types:
         return torch.zeros_like(tt, dtype=torch.int32)
-    if family == "paligemma":
+    if family.prefix_block:
         if convention == "vllm":
             raise ValueError(
-                "paligemma/vllm makes only image tokens bidirectional, which token_type_ids cannot tell; "
+                f"{family.name}/vllm makes only image tokens bidirectional, which token_type_ids cannot tell; "
                 "use block_ids_from_mask(input_ids == image_token_id, cu_seqlens)"
             )
         _check_token_types(tt, family)
-        ids = block_ids_from_mask(tt == 0, cu_seqlens)
+        ids = block_ids_from_mask(torch.isin(tt, torch.tensor(family.block_types, device=tt.device)), cu_seqlens)
         _check_cu_seqlens(cu_seqlens, tt.numel(), validate=True)
         starts = cu_seqlens[:-1][cu_seqlens[1:] > cu_seqlens[:-1]]
         late = ids.bool() & ~torch.isin(ids, ids[starts])
         bad = _first_true(late)
         if bad is not None:
             raise ValueError(
-                f"paligemma prefix (token type 0) must be one run at the start of each sequence; "
+                f"{family.name} prefix (token type {family.layout_types['prefix']}) must be one run at the start of "
+                "each sequence; "
                 f"row {bad} is a prefix token after a suffix token"
             )
         return ids
     _check_token_types(tt, family)
-    types = torch.tensor(_BLOCK_TOKEN_TYPES[family], device=tt.device)
+    types = torch.tensor(family.block_types, device=tt.device)
     return block_ids_from_mask(torch.isin(tt, types), cu_seqlens)

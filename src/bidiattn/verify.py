@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .families import BUILTIN, Family
 from .layouts import parse_layout
 
 __all__ = ["Comparison", "VerifyReport", "default_layout", "run_verify", "format_report"]
@@ -65,20 +66,17 @@ class VerifyReport:
         return all(c.passed for c in self.checks)
 
 
-def default_layout(model) -> str:
-    """Text, three images (the second longer than the sliding window where the vision tower's
-    image size allows) and, for Gemma-4 models with an audio tower, an audio clip; PaliGemma: a
-    prefix of two images and prompt text, then the suffix text."""
+def default_layout(model, families: tuple[Family, ...] = BUILTIN) -> str:
+    """The family record's ``verify_layout``: text and three images (one longer than the
+    sliding window where the vision tower's image size allows), an audio clip where the model
+    has an audio tower; PaliGemma: a prefix of two images and prompt text, then the suffix."""
     from .integrations.tiny import family_of, tokens_per_image
 
-    family = family_of(model)
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     fixed = tokens_per_image(model)
     image, long = (fixed, fixed) if fixed is not None else (4, (window or 32) + 4)
-    if family == "paligemma":
-        return f"image:{image},image:{long},prefix:5,text:16"
     audio = "audio:3,text:2," if getattr(model.config, "audio_config", None) is not None else ""
-    return f"text:5,image:{image},text:3,image:{long},text:4,{audio}image:{image},text:6"
+    return family_of(model, families).verify_layout.format(image=image, long=long, audio=audio)
 
 
 def _compare(label: str, a: torch.Tensor, b: torch.Tensor, tolerance: float | None) -> Comparison:
@@ -87,14 +85,15 @@ def _compare(label: str, a: torch.Tensor, b: torch.Tensor, tolerance: float | No
     return Comparison(label, (a - b).abs().max().item(), kl.mean().item(), kl.max().item(), tolerance)
 
 
-def _load(model: str, dtype: torch.dtype, device: str):
-    from .integrations.tiny import TINY_MODELS, build_tiny
+def _load(model: str, dtype: torch.dtype, device: str, families: tuple[Family, ...]):
+    from .integrations.tiny import build_tiny
     from .integrations.transformers import _transformers
 
-    if model in TINY_MODELS:
-        return build_tiny(model).to(device=device, dtype=dtype)
+    tiny = [name for record in families for name in record.tiny]
+    if model in tiny:
+        return build_tiny(model, families=families).to(device=device, dtype=dtype)
     if not os.path.isdir(model):
-        raise ValueError(f"--model {model!r} is neither a tiny model ({', '.join(TINY_MODELS)}) nor a local "
+        raise ValueError(f"--model {model!r} is neither a tiny model ({', '.join(tiny)}) nor a local "
                          "checkpoint directory (bidiattn verify does not download; save_pretrained a model first)")
     tf = _transformers()
     errors = []
@@ -157,7 +156,8 @@ def _quiet():
 
 
 def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               seed: int = 0, batch: int = 2, backends: list[str] | None = None) -> VerifyReport:
+               seed: int = 0, batch: int = 2, backends: list[str] | None = None,
+               families: tuple[Family, ...] = BUILTIN) -> VerifyReport:
     """Load ``model`` (a tiny model name or a local checkpoint directory) and compare runs.
 
     Args:
@@ -168,6 +168,7 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
         dtype, device: where the model runs (the triton backend needs CUDA and fp16/bf16).
         seed, batch: random text tokens and how many sequences.
         backends: bidiattn backends to check; default every one available here.
+        families: the family records that know the model (default the built-in ones).
 
     Returns a :class:`VerifyReport`; ``report.passed`` is False when a check exceeds its
     tolerance (per dtype, :data:`TOLERANCE`).
@@ -176,20 +177,20 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
 
     _transformers()
     with _quiet():
-        return _run(model, layout, dtype, device, seed, batch, backends)
+        return _run(model, layout, dtype, device, seed, batch, backends, tuple(families))
 
 
-def _run(model, layout, dtype, device, seed, batch, backends) -> VerifyReport:
+def _run(model, layout, dtype, device, seed, batch, backends, families) -> VerifyReport:
     from .integrations import transformers as bidiattn_hf
     from .integrations.tiny import example_inputs, family_of
 
-    net = _load(model, dtype, device)
-    family = family_of(net)
+    net = _load(model, dtype, device, families)
+    family = family_of(net, families)
     window = getattr(net.config.get_text_config(), "sliding_window", None)
-    layout = layout or default_layout(net)
+    layout = layout or default_layout(net, families)
     parsed = parse_layout(layout)
     segments = list(parsed.segments)
-    inputs = example_inputs(net, segments, batch=batch, seed=seed, pixels=True)
+    inputs = example_inputs(net, segments, batch=batch, seed=seed, pixels=True, families=families)
     inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     available, skipped = _backends(dtype, device)
     if backends is not None:
@@ -202,23 +203,25 @@ def _run(model, layout, dtype, device, seed, batch, backends) -> VerifyReport:
 
     tol = TOLERANCE[dtype]
     eager_transformers = logits("eager")
-    dense_official = logits(bidiattn_hf.register("bidiattn-verify-dense", convention="official", mode="dense"))
+    def register(name, **kwargs):
+        return bidiattn_hf.register(name, families=families, **kwargs)
+
+    dense_official = logits(register("bidiattn-verify-dense", convention="official", mode="dense"))
     checks, runs = [], {}
     for backend in backends or available:
-        runs[backend] = logits(bidiattn_hf.register(f"bidiattn-verify-{backend}", convention="official", backend=backend))
+        runs[backend] = logits(register(f"bidiattn-verify-{backend}", convention="official", backend=backend))
         checks.append(_compare(f"{backend}, official vs eager + dense official mask", runs[backend], dense_official, tol))
-        ours_tf = logits(bidiattn_hf.register(f"bidiattn-verify-{backend}-tf", convention="transformers", backend=backend))
+        ours_tf = logits(register(f"bidiattn-verify-{backend}-tf", convention="transformers", backend=backend))
         checks.append(_compare(f"{backend}, transformers rule vs transformers eager", ours_tf, eager_transformers, tol))
     base = runs.get("reference", next(iter(runs.values())))
     differences = []
     for convention, fam in (("transformers", None), ("vllm", None), ("official", "causal")):
-        if family == "paligemma" and convention == "vllm":
+        if family.prefix_block and convention == "vllm":
             continue  # vLLM serves PaliGemma with a rule the token types cannot express (rules docs)
-        name = bidiattn_hf.register(f"bidiattn-verify-{fam or convention}", convention=convention, backend="reference",
-                                    family=fam)
+        name = register(f"bidiattn-verify-{fam or convention}", convention=convention, backend="reference", family=fam)
         label = "official vs " + ("causal (images ignored)" if fam else convention)
         differences.append(_compare(label, base, logits(name), None))
-    return VerifyReport(model, family, layout, window, parsed.total_tokens, str(dtype).replace("torch.", ""),
+    return VerifyReport(model, family.name, layout, window, parsed.total_tokens, str(dtype).replace("torch.", ""),
                         device, tuple(checks), tuple(differences), tuple(skipped))
 
 

@@ -34,6 +34,7 @@ not supported.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ import torch
 
 from .. import rules
 from ..attention import BACKENDS, _resolve_backend, attention, plan_attention
+from ..families import BUILTIN, Family, family_of_model_type
+from ..families import family as family_record
 from ..spans import SpanMask, host_to_device
 
 __all__ = [
@@ -57,29 +60,13 @@ __all__ = [
 ]
 
 TESTED_VERSIONS = ("5.13", "6")  # [low, high): the range the tests ran against
-FAMILY_OF_MODEL_TYPE = {
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "gemma4_text": "gemma4",
-    "gemma4": "gemma4",
-    # PaliGemma's language model is a Gemma(-2) text model; without a prefix block the
-    # paligemma rules reduce to plain causal (sliding) attention, so plain Gemma(-2) is covered.
-    "gemma": "paligemma",
-    "gemma2": "paligemma",
-    "paligemma": "paligemma",
-}
-# The vision and audio encoders of these models (SigLIP for Gemma-3 and PaliGemma; Gemma-4's own
-# vision and audio towers) and the attention they keep under a bidiattn name: their attention is
-# bidirectional over one image or clip and has nothing to do with the language model's rule.
-# Gemma-4's audio tower reads eager's additive mask in its own chunked attention (transformers
-# 5.17 gives it sdpa's boolean mask under "sdpa" and computes it wrong), so it stays on eager.
-ENCODER_ATTENTION = {"siglip_vision_model": "sdpa", "gemma4_vision": "sdpa", "gemma4_audio": "eager"}
+# The language models and encoders bidiattn knows, from the family records
+# (bidiattn.families): model_type -> family name, and each vision/audio encoder's model_type ->
+# the attention it keeps when the language model runs bidiattn (its attention is bidirectional
+# over one image or clip and has nothing to do with the language model's rule).
+FAMILY_OF_MODEL_TYPE = {t: f.name for f in BUILTIN for t in f.model_types}
+ENCODER_ATTENTION = {t: impl for f in BUILTIN for t, impl in f.encoders.items()}
 ENCODER_MODEL_TYPES = tuple(ENCODER_ATTENTION)
-RULE_SOURCES = {
-    "official": "the reference implementation's rule (google-deepmind/gemma, big_vision)",
-    "transformers": "transformers' own masks (what eager/sdpa compute)",
-    "vllm": "vLLM's rule",
-}
 _log = logging.getLogger("bidiattn")
 
 
@@ -103,26 +90,29 @@ def _transformers():
     return transformers
 
 
-def encoder_attention(config) -> str:
-    """The attention implementation an encoder (``config.model_type`` in
-    :data:`ENCODER_ATTENTION`) keeps under a bidiattn name."""
-    return ENCODER_ATTENTION[config.model_type]
+def encoder_attention(config, families: tuple[Family, ...] = BUILTIN) -> str | None:
+    """The attention implementation an encoder (``config.model_type`` among the families'
+    ``encoders``) keeps under a bidiattn name; ``None`` for a model type that is no encoder."""
+    model_type = getattr(config, "model_type", None)
+    for record in families:
+        if model_type in record.encoders:
+            return record.encoders[model_type]
+    return None
 
 
-def _encoder_mask(config, **arguments):
+def _encoder_mask(implementation: str, config, **arguments):
     """An encoder's own mask (see :func:`encoder_attention`), from transformers' mask functions."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     if arguments.get("mask_function") is None:
         arguments.pop("mask_function", None)
-    return ALL_MASK_ATTENTION_FUNCTIONS[encoder_attention(config)](config=config, **arguments)
+    return ALL_MASK_ATTENTION_FUNCTIONS[implementation](config=config, **arguments)
 
 
-def _encoder_forward(module, query, key, value, attention_mask, **kwargs):
-    """An encoder layer's attention through its default implementation (:func:`encoder_attention`)."""
+def _encoder_forward(implementation: str, module, query, key, value, attention_mask, **kwargs):
+    """An encoder layer's attention through its own implementation (:func:`encoder_attention`)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    implementation = encoder_attention(module.config)
     if implementation == "eager":
         forward = sys.modules[type(module).__module__].eager_attention_forward
     else:
@@ -137,7 +127,7 @@ class SpanSource:
     Query rows are absolute positions ``q_offset + i`` (``i < Tq``); the layer's keys are
     positions ``kv_offset + j`` (``j < kv_length``).
 
-    - ``family``: rule family from the text config's ``model_type``.
+    - ``family``: the family record (:mod:`bidiattn.families`) of the text config's ``model_type``.
     - ``block_ids``: int64 ``[B, Tq]``, 0 for ordinary rows, one positive id per bidirectional
       block (rows ``i`` and ``i + 1`` share a block when ``i`` may see ``i + 1``).
     - ``cu_seqlens``: int64 ``[S+1]``, the ``B * Tq`` rows cut into sequences where a row may not
@@ -159,7 +149,7 @@ class SpanSource:
       every layer builds its own.
     """
 
-    family: str
+    family: Family
     q_offset: int
     kv_offset: int
     kv_length: int
@@ -198,7 +188,14 @@ def _as_int(value, name: str) -> int:
     return int(value)
 
 
-def span_source_mask(
+def span_source_mask(*args, families: tuple[Family, ...] = BUILTIN, **kwargs):
+    """The mask hook (same arguments as transformers' ``sdpa_mask``): a :class:`SpanSource` for a
+    language model of ``families``; an encoder of theirs gets its own mask (see
+    :func:`encoder_attention`)."""
+    return _span_source_mask(*args, families=families, **kwargs)
+
+
+def _span_source_mask(
     batch_size: int,
     q_length: int,
     kv_length: int,
@@ -208,22 +205,24 @@ def span_source_mask(
     attention_mask: torch.Tensor | None = None,
     config=None,
     device: torch.device | str = "cpu",
+    families: tuple[Family, ...] = BUILTIN,
     **kwargs,
 ) -> SpanSource:
-    """The mask hook (same arguments as transformers' ``sdpa_mask``): a :class:`SpanSource` for a
-    language model; an encoder (:data:`ENCODER_MODEL_TYPES`) gets its own default mask."""
     from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, prepare_padding_mask
 
     model_type = getattr(config, "model_type", None)
-    if model_type in ENCODER_MODEL_TYPES:
-        return _encoder_mask(config, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                             device=device, **kwargs)
-    if model_type not in FAMILY_OF_MODEL_TYPE:
+    encoder = encoder_attention(config, families)
+    if encoder is not None:
+        return _encoder_mask(encoder, config, batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                             q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                             attention_mask=attention_mask, device=device, **kwargs)
+    record = family_of_model_type(model_type, families)
+    if record is None:
+        known = sorted(t for f in families for t in f.model_types)
+        encoders = sorted(t for f in families for t in f.encoders)
         raise ValueError(
-            f"bidiattn has rules for Gemma-3, Gemma-4 and PaliGemma language models "
-            f"(model_type in {sorted(FAMILY_OF_MODEL_TYPE)}) and keeps their encoders "
-            f"({', '.join(ENCODER_MODEL_TYPES)}) on their own attention; got model_type={model_type!r}"
+            f"bidiattn has rules for the language models of {[f.name for f in families]} (model_type in {known}) "
+            f"and keeps their encoders ({', '.join(encoders)}) on their own attention; got model_type={model_type!r}"
         )
     if getattr(config, "use_bidirectional_attention", None) == "all":
         raise ValueError(
@@ -263,7 +262,7 @@ def span_source_mask(
                 f"{int(hole[row].int().argmax())} after its first token {int(first_key[row])}"
             )
     window = getattr(config, "sliding_window", None)
-    return SpanSource(FAMILY_OF_MODEL_TYPE[model_type], q_offset, kv_offset, kv_length, block_ids, cu_seqlens,
+    return SpanSource(record, q_offset, kv_offset, kv_length, block_ids, cu_seqlens,
                       tuple(first_key.tolist()), window)
 
 
@@ -420,11 +419,12 @@ def _extend(query, key, value, source, convention, layer, window, backend, scali
 
 
 def make_attention_function(convention: str = "official", backend: str = "auto", mode: str = "spans",
-                            family: str | None = None):
+                            family: str | Family | None = None, families: tuple[Family, ...] = BUILTIN):
     """An ``AttentionInterface`` function applying ``convention``'s rule.
 
     ``family`` overrides the rule family read from the model (``"causal"`` gives the
-    images-ignored baseline ``bidiattn verify`` reports).
+    images-ignored baseline ``bidiattn verify`` reports). ``families``: the family records whose
+    encoders keep their own attention (:func:`encoder_attention`).
 
     ``mode="spans"`` runs :func:`bidiattn.attention` (``backend``); ``mode="dense"`` builds the
     dense mask with :func:`bidiattn.rules.dense` (the pair-by-pair spec) and runs the model's own
@@ -436,17 +436,17 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
     if mode not in ("spans", "dense"):
         raise ValueError(f"mode must be 'spans' or 'dense', got {mode!r}")
-    if family is not None and family not in rules.FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {rules.FAMILIES}")
-
+    if family is not None:
+        family = family_record(family)
     announced = set()  # families whose rule this function has logged (once each)
 
     def bidiattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            sliding_window=None, softcap=None, **kwargs):
         if not isinstance(attention_mask, SpanSource):
-            if getattr(getattr(module, "config", None), "model_type", None) in ENCODER_MODEL_TYPES:
-                return _encoder_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        sliding_window=sliding_window, softcap=softcap, **kwargs)
+            encoder = encoder_attention(getattr(module, "config", None), families)
+            if encoder is not None:
+                return _encoder_forward(encoder, module, query, key, value, attention_mask, scaling=scaling,
+                                        dropout=dropout, sliding_window=sliding_window, softcap=softcap, **kwargs)
             raise TypeError(
                 "attn_implementation='bidiattn' builds its own masks; got a prepared "
                 f"{type(attention_mask).__name__} instead (do not pass 4D masks with this implementation)"
@@ -456,11 +456,13 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
         source = attention_mask
         if family is not None:
             source = replace(source, family=family)
-        if source.family not in announced and mode == "spans":
-            announced.add(source.family)
+        if source.family.name not in announced and mode == "spans":
+            announced.add(source.family.name)
+            origin = {"official": f"the reference implementation's ({source.family.source})",
+                      "transformers": "transformers' own masks (what eager/sdpa compute)", "vllm": "vLLM's"}
             _log.warning("bidiattn: %s language-model layers use the %r rule, %s; encoders keep their own attention. "
                          "eager/sdpa apply transformers' masks: attn_implementation='bidiattn-transformers' matches them",
-                         source.family, convention, RULE_SOURCES[convention])
+                         source.family.name, convention, origin[convention])
         layer = "sliding" if sliding_window else "full"
         window = _rule_window(source, source.family, convention, layer, sliding_window)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -490,7 +492,7 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
 
 
 def register(name: str | None = None, *, convention: str = "official", backend: str = "auto", mode: str = "spans",
-             family: str | None = None) -> str:
+             family: str | Family | None = None, families: tuple[Family, ...] = BUILTIN) -> str:
     """Register attention implementations (attention function and mask hook) with transformers;
     arguments as in :func:`make_attention_function`.
 
@@ -498,14 +500,17 @@ def register(name: str | None = None, *, convention: str = "official", backend: 
     convention, ``"bidiattn-official"``, ``"bidiattn-transformers"`` (reproduces transformers'
     own masks: the logits of eager/sdpa) and ``"bidiattn-vllm"``, all on ``backend``; returns
     ``"bidiattn"``. With ``name``: that one name. Registering a name again replaces it. Returns
-    the name to pass as ``attn_implementation=``.
+    the name to pass as ``attn_implementation=``. ``families``: the family records the names know
+    (default the built-in ones; a model of another family is refused with ``ValueError``).
     """
     tf = _transformers()
     names = {name: convention} if name is not None else {
         "bidiattn": convention, **{f"bidiattn-{c}": c for c in rules.CONVENTIONS}}
+    families = tuple(families)
+    hook = functools.partial(span_source_mask, families=families)
     for registered, rule in names.items():
-        tf.AttentionInterface.register(registered, make_attention_function(rule, backend, mode, family))
-        tf.AttentionMaskInterface.register(registered, span_source_mask)
+        tf.AttentionInterface.register(registered, make_attention_function(rule, backend, mode, family, families))
+        tf.AttentionMaskInterface.register(registered, hook)
     return name if name is not None else "bidiattn"
 
 
