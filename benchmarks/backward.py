@@ -5,7 +5,7 @@
 Every variant is checked against SDPA's gradients (dense mask) before it is timed (median of
 CUDA-event runs). FLOPs on allowed pairs: forward 4 * pairs * D * Hq, backward 10 * pairs * D * Hq
 (five matmuls; recomputation is not counted as useful work). Writes backward-<device>-<date>.json/.md
-(backward-atomic-... with --atomic-sweep; PERF.md sections 2 and 3 cite the --no-sweep run) and prints
+(PERF.md sections 2 and 3 cite the --no-sweep run) and prints
 PERF.md's rows for the comparison.
 """
 
@@ -25,21 +25,9 @@ B = BackwardConfig
 SWEEP = {
     128: [B(64, 64, 8, 2), B(64, 64, 4, 2), B(128, 64, 8, 1), B(64, 128, 8, 1), B(32, 64, 4, 2), B(64, 32, 4, 3),
           B(128, 128, 8, 1), B(32, 128, 8, 2)],
-    256: [B(64, 64, 8, 1), B(32, 64, 4, 1), B(64, 32, 4, 1), B(32, 32, 4, 2), B(64, 64, 8, 1, split_d=2),
+    256: [B(64, 64, 8, 1), B(32, 64, 4, 1), B(64, 32, 4, 1), B(32, 32, 4, 2),
           B(128, 64, 8, 1), B(64, 128, 8, 1), B(32, 64, 8, 2), B(64, 64, 4, 1)],
-    512: [B(32, 64, 8, 1, split_d=2), B(32, 32, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=2), B(32, 64, 8, 1, split_d=4),
-          B(64, 32, 8, 1, split_d=2), B(16, 64, 4, 1, split_d=2), B(64, 64, 8, 1, split_d=4), B(32, 64, 8, 1),
-          B(32, 128, 8, 1, split_d=4)],
-}
-# The atomic-dQ mode (deterministic=False) by tile (--atomic-sweep). Its run at cf0b34a summed dQ
-# through one TMA bulk reduction per tile where the tiles came through TMA: no faster than the
-# elementwise atomics (hd128 13.4-19.3 ms against 13.0), removed (NOTES.md; the run is in git history).
-ATOMIC_SWEEP = {
-    128: [B(64, 64, 4, 2, tma=True), B(64, 64, 8, 2, tma=True), B(64, 128, 8, 2, tma=True), B(64, 128, 8, 1, tma=True),
-          B(128, 64, 8, 1, tma=True), B(128, 128, 8, 1, tma=True), B(32, 128, 8, 2, tma=True), B(64, 64, 4, 2)],
-    256: [B(128, 64, 8, 1, tma=True), B(64, 64, 8, 1, tma=True), B(64, 128, 8, 1, tma=True), B(64, 64, 4, 1, tma=True),
-          B(128, 64, 8, 1)],
-    512: [],
+    512: [B(32, 64, 8, 1)],
 }
 SWEPT = ["hd128 16K img1092/2048", "hd256 16K img256/1024", "hd512 16K img1092/2048"]
 
@@ -53,10 +41,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--atomic-sweep", action="store_true",
-                        help="sweep the atomic-dQ mode's tiles (deterministic=False) instead of the default mode's")
     args = parser.parse_args()
-    sweep, deterministic_sweep = (ATOMIC_SWEEP, False) if args.atomic_sweep else (SWEEP, True)
     sweep_rows, rows = [], []
     for case in cases.CASES:
         spans, q, k, v = cases.build(case)
@@ -71,12 +56,11 @@ def main() -> None:
         out, lse = bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton")
         scale = case.head_dim**-0.5
         if case.name in SWEPT and not args.no_sweep:
-            for cfg in sweep[case.head_dim]:
-                row = dict(case=case.name, config=repr(cfg), deterministic=deterministic_sweep)
+            for cfg in SWEEP[case.head_dim]:
+                row = dict(case=case.name, config=repr(cfg))
 
                 def bwd():
-                    return span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg,
-                                                   deterministic=deterministic_sweep)
+                    return span_attention_backward(dout, q, k, v, out, lse, spans, scale, None, config=cfg)
 
                 try:
                     row["rel_err"] = err_of(bwd(), want)
@@ -93,12 +77,10 @@ def main() -> None:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
             # planned: both launch plans built once outside the timing (as a model's layers share them).
             plan = bidiattn.plan_attention(spans, case.hq, case.hkv, case.head_dim, window=case.window)
-            for key, backend, deterministic, p in (("bidiattn_triton", "triton", True, None),
-                                                   ("bidiattn_planned", "triton", True, plan),
-                                                   ("bidiattn_triton_atomic", "triton", False, None),
-                                                   ("bidiattn_flex", "flex", True, None)):
+            for key, backend, p in (("bidiattn_triton", "triton", None), ("bidiattn_planned", "triton", plan),
+                                    ("bidiattn_flex", "flex", None)):
                 def fwd_bwd():
-                    out = bidiattn.attention(qg, kg, vg, spans, backend=backend, deterministic=deterministic, plan=p)
+                    out = bidiattn.attention(qg, kg, vg, spans, backend=backend, plan=p)
                     return torch.autograd.grad(out, (qg, kg, vg), dout)
 
                 try:
@@ -120,9 +102,9 @@ def main() -> None:
     if rows:
         lines += ["*planned*: `plan=bidiattn.plan_attention(...)` (forward and backward launch plans) built once "
                   "outside the timing.", "",
-                  "| case | bidiattn triton fwd+bwd | bwd alone | planned fwd+bwd | bwd alone | atomic-dQ fwd+bwd | bwd alone "
+                  "| case | bidiattn triton fwd+bwd | bwd alone | planned fwd+bwd | bwd alone "
                   "| bidiattn flex fwd+bwd | bwd alone | SDPA dense fwd+bwd | triton / flex | planned / flex |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             def c(key):
                 return f"{r[key]:.0f}" if key in r else "fails"
@@ -132,17 +114,14 @@ def main() -> None:
                 return f"{r[key] / flex:.2f}x" if flex and key in r else "n/a"
             lines.append(f"| {r['case']} | {c('bidiattn_triton_fwd_bwd_tflops')} | {c('bidiattn_triton_bwd_tflops')} | "
                          f"{c('bidiattn_planned_fwd_bwd_tflops')} | {c('bidiattn_planned_bwd_tflops')} | "
-                         f"{c('bidiattn_triton_atomic_fwd_bwd_tflops')} | {c('bidiattn_triton_atomic_bwd_tflops')} | "
                          f"{c('bidiattn_flex_fwd_bwd_tflops')} | {c('bidiattn_flex_bwd_tflops')} | {c('sdpa_dense_fwd_bwd_tflops')} | "
                          f"{ratio('bidiattn_triton_fwd_bwd_tflops')} | {ratio('bidiattn_planned_fwd_bwd_tflops')} |")
     if sweep_rows:
-        mode = "atomic-dQ mode, deterministic=False" if args.atomic_sweep else "default mode"
-        lines += ["", f"Backward tile sweep ({mode}; bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
+        lines += ["", "Backward tile sweep (bwd alone):", "", "| case | config | rel err | TFLOP/s | ms | note |", "|---|---|---|---|---|---|"]
         for r in sweep_rows:
             lines.append(f"| {r['case']} | {r['config']} | {r.get('rel_err', float('nan')):.1e} | {r.get('tflops', 0):.0f} "
                          f"| {r.get('ms', 0):.2f} | {r.get('error', '')[:120]} |")
-    stem = cases.write_results(args.out, "backward-atomic" if args.atomic_sweep else "backward", meta,
-                               dict(sweep=sweep_rows, rows=rows), lines)
+    stem = cases.write_results(args.out, "backward", meta, dict(sweep=sweep_rows, rows=rows), lines)
     print("\n".join(lines))
     if rows:
         print("\nPERF.md rows (sections 2 and 3):")
@@ -152,7 +131,7 @@ def main() -> None:
 
 def _perf_rows(meta: dict, stem: str, rows: list[dict]) -> list[str]:
     """PERF.md rows: fwd+bwd per case (planned, the public call in brackets) against the flex backend,
-    the atomic-dQ mode against the default, and the hd512 backward alone."""
+    and the hd512 backward alone."""
     def tf(r, key):
         return f"{r[key]:.0f}" if key in r else "fails"
 
@@ -167,11 +146,6 @@ def _perf_rows(meta: dict, stem: str, rows: list[dict]) -> list[str]:
             f"flex: {tf(r, 'bidiattn_flex_fwd_bwd_tflops')}",
             f"{ratio(r, 'bidiattn_planned_fwd_bwd_tflops', 'bidiattn_flex_fwd_bwd_tflops')} "
             f"({ratio(r, 'bidiattn_triton_fwd_bwd_tflops', 'bidiattn_flex_fwd_bwd_tflops')})"))
-    out.append(cases.perf_row(
-        meta, stem, f"B{len(rows) + 1}", " / ".join(r["case"] for r in rows), "triton fwd+bwd, atomic dQ",
-        " / ".join(tf(r, "bidiattn_triton_atomic_fwd_bwd_tflops") for r in rows) + " TFLOP/s",
-        "default deterministic (public): " + " / ".join(tf(r, "bidiattn_triton_fwd_bwd_tflops") for r in rows),
-        " / ".join(ratio(r, "bidiattn_triton_atomic_fwd_bwd_tflops", "bidiattn_triton_fwd_bwd_tflops") for r in rows)))
     for r in rows:
         if r["head_dim"] == 512:
             out.append(cases.perf_row(

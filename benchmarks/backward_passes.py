@@ -32,7 +32,6 @@ def _configs(head_dim: int) -> list:
         256: [None, lambda: b(128, 64, 8, 1), lambda: b(64, 64, 4, 1, tma=True),
               lambda: b(128, 64, 8, 1, mask_free_tiles=True, tma=True)],
         512: [None, lambda: b(32, 64, 8, 1, separate_dk_dv=True, dq=b(64, 32, 8, 1)),
-              lambda: b(32, 64, 8, 1, split_d=2, dq=b(64, 32, 8, 1, mask_free_tiles=True)),
               lambda: b(32, 64, 8, 1, separate_dk_dv=True, dq=b(64, 32, 8, 2, mask_free_tiles=True))],
     }
     return table[head_dim]

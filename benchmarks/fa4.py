@@ -20,7 +20,6 @@ import torch
 
 import bidiattn
 import cases
-from bidiattn.kernels.fa4 import span_attention_fa4_forward
 from bidiattn.kernels.flex import span_attention_flex
 from bidiattn.segments import plan_segments
 
@@ -46,7 +45,6 @@ def main() -> None:
         causal_fwd_fl = 4 * causal_pairs * d * case.hq
         causal_fb_fl = causal_fwd_fl + 10 * causal_pairs * d * case.hq
         plan = plan_segments(spans)
-        plan_seq = plan_segments(spans, order="sequence")
         row = dict(case=case.name, tokens=t, hq=case.hq, hkv=case.hkv, head_dim=d, pairs=pairs,
                    launches=[dict(kind=c.kind, window=[c.window_left, c.window_right], segments=c.num_segments,
                                   rows=int(c.q_len.sum()), max_rows=c.max_q_len) for c in plan.calls])
@@ -71,10 +69,6 @@ def main() -> None:
 
         scale = d ** -0.5
         row["fa4_rel_err"] = cases.rel_err(fa4_seg(q, k, v), ref)
-        for name, knobs in (("overlap", dict(overlap=True)), ("nopack", dict(pack_gqa=False)),
-                            ("overlap_nopack", dict(overlap=True, pack_gqa=False))):
-            got = span_attention_fa4_forward(q, k, v, spans, scale, None, plan, **knobs)[0]
-            row[f"fa4_{name}_rel_err"] = cases.rel_err(got, ref)
         try:
             row["fa4_mask_mod_rel_err"] = cases.rel_err(mask_mod_flash(q, k, v), ref)
             if d <= 128:  # FA4's forward and backward key tiles differ at hd256 (see attention())
@@ -82,20 +76,12 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - FlexAttention's FLASH backend is experimental
             row["fa4_mask_mod_error"] = cases.describe_error(e, 400)
             print(case.name, "mask_mod", row["fa4_mask_mod_error"], flush=True)
-        row["fa4_sequence_order_rel_err"] = cases.rel_err(span_attention_fa4_forward(q, k, v, spans, scale, None,
-                                                                                     plan_seq)[0], ref)
         row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_seg), want))
         if max(val for key, val in row.items() if key.endswith("rel_err")) > 2e-2:
             raise RuntimeError(f"{case.name}: bidiattn fa4 is wrong: {row}")
         timed = dict(
             fa4_fwd=(lambda: bidiattn.attention(q, k, v, spans, backend="fa4"), fwd_fl),
             fa4_planned_fwd=(lambda: fa4_seg(q, k, v), fwd_fl),
-            fa4_sequence_order_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan_seq), fwd_fl),
-            fa4_overlap_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, overlap=True), fwd_fl),
-            fa4_nopack_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, pack_gqa=False),
-                            fwd_fl),
-            fa4_overlap_nopack_fwd=(lambda: span_attention_fa4_forward(q, k, v, spans, scale, None, plan, overlap=True,
-                                                                       pack_gqa=False), fwd_fl),
             fa4_causal_fwd=(lambda: fa4_causal(q, k, v), causal_fwd_fl),
             fa4_mask_mod_fwd=(lambda: mask_mod_flash(q, k, v), fwd_fl),
             fa4_mask_mod_fwd_bwd=(lambda: fwd_bwd(mask_mod_flash), fb_fl),
@@ -136,12 +122,11 @@ def main() -> None:
              "(FA4 causal: causal pairs, ignores the images); fwd+bwd counts 14 * pairs * D * Hq. 'fa4' builds the "
              "segment plan in the call (plan ms: that alone), 'fa4 planned' takes it prebuilt; fa4's backward is "
              "bidiattn's triton backward. Launches per case in the JSON.", "",
-             "| case | fa4 | fa4 planned | sequence order | overlap | no pack_gqa | overlap, no pack_gqa | FA4 causal "
+             "| case | fa4 | fa4 planned | FA4 causal "
              "| FA4 window | planned / causal | triton | plan ms | fwd+bwd: fa4 planned | FA4 causal | triton "
-             "| planned / causal | mask_mod | mask_mod fwd+bwd |", "|---" * 18 + "|"]
+             "| planned / causal | mask_mod | mask_mod fwd+bwd |", "|---" * 14 + "|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_sequence_order_fwd')} | "
-                     f"{tf(r, 'fa4_overlap_fwd')} | {tf(r, 'fa4_nopack_fwd')} | {tf(r, 'fa4_overlap_nopack_fwd')} | "
+        lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | "
                      f"{tf(r, 'fa4_causal_fwd')} | {tf(r, 'fa4_local_fwd') if 'fa4_local_fwd_tflops' in r else 'n/a'} | "
                      f"{ratio(r, 'fa4_planned_fwd', 'fa4_causal_fwd')} | {tf(r, 'triton_fwd')} | {r['plan_ms']:.2f} | "
                      f"{tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "

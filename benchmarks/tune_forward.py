@@ -39,11 +39,9 @@ SWEEP = {
 }
 # Round 3 (sixth session): a deeper pipeline on the mask-free middle loop only (edge_stages).
 STAGES = {
-    128: [T(256, 64, 16, 2, one_sided_masks=False), T(256, 64, 16, 3, one_sided_masks=False, edge_stages=1),
-          T(256, 64, 16, 2, one_sided_masks=False, edge_stages=1), T(256, 64, 16, 3, edge_stages=1),
-          T(256, 128, 16, 2, one_sided_masks=False, edge_stages=1), T(128, 64, 8, 3), T(128, 64, 8, 4, edge_stages=1)],
+    128: [T(256, 64, 16, 3, edge_stages=1), T(128, 64, 8, 3), T(128, 64, 8, 4, edge_stages=1)],
     256: [T(128, 64, 8, 1), T(128, 64, 8, 2, edge_stages=1), T(128, 32, 8, 3, edge_stages=1),
-          T(128, 32, 8, 2, edge_stages=1), T(128, 64, 8, 2, edge_stages=1, one_sided_masks=False)],
+          T(128, 32, 8, 2, edge_stages=1)],
     512: [T(128, 64, 8, 1, split_dv=2), T(128, 32, 8, 2, split_dv=2, edge_stages=1), T(64, 32, 8, 2, edge_stages=1),
           T(64, 16, 8, 3, edge_stages=1), T(128, 32, 8, 1, split_dv=2)],
 }

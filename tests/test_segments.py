@@ -18,18 +18,14 @@ RULES = [(f, c, layer) for f in rules.FAMILIES for c in rules.CONVENTIONS for la
 
 
 def check(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
-    plan = plan_segments(spans, max_calls=max_calls, order="sequence")
+    plan = plan_segments(spans, max_calls=max_calls)
     assert len(plan.calls) <= max_calls
     assert torch.equal(plan.to_dense(), spans.to_dense())
     for c in plan.calls:
         assert bool((c.q_len > 0).all()) and bool((c.k_len > 0).all())
-        assert bool((c.q_start[1:] >= c.q_start[:-1]).all()) and bool((c.k_start[1:] >= c.k_start[:-1]).all())
         assert c.max_q_len == int(c.q_len.max()) and c.max_k_len == int(c.k_len.max())
-    longest = plan_segments(spans, max_calls=max_calls)
-    assert torch.equal(longest.to_dense(), spans.to_dense())
-    for c, s in zip(longest.calls, plan.calls):
         work = c.q_len.long() * c.k_len.long()
-        assert bool((work[1:] <= work[:-1]).all()) and torch.equal(work.sort().values, (s.q_len.long() * s.k_len.long()).sort().values)
+        assert bool((work[1:] <= work[:-1]).all())  # longest first
     return plan
 
 
@@ -64,7 +60,7 @@ def test_example_of_the_docstring():
     plan = check(image_spans(8, [(2, 5)]))
     kinds = {c.kind: (c.q_start[:-1].tolist(), c.q_len.tolist(), c.k_start[:-1].tolist(), c.k_len.tolist())
              for c in plan.calls}
-    assert kinds == {"full": ([2], [3], [0], [5]), "causal": ([0, 5], [2, 3], [0, 0], [2, 8])}
+    assert kinds == {"full": ([2], [3], [0], [5]), "causal": ([5, 0], [3, 2], [0, 0], [8, 2])}
     assert [c.causal for c in plan.calls] == [False, True]
 
 
@@ -117,12 +113,10 @@ def test_bad_paged_flag():
 def test_bad_budget():
     with pytest.raises(ValueError, match="max_calls must be a positive int, got 0"):
         plan_segments(image_spans(8, [(2, 5)]), max_calls=0)
-    with pytest.raises(ValueError, match="order must be one of .* got 'random'"):
-        plan_segments(image_spans(8, [(2, 5)]), order="random")
 
 
 def test_to_dense_catches_a_row_written_twice():
-    plan = plan_segments(image_spans(8, [(2, 5)]), order="sequence")
+    plan = plan_segments(image_spans(8, [(2, 5)]))
     twice = SegmentPlan(plan.calls + plan.calls[:1], plan.total_rows, plan.total_keys)
     with pytest.raises(AssertionError, match="row 2 is written by 2 segments"):
         twice.to_dense()

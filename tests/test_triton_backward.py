@@ -41,7 +41,7 @@ def grads_of(fn, q, k, v, dout, dlse):
     return torch.autograd.grad(loss, (q, k, v))
 
 
-def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, config=None, deterministic=True):
+def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, config=None):
     g = torch.Generator().manual_seed(seed)
     t = spans.total_tokens
     q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEVICE) for h in (hq, hkv, hkv))
@@ -51,8 +51,7 @@ def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, 
     scale = 1 / math.sqrt(d)
 
     def ours(q, k, v):
-        return bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="triton",
-                                  deterministic=deterministic)
+        return bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="triton")
 
     def fp32(q, k, v):
         return reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
@@ -64,8 +63,7 @@ def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, 
         got = grads_of(ours, q, k, v, dout, dlse)
     else:
         out, lse = fp32(q, k, v)
-        got = span_attention_backward(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, scale, softcap, dlse, config,
-                                      deterministic)
+        got = span_attention_backward(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, scale, softcap, dlse, config)
     want = grads_of(fp32, q, k, v, dout, dlse)
     torch_grads = grads_of(lowp, q, k, v, dout, dlse)
     for name, a, w, t in zip("qkv", got, want, torch_grads):
@@ -114,11 +112,9 @@ def test_gradient_through_lse():
 
 
 @pytest.mark.parametrize(
-    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 64, 4, 2, split_d=2), BackwardConfig(64, 32, 8, 1, split_d=4),
-               BackwardConfig(32, 16, 4, 1, split_d=2, dq=BackwardConfig(16, 32, 4, 1)),
-               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(32, 16, 4, 1, split_d=2, separate_dk_dv=True),
-               BackwardConfig(16, 16, 4, 1, mask_free_tiles=True),
-               BackwardConfig(32, 16, 4, 1, dq=BackwardConfig(32, 16, 4, 1, split_d=2, mask_free_tiles=True)),
+    "config", [BackwardConfig(16, 16, 4, 1), BackwardConfig(32, 16, 4, 1, dq=BackwardConfig(16, 32, 4, 1)),
+               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(16, 16, 4, 1, mask_free_tiles=True),
+               BackwardConfig(32, 16, 4, 1, dq=BackwardConfig(32, 16, 4, 1, mask_free_tiles=True)),
                BackwardConfig(16, 16, 4, 1, tma=True), BackwardConfig(32, 16, 4, 1, separate_dk_dv=True, tma=True),
                BackwardConfig(16, 32, 4, 1, tma=True, dq=BackwardConfig(32, 16, 4, 1, mask_free_tiles=True, tma=True))],
     ids=str,
@@ -126,18 +122,6 @@ def test_gradient_through_lse():
 def test_tile_configs(config):
     spans = image_spans(101, [(13, 80)], "gemma4", "official", "sliding", window=24)
     check_grads(spans, 4, 2, 256, torch.float16, seed=5, with_lse=True, config=config)
-
-
-@pytest.mark.parametrize(
-    "config", [None, BackwardConfig(16, 32, 4, 1), BackwardConfig(32, 16, 4, 1, split_d=2),
-               BackwardConfig(16, 32, 4, 1, separate_dk_dv=True), BackwardConfig(16, 16, 4, 1, tma=True)], ids=str,
-)
-def test_atomic_dq_mode(config):
-    # deterministic=False: dQ summed by atomics inside the dK/dV pass; same tolerance.
-    ids, cu = random_packed_layout(random.Random(8), max_seqs=3, max_len=70)
-    spans = rules.build("gemma4", "official", "sliding", block_ids=ids, window=7, cu_seqlens=cu)
-    check_grads(spans, 8, 2, 128, torch.bfloat16, softcap=3.0, seed=6, with_lse=True, config=config,
-                deterministic=False)
 
 
 def test_key_tile_ranges_are_exactly_the_rows_that_see_each_tile():
@@ -185,7 +169,7 @@ def test_operator_registration_passes_opcheck(planned):
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 32, generator=g).half().to(DEVICE).requires_grad_() for h in (4, 2, 2))
-    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None, True)
+    args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None)
     args += plan_arguments(bidiattn.plan_attention(spans, 4, 2, 32)) if planned else ([], None)
     torch.library.opcheck(torch.ops.bidiattn.span_attention.default, args)
 
@@ -239,11 +223,11 @@ def test_a_launch_plan_survives_the_operator_arguments():
 
     # A new TileConfig field must be carried by plan_arguments too.
     assert [f.name for f in dataclasses.fields(TileConfig)] == [
-        "block_m", "block_n", "num_warps", "num_stages", "split_dv", "kv_splits", "pack_gqa", "one_sided_masks",
-        "edge_stages", "tma", "column_halves"]
+        "block_m", "block_n", "num_warps", "num_stages", "split_dv", "kv_splits", "pack_gqa", "edge_stages", "tma",
+        "column_halves"]
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     q, k = torch.randn(40, 4, 64).half().to(DEVICE), torch.randn(40, 2, 64).half().to(DEVICE)
-    cfg = TileConfig(32, 16, 4, 3, split_dv=2, pack_gqa=True, one_sided_masks=False, tma=True, column_halves=True)
+    cfg = TileConfig(32, 16, 4, 3, split_dv=2, pack_gqa=True, tma=True, column_halves=True)
     plan = plan_forward(spans, 4, 2, 64, config=cfg)
     back = _plan(spans, q, k, *plan_arguments(plan))
     assert back.config == dataclasses.replace(cfg, edge_stages=3, kv_splits=plan.kv_splits)
@@ -252,9 +236,9 @@ def test_a_launch_plan_survives_the_operator_arguments():
     assert _backward_plan(spans, q, *plan_arguments(plan)) is None
     # The gradient plan: its config with and without separate dQ tiles, and every tensor.
     assert [f.name for f in dataclasses.fields(BackwardConfig)] == [
-        "block_m", "block_n", "num_warps", "num_stages", "split_d", "dq", "separate_dk_dv", "mask_free_tiles", "tma"]
+        "block_m", "block_n", "num_warps", "num_stages", "dq", "separate_dk_dv", "mask_free_tiles", "tma"]
     for bcfg in (BackwardConfig(32, 16, 4, 2, tma=True),
-                 BackwardConfig(16, 32, 4, 1, 2, separate_dk_dv=True, dq=BackwardConfig(32, 16, 8, 1, mask_free_tiles=True))):
+                 BackwardConfig(16, 32, 4, 1, separate_dk_dv=True, dq=BackwardConfig(32, 16, 8, 1, mask_free_tiles=True))):
         full = dataclasses.replace(plan, backward=plan_backward(spans, 64, config=bcfg))
         bwd = _backward_plan(spans, q, *plan_arguments(full))
         assert bwd.config == bcfg and bwd.head_dim == 64 and bwd.query_tiles.block_m == bcfg.dq_pass.block_m
@@ -299,23 +283,12 @@ def test_a_launch_plan_is_checked_against_the_call():
 @pytest.mark.parametrize(
     "args,match",
     [((48, 32, 4, 1), "block_m must be a power of two, got 48"), ((64, 8, 4, 1), "at least 16x16, got 64x8"),
-     ((64, 32, 4, 1, 3), "split_d must be a power of two, got 3"),
-     ((64, 32, 4, 1, 1, (64, 32)), "BackwardConfig.dq must be None or a BackwardConfig"),
-     ((64, 32, 4, 1, 1, BackwardConfig(16, 16, 4, 1, dq=BackwardConfig(16, 16, 4, 1))), "without its own dq")],
+     ((64, 32, 4, 1, (64, 32)), "BackwardConfig.dq must be None or a BackwardConfig"),
+     ((64, 32, 4, 1, BackwardConfig(16, 16, 4, 1, dq=BackwardConfig(16, 16, 4, 1))), "without its own dq")],
 )
 def test_backward_config_rejects_bad_values(args, match):
     with pytest.raises(ValueError, match=match):
         BackwardConfig(*args)
-
-
-@pytest.mark.parametrize("config", [BackwardConfig(64, 32, 4, 1, split_d=8),
-                                    BackwardConfig(64, 32, 4, 1, dq=BackwardConfig(64, 32, 4, 1, split_d=8))], ids=str)
-def test_split_d_too_fine_for_head_dim(config):
-    spans = image_spans(9, [])
-    q = torch.randn(9, 1, 64).half().to(DEVICE)
-    lse = torch.zeros(1, 9, device=DEVICE)
-    with pytest.raises(ValueError, match="split_d=8 leaves fewer than 16 of the 64"):
-        span_attention_backward(q, q, q, q, q, lse, spans.to(DEVICE), 0.125, None, config=config)
 
 
 @pytest.mark.gpu
@@ -325,19 +298,6 @@ def test_real_sizes_on_gpu(d, hq, hkv):
     ids[300:1392] = 1
     spans = rules.build("gemma3", "official", "sliding", block_ids=ids, window=512)
     check_grads(spans, hq, hkv, d, torch.bfloat16, seed=d)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4), (64, 4, 4)])
-def test_atomic_dq_mode_at_real_sizes_on_gpu(d, hq, hkv):
-    # Packed sequences of odd lengths, so the last row tile of each key tile's walk is partial
-    # and its atomics must leave the next sequence's rows alone.
-    ids = torch.zeros(1000 + 777 + 1201, dtype=torch.int64)
-    ids[200:700] = 1
-    ids[1100:1500] = 2
-    cu = torch.tensor([0, 1000, 1777, 2978])
-    spans = rules.build("gemma3", "official", "full", block_ids=ids, cu_seqlens=cu)
-    check_grads(spans, hq, hkv, d, torch.bfloat16, seed=d + 1, with_lse=True, deterministic=False)
 
 
 @pytest.mark.gpu

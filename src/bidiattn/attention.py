@@ -74,8 +74,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def _skips_operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask) -> bool:
     """Whether a triton call may launch the kernel itself instead of through the
-    ``bidiattn::span_attention`` operator, whose dispatch costs ~85 µs of host time per call on
-    an H200 host (``benchmarks/results/host-breakdown-*``): only where the operator would do
+    ``bidiattn::span_attention`` operator, whose dispatch costs host time on every call: only
+    where the operator would do
     nothing but call the same launcher — eager (not traced by ``torch.compile``), no gradient
     needed, plain tensors (no fake or other subclass), and no function/dispatch mode or functorch
     transform (``vmap``, ``grad``) that expects to see the operator."""
@@ -113,7 +113,6 @@ def attention(
     softcap: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-    deterministic: bool = True,
     segment_plan: SegmentPlan | None = None,
     fa4_strategy: str = "auto",
     plan: LaunchPlan | None = None,
@@ -133,10 +132,6 @@ def attention(
         softcap: logit softcap ``s -> softcap * tanh(s / softcap)``; ``None`` for none. Both
             take any real number type (numpy's too).
         return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
-        deterministic: triton backward without atomics, bitwise repeatable (default); ``False``
-            sums dQ with fp32 atomics in the dK/dV pass: less arithmetic, but slower on an
-            H200 (235 vs 388 TFLOP/s fwd+bwd at hd128, 195 vs 332 at hd256) and its default
-            tiles do not fit shared memory at hd512 (``ValueError``). Kept for comparison.
         backend: ``"triton"`` (fp16/bf16, head dims multiple of 16 up to 512, differentiable
             with a deterministic backward, ``torch.compile``-traceable), ``"flex"`` (PyTorch FlexAttention with a block mask built from the spans;
             fp16/bf16/fp32, compiled on CUDA; eager, slow and forward-only on CPU),
@@ -148,31 +143,29 @@ def attention(
             ``"reference"`` (dense fp32 spec, any float dtype, differentiable) or ``"auto"``:
             fa4 when ``segment_plan`` is given and FA4 takes the inputs (outside
             ``torch.compile``), else triton for CUDA inputs that it supports, else the reference.
-            On an H200 the planned fa4 forward ran 1.4-1.9x the triton forward at hd128/256;
-            planning in the call (1.6-2.8 ms) made it slower than triton, hence the condition
-            (``benchmarks/results/fa4-*.md``).
+            fa4 needs the ``segment_plan`` to pay: planned, its forward is faster than triton's;
+            planning in the call (a host sync) makes it slower.
         fa4_strategy: how ``backend="fa4"`` expresses the mask: ``"segments"`` (the launches
             above; backward through the triton kernels), ``"mask_mod"`` (one FA4 launch through
             FlexAttention's FLASH backend: the spans as a ``mask_mod`` plus block sparsity built
             on the device, FA4's own backward; self-attention spans only, no lse, backward up
             to head dim 128) or ``"auto"``: ``mask_mod`` where it can take the call and
-            gradients are needed (fwd+bwd 0.88x FA4 causal vs 0.64x at hd128 on an H200),
-            ``segments`` otherwise (forward 0.93-0.98x).
+            gradients are needed (the faster forward+backward), ``segments`` otherwise (the
+            faster forward).
         segment_plan: for ``backend="fa4"``: :func:`bidiattn.segments.plan_segments` of
             ``spans``, built once and shared by the layers that use the same spans (saves the
             planning and its host sync on every call). Ignored by the other backends.
         plan: for the triton kernels: :func:`plan_attention` of these ``spans`` (the same
             object) and head shape, built once and shared by the layers that use them (the
             backward uses its gradient plan when it has one); without it every call plans its
-            launch (two small Triton launches per tile table, ~90 µs of host time on an H200
-            host, ~250 µs with the backward's; a sliding hd256 layer at 16K tokens ran 0.35 ms
-            planned, 0.38 ms unplanned; ``benchmarks/NOTES.md``). ``ValueError``
-            if the call does not run the triton backend or the plan is for other spans or heads.
+            launch (two small Triton launches per tile table, and their host time).
+            ``ValueError`` if the call does not run the triton backend or the plan is for other
+            spans or heads.
 
     The triton backend runs as the operator ``torch.ops.bidiattn.span_attention`` (autograd,
     ``torch.compile``); an eager call that needs no gradient, with plain tensors and no
     dispatch/function mode or functorch transform active, launches the same kernel directly
-    (bitwise the same output, 60-150 µs less host time per call on an H200's host).
+    (bitwise the same output, less host time per call).
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype (and ``lse``). Example mask, one sequence of 6 tokens,
@@ -190,8 +183,6 @@ def attention(
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
     scale = check_attention_inputs(q, k, v, spans, scale, softcap)
     softcap = None if softcap is None else float(softcap)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     backend, unsupported = _resolve_backend(backend, q, k, v, segment_plan)
     if plan is not None:
         from .kernels.forward import LaunchPlan
@@ -222,7 +213,7 @@ def attention(
         if segment_plan is not None and not isinstance(segment_plan, SegmentPlan):
             raise TypeError(f"segment_plan must be a SegmentPlan, got {type(segment_plan).__name__}")
         out, lse = fa4_attention(q, k, v, spans, scale, softcap, return_lse=return_lse, plan=segment_plan,
-                                 strategy=fa4_strategy, deterministic=deterministic)
+                                 strategy=fa4_strategy)
         return (out, lse) if return_lse else out
     if unsupported is not None:
         raise unsupported
@@ -235,7 +226,7 @@ def attention(
 
     plan_tensors, plan_meta = plan_arguments(plan) if plan is not None else ([], None)
     out, lse = span_attention(q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, scale, softcap,
-                              deterministic, plan_tensors, plan_meta)
+                              plan_tensors, plan_meta)
     return (out, lse) if return_lse else out
 
 

@@ -54,7 +54,7 @@ import torch
 
 from .spans import SpanMask, host_to_device
 
-__all__ = ["KINDS", "ORDERS", "SegmentCall", "SegmentPlan", "plan_segments"]
+__all__ = ["KINDS", "SegmentCall", "SegmentPlan", "plan_segments"]
 
 KINDS = ("full", "causal", "window", "open")
 _FULL, _CAUSAL, _WINDOW, _OPEN = range(4)
@@ -172,11 +172,7 @@ def _changed(new_seq: torch.Tensor, *keys: torch.Tensor) -> torch.Tensor:
     return out
 
 
-ORDERS = ("longest_first", "sequence")
-
-
-def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_first", paged: bool = False
-                  ) -> SegmentPlan:
+def plan_segments(spans: SpanMask, max_calls: int = 8, paged: bool = False) -> SegmentPlan:
     """Cut ``spans`` into row segments and group them into at most ``max_calls`` launches.
 
     Works for self-attention and extend spans, packed sequences, every rule. Planned on the
@@ -184,10 +180,6 @@ def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_fir
     H200 machine's host); the plan's tensors live on the spans' device. Rows whose shape would
     need a launch beyond ``max_calls`` become one-row ``full`` segments (exact; the benchmark
     layouts need two to five launches).
-
-    ``order``: the order of the segments inside a launch (the order a kernel schedules them):
-    ``"longest_first"`` (most keys first, so the launch does not end on its longest tiles) or
-    ``"sequence"`` (by row).
 
     ``paged``: plan for keys read through page tables (see :attr:`SegmentPlan.paged`). A
     ``full`` or ``causal`` run whose first key is not the sequence's first cannot start its
@@ -200,8 +192,6 @@ def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_fir
         raise TypeError(f"paged must be a bool, got {type(paged).__name__}")
     if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
         raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     host = spans.to("cpu") if spans.lo.device.type != "cpu" else spans
     seq, pos, _ = host.local_rows()
     lo, hi = host.lo.long(), host.hi.long()
@@ -224,7 +214,7 @@ def plan_segments(spans: SpanMask, max_calls: int = 8, order: str = "longest_fir
         row = ends[kind]
     start = torch.tensor(starts)
     end = torch.cat([start[1:], start.new_tensor([t_len])])
-    plan = _group(host, seq, pos, lo, hi, torch.tensor(kinds), start, end, max_calls, order, paged)
+    plan = _group(host, seq, pos, lo, hi, torch.tensor(kinds), start, end, max_calls, paged)
     return plan.to(spans.lo.device, spans)
 
 
@@ -247,7 +237,7 @@ def _one_row_windows(lo, kind, start, end):
     return row_kind[new], new_start, new_end
 
 
-def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, order, paged) -> SegmentPlan:
+def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, paged) -> SegmentPlan:
     if paged:
         kind, start, end = _one_row_windows(lo, kind, start, end)
     last = end - 1
@@ -275,18 +265,18 @@ def _group(spans, seq, pos, lo, hi, kind, start, end, max_calls, order, paged) -
     keep = set(full + (others if len(full) + len(others) <= max_calls else others[:max_calls - 1]))
     demoted = torch.tensor([g not in keep for g in range(uniq.shape[0])], device=start.device)[inverse]
     if bool(demoted.any()):
-        return _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order, paged)
+        return _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, paged)
     calls = []
     for g in sorted(keep, key=lambda g: (int(uniq[g, 0]), int(uniq[g, 1]))):
         sel = inverse == g
         kind_g, left_g = int(uniq[g, 0]), int(uniq[g, 1])
         window = {_FULL: (None, None), _CAUSAL: (None, 0), _WINDOW: (left_g, 0), _OPEN: (left_g, None)}[kind_g]
         calls.append(_call(KINDS[kind_g], window, start[sel], (end - start)[sel], (bos + k0)[sel], (k1 - k0)[sel],
-                           seq[start][sel], spans.total_tokens, spans.total_keys, order))
+                           seq[start][sel], spans.total_tokens, spans.total_keys))
     return SegmentPlan(tuple(calls), spans.total_tokens, spans.total_keys, spans, paged)
 
 
-def _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order, paged) -> SegmentPlan:
+def _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, paged) -> SegmentPlan:
     """Re-cut with the rows of demoted segments as one-row full segments."""
     row_demoted = torch.repeat_interleave(demoted, end - start)
     row_kind = torch.repeat_interleave(kind, end - start)
@@ -298,18 +288,18 @@ def _demote(spans, seq, pos, lo, hi, kind, start, end, demoted, order, paged) ->
     new[1:] = row_demoted[1:] | row_demoted[:-1] | (seg_of_row[1:] != seg_of_row[:-1])
     new_start = rows[new]
     new_end = torch.cat([new_start[1:], new_start.new_tensor([spans.total_tokens])])
-    return _group(spans, seq, pos, lo, hi, row_kind[new_start], new_start, new_end, spans.total_tokens, order, paged)
+    return _group(spans, seq, pos, lo, hi, row_kind[new_start], new_start, new_end, spans.total_tokens, paged)
 
 
-def _call(kind, window, q_start, q_len, k_start, k_len, seq, total_rows, total_keys, order) -> SegmentCall:
+def _call(kind, window, q_start, q_len, k_start, k_len, seq, total_rows, total_keys) -> SegmentCall:
     def cu(starts: torch.Tensor, total: int) -> torch.Tensor:
         return torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
 
-    if order == "longest_first":
-        # Most rows x keys first (stable); the start arrays keep their trailing total, so they
-        # are no longer sorted: only q_len/k_len give the lengths.
-        idx = torch.sort(q_len * k_len, descending=True, stable=True).indices
-        q_start, q_len, k_start, k_len, seq = q_start[idx], q_len[idx], k_start[idx], k_len[idx], seq[idx]
+    # Segments in the order a kernel schedules them: most rows x keys first (stable), so a launch
+    # does not end on its longest tiles. The start arrays keep their trailing total, so they are
+    # not sorted: only q_len/k_len give the lengths.
+    idx = torch.sort(q_len * k_len, descending=True, stable=True).indices
+    q_start, q_len, k_start, k_len, seq = q_start[idx], q_len[idx], k_start[idx], k_len[idx], seq[idx]
 
     return SegmentCall(
         kind=kind, window_left=window[0], window_right=window[1],

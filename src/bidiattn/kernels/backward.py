@@ -6,16 +6,14 @@ bitwise reproducible:
 1. ``delta[h, t] = sum_d o * do - dlse`` (the softmax-backward row term; ``dlse`` is the
    incoming gradient of the returned lse, zero when lse is not used).
 2. dK/dV: one program per (key/value head, tile of ``BLOCK_N`` keys of one sequence), or one
-   launch for dV and one for dK (hd512: one accumulator per program instead of two). Because
-   ``lo``/``hi`` are non-decreasing over the pack, the rows that see a key tile are one
-   contiguous range ``[q_first, q_last]`` (two binary searches); the program walks it for every
-   query head of its GQA group and sums their contributions in registers.
+   launch for dV and one for dK. Because ``lo``/``hi`` are non-decreasing over the pack, the
+   rows that see a key tile are one contiguous range ``[q_first, q_last]`` (from
+   :func:`~bidiattn.kernels.tiles.key_tiles`); the program walks it for every query head of its
+   GQA group and sums their contributions in registers.
 3. dQ: one program per (query head, query tile), walking the same key range as the forward.
 
-P and dS are recomputed in both 2 and 3 (7 matmul units instead of 5 for an atomic dQ) in
-exchange for determinism. ``split_d`` programs share one tile, each producing ``D / split_d``
-gradient columns; they recompute q·kᵀ and do·vᵀ over the full head dim (needed at hd512, where
-a ``[BLOCK_N, 512]`` fp32 pair of dK/dV accumulators does not fit in registers).
+P and dS are recomputed in both 2 and 3: each pass owns the gradient it writes, so no two
+programs add into the same element.
 """
 
 from __future__ import annotations
@@ -87,20 +85,15 @@ def _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_l
 
 @triton.jit
 def _dkdv_step(
-    b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc, span_lo, span_hi, bos, q_last, o_n,
-    seq_len_k, stride_qt, stride_qh, stride_lh, scale, qk_scale, softcap,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PART: tl.constexpr,
+    b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, lse2, delta, span_lo, span_hi, bos, q_last, o_n, seq_len_k,
+    stride_lh, qk_scale, softcap, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr, PART: tl.constexpr,
 ):
     """One tile of ``BLOCK_M`` query rows (``b_q``/``b_do`` loaded) against the program's keys."""
     o_m = i_m + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
     m_ok = o_m <= q_last
     rows = bos + o_m.to(tl.int64)
     lo = tl.load(span_lo + rows, mask=m_ok, other=1)
     hi = tl.load(span_hi + rows, mask=m_ok, other=0)
-    qrow = rows[:, None] * stride_qt + i_h * stride_qh
     b_lse = tl.load(lse2 + i_h * stride_lh + rows, mask=m_ok, other=0.0)
     b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
     if PART == 1:
@@ -108,40 +101,24 @@ def _dkdv_step(
     else:
         b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
                                     qk_scale, softcap, True, SOFTCAP, False)
-    if BLOCK_DC == BLOCK_D:
-        b_qc, b_doc = b_q, b_do
-    else:
-        cmask = m_ok[:, None] & (o_c[None, :] < D)
-        b_qc = tl.load(q + qrow + o_c[None, :], mask=cmask, other=0.0)
-        b_doc = tl.load(do + qrow + o_c[None, :], mask=cmask, other=0.0)
     if PART != 2:
-        b_dv += tl.dot(tl.trans(b_p.to(b_doc.dtype)), b_doc)
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
     if PART != 1:
-        b_dk += tl.dot(tl.trans(b_ds.to(b_qc.dtype)), b_qc)
-    if ATOMIC_DQ and PART != 1:
-        if i_c == 0:
-            # Non-deterministic mode: this key tile's share of dQ, summed in fp32 by
-            # atomics (the order of the adds varies from run to run). Relaxed: nothing reads
-            # dq_acc before the launch ends, so the adds need no ordering (Triton's default,
-            # acq_rel, fences every element's add).
-            b_dq = tl.dot(b_ds.to(b_k.dtype), b_k) * scale
-            tl.atomic_add(dq_acc + qrow + o_d[None, :], b_dq, mask=m_ok[:, None] & (o_d[None, :] < D), sem="relaxed")
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
     return b_dk, b_dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    q, k, v, do, lse2, delta, dk, dv, dq_acc, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, q_desc, do_desc,
+    q, k, v, do, lse2, delta, dk, dv, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, q_desc, do_desc,
     t_seq, t_row, t_rows, t_q_first, t_q_last,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PART: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, PART: tl.constexpr, TMA: tl.constexpr,
 ):
     # PART 0: dK and dV; 1: dV alone (P only: no do·vᵀ, no dS); 2: dK alone.
     i_hk = tl.program_id(0)
-    i_c = tl.program_id(2)
     i_t, keys, i_b, bos, _, bos_k, seq_len_k = program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k)
     if keys == 0:
         return
@@ -149,15 +126,14 @@ def _dkdv_kernel(
     q_last = tl.load(t_q_last + i_t)
     o_n = tl.load(t_row + i_t) + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
-    o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
     n_ok = o_n < seq_len_k
     krow = (bos_k + o_n.to(tl.int64))[:, None] * stride_kt + i_hk * stride_kh
     b_k = tl.load(k + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
     b_v = b_k
     if PART != 1:
         b_v = tl.load(v + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Row tiles wholly inside [q_first, q_last] hold rows of this sequence only: with TMA they
     # load unmasked. The last, partial tile (rows past q_last belong to other rows or sequences,
     # which may hold anything) loads through masked pointers, so the gradients stay exact.
@@ -171,41 +147,32 @@ def _dkdv_kernel(
             for i_m in range(q_first, m_full, BLOCK_M):
                 b_q = q_desc.load([(bos + i_m).to(tl.int32), i_h * D])
                 b_do = do_desc.load([(bos + i_m).to(tl.int32), i_h * D])
-                b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc,
-                                        span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh,
-                                        stride_lh, scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP,
-                                        ATOMIC_DQ, PART)
+                b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, lse2, delta, span_lo, span_hi,
+                                        bos, q_last, o_n, seq_len_k, stride_lh, qk_scale, softcap, BLOCK_M, SOFTCAP,
+                                        PART)
         for i_m in range(m_full, q_last + 1, BLOCK_M):
             o_m = i_m + tl.arange(0, BLOCK_M)
             m_ok = o_m <= q_last
             qrow = (bos + o_m.to(tl.int64))[:, None] * stride_qt + i_h * stride_qh
             b_q = tl.load(q + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
             b_do = tl.load(do + qrow + o_d[None, :], mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, i_c, q, do, lse2, delta, dq_acc,
-                                    span_lo, span_hi, bos, q_last, o_n, seq_len_k, stride_qt, stride_qh, stride_lh,
-                                    scale, qk_scale, softcap, D, BLOCK_M, BLOCK_D, BLOCK_DC, SOFTCAP, ATOMIC_DQ, PART)
-    out_ok = n_ok[:, None] & (o_c[None, :] < D)
+            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_q, b_do, b_k, b_v, i_m, i_h, lse2, delta, span_lo, span_hi, bos,
+                                    q_last, o_n, seq_len_k, stride_lh, qk_scale, softcap, BLOCK_M, SOFTCAP, PART)
+    out_ok = n_ok[:, None] & (o_d[None, :] < D)
     if PART != 1:
-        tl.store(dk + krow + o_c[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
+        tl.store(dk + krow + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=out_ok)
     if PART != 2:
-        tl.store(dv + krow + o_c[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
+        tl.store(dv + krow + o_d[None, :], b_dv.to(dv.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
-def _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, k_base, o_m, i_n, lo, hi, seq_len_k, stride_kt, i_c,
-             full_start, full_end, qk_scale, softcap, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr):
+def _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, o_m, i_n, lo, hi, seq_len_k, full_start, full_end, qk_scale,
+             softcap, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr):
     """One key tile (``b_k``/``b_v`` loaded) of the dQ pass."""
     o_n = i_n + tl.arange(0, BLOCK_N)
     b_p, b_ds = _probs_and_grad(b_q, b_k, b_do, b_v, b_lse, b_delta, o_m, o_n, lo, hi, seq_len_k,
                                 qk_scale, softcap, (i_n < full_start) | (i_n >= full_end), SOFTCAP, MASK_FREE)
-    if BLOCK_DC == BLOCK_D:
-        b_kc = b_k
-    else:
-        o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
-        krow = o_n.to(tl.int64)[:, None] * stride_kt
-        b_kc = tl.load(k_base + krow + o_c[None, :], mask=(o_n[:, None] < seq_len_k) & (o_c[None, :] < D), other=0.0)
-    return b_dq + tl.dot(b_ds.to(b_kc.dtype), b_kc)
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k)
 
 
 @triton.jit
@@ -215,17 +182,14 @@ def _dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh,
     scale, qk_scale, softcap,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr,
-    TMA: tl.constexpr,
+    BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, MASK_FREE: tl.constexpr, TMA: tl.constexpr,
 ):
     i_h = tl.program_id(0)
-    i_c = tl.program_id(2)
     i_t, rows_n, i_b, bos, seq_len, bos_k, seq_len_k = program_tile(order, t_seq, t_rows, cu_seqlens, cu_seqlens_k)
     if rows_n == 0:
         return
     o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
-    o_c = i_c * BLOCK_DC + tl.arange(0, BLOCK_DC)
     m_ok = o_m < seq_len
     rows = bos + o_m.to(tl.int64)
     lo = tl.load(span_lo + rows, mask=m_ok, other=1)
@@ -237,7 +201,7 @@ def _dq_kernel(
     b_delta = tl.load(delta + i_h * stride_lh + rows, mask=m_ok, other=0.0)
     k_base = k + bos_k * stride_kt + (i_h // GROUP) * stride_kh
     v_base = v + bos_k * stride_kt + (i_h // GROUP) * stride_kh
-    b_dq = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_first = (tl.load(t_lo_min + i_t) // BLOCK_N) * BLOCK_N
     # Key tiles in [full_start, full_end) lie inside [lo_max, hi_min]: allowed for every row.
     full_start = tl.cdiv(tl.load(t_lo_max + i_t), BLOCK_N) * BLOCK_N
@@ -251,9 +215,8 @@ def _dq_kernel(
         for i_n in range(n_first, n_full, BLOCK_N):
             b_k = k_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D])
             b_v = v_desc.load([(bos_k + i_n).to(tl.int32), (i_h // GROUP) * D])
-            b_dq = _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, k_base, o_m, i_n, lo, hi, seq_len_k, stride_kt,
-                            i_c, full_start, full_end, qk_scale, softcap, D, BLOCK_N, BLOCK_D, BLOCK_DC, SOFTCAP,
-                            MASK_FREE)
+            b_dq = _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, o_m, i_n, lo, hi, seq_len_k, full_start,
+                            full_end, qk_scale, softcap, BLOCK_N, SOFTCAP, MASK_FREE)
     else:
         n_full = n_first
     for i_n in range(n_full, n_end, BLOCK_N):
@@ -262,40 +225,42 @@ def _dq_kernel(
         krow = o_n.to(tl.int64)[:, None] * stride_kt
         b_k = tl.load(k_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
         b_v = tl.load(v_base + krow + o_d[None, :], mask=n_ok[:, None] & (o_d[None, :] < D), other=0.0)
-        b_dq = _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, k_base, o_m, i_n, lo, hi, seq_len_k, stride_kt,
-                        i_c, full_start, full_end, qk_scale, softcap, D, BLOCK_N, BLOCK_D, BLOCK_DC, SOFTCAP, MASK_FREE)
-    tl.store(dq + qrow + o_c[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None] & (o_c[None, :] < D))
+        b_dq = _dq_step(b_dq, b_q, b_do, b_k, b_v, b_lse, b_delta, o_m, i_n, lo, hi, seq_len_k, full_start, full_end,
+                        qk_scale, softcap, BLOCK_N, SOFTCAP, MASK_FREE)
+    tl.store(dq + qrow + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None] & (o_d[None, :] < D))
 
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step;
-    ``split_d`` programs per tile, each producing ``D / split_d`` gradient columns. ``dq``: the
-    dQ pass's own tiles when they differ from the dK/dV pass's (its ``dq`` must be ``None``).
-    ``separate_dk_dv``: dV and dK by two launches instead of one, so a program holds one
-    accumulator instead of two, and the dV launch skips do·vᵀ (5 matmul units instead of 4,
-    against 6 for the two programs of ``split_d=2``). ``mask_free_tiles`` (dQ pass only): key
-    tiles inside every row's span skip the mask math, at the price of a branch per key tile.
-    Whether either pays depends on the head dim (register pressure): see
-    :func:`pick_backward_config`. ``tma``: the tiles a pass walks over (Q/dO in the dK/dV pass,
-    K/V in the dQ pass) come through tensor descriptors, unmasked, where they lie wholly inside
-    the rows (keys) the program needs; the one partial tile at the end of each walk loads
-    through masked pointers, so no value outside a sequence is read into a product. Used where
-    the head dim is a power of two from 16 to 256 and ``split_d`` is 1; pointer loads elsewhere
-    (same results)."""
+    """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step.
+
+    - ``dq``: the dQ pass's own tiles where they differ from the dK/dV pass's (its ``dq`` must be
+      ``None``); kept for hd512, whose dQ pass needs smaller key steps than its dK/dV pass.
+    - ``separate_dk_dv``: dV and dK by two launches instead of one, so a program holds one
+      ``[block_n, D]`` accumulator instead of two and the dV launch skips do·vᵀ; kept for hd512,
+      where two accumulators do not fit.
+    - ``mask_free_tiles`` (dQ pass only): key tiles inside every row's span skip the mask math,
+      at the price of a branch per key tile; kept for hd512, where it lowers register spills.
+    - ``tma``: the tiles a pass walks over (Q/dO in the dK/dV pass, K/V in the dQ pass) come
+      through tensor descriptors, unmasked, where they lie wholly inside the rows (keys) the
+      program needs; the one partial tile at the end of each walk loads through masked
+      pointers, so no value outside a sequence enters a product. Used where the head dim is a
+      power of two from 16 to 256, pointer loads elsewhere (same results); the default up to hd256.
+
+    :func:`pick_backward_config` gives the default per head dim.
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    split_d: int = 1
     dq: BackwardConfig | None = None
     separate_dk_dv: bool = False
     mask_free_tiles: bool = False
     tma: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "split_d"):
+        for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"BackwardConfig.{name} must be a power of two, got {value}")
@@ -311,23 +276,15 @@ class BackwardConfig:
 
 
 def pick_backward_config(head_dim: int) -> BackwardConfig:
-    """Tiles per head dim from the sweeps in benchmarks/backward.py and backward_passes.py (one
-    H200, bf16, 16K tokens; backward-alone TFLOP/s in benchmarks/NOTES.md). Computing dK/dV as
-    keys-by-rows (so the key tile is every matmul's M, as wgmma wants) was slower on the same
-    H200: 259 at hd128, 162 at hd256 (results/tune-backward-transposed-*). TMA loads of the
-    whole tiles: hd128 335 -> 361, hd256 298 -> 305 (results/backward-passes-tma-exact-*).
-    Mask-free key tiles in the dQ pass at hd256 measured 312 there, a gain inside the ~10%
-    run-to-run drift of this machine (the sliding-layer fwd+bwd read 224, 209 and 203 in three
-    runs), so they stay off."""
+    """Default tiles per head dim, chosen by the sweeps of benchmarks/backward.py and
+    backward_passes.py on an H200 (figures in benchmarks/NOTES.md). Up to hd256: one dK/dV
+    launch and TMA loads. hd512: a ``[block_n, 512]`` fp32 pair of dK/dV accumulators does not
+    fit, so dV and dK run as two launches; the dQ pass uses 64-row tiles (wgmma's M), 32-key
+    steps and mask-free key tiles to keep its spills down."""
     if head_dim <= 128:
-        return BackwardConfig(64, 64, 4, 2, tma=True)  # 8 warps at the same tile: 147
+        return BackwardConfig(64, 64, 4, 2, tma=True)
     if head_dim <= 256:
-        return BackwardConfig(128, 64, 8, 1, tma=True)  # 64x64, 8 warps: 152
-    # hd512 (results/backward-passes-*): one launch computing both dK and dV needs more than
-    # 227 KB of shared memory unsplit, and with split_d=2 each program recomputes q·kᵀ and do·vᵀ
-    # (91 ms for dK/dV); two launches, dV then dK, each holding one [64, 512] accumulator: 64.5
-    # ms. The dQ pass fits unsplit with 64-row tiles (wgmma's M) and 32-key steps: 101.5 -> 43.5
-    # ms, and 33.9 with mask-free key tiles (fewer spills: ptxas spill stores 484 -> 196 bytes).
+        return BackwardConfig(128, 64, 8, 1, tma=True)
     return BackwardConfig(32, 64, 8, 1, separate_dk_dv=True, dq=BackwardConfig(64, 32, 8, 1, mask_free_tiles=True))
 
 
@@ -375,19 +332,17 @@ def plan_backward(spans: SpanMask, head_dim: int, config: BackwardConfig | None 
 def span_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     spans: SpanMask, scale: float, softcap: float | None, dlse: torch.Tensor | None = None,
-    config: BackwardConfig | None = None, deterministic: bool = True, plan: BackwardPlan | None = None,
+    config: BackwardConfig | None = None, plan: BackwardPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of the forward's ``out`` (and ``lse``, via ``dlse``).
 
-    ``lse`` is the forward's natural-log lse ``[Hq, T]``; shapes as in the forward.
-    ``deterministic=False`` accumulates dQ with fp32 atomics inside the dK/dV pass instead of
-    a separate dQ pass (5 matmul units instead of 7; the summation order, so the low bits of
-    dQ, vary between runs). ``plan`` (from :func:`plan_backward` on the same spans) skips the
-    planning; ``config`` must then be ``None``.
+    ``lse`` is the forward's natural-log lse ``[Hq, T]``; shapes as in the forward. ``plan``
+    (from :func:`plan_backward` on the same spans) skips the planning; ``config`` must then be
+    ``None``.
     """
     if bf16_in_interpreter(q):
         grads = span_attention_backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, spans,
-                                        scale, softcap, dlse, config, deterministic, plan)
+                                        scale, softcap, dlse, config, plan)
         return tuple(g.to(q.dtype) for g in grads)
     t_len, hq, d = q.shape
     hkv = k.shape[1]
@@ -399,9 +354,6 @@ def span_attention_backward(
         plan.check(q, spans)
     cfg = plan.config
     block_d = triton.next_power_of_2(d)
-    for c in (cfg, cfg.dq_pass):
-        if block_d % c.split_d or block_d // c.split_d < 16:
-            raise ValueError(f"split_d={c.split_d} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
     q, k, v, do, out = (x.contiguous() for x in (q, k, v, do, out))
     lse = lse.contiguous()
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
@@ -413,13 +365,9 @@ def span_attention_backward(
     qk_scale = (scale / softcap) if softcap is not None else scale * LOG2E
     cap = softcap if softcap is not None else 1.0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     args = (q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap is not None)
     with fits(cfg, d):
-        _launch_dkdv(*args, dk, dv, dq if dq_acc is None else dq_acc, dq_acc is not None, cfg, plan.key_tiles,
-                     plan.key_order)
-    if dq_acc is not None:
-        return dq_acc.to(q.dtype), dk, dv
+        _launch_dkdv(*args, dk, dv, cfg, plan.key_tiles, plan.key_order)
     with fits(cfg.dq_pass, d):
         _launch_dq(*args, dq, cfg.dq_pass, plan.query_tiles, plan.query_order)
     return dq, dk, dv
@@ -430,33 +378,33 @@ def _descriptors(a, b, cfg: BackwardConfig, rows: int, block_d: int):
     as ``[T, H * D]`` with ``[rows, D]`` blocks, or ``(a, b, False)`` where ``cfg.tma`` is off or
     the shapes rule TMA out (see :class:`BackwardConfig`)."""
     d = a.shape[2]
-    if not (cfg.tma and cfg.split_d == 1 and d == block_d and 16 <= d <= 256 and a.shape[0] < 2**31
+    if not (cfg.tma and d == block_d and 16 <= d <= 256 and a.shape[0] < 2**31
             and all(x.data_ptr() % 16 == 0 and x.is_contiguous() for x in (a, b))):
         return a, b, False
     return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.shape[1] * d, 1], [rows, d]) for x in (a, b)) + (True,)
 
 
 def _tile_args(cfg: BackwardConfig, d: int, block_d: int, softcap: bool) -> dict:
-    return dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DC=block_d // cfg.split_d,
-                SOFTCAP=softcap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, SOFTCAP=softcap,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_dkdv(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap,
-                 dk, dv, dq_out, atomic_dq, cfg, kt, order):
-    # PART 1 (dV) then 2 (dK, with the atomic dQ if asked), or 0: both in one launch.
+                 dk, dv, cfg, kt, order):
+    # PART 1 (dV) then 2 (dK), or 0: both in one launch.
     q_desc, do_desc, tma = _descriptors(q, do, cfg, cfg.block_m, block_d)
     for part in ((1, 2) if cfg.separate_dk_dv else (0,)):
-        _dkdv_kernel[(hkv, kt.keys.numel(), cfg.split_d)](
-            q, k, v, do, lse2, delta, dk, dv, dq_out, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
+        _dkdv_kernel[(hkv, kt.keys.numel())](
+            q, k, v, do, lse2, delta, dk, dv, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order,
             q_desc, do_desc, kt.seq, kt.key_start, kt.keys, kt.q_first, kt.q_last,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,
-            GROUP=hq // hkv, ATOMIC_DQ=atomic_dq, PART=part, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
+            GROUP=hq // hkv, PART=part, TMA=tma, **_tile_args(cfg, d, block_d, softcap))
 
 
 def _launch_dq(q, k, v, do, lse, lse2, delta, spans, scale, qk_scale, cap, hq, hkv, d, block_d, softcap, dq, cfg,
                qt, order):
     k_desc, v_desc, tma = _descriptors(k, v, cfg, cfg.block_n, block_d)
-    _dq_kernel[(hq, qt.rows.numel(), cfg.split_d)](
+    _dq_kernel[(hq, qt.rows.numel())](
         q, k, v, do, lse2, delta, dq, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, k_desc, v_desc,
         qt.seq, qt.row_start, qt.rows, qt.lo_min, qt.lo_max, qt.hi_min, qt.hi_max,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0), scale, qk_scale, cap,

@@ -61,8 +61,7 @@ def fa4_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Except
 
 def span_attention_fa4_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
-    plan: SegmentPlan | None = None, *, overlap: bool = False, pack_gqa: bool | None = None,
-    page_table: torch.Tensor | None = None,
+    plan: SegmentPlan | None = None, *, page_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) through FA4 launches.
 
@@ -73,9 +72,6 @@ def span_attention_fa4_forward(
 
     ``plan`` defaults to :func:`plan_segments` of ``spans`` (one host sync); pass one plan to
     every layer that shares the spans. Inputs are pre-validated by :func:`bidiattn.attention`.
-    Tuning knobs (measured in ``benchmarks/fa4.py``): ``overlap`` runs every other launch on a
-    side stream, so one launch's tail overlaps the next (their rows are disjoint);
-    ``pack_gqa`` is FA4's (``None``: its heuristic).
     """
     fa4 = _fa4_interface()
     paged = page_table is not None
@@ -98,31 +94,20 @@ def span_attention_fa4_forward(
             max_seqlen_q=call.max_q_len, max_seqlen_k=call.max_k_len,
             softmax_scale=scale, causal=False, softcap=softcap,
             window_size_left=call.window_left, window_size_right=call.window_right,
-            pack_gqa=pack_gqa, return_lse=True, out=out, lse=lse, **keys,
+            pack_gqa=None, return_lse=True, out=out, lse=lse, **keys,
         )
 
-    if not overlap or len(plan.calls) < 2:
-        for call in plan.calls:
-            launch(call)
-        return out, lse
-    main = torch.cuda.current_stream(q.device)
-    side = torch.cuda.Stream(q.device)
-    side.wait_stream(main)
-    for n, call in enumerate(plan.calls):
-        with torch.cuda.stream(side if n % 2 else main):
-            launch(call)
-    main.wait_stream(side)
-    for x in (q, k, v, out, lse, *(t for c in plan.calls for t in (c.q_start, c.q_len, c.k_start, c.k_len, c.seq))):
-        x.record_stream(side)
+    for call in plan.calls:
+        launch(call)
     return out, lse
 
 
 class _SpanAttentionFA4(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spans, scale, softcap, plan, deterministic):
+    def forward(ctx, q, k, v, spans, scale, softcap, plan):
         out, lse = span_attention_fa4_forward(q, k, v, spans, scale, softcap, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spans, ctx.scale, ctx.softcap, ctx.deterministic = spans, scale, softcap, deterministic
+        ctx.spans, ctx.scale, ctx.softcap = spans, scale, softcap
         return out, lse
 
     @staticmethod
@@ -131,22 +116,21 @@ class _SpanAttentionFA4(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
-        dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse,
-                                             deterministic=ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse)
+        return dq, dk, dv, None, None, None, None
 
 
 def span_attention_fa4(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
-    plan: SegmentPlan | None = None, deterministic: bool = True,
+    plan: SegmentPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable :func:`span_attention_fa4_forward` (backward: bidiattn's Triton kernels)."""
-    return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan, deterministic)
+    return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan)
 
 
 def fa4_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None, *,
-    return_lse: bool, plan: SegmentPlan | None, strategy: str, deterministic: bool,
+    return_lse: bool, plan: SegmentPlan | None, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``backend="fa4"`` of :func:`bidiattn.attention` on validated inputs: picks the strategy
     (see its ``fa4_strategy``), refuses what a strategy cannot do, returns ``(out, lse)``
@@ -158,7 +142,7 @@ def fa4_attention(
         mask_mod_ok = needs_grad and spans.is_self_attention and not return_lse and q.shape[-1] <= 128
         strategy = "mask_mod" if mask_mod_ok else "segments"
     if strategy == "segments":
-        return span_attention_fa4(q, k, v, spans, scale, softcap, plan, deterministic)
+        return span_attention_fa4(q, k, v, spans, scale, softcap, plan)
     if not spans.is_self_attention:
         raise ValueError("fa4_strategy='mask_mod' takes self-attention spans only; use 'segments'")
     if return_lse:

@@ -1,16 +1,17 @@
 """Span-attention forward: Triton kernel -> launcher.
 
-One program handles ``BLOCK_M`` query rows of one sequence for one query head. Its key range is
-``[lo_min, hi_max]`` of the tile (from :meth:`SpanMask.tile_summary`); key tiles entirely inside
-``[lo_max, hi_min]`` are allowed for every row and run without mask math, the ragged tiles at the
-two ends apply the per-row ``lo``/``hi`` mask, and everything else is never visited. The kernel
-reads two ints per row, never a dense mask.
+One program handles ``BLOCK_M`` query rows of one sequence for one query head (or, with packed
+GQA, fewer rows for every query head of one K/V head). Its key range is ``[lo_min, hi_max]`` of
+the tile (from :meth:`SpanMask.tile_summary`); key tiles entirely inside ``[lo_max, hi_min]`` are
+allowed for every row and run without mask math, the ragged tiles at the two ends apply the
+per-row ``lo``/``hi`` mask, and everything else is never visited. The kernel reads two ints per
+row, never a dense mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import triton
@@ -28,103 +29,139 @@ if TYPE_CHECKING:
 __all__ = ["LaunchPlan", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
 
 
+# The key loops' inputs in three bundles. Triton passes a NamedTuple to a jit function as its
+# fields, so the generated code is that of plain arguments. _Query and _KV hold run-time values
+# built by each program; _Loop holds compile-time values and is built by the launcher (the
+# kernel's LOOP argument), since a tuple built inside a kernel turns its constants into tensors.
+class _Query(NamedTuple):
+    """The program's query rows."""
+
+    q: Any  # q tile [BLOCK_M, WK]: all columns, or the first half with HALVES
+    q2: Any  # the second column half with HALVES; otherwise q again, unused
+    lo: Any  # per row, the first allowed key
+    hi: Any  # per row, the last allowed key
+    qk_scale: Any  # scale * log2(e), or scale / softcap with SOFTCAP
+    softcap: Any
+
+
+class _KV(NamedTuple):
+    """Where the program's K/V tiles are: one K/V head of one sequence."""
+
+    k: Any  # pointer to K of this head, at the sequence's first key (at row 0 when paged)
+    v: Any
+    k_desc: Any  # TMA descriptors of K/V as [keys, Hkv * D] matrices (placeholders without TMA)
+    v_desc: Any
+    row: Any  # TMA row of the sequence's first key
+    col: Any  # TMA column of the head's first K/V column
+    i_dv: Any  # the program's slice of V (output) columns, of BLOCK_DV columns (split_dv)
+    stride: Any  # key-row stride of K/V
+    pages: Any  # the sequence's page-table row (paged caches)
+    keys: Any  # the sequence's key count
+
+
+class _Loop(NamedTuple):
+    """Compile-time shape of the key loops (and of the program's q and output tiles)."""
+
+    BLOCK_N: Any  # keys per tile
+    BLOCK_DV: Any  # V (output) columns per program
+    WK: Any  # q/K columns per dot: BLOCK_D, or half of it with HALVES
+    WV: Any  # V columns per accumulator: BLOCK_DV, or half of it with HALVES
+    D: Any  # the head dim
+    PADDED: Any  # D < BLOCK_D: column loads are masked
+    SOFTCAP: Any
+    PAGE_SIZE: Any  # > 0: keys through the page table
+    TMA: Any  # K/V tiles through the descriptors
+    HALVES: Any  # q, K, V and the output in two column halves
+
+
 @triton.jit
-def _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, col_k, col_v, desc_col,
-             WIDTH_K: tl.constexpr, WIDTH_V: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr,
-             ZERO_TAIL: tl.constexpr, TMA: tl.constexpr):
-    # K columns [col_k, +WIDTH_K) and V columns [col_v, +WIDTH_V) of one key tile of this head.
-    if TMA:
+def _kv_tile(kv, t_row, row, o_n, col_k, col_v, ZERO_TAIL: tl.constexpr, loop: tl.constexpr):
+    """K columns ``[col_k, +WK)`` and V columns ``[col_v, +WV)`` of one key tile: a TMA box at
+    row ``t_row``, or pointer loads at row offsets ``row``. ``ZERO_TAIL``: the tile may run past
+    the sequence's keys, whose V rows are zeroed (pointer loads mask them)."""
+    if loop.TMA:
         # Rows past this sequence's keys belong to the next sequence, or to unwritten slots of
         # its last page (zeros past the tensor end); their scores are masked by hi, and V's rows
         # are zeroed so a non-finite value there cannot reach the output (0 * inf).
-        b_k = k_desc.load([t_row, desc_col + col_k])
-        b_v = v_desc.load([t_row, desc_col + col_v])
+        b_k = kv.k_desc.load([t_row, kv.col + col_k])
+        b_v = kv.v_desc.load([t_row, kv.col + col_v])
         if ZERO_TAIL:
-            b_v = tl.where(o_n[:, None] < seq_len, b_v, 0.0)
+            b_v = tl.where(o_n[:, None] < kv.keys, b_v, 0.0)
     else:
-        o_ck = col_k + tl.arange(0, WIDTH_K)
-        o_cv = col_v + tl.arange(0, WIDTH_V)
-        if ZERO_TAIL or PADDED:
-            n_ok = o_n[:, None] < seq_len
-            b_k = tl.load(k_base + row + o_ck[None, :], mask=n_ok & (o_ck[None, :] < D), other=0.0)
-            b_v = tl.load(v_base + row + o_cv[None, :], mask=n_ok & (o_cv[None, :] < D), other=0.0)
+        o_ck = col_k + tl.arange(0, loop.WK)
+        o_cv = col_v + tl.arange(0, loop.WV)
+        if ZERO_TAIL or loop.PADDED:
+            n_ok = o_n[:, None] < kv.keys
+            b_k = tl.load(kv.k + row + o_ck[None, :], mask=n_ok & (o_ck[None, :] < loop.D), other=0.0)
+            b_v = tl.load(kv.v + row + o_cv[None, :], mask=n_ok & (o_cv[None, :] < loop.D), other=0.0)
         else:
-            b_k = tl.load(k_base + row + o_ck[None, :])
-            b_v = tl.load(v_base + row + o_cv[None, :])
+            b_k = tl.load(kv.k + row + o_ck[None, :])
+            b_v = tl.load(kv.v + row + o_cv[None, :])
     return b_k, b_v
 
 
 @triton.jit
-def _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ONE_SIDED: tl.constexpr):
-    # q·k in base 2 with the tile's mask applied (see _attend for MASK).
+def _scores(b_s, o_n, query, MASK: tl.constexpr, SOFTCAP: tl.constexpr):
+    """q·k in base 2 with the tile's mask applied (``MASK`` as in :func:`_attend`)."""
     if SOFTCAP:
-        b_s, _ = softcap_tanh(b_s, qk_scale, softcap)
+        b_s, _ = softcap_tanh(b_s, query.qk_scale, query.softcap)
     else:
-        b_s = b_s * qk_scale
-    if (MASK == 1) and ONE_SIDED:
-        b_s = tl.where(o_n[None, :] >= lo[:, None], b_s, float("-inf"))
-    elif (MASK == 2) and ONE_SIDED:
-        b_s = tl.where(o_n[None, :] <= hi[:, None], b_s, float("-inf"))
-    elif MASK > 0:
-        allowed = (o_n[None, :] >= lo[:, None]) & (o_n[None, :] <= hi[:, None])
+        b_s = b_s * query.qk_scale
+    if MASK == 1:
+        b_s = tl.where(o_n[None, :] >= query.lo[:, None], b_s, float("-inf"))
+    elif MASK == 2:
+        b_s = tl.where(o_n[None, :] <= query.hi[:, None], b_s, float("-inf"))
+    elif MASK == 3:
+        allowed = (o_n[None, :] >= query.lo[:, None]) & (o_n[None, :] <= query.hi[:, None])
         b_s = tl.where(allowed, b_s, float("-inf"))
     return b_s
 
 
 @triton.jit
-def _attend(
-    acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, start, end, seq_len,
-    stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, desc_row, desc_col,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
-    MASK: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr, ONE_SIDED: tl.constexpr,
-    STAGES: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr,
-):
-    # MASK: 0 every key allowed for every row; 1 only lo varies (keys below the tile's full
-    # range: all <= hi_min); 2 only hi varies (keys above it: all >= lo_max); 3 both. Below 2,
-    # every key tile ends inside the sequence, so the loads need no bounds mask either (hd512:
-    # 259 -> 268 TFLOP/s on an H200). ONE_SIDED=False compares both sides whatever MASK says.
-    # HALVES: q, k, v and the output in two column halves (b_q/b_q2, acc/acc2): q·k is the sum
-    # of two dots and each half of V feeds its own accumulator; each K/V load is a TMA box of
-    # D/2 columns. Built for hd512 in one program (measured slower there: 160-166 TFLOP/s against
-    # 270 for split_dv=2), kept for hd256 with packed GQA tiles and TMA (414 -> 515 on an H200).
-    # Otherwise acc2/b_q2 are placeholders, never touched.
-    WK: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
-    WV: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
-    PADDED: tl.constexpr = D < BLOCK_D
+def _attend(acc, acc2, m_i, l_i, query, kv, start, end, MASK: tl.constexpr, STAGES: tl.constexpr,
+            loop: tl.constexpr):
+    """Online softmax over the key tiles ``[start, end)``: returns the updated ``(acc, acc2,
+    m_i, l_i)``. ``STAGES``: the loop's pipeline depth.
+
+    ``MASK``: 0 every key allowed for every row; 1 only ``lo`` varies (keys below the tile's
+    mask-free range, all ``<= hi_min``); 2 only ``hi`` varies (keys above it, all
+    ``>= lo_max``); 3 both. Below 2 every key tile ends inside the sequence, so the loads need
+    no bounds mask either. With ``HALVES``, q·k is the sum of two dots (``q``/``q2``) and each
+    half of V feeds its own accumulator (``acc``/``acc2``); otherwise ``acc2`` is a placeholder.
+    """
     ZERO_TAIL: tl.constexpr = MASK >= 2
+    BLOCK_N: tl.constexpr = loop.BLOCK_N
+    PAGE_SIZE: tl.constexpr = loop.PAGE_SIZE
     # Paged TMA: a key tile lies inside one page (the launcher asks PAGE_SIZE % BLOCK_N == 0) and
-    # its first key is a key of the sequence, so its table entry is a real page. The entry is read
-    # one tile ahead, so the TMA issue does not wait on a global load.
+    # its first key is a key of the sequence, so its table entry is a real page. Table entries
+    # are read one tile ahead, so a load never waits on the table.
     if PAGE_SIZE > 0:
-        if TMA:
-            p_next = tl.load(pt_row + start // PAGE_SIZE, mask=start < end, other=0)
+        if loop.TMA:
+            p_next = tl.load(kv.pages + start // PAGE_SIZE, mask=start < end, other=0)
         else:
             o_n0 = start + tl.arange(0, BLOCK_N)
-            p_next = tl.load(pt_row + o_n0 // PAGE_SIZE, mask=o_n0 < seq_len, other=0)
+            p_next = tl.load(kv.pages + o_n0 // PAGE_SIZE, mask=o_n0 < kv.keys, other=0)
     else:
         p_next = start
     for i_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         o_n = i_n + tl.arange(0, BLOCK_N)
-        t_row = desc_row + i_n
-        row = o_n[:, None].to(tl.int64) * stride_kt
+        t_row = kv.row + i_n
+        row = o_n[:, None].to(tl.int64) * kv.stride
         if PAGE_SIZE > 0:
-            if TMA:
+            if loop.TMA:
                 t_row = p_next * PAGE_SIZE + i_n % PAGE_SIZE
-                p_next = tl.load(pt_row + (i_n + BLOCK_N) // PAGE_SIZE, mask=i_n + BLOCK_N < end, other=0)
+                p_next = tl.load(kv.pages + (i_n + BLOCK_N) // PAGE_SIZE, mask=i_n + BLOCK_N < end, other=0)
             else:
-                # Paged cache: key n of the sequence is slot n % PAGE_SIZE of page pt_row[n // PAGE_SIZE];
-                # the next tile's entries are read one tile ahead, as for TMA.
-                row = (p_next.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * stride_kt
+                # Key n of the sequence is slot n % PAGE_SIZE of page pages[n // PAGE_SIZE].
+                row = (p_next.to(tl.int64) * PAGE_SIZE + o_n % PAGE_SIZE)[:, None] * kv.stride
                 o_nn = o_n + BLOCK_N
-                p_next = tl.load(pt_row + o_nn // PAGE_SIZE, mask=o_nn < seq_len, other=0)
-        b_k, b_v = _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, 0, i_dv * BLOCK_DV, desc_col,
-                            WK, WV, D, PADDED, ZERO_TAIL, TMA)
-        b_s = tl.dot(b_q, tl.trans(b_k))
-        if HALVES:
-            b_k2, b_v2 = _kv_tile(k_base, v_base, k_desc, v_desc, t_row, row, o_n, seq_len, WK,
-                                  i_dv * BLOCK_DV + WV, desc_col, WK, WV, D, PADDED, ZERO_TAIL, TMA)
-            b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
-        b_s = _scores(b_s, o_n, lo, hi, qk_scale, softcap, MASK, SOFTCAP, ONE_SIDED)
+                p_next = tl.load(kv.pages + o_nn // PAGE_SIZE, mask=o_nn < kv.keys, other=0)
+        b_k, b_v = _kv_tile(kv, t_row, row, o_n, 0, kv.i_dv * loop.BLOCK_DV, ZERO_TAIL, loop)
+        b_s = tl.dot(query.q, tl.trans(b_k))
+        if loop.HALVES:
+            b_k2, b_v2 = _kv_tile(kv, t_row, row, o_n, loop.WK, kv.i_dv * loop.BLOCK_DV + loop.WV, ZERO_TAIL, loop)
+            b_s = tl.dot(query.q2, tl.trans(b_k2), b_s)
+        b_s = _scores(b_s, o_n, query, MASK, loop.SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         # Rows with no allowed key so far keep m = -inf; shift by 0 there to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,7 +169,7 @@ def _attend(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        if HALVES:
+        if loop.HALVES:
             acc2 = acc2 * alpha[:, None] + tl.dot(b_p.to(b_v2.dtype), b_v2)
         m_i = m_new
     return acc, acc2, m_i, l_i
@@ -140,24 +177,24 @@ def _attend(
 
 @triton.jit
 def _span_fwd_kernel(
-    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, page_table, k_desc, v_desc,
-    t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max,
+    q, k, v, o, lse, span_lo, span_hi, cu_seqlens, cu_seqlens_k, order, page_table, k_desc, v_desc, tiles,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_pt,
     qk_scale, softcap,
-    GROUP: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr, KV_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK: tl.constexpr,
-    ONE_SIDED: tl.constexpr, STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, TMA: tl.constexpr,
-    HALVES: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, KV_SPLITS: tl.constexpr, PACK: tl.constexpr, STAGES: tl.constexpr,
+    EDGE_STAGES: tl.constexpr, LOOP: tl.constexpr,
 ):
-    # PACK > 1 (decode): program axis 0 is a key/value head and the tile's BLOCK_M rows are
-    # BLOCK_M // PACK query rows x the PACK query heads sharing that K/V, so each K/V tile is
-    # read once per group instead of once per query head.
+    # Grid: (query head, or K/V head with PACK > 1; query tile in the launch order; output
+    # column slice x key-range slice). tiles: the TileSummary arrays (seq, row_start, rows,
+    # lo_min, lo_max, hi_min, hi_max); LOOP: a _Loop.
+    t_seq, t_row, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max = tiles
+    BLOCK_N: tl.constexpr = LOOP.BLOCK_N
+    BLOCK_DV: tl.constexpr = LOOP.BLOCK_DV
+    D: tl.constexpr = LOOP.D
     i_h = tl.program_id(0)
-    # With BLOCK_DV < BLOCK_D, program i_dv owns output columns [i_dv * BLOCK_DV, +BLOCK_DV) and
-    # recomputes q·k for them: the price of an fp32 accumulator that fits in registers.
-    # With KV_SPLITS > 1 (decode: few query tiles, long key ranges), program i_s covers one slice
-    # of the tile's key range and writes a partial output and lse, merged by the launcher.
+    # Program i_dv owns output columns [i_dv * BLOCK_DV, +BLOCK_DV) and recomputes q·k for them
+    # (BLOCK_DV < BLOCK_D where a full fp32 accumulator does not fit in registers). Program i_s
+    # covers one slice of the tile's key range and writes a partial output and lse that the
+    # launcher merges (KV_SPLITS > 1: decode, few query tiles over long key ranges).
     i_dv = tl.program_id(2) // KV_SPLITS
     i_s = tl.program_id(2) % KV_SPLITS
     # Keys of the sequence: the query rows themselves, or a longer cache (extend / decode).
@@ -169,6 +206,8 @@ def _span_fwd_kernel(
     hi_min = tl.load(t_hi_min + i_t)
     hi_max = tl.load(t_hi_max + i_t)
 
+    # PACK > 1: the tile's BLOCK_M rows are BLOCK_M // PACK query rows x the PACK query heads
+    # sharing one K/V head, so each K/V tile is read once per group instead of once per head.
     o_m = tl.load(t_row + i_t) + tl.arange(0, BLOCK_M) // PACK
     if PACK > 1:
         head = i_h * PACK + tl.arange(0, BLOCK_M) % PACK
@@ -182,33 +221,33 @@ def _span_fwd_kernel(
     lo = tl.load(span_lo + rows_g, mask=m_ok, other=1)
     hi = tl.load(span_hi + rows_g, mask=m_ok, other=0)
 
-    # With HALVES, q's two column halves (see _attend); otherwise b_q2 and acc2 are placeholders.
-    WQ: tl.constexpr = BLOCK_D // 2 if HALVES else BLOCK_D
-    WO: tl.constexpr = BLOCK_DV // 2 if HALVES else BLOCK_DV
+    # With HALVES, q's two column halves; otherwise b_q2 and acc2 are placeholders.
+    WQ: tl.constexpr = LOOP.WK
+    WO: tl.constexpr = LOOP.WV
     o_d = tl.arange(0, WQ)
     q_off = rows_g[:, None] * stride_qt + head[:, None] * stride_qh + o_d[None, :]
     b_q = tl.load(q + q_off, mask=m_ok[:, None] & (o_d[None, :] < D), other=0.0)
-    if HALVES:
+    if LOOP.HALVES:
         b_q2 = tl.load(q + q_off + WQ, mask=m_ok[:, None] & (o_d[None, :] + WQ < D), other=0.0)
         acc2 = tl.zeros([BLOCK_M, WO], tl.float32)
     else:
         b_q2 = b_q
         acc2 = tl.zeros([BLOCK_M, 16], tl.float32)
     pt_row = page_table + i_b.to(tl.int64) * stride_pt
-    if PAGE_SIZE > 0:
+    if LOOP.PAGE_SIZE > 0:
         k_base = k + i_hk * stride_kh
         v_base = v + i_hk * stride_kh
     else:
         k_base = k + bos_k * stride_kt + i_hk * stride_kh
         v_base = v + bos_k * stride_kt + i_hk * stride_kh
-
     # TMA coordinates: K/V as [keys, Hkv * D] matrices; this sequence's keys start at row bos_k.
-    d_row = bos_k.to(tl.int32)
-    d_col = i_hk * D
+    kv = _KV(k_base, v_base, k_desc, v_desc, bos_k.to(tl.int32), i_hk * D, i_dv, stride_kt, pt_row, seq_len_k)
+    query = _Query(b_q, b_q2, lo, hi, qk_scale, softcap)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, WO], tl.float32)
 
+    # Key tiles [s_lo, s_hi) of this program's slice; inside it, [a1, a2) is mask-free.
     n_first = (lo_min // BLOCK_N) * BLOCK_N
     n_end = hi_max + 1
     full_start = tl.cdiv(lo_max, BLOCK_N) * BLOCK_N
@@ -223,19 +262,11 @@ def _span_fwd_kernel(
     if full_start < full_end:
         a1 = tl.minimum(tl.maximum(full_start, s_lo), s_hi)
         a2 = tl.minimum(tl.maximum(full_end, s_lo), s_hi)
-        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, a1, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 1,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
-        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a1, a2, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 0,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, STAGES, TMA, HALVES)
-        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, a2, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 2,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, query, kv, s_lo, a1, 1, EDGE_STAGES, LOOP)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, query, kv, a1, a2, 0, STAGES, LOOP)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, query, kv, a2, s_hi, 2, EDGE_STAGES, LOOP)
     else:
-        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, k_base, v_base, lo, hi, s_lo, s_hi, seq_len_k,
-                                stride_kt, qk_scale, softcap, i_dv, pt_row, k_desc, v_desc, d_row, d_col, BLOCK_N, BLOCK_D, BLOCK_DV, D, 3,
-                                SOFTCAP, PAGE_SIZE, ONE_SIDED, EDGE_STAGES, TMA, HALVES)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, query, kv, s_lo, s_hi, 3, EDGE_STAGES, LOOP)
 
     # A stored row attends at least itself, so l_i > 0 unless a key slice held none of its keys:
     # then the partial output is 0 with lse = -inf (weight 0 in the merge).
@@ -245,7 +276,7 @@ def _span_fwd_kernel(
     o_off = i_s * stride_os + rows_g[:, None] * stride_ot + head[:, None] * stride_oh + o_dv[None, :]
     b_o = acc / l_safe[:, None]
     tl.store(o + o_off, b_o.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] < D))
-    if HALVES:
+    if LOOP.HALVES:
         b_o2 = acc2 / l_safe[:, None]
         tl.store(o + o_off + WO, b_o2.to(o.dtype.element_ty), mask=m_ok[:, None] & (o_dv[None, :] + WO < D))
     if i_dv == 0:
@@ -315,7 +346,6 @@ class TileConfig:
     split_dv: int = 1
     kv_splits: int | None = None
     pack_gqa: bool = False
-    one_sided_masks: bool = True
     edge_stages: int | None = None
     tma: bool = False
     column_halves: bool = False
@@ -565,14 +595,16 @@ def _launch_forward(grid, q, k, v, out, lse, stride_os, stride_ls, spans, order,
                     cfg, block_d, splits, paging, pack):
     page_table, page_size = paging
     k_desc, v_desc, tma = _descriptors(k, v, cfg, block_d, page_size)
+    block_dv = block_d // cfg.split_dv
+    halves = cfg.column_halves
+    loop = _Loop(BLOCK_N=cfg.block_n, BLOCK_DV=block_dv, WK=block_d // 2 if halves else block_d, WV=block_dv // 2 if halves else block_dv,
+                 D=d, PADDED=d < block_d, SOFTCAP=softcap is not None, PAGE_SIZE=page_size, TMA=tma, HALVES=halves)
     _span_fwd_kernel[grid](
         q, k, v, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, order, page_table, k_desc, v_desc,
-        tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max,
+        (tiles.seq, tiles.row_start, tiles.rows, tiles.lo_min, tiles.lo_max, tiles.hi_min, tiles.hi_max),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         stride_os, stride_ls, page_table.stride(0), qk_scale, softcap if softcap is not None else 1.0,
-        GROUP=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_d // cfg.split_dv, SOFTCAP=softcap is not None, KV_SPLITS=splits, PAGE_SIZE=page_size, PACK=pack,
-        ONE_SIDED=cfg.one_sided_masks, STAGES=cfg.num_stages, EDGE_STAGES=cfg.edge_stages or cfg.num_stages, TMA=tma,
-        HALVES=cfg.column_halves,
+        GROUP=group, BLOCK_M=cfg.block_m, KV_SPLITS=splits, PACK=pack, STAGES=cfg.num_stages,
+        EDGE_STAGES=cfg.edge_stages or cfg.num_stages, LOOP=loop,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
