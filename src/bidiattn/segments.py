@@ -176,10 +176,9 @@ def plan_segments(spans: SpanMask, max_calls: int = 8, paged: bool = False) -> S
     """Cut ``spans`` into row segments and group them into at most ``max_calls`` launches.
 
     Works for self-attention and extend spans, packed sequences, every rule. Planned on the
-    CPU (one copy of the spans to the host; 1.6-2.8 ms per 16K-32K-row layout measured on the
-    H200 machine's host); the plan's tensors live on the spans' device. Rows whose shape would
-    need a launch beyond ``max_calls`` become one-row ``full`` segments (exact; the benchmark
-    layouts need two to five launches).
+    CPU (one copy of the spans to the host, a sync); the plan's tensors live on the spans'
+    device. Rows whose shape would need a launch beyond ``max_calls`` become one-row ``full``
+    segments (exact; the benchmark layouts need two to five launches).
 
     ``paged``: plan for keys read through page tables (see :attr:`SegmentPlan.paged`). A
     ``full`` or ``causal`` run whose first key is not the sequence's first cannot start its

@@ -146,8 +146,8 @@ def fa4_attention(
     if not spans.is_self_attention:
         raise ValueError("fa4_strategy='mask_mod' takes self-attention spans only; use 'segments'")
     if return_lse:
-        # Measured on an H200 (torch 2.11, FA4 4.0.0b36): the FLASH backend's lse came back as
-        # ln(2) times the true one; refused rather than returned wrong.
+        # The FLASH backend's lse is ln(2) times the true one (torch 2.11, FA4 4.0.0b36):
+        # refused rather than returned wrong.
         raise ValueError("fa4_strategy='mask_mod' returns no lse (FlexAttention's FLASH lse is wrong by a "
                          "factor ln 2 in the tested versions); use 'segments'")
     if needs_grad and q.shape[-1] > 128:

@@ -106,13 +106,13 @@ def span_attention_flex(
     t = q.shape[0]
     padded = t
     if q.is_cuda and t % FLEX_BLOCK_SIZE:
-        # Compiled FlexAttention found no kernel config for lengths that are not a multiple of
-        # its 128-row block (70 tokens failed, 256 ran; torch 2.11, H200): pad with rows that
-        # attend only themselves and drop them from the output.
+        # Compiled FlexAttention finds no kernel config for lengths that are not a multiple of
+        # its 128-row block (torch 2.11): pad with rows that attend only themselves and drop
+        # them from the output.
         padded = -(-t // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - t)) for x in (q, k, v))
-    # FA4 on SM90 needs key blocks equal to its key tile, 80 at hd256 ("Block sparsity requires
-    # sparse_block_size[1]=160 to match tile_n=80", H200, FA4 4.0.0b36); 128 up to hd128.
+    # FA4 on SM90 needs key blocks equal to its key tile: 80 at hd256, 128 up to hd128
+    # (FA4 4.0.0b36).
     block = (FLEX_BLOCK_SIZE, 80 if q.shape[-1] > 128 else FLEX_BLOCK_SIZE) if flash else FLEX_BLOCK_SIZE
     block_mask = block_mask_from_spans(spans, block, for_backward=needs_grad, padded_length=padded)
     score_mod = _softcap_score_mod(softcap) if softcap is not None else None
@@ -122,8 +122,8 @@ def span_attention_flex(
     if flash:
         options = dict(BACKEND="FLASH")
     elif q.is_cuda and q.shape[-1] > 256:
-        # FlexAttention's default tiles ask for 262144 bytes of shared memory at hd512 and do not
-        # compile on an H200; 32x32 with one stage runs (129 TFLOP/s there, benchmarks/NOTES.md).
+        # FlexAttention's default tiles need more shared memory than a Hopper block has at
+        # hd512; 32x32 tiles with one stage fit.
         options = dict(BLOCK_M=32, BLOCK_N=32, num_stages=1)
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],

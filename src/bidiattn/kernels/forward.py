@@ -308,34 +308,27 @@ def _merge_kernel(o_part, l_part, o, lse, num_heads, stride_os, stride_ot, strid
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shape and launch parameters of the forward kernel.
+    """Tile shape and launch parameters of the forward kernel; :func:`pick_config` gives the
+    default per head dim and call shape. Each option is used by some default:
 
-    ``split_dv`` programs share one query tile, each producing ``D / split_dv`` output columns
-    (q·k is recomputed by each). ``kv_splits`` programs share one query tile's key range
-    (flash-decoding); ``None`` picks it from the launch size (more only when the grid would
-    leave the GPU's multiprocessors idle, as in decode). ``pack_gqa`` fills a tile's rows with
-    the query heads of one K/V group (when ``block_m`` is a multiple of the group size), so each
-    K/V tile is read once per group. Triton's ``warp_specialize`` loop option was tried and
-    dropped: no gain on an H200 with Triton 3.6 (389 vs 387 TFLOP/s at hd128, 348 vs 348 at hd256;
-    with TMA loads on the mask-free loop, hd128 491-504 vs 502-505, hd256 506 vs 520).
-    ``one_sided_masks``: key tiles below a query tile's mask-free range compare keys with the
-    rows' ``lo`` only, those above it with ``hi`` only (both are exact there); ``False`` compares
-    both everywhere. One H200, 16K tokens, TFLOP/s one-sided vs two-sided: hd256 386 vs 374,
-    sliding hd256 305 vs 293; hd128 with 256-row, 16-warp tiles: 423 vs 435 with 2 stages
-    everywhere, 485 vs 461 with a 3-stage middle loop and 1-stage edges.
-    ``edge_stages``: the pipeline depth of the loops over the masked key tiles at the two ends of
-    a query tile's key range (``None``: ``num_stages``); the loop over the mask-free middle runs
-    ``num_stages`` deep. Each of the three loops gets its own pipeline buffers in shared memory,
-    so shallow edge loops leave room for a deeper middle one (hd256, 128x64 tiles: 128 KB at one
-    stage everywhere, 192 KB with a two-stage middle, 320 KB with two stages everywhere).
-    ``tma``: K/V tiles through tensor descriptors (Hopper's tensor-memory accelerator) where the
-    call allows it — keys in rows of a tensor, or in pages of a multiple of ``block_n`` keys, a
-    head dim of 16 to 256 (512 with ``column_halves``) that is a power of two, 16-byte-aligned rows — and through pointer
-    loads elsewhere (same results).
-    ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
-    the sum of two dots, one accumulator per half of V), K/V tiles in TMA boxes of D/2 columns.
-    One H200, 16K tokens: hd256 with packed GQA tiles and TMA 414 -> 515 TFLOP/s (the default
-    there); hd512 in one program without ``split_dv``'s q·k recompute 160-166 against 270.
+    - ``split_dv``: programs per query tile, each producing ``D / split_dv`` output columns and
+      recomputing q·k; hd512, where a full fp32 accumulator does not fit in registers.
+    - ``kv_splits``: programs per query tile's key range (flash-decoding), merged by one more
+      launch; ``None`` picks it from the launch size (more than 1 only for decode-sized calls
+      whose grid would leave multiprocessors idle).
+    - ``pack_gqa``: a tile's rows hold the query heads of one K/V group (where ``block_m`` is a
+      multiple of the group size), so each K/V tile is read once per group; prefill and decode.
+    - ``edge_stages``: the pipeline depth of the loops over the masked key tiles at the two ends
+      of a tile's key range (``None``: ``num_stages``, the mask-free middle loop's depth). Each
+      loop has its own shared-memory buffers, so shallow edges leave room for a deeper middle;
+      hd256, and hd128 at two query heads per K/V head.
+    - ``tma``: K/V tiles through tensor descriptors where the call allows it (keys in rows of a
+      tensor, or in pages of a multiple of ``block_n`` keys; a power-of-two head dim whose box,
+      the head dim or its half with ``column_halves``, spans 16 to 256 columns; 16-byte-aligned
+      rows), pointer loads elsewhere (same results); hd128 and hd256.
+    - ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
+      the sum of two dots, one accumulator per half of V), so a TMA box spans D/2 columns; hd256.
+
     A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
     """
 
@@ -368,15 +361,14 @@ class TileConfig:
 
 
 def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group: int = 1) -> TileConfig:
-    """Tiles per head dim, chosen by the sweeps in benchmarks/tune_forward.py (one H200, bf16,
-    16K tokens; numbers in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding
-    limit from hd256 up: 128x64 tiles fit a 2-stage pipeline on the mask-free loop only.
+    """Default tiles per head dim, from the sweeps of benchmarks/tune_forward.py on an H200
+    (figures in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding limit from
+    hd256 up.
 
     ``rows_per_sequence`` (query rows over sequences, known on the host): at 16 or fewer
-    (decode, speculative decode) a 16-row tile, since a 256-row tile computed 256x the scores
-    of a one-row decode query (657 µs against SDPA's 22 µs at 8K context on an H200).
-    ``gqa_group`` (query heads per K/V head): tiles hold the query heads of one group where the
-    group divides ``block_m`` (each K/V tile is then read once per group)."""
+    (decode, speculative decode) 16-row tiles, so a one-row query does not pay for the scores
+    of a full tile. ``gqa_group`` (query heads per K/V head): tiles hold the query heads of one
+    group where the group divides ``block_m``."""
     if isinstance(gqa_group, bool) or not isinstance(gqa_group, int) or gqa_group < 1:
         raise ValueError(f"gqa_group must be a positive int, got {gqa_group!r}")
     if rows_per_sequence is not None and rows_per_sequence <= 16:
@@ -384,27 +376,20 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
             return TileConfig(16, 64, 4, 2, pack_gqa=True)
         return TileConfig(16, 64, 4, 1, split_dv=2, pack_gqa=True)
     if head_dim <= 64:
-        return TileConfig(128, 64, 4, 3)  # not swept yet
+        return TileConfig(128, 64, 4, 3)  # not tuned
     if head_dim <= 128:
-        # TMA loads, 128 rows x the query heads of one K/V group (results/tune-forward-tma*-*,
-        # tune-forward-groups-*; 16 q heads, 16K tokens): 466-516 TFLOP/s at groups 1, 4 and 8,
-        # the 256-row tile 475-491, without TMA 387-400. At group 2 a 1-stage pipeline on the
-        # masked edge loops measured 491-545 against 482-496 (and full-layer 2K chunks 9.07 vs
-        # 9.40 ms), while at the other groups it cost 15-20%; hence the special case.
+        # At two query heads per K/V head, 1-stage edge loops beat the 3-stage default; at other
+        # group sizes they are slower.
         if gqa_group == 2:
             return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)
         return TileConfig(128, 64, 8, 3, pack_gqa=True, tma=True)
     if head_dim <= 256:
-        # 515 (32K: 527, sliding: 326) with GQA heads packed, TMA loads and the head dim in two
-        # column halves (boxes of 128 columns), against 414 / 430 / 292 in one piece
-        # (results/tune-forward-halves2-*); without packing or without TMA the halves gain
-        # nothing (421, 416). A 2-stage middle loop only fits with 1-stage edges; 1 stage
-        # everywhere: 258 with halves; 64x32, 4 warps (the first version): 152.
+        # The column halves pay only with packed GQA tiles and TMA; a 2-stage middle loop fits
+        # in shared memory only with 1-stage edges.
         return TileConfig(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)
-    # A 128x512 fp32 accumulator does not fit in registers; two programs of 256 output columns
-    # each recompute q.k: 184 (270 since), against 104 for the best unsplit 64-row tile. No
-    # TMA: a 512-column K row fits a TMA box (256 columns) only in column halves, which
-    # measured 216 here (results/tune-forward-halves2-*).
+    # A 128x512 fp32 accumulator does not fit in registers: two programs of 256 output columns
+    # each recompute q·k. No TMA: a 512-column K row fits a TMA box only in column halves,
+    # which are slower here than the split.
     return TileConfig(128, 64, 8, 1, split_dv=2)
 
 
@@ -417,9 +402,8 @@ class LaunchPlan:
     :func:`bidiattn.plan_attention`, for training) and passed to every layer that uses the same
     spans and head shape (a serving step runs dozens of layers over one layout): the layers
     then pay for one kernel launch (two with ``kv_splits > 1``) instead of also the two planning
-    launches of :func:`~bidiattn.kernels.tiles.query_tiles` (~90 µs of host time on an H200
-    host; before them, ~6 small PyTorch ops and an argsort cost 227-353 µs).
-    No host sync to build. The plan is tied to its :class:`SpanMask` object.
+    launches of :func:`~bidiattn.kernels.tiles.query_tiles`. No host sync to build. The plan is
+    tied to its :class:`SpanMask` object.
     """
 
     spans: SpanMask
@@ -452,12 +436,9 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
 
     ``window``: the layer's sliding window, if it has one (rows then see short key ranges, which
-    no host-side size reveals). Validated; the tiles chosen today do not depend on it: with TMA
-    loads, the best measured tile of sliding and full layers is the same at every step size
-    (hd128, 32K prompt, W=1024, 16 q / 8 kv heads, planned calls in a CUDA graph: 0.97 ms one
-    shot, 1.01 ms in 2K chunks, where before TMA a sliding-only 64 x 2-head tile took 1.24 ms;
-    results/prefill-steps-tma-pack-*, NOTES).
-    ``config`` overrides the choice.
+    no host-side size reveals). Validated, and kept so that callers need not change when the
+    choice starts to depend on it; the default tiles do not today (sliding and full layers run
+    best on the same tiles). ``config`` overrides the choice.
     """
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
@@ -537,7 +518,7 @@ def span_attention_forward(
     with fits(cfg, d):
         _launch_forward(grid, q, k, v, o_part[0], l_part[0], o_part.stride(0), l_part.stride(0), spans, order, tiles,
                         qk_scale, softcap, group, d, cfg, block_d, splits, paging, pack)
-    # Exact merge of the slices in one launch (it replaced ~8 PyTorch ops per decode call).
+    # Exact merge of the slices in one launch.
     _merge_kernel[(t_len * hq,)](
         o_part, l_part, out, lse, hq, o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0),
         l_part.stride(1), out.stride(0), out.stride(1), lse.stride(0),
@@ -550,19 +531,17 @@ def _auto_kv_splits(spans: SpanMask, heads: int, block_m: int, block_n: int) -> 
     """Key-range slices per query tile when the real tiles alone are fewer than one wave of the
     GPU: a power of two near eight waves of programs, at most 32, each slice at least 4 key
     tiles; decode only (16 or fewer query rows per sequence). From sizes only, no host sync; 1
-    off CUDA. Measured on an H200 (hd128, 8 kv heads, planned calls replayed in a CUDA graph,
-    results/inference-*): batch 1 was fastest at 32 slices (8K-128K context), batch 8 at 16;
-    the earlier rule (about four waves: 9 slices at batch 8, 64 at batch 1) was 5-10% slower.
+    off CUDA.
 
     The real tile count is estimated from sizes (``T / block_m``, or one per sequence when
-    sequences are shorter than a tile): the grid's padding capacity would hide an 8-sequence
-    decode batch (128 busy programs counted as 144, no split, 2.4x slower at 8K on an H200).
+    sequences are shorter than a tile), not from the grid, whose padding capacity would hide a
+    small decode batch's idle multiprocessors.
     """
     rows_per_seq = spans.total_tokens / spans.num_sequences
     device = spans.lo.device
     if device.type != "cuda" or rows_per_seq > 16:
-        # Only decode-sized queries: the merge moves splits x T x Hq x D fp32 values, which made
-        # 2K-token prefill chunks slower (0.68x of one-shot against 0.81x unsplit, H200).
+        # Only decode-sized queries: the merge moves splits x T x Hq x D fp32 values, more than
+        # a prefill chunk gains from the extra programs.
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = spans.num_sequences if rows_per_seq <= block_m else -(-spans.total_tokens // block_m)

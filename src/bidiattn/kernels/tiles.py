@@ -5,11 +5,11 @@ an order that starts the longest tiles first. The specs are PyTorch code:
 :meth:`SpanMask.tile_summary` for query tiles, :func:`key_tile_ranges_spec` for the key tiles of
 the backward's dK/dV pass, and a stable descending ``argsort`` of the work for the order.
 
-Why: planning in PyTorch ops cost 227-353 µs of host time for the forward's plan and 1.04-1.14
-ms with the backward's (an H200 host, b7e4e84, ``results/plan-cost-*``), which made unplanned
-sliding calls host-bound. Here a table kernel (each program: a chunk of tiles, locating them by
-a scan over the sequences) and an order kernel (a counting sort); no host sync. A version in
-one single-program launch cost less host time but 283 µs of GPU time at 128K tokens.
+Why kernels: in PyTorch ops, planning is a handful of small launches and an argsort per table,
+enough host time to make unplanned calls host-bound. Here a table kernel (each program: a chunk
+of tiles, locating them by a scan over the sequences) and an order kernel (a counting sort); no
+host sync. Two launches, not one single-program launch, which is slow on the GPU at long
+sequences.
 
 The order is longest-first in ``_CLASSES`` work classes: a tile's work (keys it walks, or rows
 for a key tile) falls in class ``c`` of ``_CLASSES`` equal slices of ``[0, longest possible]``
@@ -59,7 +59,7 @@ def _locate(cu, cu_other, idx, num_seq, BLOCK: tl.constexpr, SEQ_CHUNK: tl.const
     sequence on ``cu_other``'s axis (the scale of a tile's work). A scan over all sequences per
     program, so the programs need no prefix sum from another launch."""
     # Tile indices in int32 (a table's capacity is far below 2**31): the [tiles, sequences]
-    # comparison is the kernel's largest value, and int64 doubled its registers.
+    # comparison is the kernel's largest value, and int64 would double its registers.
     count = tl.zeros(idx.shape, tl.int32)
     first = tl.zeros(idx.shape, tl.int32)
     carry = tl.full([], 0, tl.int32)
@@ -91,10 +91,8 @@ def _work_class(work, longest, ok, CLASSES: tl.constexpr):
 @triton.jit
 def _store_classes(cls, classes, counts, idx, in_grid, CLASSES: tl.constexpr):
     """Each tile's class, and this program's count per class (row ``program_id`` of ``counts``).
-    A histogram, not a sum over a [tiles, classes] one-hot matrix: with that matrix the query-tile
-    kernel ran at 255 registers and 20.7 µs per launch on an H200; with the histogram, int32
-    tile indices and 16 sequences per scan step, at 32 registers and 2.5 µs
-    (results/plan-kernels-*)."""
+    A histogram, not a sum over a [tiles, classes] one-hot matrix, which would hold the whole
+    matrix in registers."""
     tl.store(classes + idx, cls.to(tl.int32), mask=in_grid)
     tl.store(counts + tl.program_id(0) * CLASSES + tl.arange(0, CLASSES),
              tl.histogram(cls.to(tl.int32), CLASSES, mask=in_grid))
