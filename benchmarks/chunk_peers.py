@@ -27,7 +27,7 @@ import torch
 import cases
 from bidiattn import rules
 from bidiattn.kernels.forward import plan_forward, span_attention_forward
-from bidiattn.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
 from inference import D, HKV, HQ, _graphed, image_ids
 
 WINDOW = 1024

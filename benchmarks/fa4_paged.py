@@ -21,7 +21,7 @@ import torch
 import bidiattn
 import cases
 from bidiattn.kernels.forward import plan_forward
-from bidiattn.kvcache import PagedKVCache, append, paged_attention
+from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
 from bidiattn.segments import plan_segments
 from bidiattn.spans import SpanMask
 

@@ -1,5 +1,5 @@
 """Inference benchmark: decode over long contexts, chunked vs one-shot prefill, span metadata,
-and the end-to-end runner (:class:`bidiattn.runner.ServingSession`) driven through chunked
+and the end-to-end runner (:class:`bidiattn.serving.runner.ServingSession`) driven through chunked
 prefill and decode.
 
     python benchmarks/inference.py --out benchmarks/results
@@ -26,11 +26,11 @@ import bidiattn
 import cases
 from bidiattn import rules
 from bidiattn.blocks import BlockList
-from bidiattn.kvcache import PagedKVCache, paged_attention
+from bidiattn.serving.kvcache import PagedKVCache, paged_attention
 from bidiattn.kernels.forward import TileConfig, pick_config, plan_forward, span_attention_forward
-from bidiattn.planner import RequestLayout, plan_prefill, step_spans
-from bidiattn.graphs import capture
-from bidiattn.runner import AttentionStack, ServingSession, StackConfig
+from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.serving.graphs import capture
+from bidiattn.serving.runner import AttentionStack, ServingSession, StackConfig
 from bidiattn.spans import SpanMask
 
 HQ, HKV, D = 16, 8, 128
@@ -445,7 +445,7 @@ def main() -> None:
                   f"{r['tokens']} tokens {r['layer']} {b // 1024}K chunks {r[f'chunked_{b}']['step_metadata_us']:.0f} µs"
                   for r in result["prefill"] for b in (2048, 8192)) + "."]
     if result["runner"]:
-        lines += ["", f"End-to-end runner (`bidiattn.runner.ServingSession`): {len(RUNNER_LAYERS)} layers "
+        lines += ["", f"End-to-end runner (`bidiattn.serving.runner.ServingSession`): {len(RUNNER_LAYERS)} layers "
                   f"({', '.join(RUNNER_LAYERS)}), hidden {HQ * D}, window 1024; wall-clock median, host work of "
                   "every step included; *eager*: the session's Python per layer, *graphs*: `cuda_graphs=True` "
                   "(each step shape captured in a first run, replayed in the timed ones). *stack one shot*: "

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from bidiattn import cli, rules
-from bidiattn.compare import compare_layer, family_convention
-from bidiattn.layouts import parse_layout
-from bidiattn.plot import category_grid
+from bidiattn import rules
+from bidiattn.tools import cli
+from bidiattn.tools.compare import compare_layer, family_convention
+from bidiattn.tools.layouts import parse_layout
+from bidiattn.tools.plot import category_grid
 
 LAYOUT = "text:40,image:280,text:8,image:280,text:30"
 

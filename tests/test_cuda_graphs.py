@@ -8,7 +8,7 @@ import torch
 
 import bidiattn
 from bidiattn import reference, rules
-from bidiattn.graphs import capture
+from bidiattn.serving.graphs import capture
 from bidiattn.spans import SpanMask
 
 pytest.importorskip("triton", reason="triton is not installed")

@@ -11,7 +11,7 @@ import torch
 
 import bidiattn
 from bidiattn import reference, rules
-from bidiattn.planner import Chunk, RequestLayout, Step, plan_prefill, step_spans
+from bidiattn.serving.planner import Chunk, RequestLayout, Step, plan_prefill, step_spans
 from bidiattn.kernels.forward import TileConfig, span_attention_forward
 from bidiattn.spans import SpanMask
 

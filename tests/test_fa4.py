@@ -172,7 +172,7 @@ def test_auto_without_fa4_support_ignores_the_plan():
 
 def paged_case(spans, page_size, hq, hkv, d, seed):
     """Pages of a shuffled pool holding each sequence's keys; q; the table; the flat keys."""
-    from bidiattn.kvcache import PagedKVCache, append
+    from bidiattn.serving.kvcache import PagedKVCache, append
 
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -198,7 +198,7 @@ def paged_case(spans, page_size, hq, hkv, d, seed):
                                                      ("gemma4", "transformers", "sliding"),
                                                      ("paligemma", "official", "sliding"), ("gemma3", "vllm", "sliding")])
 def test_paged_extend_steps_match_the_reference(page_size, family, convention, layer):
-    from bidiattn.kvcache import paged_attention
+    from bidiattn.serving.kvcache import paged_attention
 
     rng = random.Random(page_size)
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=300, block_frac=0.4)
@@ -221,7 +221,7 @@ def test_paged_extend_steps_match_the_reference(page_size, family, convention, l
 @pytest.mark.gpu
 @requires_fa4
 def test_paged_one_row_windows_for_runs_with_an_offset_first_key():
-    from bidiattn.kvcache import paged_attention
+    from bidiattn.serving.kvcache import paged_attention
 
     spans = image_spans(300, [(100, 260)], family="paligemma", layer="sliding", window=40)
     spans = tail_rows(spans, [250]).to("cuda")
@@ -237,7 +237,7 @@ def test_paged_one_row_windows_for_runs_with_an_offset_first_key():
 @pytest.mark.gpu
 @requires_fa4
 def test_paged_fa4_refuses_a_contiguous_plan():
-    from bidiattn.kvcache import paged_attention
+    from bidiattn.serving.kvcache import paged_attention
 
     spans = tail_rows(image_spans(100, [(10, 40)]), [30]).to("cuda")
     q, _, _, cache, table = paged_case(spans, 16, 4, 2, 128, seed=2)
@@ -246,7 +246,7 @@ def test_paged_fa4_refuses_a_contiguous_plan():
 
 
 def test_paged_attention_backend_errors():
-    from bidiattn.kvcache import PagedKVCache, paged_attention
+    from bidiattn.serving.kvcache import PagedKVCache, paged_attention
 
     cache = PagedKVCache.allocate(2, 4, 1, 16, dtype=torch.float16, device="cpu")
     spans = SpanMask(torch.tensor([0]), torch.tensor([3]), cu_seqlens_k=torch.tensor([0, 4]), total_keys=4)

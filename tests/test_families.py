@@ -9,7 +9,7 @@ import torch
 
 from bidiattn import families, rules
 from bidiattn.families import GEMMA3, Family, Rule, TinyRecipe
-from bidiattn.layouts import parse_layout
+from bidiattn.tools.layouts import parse_layout
 
 
 def test_builtin_records_cover_every_convention_and_layer():
@@ -64,7 +64,7 @@ def test_a_made_up_family_through_transformers_and_verify():
     pytest.importorskip("transformers", reason="transformers is not installed (pip install 'bidiattn[hf]')")
     import bidiattn.integrations.transformers as bidiattn_hf
     from bidiattn.integrations.tiny import build_tiny, example_inputs
-    from bidiattn.verify import run_verify
+    from bidiattn.tools.verify import run_verify
 
     mine = (TOY,)
     model = build_tiny("tiny-toy", families=mine)

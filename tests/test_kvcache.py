@@ -10,8 +10,8 @@ import torch
 
 import bidiattn
 from bidiattn import reference, rules
-from bidiattn.kvcache import PagedKVCache, append, paged_attention
-from bidiattn.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
+from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
 from bidiattn.spans import SpanMask
 from conftest import lowp_attention
 

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from bidiattn.runner import AttentionStack, ServingSession, StackConfig
+from bidiattn.serving.runner import AttentionStack, ServingSession, StackConfig
 
 pytest.importorskip("triton", reason="triton is not installed")
 

@@ -11,9 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'bidiattn[hf]')")
 
 import bidiattn.integrations.transformers as bidiattn_hf  # noqa: E402
-from bidiattn.cli import main  # noqa: E402
+from bidiattn.tools.cli import main  # noqa: E402
 from bidiattn.integrations.tiny import build_tiny, example_inputs, token_type_key  # noqa: E402
-from bidiattn.verify import run_verify  # noqa: E402
+from bidiattn.tools.verify import run_verify  # noqa: E402
 from test_transformers_conformance import random_token_types  # noqa: E402
 
 FAMILIES = ("gemma3", "gemma4", "paligemma")

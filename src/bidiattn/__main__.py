@@ -1,8 +1,8 @@
-"""``python -m bidiattn``: the ``bidiattn`` command line (:func:`bidiattn.cli.main`)."""
+"""``python -m bidiattn``: the ``bidiattn`` command line (:func:`bidiattn.tools.cli.main`)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

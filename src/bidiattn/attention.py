@@ -125,7 +125,7 @@ def attention(
             spans (queries are the last rows of longer key sequences: a prefill chunk over a
             cache, or decode).
         spans: the mask, e.g. from :func:`bidiattn.rules.build` (or
-            :func:`bidiattn.planner.step_spans` for prefill chunks); ``spans.cu_seqlens`` packs
+            :func:`bidiattn.serving.planner.step_spans` for prefill chunks); ``spans.cu_seqlens`` packs
             several sequences (varlen) that never see each other; empty ones (padding slots)
             contribute no rows (tested on reference, triton and flex; not yet run on fa4).
         scale: softmax scale, default ``1/sqrt(D)``.

@@ -77,7 +77,7 @@ class Family:
     - ``token_types``: token type -> its name, as the family's processor writes them; empty when
       the family reads no token types. ``block_types``: the types whose runs are blocks.
     - ``layout_types``: layout kind (``text``, ``image``, ``video``, ``audio``, ``prefix``, see
-      :mod:`bidiattn.layouts`) -> the token type written for it.
+      :mod:`bidiattn.tools.layouts`) -> the token type written for it.
     - ``prefix_block``: the block is one run at each sequence's start (PaliGemma's prefix:
       image, BOS, prompt, separator); under ``vllm`` only image tokens are blocks there, which
       token types cannot tell.

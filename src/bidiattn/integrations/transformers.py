@@ -26,7 +26,7 @@ of each key sequence; ``backend="flex"`` falls back to ``"auto"`` there, FlexAtt
 self-attention spans only). Spans (and, for the triton kernels, their launch plan) are built
 in O(sequence length) on the device once per step and layer kind, and shared by the layers of
 that kind (``SpanSource.layer_masks``). The integration runs on transformers' own cache
-(paged caches and split-KV decode are :mod:`bidiattn.kvcache` and :mod:`bidiattn.runner`).
+(paged caches and split-KV decode are :mod:`bidiattn.serving.kvcache` and :mod:`bidiattn.serving.runner`).
 Padding must be left padding. A bidirectional block may not straddle a cache boundary
 (transformers' own ``generate`` prefills whole prompts). Sliding windows must be at least 2. Attention dropout is
 not supported.

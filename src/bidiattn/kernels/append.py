@@ -1,6 +1,6 @@
 """Fused append of new keys and values into paged caches: one Triton launch for both.
 
-The PyTorch version (the spec, in :func:`bidiattn.kvcache.append`) is a sequence index, a page
+The PyTorch version (the spec, in :func:`bidiattn.serving.kvcache.append`) is a sequence index, a page
 lookup and two scattered writes: ~10 small ops per layer and step. Here one program copies one
 packed row (all K/V heads) of ``k`` and of ``v`` into its page slot. The copy moves raw bits
 (the tensors are viewed as same-width integers), so any cache dtype works, fp8 included.

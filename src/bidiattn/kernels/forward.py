@@ -481,7 +481,7 @@ def span_attention_forward(
     ``out``/``lse`` may be preallocated (contiguous, q's dtype / fp32); every row is written.
     With ``page_table`` (int32 ``[B, P]``) and ``page_size``, ``k``/``v`` are the flattened pages
     ``[num_pages * page_size, Hkv, D]`` and key ``n`` of sequence ``b`` is row
-    ``page_table[b, n // page_size] * page_size + n % page_size`` (see :mod:`bidiattn.kvcache`).
+    ``page_table[b, n // page_size] * page_size + n % page_size`` (see :mod:`bidiattn.serving.kvcache`).
     ``plan`` (from :func:`plan_forward` on the same spans) skips the planning; ``config`` must
     then be ``None``.
     """

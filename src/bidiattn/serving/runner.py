@@ -4,7 +4,7 @@ driven through chunked prefill (planner) and decode over paged K/V caches.
 No model weights needed: each layer is ``h <- h + Wo · attention(Wq h, Wk h, Wv h)`` under the
 rule of its layer type. :meth:`AttentionStack.one_shot` runs whole prompts at once (the
 reference for the serving path); :class:`ServingSession` runs the same stack the way an engine
-does — prefill chunks cut by :func:`bidiattn.planner.plan_prefill`, K/V appended to per-layer
+does — prefill chunks cut by :func:`bidiattn.serving.planner.plan_prefill`, K/V appended to per-layer
 pages, then decode steps — so the tests can check that chunking and paging change nothing.
 
 Like an engine, the session checks what it is given once, on the host (prompt lengths against
@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import rules
-from .attention import attention
+from .. import rules
+from ..attention import attention
 from .kvcache import PagedKVCache, append, paged_attention
-from .blocks import BlockList
+from ..blocks import BlockList
 from .graphs import capture
 from .planner import RequestLayout, plan_prefill
-from .spans import SpanMask, host_to_device
+from ..spans import SpanMask, host_to_device
 
 __all__ = ["StackConfig", "AttentionStack", "ServingSession", "StepGraph"]
 
@@ -174,7 +174,7 @@ class ServingSession:
         """Every layer of one step on the device. The step's spans come from the requests' block
         lists (one builder launch per layer type on CUDA) and one launch plan per layer type is
         shared by the layers of that type: the per-step metadata work of a serving engine."""
-        from .kernels.forward import plan_forward
+        from ..kernels.forward import plan_forward
 
         c = self.stack.config
         n = (offsets.numel() - 2) // 4

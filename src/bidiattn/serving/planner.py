@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rules import block_extents
-from .spans import SpanMask
+from ..rules import block_extents
+from ..spans import SpanMask
 
 __all__ = ["RequestLayout", "Chunk", "Step", "PrefillPlan", "plan_prefill", "step_spans"]
 

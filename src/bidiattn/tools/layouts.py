@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import Family, family
-from .rules import block_ids_from_mask, rule_for
+from ..families import Family, family
+from ..rules import block_ids_from_mask, rule_for
 
 __all__ = ["Layout", "parse_layout", "SEGMENT_KINDS"]
 

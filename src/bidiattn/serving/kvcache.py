@@ -11,7 +11,7 @@ writes and reads through the table, with no host sync when ``validate=False`` (C
 Attention runs the span kernel with the page lookup folded into its key loads, over extend
 spans (:class:`~bidiattn.SpanMask` with ``cu_seqlens_k``): each sequence's new query rows are
 the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
-:func:`bidiattn.planner.step_spans` or one decode token.
+:func:`bidiattn.serving.planner.step_spans` or one decode token.
 
 Page size and speed: when a page holds a whole number of the kernel's key tiles (64 keys at
 head dims up to 256), key tiles come through TMA with one table read per tile, read a tile
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import check_scale_softcap
-from .spans import SpanMask, _first_true, sequence_index
+from ..inputs import check_scale_softcap
+from ..spans import SpanMask, _first_true, sequence_index
 
 __all__ = ["PagedKVCache", "append", "paged_attention"]
 
@@ -125,11 +125,11 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
         if int(cu_seqlens[-1]) != k.shape[0]:
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but k has {k.shape[0]} rows")
         _check_capacity(cache, page_table, start + cu_seqlens[1:] - cu_seqlens[:-1])
-    from .attention import _interpreting
+    from ..attention import _interpreting
 
     contiguous = cache.k_pages.is_contiguous() and cache.v_pages.is_contiguous()
     if contiguous and (k.is_cuda or _interpreting()):
-        from .kernels.append import append_triton
+        from ..kernels.append import append_triton
 
         append_triton(cache.k_pages, cache.v_pages, k, v, page_table, cu_seqlens, start)
         return
@@ -166,7 +166,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
 
     Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
     """
-    from .attention import _triton_unsupported
+    from ..attention import _triton_unsupported
 
     if backend not in ("triton", "fa4"):
         raise ValueError(f"paged_attention backend must be 'triton' or 'fa4', got {backend!r}")
@@ -175,7 +175,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != spans.total_tokens:
         raise ValueError(f"q must be [T={spans.total_tokens}, Hq, D], got {tuple(getattr(q, 'shape', ()))}")
     if backend == "fa4":
-        from .kernels.fa4 import fa4_unsupported
+        from ..kernels.fa4 import fa4_unsupported
 
         if plan is not None:
             raise ValueError("plan is the triton backend's LaunchPlan; backend='fa4' takes segment_plan")
@@ -197,15 +197,15 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     scale = check_scale_softcap(scale, softcap, d)
     softcap = None if softcap is None else float(softcap)
     if backend == "fa4":
-        from .kernels.fa4 import span_attention_fa4_forward
-        from .segments import SegmentPlan
+        from ..kernels.fa4 import span_attention_fa4_forward
+        from ..segments import SegmentPlan
 
         if segment_plan is not None and not isinstance(segment_plan, SegmentPlan):
             raise TypeError(f"segment_plan must be a SegmentPlan, got {type(segment_plan).__name__}")
         out, lse = span_attention_fa4_forward(q, cache.k_pages, cache.v_pages, spans, scale, softcap, segment_plan,
                                               page_table=page_table)
         return (out, lse) if return_lse else out
-    from .kernels.forward import span_attention_forward
+    from ..kernels.forward import span_attention_forward
 
     k_flat, v_flat = cache.flat()
     out, lse = span_attention_forward(q, k_flat, v_flat, spans, scale, softcap, page_table=page_table,

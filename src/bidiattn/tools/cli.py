@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, rules
+from .. import __version__, rules
 from .compare import LayerComparison, compare_layer
 from .layouts import parse_layout
-from .presets import PRESETS, get_preset
+from ..presets import PRESETS, get_preset
 
 DEFAULT_PRESET = "gemma-4-31b"
 DEFAULT_LAYOUT = "text:40,image:280,text:8,image:280,text:30"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from . import rules
+from .. import rules
 from .compare import LayerComparison, family_convention
-from .spans import SpanMask
+from ..spans import SpanMask
 
 __all__ = ["CATEGORIES", "category_grid", "render_png", "MAX_PNG_TOKENS"]
 

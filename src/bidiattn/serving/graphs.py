@@ -1,4 +1,4 @@
-"""CUDA-graph capture of a step (used by :mod:`bidiattn.runner`, the tests and the benchmarks).
+"""CUDA-graph capture of a step (used by :mod:`bidiattn.serving.runner`, the tests and the benchmarks).
 
 A step that builds its spans on the device, plans its launch and runs the kernels issues no host
 sync, so it can be captured once and replayed with new inputs copied into the tensors it read.

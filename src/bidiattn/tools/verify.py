@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import BUILTIN, Family
+from ..families import BUILTIN, Family
 from .layouts import parse_layout
 
 __all__ = ["Comparison", "VerifyReport", "default_layout", "run_verify", "format_report"]
@@ -70,7 +70,7 @@ def default_layout(model, families: tuple[Family, ...] = BUILTIN) -> str:
     """The family record's ``verify_layout``: text and three images (one longer than the
     sliding window where the vision tower's image size allows), an audio clip where the model
     has an audio tower; PaliGemma: a prefix of two images and prompt text, then the suffix."""
-    from .integrations.tiny import family_of, tokens_per_image
+    from ..integrations.tiny import family_of, tokens_per_image
 
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     fixed = tokens_per_image(model)
@@ -86,8 +86,8 @@ def _compare(label: str, a: torch.Tensor, b: torch.Tensor, tolerance: float | No
 
 
 def _load(model: str, dtype: torch.dtype, device: str, families: tuple[Family, ...]):
-    from .integrations.tiny import build_tiny
-    from .integrations.transformers import _transformers
+    from ..integrations.tiny import build_tiny
+    from ..integrations.transformers import _transformers
 
     tiny = [name for record in families for name in record.tiny]
     if model in tiny:
@@ -173,7 +173,7 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
     Returns a :class:`VerifyReport`; ``report.passed`` is False when a check exceeds its
     tolerance (per dtype, :data:`TOLERANCE`).
     """
-    from .integrations.transformers import _transformers
+    from ..integrations.transformers import _transformers
 
     _transformers()
     with _quiet():
@@ -181,8 +181,8 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
 
 
 def _run(model, layout, dtype, device, seed, batch, backends, families) -> VerifyReport:
-    from .integrations import transformers as bidiattn_hf
-    from .integrations.tiny import example_inputs, family_of
+    from ..integrations import transformers as bidiattn_hf
+    from ..integrations.tiny import example_inputs, family_of
 
     net = _load(model, dtype, device, families)
     family = family_of(net, families)

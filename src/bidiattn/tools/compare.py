@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import rules
+from .. import rules
 from .layouts import Layout
-from .spans import SpanMask
+from ..spans import SpanMask
 
 __all__ = ["ConventionStats", "LayerComparison", "compare_layer", "family_convention", "COMPARED"]
 
