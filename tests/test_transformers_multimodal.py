@@ -63,6 +63,13 @@ def test_from_pretrained_with_pixels_matches_eager_and_keeps_encoders_on_their_a
     other = {k: (torch.rand_like(v) if k in ("pixel_values", "input_features") else v) for k, v in inputs.items()}
     with torch.no_grad():
         assert (ours(**other).logits - got).abs().max() > 1e-4
+    # The default name, the official rule, equals eager fed the official rule's dense mask.
+    official = load(saved, name, "bidiattn")
+    official.set_attn_implementation(bidiattn_hf.register("bidiattn-test-mm-dense", mode="dense"))
+    with torch.no_grad():
+        dense = official(**inputs).logits
+        official.set_attn_implementation("bidiattn")
+        torch.testing.assert_close(official(**inputs).logits, dense, atol=2e-5, rtol=0)
     vision = ours.config.vision_config
     assert bidiattn_hf.encoder_attention(vision) == "sdpa"
     if name.startswith("tiny-gemma4"):
