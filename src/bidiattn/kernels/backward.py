@@ -53,8 +53,8 @@ def _out_cols(BLOCK_D: tl.constexpr):
     """The gradient columns a program stores, ``0..BLOCK_D - 1``, offset by ``program_id(2)``: a
     run-time zero (the grids have two axes). Unknown at compile time, the offset keeps the
     stores' column masks, and ptxas then schedules the default tiles' loops as fast as with
-    the removed ``split_d`` option; compile-time columns made the backward 3-5% slower on an
-    H200 (results/refactor-before-after-*)."""
+    the removed ``split_d`` option; compile-time columns made the backward 2-5% slower on an
+    H200 (benchmarks/results/refactor-before-after-*)."""
     return tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
 
 
