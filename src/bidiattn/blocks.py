@@ -2,7 +2,7 @@
 builds its spans from.
 
 Per-token ``block_ids`` (what :func:`bidiattn.rules.build` takes) need a scan to find each
-token's block, about 40 PyTorch ops at 128K tokens (981 µs on an H200). An engine already knows
+token's block, about 40 PyTorch ops (benchmarks/PERF.md, row L4). An engine already knows
 where its images are: a request's blocks as ``(start, end)`` pairs. Given those, each query row
 finds its block with a binary search, so a step's spans come out of one kernel launch
 (:func:`bidiattn.rules.build_from_blocks`) with no host sync, from buffers of fixed size.

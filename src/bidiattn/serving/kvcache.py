@@ -15,9 +15,8 @@ the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
 
 Page size and speed: when a page holds a whole number of the kernel's key tiles (64 keys at
 head dims up to 256), key tiles come through TMA with one table read per tile, read a tile
-ahead; smaller pages gather each key row through the table. One-shot prefill on an H200
-(hd128, 8K-128K prompts): pages of 64 keys 0.91-0.96x the contiguous kernel's speed, pages of
-16 0.79-0.85x (results/inference-prefill-*).
+ahead; smaller pages gather each key row through the table, which is slower (speeds in
+benchmarks/PERF.md, rows P6-P7).
 """
 
 from __future__ import annotations
