@@ -291,3 +291,14 @@ def test_extend_bounds_name_the_batch_row_whose_keys_the_cache_dropped(dense):
     with pytest.raises(ValueError, match="batch row 0 has new tokens inside its left padding"):
         bidiattn_hf._extend_bounds(_source("gemma3", 12, 0, torch.zeros(1, 3, dtype=torch.int64), first_key=(14,)),
                                    "official", "full", None, 3, "cpu", dense=dense)
+
+
+def test_span_source_slices_to_its_last_rows_only():
+    source = _source("gemma4", 0, 0, torch.zeros(2, 6, dtype=torch.int64), [0, 0])
+    kept = source[:, :, -2:, :]
+    assert kept.rows == 2 and kept.kept == 2 and kept.q_offset == 0 and kept.layer_masks is not source.layer_masks
+    assert source[:, :, 0:, :] is source and kept[:, :, -1:, :].rows == 1
+    with pytest.raises(TypeError, match="last query rows"):
+        source[:, :, 1:3, :]
+    with pytest.raises(TypeError, match=r"\[:, :, -n:, :\]"):
+        source[0]

@@ -168,7 +168,6 @@ class SpanSource:
     def __getitem__(self, index) -> SpanSource:
         """``source[:, :, rows, :]`` with ``rows`` a slice of the last rows (``slice(-n, None)``):
         the same mask for the last ``n`` query rows only (how transformers slices a mask)."""
-        total = self.block_ids.shape[1]
         if not (isinstance(index, tuple) and len(index) == 4 and isinstance(index[2], slice)
                 and all(i == slice(None) for i in (index[0], index[1], index[3]))):
             raise TypeError(f"a SpanSource can only be sliced as [:, :, -n:, :] (its last query rows), got {index!r}")
@@ -177,7 +176,7 @@ class SpanSource:
             raise TypeError(f"a SpanSource can only keep its last query rows, got rows {index[2]!r}")
         if start == 0:
             return self
-        return replace(self, kept=self.rows - start, layer_masks={}) if total else self
+        return replace(self, kept=self.rows - start, layer_masks={})
 
 
 def _as_int(value, name: str) -> int:
