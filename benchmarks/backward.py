@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import bidiattn
 import cases
-from bidiattn.kernels.backward import BackwardConfig, span_attention_backward
+from bidiattn.kernels.backward import span_attention_backward
+from bidiattn.launch import BackwardConfig
 
 B = BackwardConfig
 SWEEP = {
@@ -76,7 +77,8 @@ def main() -> None:
                        sdpa_dense_fwd_bwd_ms=sdpa_fb, sdpa_dense_fwd_bwd_tflops=(fwd_fl + bwd_fl) / sdpa_fb / 1e9)
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
             # planned: both launch plans built once outside the timing (as a model's layers share them).
-            plan = bidiattn.plan_attention(spans, case.hq, case.hkv, case.head_dim, window=case.window)
+            plan = bidiattn.plan(spans, case.hq, case.hkv, case.head_dim, window=case.window, backend="triton",
+                                 training=True)
             for key, backend, p in (("bidiattn_triton", "triton", None), ("bidiattn_planned", "triton", plan),
                                     ("bidiattn_flex", "flex", None)):
                 def fwd_bwd():
@@ -100,7 +102,7 @@ def main() -> None:
              f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
              "(fwd 4, bwd 10 FLOPs per pair per head-dim element); bwd alone = (fwd+bwd) - fwd time.", ""]
     if rows:
-        lines += ["*planned*: `plan=bidiattn.plan_attention(...)` (forward and backward launch plans) built once "
+        lines += ["*planned*: `plan=bidiattn.plan(..., training=True)` (forward and backward launch plans) built once "
                   "outside the timing.", "",
                   "| case | bidiattn triton fwd+bwd | bwd alone | planned fwd+bwd | bwd alone "
                   "| bidiattn flex fwd+bwd | bwd alone | SDPA dense fwd+bwd | triton / flex | planned / flex |",

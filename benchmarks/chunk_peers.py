@@ -26,8 +26,9 @@ import torch
 
 import cases
 from bidiattn import rules
-from bidiattn.kernels.forward import plan_forward, span_attention_forward
-from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.kernels.forward import span_attention_forward
+from bidiattn.launch import plan_forward
+from bidiattn.serving.prefill import RequestLayout, plan_prefill, step_spans
 from inference import D, HKV, HQ, _graphed, image_ids
 
 WINDOW = 1024

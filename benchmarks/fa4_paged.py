@@ -20,9 +20,7 @@ import torch
 
 import bidiattn
 import cases
-from bidiattn.kernels.forward import plan_forward
 from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
-from bidiattn.segments import plan_segments
 from bidiattn.spans import SpanMask
 
 PAGE = 128
@@ -60,22 +58,22 @@ def main() -> None:
             fl = 4 * pairs * d * case.hq
             causal_pairs = sum(t - n + i + 1 for i in range(n))
             want = cases.sdpa_dense(q_all, k, v, mask_all)[t - n:]
-            seg = plan_segments(spans, paged=True)
-            seg_flat = plan_segments(spans)
-            launch = plan_forward(spans, case.hq, case.hkv, d, window=case.window)
+            seg = bidiattn.plan(spans, case.hq, case.hkv, d, backend="fa4", paged=True)
+            seg_flat = bidiattn.plan(spans, case.hq, case.hkv, d, backend="fa4")
+            launch = bidiattn.plan(spans, case.hq, case.hkv, d, window=case.window, backend="triton", paged=True)
             cu_q32 = torch.tensor([0, n], dtype=torch.int32, device="cuda")
             used = torch.tensor([t], dtype=torch.int32, device="cuda")
             variants = {
-                "fa4_paged": (lambda: paged_attention(q, cache, table, spans, backend="fa4", segment_plan=seg,
+                "fa4_paged": (lambda: paged_attention(q, cache, table, spans, plan=seg,
                                                       validate=False), fl),
-                "fa4_contiguous": (lambda: bidiattn.attention(q, k, v, spans, backend="fa4", segment_plan=seg_flat), fl),
+                "fa4_contiguous": (lambda: bidiattn.attention(q, k, v, spans, plan=seg_flat), fl),
                 "triton_paged": (lambda: paged_attention(q, cache, table, spans, plan=launch, validate=False), fl),
                 "fa4_causal_paged": (lambda: fa4._flash_attn_fwd(
                     q, cache.k_pages, cache.v_pages, cu_seqlens_q=cu_q32, seqused_k=used, max_seqlen_q=n,
                     max_seqlen_k=t, page_table=table, causal=True)[0], 4 * causal_pairs * d * case.hq),
             }
             row = dict(case=case.name, step=label, rows=n, keys=t, pairs=pairs, page_size=PAGE,
-                       launches=[dict(kind=c.kind, segments=c.num_segments) for c in seg.calls])
+                       launches=[dict(kind=c.kind, segments=c.num_segments) for c in seg.segments.calls])
             for name, (fn, flops) in variants.items():
                 try:
                     got = fn()

@@ -5,8 +5,8 @@
 Writes forward-<device>-<date>.json and .md (PERF.md section 1 cites them) and prints PERF.md's rows for
 them. TFLOP/s are counted on spans.num_pairs()
 (4 * pairs * D * Hq: two matmuls, 2 FLOPs per multiply-add); the causal columns on causal pairs.
-Columns: bidiattn triton (the public call: validation and the launch plan inside the call);
-bidiattn triton, planned (the public call with ``plan=bidiattn.plan_attention(...)`` built once
+Columns: bidiattn triton (the public call: validation, and the launch plan the first call keeps on the spans);
+bidiattn triton, planned (the public call with ``plan=bidiattn.plan(...)`` built once
 outside the timing, as a model's layers share it and as the peer's block mask below is built once); bidiattn flex (FlexAttention,
 BlockMask built from the spans inside the call); FlexAttention with create_block_mask over a mask_mod (the usual peer recipe, mask
 built once, outside the timing); SDPA with a dense mask; SDPA causal and FA4 causal (speed
@@ -72,7 +72,7 @@ def main() -> None:
             return cases.rel_err(out, want)
 
         try_time(row, "bidiattn_triton", lambda: bidiattn.attention(q, k, v, spans, backend="triton"), check, fl)
-        plan = bidiattn.plan_attention(spans, case.hq, case.hkv, d, window=case.window)
+        plan = bidiattn.plan(spans, case.hq, case.hkv, d, window=case.window, backend="triton")
         try_time(row, "bidiattn_planned", lambda: bidiattn.attention(q, k, v, spans, backend="triton", plan=plan),
                  check, fl)
         try_time(row, "bidiattn_flex", lambda: bidiattn.attention(q, k, v, spans, backend="flex"), check, fl)

@@ -27,8 +27,9 @@ import cases
 from bidiattn import rules
 from bidiattn.blocks import BlockList
 from bidiattn.serving.kvcache import PagedKVCache, paged_attention
-from bidiattn.kernels.forward import TileConfig, pick_config, plan_forward, span_attention_forward
-from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.kernels.forward import span_attention_forward
+from bidiattn.launch import TileConfig, pick_config, plan_forward
+from bidiattn.serving.prefill import RequestLayout, plan_prefill, step_spans
 from bidiattn.serving.graphs import capture
 from bidiattn.serving.runner import AttentionStack, ServingSession, StackConfig
 from bidiattn.spans import SpanMask

@@ -23,8 +23,9 @@ import torch
 
 import cases
 from bidiattn import rules
-from bidiattn.kernels.forward import TileConfig, plan_forward, span_attention_forward
-from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.kernels.forward import span_attention_forward
+from bidiattn.launch import TileConfig, plan_forward
+from bidiattn.serving.prefill import RequestLayout, plan_prefill, step_spans
 from inference import D, HKV, HQ, _graphed, image_ids
 
 # None: the planner's choice. Tried and dropped (NOTES.md, "Tried and removed"): 256x128,

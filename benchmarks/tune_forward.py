@@ -19,7 +19,8 @@ import torch
 
 import cases
 from bidiattn.kernels import forward
-from bidiattn.kernels.forward import TileConfig, span_attention_forward
+from bidiattn.kernels.forward import span_attention_forward
+from bidiattn.launch import TileConfig
 
 T = TileConfig
 # Round 1 and 2 of 2026-11-21 (warp_specialize variants, since dropped, are in that run's results, in git history).

@@ -83,7 +83,7 @@ def test_bools_floats_and_strings_are_refused_as_ints(bad):
                                 cu_seqlens=torch.tensor([0, 4]), total_tokens=bad)
     spans = rules.build("gemma3", "official", "full", block_ids=ids)
     with pytest.raises(TypeError, match=re.escape(f"num_q_heads must be an int, got {bad!r}")):
-        bidiattn.plan_attention(spans, bad, 1, 16)
+        bidiattn.plan(spans, bad, 1, 16)
 
 
 def test_numpy_scale_softcap_and_plan_sizes():
@@ -94,7 +94,7 @@ def test_numpy_scale_softcap_and_plan_sizes():
     want = bidiattn.attention(q, k, v, spans, scale=0.3, softcap=5.0, backend="reference")
     got = bidiattn.attention(q, k, v, spans, scale=np.float32(0.3), softcap=np.float32(5.0), backend="reference")
     torch.testing.assert_close(got, want)
-    plan = bidiattn.plan_attention(spans, np.int64(4), np.int32(2), np.int64(16), window=np.int64(2))
+    plan = bidiattn.plan(spans, np.int64(4), np.int32(2), np.int64(16), window=np.int64(2), backend="triton")
     out = bidiattn.attention(q, k, v, spans, scale=np.float16(0.3), softcap=np.float32(5.0), backend="triton",
                              plan=plan)
     torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3)
@@ -175,7 +175,7 @@ def test_decode_step_with_empty_slots_through_the_planned_kernel():
     hi = torch.tensor([5, 3, 4], dtype=torch.int32)
     spans = SpanMask(lo, hi, cu_q, cu_seqlens_k=cu_k, total_keys=20).to(DEVICE)
     q, k, v = _qkv(3, 20)
-    plan = bidiattn.plan_attention(spans, 4, 2, 16, backward=False)
+    plan = bidiattn.plan(spans, 4, 2, 16, backend="triton")
     out = bidiattn.attention(q, k, v, spans, backend="triton", plan=plan)
     want = bidiattn.attention(q.float(), k.float(), v.float(), spans, backend="reference")
     torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
@@ -196,7 +196,7 @@ from bidiattn import rules
 spans = rules.build("causal", "official", "full", block_ids=torch.zeros(4, dtype=torch.int64))
 q = torch.randn(4, 2, 16, dtype=torch.float16)
 for call in (lambda: bidiattn.attention(q, q, q, spans, backend="triton"),
-             lambda: bidiattn.plan_attention(spans, 2, 2, 16)):
+             lambda: bidiattn.plan(spans, 2, 2, 16, backend="triton")):
     try:
         call()
     except ImportError as err:

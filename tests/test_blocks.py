@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bidiattn import SpanMask, rules
 from bidiattn.blocks import BlockList
-from bidiattn.serving.planner import RequestLayout
+from bidiattn.serving.prefill import RequestLayout
 from conftest import random_packed_layout
 
 pytest.importorskip("triton", reason="triton is not installed")

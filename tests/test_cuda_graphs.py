@@ -80,7 +80,8 @@ def test_serving_step_from_block_lists_replays_with_new_layouts():
     # one launch plan, two layers over it. Replayed with layouts whose block counts, chunk sizes
     # and cache lengths all change; no host sync inside the step.
     from bidiattn.blocks import BlockList
-    from bidiattn.kernels.forward import plan_forward, span_attention_forward
+    from bidiattn.kernels.forward import span_attention_forward
+    from bidiattn.launch import plan_forward
 
     hq, hkv, d, total, keys_per_seq = 8, 2, 128, 96, 400
     starts = torch.zeros(8, dtype=torch.int32, device="cuda")

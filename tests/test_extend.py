@@ -11,8 +11,9 @@ import torch
 
 import bidiattn
 from bidiattn import reference, rules
-from bidiattn.serving.planner import Chunk, RequestLayout, Step, plan_prefill, step_spans
-from bidiattn.kernels.forward import TileConfig, span_attention_forward
+from bidiattn.serving.prefill import Chunk, RequestLayout, Step, plan_prefill, step_spans
+from bidiattn.kernels.forward import span_attention_forward
+from bidiattn.launch import TileConfig
 from bidiattn.spans import SpanMask
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -200,7 +201,8 @@ def test_gradients_of_a_sequence_ignore_the_next_ones_rows_and_keys(tma):
     # The backward's tiles run past a sequence: a dQ-pass key tile into the next request's keys
     # (never seen by its rows: window 6), a dK/dV-pass query range into the next request's
     # rows. Both made inf there; request 0's gradients must stay those of the clean inputs.
-    from bidiattn.kernels.backward import BackwardConfig, span_attention_backward
+    from bidiattn.kernels.backward import span_attention_backward
+    from bidiattn.launch import BackwardConfig
 
     full = rules.build("gemma3", "official", "sliding", block_ids=torch.zeros(40, dtype=torch.int64), window=6)
     spans = step_spans(Step((Chunk(0, 30, 37), Chunk(1, 36, 40))), [full, full])

@@ -1,24 +1,32 @@
 """backend="fa4" (FlashAttention-4 launches over row segments) against the fp32 reference.
 
-GPU tests need FA4 (``pip install 'bidiattn[fa4]'``, or ``../shared/device/stage-fa4.sh`` on the
-GPU machine); where it does not import they skip with that reason. The pure-torch planning is
-tested on CPU in test_segments.py. Tolerance as for the triton backend: error <= 2x PyTorch's
-own low-precision error against fp32 (+ small atol).
+CPU: the fa4 backend's own logic — segment launches, the plan's per-launch options, the
+backward's copies of each segment's keys and the sums of dK/dV — runs against ``fake_fa4``
+(FlashAttention's varlen semantics written in PyTorch), forward and gradients, on every rule.
+GPU tests need FA4 (``pip install 'bidiattn[fa4]'``, or ``bash .fa4a/install.sh`` then
+``source .fa4b/env.sh`` on the GPU machine); where it does not import they skip with that
+reason. Tolerance on the GPU as for the triton backend: error <= 2x PyTorch's own low-precision
+error against fp32 (+ small atol).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 
 import pytest
 import torch
 
 import bidiattn
-from bidiattn import reference, rules
-from bidiattn.segments import plan_segments
+import bidiattn.kernels.fa4
+from bidiattn import launch, reference, rules
+from bidiattn.launch import plan_segments
 from bidiattn.spans import SpanMask
 from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout, tail_rows
+from fake_fa4 import FakeFA4
+
+RULES = [(f, c, layer) for f in rules.FAMILIES for c in rules.CONVENTIONS for layer in rules.LAYERS]
 
 
 def fa4_available() -> bool:
@@ -32,27 +40,178 @@ def fa4_available() -> bool:
 requires_fa4 = pytest.mark.skipif(not fa4_available(), reason="FlashAttention-4 (flash_attn.cute) is not installed")
 
 
-def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, strategy="segments"):
+# ----------------------------------------------------------------------------- CPU, fake FA4
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """FA4 replaced by :class:`FakeFA4`, and taken for CPU fp32 inputs."""
+    fake = FakeFA4()
+    monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4"], "_fa4_interface", lambda: fake)
+    for module in (sys.modules["bidiattn.attention"], launch):
+        monkeypatch.setattr(module, "fa4_unsupported", lambda *args: None)
+    return fake
+
+
+def grads_of(fn, q, k, v, dout, dlse=None):
+    x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*x)
+    loss = (out.double() * dout).sum() + (0 if dlse is None else (lse.double() * dlse).sum())
+    return (out, lse, *torch.autograd.grad(loss, x))
+
+
+def check_against_reference(spans, hq, hkv, d, seed, softcap=None, with_lse=True):
+    g = torch.Generator().manual_seed(seed)
+    t, tk = spans.total_tokens, spans.total_keys
+    q = torch.randn(t, hq, d, generator=g)
+    k, v = (torch.randn(tk, hkv, d, generator=g) for _ in range(2))
+    dout = torch.randn(t, hq, d, generator=g, dtype=torch.float64)
+    dlse = torch.randn(hq, t, generator=g, dtype=torch.float64) if with_lse else None
+    got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True, backend="fa4"),
+                   q, k, v, dout, dlse)
+    want = grads_of(lambda a, b, c: reference.attention(a, b, c, spans, softcap=softcap, return_lse=True),
+                    q, k, v, dout, dlse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("family,convention,layer", RULES)
+def test_fake_fa4_forward_and_gradients_on_every_rule(fake_fa4, family, convention, layer):
+    rng = random.Random(hash((family, convention, layer, "fake")) % 997)
+    ids, cu = random_packed_layout(rng, max_seqs=3, max_len=60, block_frac=0.4)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=7, cu_seqlens=cu)
+    check_against_reference(spans, 4, 2, 16, seed=1)
+    check_against_reference(tail_rows(spans, [rng.randint(1, 30) for _ in range(spans.num_sequences)]), 4, 2, 16,
+                            seed=2, with_lse=False)
+    assert {c[0] for c in fake_fa4.calls} == {"fwd", "bwd"}
+
+
+def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, monkeypatch):
+    # A budget of no keys puts every segment in a chunk of its own: the same gradients.
+    spans = image_spans(90, [(10, 40), (50, 70)], "gemma3", "official", "sliding", window=12)
+    check_against_reference(spans, 2, 1, 16, seed=3, softcap=5.0)
+    monkeypatch.setattr(launch, "_GRAD_KEYS", 0)
+    plan = launch.plan(spans, 2, 1, 16, backend="fa4")
+    assert all(len(c.grad_chunks) == c.num_segments for c in plan.segments.calls)
+    fake_fa4.calls.clear()
+    spans_again = SpanMask(spans.lo, spans.hi)  # a new object plans anew, with the new budget
+    check_against_reference(spans_again, 2, 1, 16, seed=3, softcap=5.0)
+    assert sum(1 for c in fake_fa4.calls if c[0] == "bwd") == plan.segments.num_segments
+
+
+def test_fake_fa4_backward_chunks_keep_the_copies_within_the_budget():
+    blocks = [(s, s + 1092) for s in range(500, 16384, 2048)]
+    plan = plan_segments(image_spans(16384, blocks))
+    for call in plan.calls:
+        lengths = call.k_len.tolist()
+        assert [c.first for c in call.grad_chunks] == sorted(c.first for c in call.grad_chunks)
+        assert call.grad_chunks[0].first == 0 and call.grad_chunks[-1].end == call.num_segments
+        for a, b in zip(call.grad_chunks, call.grad_chunks[1:]):
+            assert a.end == b.first
+        for c in call.grad_chunks:
+            assert c.keys == sum(lengths[c.first : c.end])
+            assert c.keys <= launch._GRAD_KEYS * 16384 or c.end == c.first + 1
+            assert c.max_k_len == max(lengths[c.first : c.end]) and c.rows == sum(call.q_len.tolist()[c.first : c.end])
+        assert len(call.grad_chunks) > 1  # the benchmark layout's prefixes add up past twice the keys
+
+
+def test_fake_fa4_pack_gqa_per_launch_kind(fake_fa4):
+    # Sliding-window launches run with FA4's pack_gqa off, causal and full ones with its own choice.
+    blocks = [(s, s + 300) for s in range(100, 2048, 700)]
+    spans = image_spans(2048, blocks, "gemma3", "official", "sliding", window=256)
+    q = torch.randn(2048, 4, 16)
+    k = v = torch.randn(2048, 2, 16)
+    bidiattn.attention(q, k, v, spans, backend="fa4")
+    plan = spans._plans[next(iter(spans._plans))]
+    kinds = {c.kind: c.pack_gqa for c in plan.segments.calls}
+    assert kinds["window"] is False and kinds.get("open", False) is False and kinds["causal"] is None
+    assert [c[3] for c in fake_fa4.calls] == [c.pack_gqa for c in plan.segments.calls]
+
+
+def test_fake_fa4_paged_forward(fake_fa4):
+    from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
+
+    spans = tail_rows(image_spans(150, [(30, 100)], "paligemma", "official", "sliding", window=20), [70])
+    cache = PagedKVCache.allocate(12, 16, 2, 16, dtype=torch.float32, device="cpu")
+    table = torch.tensor([[7, 2, 9, 0, 4, 11, 1, 3, 5, 6]], dtype=torch.int32)
+    k, v = torch.randn(150, 2, 16), torch.randn(150, 2, 16)
+    append(cache, k, v, table, spans.cu_seqlens_k, torch.zeros(1, dtype=torch.int64))
+    q = torch.randn(70, 4, 16)
+    out = paged_attention(q, cache, table, spans, backend="fa4")
+    torch.testing.assert_close(out, reference.attention(q, k, v, spans), atol=1e-5, rtol=1e-5)
+    assert spans._plans[next(iter(spans._plans))].segments.paged
+
+
+# ----------------------------------------------------------------------------- errors
+def test_without_fa4_or_cuda_it_says_why():
+    q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+    spans = image_spans(5, [(1, 3)])
+    with pytest.raises(ValueError, match="backend='fa4' needs"):
+        bidiattn.attention(q, q[:, :1], q[:, :1], spans, backend="fa4")
+
+
+def test_paged_attention_backend_and_plan_errors(monkeypatch):
+    from bidiattn.serving.kvcache import PagedKVCache, paged_attention
+
+    cache = PagedKVCache.allocate(2, 4, 1, 16, dtype=torch.float16, device="cpu")
+    spans = SpanMask(torch.tensor([0]), torch.tensor([3]), cu_seqlens_k=torch.tensor([0, 4]), total_keys=4)
+    q = torch.randn(1, 1, 16).half()
+    table = torch.tensor([[0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'fa4', got 'flex'"):
+        paged_attention(q, cache, table, spans, backend="flex")
+    with pytest.raises(TypeError, match=r"plan must be a bidiattn.Plan from bidiattn.plan\(\), got dict"):
+        paged_attention(q, cache, table, spans, plan={})
+    contiguous = launch.plan(spans, 1, 1, 16, backend="fa4")
+    with pytest.raises(ValueError, match=r"this fa4 plan was made with paged=False; serving.kvcache.paged_attention "
+                                         r"needs bidiattn.plan\(..., paged=True\)"):
+        paged_attention(q, cache, table, spans, plan=contiguous)
+    with pytest.raises(ValueError, match="paged_attention runs 'triton' or 'fa4'; this plan runs backend='reference'"):
+        paged_attention(q, cache, table, spans, plan=launch.plan(spans, 1, 1, 16, backend="reference"))
+    with pytest.raises(ValueError, match="made for another SpanMask object"):
+        paged_attention(q, cache, table, spans, plan=launch.plan(SpanMask(spans.lo, spans.hi, cu_seqlens_k=spans.cu_seqlens_k,
+                                                                          total_keys=4), 1, 1, 16, paged=True))
+    if not fa4_available():
+        with pytest.raises(ValueError, match="needs FlashAttention-4"):
+            paged_attention(q, cache, table, spans, backend="fa4")
+
+
+# ----------------------------------------------------------------------------- GPU, real FA4
+def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, backend="fa4"):
     g = torch.Generator().manual_seed(seed)
     t, tk = spans.total_tokens, spans.total_keys
     q = torch.randn(t, hq, d, generator=g).to(dtype).cuda()
     k, v = (torch.randn(tk, hkv, d, generator=g).to(dtype).cuda() for _ in range(2))
     spans = spans.to("cuda")
     scale = 1 / math.sqrt(d)
-    if strategy == "mask_mod":
-        out = bidiattn.attention(q, k, v, spans, softcap=softcap, backend="fa4", fa4_strategy=strategy)
-        lse = None
-    else:
-        out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="fa4",
-                                      fa4_strategy=strategy)
+    out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend=backend)
     ref32, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
     torch_err = (lowp_attention(q, k, v, spans, scale, softcap).float() - ref32).abs().max().item()
     err = (out.float() - ref32).abs().max().item()
     assert not torch.isnan(out).any()
     assert err <= 2 * torch_err + 1e-3, (err, torch_err)
-    if lse is not None:
-        assert not torch.isnan(lse).any()
-        torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+    assert not torch.isnan(lse).any()
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backend="fa4"):
+    g = torch.Generator().manual_seed(seed)
+    t = spans.total_tokens
+    q, k, v = (torch.randn(t, h, d, generator=g).to(torch.bfloat16).cuda() for h in (hq, hkv, hkv))
+    dout = torch.randn(t, hq, d, generator=g).cuda()
+    dlse = torch.randn(hq, t, generator=g).cuda() if with_lse else None
+
+    def grads(fn):
+        x = [a.detach().clone().requires_grad_() for a in (q, k, v)]
+        out, lse = fn(*x)
+        loss = (out.float() * dout).sum() + (0 if dlse is None else (lse * dlse).sum())
+        return torch.autograd.grad(loss, x)
+
+    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True, backend=backend))
+    want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans, softcap=softcap,
+                                                     return_lse=True))
+    lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(d), softcap, return_lse=True))
+    for name, a, w, lo in zip("qkv", got, want, lowp):
+        err = (a.float() - w).abs().max().item()
+        bound = 2 * (lo.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
+        assert err <= bound, (name, err, bound)
 
 
 @pytest.mark.gpu
@@ -66,8 +225,7 @@ def test_odd_lengths(length, dtype):
 
 @pytest.mark.gpu
 @requires_fa4
-@pytest.mark.parametrize("family,convention", [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS])
-@pytest.mark.parametrize("layer", rules.LAYERS)
+@pytest.mark.parametrize("family,convention,layer", RULES)
 def test_every_rule_on_packed_sequences(family, convention, layer):
     rng = random.Random(hash((family, convention, layer, "fa4")) % 997)
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=300, block_frac=0.4)
@@ -86,88 +244,65 @@ def test_head_dims_and_softcap(d):
     check_forward(spans, 4, 1, d, torch.bfloat16, softcap=30.0 if d == 256 else None, seed=d)
 
 
+def real_size_spans(d: int, layer: str) -> SpanMask:
+    """The benchmark layouts (benchmarks/cases.py) at 8K tokens: hd128 1092-token images every
+    2048, hd256 256-token images every 1024; sliding window 1024."""
+    size, every = (1092, 2048) if d == 128 else (256, 1024)
+    blocks = [(s, s + size) for s in range(every - size, 8192, every)]
+    return image_spans(8192, blocks, layer=layer, window=1024 if layer == "sliding" else None).to("cuda")
+
+
 @pytest.mark.gpu
 @requires_fa4
-def test_real_size_and_a_shared_plan():
+@pytest.mark.parametrize("d,hq,hkv,layer", [(128, 16, 8, "full"), (256, 8, 4, "full"), (256, 8, 4, "sliding")])
+def test_default_call_runs_fa4_at_real_sizes(d, hq, hkv, layer):
+    # Hopper/Blackwell with FA4: the default call is fa4, planned once per spans object, equal to
+    # the explicit plan bitwise and to the reference within the low-precision bound.
+    spans = real_size_spans(d, layer)
+    assert bidiattn.plan(spans, hq, hkv, d).backend == "fa4"
+    check_forward(spans, hq, hkv, d, torch.bfloat16, seed=d, backend="auto")
+    q, k, v = (torch.randn(spans.total_tokens, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    default = bidiattn.attention(q, k, v, spans)
+    assert len(spans._plans) == 1
+    assert torch.equal(default, bidiattn.attention(q, k, v, spans, plan=bidiattn.plan(spans, hq, hkv, d)))
+    assert torch.equal(default, bidiattn.attention(q, k, v, spans, backend="fa4"))
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("d,hq,hkv,layer", [(128, 16, 8, "full"), (128, 16, 8, "sliding"), (256, 8, 4, "full"),
+                                             (256, 8, 4, "sliding")])
+def test_fa4_backward_at_real_sizes(d, hq, hkv, layer):
+    check_gradients(real_size_spans(d, layer), hq, hkv, d, seed=d, with_lse=layer == "full")
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("family,convention,layer", [("gemma4", "official", "sliding"), ("paligemma", "vllm", "sliding"),
+                                                     ("gemma3", "transformers", "full")])
+def test_fa4_backward_on_packed_sequences_with_softcap(family, convention, layer):
+    rng = random.Random(hash((family, layer, "bwd")) % 997)
+    ids, cu = random_packed_layout(rng, max_seqs=4, max_len=400, block_frac=0.4)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=64, cu_seqlens=cu).to("cuda")
+    check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True)
+
+
+@pytest.mark.gpu
+@requires_fa4
+def test_a_captured_step_with_an_explicit_plan_replays_exactly():
+    # With the plan built outside, a call issues no host sync: it captures in a CUDA graph.
+    from bidiattn.serving.graphs import capture
+
     spans = gpu_size_spans().to("cuda")
-    check_forward(spans, 16, 8, 128, torch.bfloat16, seed=9)
     q, k, v = (torch.randn(spans.total_tokens, h, 128, device="cuda", dtype=torch.bfloat16) for h in (16, 8, 8))
-    plan = plan_segments(spans)
-    shared = bidiattn.attention(q, k, v, spans, backend="fa4", segment_plan=plan)
-    assert torch.equal(shared, bidiattn.attention(q, k, v, spans, backend="fa4"))
-    # auto takes fa4 when a plan is given, triton without one.
-    assert torch.equal(shared, bidiattn.attention(q, k, v, spans, segment_plan=plan))
-    assert torch.equal(bidiattn.attention(q, k, v, spans), bidiattn.attention(q, k, v, spans, backend="triton"))
-    other = SpanMask(spans.lo.clone(), spans.hi.clone())
-    with pytest.raises(ValueError, match="segment_plan was planned from another SpanMask"):
-        bidiattn.attention(q, k, v, other, backend="fa4", segment_plan=plan)
-
-
-@pytest.mark.gpu
-@requires_fa4
-@pytest.mark.gpu
-@requires_fa4
-@pytest.mark.parametrize("family,convention,layer", [("gemma3", "official", "full"), ("gemma4", "official", "sliding"),
-                                                     ("paligemma", "vllm", "sliding")])
-@pytest.mark.parametrize("d", [128, 256])
-def test_mask_mod_strategy_forward(family, convention, layer, d):
-    rng = random.Random(hash((family, layer, d)) % 997)
-    ids, cu = random_packed_layout(rng, max_seqs=3, max_len=300, block_frac=0.4)
-    spans = rules.build(family, convention, layer, block_ids=ids, window=37, cu_seqlens=cu)
-    check_forward(spans, 8, 2, d, torch.bfloat16, seed=5, strategy="mask_mod")
-
-
-@pytest.mark.gpu
-@requires_fa4
-@pytest.mark.parametrize("strategy", ["segments", "mask_mod"])
-def test_gradients_match_the_reference(strategy):
-    spans = image_spans(301, [(20, 150), (200, 260)], "gemma4", "official", "sliding", window=64).to("cuda")
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(301, h, 128, generator=g).to(torch.bfloat16).cuda() for h in (4, 2, 2))
-    dout = torch.randn(301, 4, 128, generator=g).cuda()
-
-    def grads(fn):
-        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        return torch.autograd.grad((fn(*x).float() * dout).sum(), x)
-
-    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, backend="fa4", fa4_strategy=strategy))
-    want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans))
-    lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(128), None))
-    for name, a, w, t in zip("qkv", got, want, lowp):
-        err = (a.float() - w).abs().max().item()
-        bound = 2 * (t.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
-        assert err <= bound, (name, err, bound)
-
-
-def test_without_fa4_or_cuda_it_says_why():
-    q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
-    spans = image_spans(5, [(1, 3)])
-    with pytest.raises(ValueError, match="backend='fa4' needs"):
-        bidiattn.attention(q, q[:, :1], q[:, :1], spans, backend="fa4")
-
-
-@pytest.mark.gpu
-@requires_fa4
-def test_strategy_errors():
-    q = torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    spans = image_spans(300, [(10, 200)]).to("cuda")
-    with pytest.raises(ValueError, match="fa4_strategy must be one of .* got 'dense'"):
-        bidiattn.attention(q, q, q, spans, backend="fa4", fa4_strategy="dense")
-    with pytest.raises(ValueError, match="returns no lse"):
-        bidiattn.attention(q, q, q, spans, backend="fa4", fa4_strategy="mask_mod", return_lse=True)
-    q256 = torch.randn(300, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    with pytest.raises(ValueError, match="no backward at head dim 256"):
-        bidiattn.attention(q256, q256, q256, spans, backend="fa4", fa4_strategy="mask_mod")
-    extend = tail_rows(spans.to("cpu"), [5]).to("cuda")
-    with pytest.raises(ValueError, match="self-attention spans only"):
-        bidiattn.attention(q[-5:], q, q, extend, backend="fa4", fa4_strategy="mask_mod")
-
-
-def test_auto_without_fa4_support_ignores_the_plan():
-    q = torch.randn(5, 2, 64)
-    spans = image_spans(5, [(1, 3)])
-    got = bidiattn.attention(q, q[:, :1], q[:, :1], spans, segment_plan=plan_segments(spans))
-    assert torch.equal(got, reference.attention(q, q[:, :1], q[:, :1], spans))
+    for backend in ("fa4", "triton"):
+        plan = bidiattn.plan(spans, 16, 8, 128, backend=backend)
+        graph, out = capture(lambda: bidiattn.attention(q, k, v, spans, plan=plan), forbid_sync=True)
+        for _ in range(2):
+            for x in (q, k, v):
+                x.copy_(torch.randn_like(x))
+            graph.replay()
+            assert torch.equal(out, bidiattn.attention(q, k, v, spans, plan=plan)), backend
 
 
 def paged_case(spans, page_size, hq, hkv, d, seed):
@@ -207,8 +342,8 @@ def test_paged_extend_steps_match_the_reference(page_size, family, convention, l
     # with the whole prompt's spans: exact wherever a chunk starts).
     spans = tail_rows(whole, [rng.choice([1, rng.randint(1, 150)]) for _ in range(whole.num_sequences)]).to("cuda")
     q, k, v, cache, table = paged_case(spans, page_size, 8, 2, 128, seed=page_size)
-    plan = plan_segments(spans, paged=True)
-    out = paged_attention(q, cache, table, spans, backend="fa4", segment_plan=plan)
+    plan = bidiattn.plan(spans, 8, 2, 128, backend="fa4", paged=True)
+    out = paged_attention(q, cache, table, spans, plan=plan)
     ref = reference.attention(q.float(), k.float(), v.float(), spans)
     torch_err = (lowp_attention(q, k, v, spans, 128**-0.5, None).float() - ref).abs().max().item()
     assert (out.float() - ref).abs().max().item() <= 2 * torch_err + 1e-3
@@ -225,39 +360,10 @@ def test_paged_one_row_windows_for_runs_with_an_offset_first_key():
 
     spans = image_spans(300, [(100, 260)], family="paligemma", layer="sliding", window=40)
     spans = tail_rows(spans, [250]).to("cuda")
-    plan = plan_segments(spans, paged=True)
-    assert any(c.kind == "window" and c.max_q_len == 1 for c in plan.calls)
+    plan = bidiattn.plan(spans, 4, 2, 128, backend="fa4", paged=True)
+    assert any(c.kind == "window" and c.max_q_len == 1 for c in plan.segments.calls)
     q, k, v, cache, table = paged_case(spans, 16, 4, 2, 128, seed=1)
-    out = paged_attention(q, cache, table, spans, backend="fa4", segment_plan=plan)
+    out = paged_attention(q, cache, table, spans, plan=plan)
     ref = reference.attention(q.float(), k.float(), v.float(), spans)
     torch_err = (lowp_attention(q, k, v, spans, 128**-0.5, None).float() - ref).abs().max().item()
     assert (out.float() - ref).abs().max().item() <= 2 * torch_err + 1e-3
-
-
-@pytest.mark.gpu
-@requires_fa4
-def test_paged_fa4_refuses_a_contiguous_plan():
-    from bidiattn.serving.kvcache import paged_attention
-
-    spans = tail_rows(image_spans(100, [(10, 40)]), [30]).to("cuda")
-    q, _, _, cache, table = paged_case(spans, 16, 4, 2, 128, seed=2)
-    with pytest.raises(ValueError, match=r"a contiguous segment plan for a paged cache; plan_segments\(spans, paged=True\)"):
-        paged_attention(q, cache, table, spans, backend="fa4", segment_plan=plan_segments(spans))
-
-
-def test_paged_attention_backend_errors():
-    from bidiattn.serving.kvcache import PagedKVCache, paged_attention
-
-    cache = PagedKVCache.allocate(2, 4, 1, 16, dtype=torch.float16, device="cpu")
-    spans = SpanMask(torch.tensor([0]), torch.tensor([3]), cu_seqlens_k=torch.tensor([0, 4]), total_keys=4)
-    q = torch.randn(1, 1, 16).half()
-    table = torch.tensor([[0]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="backend must be 'triton' or 'fa4', got 'flex'"):
-        paged_attention(q, cache, table, spans, backend="flex")
-    with pytest.raises(ValueError, match="segment_plan is for backend='fa4'"):
-        paged_attention(q, cache, table, spans, segment_plan=plan_segments(spans, paged=True))
-    with pytest.raises(ValueError, match="backend='fa4' takes segment_plan"):
-        paged_attention(q, cache, table, spans, backend="fa4", plan=object())
-    if not fa4_available():
-        with pytest.raises(ValueError, match="needs FlashAttention-4"):
-            paged_attention(q, cache, table, spans, backend="fa4")

@@ -11,7 +11,7 @@ import torch
 import bidiattn
 from bidiattn import reference, rules
 from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
-from bidiattn.serving.planner import RequestLayout, plan_prefill, step_spans
+from bidiattn.serving.prefill import RequestLayout, plan_prefill, step_spans
 from bidiattn.spans import SpanMask
 from conftest import lowp_attention
 
@@ -145,9 +145,9 @@ def test_cache_shape_errors():
 
 def test_shared_launch_plan_gives_the_same_bits_for_every_layer():
     # Two layers over one step's spans (decode of 3 sequences and a prefill chunk): one plan,
-    # built once, passed to both; each equals its own unplanned call bitwise.
+    # built once, passed to both; each equals the unplanned call on a copy of the spans (which
+    # plans for itself) bitwise.
     from bidiattn.blocks import BlockList
-    from bidiattn.kernels.forward import plan_forward
 
     g = torch.Generator().manual_seed(5)
     page_size, k_lens, q_lens = 8, [40, 17, 29], [1, 1, 12]
@@ -158,20 +158,23 @@ def test_shared_launch_plan_gives_the_same_bits_for_every_layer():
                                     total_tokens=sum(q_lens), window=9, cu_seqlens_k=cu_k, total_keys=sum(k_lens))
     table, num_pages = shuffled_page_table(random.Random(5), k_lens, page_size)
     table = table.to(DEVICE)
-    plan = plan_forward(spans, HQ, HKV, D)
+    plan = bidiattn.plan(spans, HQ, HKV, D, paged=True)
+    assert plan.backend == "triton"  # auto: triton for paged keys
+    copy = SpanMask(spans.lo, spans.hi, spans.cu_seqlens, cu_seqlens_k=cu_k, total_keys=sum(k_lens))
     for _layer in range(2):
         cache = PagedKVCache.allocate(num_pages, page_size, HKV, D, dtype=torch.float16, device=DEVICE)
         k, v = (torch.randn(sum(k_lens), HKV, D, generator=g).half().to(DEVICE) for _ in range(2))
         append(cache, k, v, table, cu_k, torch.zeros(3, dtype=torch.int64, device=DEVICE))
         q = torch.randn(sum(q_lens), HQ, D, generator=g).half().to(DEVICE)
         got = paged_attention(q, cache, table, spans, plan=plan)
-        assert torch.equal(got, paged_attention(q, cache, table, spans))
+        assert torch.equal(got, paged_attention(q, cache, table, copy))
         torch.testing.assert_close(got.float(), reference.attention(q.float(), k.float(), v.float(), spans),
                                    atol=2e-3, rtol=0)
 
 
 def test_launch_plan_refuses_other_spans_and_shapes():
-    from bidiattn.kernels.forward import TileConfig, plan_forward, span_attention_forward
+    from bidiattn.kernels.forward import span_attention_forward
+    from bidiattn.launch import TileConfig, plan_forward
 
     spans = rules.build("gemma3", "official", "full", block_ids=torch.tensor([0, 1, 1, 0, 0]).to(DEVICE))
     q = torch.randn(5, HQ, D).half().to(DEVICE)
@@ -238,7 +241,7 @@ def test_append_rejects_tensors_on_another_device():
     (2048, 12, 4, (1, None)),  # group 3 does not divide 128 rows: one head per tile
 ])
 def test_tiles_by_gqa_group_for_sliding_and_full_layers(tokens, hq, hkv, want):
-    from bidiattn.kernels.forward import plan_forward
+    from bidiattn.launch import plan_forward
 
     ids = torch.zeros(tokens, dtype=torch.int64)
     for layer, window in (("sliding", 1024), ("full", None)):
@@ -248,7 +251,8 @@ def test_tiles_by_gqa_group_for_sliding_and_full_layers(tokens, hq, hkv, want):
 
 
 def test_packed_sliding_step_tiles_match_the_reference():
-    from bidiattn.kernels.forward import TileConfig, span_attention_forward
+    from bidiattn.kernels.forward import span_attention_forward
+    from bidiattn.launch import TileConfig
 
     ids = torch.zeros(300, dtype=torch.int64)
     ids[40:170] = 1
@@ -270,7 +274,9 @@ def test_tma_loads_through_pages_equal_contiguous_and_ignore_unwritten_slots(see
     """Pages of a multiple of block_n keys take the TMA path (one page-table read per key tile).
     Unwritten slots and spare pages hold inf/nan: the last key tile of a sequence reads past its
     keys inside its last page, which must not reach any output."""
-    from bidiattn.kernels.forward import TileConfig, plan_forward
+    import dataclasses
+
+    from bidiattn.launch import TileConfig, plan_forward
 
     rng = random.Random(seed)
     ids = [request_ids(rng, rng.randint(20, 90)) for _ in range(rng.randint(1, 3))]
@@ -293,7 +299,9 @@ def test_tma_loads_through_pages_equal_contiguous_and_ignore_unwritten_slots(see
     for cfg in (TileConfig(32, 16, 4, 2, tma=True), TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True, tma=True),
                 TileConfig(32, 16, 4, 3, edge_stages=1, pack_gqa=True, tma=True, column_halves=True),
                 TileConfig(32, 16, 4, 2, column_halves=True)):
-        got = paged_attention(q, cache, table, extend, plan=plan_forward(extend, HQ, HKV, D, config=cfg))
+        tiles = plan_forward(extend, HQ, HKV, D, config=cfg)
+        got = paged_attention(q, cache, table, extend,
+                              plan=dataclasses.replace(bidiattn.plan(extend, HQ, HKV, D, backend="triton"), triton=tiles))
         contiguous = span_attention_forward_with(q, k, v, spans, cfg)
         assert torch.equal(got, contiguous), cfg  # the same tiles and loads; only the rows' addresses differ
         torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=0)
@@ -307,7 +315,8 @@ def span_attention_forward_with(q, k, v, spans, cfg):
 
 @pytest.mark.parametrize("page_size,want", [(0, True), (16, False), (64, True), (128, True), (96, False)])
 def test_tma_is_used_exactly_when_pages_hold_whole_key_tiles(page_size, want):
-    from bidiattn.kernels.forward import TileConfig, _descriptors
+    from bidiattn.kernels.forward import _descriptors
+    from bidiattn.launch import TileConfig
 
     k, v = (torch.randn(256, 2, 64).half() for _ in range(2))
     *_, tma = _descriptors(k, v, TileConfig(128, 64, 8, 3, tma=True), 64, page_size)
@@ -319,7 +328,8 @@ def test_tma_is_used_exactly_when_pages_hold_whole_key_tiles(page_size, want):
 @pytest.mark.parametrize("halves", [False, True])
 def test_tma_at_head_dim_512_needs_column_halves(halves):
     # A TMA box holds at most 256 columns: a 512-column K row fits only as two halves.
-    from bidiattn.kernels.forward import TileConfig, _descriptors
+    from bidiattn.kernels.forward import _descriptors
+    from bidiattn.launch import TileConfig
 
     k, v = (torch.randn(256, 2, 512).half() for _ in range(2))
     k_desc, v_desc, tma = _descriptors(k, v, TileConfig(64, 64, 8, 1, tma=True, column_halves=halves), 512, 0)

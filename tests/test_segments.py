@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bidiattn import rules
-from bidiattn.segments import SegmentPlan, plan_segments
+from bidiattn.launch import SegmentPlan, plan_segments
 from bidiattn.spans import SpanMask
 
 from conftest import image_spans, random_packed_layout, tail_rows

@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'bidiattn[hf]')")
 
+import bidiattn  # noqa: E402
 import bidiattn.integrations.transformers as bidiattn_hf  # noqa: E402
 from bidiattn.tools.cli import main  # noqa: E402
 from bidiattn.integrations.tiny import build_tiny, example_inputs, token_type_key  # noqa: E402
@@ -117,7 +118,8 @@ def test_layers_of_a_kind_share_their_spans_and_plan(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(bidiattn_hf.rules, "build", counting(bidiattn_hf.rules.build, "build"))
-    monkeypatch.setattr(bidiattn_hf, "plan_attention", counting(bidiattn_hf.plan_attention, "plan"))
+    # The plan each call keeps on its spans (bidiattn.launch.planned): one per spans object.
+    monkeypatch.setattr(bidiattn.launch, "plan", counting(bidiattn.launch.plan, "plan"))
     shared = logits(model, name, inputs)
     assert calls == {"build": 2, "plan": 2}
     with monkeypatch.context() as m:

@@ -18,7 +18,8 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
-from bidiattn.kernels.backward import BackwardConfig, span_attention_backward  # noqa: E402
+from bidiattn.kernels.backward import span_attention_backward  # noqa: E402
+from bidiattn.launch import BackwardConfig  # noqa: E402
 from bidiattn.kernels.tiles import key_tile_ranges_spec, key_tiles  # noqa: E402
 from conftest import assert_longest_first, image_spans, lowp_attention, random_packed_layout  # noqa: E402
 
@@ -170,14 +171,14 @@ def test_operator_registration_passes_opcheck(planned):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 32, generator=g).half().to(DEVICE).requires_grad_() for h in (4, 2, 2))
     args = (q, k, v, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k, 0.2, None)
-    args += plan_arguments(bidiattn.plan_attention(spans, 4, 2, 32)) if planned else ([], None)
+    args += plan_arguments(bidiattn.plan(spans, 4, 2, 32, backend="triton", training=True).triton) if planned else ([], None)
     torch.library.opcheck(torch.ops.bidiattn.span_attention.default, args)
 
 
 @pytest.mark.parametrize("planned", [False, True])
 def test_torch_compile_fullgraph_forward_and_backward(planned):
     spans = image_spans(50, [(10, 30)], "gemma4", "official", "sliding", window=12).to(DEVICE)
-    plan = bidiattn.plan_attention(spans, 4, 2, 32, window=12) if planned else None
+    plan = bidiattn.plan(spans, 4, 2, 32, window=12, backend="triton", training=True) if planned else None
 
     def layer(x, wq, wk, wv):
         q, k, v = ((x @ w).view(50, -1, 32) for w in (wq, wk, wv))
@@ -205,9 +206,9 @@ def test_a_launch_plan_changes_nothing_in_outputs_or_gradients():
     q, k, v = (torch.randn(t, h, 64, generator=g).to(torch.bfloat16).to(DEVICE) for h in (4, 2, 2))
     dout = torch.randn(t, 4, 64, generator=g).to(DEVICE)
     dlse = torch.randn(4, t, generator=g).to(DEVICE)
-    plans = [None, bidiattn.plan_attention(spans, 4, 2, 64, window=9),
-             bidiattn.plan_attention(spans, 4, 2, 64, window=9, backward=False)]
-    assert plans[1].backward is not None and plans[2].backward is None
+    plans = [None, bidiattn.plan(spans, 4, 2, 64, window=9, backend="triton", training=True),
+             bidiattn.plan(spans, 4, 2, 64, window=9, backend="triton")]
+    assert plans[1].triton.backward is not None and plans[2].triton.backward is None
     runs = [grads_of(lambda q, k, v: bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p),
                      q, k, v, dout, dlse) for p in plans]
     outs = [bidiattn.attention(q, k, v, spans, return_lse=True, backend="triton", plan=p) for p in plans]
@@ -217,8 +218,7 @@ def test_a_launch_plan_changes_nothing_in_outputs_or_gradients():
 
 
 def test_a_launch_plan_survives_the_operator_arguments():
-    from bidiattn.kernels.backward import BackwardConfig, plan_backward
-    from bidiattn.kernels.forward import TileConfig, plan_forward
+    from bidiattn.launch import BackwardConfig, TileConfig, plan_backward, plan_forward
     from bidiattn.ops import _backward_plan, _plan, plan_arguments
 
     # A new TileConfig field must be carried by plan_arguments too.
@@ -247,37 +247,40 @@ def test_a_launch_plan_survives_the_operator_arguments():
         assert bwd.query_tiles.num_tiles is full.backward.query_tiles.num_tiles
 
 
-def test_plan_attention_needs_spans_the_kernels_can_read(monkeypatch):
+def test_a_triton_plan_needs_spans_the_kernels_can_read(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     spans = image_spans(40, [(5, 25)], "gemma3")
-    with pytest.raises(ValueError, match="spans must be on a CUDA device .or TRITON_INTERPRET=1., got cpu"):
-        bidiattn.plan_attention(spans, 4, 2, 32)
+    with pytest.raises(ValueError, match="a triton plan needs the spans on a CUDA device .or TRITON_INTERPRET=1., got cpu"):
+        bidiattn.plan(spans, 4, 2, 32, backend="triton")
     with pytest.raises(TypeError, match="spans must be a bidiattn.SpanMask, got dict"):
-        bidiattn.plan_attention({}, 4, 2, 32)
+        bidiattn.plan({}, 4, 2, 32)
 
 
 def test_a_launch_plan_is_checked_against_the_call():
     spans = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
     q, k, v = (torch.randn(40, h, 32).half().to(DEVICE) for h in (4, 2, 2))
-    plan = bidiattn.plan_attention(spans, 4, 2, 32)
-    with pytest.raises(TypeError, match="plan must be a LaunchPlan from bidiattn.plan_attention, got dict"):
+    plan = bidiattn.plan(spans, 4, 2, 32, backend="triton", training=True)
+    with pytest.raises(TypeError, match=r"plan must be a bidiattn.Plan from bidiattn.plan\(\), got dict"):
         bidiattn.attention(q, k, v, spans, backend="triton", plan={})
-    with pytest.raises(ValueError, match="launch plan of the triton backend; this call runs backend='reference'"):
+    with pytest.raises(TypeError, match=r"plan must be a bidiattn.Plan from bidiattn.plan\(\), got LaunchPlan"):
+        bidiattn.attention(q, k, v, spans, backend="triton", plan=plan.triton)
+    with pytest.raises(ValueError, match="this plan runs backend='triton'; the call asks for backend='reference'"):
         bidiattn.attention(q, k, v, spans, backend="reference", plan=plan)
     with pytest.raises(ValueError, match="made for another SpanMask object"):
         bidiattn.attention(q, k, v, image_spans(40, [(5, 25)], "gemma3").to(DEVICE), backend="triton", plan=plan)
     with pytest.raises(ValueError, match=r"for \(Hq, Hkv, D\) = \(4, 2, 32\), the call has \(4, 4, 32\)"):
         bidiattn.attention(q, q, q, spans, backend="triton", plan=plan)
-    with pytest.raises(TypeError, match="backward must be a bool, got int"):
-        bidiattn.plan_attention(spans, 4, 2, 32, backward=1)
-    from bidiattn.kernels.backward import plan_backward
+    with pytest.raises(TypeError, match=r"training must be a bool, got 1 \(int\)"):
+        bidiattn.plan(spans, 4, 2, 32, training=1)
+    from bidiattn.launch import plan_backward
 
     other = image_spans(40, [(5, 25)], "gemma3").to(DEVICE)
+    wrong = dataclasses.replace(plan, triton=dataclasses.replace(plan.triton, backward=plan_backward(other, 32)))
     with pytest.raises(ValueError, match="this BackwardPlan was made for another SpanMask object"):
-        bidiattn.attention(q, k, v, spans, backend="triton", plan=dataclasses.replace(plan, backward=plan_backward(other, 32)))
+        bidiattn.attention(q, k, v, spans, backend="triton", plan=wrong)
     with pytest.raises(ValueError, match="pass either config or plan"):
         span_attention_backward(q, q, k, v, q, torch.zeros(4, 40, device=DEVICE), spans, 0.2, None,
-                                config=BackwardConfig(64, 64, 4, 1), plan=plan.backward)
+                                config=BackwardConfig(64, 64, 4, 1), plan=plan.triton.backward)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import bidiattn  # noqa: E402
 from bidiattn import reference, rules  # noqa: E402
-from bidiattn.kernels.forward import TileConfig, span_attention_forward  # noqa: E402
+from bidiattn.kernels.forward import span_attention_forward  # noqa: E402
+from bidiattn.launch import TileConfig  # noqa: E402
 from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,7 +127,7 @@ def test_a_config_that_does_not_fit_shared_memory_raises_value_error():
 
 @pytest.mark.parametrize("group", [0, 1.5, True])
 def test_pick_config_rejects_a_bad_gqa_group(group):
-    from bidiattn.kernels.forward import pick_config
+    from bidiattn.launch import pick_config
 
     with pytest.raises(ValueError, match=f"gqa_group must be a positive int, got {group!r}"):
         pick_config(128, gqa_group=group)
@@ -200,7 +201,7 @@ def test_an_eager_call_needing_no_gradient_skips_the_operator_with_the_same_resu
     g = torch.Generator().manual_seed(4)
     t = spans.total_tokens
     q, k, v = (torch.randn(t, h, 64, generator=g).half().to(DEVICE) for h in (4, 2, 2))
-    plan = bidiattn.plan_attention(spans, 4, 2, 64, window=11) if planned else None
+    plan = bidiattn.plan(spans, 4, 2, 64, window=11, backend="triton") if planned else None
     calls = _operator_calls(monkeypatch)
     out, lse = bidiattn.attention(q, k, v, spans, backend="triton", return_lse=True, plan=plan)
     with torch.no_grad():
@@ -208,7 +209,7 @@ def test_an_eager_call_needing_no_gradient_skips_the_operator_with_the_same_resu
     assert calls == []
     from bidiattn.ops import plan_arguments
 
-    args = plan_arguments(plan) if planned else ([], None)
+    args = plan_arguments(plan.triton) if planned else ([], None)
     want, want_lse = torch.ops.bidiattn.span_attention(q.detach(), k, v, spans.lo, spans.hi, spans.cu_seqlens,
                                                        spans.cu_seqlens_k, 64**-0.5, None, *args)
     assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(out_ng, want)

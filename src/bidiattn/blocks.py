@@ -134,11 +134,11 @@ class BlockList:
         j = _first_true((starts < k_len) & (ends > k_len))
         if j is not None:
             raise ValueError(f"{where(j)} straddles the end of the step's {int(k_len[j])} keys: "
-                             "a step must not end inside a block (see bidiattn.serving.planner)")
+                             "a step must not end inside a block (see bidiattn.serving.prefill)")
         j = _first_true((starts < first_row) & (ends > first_row))
         if j is not None:
             raise ValueError(f"{where(j)} straddles the step's first row {int(first_row[j])}: its earlier rows "
-                             "were computed without its later keys (see bidiattn.serving.planner)")
+                             "were computed without its later keys (see bidiattn.serving.prefill)")
 
     def token_extents(self, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, total: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

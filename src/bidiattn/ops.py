@@ -9,12 +9,15 @@ traces a model that calls them as opaque nodes. Spans travel as their four tenso
 No ``from __future__ import annotations`` here: the schema is inferred from real annotations.
 """
 
+import weakref
 from typing import Optional
 
 import torch
 
-from .kernels.backward import BackwardConfig, BackwardPlan, KeyTiles, span_attention_backward
-from .kernels.forward import LaunchPlan, TileConfig, span_attention_forward
+from .kernels.backward import span_attention_backward
+from .kernels.forward import span_attention_forward
+from .kernels.tiles import KeyTiles
+from .launch import BackwardConfig, BackwardPlan, LaunchPlan, TileConfig
 from .spans import SpanMask, TileSummary
 
 __all__ = ["plan_arguments", "span_attention", "span_attention_backward_op"]
@@ -37,7 +40,7 @@ def plan_arguments(plan: LaunchPlan) -> tuple[list[torch.Tensor], list[int]]:
     tiles) so none is optional; the gradient plan, if any, follows the forward's. Plain
     attribute reads, so ``torch.compile`` traces them as constants. The tile summaries' row
     counts are not passed: they follow from the configs (``block_m // pack``, the dQ pass's
-    ``block_m``), as in :func:`~bidiattn.kernels.forward.plan_forward` and ``plan_backward``."""
+    ``block_m``), as in :func:`~bidiattn.launch.plan_forward` and ``plan_backward``."""
     t, c = plan.tiles, plan.config
     tensors = [t.seq, t.row_start, t.rows, t.lo_min, t.lo_max, t.hi_min, t.hi_max, t.num_tiles, plan.order]
     ints = [c.block_m, c.block_n, c.num_warps, c.num_stages, c.split_dv, int(c.pack_gqa), c.edge_stages or c.num_stages,
@@ -58,8 +61,8 @@ def _plan(spans: SpanMask, q: torch.Tensor, k: torch.Tensor, tensors: list[torch
     bm, bn, warps, stages, split_dv, pack_gqa, edge, tma, halves, pack, kv_splits = ints[:_FORWARD_INTS]
     config = TileConfig(bm, bn, warps, stages, split_dv, kv_splits, bool(pack_gqa), edge, bool(tma), bool(halves))
     *arrays, order = tensors[:_FORWARD_TENSORS]
-    return LaunchPlan(spans, q.shape[1], k.shape[1], q.shape[2], config, pack, TileSummary(bm // pack, *arrays), order,
-                      kv_splits)
+    return LaunchPlan(weakref.ref(spans), q.shape[1], k.shape[1], q.shape[2], config, pack,
+                      TileSummary(bm // pack, *arrays), order, kv_splits)
 
 
 def _backward_plan(spans: SpanMask, q: torch.Tensor, tensors: list[torch.Tensor], ints: list[int]) -> BackwardPlan | None:
@@ -75,8 +78,8 @@ def _backward_plan(spans: SpanMask, q: torch.Tensor, tensors: list[torch.Tensor]
     cfg = config(main, None if dq == main else config(dq))
     kt, key_order, qt, query_order = (tensors[_FORWARD_TENSORS : _FORWARD_TENSORS + 5], tensors[_FORWARD_TENSORS + 5],
                                       tensors[_FORWARD_TENSORS + 6 : -1], tensors[-1])
-    return BackwardPlan(spans, q.shape[2], cfg, KeyTiles(*kt), key_order, TileSummary(cfg.dq_pass.block_m, *qt),
-                        query_order)
+    return BackwardPlan(weakref.ref(spans), q.shape[2], cfg, KeyTiles(*kt), key_order,
+                        TileSummary(cfg.dq_pass.block_m, *qt), query_order)
 
 
 @torch.library.custom_op("bidiattn::span_attention", mutates_args=())

@@ -10,7 +10,7 @@ query ranges of a backward pass contiguous. Memory is O(T) instead of O(T^2).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -173,6 +173,9 @@ class SpanMask:
     validate: bool = True
     cu_seqlens_k: torch.Tensor | None = None
     total_keys: int | None = None
+    # Launch plans of calls made without one (bidiattn.launch.planned), by head shape and
+    # backend; spans never change, so a plan stays valid for the object's lifetime.
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("lo", "hi"):

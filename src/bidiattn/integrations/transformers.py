@@ -23,9 +23,9 @@ How it plugs in (both through transformers' official registries):
 Scope and limits: prefill and training run the chosen backend on the packed batch; decode and
 cached extend steps (fewer queries than keys) run it on extend spans (queries are the last rows
 of each key sequence; ``backend="flex"`` falls back to ``"auto"`` there, FlexAttention taking
-self-attention spans only). Spans (and, for the triton kernels, their launch plan) are built
-in O(sequence length) on the device once per step and layer kind, and shared by the layers of
-that kind (``SpanSource.layer_masks``). The integration runs on transformers' own cache
+self-attention spans only). Spans are built in O(sequence length) on the device once per step
+and layer kind and shared by the layers of that kind (``SpanSource.layer_masks``); the first
+layer's call plans the launch and keeps the plan on the spans, so the others reuse it. The integration runs on transformers' own cache
 (paged caches and split-KV decode are :mod:`bidiattn.serving.kvcache` and :mod:`bidiattn.serving.runner`).
 Padding must be left padding. A bidirectional block may not straddle a cache boundary
 (transformers' own ``generate`` prefills whole prompts). Sliding windows must be at least 2. Attention dropout is
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import rules
-from ..attention import BACKENDS, _resolve_backend, attention, plan_attention
+from ..attention import BACKENDS, attention
 from ..families import BUILTIN, Family, family_of_model_type
 from ..families import family as family_record
 from ..spans import SpanMask, host_to_device
@@ -143,10 +143,9 @@ class SpanSource:
     Built once per mask by the hook and shared by every layer that uses the mask.
 
     - ``layer_masks``: filled by the attention function, per layer kind (rule, window, query
-      count, head shape): the spans and, where the triton kernels run, their launch plan
-      (:func:`bidiattn.plan_attention`), so a forward builds each once instead of once per layer
-      (two for a Gemma-3 model's dozens of layers). Not used under ``torch.compile``, where
-      every layer builds its own.
+      count): the spans, so a forward builds them once instead of once per layer (two for a
+      Gemma-3 model's dozens of layers), and the launch plan :func:`bidiattn.attention` keeps on
+      them is shared too. Not used under ``torch.compile``, where every layer builds its own.
     """
 
     family: Family
@@ -316,16 +315,10 @@ def _memo(source: SpanSource, key: tuple, build):
     return source.layer_masks[key]
 
 
-def _run(q, k, v, spans, key, source, backend, scaling, softcap, window):
-    """:func:`attention` on ``[T, H, D]`` views, with a launch plan shared through ``source``
-    where the triton kernels run (outside ``torch.compile``, which plans inside the operator)."""
-    plan = None
-    runs, unsupported = _resolve_backend(backend, q, k, v)
-    if runs == "triton" and unsupported is None and not torch.compiler.is_compiling():
-        backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        plan = _memo(source, key + ("plan", q.shape[1], k.shape[1], q.shape[2], backward),
-                     lambda: plan_attention(spans, q.shape[1], k.shape[1], q.shape[2], window=window, backward=backward))
-    return attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend, plan=plan)
+def _run(q, k, v, spans, backend, scaling, softcap):
+    """:func:`attention` on ``[T, H, D]`` views: the layers of a kind share ``spans``, hence the
+    plan the first call keeps on them."""
+    return attention(q, k, v, spans, scale=scaling, softcap=softcap, backend=backend)
 
 
 def _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn):
@@ -340,7 +333,7 @@ def _prefill(query, key, value, source, convention, layer, window, backend, scal
     memo_key = ("prefill", source.family, convention, layer, window)
     spans = _memo(source, memo_key, lambda: rules.build(source.family, convention, layer, block_ids=ids, window=window,
                                                         cu_seqlens=cu, validate=False))
-    out = _run(q, k, v, spans, memo_key, source, backend, scaling, softcap, window)
+    out = _run(q, k, v, spans, backend, scaling, softcap)
     return out.view(bsz, t, hq, d)
 
 
@@ -413,7 +406,7 @@ def _extend(query, key, value, source, convention, layer, window, backend, scali
     memo_key = ("extend", source.family, convention, layer, window, bsz, tq, tk)
     spans = _memo(source, memo_key, build)
     q, k, v = (x.transpose(1, 2).reshape(bsz * x.shape[2], x.shape[1], d) for x in (query, key, value))
-    out = _run(q, k, v, spans, memo_key, source, backend if backend != "flex" else "auto", scaling, softcap, window)
+    out = _run(q, k, v, spans, backend if backend != "flex" else "auto", scaling, softcap)
     return out.view(bsz, tq, hq, d)
 
 

@@ -18,20 +18,17 @@ programs add into the same element.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..spans import SpanMask, TileSummary
+from ..launch import BackwardConfig, BackwardPlan, plan_backward
+from ..spans import SpanMask
 from .common import LOG2E, bf16_in_interpreter, fits, softcap_tanh
 from .indexing import program_tile
-from .tiles import KeyTiles, key_tiles, query_tiles
 
-__all__ = ["BackwardConfig", "BackwardPlan", "KeyTiles", "pick_backward_config", "plan_backward",
-           "span_attention_backward"]
+__all__ = ["span_attention_backward"]
 
 
 @triton.jit
@@ -242,105 +239,6 @@ def _dq_kernel(
     tl.store(dq + qrow + o_c[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None] & (o_c[None, :] < D))
 
 
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Tiles of the two gradient kernels: ``block_m`` query rows x ``block_n`` keys per step.
-
-    - ``dq``: the dQ pass's own tiles where they differ from the dK/dV pass's (its ``dq`` must be
-      ``None``); kept for hd512, whose dQ pass needs smaller key steps than its dK/dV pass.
-    - ``separate_dk_dv``: dV and dK by two launches instead of one, so a program holds one
-      ``[block_n, D]`` accumulator instead of two and the dV launch skips do·vᵀ; kept for hd512,
-      where two accumulators do not fit.
-    - ``mask_free_tiles`` (dQ pass only): key tiles inside every row's span skip the mask math,
-      at the price of a branch per key tile; kept for hd512, where it lowers register spills.
-    - ``tma``: the tiles a pass walks over (Q/dO in the dK/dV pass, K/V in the dQ pass) come
-      through tensor descriptors, unmasked, where they lie wholly inside the rows (keys) the
-      program needs; the one partial tile at the end of each walk loads through masked
-      pointers, so no value outside a sequence enters a product. Used where the head dim is a
-      power of two from 16 to 256, pointer loads elsewhere (same results); the default up to hd256.
-
-    :func:`pick_backward_config` gives the default per head dim.
-    """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    dq: BackwardConfig | None = None
-    separate_dk_dv: bool = False
-    mask_free_tiles: bool = False
-    tma: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"BackwardConfig.{name} must be a power of two, got {value}")
-        if self.block_m < 16 or self.block_n < 16:
-            raise ValueError(f"BackwardConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
-        if self.dq is not None and (not isinstance(self.dq, BackwardConfig) or self.dq.dq is not None):
-            raise ValueError(f"BackwardConfig.dq must be None or a BackwardConfig without its own dq, got {self.dq!r}")
-
-    @property
-    def dq_pass(self) -> BackwardConfig:
-        """The tiles the dQ pass runs with."""
-        return self.dq or self
-
-
-def pick_backward_config(head_dim: int) -> BackwardConfig:
-    """Default tiles per head dim, chosen by the sweeps of benchmarks/backward.py and
-    backward_passes.py on an H200 (figures in benchmarks/NOTES.md). Up to hd256: one dK/dV
-    launch and TMA loads. hd512: a ``[block_n, 512]`` fp32 pair of dK/dV accumulators does not
-    fit, so dV and dK run as two launches; the dQ pass uses 64-row tiles (wgmma's M), 32-key
-    steps and mask-free key tiles to keep its spills down."""
-    if head_dim <= 128:
-        return BackwardConfig(64, 64, 4, 2, tma=True)
-    if head_dim <= 256:
-        return BackwardConfig(128, 64, 8, 1, tma=True)
-    return BackwardConfig(32, 64, 8, 1, separate_dk_dv=True, dq=BackwardConfig(64, 32, 8, 1, mask_free_tiles=True))
-
-
-@dataclass(frozen=True)
-class BackwardPlan:
-    """What the backward launcher derives from the spans before it launches: the tile config,
-    the key tiles of the dK/dV pass with the query rows that see them, the query tiles of the dQ
-    pass, and both longest-first launch orders. Built once by :func:`plan_backward` and shared
-    by the layers that use the same spans and head dim (no host sync to build). Tied to its
-    :class:`SpanMask` object."""
-
-    spans: SpanMask
-    head_dim: int
-    config: BackwardConfig
-    key_tiles: KeyTiles
-    key_order: torch.Tensor
-    query_tiles: TileSummary
-    query_order: torch.Tensor
-
-    def check(self, q: torch.Tensor, spans: SpanMask) -> None:
-        """ValueError unless this plan was made for these spans and head dim."""
-        if spans is not self.spans:
-            raise ValueError("this BackwardPlan was made for another SpanMask object; plan each step's spans")
-        if q.shape[2] != self.head_dim:
-            raise ValueError(f"this BackwardPlan is for head_dim={self.head_dim}, the call has {q.shape[2]}")
-
-
-def plan_backward(spans: SpanMask, head_dim: int, config: BackwardConfig | None = None) -> BackwardPlan:
-    """The :class:`BackwardPlan` of a backward call over ``spans`` at ``head_dim`` (no host sync);
-    ``config`` overrides :func:`pick_backward_config`."""
-    if not isinstance(spans, SpanMask):
-        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    if config is not None and not isinstance(config, BackwardConfig):
-        raise TypeError(f"config must be a BackwardConfig or None, got {type(config).__name__}")
-    cfg = config or pick_backward_config(head_dim)
-    # Longest first in both passes, as in the forward: the rows (keys) a tile walks vary with
-    # the image blocks.
-    kt, key_order = key_tiles(spans, cfg.block_n)
-    qt, query_order = query_tiles(spans, cfg.dq_pass.block_m)
-    return BackwardPlan(spans, head_dim, cfg, kt, key_order, qt, query_order)
-
-
 def span_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     spans: SpanMask, scale: float, softcap: float | None, dlse: torch.Tensor | None = None,
@@ -349,8 +247,8 @@ def span_attention_backward(
     """Gradients ``(dq, dk, dv)`` of the forward's ``out`` (and ``lse``, via ``dlse``).
 
     ``lse`` is the forward's natural-log lse ``[Hq, T]``; shapes as in the forward. ``plan``
-    (from :func:`plan_backward` on the same spans) skips the planning; ``config`` must then be
-    ``None``.
+    (:func:`bidiattn.launch.plan_backward` of the same spans) skips the planning; ``config`` (a
+    :class:`~bidiattn.launch.BackwardConfig`) must then be ``None``.
     """
     if bf16_in_interpreter(q):
         grads = span_attention_backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, spans,

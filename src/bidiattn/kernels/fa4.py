@@ -1,15 +1,24 @@
 """FlashAttention-4 backend: span masks as a few FA4 varlen window launches (no mask tensor).
 
-The forward runs the launches of a :class:`~bidiattn.segments.SegmentPlan`: each launch is
-FA4's varlen kernel over row segments (``cu_seqlens_q``/``seqused_q`` point at the segment's
-rows inside the packed queries, ``cu_seqlens_k``/``seqused_k`` at its keys inside the packed
-keys), with the causal / sliding-window mask FA4 already has. Segments never share rows, so
-every launch writes its rows of one ``out``/``lse`` in place; keys are read where they are,
-never copied. The result is exact: each row sees exactly its span.
+Forward: the launches of a :class:`~bidiattn.launch.SegmentPlan`, each FA4's varlen kernel over
+row segments (``cu_seqlens_q``/``seqused_q`` point at a segment's rows inside the packed
+queries, ``cu_seqlens_k``/``seqused_k`` at its keys inside the packed keys) with the causal /
+sliding-window mask FA4 already has and the FA4 options the plan chose for the launch
+(``pack_gqa``). Segments never share rows, so every launch writes its rows of one ``out``/``lse``
+in place; keys are read where they are, never copied. Exact: each row sees exactly its span.
 
-The backward is bidiattn's deterministic Triton backward, fed FA4's ``out`` and ``lse``: FA4's
-own varlen backward writes dK/dV per segment, and segments of one launch share keys (every text
-run of a sequence reads its prefix), so its writes would race.
+Backward: FA4's own varlen backward, launch by launch. FA4's backward writes dK/dV at the keys
+it reads, and segments of one launch share keys (every text run of a sequence reads the prefix
+before it), so the backward cannot point into the packed keys as the forward does. It copies
+each segment's keys and rows into a layout of their own (segments one after another: an
+ordinary varlen batch), runs FA4's backward over it with the forward's ``out``/``lse``, puts dQ
+back at its rows (every row is in one segment) and adds dK/dV into fp32 sums at the keys they
+came from. Exact: with the row's true ``lse`` and ``out``, a segment's backward gives its rows'
+dQ and its share of each key's dK/dV, and the shares sum over the segments that read the key.
+The copies of one FA4 call hold at most twice the keys (the plan's ``grad_chunks``). Not bitwise
+repeatable (FA4's backward and the sums add with atomics). Where FA4's backward cannot take the
+call (SM100's hd256 backward takes no softcap and no lse gradient), bidiattn's Triton backward
+runs instead.
 
 FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
 """
@@ -18,13 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from ..segments import SegmentPlan, plan_segments
+from ..launch import SegmentPlan
 from ..spans import SpanMask
 
-__all__ = ["STRATEGIES", "fa4_attention", "fa4_unsupported", "span_attention_fa4_forward", "span_attention_fa4"]
-
-FA4_DTYPES = (torch.float16, torch.bfloat16)
-STRATEGIES = ("auto", "segments", "mask_mod")
+__all__ = ["span_attention_fa4", "span_attention_fa4_backward", "span_attention_fa4_forward"]
 
 
 def _fa4_interface():
@@ -33,60 +39,23 @@ def _fa4_interface():
     return interface
 
 
-def fa4_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exception | None:
-    """Why FA4 cannot take these inputs here, or None if it can (imports FA4; reads the GPU's
-    compute capability: call it at dispatch, not at import)."""
-    try:
-        _fa4_interface()
-    except ImportError as err:
-        return ValueError(f"backend='fa4' needs FlashAttention-4 (pip install 'bidiattn[fa4]'): {err}")
-    if q.device.type != "cuda":
-        return ValueError(f"backend='fa4' needs CUDA tensors, got {q.device}")
-    if q.dtype not in FA4_DTYPES:
-        return TypeError(f"backend='fa4' takes float16 or bfloat16, got {q.dtype}")
-    major, minor = torch.cuda.get_device_capability(q.device)
-    d = q.shape[-1]
-    if major == 9:
-        ok = d % 8 == 0 and 8 <= d <= 256
-        limit = "multiples of 8 up to 256"
-    elif major in (10, 11):
-        ok = (d % 8 == 0 and 8 <= d <= 128) or d == 256
-        limit = "multiples of 8 up to 128, and 256"
-    else:
-        return ValueError(f"backend='fa4' runs on SM90/SM100 GPUs (Hopper, Blackwell), this is sm_{major}{minor}")
-    if not ok:
-        return ValueError(f"backend='fa4' on sm_{major}{minor} supports head dims {limit}, got {d}")
-    return None
-
-
 def span_attention_fa4_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
-    plan: SegmentPlan | None = None, *, page_table: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None, plan: SegmentPlan,
+    *, page_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) through FA4 launches.
+    """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) through the FA4 launches of
+    ``plan`` (validated inputs; the plan made for their spans). No host sync.
 
     With ``page_table`` (int32 ``[B, P]``), ``k``/``v`` are K/V pages ``[num_pages, page_size,
-    Hkv, D]`` and the plan must be paged (:func:`plan_segments` with ``paged=True``): segment
-    ``j`` reads its keys through row ``seq[j]`` of the table (the rows are gathered per launch,
-    ``S x P`` ints; no K/V is copied).
-
-    ``plan`` defaults to :func:`plan_segments` of ``spans`` (one host sync); pass one plan to
-    every layer that shares the spans. Inputs are pre-validated by :func:`bidiattn.attention`.
+    Hkv, D]`` and the plan is paged: segment ``j`` reads its keys through row ``seq[j]`` of the
+    table (the rows are gathered per launch, ``S x P`` ints; no K/V is copied).
     """
     fa4 = _fa4_interface()
-    paged = page_table is not None
-    plan = plan_segments(spans, paged=paged) if plan is None else plan
-    if plan.spans is not spans:
-        raise ValueError("segment_plan was planned from another SpanMask; plan_segments(spans) of the spans passed")
-    if plan.paged != paged:
-        raise ValueError(f"a {'paged' if plan.paged else 'contiguous'} segment plan for a "
-                         f"{'paged' if paged else 'contiguous'} cache; plan_segments(spans, paged={paged})")
     q, k, v = (x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-
-    def launch(call):
-        keys = (dict(page_table=page_table[call.seq.long()].contiguous(), cu_seqlens_k=None) if paged
+    for call in plan.calls:
+        keys = (dict(page_table=page_table[call.seq.long()].contiguous(), cu_seqlens_k=None) if page_table is not None
                 else dict(cu_seqlens_k=call.k_start))
         fa4._flash_attn_fwd(
             q, k, v,
@@ -94,68 +63,91 @@ def span_attention_fa4_forward(
             max_seqlen_q=call.max_q_len, max_seqlen_k=call.max_k_len,
             softmax_scale=scale, causal=False, softcap=softcap,
             window_size_left=call.window_left, window_size_right=call.window_right,
-            pack_gqa=None, return_lse=True, out=out, lse=lse, **keys,
+            pack_gqa=call.pack_gqa, return_lse=True, out=out, lse=lse, **keys,
         )
-
-    for call in plan.calls:
-        launch(call)
     return out, lse
+
+
+def _expand(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``starts[j] + i`` for ``i < lengths[j]``, segment after segment (int64 ``[total]``,
+    ``total`` the lengths' sum, known on the host: no sync)."""
+    lengths = lengths.long()
+    base = starts.long() - (torch.cumsum(lengths, 0) - lengths)
+    return torch.repeat_interleave(base, lengths, output_size=total) + torch.arange(total, device=starts.device)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 ``[S+1]`` prefix sums of ``lengths`` (a varlen batch's ``cu_seqlens``)."""
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def fa4_backward_unsupported(q: torch.Tensor, softcap: float | None, dlse: torch.Tensor | None) -> str | None:
+    """Why FA4's backward cannot take this call (FA4 4.0.0b36: SM100's dedicated hd256 backward
+    takes neither a softcap nor an lse gradient), or None."""
+    if q.device.type != "cuda" or q.shape[-1] != 256 or (softcap is None and dlse is None):
+        return None
+    if torch.cuda.get_device_capability(q.device)[0] in (10, 11):
+        return "FA4's SM100 hd256 backward takes no softcap and no lse gradient"
+    return None
+
+
+def span_attention_fa4_backward(
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, scale: float, softcap: float | None, plan: SegmentPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`span_attention_fa4_forward`'s ``out`` (and ``lse`` through
+    ``dlse``, or ``None``) by FA4's backward over copied segments (see the module doc); no host
+    sync (the copies' sizes are the plan's host ints)."""
+    fa4 = _fa4_interface()
+    q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros_like(dk)
+    for call in plan.calls:
+        q_start, k_start = call.q_start[:-1], call.k_start[:-1]
+        for chunk in call.grad_chunks:
+            part = slice(chunk.first, chunk.end)
+            rows = _expand(q_start[part], call.q_len[part], chunk.rows)
+            keys = _expand(k_start[part], call.k_len[part], chunk.keys)
+            grads = fa4._flash_attn_bwd(
+                q[rows], k[keys], v[keys], out[rows], dout[rows], lse[:, rows].contiguous(),
+                softmax_scale=scale, causal=False, softcap=0.0 if softcap is None else softcap,
+                window_size_left=call.window_left, window_size_right=call.window_right,
+                cu_seqlens_q=_offsets(call.q_len[part]), cu_seqlens_k=_offsets(call.k_len[part]),
+                max_seqlen_q=chunk.max_q_len, max_seqlen_k=chunk.max_k_len,
+                dlse=None if dlse is None else dlse[:, rows].contiguous(),
+            )
+            dq.index_copy_(0, rows, grads[0])
+            dk.index_add_(0, keys, grads[1].float())
+            dv.index_add_(0, keys, grads[2].float())
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _SpanAttentionFA4(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spans, scale, softcap, plan):
-        out, lse = span_attention_fa4_forward(q, k, v, spans, scale, softcap, plan)
+        out, lse = span_attention_fa4_forward(q, k, v, scale, softcap, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spans, ctx.scale, ctx.softcap = spans, scale, softcap
+        ctx.spans, ctx.scale, ctx.softcap, ctx.plan = spans, scale, softcap, plan
+        ctx.set_materialize_grads(False)  # an unused lse brings no gradient (FA4 then takes dlse=None)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        from .backward import span_attention_backward
-
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
-        dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse)
+        if fa4_backward_unsupported(q, ctx.softcap, dlse) is None:
+            dq, dk, dv = span_attention_fa4_backward(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.softcap, ctx.plan)
+        else:
+            from .backward import span_attention_backward
+
+            dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse)
         return dq, dk, dv, None, None, None, None
 
 
 def span_attention_fa4(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
-    plan: SegmentPlan | None = None,
+    plan: SegmentPlan,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable :func:`span_attention_fa4_forward` (backward: bidiattn's Triton kernels)."""
+    """Differentiable :func:`span_attention_fa4_forward` (backward: FA4's, see the module doc)."""
     return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan)
-
-
-def fa4_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None, *,
-    return_lse: bool, plan: SegmentPlan | None, strategy: str,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``backend="fa4"`` of :func:`bidiattn.attention` on validated inputs: picks the strategy
-    (see its ``fa4_strategy``), refuses what a strategy cannot do, returns ``(out, lse)``
-    (``lse`` is ``None`` from ``mask_mod``, which never returns one)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"fa4_strategy must be one of {STRATEGIES}, got {strategy!r}")
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if strategy == "auto":
-        mask_mod_ok = needs_grad and spans.is_self_attention and not return_lse and q.shape[-1] <= 128
-        strategy = "mask_mod" if mask_mod_ok else "segments"
-    if strategy == "segments":
-        return span_attention_fa4(q, k, v, spans, scale, softcap, plan)
-    if not spans.is_self_attention:
-        raise ValueError("fa4_strategy='mask_mod' takes self-attention spans only; use 'segments'")
-    if return_lse:
-        # The FLASH backend's lse is ln(2) times the true one (torch 2.11, FA4 4.0.0b36):
-        # refused rather than returned wrong.
-        raise ValueError("fa4_strategy='mask_mod' returns no lse (FlexAttention's FLASH lse is wrong by a "
-                         "factor ln 2 in the tested versions); use 'segments'")
-    if needs_grad and q.shape[-1] > 128:
-        # One BlockMask serves both passes; FA4 wants 80-key blocks forward and 64 backward at
-        # hd256 on SM90.
-        raise ValueError(f"fa4_strategy='mask_mod' has no backward at head dim {q.shape[-1]} (> 128): FA4's "
-                         "forward and backward key tiles differ there; use 'segments'")
-    from .flex import span_attention_flex
-
-    out, _ = span_attention_flex(q, k, v, spans, scale, softcap, flash=True)
-    return out, None

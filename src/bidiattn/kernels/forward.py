@@ -10,23 +10,19 @@ row, never a dense mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..spans import SpanMask, TileSummary
+from ..launch import LaunchPlan, TileConfig, plan_forward
+from ..spans import SpanMask
 from .common import LOG2E, bf16_in_interpreter, fits, softcap_tanh
 from .indexing import program_tile
-from .tiles import query_tiles
 
-if TYPE_CHECKING:
-    from .backward import BackwardPlan
-
-__all__ = ["LaunchPlan", "TileConfig", "pick_config", "plan_forward", "span_attention_forward"]
+__all__ = ["span_attention_forward"]
 
 
 # The key loops' inputs in three bundles. Triton passes a NamedTuple to a jit function as its
@@ -306,170 +302,6 @@ def _merge_kernel(o_part, l_part, o, lse, num_heads, stride_os, stride_ot, strid
     tl.store(lse + i_h * stride_lse_h + i_t, m + tl.log(total))
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and launch parameters of the forward kernel; :func:`pick_config` gives the
-    default per head dim and call shape. Each option is used by some default:
-
-    - ``split_dv``: programs per query tile, each producing ``D / split_dv`` output columns and
-      recomputing q·k; hd512, where a full fp32 accumulator does not fit in registers.
-    - ``kv_splits``: programs per query tile's key range (flash-decoding), merged by one more
-      launch; ``None`` picks it from the launch size (more than 1 only for decode-sized calls
-      whose grid would leave multiprocessors idle).
-    - ``pack_gqa``: a tile's rows hold the query heads of one K/V group (where ``block_m`` is a
-      multiple of the group size), so each K/V tile is read once per group; prefill and decode.
-    - ``edge_stages``: the pipeline depth of the loops over the masked key tiles at the two ends
-      of a tile's key range (``None``: ``num_stages``, the mask-free middle loop's depth). Each
-      loop has its own shared-memory buffers, so shallow edges leave room for a deeper middle;
-      hd256, and hd128 at two query heads per K/V head.
-    - ``tma``: K/V tiles through tensor descriptors where the call allows it (keys in rows of a
-      tensor, or in pages of a multiple of ``block_n`` keys; a power-of-two head dim whose box,
-      the head dim or its half with ``column_halves``, spans 16 to 256 columns; 16-byte-aligned
-      rows), pointer loads elsewhere (same results); hd128 and hd256.
-    - ``column_halves``: q, k, v and the output in two column halves inside one program (q·k as
-      the sum of two dots, one accumulator per half of V), so a TMA box spans D/2 columns; hd256.
-
-    A config whose tiles do not fit in shared memory raises ``ValueError`` at launch.
-    """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    split_dv: int = 1
-    kv_splits: int | None = None
-    pack_gqa: bool = False
-    edge_stages: int | None = None
-    tma: bool = False
-    column_halves: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "split_dv"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"TileConfig.{name} must be a power of two, got {value}")
-        if self.kv_splits is not None and (isinstance(self.kv_splits, bool) or not isinstance(self.kv_splits, int)
-                                           or not 1 <= self.kv_splits <= 256):
-            raise ValueError(f"TileConfig.kv_splits must be None (automatic) or an int in 1..256, got {self.kv_splits!r}")
-        if self.block_m < 16 or self.block_n < 16:
-            raise ValueError(f"TileConfig tiles must be at least 16x16, got {self.block_m}x{self.block_n}")
-        for name in ("num_warps", "num_stages", "edge_stages"):
-            value = getattr(self, name)
-            if not (value is None and name == "edge_stages") and (isinstance(value, bool) or not isinstance(value, int)
-                                                                   or value < 1):
-                raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
-
-
-def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group: int = 1) -> TileConfig:
-    """Default tiles per head dim, from the sweeps of benchmarks/tune_forward.py on an H200
-    (figures in benchmarks/NOTES.md). Shared memory (227 KB per block) is the binding limit from
-    hd256 up.
-
-    ``rows_per_sequence`` (query rows over sequences, known on the host): at 16 or fewer
-    (decode, speculative decode) 16-row tiles, so a one-row query does not pay for the scores
-    of a full tile. ``gqa_group`` (query heads per K/V head): tiles hold the query heads of one
-    group where the group divides ``block_m``."""
-    if isinstance(gqa_group, bool) or not isinstance(gqa_group, int) or gqa_group < 1:
-        raise ValueError(f"gqa_group must be a positive int, got {gqa_group!r}")
-    if rows_per_sequence is not None and rows_per_sequence <= 16:
-        if head_dim <= 256:
-            return TileConfig(16, 64, 4, 2, pack_gqa=True)
-        return TileConfig(16, 64, 4, 1, split_dv=2, pack_gqa=True)
-    if head_dim <= 64:
-        return TileConfig(128, 64, 4, 3)  # not tuned
-    if head_dim <= 128:
-        # At two query heads per K/V head, 1-stage edge loops beat the 3-stage default; at other
-        # group sizes they are slower.
-        if gqa_group == 2:
-            return TileConfig(128, 64, 8, 3, edge_stages=1, pack_gqa=True, tma=True)
-        return TileConfig(128, 64, 8, 3, pack_gqa=True, tma=True)
-    if head_dim <= 256:
-        # The column halves pay only with packed GQA tiles and TMA; a 2-stage middle loop fits
-        # in shared memory only with 1-stage edges.
-        return TileConfig(128, 64, 8, 2, edge_stages=1, pack_gqa=True, tma=True, column_halves=True)
-    # A 128x512 fp32 accumulator does not fit in registers: two programs of 256 output columns
-    # each recompute q·k. No TMA: a 512-column K row fits a TMA box only in column halves,
-    # which are slower here than the split.
-    return TileConfig(128, 64, 8, 1, split_dv=2)
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Everything the forward launcher derives from the spans before it launches: the tile
-    config, the tile summary, the longest-first tile order and the key-range split count.
-
-    Built once per step by :func:`plan_forward` (``backward``: the gradient kernels' plan, from
-    :func:`bidiattn.plan_attention`, for training) and passed to every layer that uses the same
-    spans and head shape (a serving step runs dozens of layers over one layout): the layers
-    then pay for one kernel launch (two with ``kv_splits > 1``) instead of also the two planning
-    launches of :func:`~bidiattn.kernels.tiles.query_tiles`. No host sync to build. The plan is
-    tied to its :class:`SpanMask` object.
-    """
-
-    spans: SpanMask
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    config: TileConfig
-    pack: int
-    tiles: TileSummary
-    order: torch.Tensor
-    kv_splits: int
-    backward: BackwardPlan | None = None
-
-    def check(self, q: torch.Tensor, k: torch.Tensor, spans: SpanMask) -> None:
-        """ValueError unless this plan was made for these spans and head shape."""
-        if spans is not self.spans:
-            raise ValueError("this LaunchPlan was made for another SpanMask object; plan each step's spans")
-        got = (q.shape[1], k.shape[1], q.shape[2])
-        want = (self.num_q_heads, self.num_kv_heads, self.head_dim)
-        if got != want:
-            raise ValueError(f"this LaunchPlan is for (Hq, Hkv, D) = {want}, the call has {got}")
-        if self.backward is not None:
-            self.backward.check(q, spans)
-
-
-def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 config: TileConfig | None = None, window: int | None = None) -> LaunchPlan:
-    """The :class:`LaunchPlan` of a forward call over ``spans`` (no host sync): for ``q [T, Hq,
-    D]`` and ``k``/``v [T_keys, Hkv, D]`` with ``Hq = num_q_heads``, ``Hkv = num_kv_heads``,
-    ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
-
-    ``window``: the layer's sliding window, if it has one (rows then see short key ranges, which
-    no host-side size reveals). Validated, and kept so that callers need not change when the
-    choice starts to depend on it; the default tiles do not today (sliding and full layers run
-    best on the same tiles). ``config`` overrides the choice.
-    """
-    if not isinstance(spans, SpanMask):
-        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config must be a TileConfig or None, got {type(config).__name__}")
-    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or a positive int, got {window!r}")
-    rows_per_sequence = spans.total_tokens / spans.num_sequences
-    cfg = config or pick_config(head_dim, rows_per_sequence, gqa_group=num_q_heads // num_kv_heads)
-    block_d = triton.next_power_of_2(head_dim)
-    if block_d % cfg.split_dv or block_d // cfg.split_dv < 16:
-        raise ValueError(f"split_dv={cfg.split_dv} leaves fewer than 16 of the {block_d} padded head-dim columns per program")
-    if cfg.column_halves and block_d // cfg.split_dv < 32:
-        raise ValueError(f"column_halves needs at least 32 output columns per program; head_dim={head_dim} with "
-                         f"split_dv={cfg.split_dv} leaves {block_d // cfg.split_dv}")
-    group = num_q_heads // num_kv_heads
-    # Decode: pack the query heads of a K/V group into the tile's rows (see the kernel).
-    pack = group if (cfg.pack_gqa and group > 1 and cfg.block_m % group == 0) else 1
-    # Longest tiles first: image blocks make the key ranges uneven, and tiles launched last
-    # should be the short ones so the tail of the grid stays full.
-    tiles, order = query_tiles(spans, cfg.block_m // pack)
-    splits = cfg.kv_splits or _auto_kv_splits(spans, (num_q_heads // pack) * cfg.split_dv, cfg.block_m // pack,
-                                              cfg.block_n)
-    return LaunchPlan(spans, num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
-
-
 def span_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask,
     scale: float, softcap: float | None, config: TileConfig | None = None,
@@ -482,8 +314,8 @@ def span_attention_forward(
     With ``page_table`` (int32 ``[B, P]``) and ``page_size``, ``k``/``v`` are the flattened pages
     ``[num_pages * page_size, Hkv, D]`` and key ``n`` of sequence ``b`` is row
     ``page_table[b, n // page_size] * page_size + n % page_size`` (see :mod:`bidiattn.serving.kvcache`).
-    ``plan`` (from :func:`plan_forward` on the same spans) skips the planning; ``config`` must
-    then be ``None``.
+    ``plan`` (:func:`bidiattn.launch.plan_forward` of the same spans) skips the planning;
+    ``config`` (a :class:`~bidiattn.launch.TileConfig`) must then be ``None``.
     """
     t_len, hq, d = q.shape
     if plan is None:
@@ -525,32 +357,6 @@ def span_attention_forward(
         SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), D=d, BLOCK_D=block_d,
     )
     return out, lse
-
-
-def _auto_kv_splits(spans: SpanMask, heads: int, block_m: int, block_n: int) -> int:
-    """Key-range slices per query tile when the real tiles alone are fewer than one wave of the
-    GPU: a power of two near eight waves of programs, at most 32, each slice at least 4 key
-    tiles; decode only (16 or fewer query rows per sequence). From sizes only, no host sync; 1
-    off CUDA.
-
-    The real tile count is estimated from sizes (``T / block_m``, or one per sequence when
-    sequences are shorter than a tile), not from the grid, whose padding capacity would hide a
-    small decode batch's idle multiprocessors.
-    """
-    rows_per_seq = spans.total_tokens / spans.num_sequences
-    device = spans.lo.device
-    if device.type != "cuda" or rows_per_seq > 16:
-        # Only decode-sized queries: the merge moves splits x T x Hq x D fp32 values, more than
-        # a prefill chunk gains from the extra programs.
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = spans.num_sequences if rows_per_seq <= block_m else -(-spans.total_tokens // block_m)
-    programs = heads * tiles
-    if programs >= sms:
-        return 1
-    keys_per_seq = spans.total_keys // spans.num_sequences
-    waves = 1 << ((-(-8 * sms // programs)).bit_length() - 1)
-    return max(1, min(waves, keys_per_seq // (4 * block_n), 32))
 
 
 def _descriptors(k, v, cfg, block_d, page_size):

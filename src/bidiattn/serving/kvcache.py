@@ -11,7 +11,7 @@ writes and reads through the table, with no host sync when ``validate=False`` (C
 Attention runs the span kernel with the page lookup folded into its key loads, over extend
 spans (:class:`~bidiattn.SpanMask` with ``cu_seqlens_k``): each sequence's new query rows are
 the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
-:func:`bidiattn.serving.planner.step_spans` or one decode token.
+:func:`bidiattn.serving.prefill.step_spans` or one decode token.
 
 Page size and speed: when a page holds a whole number of the kernel's key tiles (64 keys at
 head dims up to 256), key tiles come through TMA with one table read per tile, read a tile
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inputs import check_scale_softcap
+from ..launch import Plan, interpreting
 from ..spans import SpanMask, _first_true, sequence_index
 
 __all__ = ["PagedKVCache", "append", "paged_attention"]
@@ -124,10 +125,8 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
         if int(cu_seqlens[-1]) != k.shape[0]:
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but k has {k.shape[0]} rows")
         _check_capacity(cache, page_table, start + cu_seqlens[1:] - cu_seqlens[:-1])
-    from ..attention import _interpreting
-
     contiguous = cache.k_pages.is_contiguous() and cache.v_pages.is_contiguous()
-    if contiguous and (k.is_cuda or _interpreting()):
+    if contiguous and (k.is_cuda or interpreting()):
         from ..kernels.append import append_triton
 
         append_triton(cache.k_pages, cache.v_pages, k, v, page_table, cu_seqlens, start)
@@ -143,7 +142,7 @@ def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: to
 
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tensor, spans: SpanMask, *,
                     scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
-                    validate: bool = True, plan=None, backend: str = "triton", segment_plan=None):
+                    validate: bool = True, backend: str = "auto", plan: Plan | None = None):
     """Attention of new query rows over their sequences' paged keys (forward).
 
     Args:
@@ -152,61 +151,60 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
         spans: extend spans: ``spans.cu_seqlens`` packs ``q``, ``spans.cu_seqlens_k`` holds each
             sequence's key count (cached plus new; the new keys already appended).
         validate: host-sync checks that every sequence's keys fit its table row and use real pages.
-        backend: ``"triton"`` (the span kernel with the page lookup in its key loads) or
-            ``"fa4"`` (FlashAttention-4 window launches over row segments, each reading its
-            sequence's page-table row; see :mod:`bidiattn.segments`; Hopper/Blackwell, head dims
-            FA4 supports there).
-        plan: triton only: a :class:`~bidiattn.kernels.forward.LaunchPlan` of ``spans``
-            (:func:`~bidiattn.kernels.forward.plan_forward`), built once per step and shared by
-            the layers that use these spans: each call is then one kernel launch (two when the
-            plan splits the key range) with no planning work.
-        segment_plan: fa4 only: ``plan_segments(spans, paged=True)``, shared the same way
-            (without it each call plans, one host sync).
+        backend: ``"auto"`` (triton: serving steps are decode and prefill chunks, where it is the
+            faster, see :func:`bidiattn.launch.auto_backend`), ``"triton"`` (the span kernel
+            with the page lookup in its key loads) or ``"fa4"`` (FlashAttention-4 window launches
+            over row segments, each reading its sequence's page-table row; Hopper/Blackwell,
+            head dims FA4 supports there).
+        plan: :func:`bidiattn.plan` of ``spans`` with ``paged=True`` (for triton a plan made
+            without it serves too), built once per step and shared by the layers that use these
+            spans; it runs the backend it records. Without it the call plans once per
+            ``SpanMask`` object and head shape and keeps the plan on the spans (triton: no host
+            sync, so a step stays capturable in a CUDA graph; fa4: one host sync).
 
     Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
     """
-    from ..attention import _triton_unsupported
+    from ..launch import fa4_unsupported, planned, triton_unsupported
 
-    if backend not in ("triton", "fa4"):
-        raise ValueError(f"paged_attention backend must be 'triton' or 'fa4', got {backend!r}")
+    if backend not in ("auto", "triton", "fa4"):
+        raise ValueError(f"paged_attention backend must be 'auto', 'triton' or 'fa4', got {backend!r}")
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != spans.total_tokens:
         raise ValueError(f"q must be [T={spans.total_tokens}, Hq, D], got {tuple(getattr(q, 'shape', ()))}")
-    if backend == "fa4":
-        from ..kernels.fa4 import fa4_unsupported
-
-        if plan is not None:
-            raise ValueError("plan is the triton backend's LaunchPlan; backend='fa4' takes segment_plan")
-        unsupported = fa4_unsupported(q, q, q)
-    else:
-        if segment_plan is not None:
-            raise ValueError("segment_plan is for backend='fa4'; the triton backend takes plan")
-        unsupported = _triton_unsupported(q, q, q)  # device, dtype, head dim: the kernel's limits
-    if unsupported is not None:
-        raise unsupported
     if q.dtype != cache.k_pages.dtype:
         raise TypeError(f"q has dtype {q.dtype}, the cache {cache.k_pages.dtype}")
     hkv, d = cache.k_pages.shape[2:]
     if q.shape[2] != d or q.shape[1] % hkv:
         raise ValueError(f"q heads/dim {tuple(q.shape[1:])} do not fit the cache's {hkv} kv heads of dim {d}")
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a bidiattn.Plan from bidiattn.plan(), got {type(plan).__name__}")
+        plan.check(q, hkv, spans, paged=True)
+        if backend not in ("auto", plan.backend):
+            raise ValueError(f"this plan runs backend={plan.backend!r}; the call asks for backend={backend!r}")
+    run = plan.backend if plan is not None else backend
+    if run != "auto":
+        checks = {"triton": triton_unsupported, "fa4": fa4_unsupported}
+        unsupported = checks[run](q.device, q.dtype, d)  # device, dtype, head dim: the kernel's limits
+        if unsupported is not None:
+            raise unsupported
     _check_page_table(cache, page_table, spans.num_sequences)
     if validate:
         _check_capacity(cache, page_table, spans.cu_seqlens_k[1:] - spans.cu_seqlens_k[:-1])
     scale = check_scale_softcap(scale, softcap, d)
     softcap = None if softcap is None else float(softcap)
-    if backend == "fa4":
+    if plan is None:
+        plan = planned(spans, q.shape[1], hkv, d, backend=backend, training=False, dtype=q.dtype, paged=True)
+    if plan.backend == "fa4":
         from ..kernels.fa4 import span_attention_fa4_forward
-        from ..segments import SegmentPlan
 
-        if segment_plan is not None and not isinstance(segment_plan, SegmentPlan):
-            raise TypeError(f"segment_plan must be a SegmentPlan, got {type(segment_plan).__name__}")
-        out, lse = span_attention_fa4_forward(q, cache.k_pages, cache.v_pages, spans, scale, softcap, segment_plan,
+        out, lse = span_attention_fa4_forward(q, cache.k_pages, cache.v_pages, scale, softcap, plan.segments,
                                               page_table=page_table)
         return (out, lse) if return_lse else out
     from ..kernels.forward import span_attention_forward
 
     k_flat, v_flat = cache.flat()
     out, lse = span_attention_forward(q, k_flat, v_flat, spans, scale, softcap, page_table=page_table,
-                                      page_size=cache.page_size, plan=plan)
+                                      page_size=cache.page_size, plan=plan.triton)
     return (out, lse) if return_lse else out

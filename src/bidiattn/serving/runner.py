@@ -1,10 +1,10 @@
 """A small end-to-end runner over the kernels: a stack of attention layers with random weights,
-driven through chunked prefill (planner) and decode over paged K/V caches.
+driven through chunked prefill (:mod:`.prefill`) and decode over paged K/V caches.
 
 No model weights needed: each layer is ``h <- h + Wo · attention(Wq h, Wk h, Wv h)`` under the
 rule of its layer type. :meth:`AttentionStack.one_shot` runs whole prompts at once (the
 reference for the serving path); :class:`ServingSession` runs the same stack the way an engine
-does — prefill chunks cut by :func:`bidiattn.serving.planner.plan_prefill`, K/V appended to per-layer
+does — prefill chunks cut by :func:`bidiattn.serving.prefill.plan_prefill`, K/V appended to per-layer
 pages, then decode steps — so the tests can check that chunking and paging change nothing.
 
 Like an engine, the session checks what it is given once, on the host (prompt lengths against
@@ -26,7 +26,7 @@ from ..attention import attention
 from .kvcache import PagedKVCache, append, paged_attention
 from ..blocks import BlockList
 from .graphs import capture
-from .planner import RequestLayout, plan_prefill
+from .prefill import RequestLayout, plan_prefill
 from ..spans import SpanMask, host_to_device
 
 __all__ = ["StackConfig", "AttentionStack", "ServingSession", "StepGraph"]
@@ -170,10 +170,9 @@ class ServingSession:
 
     def _layers(self, h: torch.Tensor, offsets: torch.Tensor, blocks: BlockList, total_keys: int) -> torch.Tensor:
         """Every layer of one step on the device. The step's spans come from the requests' block
-        lists (one builder launch per layer type on CUDA) and one launch plan per layer type is
-        shared by the layers of that type: the per-step metadata work of a serving engine."""
-        from ..kernels.forward import plan_forward
-
+        lists (one builder launch per layer type on CUDA); the layers of a type share the spans,
+        so the first of them plans the launch and the others reuse the plan kept on the spans:
+        the per-step metadata work of a serving engine."""
         c = self.stack.config
         n = (offsets.numel() - 2) // 4
         cu_q, cu_k, start, req_index = offsets.split([n + 1, n + 1, n, n])
@@ -182,13 +181,10 @@ class ServingSession:
                                                 total_tokens=h.shape[0], window=c.window, cu_seqlens_k=cu_k,
                                                 total_keys=total_keys, validate=False)
                  for layer in set(c.layer_types)}
-        plans = {layer: plan_forward(m, c.num_q_heads, c.num_kv_heads, c.head_dim,
-                                     window=c.window if layer == "sliding" else None) for layer, m in spans.items()}
         for i, cache in enumerate(self.caches):
             q, k, v = self.stack.project(i, h)
             append(cache, k, v, page_table, cu_q, start, validate=False)
-            layer = c.layer_types[i]
-            attn = paged_attention(q, cache, page_table, spans[layer], plan=plans[layer], validate=False)
+            attn = paged_attention(q, cache, page_table, spans[c.layer_types[i]], validate=False)
             h = self.stack.output(i, h, attn)
         return h
 

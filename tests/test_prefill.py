@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bidiattn.serving.planner import Chunk, PrefillPlan, RequestLayout, plan_prefill
+from bidiattn.serving.prefill import Chunk, PrefillPlan, RequestLayout, plan_prefill
 
 
 @st.composite
