@@ -1,5 +1,6 @@
 """Segment decomposition (the FA4 backend's plan) against brute force: the launches, read with
-FlashAttention's window rule, give exactly the span mask, every row once."""
+FlashAttention's window rule, give exactly the span mask, every row once; the cut is the greedy
+one (the fewest segments)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from bidiattn import rules
-from bidiattn.launch import SegmentPlan, plan_segments
+from bidiattn.launch import KINDS, SegmentPlan, plan_segments
 from bidiattn.spans import SpanMask
 
 from conftest import image_spans, random_packed_layout, tail_rows
@@ -54,6 +55,56 @@ def test_every_rule_on_random_packed_layouts(family, convention, layer):
         check(tail)
         check_paged(spans)
         check_paged(tail)
+
+
+def greedy_segments(spans: SpanMask) -> set[tuple[int, int, str]]:
+    """The cut by its definition, row by row in Python: from each segment start the kind whose
+    run reaches farthest (ties: the table's order full, causal, window, open), as
+    ``(first row, rows, kind)``."""
+    steps = {"full": (0, 0), "causal": (0, 1), "window": (1, 1), "open": (1, 0)}
+    lo, hi, cu = spans.lo.tolist(), spans.hi.tolist(), spans.cu_seqlens.tolist()
+    cuts = set()
+    for first, end in zip(cu[:-1], cu[1:]):
+        row = first
+        while row < end:
+            reach = {}
+            for kind in KINDS:
+                e = row + 1
+                while e < end and (lo[e] - lo[e - 1], hi[e] - hi[e - 1]) == steps[kind]:
+                    e += 1
+                reach[kind] = e
+            kind = max(KINDS, key=lambda k: (reach[k], -KINDS.index(k)))
+            cuts.add((row, reach[kind] - row, kind))
+            row = reach[kind]
+    return cuts
+
+
+def planned_segments(plan: SegmentPlan) -> set[tuple[int, int, str]]:
+    return {(a, n, c.kind) for c in plan.calls for a, n in zip(c.q_start[:-1].tolist(), c.q_len.tolist())}
+
+
+@pytest.mark.parametrize("family,convention,layer", RULES)
+def test_the_vectorized_cut_is_the_greedy_one(family, convention, layer):
+    # The plan's segments are the greedy cut's (the fewest segments), on the device in one pass.
+    rng = random.Random(hash((family, convention, layer, "greedy")) % 1000)
+    for _ in range(10):
+        ids, cu = random_packed_layout(rng, max_len=60)
+        window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
+        spans = rules.build(family, convention, layer, block_ids=ids, cu_seqlens=cu, window=window)
+        for s in (spans, tail_rows(spans, [rng.randint(1, 20) for _ in range(spans.num_sequences)])):
+            assert planned_segments(plan_segments(s, max_calls=64)) == greedy_segments(s)
+
+
+def test_the_vectorized_cut_on_arbitrary_spans_and_many_segments():
+    rng = random.Random(11)
+    for n in (1, 2, 3, 50, 3000):
+        lo, hi = [], []
+        for row in range(n):
+            lo.append(rng.randint(lo[-1] if lo else 0, row))
+            hi.append(max(rng.randint(row, min(n - 1, row + rng.randint(0, 3))), hi[-1] if hi else 0))
+        spans = SpanMask(torch.tensor(lo, dtype=torch.int32), torch.tensor(hi, dtype=torch.int32))
+        # More than 1024 segments at n = 3000: the planning reads them back twice.
+        assert planned_segments(plan_segments(spans, max_calls=10**6)) == greedy_segments(spans)
 
 
 def test_example_of_the_docstring():
