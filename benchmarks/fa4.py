@@ -1,27 +1,58 @@
-"""FA4 backend benchmark: bidiattn fa4 (segment launches) against FA4 causal on the same GPU.
+"""The default call and the fa4 backend against FA4's own kernels on the same GPU.
 
-    python benchmarks/fa4.py --out benchmarks/results [--label L]     (FA4: pip install 'bidiattn[fa4]')
+    python benchmarks/fa4.py --out benchmarks/results [--label L] [--cases 'hd128,hd256 16K sliding']
 
-For the benchmark cases with head dim <= 256: checks bidiattn fa4 against SDPA with the dense
-mask (forward and gradients), then times (median of CUDA-event runs) the forward with the
-segment plan built inside the call and built once outside it, the plan alone, FA4 causal (speed
-reference, ignores the images; on sliding cases also FA4 with the plain window, its own pairs),
-bidiattn triton; and forward+backward of each. TFLOP/s on
-allowed pairs (causal pairs for FA4 causal): forward 4 * pairs * D * Hq, backward 10 *.
-Writes fa4[-<label>]-<device>-<date>.json/.md (PERF.md section 4).
+(FA4: pip install 'bidiattn[fa4]'.) For the benchmark cases with head dim <= 256: checks the
+default call (``bidiattn.attention(q, k, v, spans)``, which picks fa4 where FA4 takes the call)
+and the fa4 backend against SDPA with the dense mask (forward and gradients), then times (median
+of CUDA-event runs), forward and forward+backward:
+
+- default, first call: a new SpanMask object every call, so every call plans (the fa4 plan's
+  host sync included);
+- default, steady state: the same spans every call (the plan kept on them);
+- fa4 planned: ``plan=bidiattn.plan(spans, ..., backend="fa4")`` built outside the timing;
+- fa4 planned with FA4's own pack_gqa heuristic on every launch (the plan turns it off for
+  sliding-window launches);
+- fa4 forward + bidiattn's Triton backward (the backward before FA4's);
+- FA4 causal (speed reference, ignores the images), FA4 with the plain window on sliding cases
+  (its own pairs), triton planned, FlexAttention's FLASH backend (``mask_mod``, hd <= 128 with
+  gradients);
+
+and the host time of ``bidiattn.plan`` (fa4 with its sync, triton) and of a first call.
+TFLOP/s on allowed pairs (causal / window pairs for FA4's own kernels): forward 4 * pairs * D * Hq,
+backward 10 *. Writes fa4[-<label>]-<device>-<date>.json/.md (PERF.md section 4).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
+import time
 
 import torch
 
 import bidiattn
 import cases
 from bidiattn.kernels.flex import span_attention_flex
-from bidiattn.segments import plan_segments
+from bidiattn.spans import SpanMask
+
+
+def fresh(spans: SpanMask) -> SpanMask:
+    """The same mask as a new object: a call over it plans anew."""
+    return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False)
+
+
+def host_us(fn, rep: int = 20) -> float:
+    """Median host microseconds of ``fn()`` started on an idle GPU (a sync inside it included)."""
+    times = []
+    for _ in range(rep + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]) * 1e6
 
 
 def main() -> None:
@@ -32,22 +63,29 @@ def main() -> None:
     args = parser.parse_args()
     from flash_attn.cute import flash_attn_func
 
+    import bidiattn.kernels.fa4 as fa4_module
+
     rows = []
     picked = [c for c in cases.CASES if c.head_dim <= 256
               and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
     for case in picked:
         spans, q, k, v = cases.build(case)
-        t, d = case.tokens, case.head_dim
+        t, d, hq, hkv = case.tokens, case.head_dim, case.hq, case.hkv
         pairs = spans.num_pairs()
         fwd_fl = cases.flops(case, pairs)
-        fb_fl = fwd_fl + 10 * pairs * d * case.hq
+        fb_fl = fwd_fl + 10 * pairs * d * hq
         causal_pairs = t * (t + 1) // 2
-        causal_fwd_fl = 4 * causal_pairs * d * case.hq
-        causal_fb_fl = causal_fwd_fl + 10 * causal_pairs * d * case.hq
-        plan = plan_segments(spans)
-        row = dict(case=case.name, tokens=t, hq=case.hq, hkv=case.hkv, head_dim=d, pairs=pairs,
+        causal_fwd_fl = 4 * causal_pairs * d * hq
+        causal_fb_fl = causal_fwd_fl + 10 * causal_pairs * d * hq
+        p_fa4 = bidiattn.plan(spans, hq, hkv, d, backend="fa4", training=True)
+        p_triton = bidiattn.plan(spans, hq, hkv, d, window=case.window, backend="triton", training=True)
+        heuristic = dataclasses.replace(p_fa4, segments=dataclasses.replace(
+            p_fa4.segments, calls=tuple(dataclasses.replace(c, pack_gqa=None) for c in p_fa4.segments.calls)))
+        default_backend = bidiattn.plan(spans, hq, hkv, d).backend
+        row = dict(case=case.name, tokens=t, hq=hq, hkv=hkv, head_dim=d, pairs=pairs, default_backend=default_backend,
                    launches=[dict(kind=c.kind, window=[c.window_left, c.window_right], segments=c.num_segments,
-                                  rows=int(c.q_len.sum()), max_rows=c.max_q_len) for c in plan.calls])
+                                  rows=int(c.q_len.sum()), max_rows=c.max_q_len, pack_gqa=c.pack_gqa,
+                                  grad_chunks=len(c.grad_chunks)) for c in p_fa4.segments.calls])
         dout = torch.randn_like(q)
         ref, want = cases.sdpa_reference(q, k, v, spans.to_dense(), dout)
 
@@ -55,56 +93,82 @@ def main() -> None:
             x = [t_.detach().requires_grad_() for t_ in (q, k, v)]
             return torch.autograd.grad(fn(*x), x, dout)
 
-        def fa4_seg(a, b, c):
-            return bidiattn.attention(a, b, c, spans, backend="fa4", segment_plan=plan)
+        def default(a, b, c):
+            return bidiattn.attention(a, b, c, spans)
+
+        def default_first(a, b, c):
+            return bidiattn.attention(a, b, c, fresh(spans))
+
+        def fa4_planned(a, b, c):
+            return bidiattn.attention(a, b, c, spans, plan=p_fa4)
+
+        def fa4_heuristic(a, b, c):
+            return bidiattn.attention(a, b, c, spans, plan=heuristic)
 
         def fa4_causal(a, b, c):
             return flash_attn_func(a.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0), causal=True)[0].squeeze(0)
 
-        def mask_mod_flash(a, b, c):
-            return span_attention_flex(a, b, c, spans, scale, None, flash=True)[0]
+        def fa4_local(a, b, c):
+            w = case.window
+            return flash_attn_func(a.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0), window_size=(w - 1, 0))[0].squeeze(0)
 
         def triton(a, b, c):
-            return bidiattn.attention(a, b, c, spans, backend="triton")
+            return bidiattn.attention(a, b, c, spans, plan=p_triton)
 
-        scale = d ** -0.5
-        row["fa4_rel_err"] = cases.rel_err(fa4_seg(q, k, v), ref)
-        try:
-            row["fa4_mask_mod_rel_err"] = cases.rel_err(mask_mod_flash(q, k, v), ref)
-            if d <= 128:  # FA4's forward and backward key tiles differ at hd256 (see attention())
-                row["fa4_mask_mod_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(mask_mod_flash), want))
-        except Exception as e:  # noqa: BLE001 - FlexAttention's FLASH backend is experimental
-            row["fa4_mask_mod_error"] = cases.describe_error(e, 400)
-            print(case.name, "mask_mod", row["fa4_mask_mod_error"], flush=True)
-        row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_seg), want))
+        def mask_mod_flash(a, b, c):
+            return span_attention_flex(a, b, c, spans, d ** -0.5, None, flash=True)[0]
+
+        row["default_rel_err"] = cases.rel_err(default(q, k, v), ref)
+        row["default_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(default), want))
+        row["fa4_rel_err"] = cases.rel_err(fa4_planned(q, k, v), ref)
+        row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_planned), want))
         if max(val for key, val in row.items() if key.endswith("rel_err")) > 2e-2:
             raise RuntimeError(f"{case.name}: bidiattn fa4 is wrong: {row}")
+
+        def with_triton_backward():
+            real = fa4_module.fa4_backward_unsupported
+            fa4_module.fa4_backward_unsupported = lambda *args: "timing the Triton backward"
+            try:
+                return fwd_bwd(fa4_planned)
+            finally:
+                fa4_module.fa4_backward_unsupported = real
+
         timed = dict(
-            fa4_fwd=(lambda: bidiattn.attention(q, k, v, spans, backend="fa4"), fwd_fl),
-            fa4_planned_fwd=(lambda: fa4_seg(q, k, v), fwd_fl),
+            default_first_fwd=(lambda: default_first(q, k, v), fwd_fl),
+            default_fwd=(lambda: default(q, k, v), fwd_fl),
+            fa4_planned_fwd=(lambda: fa4_planned(q, k, v), fwd_fl),
+            fa4_heuristic_pack_fwd=(lambda: fa4_heuristic(q, k, v), fwd_fl),
             fa4_causal_fwd=(lambda: fa4_causal(q, k, v), causal_fwd_fl),
-            fa4_mask_mod_fwd=(lambda: mask_mod_flash(q, k, v), fwd_fl),
-            fa4_mask_mod_fwd_bwd=(lambda: fwd_bwd(mask_mod_flash), fb_fl),
             triton_fwd=(lambda: triton(q, k, v), fwd_fl),
-            fa4_planned_fwd_bwd=(lambda: fwd_bwd(fa4_seg), fb_fl),
+            mask_mod_fwd=(lambda: mask_mod_flash(q, k, v), fwd_fl),
+            default_first_fwd_bwd=(lambda: fwd_bwd(default_first), fb_fl),
+            default_fwd_bwd=(lambda: fwd_bwd(default), fb_fl),
+            fa4_planned_fwd_bwd=(lambda: fwd_bwd(fa4_planned), fb_fl),
+            fa4_triton_bwd_fwd_bwd=(with_triton_backward, fb_fl),
             fa4_causal_fwd_bwd=(lambda: fwd_bwd(fa4_causal), causal_fb_fl),
             triton_fwd_bwd=(lambda: fwd_bwd(triton), fb_fl),
         )
+        if d <= 128:  # FA4's forward and backward key tiles differ at hd256 under one BlockMask
+            timed["mask_mod_fwd_bwd"] = (lambda: fwd_bwd(mask_mod_flash), fb_fl)
         if case.window:
             w = case.window
             local_pairs = sum(min(i + 1, w) for i in range(t))
-            timed["fa4_local_fwd"] = (lambda: flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                                              window_size=(w - 1, 0))[0], 4 * local_pairs * d * case.hq)
+            local_fl = 4 * local_pairs * d * hq
+            timed["fa4_local_fwd"] = (lambda: fa4_local(q, k, v), local_fl)
+            timed["fa4_local_fwd_bwd"] = (lambda: fwd_bwd(fa4_local), local_fl + 10 * local_pairs * d * hq)
         for key, (fn, fl) in timed.items():
-            if key.startswith("fa4_mask_mod") and ("fa4_mask_mod_error" in row or ("bwd" in key and d > 128)):
-                continue
             try:
-                row[key + "_ms"] = cases.ms(fn, rep=100 if "bwd" in key else 300)
+                row[key + "_ms"] = cases.ms(fn, rep=100 if "bwd" in key or "first" in key else 300)
                 row[key + "_tflops"] = fl / row[key + "_ms"] / 1e9
             except Exception as e:  # noqa: BLE001 - a column that cannot run is reported, not fatal
                 row[key + "_error"] = cases.describe_error(e)
             print(case.name, key, row.get(key + "_tflops", row.get(key + "_error")), flush=True)
-        row["plan_ms"] = cases.ms(lambda: plan_segments(spans), rep=100)
+        row["plan_fa4_host_us"] = host_us(lambda: bidiattn.plan(fresh(spans), hq, hkv, d, backend="fa4"))
+        row["plan_triton_host_us"] = host_us(lambda: bidiattn.plan(fresh(spans), hq, hkv, d, backend="triton"))
+        row["plan_triton_training_host_us"] = host_us(
+            lambda: bidiattn.plan(fresh(spans), hq, hkv, d, backend="triton", training=True))
+        row["default_first_call_host_us"] = host_us(lambda: default_first(q, k, v))
+        row["default_call_host_us"] = host_us(lambda: default(q, k, v))
         rows.append(row)
         print(json.dumps(row), flush=True)
         del ref, want
@@ -112,26 +176,35 @@ def main() -> None:
     meta = cases.meta()
 
     def tf(r, key):
-        return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "fails"
+        return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "n/a" if key + "_error" not in r else "fails"
 
     def ratio(r, a, b):
         return f"{r[a + '_tflops'] / r[b + '_tflops']:.2f}x" if a + "_tflops" in r and b + "_tflops" in r else "n/a"
 
-    lines = [f"# FA4 backend, {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. TFLOP/s on allowed pairs "
-             "(FA4 causal: causal pairs, ignores the images); fwd+bwd counts 14 * pairs * D * Hq. 'fa4' builds the "
-             "segment plan in the call (plan ms: that alone), 'fa4 planned' takes it prebuilt; fa4's backward is "
-             "bidiattn's triton backward. Launches per case in the JSON.", "",
-             "| case | fa4 | fa4 planned | FA4 causal "
-             "| FA4 window | planned / causal | triton | plan ms | fwd+bwd: fa4 planned | FA4 causal | triton "
-             "| planned / causal | mask_mod | mask_mod fwd+bwd |", "|---" * 14 + "|"]
+    lines = [f"# The default call and fa4 against FA4, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, FA4 {meta['fa4']}, commit {meta['commit']}. TFLOP/s on "
+             "allowed pairs (FA4 causal: causal pairs, ignores the images; FA4 window: its own pairs); fwd+bwd counts "
+             "14 * pairs * D * Hq. *default first*: a new SpanMask object per call (plans every call); *default*: "
+             "the same spans (plan kept on them); *fa4 planned*: an explicit fa4 plan; *FA4 pack*: FA4's own "
+             "pack_gqa on every launch; *fa4 + triton bwd*: fa4 forward, bidiattn's Triton backward. Launches, "
+             "pack_gqa and backward chunks per case in the JSON.", "",
+             "| case | default runs | fwd: default first | default | fa4 planned | FA4 pack | FA4 causal | FA4 window "
+             "| triton | default / FA4 causal | default / FA4 window | fwd+bwd: default first | default | fa4 planned "
+             "| fa4 + triton bwd | FA4 causal | FA4 window | triton | default / FA4 causal | default / FA4 window "
+             "| mask_mod fwd / fwd+bwd | host µs: plan fa4 | plan triton (+bwd) | first call | steady call |",
+             "|---" * 25 + "|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {tf(r, 'fa4_fwd')} | {tf(r, 'fa4_planned_fwd')} | "
-                     f"{tf(r, 'fa4_causal_fwd')} | {tf(r, 'fa4_local_fwd') if 'fa4_local_fwd_tflops' in r else 'n/a'} | "
-                     f"{ratio(r, 'fa4_planned_fwd', 'fa4_causal_fwd')} | {tf(r, 'triton_fwd')} | {r['plan_ms']:.2f} | "
-                     f"{tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
-                     f"{ratio(r, 'fa4_planned_fwd_bwd', 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_mask_mod_fwd')} | "
-                     f"{tf(r, 'fa4_mask_mod_fwd_bwd')} |")
+        lines.append(
+            f"| {r['case']} | {r['default_backend']} | {tf(r, 'default_first_fwd')} | {tf(r, 'default_fwd')} | "
+            f"{tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_heuristic_pack_fwd')} | {tf(r, 'fa4_causal_fwd')} | "
+            f"{tf(r, 'fa4_local_fwd')} | {tf(r, 'triton_fwd')} | {ratio(r, 'default_fwd', 'fa4_causal_fwd')} | "
+            f"{ratio(r, 'default_fwd', 'fa4_local_fwd')} | {tf(r, 'default_first_fwd_bwd')} | "
+            f"{tf(r, 'default_fwd_bwd')} | {tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_triton_bwd_fwd_bwd')} | "
+            f"{tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_local_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
+            f"{ratio(r, 'default_fwd_bwd', 'fa4_causal_fwd_bwd')} | {ratio(r, 'default_fwd_bwd', 'fa4_local_fwd_bwd')} | "
+            f"{tf(r, 'mask_mod_fwd')} / {tf(r, 'mask_mod_fwd_bwd')} | {r['plan_fa4_host_us']:.0f} | "
+            f"{r['plan_triton_host_us']:.0f} ({r['plan_triton_training_host_us']:.0f}) | "
+            f"{r['default_first_call_host_us']:.0f} | {r['default_call_host_us']:.0f} |")
     cases.write_results(args.out, "fa4" + (f"-{args.label}" if args.label else ""), meta, dict(rows=rows), lines)
     print("\n".join(lines))
 
