@@ -13,7 +13,8 @@ of CUDA-event runs), forward and forward+backward:
 - fa4 planned: ``plan=bidiattn.plan(spans, ..., backend="fa4")`` built outside the timing;
 - fa4 planned with FA4's own pack_gqa heuristic on every launch (the plan turns it off for
   sliding-window launches);
-- fa4 forward + bidiattn's Triton backward (the backward before FA4's);
+- fa4 with each backward forced: FA4's over copied segments, and bidiattn's Triton backward (the
+  plan picks FA4's only where no key is read by two segments: text-only layouts);
 - FA4 causal (speed reference, ignores the images), FA4 with the plain window on sliding cases
   (its own pairs), triton planned, FlexAttention's FLASH backend (``mask_mod``, hd <= 128 with
   gradients);
@@ -63,7 +64,6 @@ def main() -> None:
     args = parser.parse_args()
     from flash_attn.cute import flash_attn_func
 
-    import bidiattn.kernels.fa4 as fa4_module
 
     rows = []
     picked = [c for c in cases.CASES if c.head_dim <= 256
@@ -81,8 +81,12 @@ def main() -> None:
         p_triton = bidiattn.plan(spans, hq, hkv, d, window=case.window, backend="triton", training=True)
         heuristic = dataclasses.replace(p_fa4, segments=dataclasses.replace(
             p_fa4.segments, calls=tuple(dataclasses.replace(c, pack_gqa=None) for c in p_fa4.segments.calls)))
+        forced = {flag: dataclasses.replace(p_fa4, segments=dataclasses.replace(p_fa4.segments, fa4_backward=flag))
+                  for flag in (True, False)}
         default_backend = bidiattn.plan(spans, hq, hkv, d).backend
         row = dict(case=case.name, tokens=t, hq=hq, hkv=hkv, head_dim=d, pairs=pairs, default_backend=default_backend,
+                   plan_fa4_backward=p_fa4.segments.fa4_backward,
+                   keys_copied_per_key=sum(int(c.k_len.sum()) for c in p_fa4.segments.calls) / spans.total_keys,
                    launches=[dict(kind=c.kind, window=[c.window_left, c.window_right], segments=c.num_segments,
                                   rows=int(c.q_len.sum()), max_rows=c.max_q_len, pack_gqa=c.pack_gqa,
                                   grad_chunks=len(c.grad_chunks)) for c in p_fa4.segments.calls])
@@ -105,6 +109,12 @@ def main() -> None:
         def fa4_heuristic(a, b, c):
             return bidiattn.attention(a, b, c, spans, plan=heuristic)
 
+        def fa4_fa4_bwd(a, b, c):
+            return bidiattn.attention(a, b, c, spans, plan=forced[True])
+
+        def fa4_triton_bwd(a, b, c):
+            return bidiattn.attention(a, b, c, spans, plan=forced[False])
+
         def fa4_causal(a, b, c):
             return flash_attn_func(a.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0), causal=True)[0].squeeze(0)
 
@@ -122,16 +132,9 @@ def main() -> None:
         row["default_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(default), want))
         row["fa4_rel_err"] = cases.rel_err(fa4_planned(q, k, v), ref)
         row["fa4_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_planned), want))
+        row["fa4_fa4_bwd_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_fa4_bwd), want))
         if max(val for key, val in row.items() if key.endswith("rel_err")) > 2e-2:
             raise RuntimeError(f"{case.name}: bidiattn fa4 is wrong: {row}")
-
-        def with_triton_backward():
-            real = fa4_module.fa4_backward_unsupported
-            fa4_module.fa4_backward_unsupported = lambda *args: "timing the Triton backward"
-            try:
-                return fwd_bwd(fa4_planned)
-            finally:
-                fa4_module.fa4_backward_unsupported = real
 
         timed = dict(
             default_first_fwd=(lambda: default_first(q, k, v), fwd_fl),
@@ -144,7 +147,8 @@ def main() -> None:
             default_first_fwd_bwd=(lambda: fwd_bwd(default_first), fb_fl),
             default_fwd_bwd=(lambda: fwd_bwd(default), fb_fl),
             fa4_planned_fwd_bwd=(lambda: fwd_bwd(fa4_planned), fb_fl),
-            fa4_triton_bwd_fwd_bwd=(with_triton_backward, fb_fl),
+            fa4_fa4_bwd_fwd_bwd=(lambda: fwd_bwd(fa4_fa4_bwd), fb_fl),
+            fa4_triton_bwd_fwd_bwd=(lambda: fwd_bwd(fa4_triton_bwd), fb_fl),
             fa4_causal_fwd_bwd=(lambda: fwd_bwd(fa4_causal), causal_fb_fl),
             triton_fwd_bwd=(lambda: fwd_bwd(triton), fb_fl),
         )
@@ -186,20 +190,22 @@ def main() -> None:
              "allowed pairs (FA4 causal: causal pairs, ignores the images; FA4 window: its own pairs); fwd+bwd counts "
              "14 * pairs * D * Hq. *default first*: a new SpanMask object per call (plans every call); *default*: "
              "the same spans (plan kept on them); *fa4 planned*: an explicit fa4 plan; *FA4 pack*: FA4's own "
-             "pack_gqa on every launch; *fa4 + triton bwd*: fa4 forward, bidiattn's Triton backward. Launches, "
-             "pack_gqa and backward chunks per case in the JSON.", "",
+             "pack_gqa on every launch; *fa4 + FA4 bwd* / *fa4 + triton bwd*: fa4 forward with each backward forced "
+             "(the plan's own choice is in *fa4 planned*; keys copied per key by FA4's backward in the JSON). "
+             "Launches, pack_gqa and backward chunks per case in the JSON.", "",
              "| case | default runs | fwd: default first | default | fa4 planned | FA4 pack | FA4 causal | FA4 window "
              "| triton | default / FA4 causal | default / FA4 window | fwd+bwd: default first | default | fa4 planned "
-             "| fa4 + triton bwd | FA4 causal | FA4 window | triton | default / FA4 causal | default / FA4 window "
+             "| fa4 + FA4 bwd | fa4 + triton bwd | FA4 causal | FA4 window | triton | default / FA4 causal | default / FA4 window "
              "| mask_mod fwd / fwd+bwd | host µs: plan fa4 | plan triton (+bwd) | first call | steady call |",
-             "|---" * 25 + "|"]
+             "|---" * 26 + "|"]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['default_backend']} | {tf(r, 'default_first_fwd')} | {tf(r, 'default_fwd')} | "
             f"{tf(r, 'fa4_planned_fwd')} | {tf(r, 'fa4_heuristic_pack_fwd')} | {tf(r, 'fa4_causal_fwd')} | "
             f"{tf(r, 'fa4_local_fwd')} | {tf(r, 'triton_fwd')} | {ratio(r, 'default_fwd', 'fa4_causal_fwd')} | "
             f"{ratio(r, 'default_fwd', 'fa4_local_fwd')} | {tf(r, 'default_first_fwd_bwd')} | "
-            f"{tf(r, 'default_fwd_bwd')} | {tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_triton_bwd_fwd_bwd')} | "
+            f"{tf(r, 'default_fwd_bwd')} | {tf(r, 'fa4_planned_fwd_bwd')} | {tf(r, 'fa4_fa4_bwd_fwd_bwd')} | "
+            f"{tf(r, 'fa4_triton_bwd_fwd_bwd')} | "
             f"{tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_local_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
             f"{ratio(r, 'default_fwd_bwd', 'fa4_causal_fwd_bwd')} | {ratio(r, 'default_fwd_bwd', 'fa4_local_fwd_bwd')} | "
             f"{tf(r, 'mask_mod_fwd')} / {tf(r, 'mask_mod_fwd_bwd')} | {r['plan_fa4_host_us']:.0f} | "

@@ -11,6 +11,7 @@ error against fp32 (+ small atol).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -58,6 +59,12 @@ def grads_of(fn, q, k, v, dout, dlse=None):
     return (out, lse, *torch.autograd.grad(loss, x))
 
 
+def fa4_backward_plan(spans, hq, hkv, d):
+    """An fa4 plan whose backward is FA4's whatever the plan chose (as where no key is shared)."""
+    plan = launch.plan(spans, hq, hkv, d, backend="fa4", training=True)
+    return dataclasses.replace(plan, segments=dataclasses.replace(plan.segments, fa4_backward=True))
+
+
 def check_against_reference(spans, hq, hkv, d, seed, softcap=None, with_lse=True):
     g = torch.Generator().manual_seed(seed)
     t, tk = spans.total_tokens, spans.total_keys
@@ -65,7 +72,8 @@ def check_against_reference(spans, hq, hkv, d, seed, softcap=None, with_lse=True
     k, v = (torch.randn(tk, hkv, d, generator=g) for _ in range(2))
     dout = torch.randn(t, hq, d, generator=g, dtype=torch.float64)
     dlse = torch.randn(hq, t, generator=g, dtype=torch.float64) if with_lse else None
-    got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True, backend="fa4"),
+    plan = fa4_backward_plan(spans, hq, hkv, d)
+    got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True, plan=plan),
                    q, k, v, dout, dlse)
     want = grads_of(lambda a, b, c: reference.attention(a, b, c, spans, softcap=softcap, return_lse=True),
                     q, k, v, dout, dlse)
@@ -90,11 +98,34 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
     check_against_reference(spans, 2, 1, 16, seed=3, softcap=5.0)
     monkeypatch.setattr(launch, "_GRAD_KEYS", 0)
     plan = launch.plan(spans, 2, 1, 16, backend="fa4")
-    assert all(len(c.grad_chunks) == c.num_segments for c in plan.segments.calls)
+    assert all(len(c.grad_chunks) == c.num_segments for c in plan.segments.calls) and plan.segments.num_segments > 3
     fake_fa4.calls.clear()
     spans_again = SpanMask(spans.lo, spans.hi)  # a new object plans anew, with the new budget
     check_against_reference(spans_again, 2, 1, 16, seed=3, softcap=5.0)
     assert sum(1 for c in fake_fa4.calls if c[0] == "bwd") == plan.segments.num_segments
+
+
+def test_the_plan_takes_fa4s_backward_where_no_key_is_read_twice(fake_fa4):
+    # Text-only packed sequences: one causal segment each, disjoint keys: FA4's backward, whose
+    # copies then move each key once. Image layouts share prefixes: the Triton backward (run here
+    # through Triton's interpreter), with its tables planned for training.
+    text = bidiattn.rules.build("gemma3", "official", "full", block_ids=torch.zeros(90, dtype=torch.int64),
+                                cu_seqlens=torch.tensor([0, 30, 35, 90]))
+    images = image_spans(90, [(10, 40), (50, 70)], "gemma3", "official", "full")
+    sliding = image_spans(90, [(10, 40)], "gemma3", "official", "sliding", window=12)
+    for spans, fa4_backward in ((text, True), (images, False), (sliding, False)):
+        plan = launch.plan(spans, 4, 2, 16, backend="fa4", training=True)
+        assert plan.segments.fa4_backward is fa4_backward
+        assert (plan.backward is None) is fa4_backward
+        fake_fa4.calls.clear()
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(90, h, 16, generator=g).half().requires_grad_() for h in (4, 2, 2))
+        out = bidiattn.attention(q, k, v, spans, backend="fa4")
+        out.float().square().sum().backward()
+        assert any(c[0] == "bwd" for c in fake_fa4.calls) is fa4_backward
+        want = torch.autograd.grad(reference.attention(q.float(), k.float(), v.float(), spans).square().sum(), (q, k, v))
+        for got, w in zip((q.grad, k.grad, v.grad), want):
+            torch.testing.assert_close(got.float(), w.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_fake_fa4_backward_chunks_keep_the_copies_within_the_budget():
@@ -191,7 +222,7 @@ def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, backend="fa4")
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
 
 
-def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backend="fa4"):
+def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backend="fa4", plan=None):
     g = torch.Generator().manual_seed(seed)
     t = spans.total_tokens
     q, k, v = (torch.randn(t, h, d, generator=g).to(torch.bfloat16).cuda() for h in (hq, hkv, hkv))
@@ -204,7 +235,8 @@ def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backe
         loss = (out.float() * dout).sum() + (0 if dlse is None else (lse * dlse).sum())
         return torch.autograd.grad(loss, x)
 
-    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True, backend=backend))
+    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True,
+                                                   **(dict(plan=plan) if plan is not None else dict(backend=backend))))
     want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans, softcap=softcap,
                                                      return_lse=True))
     lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(d), softcap, return_lse=True))
@@ -273,7 +305,27 @@ def test_default_call_runs_fa4_at_real_sizes(d, hq, hkv, layer):
 @pytest.mark.parametrize("d,hq,hkv,layer", [(128, 16, 8, "full"), (128, 16, 8, "sliding"), (256, 8, 4, "full"),
                                              (256, 8, 4, "sliding")])
 def test_fa4_backward_at_real_sizes(d, hq, hkv, layer):
-    check_gradients(real_size_spans(d, layer), hq, hkv, d, seed=d, with_lse=layer == "full")
+    # The plan's backward (Triton's: the images share prefixes) and FA4's over copied segments.
+    spans = real_size_spans(d, layer)
+    check_gradients(spans, hq, hkv, d, seed=d, with_lse=layer == "full")
+    check_gradients(spans, hq, hkv, d, seed=d, with_lse=layer == "full", plan=gpu_fa4_backward_plan(spans, hq, hkv, d))
+
+
+def gpu_fa4_backward_plan(spans, hq, hkv, d):
+    plan = bidiattn.plan(spans, hq, hkv, d, backend="fa4", training=True)
+    return dataclasses.replace(plan, segments=dataclasses.replace(plan.segments, fa4_backward=True))
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4)])
+def test_fa4_backward_on_text_only_packed_sequences(d, hq, hkv):
+    # No key read twice: the plan takes FA4's backward itself.
+    cu = torch.tensor([0, 3000, 3001, 5000, 8192])
+    spans = rules.build("gemma3", "official", "full", block_ids=torch.zeros(8192, dtype=torch.int64),
+                        cu_seqlens=cu).to("cuda")
+    assert bidiattn.plan(spans, hq, hkv, d, training=True).segments.fa4_backward
+    check_gradients(spans, hq, hkv, d, seed=d, with_lse=True)
 
 
 @pytest.mark.gpu
@@ -285,6 +337,7 @@ def test_fa4_backward_on_packed_sequences_with_softcap(family, convention, layer
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=400, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=64, cu_seqlens=cu).to("cuda")
     check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True)
+    check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True, plan=gpu_fa4_backward_plan(spans, 8, 2, 128))
 
 
 @pytest.mark.gpu

@@ -92,8 +92,9 @@ def attention(
             installed and takes the head dim, triton for decode-sized calls, hd512, inside
             ``torch.compile`` and where FA4 is missing, the reference on CPU or for fp32),
             ``"fa4"`` (FlashAttention-4, fp16/bf16, SM90 head dims multiples of 8 up to 256:
-            the mask as a few FA4 varlen window launches over row segments, exact; FA4's own
-            backward per launch; ``pip install 'bidiattn[fa4]'``), ``"triton"`` (fp16/bf16,
+            the mask as a few FA4 varlen window launches over row segments, exact; the backward
+            FA4's own per launch where no two segments read one key, else the triton kernels';
+            ``pip install 'bidiattn[fa4]'``), ``"triton"`` (fp16/bf16,
             head dims multiples of 16 up to 512, a deterministic backward,
             ``torch.compile``-traceable), ``"flex"`` (FlexAttention with a block mask built from
             the spans; compiled on CUDA, eager and forward-only on CPU) or ``"reference"`` (dense
@@ -163,7 +164,7 @@ def attention(
             raise ValueError("inside torch.compile, backend='fa4' needs plan=bidiattn.plan(...) built outside the "
                              "compiled code (planning its launches reads the spans on the host)")
 
-        out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, plan.segments)
+        out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, plan.segments, plan.backward)
         return (out, lse) if return_lse else out
     launch = plan.triton if plan is not None else None
     if _skips_operator(q, k, v, spans):

@@ -128,8 +128,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
-          FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd A6/A7
-                                                                     (0.90x / 0.79x FA4 causal) against B1/B2
+          FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd (the
+                                                                     triton backward on image layouts) A7 vs
+                                                                     B2: 349 vs 355 (hd256: the same backward)
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
           hd <= 512)                                                 (F5) has no FA4 kernel
         anything else (fp32 on CUDA, odd head dims)       reference  exact; no kernel takes it
@@ -586,12 +587,20 @@ class SegmentPlan:
     sequence's offset, ``k_len`` the key end), so a launch can read them through the
     sequence's page-table row, which has no start offset; the window alone bounds each row's
     first key.
+
+    ``fa4_backward``: the backward runs FA4's own, per launch over copies of the segments' keys
+    (:mod:`bidiattn.kernels.fa4`), where those copies move each key at most once: no two segments
+    read the same key (text-only packed sequences). Where segments share keys (every image
+    layout: each text run reads the prefix before it, 3-33x the keys on the benchmark layouts)
+    bidiattn's Triton backward runs instead: the copies' traffic would cost about what FA4's
+    backward saves over it (benchmarks/NOTES.md, "fa4 backend").
     """
 
     calls: tuple[SegmentCall, ...]
     total_rows: int
     total_keys: int
     paged: bool = False
+    fa4_backward: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -729,8 +738,9 @@ def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[
         seg_code = seg_code.masked_fill(rows, 0)
     if paged:
         # Full and causal segments keep lo fixed; where it is not the sequence's first key,
-        # their rows become one-row windows.
-        own = seg_code[torch.where(start == 1, torch.arange(t, device=dev), 0).cummax(0).values]
+        # their rows become one-row windows. A row's segment has its first row's code, and a
+        # row that starts none is joined to the row before by a link of its segment's code.
+        own = torch.where(start == 1, seg_code, pad(code[:-1], (1, 0)))
         bad = (own <= 1) & (lo > 0)
         start = start.masked_fill(bad, 1)
         seg_code = seg_code.masked_fill(bad, 3)
@@ -782,7 +792,10 @@ def _launches(spans: SpanMask, seg: list[list[int]], members: dict[tuple[int, in
         calls.append(SegmentCall(KINDS[kind], *window, views[0], views[1], views[2], views[3], max(lengths[0]),
                                  max(lengths[1]), views[4], pack_gqa=_fa4_pack_gqa(KINDS[kind]),
                                  grad_chunks=_grad_chunks(*lengths, _GRAD_KEYS * tk)))
-    return SegmentPlan(tuple(calls), t, tk, paged)
+    # FA4's backward where no key is read by two segments (see SegmentPlan.fa4_backward).
+    ranges = sorted(zip(k_start, k_len))
+    disjoint = all(a + n <= b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    return SegmentPlan(tuple(calls), t, tk, paged, fa4_backward=disjoint)
 
 
 def _grad_chunks(q_len: list[int], k_len: list[int], budget: int) -> tuple[GradChunk, ...]:
@@ -809,7 +822,10 @@ class Plan:
     - ``triton``: for ``"triton"``, the :class:`LaunchPlan` (tile config, tile table, launch
       order; with ``training``, its ``backward`` :class:`BackwardPlan` too).
     - ``segments``: for ``"fa4"``, the :class:`SegmentPlan` (row segments, launch kinds and
-      windows, per-launch FA4 options, the backward's chunks).
+      windows, per-launch FA4 options, which backward runs and its chunks).
+    - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
+      backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4 plan
+      whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
     - the head shape ``num_q_heads``/``num_kv_heads``/``head_dim``, ``window``, ``training``,
       ``paged`` (keys through a page table) and ``dtype`` it was made for.
 
@@ -829,6 +845,7 @@ class Plan:
     dtype: torch.dtype = torch.bfloat16
     triton: LaunchPlan | None = field(default=None, repr=False)
     segments: SegmentPlan | None = field(default=None, repr=False)
+    backward: BackwardPlan | None = field(default=None, repr=False)
 
     @property
     def spans(self) -> SpanMask | None:
@@ -864,8 +881,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     Args:
         backend: ``"auto"`` (the fastest exact backend that takes the call: see
             :func:`auto_backend`), or ``"triton"``, ``"fa4"``, ``"flex"``, ``"reference"``.
-        training: also plan the backward (Triton: its tile tables and orders; FA4's backward
-            reads the segment plan as is).
+        training: also plan the backward (the Triton backward's tile tables and orders, for
+            triton plans and fa4 plans whose backward runs Triton's kernels).
         dtype: the inputs' dtype; ``"auto"`` takes the fast kernels for fp16/bf16 only.
         paged: keys read through a page table (FA4 launches then start every segment's keys
             at its sequence's first key); auto picks triton for paged keys.
@@ -873,7 +890,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             windows off the spans themselves).
 
     Cost: Triton, two small launches per tile table, no host sync; FA4, the segments built on
-    the spans' device with one host sync (the launch sizes depend on the data). Bad sizes, a
+    the spans' device with one host sync (the launch sizes depend on the data), and with
+    ``training`` the Triton backward's tables where it runs. Bad sizes, a
     head count that is not a multiple of the K/V head count, a non-positive window or an
     unknown backend raise ``ValueError``; sizes may be any integer type (numpy's too; bools and
     floats raise ``TypeError``). A triton plan needs the spans on a CUDA device (or
@@ -913,9 +931,14 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         forward = plan_forward(spans, hq, hkv, d, window=window)
         if training:
             forward = dataclasses.replace(forward, backward=plan_backward(spans, d))
-        return Plan(**tie, triton=forward)
+        return Plan(**tie, triton=forward, backward=forward.backward)
     if backend == "fa4":
-        return Plan(**tie, segments=plan_segments(spans, paged=paged))
+        segments = plan_segments(spans, paged=paged)
+        backward = None
+        triton_runs = (device.type == "cuda" or interpreting()) and triton_missing() is None
+        if training and not segments.fa4_backward and triton_runs:
+            backward = plan_backward(spans, d)
+        return Plan(**tie, segments=segments, backward=backward)
     return Plan(**tie)
 
 

@@ -7,18 +7,19 @@ sliding-window mask FA4 already has and the FA4 options the plan chose for the l
 (``pack_gqa``). Segments never share rows, so every launch writes its rows of one ``out``/``lse``
 in place; keys are read where they are, never copied. Exact: each row sees exactly its span.
 
-Backward: FA4's own varlen backward, launch by launch. FA4's backward writes dK/dV at the keys
-it reads, and segments of one launch share keys (every text run of a sequence reads the prefix
-before it), so the backward cannot point into the packed keys as the forward does. It copies
-each segment's keys and rows into a layout of their own (segments one after another: an
-ordinary varlen batch), runs FA4's backward over it with the forward's ``out``/``lse``, puts dQ
-back at its rows (every row is in one segment) and adds dK/dV into fp32 sums at the keys they
-came from. Exact: with the row's true ``lse`` and ``out``, a segment's backward gives its rows'
-dQ and its share of each key's dK/dV, and the shares sum over the segments that read the key.
-The copies of one FA4 call hold at most twice the keys (the plan's ``grad_chunks``). Not bitwise
-repeatable (FA4's backward and the sums add with atomics). Where FA4's backward cannot take the
-call (SM100's hd256 backward takes no softcap and no lse gradient), bidiattn's Triton backward
-runs instead.
+Backward: FA4's own varlen backward, launch by launch, where the plan says so
+(``SegmentPlan.fa4_backward``: no key is read by two segments), else bidiattn's Triton backward
+fed FA4's ``out`` and ``lse``. FA4's backward writes dK/dV at the keys it reads, and segments of
+one launch may share keys (every text run of a sequence reads the prefix before it), so it does
+not point into the packed keys as the forward does: it copies each segment's keys and rows into
+a layout of their own (segments one after another: an ordinary varlen batch), runs FA4's
+backward over it with the forward's ``out``/``lse``, puts dQ back at its rows (every row is in
+one segment) and adds dK/dV into fp32 sums at the keys they came from. Exact for any plan: with
+the row's true ``lse`` and ``out``, a segment's backward gives its rows' dQ and its share of each
+key's dK/dV, and the shares sum over the segments that read the key. The copies of one FA4 call
+hold at most twice the keys (the plan's ``grad_chunks``). Not bitwise repeatable (FA4's backward
+and the sums add with atomics). Where FA4's backward cannot take the call (SM100's hd256
+backward takes no softcap and no lse gradient), the Triton backward runs.
 
 FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..launch import SegmentPlan
+from ..launch import BackwardPlan, SegmentPlan
 from ..spans import SpanMask
 
 __all__ = ["span_attention_fa4", "span_attention_fa4_backward", "span_attention_fa4_forward"]
@@ -125,10 +126,10 @@ def span_attention_fa4_backward(
 
 class _SpanAttentionFA4(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spans, scale, softcap, plan):
+    def forward(ctx, q, k, v, spans, scale, softcap, plan, backward_plan):
         out, lse = span_attention_fa4_forward(q, k, v, scale, softcap, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spans, ctx.scale, ctx.softcap, ctx.plan = spans, scale, softcap, plan
+        ctx.spans, ctx.scale, ctx.softcap, ctx.plan, ctx.backward_plan = spans, scale, softcap, plan, backward_plan
         ctx.set_materialize_grads(False)  # an unused lse brings no gradient (FA4 then takes dlse=None)
         return out, lse
 
@@ -136,18 +137,21 @@ class _SpanAttentionFA4(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
-        if fa4_backward_unsupported(q, ctx.softcap, dlse) is None:
+        if ctx.plan.fa4_backward and fa4_backward_unsupported(q, ctx.softcap, dlse) is None:
             dq, dk, dv = span_attention_fa4_backward(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.softcap, ctx.plan)
         else:
             from .backward import span_attention_backward
 
-            dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse)
-        return dq, dk, dv, None, None, None, None
+            dq, dk, dv = span_attention_backward(dout, q, k, v, out, lse, ctx.spans, ctx.scale, ctx.softcap, dlse,
+                                                 plan=ctx.backward_plan)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def span_attention_fa4(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float, softcap: float | None,
-    plan: SegmentPlan,
+    plan: SegmentPlan, backward_plan: BackwardPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable :func:`span_attention_fa4_forward` (backward: FA4's, see the module doc)."""
-    return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan)
+    """Differentiable :func:`span_attention_fa4_forward`; the backward is FA4's where
+    ``plan.fa4_backward`` says so, else the Triton kernels' (``backward_plan``: their tables,
+    planned in the call without it). See the module doc."""
+    return _SpanAttentionFA4.apply(q, k, v, spans, scale, softcap, plan, backward_plan)
