@@ -1,6 +1,6 @@
 """The vLLM backend's pure parts, without vLLM: which rule a served model gets, what is refused
 at start-up (naming the value), registration against a fake registry shaped like vLLM's (the
-0.26 one, whose names are fixed, and the 0.33+ one, which creates names), and that importing
+0.26 one, whose names are fixed, and the 0.32+ one, which creates names), and that importing
 the integration imports no vLLM."""
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_supported_configurations():
 def fake_registry(creates_names: bool):
     """An object shaped like ``vllm.v1.attention.backends.registry``: an enum of fixed backend
     names with ``CUSTOM``, ``get_path``/``is_overridden`` per member, ``register_backend``;
-    ``creates_names``: the 0.33+ registry, whose ``register_backend`` also takes a new name
+    ``creates_names``: the 0.32+ registry, whose ``register_backend`` also takes a new name
     (and whose enum has ``register``)."""
     overrides: dict = {}
     added: dict = {}

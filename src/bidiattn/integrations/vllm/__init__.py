@@ -3,15 +3,15 @@
 Usage::
 
     pip install 'bidiattn[vllm]'
-    vllm serve google/gemma-3-27b-it --attention-backend BIDIATTN    # vLLM >= 0.33
-    vllm serve google/gemma-3-27b-it --attention-backend CUSTOM      # vLLM 0.26 - 0.32
+    vllm serve google/gemma-3-27b-it --attention-backend BIDIATTN    # vLLM >= 0.32
+    vllm serve google/gemma-3-27b-it --attention-backend CUSTOM      # vLLM 0.26 - 0.31
     # Python: LLM(model, attention_config={"backend": "BIDIATTN"})   (or "CUSTOM")
     # rule: BIDIATTN_RULE=official (default) | transformers | vllm (A/B against vLLM's own)
 
 Nothing in vLLM is patched. The package's ``vllm.general_plugins`` entry point runs
 :func:`register` in every vLLM process, which records the backend's class path in vLLM's
 backend registry: under the new name ``BIDIATTN`` where the registry takes new names (vLLM
->= 0.33), else in its ``CUSTOM`` slot (vLLM 0.26 - 0.32 take only names of their own enum).
+>= 0.32), else in its ``CUSTOM`` slot (vLLM 0.26 - 0.31 take only names of their own enum).
 
 Layout: :mod:`.config` (which rule a served model gets, what is refused at start-up),
 :mod:`.step` (a step's image ranges -> blocks -> spans, attention over vLLM's paged cache),
@@ -42,7 +42,7 @@ def _registry(registry):
 
 def register(registry=None) -> str | None:
     """Record the backend in vLLM's attention-backend registry; returns the name that selects
-    it (``"BIDIATTN"``, or ``"CUSTOM"`` on vLLM < 0.33), or ``None`` when the ``CUSTOM`` slot
+    it (``"BIDIATTN"``, or ``"CUSTOM"`` on vLLM < 0.32), or ``None`` when the ``CUSTOM`` slot
     already holds another backend (logged; not overwritten).
 
     Safe to call again (vLLM loads general plugins in every process, and a user may call it
@@ -55,7 +55,7 @@ def register(registry=None) -> str | None:
     if NAME in members:
         registry.register_backend(members[NAME], CLASS_PATH)
         return NAME
-    if callable(getattr(enum, "register", None)):  # the registry creates names (vLLM >= 0.33)
+    if callable(getattr(enum, "register", None)):  # the registry creates names (vLLM >= 0.32)
         registry.register_backend(NAME, CLASS_PATH)
         return NAME
     custom = members["CUSTOM"]

@@ -4,7 +4,8 @@ vLLM imports this module by the class path :func:`bidiattn.integrations.vllm.reg
 its registry; the work itself is in :mod:`.step` and :mod:`.config` (no vLLM there).
 Interfaces read in vLLM 0.26.0 (``vllm/v1/attention/backend.py``,
 ``vllm/v1/attention/backends/registry.py``, ``vllm/v1/worker/gpu_model_runner.py``) and
-checked against 0.27, 0.30, 0.33 and 0.34:
+checked against 0.27, 0.30, 0.31, 0.32, 0.33 and 0.34 (the registry and the backend base class;
+the classes themselves tested on CPU against 0.26.0 and 0.34.0):
 
 - the cache: per layer one buffer, logical ``[num_blocks, Hkv, block_size, 2 * D]``; this
   backend asks for NHD memory order (0.26/0.27: ``get_kv_cache_shape`` and
@@ -55,7 +56,7 @@ class BidiattnBackend(AttentionBackend):
     @staticmethod
     def get_name() -> str:
         # vLLM looks the backend up as AttentionBackendEnum[get_name()]: "BIDIATTN" where the
-        # registry takes new names (vLLM >= 0.33), else the CUSTOM slot it was registered in.
+        # registry takes new names (vLLM >= 0.32), else the CUSTOM slot it was registered in.
         return registered_name() or NAME
 
     @staticmethod

@@ -1,0 +1,355 @@
+"""vLLM with bidiattn's attention backend against vLLM's own backends: check, then time.
+
+    python benchmarks/vllm_backend.py check --model tiny [--images] [--graphs]
+    python benchmarks/vllm_backend.py refuse --model tiny
+    python benchmarks/vllm_backend.py time --model gemma-3-4b-6l [--images] [--graphs] --out benchmarks/results
+
+Models are random-weight Gemma-3 checkpoints written locally (nothing is downloaded):
+``tiny`` (2 layers, head dim 32, window 16) and ``gemma-3-4b-6l`` (gemma-3-4b's attention
+geometry: head dim 256, 8 query / 4 K/V heads, window 1024, 5 sliding + 1 full layer; hidden
+2560; vocabulary cut to 4096), text-only or, with ``--images``, with a small SigLIP tower and a
+Gemma-3 processor (9 tokens per image for ``tiny``, 256 for ``gemma-3-4b-6l``; every image is
+shorter than the window, where the official, transformers and vLLM rules coincide, so every
+backend must give the same logits).
+
+Each engine runs in a subprocess of its own (``worker``: one vLLM engine per process,
+in-process engine core, ``bidiattn.integrations.vllm.register()`` called first, so the
+backend works without the package's entry point installed).
+
+- ``check``: bidiattn (``BIDIATTN_RULE=official`` and ``vllm``) against ``TRITON_ATTN``: greedy
+  tokens equal (or, at the first difference, the reference's top two tokens within 0.02 nats,
+  a near tie) and per-token logprobs of the prompts (prefill, chunked) and of the generated
+  tokens (decode) within 0.06 nats (bf16). Several requests of different lengths, chunked
+  prefill (``max_num_batched_tokens`` smaller than the prompts), block sizes 16 and 64.
+  ``--graphs``: vLLM's default CUDA graphs (full graphs for decode, piecewise for prefill).
+  Exit status 1 on a mismatch.
+- ``refuse``: an fp8 KV cache and a rule vLLM's metadata cannot carry (Gemma-3 images longer
+  than the window under the official rule) stop the engine at start-up with a message naming
+  the value. Exit status 1 otherwise.
+- ``time``: prefill tokens/s (prompts of ``--prompt-len``, ``--batch`` of them, one output
+  token) and decode tokens/s (``--decode-tokens`` more per request; the difference of the two
+  runs' wall clocks), per backend (bidiattn, TRITON_ATTN, FLASH_ATTN where vLLM takes it),
+  median of ``--reps`` runs after a warm-up. Writes vllm-backend-<gpu>-<date>.json and .md.
+
+On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
+``source .vllmc/env.sh && PYTHONPATH=src:$PYTHONPATH python3 benchmarks/vllm_backend.py check
+--model tiny`` (the README's vLLM section lists the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+WORDS = ("hello world the a cat dog runs fast slow big small red blue green what is in this image picture "
+         "describe one two three four five six seven eight nine ten").split()
+GEOMETRY = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, sliding_window=16, max_position_embeddings=4096,
+                 layer_types=["sliding_attention", "full_attention"]),
+    "gemma-3-4b-6l": dict(vocab_size=4096, hidden_size=2560, intermediate_size=10240, num_hidden_layers=6,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                          query_pre_attn_scalar=256, max_position_embeddings=131072,
+                          layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+}
+# Vision tower per geometry: image side / patch side = sqrt(tokens per image).
+VISION = {"tiny": (12, 4, 9), "gemma-3-4b-6l": (64, 4, 256)}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def write_model(path: Path, geometry: str, images: bool, sliding_window: int | None = None) -> Path:
+    """A random-weight Gemma-3 checkpoint (bf16) and its tokenizer (and processor) in ``path``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = dict(GEOMETRY[geometry], pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if sliding_window is not None:
+        text["sliding_window"] = sliding_window
+    vocab = SPECIAL + WORDS + [f"w{i}" for i in range(text["vocab_size"] - len(SPECIAL) - len(WORDS))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                              "eoi_token": "<end_of_image>"})
+    torch.manual_seed(0)
+    if images:
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+        side, patch, tokens = VISION[geometry]
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=side, patch_size=patch)
+        config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens,
+                              boi_token_index=4, image_token_index=5, eoi_token_index=6)
+        model = Gemma3ForConditionalGeneration(config)
+        processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": side, "width": side},
+                                                                         do_pan_and_scan=False),
+                                    tokenizer=tokenizer, image_seq_length=tokens)
+    else:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**text))
+        processor = tokenizer
+    with torch.no_grad():
+        for p in model.parameters():  # the models' own init leaves some weights at zero
+            if not p.any():
+                p.normal_(std=0.05)
+    model.to(torch.bfloat16).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def requests(geometry: str, images: bool, lengths: list[int], seed: int = 0) -> list[dict]:
+    """Prompts of about ``lengths`` words, an image every ~40% of the prompt when ``images``."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        words = [rng.choice(WORDS) for _ in range(n)]
+        count = 0
+        if images:
+            for at in sorted({max(1, int(n * f)) for f in (0.1, 0.5)}):
+                words.insert(at + count, "<start_of_image>")
+                count += 1
+        out.append({"prompt": " ".join(words), "images": count})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def worker(spec: dict) -> dict:
+    """One engine: generate for spec['requests'], return tokens, logprobs and timings."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    backend = spec["backend"]
+    if backend == "bidiattn":
+        os.environ["BIDIATTN_RULE"] = spec.get("rule", "official")
+        import bidiattn.integrations.vllm as bidiattn_vllm
+
+        backend = bidiattn_vllm.register()
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=spec["model"], attention_backend=backend, enforce_eager=not spec.get("graphs", False),
+                  max_model_len=spec.get("max_model_len", 1024), gpu_memory_utilization=spec.get("memory", 0.4),
+                  max_num_batched_tokens=spec.get("max_batched", 64), enable_chunked_prefill=True,
+                  block_size=spec.get("block_size", 16), dtype="bfloat16", seed=0,
+                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), enable_prefix_caching=False)
+    if spec.get("images"):
+        kwargs["limit_mm_per_prompt"] = {"image": 4}
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    start_s = time.perf_counter() - t0
+    prompts = []
+    for r in spec["requests"]:
+        item = {"prompt": r["prompt"]}
+        if r.get("images"):
+            import numpy as np
+            from PIL import Image
+
+            rng = np.random.default_rng(len(prompts))
+            item["multi_modal_data"] = {"image": [Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8"))
+                                                  for _ in range(r["images"])]}
+        prompts.append(item)
+    if spec.get("mode") == "time":
+        result = {"start_s": start_s, "runs": []}
+        for max_tokens in (1, 1 + spec["decode_tokens"]):
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up
+            times = []
+            for _ in range(spec.get("reps", 3)):
+                t0 = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                times.append(time.perf_counter() - t0)
+            result["runs"].append({"max_tokens": max_tokens, "s": statistics.median(times)})
+        return result
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 12), temperature=0.0, logprobs=2, prompt_logprobs=1,
+                            ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = {"start_s": start_s, "requests": []}
+    for o in outs:
+        gen = o.outputs[0]
+        prompt_lp = [None if lp is None else lp[tok].logprob for tok, lp in zip(o.prompt_token_ids, o.prompt_logprobs)]
+        steps = []
+        for tok, lp in zip(gen.token_ids, gen.logprobs):
+            ranked = sorted(lp.values(), key=lambda x: -x.logprob)
+            steps.append({"token": tok, "logprob": lp[tok].logprob,
+                          "gap": ranked[0].logprob - ranked[1].logprob if len(ranked) > 1 else 1e9})
+        result["requests"].append({"prompt_tokens": len(o.prompt_token_ids), "prompt_logprobs": prompt_lp,
+                                   "steps": steps})
+    return result
+
+
+def run_worker(spec: dict, timeout: int = 1800) -> tuple[int, dict | None, str]:
+    """``worker(spec)`` in a fresh process: (exit status, result or None, stderr tail)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, __file__, "worker", str(spec_path), str(out_path)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        result = json.loads(out_path.read_text()) if proc.returncode == 0 and out_path.exists() else None
+        return proc.returncode, result, (proc.stderr or "")[-6000:]
+
+
+# ---------------------------------------------------------------------------------------------- check
+def compare(ref: dict, got: dict, tol: float = 0.06, tie: float = 0.02) -> list[str]:
+    """Differences of ``got`` from the reference run (empty: equal within the tolerances)."""
+    problems = []
+    for i, (a, b) in enumerate(zip(ref["requests"], got["requests"])):
+        pa = [x for x in a["prompt_logprobs"] if x is not None]
+        pb = [x for x in b["prompt_logprobs"] if x is not None]
+        worst = max((abs(x - y) for x, y in zip(pa, pb)), default=0.0)
+        if len(pa) != len(pb) or worst > tol:
+            problems.append(f"request {i}: prompt logprobs differ by {worst:.4f} (lengths {len(pa)}, {len(pb)})")
+        for j, (sa, sb) in enumerate(zip(a["steps"], b["steps"])):
+            if sa["token"] != sb["token"]:
+                if sa["gap"] > tie:
+                    problems.append(f"request {i}: token {j} is {sb['token']}, reference {sa['token']} "
+                                    f"(reference margin {sa['gap']:.4f})")
+                break
+            if abs(sa["logprob"] - sb["logprob"]) > tol:
+                problems.append(f"request {i}: token {j} logprob {sb['logprob']:.4f} vs {sa['logprob']:.4f}")
+                break
+    return problems
+
+
+def check(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_model(Path(tmp) / "model", args.model, args.images))
+        lengths = [5, 40, 130, 300] if args.model == "tiny" else [300, 1500, 3000]
+        reqs = requests(args.model, args.images, lengths)
+        failures = 0
+        for block_size in args.block_sizes:
+            base = dict(model=model, requests=reqs, images=args.images, graphs=args.graphs, block_size=block_size,
+                        max_batched=args.max_batched, max_model_len=args.max_model_len)
+            code, ref, err = run_worker(dict(base, backend="TRITON_ATTN"))
+            if code:
+                print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
+                return 1
+            for rule in ("official", "vllm"):
+                code, got, err = run_worker(dict(base, backend="bidiattn", rule=rule))
+                label = f"bidiattn/{rule} vs TRITON_ATTN, block size {block_size}, graphs={args.graphs}"
+                if code:
+                    print(f"{label}: engine failed:\n{err}")
+                    failures += 1
+                    continue
+                problems = compare(ref, got)
+                worst = max((abs(x - y) for a, b in zip(ref["requests"], got["requests"])
+                             for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:])), default=0.0)
+                print(f"{label}: {'OK' if not problems else 'MISMATCH'} (prompt logprobs max |diff| {worst:.4f})")
+                for p in problems:
+                    print("   ", p)
+                failures += bool(problems)
+    return 1 if failures else 0
+
+
+def refuse(args) -> int:
+    """Start-up refusals: each engine must fail, naming the value."""
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        text = str(write_model(Path(tmp) / "text", args.model, images=False))
+        long_images = str(write_model(Path(tmp) / "long", args.model, images=True, sliding_window=6))
+        cases = [("fp8 KV cache", dict(model=text, kv_cache_dtype="fp8"), "kv_cache_dtype 'fp8'"),
+                 ("images longer than the window, official rule", dict(model=long_images, images=True),
+                  "longer than this Gemma-3's sliding window")]
+        for label, extra, needle in cases:
+            spec = dict(backend="bidiattn", rule="official", requests=requests(args.model, False, [5]), **extra)
+            code, _, err = run_worker(spec)
+            ok = code != 0 and needle in err
+            print(f"{label}: {'refused' if ok else 'NOT refused as expected'}")
+            if not ok:
+                print(err[-2000:])
+            failures += not ok
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------- time
+def timing(args) -> int:
+    import torch
+
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_model(Path(tmp) / "model", args.model, args.images))
+        reqs = requests(args.model, args.images, [args.prompt_len] * args.batch)
+        for backend, rule in (("bidiattn", "official"), ("TRITON_ATTN", None), ("FLASH_ATTN", None)):
+            spec = dict(model=model, backend=backend, rule=rule, requests=reqs, images=args.images, graphs=args.graphs,
+                        mode="time", decode_tokens=args.decode_tokens, reps=args.reps, memory=0.8,
+                        max_model_len=args.prompt_len + args.decode_tokens + 1024, max_batched=args.max_batched,
+                        block_size=args.block_size)
+            code, res, err = run_worker(spec, timeout=3600)
+            label = backend if rule is None else f"{backend}/{rule}"
+            if code:
+                print(f"{label}: failed\n{err[-1500:]}")
+                rows.append({"backend": label, "error": err[-300:]})
+                continue
+            prefill_s, total_s = res["runs"][0]["s"], res["runs"][1]["s"]
+            tokens = sum(len(r["prompt"].split()) for r in reqs)
+            row = {"backend": label, "prefill_s": prefill_s, "decode_s": total_s - prefill_s,
+                   "prefill_tok_s": tokens / prefill_s,
+                   "decode_tok_s": args.batch * args.decode_tokens / max(total_s - prefill_s, 1e-9),
+                   "start_s": res["start_s"]}
+            rows.append(row)
+            print(f"{label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.0f} tok/s")
+    meta = {"gpu": gpu, "model": args.model, "images": args.images, "graphs": args.graphs,
+            "prompt_len": args.prompt_len, "batch": args.batch, "decode_tokens": args.decode_tokens,
+            "max_batched": args.max_batched, "block_size": args.block_size}
+    try:
+        import vllm
+
+        meta["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"vllm-backend-{gpu}-{datetime.date.today().isoformat()}"
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        lines = [f"# vLLM backends, {meta}", "", "| backend | prefill tok/s | decode tok/s |", "|---|---|---|"]
+        lines += [f"| {r['backend']} | {r.get('prefill_tok_s', float('nan')):.0f} | {r.get('decode_tok_s', float('nan')):.0f} |"
+                  for r in rows]
+        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("wrote", stem.with_suffix(".md"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        result = worker(json.loads(Path(argv[1]).read_text()))
+        Path(argv[2]).write_text(json.dumps(result))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("check", "refuse", "time"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", choices=sorted(GEOMETRY), default="tiny")
+        p.add_argument("--images", action="store_true", help="a SigLIP tower and image prompts")
+        p.add_argument("--graphs", action="store_true", help="vLLM's CUDA graphs (default: enforce_eager)")
+        p.add_argument("--max-batched", type=int, default=64, help="max_num_batched_tokens (chunked prefill)")
+        p.add_argument("--max-model-len", type=int, default=1024)
+        p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64])
+        p.add_argument("--block-size", type=int, default=16)
+        p.add_argument("--prompt-len", type=int, default=8192)
+        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--decode-tokens", type=int, default=128)
+        p.add_argument("--reps", type=int, default=3)
+        p.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    return {"check": check, "refuse": refuse, "time": timing}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
