@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bidiattn.integrations import vllm as bidiattn_vllm
-from bidiattn.integrations.vllm.config import ModelRule, model_rule_from_vllm, resolve_model, unsupported
+from bidiattn.integrations.vllm.config import UNBOUNDED, ModelRule, model_rule_from_vllm, resolve_model, unsupported
 
 
 @pytest.mark.parametrize("model_type, text_type, bidirectional, family", [
@@ -40,8 +40,9 @@ def test_layer_kinds_come_from_the_family_and_the_layer():
     vllm3 = resolve_model("gemma3", sliding_window=1024, convention="vllm")
     assert vllm3.kind(None).window == 1024 and vllm3.kind(None).rule.blocks == "short"  # vLLM drops long images
     assert not vllm3.merges_adjacent and model.merges_adjacent
-    with pytest.raises(ValueError, match="has none"):
-        resolve_model("gemma3", convention="vllm").kind(None)
+    # PaliGemma-1's Gemma has no sliding window: vLLM then keeps every image, so nothing is dropped
+    pali = resolve_model("paligemma", "gemma", convention="vllm")
+    assert pali.window is None and pali.kind(None).window == UNBOUNDED
     with pytest.raises(ValueError, match="sliding_window must be None or a positive int, got 0"):
         model.kind(0)
 

@@ -29,7 +29,7 @@ import random
 import pytest
 import torch
 
-from bidiattn import reference, rules
+from bidiattn import SpanMask, reference, rules
 from bidiattn.integrations.vllm.config import resolve_model
 from bidiattn.integrations.vllm.step import StepBuilder, attend, kv_views, step_blocks, write_kv
 
@@ -194,6 +194,21 @@ def test_step_spans_equal_build_of_the_same_layout(family, convention, model_typ
             assert meta.spans(kind) is got  # made once per step and kind
 
 
+def test_full_layers_of_a_model_without_a_window_keep_every_image():
+    """vLLM's rule drops images longer than the model's sliding window; PaliGemma-1's Gemma has
+    none, so vLLM keeps them all: its full layers then see every image block (``c ∨ blk``)."""
+    model = resolve_model("paligemma", "gemma", convention="vllm")
+    builder = builder_for(model, kinds=(model.kind(None),))
+    reqs = [(60, [(0, 39)], 0, 50), (30, [(2, 20)], 10, 30)]
+    got = build(builder, reqs).spans(builder.kinds[0])
+    lo, hi = [], []
+    for length, ranges, first, keys in reqs:
+        whole = rules.build("paligemma", "official", "full", block_ids=block_ids(length, ranges, True))
+        lo.append(whole.lo[first:keys])
+        hi.append(whole.hi[first:keys])
+    assert torch.equal(got.lo.cpu(), torch.cat(lo)) and torch.equal(got.hi.cpu(), torch.cat(hi))
+
+
 def test_builder_buffers_persist_and_decode_steps_have_no_blocks():
     model = model_rule("gemma3", "official", "gemma3")
     builder = builder_for(model)
@@ -257,9 +272,11 @@ def slots(table_row: list[int], positions, block_size: int) -> list[int]:
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64])
-@pytest.mark.parametrize("family, convention", [("gemma3", "official"), ("gemma4", "official"), ("gemma3", "vllm")])
-def test_attention_over_vllm_cache_equals_reference(block_size, family, convention):
-    """A mixed prefill + decode batch, GQA, shuffled blocks, full and sliding layers."""
+@pytest.mark.parametrize("family, convention, softcap", [("gemma3", "official", None), ("gemma4", "official", None),
+                                                         ("gemma3", "vllm", 5.0)])
+def test_attention_over_vllm_cache_equals_reference(block_size, family, convention, softcap):
+    """A mixed prefill + decode batch, GQA, shuffled blocks, full and sliding layers (and a
+    logit softcap, as Gemma-2's)."""
     rng = random.Random(block_size)
     model = model_rule(family, convention, family)
     hq, hkv, d = 4, 2, 32
@@ -291,17 +308,16 @@ def test_attention_over_vllm_cache_equals_reference(block_size, family, conventi
     scale = d**-0.5
     for kind in builder.kinds:
         out = torch.full((q.shape[0] + 2, hq, d), float("nan"), dtype=torch.float16, device=DEVICE)
-        got = attend(q.to(DEVICE), cache, meta, kind, scale=scale, softcap=None, out=out[: q.shape[0]])
+        got = attend(q.to(DEVICE), cache, meta, kind, scale=scale, softcap=softcap, out=out[: q.shape[0]])
         assert got.data_ptr() == out.data_ptr()  # written into the caller's buffer
         lo, hi = expected_spans(model, kind.layer, reqs, kind.window if kind.window else WINDOW)
         row = 0
         for b, (length, ranges, first, keys) in enumerate(reqs):
             n = keys - first
-            from bidiattn import SpanMask
-
             spans = SpanMask(lo[row : row + n], hi[row : row + n], cu_seqlens_k=torch.tensor([0, keys]),
                              total_keys=keys)
-            want = reference.attention(q[row : row + n].float(), ks[b].float(), vs[b].float(), spans, scale=scale)
+            want = reference.attention(q[row : row + n].float(), ks[b].float(), vs[b].float(), spans, scale=scale,
+                                       softcap=softcap)
             torch.testing.assert_close(out[row : row + n].float().cpu(), want, atol=2e-3, rtol=2e-3)
             row += n
         assert torch.isnan(out[q.shape[0] :]).all()  # rows past the step untouched

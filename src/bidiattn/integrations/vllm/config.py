@@ -28,8 +28,8 @@ import torch
 from ...families import BUILTIN, CONVENTIONS, Family, Rule, family, family_of_model_type
 
 __all__ = [
-    "ENV_RULE", "ENV_FAMILY", "DTYPES", "KV_CACHE_DTYPES", "BLOCK_SIZES", "LayerKind", "ModelRule", "resolve_model",
-    "model_rule_from_vllm", "unsupported", "supports_head_size",
+    "ENV_RULE", "ENV_FAMILY", "DTYPES", "KV_CACHE_DTYPES", "BLOCK_SIZES", "UNBOUNDED", "LayerKind", "ModelRule",
+    "resolve_model", "model_rule_from_vllm", "unsupported", "supports_head_size",
 ]
 
 ENV_RULE = "BIDIATTN_RULE"
@@ -40,6 +40,8 @@ KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 # Kernel block sizes offered to vLLM (it splits larger KV blocks into these).
 BLOCK_SIZES = (16, 32, 64)
 _MAX_HEAD_DIM = 512
+# The window of full layers whose rule drops long blocks, for a model without a sliding window.
+UNBOUNDED = 2**30
 
 
 def supports_head_size(head_size: int) -> bool:
@@ -50,9 +52,10 @@ def supports_head_size(head_size: int) -> bool:
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of attention layer of a served model: ``layer`` (``"full"`` or ``"sliding"``),
-    the ``window`` its rule reads (the layer's own on sliding layers; the model's on full layers
-    whose rule drops blocks longer than it, ``None`` otherwise) and the :class:`Rule`. Layers of
-    one kind share one span mask and launch plan per step."""
+    the ``window`` its rule reads (the layer's own on sliding layers; on full layers whose rule
+    drops blocks longer than the model's window, that window, or :data:`UNBOUNDED` for a model
+    without one; ``None`` otherwise) and the :class:`Rule`. Layers of one kind share one span
+    mask and launch plan per step."""
 
     layer: str
     window: int | None
@@ -89,11 +92,11 @@ class ModelRule:
             raise ValueError(f"bidiattn: sliding_window must be None or a positive int, got {sliding_window!r}")
         layer = "full" if sliding_window is None else "sliding"
         rule = self.family.rule(self.convention, layer)
-        window = sliding_window if layer == "sliding" else (self.window if rule.needs_window else None)
-        if rule.needs_window and window is None:
-            raise ValueError(f"bidiattn: {self.family.name}/{self.convention} full layers drop blocks longer than the "
-                             f"model's sliding window, and model_type {self.model_type!r} has none "
-                             "(hf_text_config.sliding_window)")
+        window = sliding_window if layer == "sliding" else None
+        if layer == "full" and rule.needs_window:
+            # The rule drops blocks longer than the model's window; a model without one (vLLM
+            # then keeps every image) drops none.
+            window = self.window if self.window is not None else UNBOUNDED
         return LayerKind(layer, window, rule)
 
     def describe(self) -> str:
