@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model", choices=sorted(GEOMETRY), default="tiny")
         p.add_argument("--images", action="store_true", help="a SigLIP tower and image prompts")
         p.add_argument("--graphs", action="store_true", help="vLLM's CUDA graphs (default: enforce_eager)")
-        p.add_argument("--max-batched", type=int, default=64, help="max_num_batched_tokens (chunked prefill)")
+        p.add_argument("--max-batched", type=int, default=64 if name != "time" else 8192,
+                       help="max_num_batched_tokens (chunked prefill)")
         p.add_argument("--max-model-len", type=int, default=1024)
         p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64])
         p.add_argument("--block-size", type=int, default=16)
