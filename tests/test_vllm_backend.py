@@ -11,7 +11,6 @@ environment and put its site-packages on ``PYTHONPATH`` (see the vLLM section of
 from __future__ import annotations
 
 import contextlib
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -129,10 +128,10 @@ def fake_vllm_config(layers, max_model_len=64):
 
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_impl_writes_and_attends_through_vllm_metadata(block_size):
-    rng = random.Random(block_size)
     impls = {"model.layers.0.self_attn.attn": make_impl(sliding_window=W),
              "model.layers.1.self_attn.attn": make_impl()}
-    layers = {name: SimpleNamespace(impl=impl, _k_scale=torch.ones(()), _v_scale=torch.ones(()))
+    layers = {name: SimpleNamespace(impl=impl, _k_scale=torch.ones((), device=DEVICE),
+                                    _v_scale=torch.ones((), device=DEVICE))
               for name, impl in impls.items()}
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
     builder = BidiattnMetadataBuilder(spec, list(layers), fake_vllm_config(layers), torch.device(DEVICE))
@@ -182,6 +181,5 @@ def test_impl_writes_and_attends_through_vllm_metadata(block_size):
             torch.testing.assert_close(out[row : row + n - f].float().cpu(), want, atol=2e-3, rtol=2e-3)
             row += n - f
         assert torch.isnan(out[15:]).all()
-    assert rng is not None
     assert torch.all(impls["model.layers.1.self_attn.attn"].forward(None, q, None, None, torch.empty(0), None,
                                                                   output=torch.ones(2)) == 0)  # profiling run
