@@ -14,6 +14,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Tests of the CPU path through Triton's interpreter (CPU tensors, TRITON_INTERPRET=1, which this
+# file sets only where CUDA is missing); their GPU counterparts carry the ``gpu`` marker.
+cpu_interpreter_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the CPU path through Triton's interpreter (CUDA present: "
+    "TRITON_INTERPRET is not set); the gpu-marked tests cover the CUDA path")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -24,7 +24,7 @@ import bidiattn.kernels.fa4
 from bidiattn import launch, reference, rules
 from bidiattn.launch import plan_segments
 from bidiattn.spans import SpanMask
-from conftest import gpu_size_spans, image_spans, lowp_attention, random_packed_layout, tail_rows
+from conftest import cpu_interpreter_only, gpu_size_spans, image_spans, lowp_attention, random_packed_layout, tail_rows
 from fake_fa4 import FakeFA4
 
 RULES = [(f, c, layer) for f in rules.FAMILIES for c in rules.CONVENTIONS for layer in rules.LAYERS]
@@ -105,6 +105,7 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
     assert sum(1 for c in fake_fa4.calls if c[0] == "bwd") == plan.segments.num_segments
 
 
+@cpu_interpreter_only
 def test_the_plan_takes_fa4s_backward_where_no_key_is_read_twice(fake_fa4):
     # Text-only packed sequences: one causal segment each, disjoint keys: FA4's backward, whose
     # copies then move each key once. Image layouts share prefixes: the Triton backward (run here
@@ -179,6 +180,7 @@ def test_without_fa4_or_cuda_it_says_why():
         bidiattn.attention(q, q[:, :1], q[:, :1], spans, backend="fa4")
 
 
+@cpu_interpreter_only
 def test_paged_attention_backend_and_plan_errors(monkeypatch):
     from bidiattn.serving.kvcache import PagedKVCache, paged_attention
 

@@ -13,7 +13,7 @@ import torch
 import bidiattn
 from bidiattn import launch
 from bidiattn.spans import SpanMask
-from conftest import image_spans, tail_rows
+from conftest import cpu_interpreter_only, image_spans, tail_rows
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -75,6 +75,7 @@ def test_auto_tries_the_fa4_import_only_where_it_could_pick_fa4(monkeypatch):
     assert tried == [1]
 
 
+@cpu_interpreter_only
 def test_a_plan_records_its_choice_and_launch_data(monkeypatch):
     spans = image_spans(300, [(40, 200)], layer="sliding", window=64)
     capabilities(monkeypatch, interpreting=True)
@@ -113,6 +114,7 @@ def qkv(t, hq=4, hkv=2, d=16, dtype=torch.float16, tk=None):
             torch.randn(tk or t, hkv, d, generator=g).to(dtype))
 
 
+@cpu_interpreter_only
 def test_the_same_spans_and_heads_reuse_one_plan(builds):
     spans = image_spans(40, [(5, 25)])
     q, k, v = qkv(40)
@@ -149,6 +151,7 @@ def test_other_spans_other_heads_backends_and_gradients_plan_anew(builds):
     assert len(builds) == n
 
 
+@cpu_interpreter_only
 def test_a_kept_plan_never_outlives_its_spans():
     spans = image_spans(40, [(5, 25)])
     q, k, v = qkv(40)
@@ -163,6 +166,7 @@ def test_a_kept_plan_never_outlives_its_spans():
         gc.enable()
 
 
+@cpu_interpreter_only
 def test_plans_for_other_spans_or_heads_are_refused():
     spans = image_spans(40, [(5, 25)])
     q, k, v = qkv(40)
@@ -185,6 +189,7 @@ def test_plans_for_other_spans_or_heads_are_refused():
                                bidiattn.reference.attention(q, k, v, spans))
 
 
+@cpu_interpreter_only
 def test_extend_spans_and_paged_calls_keep_their_own_plans(builds):
     from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
 
