@@ -6,7 +6,7 @@ import torch
 
 from . import reference
 from .inputs import check_attention_inputs
-from .launch import BACKENDS, Plan, auto_backend, fa4_unsupported, planned, triton_unsupported
+from .launch import BACKENDS, Plan, auto_backend, check_plan, fa4_unsupported, planned, triton_unsupported
 from .spans import SpanMask
 
 __all__ = ["attention", "BACKENDS"]
@@ -131,11 +131,7 @@ def attention(
     softcap = None if softcap is None else float(softcap)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     if plan is not None:
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a bidiattn.Plan from bidiattn.plan(), got {type(plan).__name__}")
-        plan.check(q, hkv, spans, paged=False)
-        if backend not in ("auto", plan.backend):
-            raise ValueError(f"this plan runs backend={plan.backend!r}; the call asks for backend={backend!r}")
+        check_plan(plan, q, hkv, spans, paged=False, backend=backend)
         run = plan.backend
     elif backend != "auto" or torch.compiler.is_compiling():
         # Traced calls plan nothing outside the operator (the triton operator plans in the call).

@@ -870,6 +870,16 @@ class Plan:
             raise ValueError(f"paged_attention runs 'triton' or 'fa4'; this plan runs backend={self.backend!r}")
 
 
+def check_plan(plan: Plan, q: torch.Tensor, num_kv_heads: int, spans: SpanMask, *, paged: bool, backend: str) -> None:
+    """A plan passed to a call: a :class:`Plan` (``TypeError`` otherwise), for these spans, head
+    shape and key layout (:meth:`Plan.check`), and for the backend the call asks for."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a bidiattn.Plan from bidiattn.plan(), got {type(plan).__name__}")
+    plan.check(q, num_kv_heads, spans, paged=paged)
+    if backend not in ("auto", plan.backend):
+        raise ValueError(f"this plan runs backend={plan.backend!r}; the call asks for backend={backend!r}")
+
+
 def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None = None,
          backend: str = "auto", training: bool = False, dtype: torch.dtype = torch.bfloat16,
          paged: bool = False) -> Plan:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inputs import check_scale_softcap
-from ..launch import Plan, interpreting
+from ..launch import Plan, check_plan, interpreting
 from ..spans import SpanMask, _first_true, sequence_index
 
 __all__ = ["PagedKVCache", "append", "paged_attention"]
@@ -178,11 +178,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     if q.shape[2] != d or q.shape[1] % hkv:
         raise ValueError(f"q heads/dim {tuple(q.shape[1:])} do not fit the cache's {hkv} kv heads of dim {d}")
     if plan is not None:
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a bidiattn.Plan from bidiattn.plan(), got {type(plan).__name__}")
-        plan.check(q, hkv, spans, paged=True)
-        if backend not in ("auto", plan.backend):
-            raise ValueError(f"this plan runs backend={plan.backend!r}; the call asks for backend={backend!r}")
+        check_plan(plan, q, hkv, spans, paged=True, backend=backend)
     run = plan.backend if plan is not None else backend
     if run != "auto":
         checks = {"triton": triton_unsupported, "fa4": fa4_unsupported}
