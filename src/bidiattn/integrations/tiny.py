@@ -15,10 +15,15 @@ from .transformers import _transformers
 from ..families import BUILTIN, Family, family_of_model_type
 from ..families import family as family_record
 
-__all__ = ["TINY_MODELS", "TINY_WINDOW", "build_tiny", "family_of", "token_type_key", "example_inputs", "token_types",
+__all__ = ["TINY_MODELS", "TINY_WINDOW", "build_tiny", "tiny_names", "family_of", "token_type_key", "example_inputs", "token_types",
            "tokens_per_image"]
 
-TINY_MODELS = tuple(name for record in BUILTIN for name in record.tiny)
+def tiny_names(families: tuple[Family, ...] = BUILTIN) -> tuple[str, ...]:
+    """The tiny models the family records define."""
+    return tuple(name for record in families for name in record.tiny)
+
+
+TINY_MODELS = tiny_names()
 TINY_WINDOW = 6
 _AUDIO_MEL_BINS = 32  # the tiny Gemma-4 audio tower's input features
 
@@ -27,8 +32,7 @@ def _recipe(name: str, families: tuple[Family, ...]):
     for record in families:
         if name in record.tiny:
             return record.tiny[name]
-    names = [n for record in families for n in record.tiny]
-    raise ValueError(f"unknown tiny model {name!r}; expected one of {tuple(names)}")
+    raise ValueError(f"unknown tiny model {name!r}; expected one of {tiny_names(families)}")
 
 
 def build_tiny(name: str, seed: int = 0, attn_implementation: str = "eager", num_layers: int | None = None,

@@ -49,9 +49,6 @@ from ..spans import SpanMask, host_to_device
 
 __all__ = [
     "TESTED_VERSIONS",
-    "FAMILY_OF_MODEL_TYPE",
-    "ENCODER_ATTENTION",
-    "ENCODER_MODEL_TYPES",
     "SpanSource",
     "span_source_mask",
     "make_attention_function",
@@ -60,13 +57,6 @@ __all__ = [
 ]
 
 TESTED_VERSIONS = ("5.13", "6")  # [low, high): the range the tests ran against
-# The language models and encoders bidiattn knows, from the family records
-# (bidiattn.families): model_type -> family name, and each vision/audio encoder's model_type ->
-# the attention it keeps when the language model runs bidiattn (its attention is bidirectional
-# over one image or clip and has nothing to do with the language model's rule).
-FAMILY_OF_MODEL_TYPE = {t: f.name for f in BUILTIN for t in f.model_types}
-ENCODER_ATTENTION = {t: impl for f in BUILTIN for t, impl in f.encoders.items()}
-ENCODER_MODEL_TYPES = tuple(ENCODER_ATTENTION)
 _log = logging.getLogger("bidiattn")
 
 
@@ -186,14 +176,7 @@ def _as_int(value, name: str) -> int:
     return int(value)
 
 
-def span_source_mask(*args, families: tuple[Family, ...] = BUILTIN, **kwargs):
-    """The mask hook (same arguments as transformers' ``sdpa_mask``): a :class:`SpanSource` for a
-    language model of ``families``; an encoder of theirs gets its own mask (see
-    :func:`encoder_attention`)."""
-    return _span_source_mask(*args, families=families, **kwargs)
-
-
-def _span_source_mask(
+def span_source_mask(
     batch_size: int,
     q_length: int,
     kv_length: int,
@@ -206,6 +189,9 @@ def _span_source_mask(
     families: tuple[Family, ...] = BUILTIN,
     **kwargs,
 ) -> SpanSource:
+    """The mask hook (same arguments as transformers' ``sdpa_mask``): a :class:`SpanSource` for a
+    language model of ``families`` (the family records); an encoder of theirs gets its own mask
+    (see :func:`encoder_attention`)."""
     from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, prepare_padding_mask
 
     model_type = getattr(config, "model_type", None)

@@ -86,10 +86,10 @@ def _compare(label: str, a: torch.Tensor, b: torch.Tensor, tolerance: float | No
 
 
 def _load(model: str, dtype: torch.dtype, device: str, families: tuple[Family, ...]):
-    from ..integrations.tiny import build_tiny
+    from ..integrations.tiny import build_tiny, tiny_names
     from ..integrations.transformers import _transformers
 
-    tiny = [name for record in families for name in record.tiny]
+    tiny = tiny_names(families)
     if model in tiny:
         return build_tiny(model, families=families).to(device=device, dtype=dtype)
     if not os.path.isdir(model):
