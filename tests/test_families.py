@@ -86,3 +86,11 @@ def test_a_made_up_family_through_transformers_and_verify():
     # The record claims its rule is also transformers' own for this checkpoint, which it is
     # not (a Gemma-3 model): verify catches a wrong record.
     assert not transformers_rule.passed and not report.passed
+
+
+def test_families_arguments_must_be_records():
+    assert families.as_families([GEMMA3]) == (GEMMA3,)
+    with pytest.raises(TypeError, match="got one record"):
+        families.as_families(GEMMA3)
+    with pytest.raises(TypeError, match=r"Family records, got \['str'\]"):
+        families.as_families(["gemma3"])

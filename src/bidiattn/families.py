@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 __all__ = ["CONVENTIONS", "LAYERS", "Rule", "Family", "TinyRecipe", "BUILTIN", "FAMILIES", "family",
-           "family_of_model_type"]
+           "family_of_model_type", "as_families"]
 
 CONVENTIONS = ("official", "transformers", "vllm")
 LAYERS = ("full", "sliding")
@@ -225,6 +225,17 @@ def family(which: str | Family) -> Family:
         if record.name == which:
             return record
     raise ValueError(f"unknown family {which!r}; expected one of {FAMILIES} or a bidiattn.families.Family")
+
+
+def as_families(families) -> tuple[Family, ...]:
+    """``families`` as a tuple of :class:`Family` records (``TypeError`` naming anything else)."""
+    if isinstance(families, Family):
+        raise TypeError("families must be a sequence of Family records, got one record: pass (record,)")
+    out = tuple(families)
+    bad = [type(f).__name__ for f in out if not isinstance(f, Family)]
+    if bad or not out:
+        raise TypeError(f"families must be a non-empty sequence of bidiattn.families.Family records, got {bad or 'none'}")
+    return out
 
 
 def family_of_model_type(model_type: str | None, families: tuple[Family, ...] = BUILTIN) -> Family | None:

@@ -43,7 +43,7 @@ import torch
 
 from .. import rules
 from ..attention import BACKENDS, attention
-from ..families import BUILTIN, Family, family_of_model_type
+from ..families import BUILTIN, Family, as_families, family_of_model_type
 from ..families import family as family_record
 from ..spans import SpanMask, host_to_device
 
@@ -484,7 +484,7 @@ def register(name: str | None = None, *, convention: str = "official", backend: 
     tf = _transformers()
     names = {name: convention} if name is not None else {
         "bidiattn": convention, **{f"bidiattn-{c}": c for c in rules.CONVENTIONS}}
-    families = tuple(families)
+    families = as_families(families)
     hook = functools.partial(span_source_mask, families=families)
     for registered, rule in names.items():
         tf.AttentionInterface.register(registered, make_attention_function(rule, backend, mode, family, families))

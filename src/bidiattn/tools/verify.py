@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..families import BUILTIN, Family
+from ..families import BUILTIN, Family, as_families
 from .layouts import parse_layout
 
 __all__ = ["Comparison", "VerifyReport", "default_layout", "run_verify", "format_report"]
@@ -177,7 +177,7 @@ def run_verify(model: str, layout: str | None = None, dtype: torch.dtype = torch
 
     _transformers()
     with _quiet():
-        return _run(model, layout, dtype, device, seed, batch, backends, tuple(families))
+        return _run(model, layout, dtype, device, seed, batch, backends, as_families(families))
 
 
 def _run(model, layout, dtype, device, seed, batch, backends, families) -> VerifyReport:
