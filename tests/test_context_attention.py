@@ -22,7 +22,7 @@ from bidiattn import attention, rules
 from bidiattn.distributed import (RankPlan, ShardPlan, context_attention, plan_rank, plan_shards,
                                   simulate_context_attention)
 from bidiattn.spans import SpanMask
-from conftest import image_spans, random_packed_layout
+from conftest import cpu_interpreter_only, image_spans, random_packed_layout
 
 CONVENTIONS = [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS]
 
@@ -188,6 +188,24 @@ def test_simulation_equals_one_shot(world):
         assert torch.allclose(x, y, atol=1e-11)
     out, lse = simulate_context_attention(q, k, v, spans, plan, softcap=5.0)
     assert torch.allclose(out, want[0], atol=1e-11) and torch.allclose(lse, want[1], atol=1e-11)
+
+
+@cpu_interpreter_only
+def test_simulation_through_the_triton_kernels_in_the_interpreter():
+    """The GPU path's block calls on CPU: Triton forward on the block spans (extend spans with
+    fewer keys than rows) and the Triton backward from the merged out/lse, fp16, GQA."""
+    spans = image_spans(40, [(3, 13), (20, 31)], "gemma3", "official", "sliding", window=7)
+    g = torch.Generator().manual_seed(0)
+    q, go = (torch.randn(40, 4, 16, generator=g).half() for _ in range(2))
+    k, v = (torch.randn(40, 2, 16, generator=g).half() for _ in range(2))
+    plan = plan_shards(spans, 3, tile=8)
+    assert any(len(plan.needs[r]) > 1 for r in range(3))
+    got = simulate_context_attention(q, k, v, spans, plan, backend="triton", grad_out=go)
+    qq, kk, vv = (x.float().requires_grad_() for x in (q, k, v))
+    out, lse = attention(qq, kk, vv, spans, return_lse=True, backend="reference")
+    out.backward(go.float())
+    for x, y in zip(got, (out, lse, qq.grad, kk.grad, vv.grad)):
+        assert (x.float() - y).abs().max().item() <= 2e-3 * max(1.0, y.abs().max().item())
 
 
 @pytest.fixture
