@@ -311,3 +311,46 @@ def test_gpu_simulated_ranks_equal_one_shot_at_real_size(backend, layer):
         err = (x.float() - y.float()).abs().max().item()
         scale = y.float().abs().max().item()
         assert err <= 2e-2 * scale, (err, scale)
+
+
+def _nccl_worker(rank: int, world: int, port: int, t: int) -> None:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device, timeout=datetime.timedelta(seconds=300))
+    try:
+        dist.barrier()
+        for layer in ("full", "sliding"):
+            host = image_spans(t, [(s, s + 1092) for s in range(956, t - 1092, 2048)], "gemma3", "official", layer,
+                               window=1024)
+            spans = host.to(device)
+            g = torch.Generator(device=device).manual_seed(0)  # the same sequence on every rank
+            q, go = (torch.randn(t, 8, 256, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+            k, v = (torch.randn(t, 4, 256, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+            shards = plan_shards(host, world, num_q_heads=8)
+            a, b = shards.starts[rank], shards.starts[rank + 1]
+            ql, kl, vl = (x[a:b].clone().requires_grad_() for x in (q, k, v))
+            out, lse = context_attention(ql, kl, vl, spans, plan=plan_rank(host, shards, rank, device=device),
+                                         return_lse=True)
+            out.backward(go[a:b])
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            ref_out, ref_lse = attention(qq, kk, vv, spans, return_lse=True)
+            ref_out.backward(go)
+            assert torch.allclose(lse, ref_lse[:, a:b].float(), atol=1e-3, rtol=0), layer
+            for x, y in ((out, ref_out), (ql.grad, qq.grad), (kl.grad, kk.grad), (vl.grad, vv.grad)):
+                y = y[a:b].float()
+                err = (x.float() - y).abs().max().item()
+                assert err <= 2e-2 * y.abs().max().item(), (layer, rank, err)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs (the multi-GPU machine)")
+def test_nccl_ranks_equal_one_gpu_at_128k():
+    """Several GPUs, NCCL: 128K tokens, hd256 8q/4kv bf16, images of 1092 every 2048, full and
+    sliding (W=1024) layers, default backend; each rank's output, lse and gradients equal its
+    rows of the one-GPU call."""
+    world = min(4, torch.cuda.device_count())
+    mp.spawn(_nccl_worker, args=(world, _free_port(), 131072), nprocs=world, join=True)
