@@ -55,7 +55,8 @@ def _cases(world: int) -> list[dict]:
     text = dict(family="gemma3", convention="official", dtype="float32")
     cases += [
         # images straddling the 8-row cuts; odd length; GQA 4:1; softcap; fp32
-        dict(text, layer="full", length=37, images=[(5, 12), (14, 26), (30, 35)], tile=8, heads=(4, 1), softcap=4.0),
+        dict(text, layer="full", length=37, images=[(5, 12), (14, 26), (30, 35)], tile=8, heads=(4, 1), softcap=4.0,
+             strided=True),
         dict(text, layer="sliding", window=6, length=37, images=[(5, 12), (14, 26), (30, 35)], tile=8, heads=(2, 2)),
         # more ranks than tiles: some ranks own no rows (no work)
         dict(text, layer="full", length=11, images=[(3, 9)], tile=8, heads=(2, 1)),
@@ -100,6 +101,8 @@ def _run_case(case: dict, rank: int, world: int) -> None:
     tol = dict(atol=1e-11, rtol=1e-11) if q.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     for repeat in range(2 if isinstance(plan, RankPlan) else 1):
         ql, kl, vl = (x[a:b].clone().requires_grad_() for x in (q, k, v))
+        if case.get("strided"):  # k/v as views of a heads-first buffer (not contiguous)
+            kl, vl = (x[a:b].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for x in (k, v))
         out, lse = context_attention(ql, kl, vl, spans, plan=plan, softcap=case.get("softcap"), return_lse=True,
                                      backend="reference")
         torch.autograd.backward((out, lse), (go[a:b], gl[:, a:b]))

@@ -290,7 +290,7 @@ class _Comm:
             if (p, r) in shards.key_ranges:
                 k0, k1 = shards.key_ranges[(p, r)]
                 s0 = shards.starts[r]
-                sends += [(k[k0 - s0:k1 - s0], p, _TAG_K), (v[k0 - s0:k1 - s0], p, _TAG_V)]
+                sends += [(k[k0 - s0:k1 - s0].contiguous(), p, _TAG_K), (v[k0 - s0:k1 - s0].contiguous(), p, _TAG_V)]
             if (r, p) in shards.key_ranges:
                 k0, k1 = shards.key_ranges[(r, p)]
                 kb = k.new_empty((k1 - k0,) + tuple(k.shape[1:]))
