@@ -121,13 +121,19 @@ def _block_grads(q, k, v, out, lse, dout, dlse, block: RankBlock, call: _Call):
     args = (q[q0:q1], k, v, out[q0:q1], lse[:, q0:q1].contiguous(), dout[q0:q1], dlse[:, q0:q1].contiguous())
     if _uses_dense_backward(q, call.backend):
         return _dense_block_grads(*args, block.spans, call)
-    from bidiattn.ops import span_attention_backward_op
+    from bidiattn.launch import planned
+    from bidiattn.ops import plan_arguments, span_attention_backward_op
 
     qb, kb, vb, ob, lb, dob, dlb = args
     sp = block.spans
+    # The block spans' training plan, made once per SpanMask (kept on it, as attention() keeps its
+    # plans): a RankPlan reused across layers and steps plans each block's backward once.
+    launch = planned(sp, qb.shape[1], kb.shape[1], qb.shape[2], backend="triton", training=True, dtype=qb.dtype,
+                     paged=False).triton
+    tensors, meta = plan_arguments(launch)
     dq, dk, dv = span_attention_backward_op(dob.contiguous(), dlb.float(), qb, kb.contiguous(), vb.contiguous(),
                                             ob.contiguous(), lb.float(), sp.lo, sp.hi, sp.cu_seqlens,
-                                            sp.cu_seqlens_k, call.scale, call.softcap, [], None)
+                                            sp.cu_seqlens_k, call.scale, call.softcap, tensors, meta)
     acc = _acc_dtype(q.dtype)
     return dq.to(acc), dk.to(acc), dv.to(acc)
 
