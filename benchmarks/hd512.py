@@ -1,0 +1,407 @@
+"""Head dim 512 on SM90 (issue 27): check and time bidiattn's Gluon forward against its peers.
+
+    export PYTHONPATH=$PWD/src:$PYTHONPATH
+    python benchmarks/hd512.py compile                      # no GPU needed: regs/spills/shared per config
+    python benchmarks/hd512.py check --variants all --out $OUT
+    python benchmarks/hd512.py time  --variants all --out $OUT
+
+``check``: the kernel (each variant) against an fp32 reference of the same span mask at small
+shapes (causal, 1092-token images every 2048, sliding window with images, packed odd lengths,
+extend spans, GQA 4 and 8, bf16 and fp16): output and lse, NaN-poisoned buffers; the rule is
+``err <= 2 * err(PyTorch eager in the input dtype) + 1e-3`` against the fp32 result. Exit status 1
+on any failure. Writes ``hd512-check-<device>-<date>.{md,json}``.
+
+``time``: hd512, 16q/4kv and 32q/4kv heads, 16K and 32K tokens, causal and images (1092 every
+2048, the any-span case). Columns: the Gluon kernel (each variant; tile tables built once, as a
+plan), bidiattn Triton (public call), FlexAttention (mask_mod block mask built once), SDPA with a
+dense mask, cuDNN through SDPA's CUDNN_ATTENTION backend, ffpa-attn (causal only, where it
+imports), and the bf16 matmul rate. Every column is checked first on a subset of rows against an
+fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on.
+TFLOP/s on allowed pairs, 4 * pairs * D * Hq. Writes ``hd512-<device>-<date>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import bidiattn
+from bidiattn import reference, rules
+from bidiattn.kernels.sm90_wide import CONFIGS, forward_sm90_hd512
+from bidiattn.spans import SpanMask
+
+D = 512
+FLOOR = 1e-3
+
+
+# ----------------------------------------------------------------------------- helpers
+def variants(arg: str) -> dict:
+    names = list(CONFIGS) if arg == "all" else [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(CONFIGS)}")
+    return {n: CONFIGS[n] for n in names}
+
+
+def image_ids(lengths: list[int], image_len: int, every: int) -> torch.Tensor:
+    """block ids of packed sequences, an image of ``image_len`` tokens ending every ``every``."""
+    ids, n = [], 0
+    for length in lengths:
+        seq = torch.zeros(length, dtype=torch.int64)
+        for s in range(every - image_len, length, every):
+            n += 1
+            seq[s : s + image_len] = n
+        ids.append(seq)
+    return torch.cat(ids)
+
+
+def make_spans(rule: str, lengths: list[int], window: int | None = None) -> SpanMask:
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64, device="cuda")
+    if rule == "causal":
+        ids = torch.zeros(sum(lengths), dtype=torch.int64)
+        return rules.build("causal", "official", "full", block_ids=ids.cuda(), cu_seqlens=cu)
+    ids = image_ids(lengths, 1092, 2048).cuda()
+    layer = "sliding" if window else "full"
+    return rules.build("gemma3", "official", layer, block_ids=ids, window=window, cu_seqlens=cu)
+
+
+def extend_spans(q_len: int, k_len: int) -> SpanMask:
+    """One sequence's last ``q_len`` rows over ``k_len`` keys, causal (a prefill chunk over a cache)."""
+    i = torch.arange(q_len, device="cuda", dtype=torch.int32)
+    return SpanMask(torch.zeros_like(i), k_len - q_len + i, torch.tensor([0, q_len], device="cuda"),
+                    cu_seqlens_k=torch.tensor([0, k_len], device="cuda"), total_keys=k_len)
+
+
+def inputs(total: int, keys: int, hq: int, hkv: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(total, hq, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(keys, hkv, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(keys, hkv, D, device="cuda", dtype=dtype, generator=g)
+    return q, k, v
+
+
+def lowp(q, k, v, mask, scale):
+    """PyTorch eager in the inputs' dtype (the error the 2x rule allows twice): out, lse."""
+    group = q.shape[1] // k.shape[1]
+    qt = q.transpose(0, 1)
+    kt = k.repeat_interleave(group, 1).transpose(0, 1)
+    vt = v.repeat_interleave(group, 1).transpose(0, 1)
+    s = torch.matmul(qt, kt.transpose(1, 2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), vt).transpose(0, 1), torch.logsumexp(s, -1).float()
+
+
+def rows_reference(q, k, v, spans: SpanMask, rows: torch.Tensor, scale: float, heads: list[int]):
+    """fp32 and low-precision outputs/lse of the query ``rows`` (packed indices) of ``heads``: a
+    row subset of a long call, where the full reference would not fit."""
+    glo, ghi = spans.packed_bounds()
+    keys = torch.arange(k.shape[0], device=q.device)
+    mask = (keys[None, :] >= glo[rows, None]) & (keys[None, :] <= ghi[rows, None])
+    group = q.shape[1] // k.shape[1]
+    res = {}
+    for h in heads:
+        qh, kh, vh = q[rows, h], k[:, h // group], v[:, h // group]
+        for name, dt in (("f32", torch.float32), ("low", q.dtype)):
+            s = (qh.to(dt) @ kh.to(dt).T) * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(s, -1) @ vh.to(dt)
+            res[name, h] = (out.float(), torch.logsumexp(s.float() if name == "f32" else s, -1).float())
+    return res
+
+
+def max_err(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- check
+CHECK_CASES = [
+    # name, rule, lengths, hq, hkv, dtype, window
+    ("causal packed odd 1/63/130/777/1093, GQA 4", "causal", [1, 63, 130, 777, 1093], 8, 2, torch.bfloat16, None),
+    ("images 1092/2048 4096, GQA 8", "images", [4096], 16, 2, torch.bfloat16, None),
+    ("images packed 2500/1601, GQA 4", "images", [2500, 1601], 8, 2, torch.bfloat16, None),
+    ("sliding W1024 + images 3001, GQA 4", "images", [3001], 4, 1, torch.bfloat16, 1024),
+    ("causal fp16 1000, MHA", "causal", [1000], 4, 4, torch.float16, None),
+    ("extend 300 rows over 1000 keys, GQA 4", "extend", [300, 1000], 4, 1, torch.bfloat16, None),
+]
+
+
+def check(args) -> int:
+    import cases
+
+    vs = variants(args.variants)
+    results, failures = [], 0
+    t0 = time.time()
+    for name, rule, lengths, hq, hkv, dtype, window in CHECK_CASES:
+        spans = extend_spans(*lengths) if rule == "extend" else make_spans(rule, lengths, window)
+        total, keys = spans.total_tokens, spans.total_keys
+        q, k, v = inputs(total, keys, hq, hkv, dtype)
+        scale = D ** -0.5
+        mask = spans.to_dense()
+        ref_out, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, return_lse=True)
+        low_out, low_lse = lowp(q, k, v, mask, scale)
+        torch_err, torch_lse_err = max_err(low_out, ref_out), max_err(low_lse, ref_lse)
+        bound, lse_bound = 2 * torch_err + FLOOR, 2 * torch_lse_err + FLOOR
+        runs = {f"gluon {n}": (lambda c=c: _gluon_poisoned(q, k, v, spans, scale, c)) for n, c in vs.items()}
+        runs["bidiattn triton"] = lambda: bidiattn.attention(q, k, v, spans, backend="triton", return_lse=True)
+        for col, fn in runs.items():
+            row = dict(case=name, column=col, torch_err=torch_err, torch_lse_err=torch_lse_err)
+            try:
+                out, lse = fn()
+                torch.cuda.synchronize()
+                row.update(err=max_err(out, ref_out), lse_err=max_err(lse, ref_lse),
+                           nan=bool(torch.isnan(out).any() or torch.isnan(lse).any()))
+                row["ok"] = (not row["nan"]) and row["err"] <= bound and row["lse_err"] <= lse_bound
+            except Exception as e:  # noqa: BLE001 - a failing column is reported
+                row.update(ok=False, error=cases.describe_error(e, 300))
+                traceback.print_exc()
+            failures += not row["ok"]
+            results.append(row)
+            print(f"{name:42s} {col:22s} " + (f"err {row['err']:.2e} (bound {bound:.2e})  lse {row['lse_err']:.2e} "
+                  f"(bound {lse_bound:.2e})  nan {row['nan']}" if "err" in row else row.get("error", "")) +
+                  f"  {'ok' if row['ok'] else 'FAIL'}", flush=True)
+        del q, k, v, mask, ref_out, ref_lse, low_out, low_lse
+        torch.cuda.empty_cache()
+    meta = cases.meta()
+    meta["seconds"] = round(time.time() - t0, 1)
+    lines = [f"# hd512 check, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, `{meta['command']}`. "
+             f"Rule: max abs error vs fp32 <= 2 x PyTorch eager (input dtype) error + {FLOOR}; out and lse. "
+             f"{failures} failure(s), {meta['seconds']} s.", "",
+             "| case | column | out err | PyTorch err | lse err | PyTorch lse err | ok |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "err" in r:
+            lines.append(f"| {r['case']} | {r['column']} | {r['err']:.2e} | {r['torch_err']:.2e} | {r['lse_err']:.2e} | "
+                         f"{r['torch_lse_err']:.2e} | {'yes' if r['ok'] else '**no**'} |")
+        else:
+            lines.append(f"| {r['case']} | {r['column']} | {r.get('error')} | | | | **no** |")
+    if args.out:
+        stem = cases.write_results(args.out, "hd512-check", meta, dict(rows=results), lines)
+        print(f"wrote {args.out}/{stem}.{{md,json}}")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
+def _gluon_poisoned(q, k, v, spans, scale, config):
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((q.shape[1], q.shape[0]), float("nan"), device=q.device)
+    return forward_sm90_hd512(q, k, v, spans, scale, config=config, out=out, lse=lse)
+
+
+# ----------------------------------------------------------------------------- time
+TIME_CASES = [(hq, hkv, t, rule) for t in (16384, 32768) for hq, hkv in ((16, 4), (32, 4)) for rule in ("causal", "images")]
+
+
+def bench(fn, budget_s: float, min_reps: int = 3, max_reps: int = 50, warmup: int = 2) -> float:
+    """Median milliseconds of CUDA-event-timed calls after ``warmup`` calls; as many calls as fit
+    ``budget_s`` (at least ``min_reps``)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times, start = [], time.time()
+    while len(times) < max_reps and (len(times) < min_reps or time.time() - start < budget_s):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def optional_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def peers(args, case, spans, q, k, v, scale):
+    """(column, fn returning out [T, Hq, D], note) of every column of one case."""
+    hq, hkv, t, rule = case
+    cols = []
+    tiles_cache = {}
+
+    def gluon(config):
+        def fn():
+            if "tiles" not in tiles_cache:
+                from bidiattn.kernels.tiles import query_tiles
+                tiles_cache["tiles"] = query_tiles(spans, 64)
+            return forward_sm90_hd512(q, k, v, spans, scale, config=config, tiles=tiles_cache["tiles"])[0]
+        return fn
+
+    for name, config in variants(args.variants).items():
+        cols.append((f"gluon {name}", gluon(config), "planned (tile tables built once)"))
+    skip = set(args.skip.split(",")) if args.skip else set()
+    if "triton" not in skip:
+        cols.append(("bidiattn triton", lambda: bidiattn.attention(q, k, v, spans, backend="triton"), "public call"))
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    if "ffpa" not in skip and rule == "causal":
+        def ffpa():
+            from ffpa_attn import ffpa_attn_varlen_func
+            cu = spans.cu_seqlens.to(torch.int32)
+            return ffpa_attn_varlen_func(q, k, v, cu, cu, t, t, softmax_scale=scale, causal=True, enable_gqa=True)
+        cols.append(("ffpa-attn", ffpa, "varlen, causal"))
+    if "sdpa" not in skip:
+        def sdpa():
+            if "mask" not in tiles_cache:
+                tiles_cache["mask"] = spans.to_dense()
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tiles_cache["mask"], scale=scale,
+                                                  enable_gqa=True).squeeze(0).transpose(0, 1)
+        cols.append(("sdpa mask", sdpa, "dense bool mask, default backend"))
+    if "cudnn" not in skip:
+        def cudnn():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                if rule == "causal":
+                    o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+                else:
+                    if "mask" not in tiles_cache:
+                        tiles_cache["mask"] = spans.to_dense()
+                    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tiles_cache["mask"], scale=scale,
+                                                       enable_gqa=True)
+            return o.squeeze(0).transpose(0, 1)
+        cols.append(("cudnn (sdpa)", cudnn, "torch SDPBackend.CUDNN_ATTENTION"))
+    if "flex" not in skip:
+        def flex():
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            if "flex" not in tiles_cache:
+                glo, ghi = spans.packed_bounds()
+
+                def mask_mod(b, h, qi, ki):
+                    return (ki >= glo[qi]) & (ki <= ghi[qi])
+
+                bm = create_block_mask(mask_mod, 1, 1, t, t, device="cuda")
+                tiles_cache["flex"] = (torch.compile(flex_attention, dynamic=False), bm)
+            fx, bm = tiles_cache["flex"]
+            opts = dict(BLOCK_M=32, BLOCK_N=32, num_stages=1)
+            return fx(qt, kt, vt, block_mask=bm, enable_gqa=True, scale=scale, kernel_options=opts).squeeze(0).transpose(0, 1)
+        cols.append(("flex", flex, "mask_mod block mask built once"))
+    return cols
+
+
+def time_cmd(args) -> int:
+    import cases
+
+    t_start = time.time()
+    meta = cases.meta()
+    meta.update(ffpa_attn=optional_version("ffpa-attn"), quack_kernels=optional_version("quack-kernels"),
+                cutlass_dsl=optional_version("nvidia-cutlass-dsl"), cudnn_frontend=optional_version("nvidia-cudnn-frontend"),
+                cudnn=torch.backends.cudnn.version())
+    peak = cases.matmul_peak()
+    meta["bf16_matmul_tflops"] = peak
+    print(f"bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    selected = TIME_CASES if not args.cases else [TIME_CASES[int(i)] for i in args.cases.split(",")]
+    for case in selected:
+        hq, hkv, t, rule = case
+        spans = make_spans(rule, [t])
+        q, k, v = inputs(t, t, hq, hkv, torch.bfloat16)
+        scale = D ** -0.5
+        pairs = spans.num_pairs()
+        flop = 4 * pairs * D * hq
+        label = f"hd512 {hq}q/{hkv}kv {t // 1024}K {'causal' if rule == 'causal' else 'img1092/2048'}"
+        row = dict(case=label, tokens=t, hq=hq, hkv=hkv, rule=rule, pairs=pairs, columns={})
+        # Row subset for the checks: the first rows, rows around an image, the last rows; two heads.
+        sub = torch.cat([torch.arange(0, 64), torch.arange(956 - 40, 956 + 100), torch.arange(t - 200, t)]).cuda()
+        ref = rows_reference(q, k, v, spans, sub, scale, [0, hq - 1])
+        for col, fn, note in peers(args, case, spans, q, k, v, scale):
+            cell = dict(note=note)
+            elapsed = time.time() - t_start
+            if elapsed > args.budget and not col.startswith("gluon"):
+                cell["error"] = f"skipped: run past its {args.budget:.0f} s budget"
+                row["columns"][col] = cell
+                print(f"{label:36s} {col:18s} {cell['error']}", flush=True)
+                continue
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                errs = []
+                for h in (0, hq - 1):
+                    f32, low = ref["f32", h][0], ref["low", h][0]
+                    errs.append((max_err(out[sub, h], f32), max_err(low, f32)))
+                err = max(e for e, _ in errs)
+                bound = max(2 * b + FLOOR for _, b in errs)
+                cell.update(err=err, bound=bound)
+                if not err <= bound:  # NaN fails too
+                    raise RuntimeError(f"wrong result: max abs err {err:.2e} > {bound:.2e}")
+                del out
+                ms = bench(fn, args.seconds)
+                cell.update(ms=ms, tflops=flop / ms / 1e9)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                cell["error"] = cases.describe_error(e, 300)
+                if args.verbose:
+                    traceback.print_exc()
+            row["columns"][col] = cell
+            print(f"{label:36s} {col:18s} " + (f"{cell['tflops']:6.0f} TFLOP/s {cell['ms']:8.2f} ms  err {cell['err']:.1e}"
+                                             if "tflops" in cell else cell["error"]), flush=True)
+        rows.append(row)
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+    meta["seconds"] = round(time.time() - t_start, 1)
+    cols = []
+    for r in rows:
+        for c in r["columns"]:
+            if c not in cols:
+                cols.append(c)
+
+    def fmt(r, c):
+        cell = r["columns"].get(c)
+        if cell is None:
+            return "n/a"
+        return f"{cell['tflops']:.0f} ({cell['ms']:.2f} ms)" if "tflops" in cell else "fails"
+
+    lines = [f"# hd512 forward, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, ffpa-attn {meta['ffpa_attn']}, quack {meta['quack_kernels']}, "
+             f"cutlass-dsl {meta['cutlass_dsl']}, cuDNN {meta['cudnn']}, commit {meta['commit']}, "
+             f"bf16 matmul {peak:.0f} TFLOP/s; `{meta['command']}`; {meta['seconds']} s.", "",
+             "TFLOP/s on allowed pairs (4 * pairs * D * Hq), median of CUDA-event-timed calls after warm-up; "
+             "every column checked first on a row subset against fp32 (2x PyTorch-error rule); errors in the JSON. "
+             "ffpa-attn takes causal masks only.", "",
+             "| case | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | " + " | ".join(fmt(r, c) for c in cols) + " |")
+    errors = [f"- {r['case']}, {c}: {cell['error']}" for r in rows for c, cell in r["columns"].items() if "error" in cell]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    if args.out:
+        stem = cases.write_results(args.out, "hd512", meta, dict(rows=rows), lines)
+        print(f"wrote {args.out}/{stem}.{{md,json}}")
+    print("\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------- compile
+def compile_cmd(args) -> int:
+    from bidiattn.kernels.sm90_wide.offline import main as offline_main
+
+    return offline_main(list(variants(args.variants)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("check", "time", "compile"))
+    parser.add_argument("--variants", default="n64", help=f"comma-separated kernel configs or 'all' ({', '.join(CONFIGS)})")
+    parser.add_argument("--out", default=None, help="directory for the .md/.json results")
+    parser.add_argument("--skip", default="", help="peers to leave out: triton,flex,sdpa,cudnn,ffpa")
+    parser.add_argument("--cases", default="", help="time: indices into the 8 cases (default all)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time: timing budget per column")
+    parser.add_argument("--budget", type=float, default=360.0, help="time: after this many seconds only gluon columns run")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    if args.command == "compile":
+        return compile_cmd(args)
+    if not torch.cuda.is_available():
+        raise SystemExit("check/time need a CUDA GPU (compile does not)")
+    return check(args) if args.command == "check" else time_cmd(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""bidiattn's head-dim-512 forward for SM90 (Hopper), a Gluon kernel (issue 27).
+
+Nothing imports this package at ``import bidiattn``; import it where the kernel is wanted:
+
+    from bidiattn.kernels.sm90_wide import forward_sm90_hd512
+    out, lse = forward_sm90_hd512(q, k, v, spans, scale)
+
+:mod:`.host` (configs and argument checks) imports neither Triton nor Gluon; :mod:`.kernel` is the
+Gluon kernel (written against Triton 3.6's ``triton.experimental.gluon``) and is imported on the
+first launch only, so a Triton without that Gluon API fails there, with the reason, not at import.
+"""
+
+from .host import CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, check_inputs, forward_sm90_hd512, gluon_unavailable
+
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "forward_sm90_hd512", "gluon_unavailable"]

@@ -1,0 +1,208 @@
+"""Host side of the head-dim-512 SM90 forward: configs, argument checks, tile tables, launch.
+
+Importing this module imports neither Triton nor Gluon (the checks run on any machine); the
+kernel module is imported by :func:`forward_sm90_hd512` when it launches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...inputs import check_attention_inputs
+from ...spans import SpanMask, TileSummary
+
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "forward_sm90_hd512", "gluon_unavailable"]
+
+HEAD_DIM = 512
+BLOCK_M = 64
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on SM90 (227 KiB)
+# The kernel runs 12 warps (8: output warpgroups, the default partition; 4: softmax warpgroup), one
+# block per SM: 65536 registers / 384 threads = 170, rounded down to a multiple of 8.
+MAXNREG = 168
+NUM_WARPS = 8
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Sm90WideConfig:
+    """One kernel configuration.
+
+    - ``block_n``: keys per block (32 or 64; a power of two from 16 to 128).
+    - ``k_stages``/``v_stages``: K and V ring depths (tiles of ``block_n x 512``).
+    - ``p_stages``: buffers of P and of the row rescale factors between the warpgroups.
+    - ``softmax_regs``: registers per thread of the softmax warpgroup (a multiple of 8); the
+      output warpgroups get the rest of the 168 x 12 warps budget.
+    - ``store_cols``: columns per masked store chunk of the epilogue.
+    - ``q_in_regs``: the softmax warpgroup keeps Q in registers (wgmma's register operand, 128
+      registers a thread), so ``Q K^T`` reads only K from shared memory; needs ``softmax_regs``
+      of about 176.
+    """
+
+    block_n: int = 64
+    k_stages: int = 1
+    v_stages: int = 1
+    p_stages: int = 2
+    softmax_regs: int = 120
+    store_cols: int = 64
+    q_in_regs: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Sm90WideConfig.{name} must be an int, got {value!r}")
+        if not isinstance(self.q_in_regs, bool):
+            raise TypeError(f"Sm90WideConfig.q_in_regs must be a bool, got {self.q_in_regs!r}")
+        if self.block_n not in (16, 32, 64, 128):
+            raise ValueError(f"Sm90WideConfig.block_n must be 16, 32, 64 or 128, got {self.block_n}")
+        for name in ("k_stages", "v_stages", "p_stages"):
+            if not 1 <= getattr(self, name) <= 8:
+                raise ValueError(f"Sm90WideConfig.{name} must be in 1..8, got {getattr(self, name)}")
+        if self.softmax_regs % 8 or not 24 <= self.softmax_regs <= 256:
+            raise ValueError(f"Sm90WideConfig.softmax_regs must be a multiple of 8 in 24..256, got {self.softmax_regs}")
+        if self.q_in_regs and self.softmax_regs < 168:
+            raise ValueError(f"Sm90WideConfig.q_in_regs needs softmax_regs >= 168 (Q alone takes 128), got "
+                             f"{self.softmax_regs}")
+        if self.output_regs < 160:
+            raise ValueError(f"Sm90WideConfig.softmax_regs={self.softmax_regs} leaves the output warpgroups "
+                             f"{self.output_regs} registers a thread; their accumulator alone takes 128 (need >= 160)")
+        if self.store_cols not in (32, 64, 128) :
+            raise ValueError(f"Sm90WideConfig.store_cols must be 32, 64 or 128, got {self.store_cols}")
+        if self.shared_bytes > SMEM_LIMIT:
+            raise ValueError(f"Sm90WideConfig {self} needs {self.shared_bytes} bytes of shared memory, "
+                             f"more than SM90's {SMEM_LIMIT}")
+
+    @property
+    def output_regs(self) -> int:
+        """Registers a thread of the output warpgroups gets (what the softmax group leaves)."""
+        return (MAXNREG * 12 - 4 * self.softmax_regs) // 8 // 8 * 8
+
+    @property
+    def shared_bytes(self) -> int:
+        """Shared memory the kernel allocates (Q, the K/V rings, P, rescale factors, barriers)."""
+        tile = self.block_n * HEAD_DIM * 2
+        return (BLOCK_M * HEAD_DIM * 2 + (self.k_stages + self.v_stages) * tile
+                + self.p_stages * (BLOCK_M * self.block_n * 2 + BLOCK_M * 4) + BLOCK_M * 4 + 1024)
+
+    @property
+    def name(self) -> str:
+        return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
+                + ("" if self.store_cols == 64 else f"-s{self.store_cols}") + ("-qreg" if self.q_in_regs else ""))
+
+
+DEFAULT_CONFIG = Sm90WideConfig()
+# Named configs the benchmark's --variants compares (all compile for sm_90a without spills).
+CONFIGS = {
+    "n64": DEFAULT_CONFIG,
+    "n64-r96": Sm90WideConfig(softmax_regs=96),
+    "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2),
+    "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3),
+    "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
+}
+
+
+def gluon_unavailable() -> Exception | None:
+    """Why the Gluon kernel cannot be imported here (no Triton, or a Triton whose Gluon lacks the
+    Hopper API it uses), or None."""
+    try:
+        from . import kernel  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means the kernel is unavailable
+        return err
+    return None
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float | None,
+                 config: Sm90WideConfig | None = None, *, need_device: bool = True) -> tuple[float, Sm90WideConfig]:
+    """Checked ``(scale, config)`` of a call; ``TypeError``/``ValueError`` naming the bad value.
+    ``need_device=False`` skips the CUDA/SM90 check (host-side tests)."""
+    scale = check_attention_inputs(q, k, v, spans, scale, None)
+    if q.dtype not in HALF_DTYPES:
+        raise TypeError(f"forward_sm90_hd512 takes float16 or bfloat16, got {q.dtype}")
+    if q.shape[-1] != HEAD_DIM:
+        raise ValueError(f"forward_sm90_hd512 takes head dim {HEAD_DIM}, got {q.shape[-1]}")
+    if config is None:
+        config = DEFAULT_CONFIG
+    elif not isinstance(config, Sm90WideConfig):
+        raise TypeError(f"config must be a Sm90WideConfig, got {type(config).__name__}")
+    if q.shape[0] >= 2**31 // (q.shape[1] * HEAD_DIM) or k.shape[0] >= 2**31:
+        raise ValueError(f"forward_sm90_hd512 takes fewer than 2**31 elements per tensor row index, got {tuple(q.shape)}")
+    if need_device:
+        if q.device.type != "cuda":
+            raise ValueError(f"forward_sm90_hd512 needs CUDA tensors, got {q.device}")
+        capability = torch.cuda.get_device_capability(q.device)
+        if capability != (9, 0):
+            raise ValueError(f"forward_sm90_hd512 runs on SM90 (H100/H200), this GPU is sm_{capability[0]}{capability[1]}")
+    return scale, config
+
+
+def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None) -> tuple[TileSummary, torch.Tensor]:
+    if tiles is None:
+        from ..tiles import query_tiles
+
+        return query_tiles(spans, BLOCK_M)
+    summary, order = tiles
+    if not isinstance(summary, TileSummary) or not isinstance(order, torch.Tensor):
+        raise TypeError(f"tiles must be (TileSummary, order tensor) from kernels.tiles.query_tiles, got "
+                        f"({type(summary).__name__}, {type(order).__name__})")
+    if summary.block_m != BLOCK_M:
+        raise ValueError(f"tiles must have block_m={BLOCK_M}, got {summary.block_m}")
+    return summary, order
+
+
+def _output(x: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if x is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if tuple(x.shape) != shape or x.dtype != dtype or x.device != device or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got "
+                         f"{x.dtype} {list(x.shape)} on {x.device}{'' if x.is_contiguous() else ' (not contiguous)'}")
+    return x
+
+
+def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float | None = None,
+                       *, config: Sm90WideConfig | None = None,
+                       tiles: tuple[TileSummary, torch.Tensor] | None = None, out: torch.Tensor | None = None,
+                       lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span-mask attention forward at head dim 512 on SM90: ``(out [T, Hq, 512], lse [Hq, T] fp32)``,
+    lse in natural log as :func:`bidiattn.reference.attention` returns it.
+
+    Args:
+        q: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]`` (``Hq % Hkv == 0``), fp16 or bf16, CUDA (SM90).
+        spans: the mask (self-attention or extend spans).
+        scale: softmax scale, default ``1/sqrt(512)``.
+        config: a :class:`Sm90WideConfig` (default :data:`DEFAULT_CONFIG`).
+        tiles: ``kernels.tiles.query_tiles(spans, 64)``, where the caller keeps it (a plan); computed
+            here otherwise.
+        out, lse: preallocated outputs (contiguous ``[T, Hq, 512]`` in q's dtype, ``[Hq, T]`` fp32).
+    """
+    scale, config = check_inputs(q, k, v, spans, scale, config)
+    from . import kernel as gk  # Gluon, Triton 3.6 API
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    total, hq, d = q.shape
+    t_keys, hkv, _ = k.shape
+    q2, k2, v2 = (x.contiguous().view(x.shape[0], x.shape[1] * d) for x in (q, k, v))
+    summary, order = _tables(spans, tiles)
+    out = _output(out, "out", (total, hq, d), q.dtype, q.device)
+    lse = _output(lse, "lse", (hq, total), torch.float32, q.device)
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([config.block_n, d], gdtype)
+    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, d], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [config.block_n, d], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [config.block_n, d], kv_layout)
+    capacity = order.numel()
+    gk.hd512_forward_kernel[(hq, capacity)](
+        q_desc, k_desc, v_desc, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
+        summary.seq, summary.row_start, summary.rows, summary.lo_min, summary.lo_max, summary.hi_min, summary.hi_max,
+        order, total, hq // hkv, scale * math.log2(math.e),
+        HEADS=hq, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n, K_STAGES=config.k_stages,
+        V_STAGES=config.v_stages, P_STAGES=config.p_stages, SOFTMAX_REGS=config.softmax_regs,
+        STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return out, lse

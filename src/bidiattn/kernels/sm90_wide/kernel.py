@@ -1,0 +1,227 @@
+"""The Gluon kernel (Triton 3.6 API): head-dim-512 span-mask attention forward on SM90.
+
+One program: 64 query rows of one sequence and one query head, all 512 output columns.
+Partitions (``gl.warp_specialize``):
+
+- default, 8 warps (two warpgroups): the output. ``acc [64, 512]`` fp32 in an MMA layout whose
+  warpgroups own 256 columns each (128 registers a thread). Per key block: wait for P and the
+  row rescale factors in shared memory, rescale, ``acc += P @ V`` (wgmma, both operands in
+  shared memory), release P and V. Epilogue: ``acc / l`` through the (by then free) Q buffer to
+  masked row stores (a tile's rows never spill into the next sequence's rows).
+- worker 0, 4 warps: the softmax warpgroup. ``S = Q K^T`` (wgmma from shared memory), the span
+  mask on partial blocks only, the online softmax in base 2, P (bf16/fp16) and alpha to shared
+  memory; at the end the lse and 1/l.
+- worker 1, 1 warp: TMA loads of Q (once) and of the K and V rings.
+
+Key blocks run from the tile's first allowed key (``lo_min``, rounded down to ``BLOCK_N``) to
+its last (``hi_max``); a block lying inside ``[lo_max, hi_min]`` is allowed for every row and
+skips the mask. Keys past a sequence's end (another sequence's, or TMA's zero fill past the
+tensor) are always masked by the per-row bounds.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LOG2E = gl.constexpr(1.4426950408889634)
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _phase(i, stages: gl.constexpr):
+    return (i // stages) & 1
+
+
+@gluon.jit
+def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready, p_free,
+                       done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start, n_blocks,
+                       lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+                       Q_IN_REGS: gl.constexpr):
+    # This warpgroup issues the loads of Q and of the K ring (it is K's only reader).
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
+    for i in gl.static_range(K_STAGES):
+        if i < n_blocks:
+            mbarrier.expect(k_ready.index(i), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
+                                            k_smem.index(i))
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    r = gl.arange(0, BLOCK_M, layout=row_layout)
+    valid = r < rows
+    lo = gl.load(lo_ptr + q_row + r, mask=valid, other=0).to(gl.int32)
+    hi = gl.load(hi_ptr + q_row + r, mask=valid, other=-1).to(gl.int32)
+    kc = gl.arange(0, BLOCK_N, layout=col_layout)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    if Q_IN_REGS:
+        # Q as the wgmma's register operand (128 registers a thread): S reads only K from shared memory.
+        q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        q_op = q_smem
+    for j in range(n_blocks):
+        k0 = n_start + j * BLOCK_N
+        sk = j % K_STAGES
+        mbarrier.wait(k_ready.index(sk), _phase(j, K_STAGES))
+        s = warpgroup_mma(q_op, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        if j + K_STAGES < n_blocks:
+            # Every warp of the group is past its wgmma reads of this stage before it is refilled.
+            gl.thread_barrier()
+            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + k0 + K_STAGES * BLOCK_N, kv_col], k_ready.index(sk),
+                                            k_smem.index(sk))
+
+        s = s * qk_scale
+        if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
+            key = k0 + kc
+            allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
+            s = gl.where(allowed, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+
+        sp = j % P_STAGES
+        mbarrier.wait(p_free.index(sp), _phase(j, P_STAGES) ^ 1)
+        p_smem.index(sp).store(p.to(p_smem.dtype))
+        alpha_smem.index(sp).store(alpha)
+        fence_async_shared()
+        mbarrier.arrive(p_ready.index(sp), count=1)
+
+    # lse in natural log; rows past the tile's end are not stored.
+    lse = (m_i + gl.log2(l_i)) * LN2
+    gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
+    l_smem.store(1.0 / l_i)
+    mbarrier.arrive(done_bar, count=1)
+
+
+@gluon.jit
+def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free, done_bar,
+                      out_ptr, q_row, rows, head, out_row_stride, k_row, kv_col, n_start, n_blocks,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr,
+                      P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+    # These warpgroups issue the loads of the V ring (they are V's only readers).
+    for i in gl.static_range(V_STAGES):
+        if i < n_blocks:
+            mbarrier.expect(v_ready.index(i), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
+                                            v_smem.index(i))
+
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, HEAD_DIM // 2, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    for j in range(n_blocks):
+        sp = j % P_STAGES
+        sv = j % V_STAGES
+        mbarrier.wait(p_ready.index(sp), _phase(j, P_STAGES))
+        alpha = alpha_smem.index(sp).load(row_layout)
+        acc = acc * alpha[:, None]
+        mbarrier.wait(v_ready.index(sv), _phase(j, V_STAGES))
+        acc = warpgroup_mma(p_smem.index(sp), v_smem.index(sv), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(p_free.index(sp), count=1)
+        if j + V_STAGES < n_blocks:
+            gl.thread_barrier()
+            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col],
+                                            v_ready.index(sv), v_smem.index(sv))
+
+    mbarrier.wait(done_bar, 0)
+    inv_l = l_smem.load(row_layout)
+    o = (acc * inv_l[:, None]).to(q_smem.dtype)
+    # The softmax warpgroup has finished every Q K^T (done_bar): Q's buffer stages the output.
+    q_smem.store(o)
+    gl.thread_barrier()
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+    c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
+    base = out_ptr + (q_row + r).to(gl.int64)[:, None] * out_row_stride + head * HEAD_DIM + c[None, :]
+    ok = (r < rows)[:, None]
+    for i in gl.static_range(HEAD_DIM // STORE_COLS):
+        chunk = q_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
+        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+
+
+@gluon.jit
+def hd512_forward_kernel(
+    q_desc, k_desc, v_desc, out_ptr, lse_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
+    t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, order_ptr,
+    total, group, qk_scale,
+    HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+    SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, Q_IN_REGS: gl.constexpr,
+):
+    head = gl.program_id(0)
+    tile = gl.load(order_ptr + gl.program_id(1))
+    rows = gl.load(t_rows + tile)
+    if rows > 0:
+        seq = gl.load(t_seq + tile)
+        row_start = gl.load(t_start + tile)
+        lo_min = gl.load(t_lo_min + tile)
+        lo_max = gl.load(t_lo_max + tile)
+        hi_min = gl.load(t_hi_min + tile)
+        hi_max = gl.load(t_hi_max + tile)
+        q_row = (gl.load(cu_q_ptr + seq) + row_start).to(gl.int32)
+        k_row = gl.load(cu_k_ptr + seq).to(gl.int32)
+        n_start = (lo_min // BLOCK_N) * BLOCK_N
+        n_blocks = gl.cdiv(hi_max + 1 - n_start, BLOCK_N)
+        kv_col = (head // group) * HEAD_DIM
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], p_layout)
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        alpha_smem = gl.allocate_shared_memory(gl.float32, [P_STAGES, BLOCK_M], vec_layout)
+        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
+
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+        p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(done_bar, count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+        for i in gl.static_range(P_STAGES):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(p_free.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free, done_bar,
+                                 out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col, n_start, n_blocks,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS)),
+            (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready,
+                                  p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col,
+                                  n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES,
+                                  P_STAGES, Q_IN_REGS)),
+        ], [4], [SOFTMAX_REGS])

@@ -1,0 +1,79 @@
+"""Compile the kernel for sm_90a without a GPU (Triton's compile path and the ptxas in its wheel):
+register use, spills and shared memory of a config, to check one before GPU time is spent on it.
+
+    python -m bidiattn.kernels.sm90_wide.offline [config names...]
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .host import BLOCK_M, CONFIGS, HEAD_DIM, MAXNREG, NUM_WARPS, Sm90WideConfig
+
+__all__ = ["compile_offline"]
+
+_TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_hi_max", "order_ptr")
+
+
+def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16, index_dtype: str = "i32") -> dict:
+    """Compile ``config`` for ``GPUTarget("cuda", 90, 128)``; returns registers, spill bytes, shared
+    bytes, the per-partition register requests (``setmaxnreg`` in the PTX) and the PTX itself."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from . import kernel
+
+    gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    fn = kernel.hd512_forward_kernel
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gdtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([config.block_n, HEAD_DIM], gdtype)
+    sig = {name: "i32" for name in fn.arg_names}
+    sig.update(q_desc=f"tensordesc<{dtype}[{BLOCK_M},{HEAD_DIM}],{q_layout!r}>",
+               k_desc=f"tensordesc<{dtype}[{config.block_n},{HEAD_DIM}],{kv_layout!r}>",
+               v_desc=f"tensordesc<{dtype}[{config.block_n},{HEAD_DIM}],{kv_layout!r}>",
+               out_ptr=f"*{dtype}", lse_ptr="*fp32", lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}",
+               cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
+    constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
+                     K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
+                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs)
+    sig.update({name: "constexpr" for name in constants})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    compiled = triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128),
+                              options=dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
+    ptx = compiled.asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        log = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(path), "-o", str(path) + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill_stores, spill_loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    return dict(config=config.name, dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
+                shared=compiled.metadata.shared, warps=compiled.metadata.num_warps,
+                setmaxnreg=sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
+                ptx=ptx)
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(CONFIGS)
+    bad = 0
+    for name in names:
+        for dtype in ("bf16", "fp16"):
+            r = compile_offline(CONFIGS[name], dtype)
+            ok = r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["shared"] <= 232448
+            bad += not ok
+            print(f"{name:10s} {r['config']:22s} {dtype}  regs {r['registers']}  spills {r['spill_stores']}/"
+                  f"{r['spill_loads']}  shared {r['shared']}  warps {r['warps']}  setmaxnreg {r['setmaxnreg']}"
+                  f"  {'ok' if ok else 'FAIL'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,160 @@
+"""Head-dim-512 SM90 forward (bidiattn.kernels.sm90_wide, a Gluon kernel; issue 27).
+
+CPU: the host side (configs, argument checks; no Triton import), and, where Triton is 3.6 (the
+Gluon API the kernel is written against), an offline compile for sm_90a: no spills, fits shared
+memory. GPU (marked, SM90 only): output and lse against the fp32 reference with the 2x-PyTorch
+error rule.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bidiattn import reference, rules
+from bidiattn.kernels.sm90_wide import CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, check_inputs
+from bidiattn.spans import SpanMask
+from conftest import lowp_attention
+
+
+def _causal(length: int) -> SpanMask:
+    return rules.build("causal", "official", "full", block_ids=torch.zeros(length, dtype=torch.int64))
+
+
+def _qkv(t: int, hq: int, hkv: int, d: int = 512, dtype=torch.bfloat16):
+    return (torch.zeros(t, hq, d, dtype=dtype), torch.zeros(t, hkv, d, dtype=dtype), torch.zeros(t, hkv, d, dtype=dtype))
+
+
+def test_named_configs_fit_shared_memory_and_registers():
+    for config in CONFIGS.values():
+        assert config.shared_bytes <= 232448
+        assert config.output_regs >= 160
+    assert DEFAULT_CONFIG == Sm90WideConfig()
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(block_n=48), ValueError, "block_n"),
+    (dict(block_n=64, k_stages=2, v_stages=1), ValueError, "shared memory"),
+    (dict(softmax_regs=100), ValueError, "softmax_regs"),
+    (dict(softmax_regs=200), ValueError, "output warpgroups"),
+    (dict(p_stages=0), ValueError, "p_stages"),
+    (dict(block_n=64.0), TypeError, "block_n"),
+    (dict(k_stages=True), TypeError, "k_stages"),
+])
+def test_bad_config_names_the_value(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        Sm90WideConfig(**kwargs)
+
+
+def test_check_inputs_accepts_hd512_half_gqa():
+    q, k, v = _qkv(70, 8, 2)
+    scale, config = check_inputs(q, k, v, _causal(70), None, need_device=False)
+    assert scale == pytest.approx(1 / math.sqrt(512)) and config == DEFAULT_CONFIG
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda q, k, v: (q[..., :256], k[..., :256], v[..., :256]), ValueError, "head dim 512"),
+    (lambda q, k, v: (q.float(), k.float(), v.float()), TypeError, "float16 or bfloat16"),
+    (lambda q, k, v: (q, k.half(), v), TypeError, "dtype"),
+    (lambda q, k, v: (q[:, :7], k, v), ValueError, "multiple"),
+])
+def test_check_inputs_rejects(change, error, words):
+    q, k, v = change(*_qkv(70, 8, 2))
+    with pytest.raises(error, match=words):
+        check_inputs(q, k, v, _causal(70), None, need_device=False)
+
+
+def test_check_inputs_rejects_a_config_of_another_type():
+    q, k, v = _qkv(70, 8, 2)
+    with pytest.raises(TypeError, match="Sm90WideConfig"):
+        check_inputs(q, k, v, _causal(70), None, config={"block_n": 64}, need_device=False)
+
+
+def test_device_check_names_the_device():
+    q, k, v = _qkv(70, 8, 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        check_inputs(q, k, v, _causal(70), None)
+
+
+def test_package_import_does_not_import_the_kernel():
+    code = ("import sys, bidiattn, bidiattn.kernels.sm90_wide; "
+            "assert 'bidiattn.kernels.sm90_wide.kernel' not in sys.modules; "
+            "assert not any(m.startswith('triton.experimental.gluon') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _triton_36() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    return triton.__version__.startswith("3.6.")
+
+
+@pytest.mark.skipif(not _triton_36(), reason="the kernel is written against Triton 3.6's Gluon API")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_offline_compile_for_sm90_has_no_spills(name):
+    from bidiattn.kernels.sm90_wide.offline import compile_offline
+
+    r = compile_offline(CONFIGS[name])
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+    assert r["shared"] <= 232448
+    assert r["registers"] <= 168
+
+
+def _sm90_ready() -> str | None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return "needs an SM90 GPU"
+    from bidiattn.kernels.sm90_wide import gluon_unavailable
+
+    err = gluon_unavailable()
+    return None if err is None else f"Gluon kernel unavailable: {err}"
+
+
+def _image_spans(lengths: list[int], window: int | None = None) -> SpanMask:
+    ids, n = [], 0
+    for length in lengths:
+        seq = torch.zeros(length, dtype=torch.int64)
+        for s in range(2048 - 1092, length, 2048):
+            n += 1
+            seq[s : s + 1092] = n
+        ids.append(seq)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return rules.build("gemma3", "official", "sliding" if window else "full", block_ids=torch.cat(ids),
+                       window=window, cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spans_fn, hq, hkv", [
+    (lambda: rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
+                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2),
+    (lambda: _image_spans([3000]), 16, 2),
+    (lambda: _image_spans([2500, 1601]), 8, 2),
+    (lambda: _image_spans([3001], window=1024), 4, 1),
+])
+@pytest.mark.parametrize("name", ["n64", "n32"])
+def test_forward_matches_reference_on_sm90(spans_fn, hq, hkv, name):
+    why = _sm90_ready()
+    if why:
+        pytest.skip(why)
+    from bidiattn.kernels.sm90_wide import forward_sm90_hd512
+
+    spans = spans_fn().to("cuda")
+    t = spans.total_tokens
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, h, 512, device="cuda", dtype=torch.bfloat16, generator=g) for h in (hq, hkv, hkv))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((hq, t), float("nan"), device="cuda")
+    forward_sm90_hd512(q, k, v, spans, config=CONFIGS[name], out=out, lse=lse)
+    ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, return_lse=True)
+    low, low_lse = lowp_attention(q, k, v, spans, 512**-0.5, None, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch_err = (low.float() - ref).abs().max().item()
+    assert (out.float() - ref).abs().max().item() <= 2 * torch_err + 1e-3
+    torch_lse_err = (low_lse - ref_lse).abs().max().item()
+    assert (lse - ref_lse).abs().max().item() <= 2 * torch_lse_err + 1e-3
