@@ -7,7 +7,8 @@
 Models are random-weight Gemma-3 checkpoints written locally (nothing is downloaded):
 ``tiny`` (2 layers, head dim 32, window 16) and ``gemma-3-4b-6l`` (gemma-3-4b's attention
 geometry: head dim 256, 8 query / 4 K/V heads, window 1024, 5 sliding + 1 full layer; hidden
-2560; vocabulary cut to 4096), text-only or, with ``--images``, with a small SigLIP tower and a
+2560; vocabulary cut to 4096) and ``gemma-3-27b-6l`` (gemma-3-27b's: head dim 128, 32 query / 16
+K/V heads, hidden 5376), text-only or, with ``--images``, with a small SigLIP tower and a
 Gemma-3 processor (9 tokens per image for ``tiny``, 256 for ``gemma-3-4b-6l``; every image is
 shorter than the window, where the official, transformers and vLLM rules coincide, so every
 backend must give the same logits).
@@ -22,14 +23,16 @@ backend works without the package's entry point installed).
   tokens (decode) within 0.06 nats (bf16). Several requests of different lengths, chunked
   prefill (``max_num_batched_tokens`` smaller than the prompts), block sizes 16 and 64.
   ``--graphs``: vLLM's default CUDA graphs (full graphs for decode, piecewise for prefill).
-  Exit status 1 on a mismatch.
+  The same comparison for transformers with ``attn_implementation="bidiattn-official"`` (one
+  run, eager, whole prompts). Exit status 1 on a mismatch.
 - ``refuse``: an fp8 KV cache and a rule vLLM's metadata cannot carry (Gemma-3 images longer
   than the window under the official rule) stop the engine at start-up with a message naming
   the value. Exit status 1 otherwise.
 - ``time``: prefill tokens/s (prompts of ``--prompt-len``, ``--batch`` of them, one output
   token) and decode tokens/s (``--decode-tokens`` more per request; the difference of the two
   runs' wall clocks), per backend (bidiattn, TRITON_ATTN, FLASH_ATTN where vLLM takes it),
-  median of ``--reps`` runs after a warm-up. Writes vllm-backend-<gpu>-<date>.json and .md.
+  median of ``--reps`` runs after a warm-up, and the attention kernels' GPU time in one
+  prefill run (torch profiler). Writes vllm-backend-<gpu>-<date>.json and .md.
 
 On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
 ``source .vllmc/env.sh && PYTHONPATH=src:$PYTHONPATH python3 benchmarks/vllm_backend.py check
@@ -42,6 +45,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +56,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+# vLLM's Gemma-3 processor looks these up (it merges newline runs after inserting images).
+NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 WORDS = ("hello world the a cat dog runs fast slow big small red blue green what is in this image picture "
          "describe one two three four five six seven eight nine ten").split()
 GEOMETRY = {
@@ -62,9 +68,13 @@ GEOMETRY = {
                           num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
                           query_pre_attn_scalar=256, max_position_embeddings=131072,
                           layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "gemma-3-27b-6l": dict(vocab_size=4096, hidden_size=5376, intermediate_size=21504, num_hidden_layers=6,
+                           num_attention_heads=32, num_key_value_heads=16, head_dim=128, sliding_window=1024,
+                           query_pre_attn_scalar=168, max_position_embeddings=131072,
+                           layer_types=["sliding_attention"] * 5 + ["full_attention"]),
 }
 # Vision tower per geometry: image side / patch side = sqrt(tokens per image).
-VISION = {"tiny": (12, 4, 9), "gemma-3-4b-6l": (64, 4, 256)}
+VISION = {"tiny": (12, 4, 9), "gemma-3-4b-6l": (64, 4, 256), "gemma-3-27b-6l": (64, 4, 256)}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -77,7 +87,8 @@ def write_model(path: Path, geometry: str, images: bool, sliding_window: int | N
     text = dict(GEOMETRY[geometry], pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if sliding_window is not None:
         text["sliding_window"] = sliding_window
-    vocab = SPECIAL + WORDS + [f"w{i}" for i in range(text["vocab_size"] - len(SPECIAL) - len(WORDS))]
+    vocab = SPECIAL + NEWLINES + WORDS
+    vocab += [f"w{i}" for i in range(text["vocab_size"] - len(vocab))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
@@ -108,7 +119,32 @@ def write_model(path: Path, geometry: str, images: bool, sliding_window: int | N
                 p.normal_(std=0.05)
     model.to(torch.bfloat16).save_pretrained(path)
     processor.save_pretrained(path)
+    if images:
+        hub_vision_names(path)
     return path
+
+
+def hub_vision_names(path: Path) -> None:
+    """Rename the SigLIP tower's weights to the hub checkpoints' ``vision_tower.vision_model.*``.
+
+    transformers 5 saves them as ``vision_tower.embeddings...``; vLLM 0.26 loads only the hub
+    names (transformers reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = load_file(shard)
+        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                    if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+                   for k, v in tensors.items()}
+        if renamed.keys() != tensors.keys():
+            save_file(renamed, shard, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+                               else k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def requests(geometry: str, images: bool, lengths: list[int], seed: int = 0) -> list[dict]:
@@ -134,6 +170,8 @@ def worker(spec: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     backend = spec["backend"]
+    if backend == "transformers":
+        return transformers_worker(spec)
     if backend == "bidiattn":
         os.environ["BIDIATTN_RULE"] = spec.get("rule", "official")
         import bidiattn.integrations.vllm as bidiattn_vllm
@@ -152,15 +190,10 @@ def worker(spec: dict) -> dict:
     llm = LLM(**kwargs)
     start_s = time.perf_counter() - t0
     prompts = []
-    for r in spec["requests"]:
+    for i, r in enumerate(spec["requests"]):
         item = {"prompt": r["prompt"]}
         if r.get("images"):
-            import numpy as np
-            from PIL import Image
-
-            rng = np.random.default_rng(len(prompts))
-            item["multi_modal_data"] = {"image": [Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8"))
-                                                  for _ in range(r["images"])]}
+            item["multi_modal_data"] = {"image": request_images(i, r["images"])}
         prompts.append(item)
     if spec.get("mode") == "time":
         result = {"start_s": start_s, "runs": []}
@@ -173,6 +206,8 @@ def worker(spec: dict) -> dict:
                 llm.generate(prompts, params, use_tqdm=False)
                 times.append(time.perf_counter() - t0)
             result["runs"].append({"max_tokens": max_tokens, "s": statistics.median(times)})
+        result["kernels"] = profile_kernels(llm, prompts, SamplingParams(max_tokens=1, temperature=0.0,
+                                                                          ignore_eos=True))
         return result
     params = SamplingParams(max_tokens=spec.get("max_tokens", 12), temperature=0.0, logprobs=2, prompt_logprobs=1,
                             ignore_eos=True)
@@ -189,6 +224,78 @@ def worker(spec: dict) -> dict:
         result["requests"].append({"prompt_tokens": len(o.prompt_token_ids), "prompt_logprobs": prompt_lp,
                                    "steps": steps})
     return result
+
+
+def request_images(index: int, count: int) -> list:
+    """The random 24x32 RGB images of request ``index`` (the same for every engine)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    return [Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")) for _ in range(count)]
+
+
+def transformers_worker(spec: dict) -> dict:
+    """The same requests through transformers with ``attn_implementation="bidiattn-<rule>"``:
+    prompt logprobs from one forward pass, greedy continuation with per-step logprobs and the
+    top-2 margin, in the worker's result format."""
+    import torch
+    import transformers
+
+    import bidiattn.integrations.transformers as bidiattn_hf
+
+    name = bidiattn_hf.register(f"bidiattn-{spec.get('rule', 'official')}", convention=spec.get("rule", "official"))
+    auto = transformers.AutoModelForImageTextToText if spec.get("images") else transformers.AutoModelForCausalLM
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = auto.from_pretrained(spec["model"], attn_implementation=name, dtype=torch.bfloat16).to(device).eval()
+    processor = (transformers.AutoProcessor if spec.get("images") else transformers.AutoTokenizer).from_pretrained(
+        spec["model"])
+    result = {"start_s": time.perf_counter() - t0, "requests": []}
+    for i, r in enumerate(spec["requests"]):
+        if r.get("images"):
+            inputs = processor(text=r["prompt"], images=request_images(i, r["images"]), return_tensors="pt")
+        else:
+            inputs = processor(r["prompt"], return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        ids = inputs["input_ids"][0]
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].float()
+            prompt_lp = [None] + torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[:, 0].tolist()
+            gen = model.generate(**inputs, max_new_tokens=spec.get("max_tokens", 12), do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        steps = []
+        for tok, step_logits in zip(gen.sequences[0, len(ids):].tolist(), gen.logits):
+            lp = torch.log_softmax(step_logits[0].float(), -1)
+            top = lp.topk(2).values
+            steps.append({"token": tok, "logprob": lp[tok].item(), "gap": (top[0] - top[1]).item()})
+        result["requests"].append({"prompt_tokens": len(ids), "prompt_logprobs": prompt_lp, "steps": steps})
+    return result
+
+
+ATTENTION_KERNEL = re.compile(r"attn|attention|_span_|flash|fmha", re.IGNORECASE)
+
+
+def profile_kernels(llm, prompts, params) -> dict:
+    """GPU kernel time of one prefill run (torch profiler, engine core in this process): the
+    attention kernels' total (names matching ``ATTENTION_KERNEL``, KV-cache writes excluded)
+    and the ten largest kernels by total time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e6
+    attention = {k: v for k, v in totals.items() if ATTENTION_KERNEL.search(k) and "cache" not in k.lower()}
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
+    return {"attention_s": sum(attention.values()), "all_s": sum(totals.values()),
+            "attention_kernels": {k[:120]: v for k, v in sorted(attention.items(), key=lambda kv: -kv[1])[:6]},
+            "top": {k[:120]: v for k, v in top}}
 
 
 def run_worker(spec: dict, timeout: int = 1800) -> tuple[int, dict | None, str]:
@@ -238,9 +345,12 @@ def check(args) -> int:
             if code:
                 print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
                 return 1
-            for rule in ("official", "vllm"):
-                code, got, err = run_worker(dict(base, backend="bidiattn", rule=rule))
-                label = f"bidiattn/{rule} vs TRITON_ATTN, block size {block_size}, graphs={args.graphs}"
+            runs = [("bidiattn", rule, f"bidiattn/{rule} vs TRITON_ATTN") for rule in args.rules]
+            if block_size == args.block_sizes[0]:  # the transformers run does not depend on the block size
+                runs.append(("transformers", "official", "transformers + bidiattn (official) vs TRITON_ATTN"))
+            for backend, rule, what in runs:
+                code, got, err = run_worker(dict(base, backend=backend, rule=rule))
+                label = f"{what}, block size {block_size}, graphs={args.graphs}"
                 if code:
                     print(f"{label}: engine failed:\n{err}")
                     failures += 1
@@ -300,12 +410,26 @@ def timing(args) -> int:
             row = {"backend": label, "prefill_s": prefill_s, "decode_s": total_s - prefill_s,
                    "prefill_tok_s": tokens / prefill_s,
                    "decode_tok_s": args.batch * args.decode_tokens / max(total_s - prefill_s, 1e-9),
-                   "start_s": res["start_s"]}
+                   "start_s": res["start_s"], "prefill_attention_s": res["kernels"]["attention_s"],
+                   "prefill_kernels_s": res["kernels"]["all_s"], "kernels": res["kernels"]}
             rows.append(row)
-            print(f"{label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.0f} tok/s")
+            print(f"{label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.0f} tok/s, "
+                  f"prefill attention kernels {row['prefill_attention_s'] * 1e3:.1f} ms of "
+                  f"{row['prefill_kernels_s'] * 1e3:.1f} ms GPU time")
+            for name, sec in res["kernels"]["attention_kernels"].items():
+                print(f"    {sec * 1e3:9.2f} ms  {name}")
     meta = {"gpu": gpu, "model": args.model, "images": args.images, "graphs": args.graphs,
             "prompt_len": args.prompt_len, "batch": args.batch, "decode_tokens": args.decode_tokens,
-            "max_batched": args.max_batched, "block_size": args.block_size}
+            "max_batched": args.max_batched, "block_size": args.block_size,
+            "date": datetime.date.today().isoformat(), "commit": os.environ.get("BIDIATTN_COMMIT", "unknown"),
+            "command": "python benchmarks/vllm_backend.py " + " ".join(sys.argv[1:]),
+            "torch": torch.__version__}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
     try:
         import vllm
 
@@ -317,8 +441,12 @@ def timing(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"vllm-backend-{gpu}-{datetime.date.today().isoformat()}"
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        lines = [f"# vLLM backends, {meta}", "", "| backend | prefill tok/s | decode tok/s |", "|---|---|---|"]
-        lines += [f"| {r['backend']} | {r.get('prefill_tok_s', float('nan')):.0f} | {r.get('decode_tok_s', float('nan')):.0f} |"
+        lines = [f"# vLLM backends, {meta}", "",
+                 "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms |",
+                 "|---|---|---|---|---|"]
+        nan = float("nan")
+        lines += [f"| {r['backend']} | {r.get('prefill_tok_s', nan):.0f} | {r.get('decode_tok_s', nan):.0f} | "
+                  f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} |"
                   for r in rows]
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print("wrote", stem.with_suffix(".md"))
@@ -342,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="max_num_batched_tokens (chunked prefill)")
         p.add_argument("--max-model-len", type=int, default=1024)
         p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64])
+        p.add_argument("--rules", nargs="+", choices=("official", "vllm"), default=["official", "vllm"],
+                       help="check: the bidiattn rules to run")
         p.add_argument("--block-size", type=int, default=16)
         p.add_argument("--prompt-len", type=int, default=8192)
         p.add_argument("--batch", type=int, default=8)
