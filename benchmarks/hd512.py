@@ -13,11 +13,14 @@ on any failure. Writes ``hd512-check-<device>-<date>.{md,json}``.
 
 ``time``: hd512, 16q/4kv and 32q/4kv heads, 16K and 32K tokens, causal and images (1092 every
 2048, the any-span case). Columns: the Gluon kernel (each variant; tile tables built once, as a
-plan), bidiattn Triton (public call), FlexAttention (mask_mod block mask built once), SDPA with a
+plan), ``bidiattn.attention(q, k, v, spans)`` with no other argument (the default call: Gluon on
+SM90), bidiattn Triton (public call), FlexAttention (mask_mod block mask built once), SDPA with a
 dense mask, cuDNN through SDPA's CUDNN_ATTENTION backend, ffpa-attn (causal only, where it
 imports), and the bf16 matmul rate. Every column is checked first on a subset of rows against an
 fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on.
-TFLOP/s on allowed pairs, 4 * pairs * D * Hq. Writes ``hd512-<device>-<date>.{md,json}``.
+TFLOP/s on allowed pairs, 4 * pairs * D * Hq. ``--backward`` adds forward+backward columns (the
+default call: Gluon forward + Triton backward; bidiattn Triton; ffpa-attn on causal cases),
+14 * pairs * D * Hq, and the backward alone. Writes ``hd512-<device>-<date>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -240,6 +243,9 @@ def peers(args, case, spans, q, k, v, scale):
     for name, config in variants(args.variants).items():
         cols.append((f"gluon {name}", gluon(config), "planned (tile tables built once)"))
     skip = set(args.skip.split(",")) if args.skip else set()
+    if "default" not in skip:
+        cols.append(("bidiattn default", lambda: bidiattn.attention(q, k, v, spans),
+                     "public call, no arguments (gluon on SM90; plan kept on the spans)"))
     if "triton" not in skip:
         cols.append(("bidiattn triton", lambda: bidiattn.attention(q, k, v, spans, backend="triton"), "public call"))
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -285,6 +291,68 @@ def peers(args, case, spans, q, k, v, scale):
             return fx(qt, kt, vt, block_mask=bm, enable_gqa=True, scale=scale, kernel_options=opts).squeeze(0).transpose(0, 1)
         cols.append(("flex", flex, "mask_mod block mask built once"))
     return cols
+
+
+def trainers(args, case, spans, q, k, v, scale):
+    """(column, its forward column, fn(q, k, v) -> out) of the fwd+bwd columns of one case: the default call (the Gluon
+    forward on SM90, the Triton backward), bidiattn triton, ffpa-attn (causal)."""
+    hq, hkv, t, rule = case
+    skip = set(args.skip.split(",")) if args.skip else set()
+    cols = [("triton fwd+bwd", "bidiattn triton", lambda q, k, v: bidiattn.attention(q, k, v, spans, backend="triton"))]
+    if "default" not in skip:
+        cols.append(("default fwd+bwd", "bidiattn default", lambda q, k, v: bidiattn.attention(q, k, v, spans)))
+    if "ffpa" not in skip and rule == "causal":
+        def ffpa(q, k, v):
+            from ffpa_attn import ffpa_attn_varlen_func
+            cu = spans.cu_seqlens.to(torch.int32)
+            return ffpa_attn_varlen_func(q, k, v, cu, cu, t, t, softmax_scale=scale, causal=True, enable_gqa=True)
+        cols.append(("ffpa-attn fwd+bwd", "ffpa-attn", ffpa))
+    return cols
+
+
+def time_backward(args, case, spans, q, k, v, scale, row, fwd_ms):
+    """fwd+bwd columns of one case into ``row["columns"]``: gradients checked against bidiattn
+    triton's (max abs difference <= 2% of the largest gradient + 1e-3; the triton backward itself is
+    checked against fp32 in the GPU tests), then timed; backward alone = fwd+bwd - the column's
+    forward time of the same run."""
+    import cases
+
+    hq = case[0]
+    flop = 14 * row["pairs"] * D * hq
+    g = torch.Generator(device="cuda").manual_seed(7)
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
+    leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
+    want = None
+    for col, fwd_col, fwd in trainers(args, case, spans, q, k, v, scale):
+        def fn(fwd=fwd):
+            return torch.autograd.grad(fwd(*leaves), leaves, dout)
+        cell = dict(note="torch.autograd.grad of out with a random dout")
+        try:
+            grads = fn()
+            torch.cuda.synchronize()
+            if want is None:
+                want = grads
+            else:
+                errs = [(max_err(a, b), 0.02 * b.abs().max().item() + 1e-3) for a, b in zip(grads, want)]
+                cell.update(grad_err=[e for e, _ in errs], grad_bound=[b for _, b in errs])
+                if not all(e <= b for e, b in errs):  # NaN fails too
+                    raise RuntimeError(f"gradients differ from triton's: {errs}")
+            del grads
+            ms = bench(fn, args.seconds)
+            cell.update(ms=ms, tflops=flop / ms / 1e9)
+            base = fwd_ms.get(fwd_col)
+            if base is not None and ms > base:
+                cell.update(bwd_ms=ms - base, bwd_tflops=10 * row["pairs"] * D * hq / (ms - base) / 1e9)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            cell["error"] = cases.describe_error(e, 300)
+            if args.verbose:
+                traceback.print_exc()
+        row["columns"][col] = cell
+        print(f"{row['case']:36s} {col:18s} " + (f"{cell['tflops']:6.0f} TFLOP/s {cell['ms']:8.2f} ms"
+              + (f"  bwd alone {cell['bwd_tflops']:.0f}" if "bwd_tflops" in cell else "")
+              if "tflops" in cell else cell["error"]), flush=True)
+    del leaves, dout, want
+    torch.cuda.empty_cache()
 
 
 def time_cmd(args) -> int:
@@ -342,6 +410,9 @@ def time_cmd(args) -> int:
             row["columns"][col] = cell
             print(f"{label:36s} {col:18s} " + (f"{cell['tflops']:6.0f} TFLOP/s {cell['ms']:8.2f} ms  err {cell['err']:.1e}"
                                              if "tflops" in cell else cell["error"]), flush=True)
+        if args.backward:
+            fwd_ms = {c: cell["ms"] for c, cell in row["columns"].items() if "ms" in cell}
+            time_backward(args, case, spans, q, k, v, scale, row, fwd_ms)
         rows.append(row)
         del q, k, v, ref
         torch.cuda.empty_cache()
@@ -356,15 +427,20 @@ def time_cmd(args) -> int:
         cell = r["columns"].get(c)
         if cell is None:
             return "n/a"
-        return f"{cell['tflops']:.0f} ({cell['ms']:.2f} ms)" if "tflops" in cell else "fails"
+        if "tflops" not in cell:
+            return "fails"
+        bwd = f"; bwd {cell['bwd_tflops']:.0f}" if "bwd_tflops" in cell else ""
+        return f"{cell['tflops']:.0f} ({cell['ms']:.2f} ms{bwd})"
 
-    lines = [f"# hd512 forward, {meta['device']}, {meta['date']}", "",
+    lines = [f"# hd512 forward{' and backward' if args.backward else ''}, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, ffpa-attn {meta['ffpa_attn']}, quack {meta['quack_kernels']}, "
              f"cutlass-dsl {meta['cutlass_dsl']}, cuDNN {meta['cudnn']}, commit {meta['commit']}, "
              f"bf16 matmul {peak:.0f} TFLOP/s; `{meta['command']}`; {meta['seconds']} s.", "",
              "TFLOP/s on allowed pairs (4 * pairs * D * Hq), median of CUDA-event-timed calls after warm-up; "
              "every column checked first on a row subset against fp32 (2x PyTorch-error rule); errors in the JSON. "
-             "ffpa-attn takes causal masks only.", "",
+             "ffpa-attn takes causal masks only. fwd+bwd columns (--backward): 14 * pairs * D * Hq; 'bwd' = "
+             "backward alone (fwd+bwd minus the same column's forward time), 10 * pairs * D * Hq; gradients "
+             "checked against bidiattn triton's (2% of the largest gradient).", "",
              "| case | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r['case']} | " + " | ".join(fmt(r, c) for c in cols) + " |")
@@ -390,7 +466,8 @@ def main() -> int:
     parser.add_argument("command", choices=("check", "time", "compile"))
     parser.add_argument("--variants", default="n64", help=f"comma-separated kernel configs or 'all' ({', '.join(CONFIGS)})")
     parser.add_argument("--out", default=None, help="directory for the .md/.json results")
-    parser.add_argument("--skip", default="", help="peers to leave out: triton,flex,sdpa,cudnn,ffpa")
+    parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,ffpa")
+    parser.add_argument("--backward", action="store_true", help="time: also fwd+bwd of default, triton, ffpa-attn")
     parser.add_argument("--cases", default="", help="time: indices into the 8 cases (default all)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time: timing budget per column")
     parser.add_argument("--budget", type=float, default=360.0, help="time: after this many seconds only gluon columns run")

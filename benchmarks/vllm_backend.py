@@ -1,6 +1,6 @@
 """vLLM with bidiattn's attention backend against vLLM's own backends: check, then time.
 
-    python benchmarks/vllm_backend.py check --model tiny [--images] [--graphs]
+    python benchmarks/vllm_backend.py check --model tiny [--images] [--graphs] [--out benchmarks/results]
     python benchmarks/vllm_backend.py refuse --model tiny
     python benchmarks/vllm_backend.py time --model gemma-3-4b-6l [--images] [--graphs] --out benchmarks/results
 
@@ -24,7 +24,8 @@ backend works without the package's entry point installed).
   prefill (``max_num_batched_tokens`` smaller than the prompts), block sizes 16 and 64.
   ``--graphs``: vLLM's default CUDA graphs (full graphs for decode, piecewise for prefill).
   The same comparison for transformers with ``attn_implementation="bidiattn-official"`` (one
-  run, eager, whole prompts). Exit status 1 on a mismatch.
+  run, eager, whole prompts). Exit status 1 on a mismatch. With ``--out``, writes
+  vllm-check[-graphs]-<gpu>-<date>.json and .md.
 - ``refuse``: an fp8 KV cache and a rule vLLM's metadata cannot carry (Gemma-3 images longer
   than the window under the official rule) stop the engine at start-up with a message naming
   the value. Exit status 1 otherwise.
@@ -337,14 +338,16 @@ def check(args) -> int:
         model = str(write_model(Path(tmp) / "model", args.model, args.images))
         lengths = [5, 40, 130, 300] if args.model == "tiny" else [300, 1500, 3000]
         reqs = requests(args.model, args.images, lengths)
-        failures = 0
+        failures, rows = 0, []
         for block_size in args.block_sizes:
             base = dict(model=model, requests=reqs, images=args.images, graphs=args.graphs, block_size=block_size,
                         max_batched=args.max_batched, max_model_len=args.max_model_len)
             code, ref, err = run_worker(dict(base, backend="TRITON_ATTN"))
             if code:
                 print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
-                return 1
+                rows.append(dict(run=f"TRITON_ATTN, block size {block_size}", ok=False, error=err[-300:]))
+                failures += 1
+                continue
             runs = [("bidiattn", rule, f"bidiattn/{rule} vs TRITON_ATTN") for rule in args.rules]
             if block_size == args.block_sizes[0]:  # the transformers run does not depend on the block size
                 runs.append(("transformers", "official", "transformers + bidiattn (official) vs TRITON_ATTN"))
@@ -353,6 +356,7 @@ def check(args) -> int:
                 label = f"{what}, block size {block_size}, graphs={args.graphs}"
                 if code:
                     print(f"{label}: engine failed:\n{err}")
+                    rows.append(dict(run=label, ok=False, error=err[-300:]))
                     failures += 1
                     continue
                 problems = compare(ref, got)
@@ -361,7 +365,18 @@ def check(args) -> int:
                 print(f"{label}: {'OK' if not problems else 'MISMATCH'} (prompt logprobs max |diff| {worst:.4f})")
                 for p in problems:
                     print("   ", p)
+                rows.append(dict(run=label, ok=not problems, prompt_logprob_max_diff=worst, problems=problems))
                 failures += bool(problems)
+    if args.out:
+        meta = run_meta(args, block_sizes=args.block_sizes, rules=args.rules, max_batched=args.max_batched,
+                        prompt_lengths=lengths)
+        lines = [f"# vLLM check, {meta}", "", f"{failures} failure(s). Tolerances: prompt and step logprobs within "
+                 "0.06 nats of TRITON_ATTN's; greedy tokens equal (or a near tie, reference margin <= 0.02).", "",
+                 "| run | result | prompt logprobs max abs diff |", "|---|---|---|"]
+        lines += [f"| {r['run']} | {'OK' if r['ok'] else 'MISMATCH' if 'problems' in r else 'failed'} | "
+                  f"{r.get('prompt_logprob_max_diff', float('nan')):.4f} |" for r in rows]
+        lines += [f"- {r['run']}: {p}" for r in rows for p in r.get("problems", [])]
+        write_results(args.out, "vllm-check" + ("-graphs" if args.graphs else ""), meta, rows, lines)
     return 1 if failures else 0
 
 
@@ -387,9 +402,6 @@ def refuse(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- time
 def timing(args) -> int:
-    import torch
-
-    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(Path(tmp) / "model", args.model, args.images))
@@ -418,29 +430,9 @@ def timing(args) -> int:
                   f"{row['prefill_kernels_s'] * 1e3:.1f} ms GPU time")
             for name, sec in res["kernels"]["attention_kernels"].items():
                 print(f"    {sec * 1e3:9.2f} ms  {name}")
-    meta = {"gpu": gpu, "model": args.model, "images": args.images, "graphs": args.graphs,
-            "prompt_len": args.prompt_len, "batch": args.batch, "decode_tokens": args.decode_tokens,
-            "max_batched": args.max_batched, "block_size": args.block_size,
-            "date": datetime.date.today().isoformat(), "commit": os.environ.get("BIDIATTN_COMMIT", "unknown"),
-            "command": "python benchmarks/vllm_backend.py " + " ".join(sys.argv[1:]),
-            "torch": torch.__version__}
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        import vllm
-
-        meta["vllm"] = vllm.__version__
-    except ImportError:
-        pass
+    meta = run_meta(args, prompt_len=args.prompt_len, batch=args.batch, decode_tokens=args.decode_tokens,
+                    max_batched=args.max_batched, block_size=args.block_size)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"vllm-backend-{gpu}-{datetime.date.today().isoformat()}"
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         lines = [f"# vLLM backends, {meta}", "",
                  "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms |",
                  "|---|---|---|---|---|"]
@@ -448,9 +440,35 @@ def timing(args) -> int:
         lines += [f"| {r['backend']} | {r.get('prefill_tok_s', nan):.0f} | {r.get('decode_tok_s', nan):.0f} | "
                   f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} |"
                   for r in rows]
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        print("wrote", stem.with_suffix(".md"))
+        write_results(args.out, "vllm-backend", meta, rows, lines)
     return 0
+
+
+def run_meta(args, **extra) -> dict:
+    """What a results file records: GPU, model, flags, date, commit (``BIDIATTN_COMMIT``), the
+    command, torch/triton/vLLM versions."""
+    import torch
+
+    meta = {"gpu": torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu",
+            "model": args.model, "images": args.images, "graphs": args.graphs, **extra,
+            "date": datetime.date.today().isoformat(), "commit": os.environ.get("BIDIATTN_COMMIT", "unknown"),
+            "command": "python benchmarks/vllm_backend.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
+    for name in ("triton", "vllm"):
+        try:
+            meta[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return meta
+
+
+def write_results(out: str, prefix: str, meta: dict, rows: list, lines: list[str]) -> None:
+    """``<out>/<prefix>-<gpu>-<date>.{json,md}``."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    stem = path / f"{prefix}-{meta['gpu']}-{meta['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("wrote", stem.with_suffix(".md"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import re
+import sys
 import weakref
 
 import pytest
@@ -19,14 +20,17 @@ BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
 # ----------------------------------------------------------------------------- the auto table
-def capabilities(monkeypatch, *, interpreting=False, compiling=False, capability=(9, 0), fa4=True, triton=True):
+def capabilities(monkeypatch, *, interpreting=False, compiling=False, capability=(9, 0), fa4=True, triton=True,
+                 gluon=True):
     """Monkeypatch what auto_backend reads: Triton's interpreter flag and import, torch.compile,
-    the GPU's compute capability, FA4's import (an ImportError, or None)."""
+    the GPU's compute capability, FA4's and the Gluon kernel's imports (an ImportError, or None)."""
     monkeypatch.setattr(launch, "interpreting", lambda: interpreting)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(launch, "fa4_import_error", lambda: None if fa4 else ImportError("No module named 'flash_attn'"))
     monkeypatch.setattr(launch, "triton_missing", lambda: None if triton else ImportError("no triton"))
+    monkeypatch.setattr(launch, "gluon_import_error",
+                        lambda: None if gluon else ImportError("cannot import name 'warpgroup_mma'"))
 
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -44,7 +48,16 @@ TABLE = [
     (CUDA, BF16, 256, 4096, False, dict(capability=(10, 0)), "fa4"),
     (CUDA, BF16, 192, 4096, False, dict(capability=(10, 0)), "triton"),  # SM100 FA4: <= 128 and 256
     (CUDA, BF16, 128, 4096, False, dict(capability=(8, 0)), "triton"),
-    (CUDA, BF16, 512, 4096, False, {}, "triton"),
+    (CUDA, BF16, 512, 4096, False, {}, "gluon"),  # hd512 on SM90: the Gluon forward
+    (CUDA, F16, 512, 4096, False, {}, "gluon"),
+    (CUDA, BF16, 512, 4096, False, dict(gluon=False), "triton"),
+    (CUDA, BF16, 512, 4096, False, dict(capability=(10, 0)), "triton"),  # Hopper-only kernel
+    (CUDA, BF16, 512, 4096, False, dict(capability=(8, 0)), "triton"),
+    (CUDA, BF16, 512, 16, False, {}, "triton"),  # decode-sized
+    (CUDA, BF16, 512, 4096, True, {}, "triton"),  # paged keys
+    (CUDA, BF16, 512, 4096, False, dict(compiling=True), "triton"),
+    (CUDA, F32, 512, 4096, False, {}, "reference"),
+    (CUDA, BF16, 512, 4096, False, dict(triton=False), "gluon"),
     (CUDA, BF16, 128, 4096, False, dict(fa4=False), "triton"),
     (CUDA, BF16, 128, 16, False, {}, "triton"),  # decode-sized: split-KV triton
     (CUDA, BF16, 128, 17, False, {}, "fa4"),
@@ -75,6 +88,43 @@ def test_auto_tries_the_fa4_import_only_where_it_could_pick_fa4(monkeypatch):
     assert tried == [1]
 
 
+def test_auto_tries_the_gluon_import_only_at_head_dim_512_on_sm90(monkeypatch):
+    capabilities(monkeypatch)
+    tried = []
+    monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))
+    launch.auto_backend(CUDA, BF16, 128, 4096)
+    launch.auto_backend(CUDA, BF16, 512, 4096, paged=True)
+    launch.auto_backend(CUDA, BF16, 512, 8)
+    capabilities(monkeypatch, capability=(10, 0))
+    monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))
+    launch.auto_backend(CUDA, BF16, 512, 4096)
+    assert tried == []
+    capabilities(monkeypatch)
+    monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))
+    assert launch.auto_backend(CUDA, BF16, 512, 4096) == "gluon"
+    assert tried == [1]
+
+
+@pytest.mark.parametrize("device,dtype,d,capability,error,words", [
+    (CUDA, BF16, 256, (9, 0), ValueError, "head dim 512 only, got 256"),
+    (CUDA, F32, 512, (9, 0), TypeError, "float16 or bfloat16, got torch.float32"),
+    (CPU, BF16, 512, (9, 0), ValueError, "needs CUDA tensors, got cpu"),
+    (CUDA, BF16, 512, (10, 0), ValueError, "SM90 GPUs (H100/H200), this is sm_100"),
+])
+def test_gluon_unsupported_names_the_value(monkeypatch, device, dtype, d, capability, error, words):
+    capabilities(monkeypatch, capability=capability)
+    err = launch.gluon_unsupported(device, dtype, d)
+    assert isinstance(err, error) and words in str(err)
+
+
+def test_gluon_unsupported_passes_the_import_error_on(monkeypatch):
+    capabilities(monkeypatch, gluon=False)
+    err = launch.gluon_unsupported(CUDA, BF16, 512)
+    assert isinstance(err, ValueError) and "warpgroup_mma" in str(err)
+    capabilities(monkeypatch)
+    assert launch.gluon_unsupported(CUDA, BF16, 512) is None
+
+
 @cpu_interpreter_only
 def test_a_plan_records_its_choice_and_launch_data(monkeypatch):
     spans = image_spans(300, [(40, 200)], layer="sliding", window=64)
@@ -91,6 +141,50 @@ def test_a_plan_records_its_choice_and_launch_data(monkeypatch):
     assert torch.equal(p.segments.to_dense(), spans.to_dense())
     assert {c.kind: c.pack_gqa for c in p.segments.calls} == {"causal": None, "window": False, "open": False}
     assert bidiattn.plan(spans, 4, 2, 64, backend="reference").backend == "reference"
+
+
+@cpu_interpreter_only
+def test_a_gluon_plan_holds_the_query_tile_table_and_the_backward(monkeypatch):
+    spans = image_spans(300, [(40, 200)])
+    capabilities(monkeypatch, interpreting=True)
+    p = bidiattn.plan(spans, 4, 1, 512, backend="gluon")
+    assert (p.backend, p.triton, p.segments, p.backward) == ("gluon", None, None, None)
+    summary, order = p.tiles
+    assert summary.block_m == 64 and int(summary.num_tiles) == 5 and order.numel() >= 5
+    p = bidiattn.plan(spans, 4, 1, 512, backend="gluon", training=True)
+    assert isinstance(p.backward, launch.BackwardPlan)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    capabilities(monkeypatch, interpreting=False)
+    with pytest.raises(ValueError, match="gluon plan needs the spans on a CUDA device, got cpu"):
+        bidiattn.plan(spans, 4, 1, 512, backend="gluon")
+
+
+def test_the_gluon_backend_refuses_what_it_cannot_run():
+    spans = image_spans(40, [(5, 20)])
+    q, k, v = (torch.zeros(40, h, 512, dtype=BF16) for h in (2, 1, 1))
+    with pytest.raises(ValueError, match="backend='gluon' needs CUDA tensors, got cpu"):
+        bidiattn.attention(q, k, v, spans, backend="gluon")
+    q, k, v = (torch.zeros(40, h, 256, dtype=BF16) for h in (2, 1, 1))
+    with pytest.raises(ValueError, match="head dim 512 only, got 256"):
+        bidiattn.attention(q, k, v, spans, backend="gluon")
+
+
+@cpu_interpreter_only
+def test_softcap_at_head_dim_512_on_the_gluon_path(monkeypatch):
+    """The Gluon kernel has no softcap: the default call falls back to triton (exact), an explicit
+    backend='gluon' refuses it by name."""
+    spans = image_spans(40, [(5, 20)])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, h, 512, generator=g).to(BF16) for h in (2, 1, 1))
+    monkeypatch.setattr(launch, "auto_backend", lambda *args, **kwargs: "gluon")
+    monkeypatch.setattr(sys.modules["bidiattn.attention"], "gluon_unsupported", lambda *args: None)
+    out = bidiattn.attention(q, k, v, spans, softcap=20.0)
+    backends = {p.backend for p in spans._plans.values()}
+    assert backends == {"gluon", "triton"}
+    want = bidiattn.reference.attention(q.float(), k.float(), v.float(), spans, softcap=20.0)
+    assert (out.float() - want).abs().max().item() < 0.03
+    with pytest.raises(ValueError, match=r"backend='gluon' takes no softcap \(got softcap=20.0\)"):
+        bidiattn.attention(q, k, v, spans, softcap=20.0, backend="gluon")
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -158,3 +158,69 @@ def test_forward_matches_reference_on_sm90(spans_fn, hq, hkv, name):
     assert (out.float() - ref).abs().max().item() <= 2 * torch_err + 1e-3
     torch_lse_err = (low_lse - ref_lse).abs().max().item()
     assert (lse - ref_lse).abs().max().item() <= 2 * torch_lse_err + 1e-3
+
+
+# ----------------------------------------------------------------------------- the gluon backend (GPU)
+@pytest.mark.gpu
+def test_the_default_call_runs_gluon_at_hd512_on_sm90():
+    why = _sm90_ready()
+    if why:
+        pytest.skip(why)
+    import bidiattn
+
+    spans = _image_spans([3000]).to("cuda")
+    assert bidiattn.plan(spans, 8, 2, 512).backend == "gluon"
+    assert bidiattn.plan(spans, 8, 2, 512, paged=True).backend == "triton"
+    assert bidiattn.plan(spans, 8, 2, 256, backend="triton").backend == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spans_fn, hq, hkv, dtype, with_lse", [
+    (lambda: rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
+                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2, torch.bfloat16, False),
+    (lambda: _image_spans([2500, 1601]), 16, 2, torch.bfloat16, True),
+    (lambda: _image_spans([3001], window=1024), 4, 1, torch.float16, False),
+])
+def test_gluon_backend_gradients_match_reference(spans_fn, hq, hkv, dtype, with_lse):
+    """Forward through Gluon, backward through the Triton kernels (fed Gluon's out and lse)."""
+    why = _sm90_ready()
+    if why:
+        pytest.skip(why)
+    from conftest import check_grads
+
+    check_grads(spans_fn(), hq, hkv, 512, dtype, seed=hq, with_lse=with_lse, backend="gluon")
+
+
+@pytest.mark.gpu
+def test_gluon_plan_under_cuda_graph_capture_and_softcap_fallback():
+    why = _sm90_ready()
+    if why:
+        pytest.skip(why)
+    import bidiattn
+
+    spans = _image_spans([3000]).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(3000, h, 512, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2))
+    p = bidiattn.plan(spans, 8, 2, 512)
+    assert p.backend == "gluon"
+    eager = bidiattn.attention(q, k, v, spans, plan=p)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        bidiattn.attention(q, k, v, spans, plan=p)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = bidiattn.attention(q, k, v, spans, plan=p)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=g).to(q.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, bidiattn.attention(q, k, v, spans, plan=p))
+    assert not torch.equal(captured, eager)
+    # softcap: the default call runs triton (exact), the Gluon kernel refuses it
+    out = bidiattn.attention(q, k, v, spans, softcap=30.0)
+    ref = reference.attention(q.float(), k.float(), v.float(), spans, softcap=30.0)
+    low = lowp_attention(q, k, v, spans, 512**-0.5, 30.0)
+    assert (out.float() - ref).abs().max().item() <= 2 * (low.float() - ref).abs().max().item() + 1e-3
+    with pytest.raises(ValueError, match="takes no softcap"):
+        bidiattn.attention(q, k, v, spans, softcap=30.0, backend="gluon")

@@ -8,7 +8,6 @@ with NaN (torch's deterministic mode), so an unwritten gradient row fails.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
 import pytest
@@ -17,13 +16,13 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 import bidiattn  # noqa: E402
-from bidiattn import reference, rules  # noqa: E402
+from bidiattn import rules  # noqa: E402
 from bidiattn.kernels.backward import span_attention_backward  # noqa: E402
 from bidiattn.launch import BackwardConfig  # noqa: E402
 from bidiattn.kernels.tiles import key_tile_ranges_spec, key_tiles  # noqa: E402
-from conftest import assert_longest_first, image_spans, lowp_attention, random_packed_layout  # noqa: E402
+from conftest import (DEVICE, assert_longest_first, check_grads, grads_of, image_spans,  # noqa: E402
+                      random_packed_layout)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -33,46 +32,6 @@ def nan_filled_empty():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(before)
-
-
-def grads_of(fn, q, k, v, dout, dlse):
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out, lse = fn(q, k, v)
-    loss = (out.float() * dout).sum() + ((lse * dlse).sum() if dlse is not None else 0)
-    return torch.autograd.grad(loss, (q, k, v))
-
-
-def check_grads(spans, hq, hkv, d, dtype, softcap=None, seed=0, with_lse=False, config=None):
-    g = torch.Generator().manual_seed(seed)
-    t = spans.total_tokens
-    q, k, v = (torch.randn(t, h, d, generator=g).to(dtype).to(DEVICE) for h in (hq, hkv, hkv))
-    dout = torch.randn(t, hq, d, generator=g).to(DEVICE)
-    dlse = torch.randn(hq, t, generator=g).to(DEVICE) if with_lse else None
-    spans = spans.to(DEVICE)
-    scale = 1 / math.sqrt(d)
-
-    def ours(q, k, v):
-        return bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend="triton")
-
-    def fp32(q, k, v):
-        return reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
-
-    def lowp(q, k, v):
-        return lowp_attention(q, k, v, spans, scale, softcap, return_lse=True)
-
-    if config is None:
-        got = grads_of(ours, q, k, v, dout, dlse)
-    else:
-        out, lse = fp32(q, k, v)
-        got = span_attention_backward(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, scale, softcap, dlse, config)
-    want = grads_of(fp32, q, k, v, dout, dlse)
-    torch_grads = grads_of(lowp, q, k, v, dout, dlse)
-    for name, a, w, t in zip("qkv", got, want, torch_grads):
-        assert a.dtype == dtype and a.shape == w.shape
-        assert not torch.isnan(a).any(), f"d{name} has unwritten (NaN) entries"
-        err = (a.float() - w).abs().max().item()
-        bound = 2 * (t.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
-        assert err <= bound, (name, err, bound)
 
 
 @pytest.mark.parametrize("length", [1, 7, 63, 130])

@@ -6,7 +6,8 @@ import torch
 
 from . import reference
 from .inputs import check_attention_inputs
-from .launch import BACKENDS, Plan, auto_backend, check_plan, fa4_unsupported, planned, triton_unsupported
+from .launch import (BACKENDS, Plan, auto_backend, check_plan, fa4_unsupported, gluon_unsupported, planned,
+                     triton_unsupported)
 from .spans import SpanMask
 
 __all__ = ["attention", "BACKENDS"]
@@ -51,6 +52,8 @@ def _unsupported(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return triton_unsupported(q.device, q.dtype, q.shape[-1])
     if backend == "fa4":
         return fa4_unsupported(q.device, q.dtype, q.shape[-1])
+    if backend == "gluon":
+        return gluon_unsupported(q.device, q.dtype, q.shape[-1])
     if backend == "flex":
         unsupported = _flex_unsupported(q, k, v)
         if unsupported is None and not spans.is_self_attention:
@@ -89,12 +92,15 @@ def attention(
         return_lse: also return the natural-log log-sum-exp ``[Hq, T]`` (fp32).
         backend: ``"auto"`` (default: the fastest exact backend that takes the call, see
             :func:`bidiattn.launch.auto_backend`: fa4 on Hopper/Blackwell where FA4 is
-            installed and takes the head dim, triton for decode-sized calls, hd512, inside
-            ``torch.compile`` and where FA4 is missing, the reference on CPU or for fp32),
+            installed and takes the head dim, gluon at head dim 512 on Hopper, triton for
+            decode-sized calls, paged keys, inside ``torch.compile``, calls with a softcap at
+            head dim 512 and where the others are missing, the reference on CPU or for fp32),
             ``"fa4"`` (FlashAttention-4, fp16/bf16, SM90 head dims multiples of 8 up to 256:
             the mask as a few FA4 varlen window launches over row segments, exact; the backward
             FA4's own per launch where no two segments read one key, else the triton kernels';
-            ``pip install 'bidiattn[fa4]'``), ``"triton"`` (fp16/bf16,
+            ``pip install 'bidiattn[fa4]'``), ``"gluon"`` (bidiattn's head-dim-512 forward for
+            SM90, written in Triton's Gluon: fp16/bf16, no softcap; the backward the triton
+            kernels'; what ``"auto"`` runs at head dim 512 on Hopper), ``"triton"`` (fp16/bf16,
             head dims multiples of 16 up to 512, a deterministic backward,
             ``torch.compile``-traceable), ``"flex"`` (FlexAttention with a block mask built from
             the spans; compiled on CUDA, eager and forward-only on CPU) or ``"reference"`` (dense
@@ -145,6 +151,9 @@ def attention(
     if plan is None and not torch.compiler.is_compiling():
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         plan = planned(spans, hq, hkv, d, backend=backend, training=needs_grad, dtype=q.dtype, paged=False)
+        if plan.backend == "gluon" and softcap is not None and backend == "auto":
+            # The Gluon kernel has no softcap; auto falls back to the exact triton kernel.
+            plan = planned(spans, hq, hkv, d, backend="triton", training=needs_grad, dtype=q.dtype, paged=False)
         run = plan.backend
     if run == "reference":
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)
@@ -161,6 +170,16 @@ def attention(
                              "compiled code (planning its launches reads the spans on the host)")
 
         out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, plan.segments, plan.backward)
+        return (out, lse) if return_lse else out
+    if run == "gluon":
+        from .kernels.sm90_wide import span_attention_sm90_wide
+
+        if softcap is not None:
+            raise ValueError(f"backend='gluon' takes no softcap (got softcap={softcap}); use backend='triton'")
+        if plan is None:
+            raise ValueError("inside torch.compile, backend='gluon' needs plan=bidiattn.plan(...) built outside the "
+                             "compiled code")
+        out, lse = span_attention_sm90_wide(q, k, v, spans, scale, plan.tiles, plan.backward)
         return (out, lse) if return_lse else out
     launch = plan.triton if plan is not None else None
     if _skips_operator(q, k, v, spans):

@@ -35,7 +35,7 @@ __all__ = [
     "plan_forward", "plan_segments", "planned", "triton_unsupported",
 ]
 
-BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
+BACKENDS = ("auto", "reference", "triton", "flex", "fa4", "gluon")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 512
 DECODE_ROWS = 16  # query rows per sequence at or below which a call is decode-sized
@@ -113,6 +113,33 @@ def fa4_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return fa4_limits(torch.cuda.get_device_capability(device), dtype, head_dim)
 
 
+def gluon_import_error() -> Exception | None:
+    """Why the Gluon head-dim-512 kernel (:mod:`bidiattn.kernels.sm90_wide`) cannot be imported
+    (no Triton, or a Triton whose Gluon lacks the Hopper API it uses), or None."""
+    from .kernels.sm90_wide import gluon_unavailable
+
+    return gluon_unavailable()
+
+
+def gluon_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> Exception | None:
+    """Why the gluon backend (bidiattn's head-dim-512 SM90 forward) cannot take inputs of this
+    device, dtype and head dim, or None if it can (reads the GPU's compute capability and imports
+    the kernel: call it when planning, not at import)."""
+    if head_dim != 512:
+        return ValueError(f"backend='gluon' takes head dim 512 only, got {head_dim}")
+    if dtype not in HALF_DTYPES:
+        return TypeError(f"backend='gluon' takes float16 or bfloat16, got {dtype}")
+    if device.type != "cuda":
+        return ValueError(f"backend='gluon' needs CUDA tensors, got {device}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return ValueError(f"backend='gluon' runs on SM90 GPUs (H100/H200), this is sm_{major}{minor}")
+    err = gluon_import_error()
+    if err is not None:
+        return ValueError(f"backend='gluon' needs Triton's Gluon with the Hopper API of Triton 3.6: {err}")
+    return None
+
+
 def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_per_sequence: float, *,
                  paged: bool = False) -> str:
     """The backend ``backend="auto"`` runs: the fastest exact backend that takes the call.
@@ -127,15 +154,18 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CUDA, paged keys (serving.kvcache)                triton     decode D1/D2 (FA4 decode 4-9x the time),
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
+        CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 499-510 vs triton 264-272
+                                                                     TFLOP/s (the backward: triton's kernels)
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd (the
                                                                      triton backward on image layouts) A7 vs
                                                                      B2: 349 vs 355 (hd256: the same backward)
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
-          hd <= 512)                                                 (F5) has no FA4 kernel
+          hd <= 512)                                                 off SM90 or without Gluon (F5)
         anything else (fp32 on CUDA, odd head dims)       reference  exact; no kernel takes it
 
-    The FA4 import is tried last, so calls that never reach that row pay nothing for it.
+    The Gluon and FA4 imports are tried last, so calls that never reach their rows pay nothing
+    for them.
     """
     if torch.compiler.is_compiling():
         return "triton" if triton_unsupported(device, dtype, head_dim) is None else "reference"
@@ -145,6 +175,8 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
     if paged or rows_per_sequence <= DECODE_ROWS:
         if triton_ok:
             return "triton"
+    elif head_dim == 512 and gluon_unsupported(device, dtype, head_dim) is None:
+        return "gluon"
     elif fa4_unsupported(device, dtype, head_dim) is None:
         return "fa4"
     return "triton" if triton_ok else "reference"
@@ -823,9 +855,12 @@ class Plan:
       order; with ``training``, its ``backward`` :class:`BackwardPlan` too).
     - ``segments``: for ``"fa4"``, the :class:`SegmentPlan` (row segments, launch kinds and
       windows, per-launch FA4 options, which backward runs and its chunks).
+    - ``tiles``: for ``"gluon"``, the forward's query-tile table and launch order
+      (:func:`bidiattn.kernels.tiles.query_tiles` at 64 rows).
     - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
-      backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4 plan
-      whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
+      backward runs Triton's kernels (a triton or gluon plan; for triton the same as
+      ``triton.backward``; an fa4 plan whose ``segments.fa4_backward`` is false); ``None``
+      elsewhere.
     - the head shape ``num_q_heads``/``num_kv_heads``/``head_dim``, ``window``, ``training``,
       ``paged`` (keys through a page table) and ``dtype`` it was made for.
 
@@ -845,6 +880,7 @@ class Plan:
     dtype: torch.dtype = torch.bfloat16
     triton: LaunchPlan | None = field(default=None, repr=False)
     segments: SegmentPlan | None = field(default=None, repr=False)
+    tiles: tuple[TileSummary, torch.Tensor] | None = field(default=None, repr=False)
     backward: BackwardPlan | None = field(default=None, repr=False)
 
     @property
@@ -890,16 +926,17 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 
     Args:
         backend: ``"auto"`` (the fastest exact backend that takes the call: see
-            :func:`auto_backend`), or ``"triton"``, ``"fa4"``, ``"flex"``, ``"reference"``.
+            :func:`auto_backend`), or ``"triton"``, ``"fa4"``, ``"gluon"``, ``"flex"``,
+            ``"reference"``.
         training: also plan the backward (the Triton backward's tile tables and orders, for
-            triton plans and fa4 plans whose backward runs Triton's kernels).
+            triton and gluon plans and fa4 plans whose backward runs Triton's kernels).
         dtype: the inputs' dtype; ``"auto"`` takes the fast kernels for fp16/bf16 only.
         paged: keys read through a page table (FA4 launches then start every segment's keys
             at its sequence's first key); auto picks triton for paged keys.
         window: the layers' sliding window, if any; validated and recorded (the plans read the
             windows off the spans themselves).
 
-    Cost: Triton, two small launches per tile table, no host sync; FA4, the segments built on
+    Cost: Triton and Gluon, two small launches per tile table, no host sync; FA4, the segments built on
     the spans' device with one host sync (the launch sizes depend on the data), and with
     ``training`` the Triton backward's tables where it runs. Bad sizes, a
     head count that is not a multiple of the K/V head count, a non-positive window or an
@@ -942,6 +979,13 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         if training:
             forward = dataclasses.replace(forward, backward=plan_backward(spans, d))
         return Plan(**tie, triton=forward, backward=forward.backward)
+    if backend == "gluon":
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"a gluon plan needs the spans on a CUDA device, got {device}")
+        from .kernels.sm90_wide.host import BLOCK_M
+        from .kernels.tiles import query_tiles
+
+        return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), backward=plan_backward(spans, d) if training else None)
     if backend == "fa4":
         segments = plan_segments(spans, paged=paged)
         backward = None

@@ -1,6 +1,6 @@
-"""bidiattn's head-dim-512 forward for SM90 (Hopper), a Gluon kernel (issue 27).
-
-Nothing imports this package at ``import bidiattn``; import it where the kernel is wanted:
+"""bidiattn's head-dim-512 forward for SM90 (Hopper), a Gluon kernel: the ``"gluon"`` backend,
+what ``bidiattn.attention`` runs by default at head dim 512 on Hopper (backward: the Triton
+kernels'). Nothing imports this package at ``import bidiattn``; the kernel directly:
 
     from bidiattn.kernels.sm90_wide import forward_sm90_hd512
     out, lse = forward_sm90_hd512(q, k, v, spans, scale)
@@ -10,6 +10,8 @@ Gluon kernel (written against Triton 3.6's ``triton.experimental.gluon``) and is
 first launch only, so a Triton without that Gluon API fails there, with the reason, not at import.
 """
 
+from .autograd import span_attention_sm90_wide
 from .host import CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, check_inputs, forward_sm90_hd512, gluon_unavailable
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "forward_sm90_hd512", "gluon_unavailable"]
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "forward_sm90_hd512", "gluon_unavailable",
+           "span_attention_sm90_wide"]
