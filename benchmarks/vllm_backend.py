@@ -28,7 +28,7 @@ backend works without the package's entry point installed).
   vllm-check[-graphs]-<gpu>-<date>.json and .md.
 - ``refuse``: an fp8 KV cache and a rule vLLM's metadata cannot carry (Gemma-3 images longer
   than the window under the official rule) stop the engine at start-up with a message naming
-  the value. Exit status 1 otherwise.
+  the value. Exit status 1 otherwise. With ``--out``, writes vllm-refuse-<gpu>-<date>.json and .md.
 - ``time``: prefill tokens/s (prompts of ``--prompt-len``, ``--batch`` of them, one output
   token) and decode tokens/s (``--decode-tokens`` more per request; the difference of the two
   runs' wall clocks), per backend (bidiattn, TRITON_ATTN, FLASH_ATTN where vLLM takes it),
@@ -382,7 +382,7 @@ def check(args) -> int:
 
 def refuse(args) -> int:
     """Start-up refusals: each engine must fail, naming the value."""
-    failures = 0
+    failures, rows = 0, []
     with tempfile.TemporaryDirectory() as tmp:
         text = str(write_model(Path(tmp) / "text", args.model, images=False))
         long_images = str(write_model(Path(tmp) / "long", args.model, images=True, sliding_window=6))
@@ -397,6 +397,13 @@ def refuse(args) -> int:
             if not ok:
                 print(err[-2000:])
             failures += not ok
+            rows.append(dict(case=label, refused=ok, needle=needle, stderr_tail=err[-600:]))
+    if args.out:
+        meta = run_meta(args)
+        lines = [f"# vLLM start-up refusals, {meta}", "", f"{failures} failure(s): each engine must exit at start-up with "
+                 "a message naming the value.", "", "| case | refused, naming the value |", "|---|---|"]
+        lines += [f"| {r['case']} | {'yes' if r['refused'] else '**no**'} (`{r['needle']}`) |" for r in rows]
+        write_results(args.out, "vllm-refuse", meta, rows, lines)
     return 1 if failures else 0
 
 

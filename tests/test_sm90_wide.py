@@ -224,3 +224,14 @@ def test_gluon_plan_under_cuda_graph_capture_and_softcap_fallback():
     assert (out.float() - ref).abs().max().item() <= 2 * (low.float() - ref).abs().max().item() + 1e-3
     with pytest.raises(ValueError, match="takes no softcap"):
         bidiattn.attention(q, k, v, spans, softcap=30.0, backend="gluon")
+
+
+def test_gluon_is_unavailable_under_another_triton_release(monkeypatch):
+    """The kernel is written against Triton 3.6's experimental Gluon API: any other release is
+    refused by name (auto then runs triton), not compiled and failed in a call."""
+    triton = pytest.importorskip("triton")
+    from bidiattn.kernels.sm90_wide import gluon_unavailable
+
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    err = gluon_unavailable()
+    assert isinstance(err, ImportError) and "Triton 3.6's Gluon API; this is Triton 3.9.0" in str(err)

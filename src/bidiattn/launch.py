@@ -154,7 +154,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CUDA, paged keys (serving.kvcache)                triton     decode D1/D2 (FA4 decode 4-9x the time),
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
-        CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 499-510 vs triton 264-272
+        CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 481-506 vs triton 266-273
                                                                      TFLOP/s (the backward: triton's kernels)
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd (the

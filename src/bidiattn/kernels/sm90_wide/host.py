@@ -104,9 +104,20 @@ CONFIGS = {
 }
 
 
+TESTED_TRITON = "3.6"  # the Triton release whose Gluon API the kernel is written and tested against
+
+
 def gluon_unavailable() -> Exception | None:
-    """Why the Gluon kernel cannot be imported here (no Triton, or a Triton whose Gluon lacks the
-    Hopper API it uses), or None."""
+    """Why the Gluon kernel cannot run here (no Triton, a Triton other than the 3.6 release the
+    kernel is written and tested against: Gluon is experimental and its API changes between
+    releases, or an import failure), or None."""
+    try:
+        import triton
+    except ImportError as err:
+        return err
+    if ".".join(triton.__version__.split(".")[:2]) != TESTED_TRITON:
+        return ImportError(f"the Gluon kernel is written against Triton {TESTED_TRITON}'s Gluon API; this is Triton "
+                           f"{triton.__version__}")
     try:
         from . import kernel  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure means the kernel is unavailable
