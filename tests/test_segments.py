@@ -171,3 +171,55 @@ def test_to_dense_catches_a_row_written_twice():
     twice = SegmentPlan(plan.calls + plan.calls[:1], plan.total_rows, plan.total_keys)
     with pytest.raises(AssertionError, match="row 2 is written by 2 segments"):
         twice.to_dense()
+
+
+# ----------------------------------------------------------------------------- the one-launch kernel
+def _kernel_vs_spec(spans: SpanMask, paged: bool, demoted: torch.Tensor | None, cap: int = 1024) -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    from bidiattn.kernels.segments import segment_starts
+    from bidiattn.launch import segment_starts_spec
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    spans = spans.to(dev)
+    mask = None if demoted is None else demoted.to(dev)
+    assert segment_starts(spans, paged, mask, cap) == segment_starts_spec(spans, paged, mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or Triton's interpreter")
+@pytest.mark.parametrize("family,convention,layer", [r for r in RULES if r[0] in ("gemma3", "paligemma")])
+def test_segment_starts_kernel_equals_its_spec(family, convention, layer):
+    """Random packed layouts (empty sequences too), extend spans, paged and demoted rows; a
+    capacity smaller than the start count (the launch repeats with room for all)."""
+    rng = random.Random(hash((family, convention, layer, "kernel")) % 1000)
+    for i in range(3):
+        ids, cu = random_packed_layout(rng, max_len=50)
+        if i == 1:  # an empty sequence in the middle and at the end
+            cu = torch.cat([cu[:2], cu[1:2], cu[2:], cu[-1:]])
+        window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
+        spans = rules.build(family, convention, layer, block_ids=ids, cu_seqlens=cu, window=window)
+        tail = tail_rows(spans, [rng.randint(0, 20) for _ in range(spans.num_sequences)])
+        demoted = torch.zeros(spans.total_tokens, dtype=torch.int8)
+        demoted[rng.randrange(spans.total_tokens):][:rng.randint(1, 9)] = 1
+        for s in (spans, tail):
+            for paged in (False, True):
+                _kernel_vs_spec(s, paged, None)
+        _kernel_vs_spec(spans, False, demoted)
+        _kernel_vs_spec(spans, True, demoted, cap=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or Triton's interpreter")
+def test_segment_starts_kernel_over_chunks_and_many_segments():
+    """More rows than one chunk step (carries across chunks), int32 and int64 spans."""
+    rng = random.Random(5)
+    for n, dtype in ((1, torch.int32), (1500, torch.int32), (2100, torch.int64)):
+        lo, hi = [], []
+        for row in range(n):
+            lo.append(rng.randint(lo[-1] if lo else 0, row))
+            hi.append(max(rng.randint(row, min(n - 1, row + rng.randint(0, 3))), hi[-1] if hi else 0))
+        spans = SpanMask(torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype))
+        _kernel_vs_spec(spans, False, None, cap=64)
+        _kernel_vs_spec(spans, True, None)
+    blocks = [(s, s + 1092) for s in range(500, 6000, 2048)]
+    _kernel_vs_spec(image_spans(6000, blocks, layer="sliding", window=1024), False, None)

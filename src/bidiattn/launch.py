@@ -725,10 +725,45 @@ def _group(seg: list[list[int]]) -> dict[tuple[int, int], list[int]]:
 
 
 def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[int]] | None) -> list[list[int]]:
-    """The greedy segments of ``spans``, computed on their device and read back in one copy:
-    seven host lists ``(code, q_start, q_len, k_start, k_len, left, seq)``, one entry per
-    segment in row order (``code`` as ``_KIND_OF_CODE`` reads it, ``left`` the window/open
-    launch's ``L``).
+    """The greedy segments of ``spans`` as seven host lists ``(code, q_start, q_len, k_start,
+    k_len, left, seq)``, one entry per segment in row order (``code`` as ``_KIND_OF_CODE`` reads
+    it, ``left`` the window/open launch's ``L``). The starts come from one Triton launch on CUDA
+    and one read-back (:func:`bidiattn.kernels.segments.segment_starts`), elsewhere from
+    :func:`segment_starts_spec` (tests run the kernel against it through Triton's interpreter);
+    lengths and windows follow on the host from consecutive starts.
+
+    ``demoted``: row ranges ``[start, end)`` that become one-row full segments.
+    """
+    t = spans.total_tokens
+    if t == 0:
+        return [[] for _ in range(7)]
+    mask = None
+    if demoted is not None:
+        dev = spans.lo.device
+        bounds = host_to_device(torch.tensor(demoted[0] + demoted[1], dtype=torch.int64), dev)
+        n = bounds.numel() // 2
+        step = torch.zeros(t + 1, dtype=torch.int64, device=dev)
+        step.index_add_(0, bounds[:n], torch.ones(n, dtype=torch.int64, device=dev))
+        step.index_add_(0, bounds[n:], torch.full((n,), -1, dtype=torch.int64, device=dev))
+        mask = (step.cumsum(0)[:t] > 0).to(torch.int8)
+    if spans.lo.device.type == "cuda" and triton_missing() is None:
+        from .kernels.segments import segment_starts
+
+        code, s, seq, lo0, hi0, k_base = segment_starts(spans, paged, mask, min(t, _SEGMENT_CAPACITY))
+    else:
+        code, s, seq, lo0, hi0, k_base = segment_starts_spec(spans, paged, mask)
+    ends = s[1:] + [t]
+    q_len = [e - a for a, e in zip(s, ends)]
+    # Causal and window runs end their keys q_len - 1 past the first row's hi.
+    k1 = [h + (n if c & 1 else 1) for c, h, n in zip(code, hi0, q_len)]
+    k0 = [0] * len(s) if paged else lo0
+    left = [h - lo + (1 - n if c == 2 else 0) for c, h, lo, n in zip(code, hi0, lo0, q_len)]
+    return [code, s, q_len, [b + a for b, a in zip(k_base, k0)], [e - a for e, a in zip(k1, k0)], left, seq]
+
+
+def segment_starts_spec(spans: SpanMask, paged: bool, demoted: torch.Tensor | None) -> list[list[int]]:
+    """The segment starts in PyTorch ops, the spec of :func:`bidiattn.kernels.segments.segment_starts`
+    (same six lists: code, row, sequence, lo, hi, the sequence's first key).
 
     The greedy cut (from each segment start, the shape whose run reaches farthest) is a scan:
     a segment that starts at row ``r`` on a link of code ``c`` runs to the end of that link's
@@ -737,8 +772,6 @@ def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[
     Along a stretch of links that each differ from the one before, the flags alternate; a link
     equal to its predecessor or a break fixes the next flag (false / true). That gives the flags
     in closed form from the last fixing link, with a cumulative max instead of a loop.
-
-    ``demoted``: row ranges ``[start, end)`` that become one-row full segments.
     """
     t = spans.total_tokens
     dev = spans.lo.device
@@ -760,12 +793,7 @@ def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[
     # A segment's kind is its first link's; one that starts on a break is one full row.
     seg_code = code.masked_fill(brk, 0)
     if demoted is not None:
-        bounds = host_to_device(torch.tensor(demoted[0] + demoted[1], dtype=torch.int64), dev)
-        n = bounds.numel() // 2
-        step = torch.zeros(t + 1, dtype=torch.int64, device=dev)
-        step.index_add_(0, bounds[:n], torch.ones(n, dtype=torch.int64, device=dev))
-        step.index_add_(0, bounds[n:], torch.full((n,), -1, dtype=torch.int64, device=dev))
-        rows = step.cumsum(0)[:t] > 0
+        rows = demoted.bool()
         start = start.masked_fill(rows, 1)
         seg_code = seg_code.masked_fill(rows, 0)
     if paged:
@@ -776,25 +804,10 @@ def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[
         bad = (own <= 1) & (lo > 0)
         start = start.masked_fill(bad, 1)
         seg_code = seg_code.masked_fill(bad, 3)
-    count = start.sum().view(1)
-    cap = min(t, _SEGMENT_CAPACITY)
-    while True:
-        s = torch.nonzero_static(start, size=cap, fill_value=t).squeeze(1)
-        e = torch.cat([s[1:], s.new_full((1,), t)])
-        sc = s.clamp(max=t - 1)
-        c, lo0, hi0 = seg_code[sc].long(), lo[sc].long(), hi[sc].long()
-        q_len = e - s
-        seq = torch.searchsorted(spans.cu_seqlens[1:], sc, right=True)
-        # Causal and window runs end their keys q_len - 1 past the first row's hi.
-        k1 = hi0 + torch.where((c & 1) == 1, q_len, 1)
-        k0 = torch.zeros_like(lo0) if paged else lo0
-        left = hi0 - lo0 + torch.where(c == 2, 1 - q_len, 0)
-        table = torch.stack([c, s, q_len, spans.cu_seqlens_k[seq] + k0, k1 - k0, left, seq])
-        host = torch.cat([count, table.flatten()]).cpu()
-        n = int(host[0])
-        if n <= cap:
-            return host[1:].view(7, cap)[:, :n].tolist()
-        cap = n  # more segments than the first read held: read them all
+    s = torch.nonzero(start).squeeze(1)
+    seq = torch.searchsorted(spans.cu_seqlens[1:], s, right=True)
+    table = torch.stack([seg_code[s].long(), s, seq, lo[s].long(), hi[s].long(), spans.cu_seqlens_k[seq]])
+    return table.cpu().tolist()
 
 
 def _launches(spans: SpanMask, seg: list[list[int]], members: dict[tuple[int, int], list[int]],
