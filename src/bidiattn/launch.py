@@ -554,7 +554,7 @@ _FULL, _CAUSAL, _WINDOW, _OPEN = range(4)
 # or 1 (0 full, 1 causal, 2 open, 3 window), else _BREAK (no shape holds both rows).
 _BREAK = 4
 _KIND_OF_CODE = (_FULL, _CAUSAL, _OPEN, _WINDOW)
-_SEGMENT_CAPACITY = 1024  # segments read back in the planning sync; more take a second read
+_SEGMENT_CAPACITY = 1024  # segment starts read back in the planning sync; more take a second read
 _GRAD_KEYS = 2  # FA4 backward: gathered keys per launch at most this many times the keys
 
 
@@ -727,10 +727,11 @@ def _group(seg: list[list[int]]) -> dict[tuple[int, int], list[int]]:
 def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[int]] | None) -> list[list[int]]:
     """The greedy segments of ``spans`` as seven host lists ``(code, q_start, q_len, k_start,
     k_len, left, seq)``, one entry per segment in row order (``code`` as ``_KIND_OF_CODE`` reads
-    it, ``left`` the window/open launch's ``L``). The starts come from one Triton launch on CUDA
-    and one read-back (:func:`bidiattn.kernels.segments.segment_starts`), elsewhere from
-    :func:`segment_starts_spec` (tests run the kernel against it through Triton's interpreter);
-    lengths and windows follow on the host from consecutive starts.
+    it, ``left`` the window/open launch's ``L``). The starts come from :func:`segment_starts_spec`
+    (PyTorch ops, one read-back); lengths and windows follow on the host from consecutive starts.
+    :func:`bidiattn.kernels.segments.segment_starts` computes the same starts in one Triton launch
+    (tested against the spec through Triton's interpreter); it becomes the CUDA path once its GPU
+    run (``benchmarks/plan_cost.py``) confirms it there.
 
     ``demoted``: row ranges ``[start, end)`` that become one-row full segments.
     """
@@ -746,12 +747,7 @@ def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[
         step.index_add_(0, bounds[:n], torch.ones(n, dtype=torch.int64, device=dev))
         step.index_add_(0, bounds[n:], torch.full((n,), -1, dtype=torch.int64, device=dev))
         mask = (step.cumsum(0)[:t] > 0).to(torch.int8)
-    if spans.lo.device.type == "cuda" and triton_missing() is None:
-        from .kernels.segments import segment_starts
-
-        code, s, seq, lo0, hi0, k_base = segment_starts(spans, paged, mask, min(t, _SEGMENT_CAPACITY))
-    else:
-        code, s, seq, lo0, hi0, k_base = segment_starts_spec(spans, paged, mask)
+    code, s, seq, lo0, hi0, k_base = segment_starts_spec(spans, paged, mask)
     ends = s[1:] + [t]
     q_len = [e - a for a, e in zip(s, ends)]
     # Causal and window runs end their keys q_len - 1 past the first row's hi.
@@ -804,10 +800,19 @@ def segment_starts_spec(spans: SpanMask, paged: bool, demoted: torch.Tensor | No
         bad = (own <= 1) & (lo > 0)
         start = start.masked_fill(bad, 1)
         seg_code = seg_code.masked_fill(bad, 3)
-    s = torch.nonzero(start).squeeze(1)
-    seq = torch.searchsorted(spans.cu_seqlens[1:], s, right=True)
-    table = torch.stack([seg_code[s].long(), s, seq, lo[s].long(), hi[s].long(), spans.cu_seqlens_k[seq]])
-    return table.cpu().tolist()
+    # One read-back of the count and the first `cap` starts (a fixed size: no sync before it);
+    # more starts than that are read again, all of them.
+    count = start.sum().view(1)
+    cap = min(t, _SEGMENT_CAPACITY)
+    while True:
+        s = torch.nonzero_static(start, size=cap, fill_value=t).squeeze(1).clamp(max=t - 1)
+        seq = torch.searchsorted(spans.cu_seqlens[1:], s, right=True)
+        table = torch.stack([seg_code[s].long(), s, seq, lo[s].long(), hi[s].long(), spans.cu_seqlens_k[seq]])
+        host = torch.cat([count, table.flatten()]).cpu()
+        n = int(host[0])
+        if n <= cap:
+            return host[1:].view(6, cap)[:, :n].tolist()
+        cap = n
 
 
 def _launches(spans: SpanMask, seg: list[list[int]], members: dict[tuple[int, int], list[int]],

@@ -7,6 +7,10 @@ walks the rows in chunks of ``BLOCK``, carrying the last fixing link and the sta
 chunk to chunk, and writes each segment start's row, code, sequence, ``lo``, ``hi`` and key base
 in row order; the host derives lengths and windows from consecutive starts. One program, so its
 GPU time grows with the rows (about one chunk step per 1024 rows).
+
+Not yet the plan's path: the tests check it against the spec through Triton's interpreter, and
+``benchmarks/plan_cost.py`` checks and times it on a GPU; the fa4 plan switches to it on CUDA
+after that run.
 """
 
 from __future__ import annotations
