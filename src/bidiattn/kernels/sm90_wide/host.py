@@ -14,7 +14,8 @@ import torch
 from ...inputs import check_attention_inputs
 from ...spans import SpanMask, TileSummary
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "forward_sm90_hd512", "gluon_unavailable"]
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "dv_sm90_hd512", "forward_sm90_hd512",
+           "gluon_unavailable"]
 
 HEAD_DIM = 512
 BLOCK_M = 64
@@ -141,12 +142,16 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanM
     if q.shape[0] >= 2**31 // (q.shape[1] * HEAD_DIM) or k.shape[0] >= 2**31:
         raise ValueError(f"forward_sm90_hd512 takes fewer than 2**31 elements per tensor row index, got {tuple(q.shape)}")
     if need_device:
-        if q.device.type != "cuda":
-            raise ValueError(f"forward_sm90_hd512 needs CUDA tensors, got {q.device}")
-        capability = torch.cuda.get_device_capability(q.device)
-        if capability != (9, 0):
-            raise ValueError(f"forward_sm90_hd512 runs on SM90 (H100/H200), this GPU is sm_{capability[0]}{capability[1]}")
+        _check_device(q)
     return scale, config
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type != "cuda":
+        raise ValueError(f"the hd512 Gluon kernels need CUDA tensors, got {q.device}")
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability != (9, 0):
+        raise ValueError(f"the hd512 Gluon kernels run on SM90 (H100/H200), this GPU is sm_{capability[0]}{capability[1]}")
 
 
 def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None) -> tuple[TileSummary, torch.Tensor]:
@@ -217,3 +222,64 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return out, lse
+
+
+# The dV pass (kernels in backward_kernel.py): 64 keys a program, query blocks of 64 rows, one Q and
+# one dO stage, two P buffers; the score warpgroup gets 120 registers a thread.
+DV_BLOCK_N = 64
+DV_BLOCK_M = 64
+DV_STAGES = dict(Q_STAGES=1, DO_STAGES=1, P_STAGES=2, SCORE_REGS=120, STORE_COLS=64)
+
+
+def dv_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                  spans: SpanMask, scale: float | None = None, *, tiles=None,
+                  dv: torch.Tensor | None = None) -> torch.Tensor:
+    """``dV [T_keys, Hkv, 512]`` (q's dtype) of the span-mask attention whose forward gave the
+    natural-log ``lse [Hq, T]``: ``dV = sum over the GQA group's heads of P^T dO``, P
+    recomputed from q, k and lse. Not yet used by the gluon backend (its backward runs the
+    Triton kernels until this pass is checked on a GPU).
+
+    Args:
+        do, q: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]`` (v only for the shape checks); fp16
+            or bf16, CUDA (SM90).
+        lse: fp32 ``[Hq, T]``.
+        tiles: ``kernels.tiles.key_tiles(spans, 64)``, where the caller keeps it; built here
+            otherwise.
+        dv: a preallocated contiguous output.
+    """
+    scale, _ = check_inputs(q, k, v, spans, scale, None, need_device=False)
+    total, hq, d = q.shape
+    t_keys, hkv, _ = k.shape
+    if not isinstance(do, torch.Tensor) or do.shape != q.shape or do.dtype != q.dtype or do.device != q.device:
+        raise ValueError(f"do must be a {q.dtype} tensor of q's shape {list(q.shape)} on {q.device}, got "
+                         f"{getattr(do, 'dtype', type(do).__name__)} {list(getattr(do, 'shape', []))}")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, total) or lse.dtype != torch.float32 or \
+            lse.device != q.device:
+        raise ValueError(f"lse must be a float32 tensor of shape {[hq, total]} on {q.device}, got "
+                         f"{getattr(lse, 'dtype', type(lse).__name__)} {list(getattr(lse, 'shape', []))}")
+    _check_device(q)
+    from . import backward_kernel as bk
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if tiles is None:
+        from ..tiles import key_tiles
+
+        tiles = key_tiles(spans, DV_BLOCK_N)
+    table, order = tiles
+    q2, do2, k2 = (x.contiguous().view(x.shape[0], x.shape[1] * d) for x in (q, do, k))
+    dv = _output(dv, "dv", (t_keys, hkv, d), q.dtype, q.device)
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    row_layout = gl.NVMMASharedLayout.get_default_for([DV_BLOCK_M, d], gdtype)
+    key_layout = gl.NVMMASharedLayout.get_default_for([DV_BLOCK_N, d], gdtype)
+    k_desc = TensorDescriptor.from_tensor(k2, [DV_BLOCK_N, d], key_layout)
+    q_desc = TensorDescriptor.from_tensor(q2, [DV_BLOCK_M, d], row_layout)
+    do_desc = TensorDescriptor.from_tensor(do2, [DV_BLOCK_M, d], row_layout)
+    bk.hd512_dv_kernel[(hkv, order.numel())](
+        k_desc, q_desc, do_desc, dv, lse.contiguous(), spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
+        table.seq, table.key_start, table.keys, table.q_first, table.q_last, order,
+        total, scale * math.log2(math.e),
+        KV_HEADS=hkv, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=DV_BLOCK_M, BLOCK_N=DV_BLOCK_N, **DV_STAGES,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
+    return dv

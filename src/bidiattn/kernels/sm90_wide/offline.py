@@ -1,7 +1,7 @@
 """Compile the kernel for sm_90a without a GPU (Triton's compile path and the ptxas in its wheel):
 register use, spills and shared memory of a config, to check one before GPU time is spent on it.
 
-    python -m bidiattn.kernels.sm90_wide.offline [config names...]
+    python -m bidiattn.kernels.sm90_wide.offline [config names... | dv]
 """
 
 from __future__ import annotations
@@ -14,35 +14,20 @@ from pathlib import Path
 
 from .host import BLOCK_M, CONFIGS, HEAD_DIM, MAXNREG, NUM_WARPS, Sm90WideConfig
 
-__all__ = ["compile_offline"]
+__all__ = ["compile_dv_offline", "compile_offline"]
 
 _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_hi_max", "order_ptr")
 
 
-def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16, index_dtype: str = "i32") -> dict:
-    """Compile ``config`` for ``GPUTarget("cuda", 90, 128)``; returns registers, spill bytes, shared
-    bytes, the per-partition register requests (``setmaxnreg`` in the PTX) and the PTX itself."""
+def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
+    """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with the ptxas in
+    Triton's wheel: registers, spill bytes, shared bytes, the per-partition register requests
+    (``setmaxnreg`` in the PTX) and the PTX itself."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from . import kernel
-
-    gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    fn = kernel.hd512_forward_kernel
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gdtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([config.block_n, HEAD_DIM], gdtype)
-    sig = {name: "i32" for name in fn.arg_names}
-    sig.update(q_desc=f"tensordesc<{dtype}[{BLOCK_M},{HEAD_DIM}],{q_layout!r}>",
-               k_desc=f"tensordesc<{dtype}[{config.block_n},{HEAD_DIM}],{kv_layout!r}>",
-               v_desc=f"tensordesc<{dtype}[{config.block_n},{HEAD_DIM}],{kv_layout!r}>",
-               out_ptr=f"*{dtype}", lse_ptr="*fp32", lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}",
-               cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
-    constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
-                     K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
-                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs)
-    sig.update({name: "constexpr" for name in constants})
+    sig = dict(sig, **{name: "constexpr" for name in constants})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     compiled = triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128),
                               options=dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
@@ -55,10 +40,55 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
                              capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_stores, spill_loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
-    return dict(config=config.name, dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
+    return dict(dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
                 shared=compiled.metadata.shared, warps=compiled.metadata.num_warps,
                 setmaxnreg=sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
                 ptx=ptx)
+
+
+def _desc(dtype: str, rows: int, gdtype) -> str:
+    from triton.experimental.gluon import language as gl
+
+    return f"tensordesc<{dtype}[{rows},{HEAD_DIM}],{gl.NVMMASharedLayout.get_default_for([rows, HEAD_DIM], gdtype)!r}>"
+
+
+def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16, index_dtype: str = "i32") -> dict:
+    """The forward kernel of ``config`` compiled for sm_90a (see :func:`_compile`)."""
+    from triton.experimental.gluon import language as gl
+
+    from . import kernel
+
+    gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    fn = kernel.hd512_forward_kernel
+    sig = {name: "i32" for name in fn.arg_names}
+    sig.update(q_desc=_desc(dtype, BLOCK_M, gdtype), k_desc=_desc(dtype, config.block_n, gdtype),
+               v_desc=_desc(dtype, config.block_n, gdtype),
+               out_ptr=f"*{dtype}", lse_ptr="*fp32", lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}",
+               cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
+    constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
+                     K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
+                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs)
+    return dict(config=config.name, **_compile(fn, sig, constants, dtype))
+
+
+def compile_dv_offline(dtype: str = "bf16", kv_heads: int = 4, group: int = 4, index_dtype: str = "i32") -> dict:
+    """The dV pass kernel (``backward_kernel.hd512_dv_kernel``, :data:`.host.DV_STAGES`) compiled
+    for sm_90a (see :func:`_compile`)."""
+    from triton.experimental.gluon import language as gl
+
+    from . import backward_kernel
+    from .host import DV_BLOCK_M, DV_BLOCK_N, DV_STAGES
+
+    gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    fn = backward_kernel.hd512_dv_kernel
+    sig = {name: "i32" for name in fn.arg_names}
+    sig.update(k_desc=_desc(dtype, DV_BLOCK_N, gdtype), q_desc=_desc(dtype, DV_BLOCK_M, gdtype),
+               do_desc=_desc(dtype, DV_BLOCK_M, gdtype), dv_ptr=f"*{dtype}", lse_ptr="*fp32",
+               lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}", cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32",
+               **{n: "*i32" for n in ("t_seq", "t_key_start", "t_keys", "t_q_first", "t_q_last", "order_ptr")})
+    constants = dict(KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_M=DV_BLOCK_M, BLOCK_N=DV_BLOCK_N,
+                     **DV_STAGES)
+    return dict(config="dv", **_compile(fn, sig, constants, dtype))
 
 
 def main(argv: list[str]) -> int:
@@ -66,7 +96,7 @@ def main(argv: list[str]) -> int:
     bad = 0
     for name in names:
         for dtype in ("bf16", "fp16"):
-            r = compile_offline(CONFIGS[name], dtype)
+            r = compile_dv_offline(dtype) if name == "dv" else compile_offline(CONFIGS[name], dtype)
             ok = r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["shared"] <= 232448
             bad += not ok
             print(f"{name:10s} {r['config']:22s} {dtype}  regs {r['registers']}  spills {r['spill_stores']}/"
