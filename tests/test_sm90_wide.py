@@ -247,63 +247,63 @@ def test_gluon_is_unavailable_under_another_triton_release(monkeypatch):
     assert isinstance(err, ImportError) and "Triton 3.6's Gluon API; this is Triton 3.9.0" in str(err)
 
 
-# ----------------------------------------------------------------------------- the dV pass
+# ----------------------------------------------------------------------------- the backward's passes
 @offline_compile
+@pytest.mark.parametrize("name", ["dv", "dk", "dq"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_dv_pass_compiles_for_sm90_without_spills(dtype):
-    from bidiattn.kernels.sm90_wide.offline import compile_dv_offline
+def test_backward_passes_compile_for_sm90_without_spills(name, dtype):
+    from bidiattn.kernels.sm90_wide.offline import compile_backward_offline
 
-    r = compile_dv_offline(dtype)
+    r = compile_backward_offline(name, dtype)
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
     assert r["shared"] <= 232448 and r["registers"] <= 168
 
 
 @pytest.mark.parametrize("change, words", [
     (lambda a: dict(a, do=a["do"][:-1]), "do must be a torch.bfloat16 tensor of q's shape [70, 8, 512]"),
-    (lambda a: dict(a, do=a["do"].half()), "do must be a torch.bfloat16 tensor"),
+    (lambda a: dict(a, out=a["out"].half()), "out must be a torch.bfloat16 tensor"),
     (lambda a: dict(a, lse=a["lse"].t()), "lse must be a float32 tensor of shape [8, 70]"),
-    (lambda a: dict(a, lse=a["lse"].double()), "lse must be a float32 tensor"),
+    (lambda a: dict(a, dlse=a["lse"].double()), "dlse must be a float32 tensor"),
     (lambda a: a, "need CUDA tensors, got cpu"),
 ])
-def test_dv_pass_checks_name_the_value(change, words):
-    from bidiattn.kernels.sm90_wide import dv_sm90_hd512
+def test_backward_checks_name_the_value(change, words):
+    from bidiattn.kernels.sm90_wide import backward_sm90_hd512
 
     q, k, v = _qkv(70, 8, 2)
-    args = dict(do=torch.zeros_like(q), q=q, k=k, v=v, lse=torch.zeros(8, 70), spans=_causal(70))
+    args = dict(do=torch.zeros_like(q), q=q, k=k, v=v, out=torch.zeros_like(q), lse=torch.zeros(8, 70),
+                spans=_causal(70))
     with pytest.raises(ValueError, match=re.escape(words)):
-        dv_sm90_hd512(**change(args))
+        backward_sm90_hd512(**change(args))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spans_fn, hq, hkv, dtype", [
+@pytest.mark.parametrize("spans_fn, hq, hkv, dtype, with_lse", [
     (lambda: rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
-                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2, torch.bfloat16),
-    (lambda: _image_spans([3000]), 16, 2, torch.bfloat16),
-    (lambda: _image_spans([2500, 1601]), 8, 2, torch.float16),
-    (lambda: _image_spans([3001], window=1024), 4, 1, torch.bfloat16),
+                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2, torch.bfloat16, False),
+    (lambda: _image_spans([3000]), 16, 2, torch.bfloat16, True),
+    (lambda: _image_spans([2500, 1601]), 8, 2, torch.float16, False),
+    (lambda: _image_spans([3001], window=1024), 4, 1, torch.bfloat16, False),
 ])
-def test_dv_pass_matches_reference_on_sm90(spans_fn, hq, hkv, dtype):
+def test_backward_passes_match_reference_on_sm90(spans_fn, hq, hkv, dtype, with_lse):
     why = _sm90_ready()
     if why:
         pytest.skip(why)
-    from bidiattn.kernels.sm90_wide import dv_sm90_hd512
+    from bidiattn.kernels.sm90_wide import backward_sm90_hd512
+    from conftest import grads_of
 
     spans = spans_fn().to("cuda")
     t = spans.total_tokens
     g = torch.Generator(device="cuda").manual_seed(2)
     q, k, v = (torch.randn(t, h, 512, device="cuda", dtype=dtype, generator=g) for h in (hq, hkv, hkv))
-    do = torch.randn(t, hq, 512, device="cuda", dtype=dtype, generator=g)
-    _, lse = reference.attention(q.float(), k.float(), v.float(), spans, return_lse=True)
-    dv = torch.full_like(v, float("nan"))
-    dv_sm90_hd512(do, q, k, v, lse, spans, dv=dv)
-
-    def grad_v(fn, x_dtype):
-        vv = v.to(x_dtype).detach().requires_grad_()
-        out = fn(q.to(x_dtype), k.to(x_dtype), vv)
-        return torch.autograd.grad(out, vv, do.to(x_dtype))[0].float()
-
-    want = grad_v(lambda a, b, c: reference.attention(a, b, c, spans), torch.float32)
-    low = grad_v(lambda a, b, c: lowp_attention(a, b, c, spans, 512**-0.5, None), dtype)
-    assert not torch.isnan(dv).any()
-    bound = 2 * (low - want).abs().max().item() + 1e-3 * want.abs().max().item() + 1e-5
-    assert (dv.float() - want).abs().max().item() <= bound
+    dout = torch.randn(t, hq, 512, device="cuda", generator=g)
+    dlse = torch.randn(hq, t, device="cuda", generator=g) if with_lse else None
+    out, lse = reference.attention(q.float(), k.float(), v.float(), spans, return_lse=True)
+    got = backward_sm90_hd512(dout.to(dtype), q, k, v, out.to(dtype), lse, spans, dlse=dlse)
+    want = grads_of(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans, return_lse=True),
+                    q, k, v, dout, dlse)
+    low = grads_of(lambda a, b, c: lowp_attention(a, b, c, spans, 512**-0.5, None, return_lse=True),
+                   q, k, v, dout, dlse)
+    for name, a, w, lp in zip("qkv", got, want, low):
+        assert a.dtype == dtype and not torch.isnan(a).any(), name
+        bound = 2 * (lp.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
+        assert (a.float() - w).abs().max().item() <= bound, name

@@ -6,14 +6,14 @@ kernels'). Nothing imports this package at ``import bidiattn``; the kernel direc
     out, lse = forward_sm90_hd512(q, k, v, spans, scale)
 
 :mod:`.host` (configs and argument checks) imports neither Triton nor Gluon; :mod:`.kernel` (the
-forward) and :mod:`.backward_kernel` (the backward's dV pass: compiled offline in the tests, not yet
-launched by the backend) are the Gluon kernels, written against Triton 3.6's
+forward) and :mod:`.backward_kernel` (the backward's dV, dK and dQ passes: compiled offline in the tests,
+not yet launched by the backend) are the Gluon kernels, written against Triton 3.6's
 ``triton.experimental.gluon`` and imported on the first launch only.
 """
 
 from .autograd import span_attention_sm90_wide
-from .host import (CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, check_inputs, dv_sm90_hd512, forward_sm90_hd512,
+from .host import (CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, backward_sm90_hd512, check_inputs, forward_sm90_hd512,
                    gluon_unavailable)
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "dv_sm90_hd512", "forward_sm90_hd512",
-           "gluon_unavailable", "span_attention_sm90_wide"]
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "backward_sm90_hd512", "check_inputs",
+           "forward_sm90_hd512", "gluon_unavailable", "span_attention_sm90_wide"]

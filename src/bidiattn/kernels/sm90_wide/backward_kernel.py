@@ -196,3 +196,342 @@ def hd512_dv_kernel(
                                    q_last, q_base, head0, n_qblocks, n_iters, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
                                    Q_STAGES, P_STAGES)),
         ], [4], [SCORE_REGS])
+
+
+# ----------------------------------------------------------------------------- the dK pass
+@gluon.jit
+def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, do_ready,
+                        ds_ready, ds_free, done_bar, lo_ptr, hi_ptr, lse_ptr, delta_ptr, total, k_row, kv_col,
+                        key_start, keys, q_first, q_last, q_base, head0, n_qblocks, n_iters, qk_scale,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+    # This warpgroup loads K and V (once) and the dO ring (it is dO's only reader).
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [k_row, kv_col], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [k_row, kv_col], kv_bar, v_smem)
+    for i in gl.static_range(DO_STAGES):
+        if i < n_iters:
+            head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
+            mbarrier.expect(do_ready.index(i), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [q_row, head * HEAD_DIM], do_ready.index(i), do_smem.index(i))
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    kk = key_start + gl.arange(0, BLOCK_N, layout=key_layout)
+    key_ok = gl.arange(0, BLOCK_N, layout=key_layout) < keys
+    c = gl.arange(0, BLOCK_M, layout=row_layout)
+    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+
+    mbarrier.wait(kv_bar, 0)
+    for j in range(n_iters):
+        head, local, q_row = _block_coords(j, n_qblocks, head0, q_first, q_base, BLOCK_M)
+        sq = j % Q_STAGES
+        sd = j % DO_STAGES
+        mbarrier.wait(do_ready.index(sd), _phase(j, DO_STAGES))
+        dp = warpgroup_mma(v_smem, do_smem.index(sd).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(q_ready.index(sq), _phase(j, Q_STAGES))
+        s = warpgroup_mma(k_smem, q_smem.index(sq).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
+        if j + DO_STAGES < n_iters:
+            gl.thread_barrier()
+            head_n, local_n, q_row_n = _block_coords(j + DO_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
+            mbarrier.expect(do_ready.index(sd), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [q_row_n, head_n * HEAD_DIM], do_ready.index(sd),
+                                            do_smem.index(sd))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+
+        rows = local + c
+        row_ok = rows <= q_last
+        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
+        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
+        at = head.to(gl.int64) * total + q_base + rows
+        lse2 = gl.load(lse_ptr + at, mask=row_ok, other=0.0) * LOG2E
+        delta = gl.load(delta_ptr + at, mask=row_ok, other=0.0)
+        allowed = (kk[:, None] >= lo[None, :]) & (kk[:, None] <= hi[None, :]) & key_ok[:, None]
+        p = gl.exp2(s * qk_scale - lse2[None, :])
+        ds = gl.where(allowed, p * (dp - delta[None, :]), 0.0)
+
+        sp = j % P_STAGES
+        mbarrier.wait(ds_free.index(sp), _phase(j, P_STAGES) ^ 1)
+        ds_smem.index(sp).store(ds.to(ds_smem.dtype))
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(sp), count=1)
+    mbarrier.arrive(done_bar, count=1)
+
+
+@gluon.jit
+def _dk_output_partition(q_desc, k_smem, q_smem, ds_smem, q_ready, ds_ready, ds_free, done_bar, dk_ptr, k_row, keys,
+                         kv_col, dk_row_stride, q_first, q_base, head0, n_qblocks, n_iters, scale,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         Q_STAGES: gl.constexpr, P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+    # These warpgroups load the Q ring: they are Q's last readers (the score warpgroup's K Q^T of a
+    # block is finished once its dS^T is ready).
+    for i in gl.static_range(Q_STAGES):
+        if i < n_iters:
+            head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
+            mbarrier.expect(q_ready.index(i), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], q_ready.index(i), q_smem.index(i))
+
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, HEAD_DIM // 2, 16])
+    acc = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, o_layout)
+    for j in range(n_iters):
+        sp = j % P_STAGES
+        sq = j % Q_STAGES
+        mbarrier.wait(ds_ready.index(sp), _phase(j, P_STAGES))
+        mbarrier.wait(q_ready.index(sq), _phase(j, Q_STAGES))
+        acc = warpgroup_mma(ds_smem.index(sp), q_smem.index(sq), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(ds_free.index(sp), count=1)
+        if j + Q_STAGES < n_iters:
+            gl.thread_barrier()
+            head_n, local_n, q_row_n = _block_coords(j + Q_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
+            mbarrier.expect(q_ready.index(sq), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row_n, head_n * HEAD_DIM], q_ready.index(sq),
+                                            q_smem.index(sq))
+
+    # The score warpgroup has finished with K (done_bar): K's buffer stages dK.
+    mbarrier.wait(done_bar, 0)
+    k_smem.store((acc * scale).to(k_smem.dtype))
+    gl.thread_barrier()
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
+    base = dk_ptr + (k_row + r).to(gl.int64)[:, None] * dk_row_stride + kv_col + cols[None, :]
+    ok = (r < keys)[:, None]
+    for i in gl.static_range(HEAD_DIM // STORE_COLS):
+        chunk = k_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
+        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+
+
+@gluon.jit
+def hd512_dk_kernel(
+    k_desc, v_desc, q_desc, do_desc, dk_ptr, lse_ptr, delta_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
+    t_seq, t_key_start, t_keys, t_q_first, t_q_last, order_ptr,
+    total, qk_scale, scale,
+    KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+    SCORE_REGS: gl.constexpr, STORE_COLS: gl.constexpr,
+):
+    kv_head = gl.program_id(0)
+    tile = gl.load(order_ptr + gl.program_id(1))
+    keys = gl.load(t_keys + tile)
+    if keys > 0:
+        seq = gl.load(t_seq + tile)
+        key_start = gl.load(t_key_start + tile)
+        q_first = gl.load(t_q_first + tile)
+        q_last = gl.load(t_q_last + tile)
+        q_base = gl.load(cu_q_ptr + seq).to(gl.int32)
+        k_row = (gl.load(cu_k_ptr + seq) + key_start).to(gl.int32)
+        n_qblocks = gl.maximum(gl.cdiv(q_last + 1 - q_first, BLOCK_M), 0)
+        n_iters = GROUP * n_qblocks
+        kv_col = kv_head * HEAD_DIM
+        head0 = kv_head * GROUP
+
+        dtype: gl.constexpr = k_desc.dtype
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [DO_STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_N, BLOCK_M], ds_layout)
+
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
+        do_ready = gl.allocate_shared_memory(gl.int64, [DO_STAGES, 1], bar_layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        mbarrier.init(kv_bar, count=1)
+        mbarrier.init(done_bar, count=1)
+        for i in gl.static_range(Q_STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+        for i in gl.static_range(DO_STAGES):
+            mbarrier.init(do_ready.index(i), count=1)
+        for i in gl.static_range(P_STAGES):
+            mbarrier.init(ds_ready.index(i), count=1)
+            mbarrier.init(ds_free.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_dk_output_partition, (q_desc, k_smem, q_smem, ds_smem, q_ready, ds_ready, ds_free, done_bar, dk_ptr,
+                                    k_row, keys, kv_col, KV_HEADS * HEAD_DIM, q_first, q_base, head0, n_qblocks,
+                                    n_iters, scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, P_STAGES, STORE_COLS)),
+            (_dk_score_partition, (k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready,
+                                   do_ready, ds_ready, ds_free, done_bar, lo_ptr, hi_ptr, lse_ptr, delta_ptr, total,
+                                   k_row, kv_col, key_start, keys, q_first, q_last, q_base, head0, n_qblocks, n_iters,
+                                   qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, P_STAGES)),
+        ], [4], [SCORE_REGS])
+
+
+# ----------------------------------------------------------------------------- the dQ pass
+@gluon.jit
+def _dq_score_partition(q_desc, do_desc, v_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, row_bar, k_ready, v_ready,
+                        ds_ready, ds_free, done_bar, lo_ptr, hi_ptr, lse_ptr, delta_ptr, q_row, rows, head, total,
+                        k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
+                        V_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+    # This warpgroup loads Q and dO (once) and the V ring (it is V's only reader).
+    mbarrier.expect(row_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], row_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [q_row, head * HEAD_DIM], row_bar, do_smem)
+    for i in gl.static_range(V_STAGES):
+        if i < n_blocks:
+            mbarrier.expect(v_ready.index(i), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
+                                            v_smem.index(i))
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    r = gl.arange(0, BLOCK_M, layout=row_layout)
+    valid = r < rows
+    lo = gl.load(lo_ptr + q_row + r, mask=valid, other=1).to(gl.int32)
+    hi = gl.load(hi_ptr + q_row + r, mask=valid, other=0).to(gl.int32)
+    at = head.to(gl.int64) * total + q_row + r
+    lse2 = gl.load(lse_ptr + at, mask=valid, other=0.0) * LOG2E
+    delta = gl.load(delta_ptr + at, mask=valid, other=0.0)
+    kc = gl.arange(0, BLOCK_N, layout=col_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+
+    mbarrier.wait(row_bar, 0)
+    for j in range(n_blocks):
+        k0 = n_start + j * BLOCK_N
+        sk = j % K_STAGES
+        sv = j % V_STAGES
+        mbarrier.wait(v_ready.index(sv), _phase(j, V_STAGES))
+        dp = warpgroup_mma(do_smem, v_smem.index(sv).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(k_ready.index(sk), _phase(j, K_STAGES))
+        s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
+        if j + V_STAGES < n_blocks:
+            gl.thread_barrier()
+            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + k0 + V_STAGES * BLOCK_N, kv_col], v_ready.index(sv),
+                                            v_smem.index(sv))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+
+        p = gl.exp2(s * qk_scale - lse2[:, None])
+        ds = p * (dp - delta[:, None])
+        if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
+            key = k0 + kc
+            allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
+            ds = gl.where(allowed, ds, 0.0)
+        ds = gl.where(valid[:, None], ds, 0.0)
+
+        sp = j % P_STAGES
+        mbarrier.wait(ds_free.index(sp), _phase(j, P_STAGES) ^ 1)
+        ds_smem.index(sp).store(ds.to(ds_smem.dtype))
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(sp), count=1)
+    mbarrier.arrive(done_bar, count=1)
+
+
+@gluon.jit
+def _dq_output_partition(k_desc, q_smem, k_smem, ds_smem, k_ready, ds_ready, ds_free, done_bar, dq_ptr, q_row, rows,
+                         head, dq_row_stride, k_row, kv_col, n_start, n_blocks, scale, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
+                         P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+    # These warpgroups load the K ring: they are K's last readers (the score warpgroup's Q K^T of a
+    # block is finished once its dS is ready).
+    for i in gl.static_range(K_STAGES):
+        if i < n_blocks:
+            mbarrier.expect(k_ready.index(i), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
+                                            k_smem.index(i))
+
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, HEAD_DIM // 2, 16])
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    for j in range(n_blocks):
+        sp = j % P_STAGES
+        sk = j % K_STAGES
+        mbarrier.wait(ds_ready.index(sp), _phase(j, P_STAGES))
+        mbarrier.wait(k_ready.index(sk), _phase(j, K_STAGES))
+        acc = warpgroup_mma(ds_smem.index(sp), k_smem.index(sk), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(ds_free.index(sp), count=1)
+        if j + K_STAGES < n_blocks:
+            gl.thread_barrier()
+            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + n_start + (j + K_STAGES) * BLOCK_N, kv_col],
+                                            k_ready.index(sk), k_smem.index(sk))
+
+    # The score warpgroup is done with Q (done_bar): Q's buffer stages dQ.
+    mbarrier.wait(done_bar, 0)
+    q_smem.store((acc * scale).to(q_smem.dtype))
+    gl.thread_barrier()
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+    c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
+    base = dq_ptr + (q_row + r).to(gl.int64)[:, None] * dq_row_stride + head * HEAD_DIM + c[None, :]
+    ok = (r < rows)[:, None]
+    for i in gl.static_range(HEAD_DIM // STORE_COLS):
+        chunk = q_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
+        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+
+
+@gluon.jit
+def hd512_dq_kernel(
+    q_desc, do_desc, k_desc, v_desc, dq_ptr, lse_ptr, delta_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
+    t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, order_ptr,
+    total, group, qk_scale, scale,
+    HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+    SCORE_REGS: gl.constexpr, STORE_COLS: gl.constexpr,
+):
+    head = gl.program_id(0)
+    tile = gl.load(order_ptr + gl.program_id(1))
+    rows = gl.load(t_rows + tile)
+    if rows > 0:
+        seq = gl.load(t_seq + tile)
+        row_start = gl.load(t_start + tile)
+        lo_min = gl.load(t_lo_min + tile)
+        lo_max = gl.load(t_lo_max + tile)
+        hi_min = gl.load(t_hi_min + tile)
+        hi_max = gl.load(t_hi_max + tile)
+        q_row = (gl.load(cu_q_ptr + seq) + row_start).to(gl.int32)
+        k_row = gl.load(cu_k_ptr + seq).to(gl.int32)
+        n_start = (lo_min // BLOCK_N) * BLOCK_N
+        n_blocks = gl.cdiv(hi_max + 1 - n_start, BLOCK_N)
+        kv_col = (head // group) * HEAD_DIM
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], ds_layout)
+
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        row_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        mbarrier.init(row_bar, count=1)
+        mbarrier.init(done_bar, count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+        for i in gl.static_range(P_STAGES):
+            mbarrier.init(ds_ready.index(i), count=1)
+            mbarrier.init(ds_free.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_dq_output_partition, (k_desc, q_smem, k_smem, ds_smem, k_ready, ds_ready, ds_free, done_bar, dq_ptr,
+                                    q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col, n_start, n_blocks, scale,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, P_STAGES, STORE_COLS)),
+            (_dq_score_partition, (q_desc, do_desc, v_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, row_bar,
+                                   k_ready, v_ready, ds_ready, ds_free, done_bar, lo_ptr, hi_ptr, lse_ptr, delta_ptr,
+                                   q_row, rows, head, total, k_row, kv_col, n_start, n_blocks, lo_max, hi_min,
+                                   qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES)),
+        ], [4], [SCORE_REGS])

@@ -14,7 +14,7 @@ import torch
 from ...inputs import check_attention_inputs
 from ...spans import SpanMask, TileSummary
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "dv_sm90_hd512", "forward_sm90_hd512",
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "backward_sm90_hd512", "forward_sm90_hd512",
            "gluon_unavailable"]
 
 HEAD_DIM = 512
@@ -224,62 +224,83 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
     return out, lse
 
 
-# The dV pass (kernels in backward_kernel.py): 64 keys a program, query blocks of 64 rows, one Q and
-# one dO stage, two P buffers; the score warpgroup gets 120 registers a thread.
-DV_BLOCK_N = 64
-DV_BLOCK_M = 64
-DV_STAGES = dict(Q_STAGES=1, DO_STAGES=1, P_STAGES=2, SCORE_REGS=120, STORE_COLS=64)
+# The backward's passes (kernels in backward_kernel.py); dV and dK: 64 keys a program. dV: query blocks of 64
+# rows, one Q and one dO stage (K resident). dK: K and V resident, so query blocks of 32 rows. dQ:
+# 64 query rows of one head (Q and dO resident), key blocks of 32.
+BACKWARD_PASSES = {
+    "dv": dict(BLOCK_M=64, BLOCK_N=64, Q_STAGES=1, DO_STAGES=1, P_STAGES=2, SCORE_REGS=120, STORE_COLS=64),
+    "dk": dict(BLOCK_M=32, BLOCK_N=64, Q_STAGES=1, DO_STAGES=1, P_STAGES=2, SCORE_REGS=120, STORE_COLS=64),
+    "dq": dict(BLOCK_M=64, BLOCK_N=32, K_STAGES=1, V_STAGES=1, P_STAGES=2, SCORE_REGS=120, STORE_COLS=64),
+}
 
 
-def dv_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-                  spans: SpanMask, scale: float | None = None, *, tiles=None,
-                  dv: torch.Tensor | None = None) -> torch.Tensor:
-    """``dV [T_keys, Hkv, 512]`` (q's dtype) of the span-mask attention whose forward gave the
-    natural-log ``lse [Hq, T]``: ``dV = sum over the GQA group's heads of P^T dO``, P
-    recomputed from q, k and lse. Not yet used by the gluon backend (its backward runs the
-    Triton kernels until this pass is checked on a GPU).
+def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, spans: SpanMask, scale: float | None = None, *,
+                        dlse: torch.Tensor | None = None, tiles=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` (q's dtype) of the span-mask attention whose forward gave ``out``
+    and the natural-log ``lse``, in three Gluon passes (``backward_kernel.py``): dV and dK per
+    64-key tile (the GQA group's heads summed in the program, deterministic), dQ per 64-row query
+    tile; ``delta = rowsum(dO * out) - dlse`` in PyTorch first. Not yet used by the gluon backend
+    (its backward runs the Triton kernels until these passes are checked on a GPU).
 
     Args:
-        do, q: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]`` (v only for the shape checks); fp16
-            or bf16, CUDA (SM90).
-        lse: fp32 ``[Hq, T]``.
-        tiles: ``kernels.tiles.key_tiles(spans, 64)``, where the caller keeps it; built here
-            otherwise.
-        dv: a preallocated contiguous output.
+        do, q, out: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]``; fp16 or bf16, CUDA (SM90).
+        lse, dlse: fp32 ``[Hq, T]`` (``dlse``: the gradient of the returned lse, or None).
+        tiles: ``(key_tiles(spans, 64), query_tiles(spans, 64))`` where the caller keeps them; built
+            here otherwise.
     """
     scale, _ = check_inputs(q, k, v, spans, scale, None, need_device=False)
     total, hq, d = q.shape
     t_keys, hkv, _ = k.shape
-    if not isinstance(do, torch.Tensor) or do.shape != q.shape or do.dtype != q.dtype or do.device != q.device:
-        raise ValueError(f"do must be a {q.dtype} tensor of q's shape {list(q.shape)} on {q.device}, got "
-                         f"{getattr(do, 'dtype', type(do).__name__)} {list(getattr(do, 'shape', []))}")
-    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (hq, total) or lse.dtype != torch.float32 or \
-            lse.device != q.device:
-        raise ValueError(f"lse must be a float32 tensor of shape {[hq, total]} on {q.device}, got "
-                         f"{getattr(lse, 'dtype', type(lse).__name__)} {list(getattr(lse, 'shape', []))}")
+    for name, x in (("do", do), ("out", out)):
+        if not isinstance(x, torch.Tensor) or x.shape != q.shape or x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must be a {q.dtype} tensor of q's shape {list(q.shape)} on {q.device}, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    for name, x in (("lse", lse), ("dlse", dlse)):
+        if x is None and name == "dlse":
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (hq, total) or x.dtype != torch.float32 or \
+                x.device != q.device:
+            raise ValueError(f"{name} must be a float32 tensor of shape {[hq, total]} on {q.device}, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
     _check_device(q)
     from . import backward_kernel as bk
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     if tiles is None:
-        from ..tiles import key_tiles
+        from ..tiles import key_tiles, query_tiles
 
-        tiles = key_tiles(spans, DV_BLOCK_N)
-    table, order = tiles
-    q2, do2, k2 = (x.contiguous().view(x.shape[0], x.shape[1] * d) for x in (q, do, k))
-    dv = _output(dv, "dv", (t_keys, hkv, d), q.dtype, q.device)
+        tiles = key_tiles(spans, BACKWARD_PASSES["dv"]["BLOCK_N"]), query_tiles(spans, BACKWARD_PASSES["dq"]["BLOCK_M"])
+    (ktab, korder), (qtab, qorder) = tiles
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    row_layout = gl.NVMMASharedLayout.get_default_for([DV_BLOCK_M, d], gdtype)
-    key_layout = gl.NVMMASharedLayout.get_default_for([DV_BLOCK_N, d], gdtype)
-    k_desc = TensorDescriptor.from_tensor(k2, [DV_BLOCK_N, d], key_layout)
-    q_desc = TensorDescriptor.from_tensor(q2, [DV_BLOCK_M, d], row_layout)
-    do_desc = TensorDescriptor.from_tensor(do2, [DV_BLOCK_M, d], row_layout)
-    bk.hd512_dv_kernel[(hkv, order.numel())](
-        k_desc, q_desc, do_desc, dv, lse.contiguous(), spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
-        table.seq, table.key_start, table.keys, table.q_first, table.q_last, order,
-        total, scale * math.log2(math.e),
-        KV_HEADS=hkv, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=DV_BLOCK_M, BLOCK_N=DV_BLOCK_N, **DV_STAGES,
-        num_warps=NUM_WARPS, maxnreg=MAXNREG,
-    )
-    return dv
+    flat = {n: x.contiguous().view(x.shape[0], x.shape[1] * d) for n, x in (("q", q), ("do", do), ("k", k), ("v", v))}
+
+    def desc(name: str, rows: int):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdtype)
+        return TensorDescriptor.from_tensor(flat[name], [rows, d], layout)
+
+    lse = lse.contiguous()
+    delta = (do.float() * out.float()).sum(-1).t().contiguous()
+    if dlse is not None:
+        delta = delta - dlse
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    qk_scale = scale * math.log2(math.e)
+    span_args = (spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k)
+    key_table = (ktab.seq, ktab.key_start, ktab.keys, ktab.q_first, ktab.q_last, korder)
+    common = dict(HEAD_DIM=d, num_warps=NUM_WARPS, maxnreg=MAXNREG)
+    cfg = BACKWARD_PASSES["dv"]
+    bk.hd512_dv_kernel[(hkv, korder.numel())](
+        desc("k", cfg["BLOCK_N"]), desc("q", cfg["BLOCK_M"]), desc("do", cfg["BLOCK_M"]), dv, lse, *span_args,
+        *key_table, total, qk_scale, KV_HEADS=hkv, GROUP=hq // hkv, **cfg, **common)
+    cfg = BACKWARD_PASSES["dk"]
+    bk.hd512_dk_kernel[(hkv, korder.numel())](
+        desc("k", cfg["BLOCK_N"]), desc("v", cfg["BLOCK_N"]), desc("q", cfg["BLOCK_M"]), desc("do", cfg["BLOCK_M"]),
+        dk, lse, delta, *span_args, *key_table, total, qk_scale, scale, KV_HEADS=hkv, GROUP=hq // hkv, **cfg,
+        **common)
+    cfg = BACKWARD_PASSES["dq"]
+    bk.hd512_dq_kernel[(hq, qorder.numel())](
+        desc("q", cfg["BLOCK_M"]), desc("do", cfg["BLOCK_M"]), desc("k", cfg["BLOCK_N"]), desc("v", cfg["BLOCK_N"]),
+        dq, lse, delta, *span_args, qtab.seq, qtab.row_start, qtab.rows, qtab.lo_min, qtab.lo_max, qtab.hi_min,
+        qtab.hi_max, qorder, total, hq // hkv, qk_scale, scale, HEADS=hq, **cfg, **common)
+    return dq, dk, dv

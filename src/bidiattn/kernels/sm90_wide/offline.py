@@ -1,7 +1,7 @@
 """Compile the kernel for sm_90a without a GPU (Triton's compile path and the ptxas in its wheel):
 register use, spills and shared memory of a config, to check one before GPU time is spent on it.
 
-    python -m bidiattn.kernels.sm90_wide.offline [config names... | dv]
+    python -m bidiattn.kernels.sm90_wide.offline [config names... | dv | dk | dq]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .host import BLOCK_M, CONFIGS, HEAD_DIM, MAXNREG, NUM_WARPS, Sm90WideConfig
 
-__all__ = ["compile_dv_offline", "compile_offline"]
+__all__ = ["compile_backward_offline", "compile_offline"]
 
 _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_hi_max", "order_ptr")
 
@@ -71,24 +71,28 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     return dict(config=config.name, **_compile(fn, sig, constants, dtype))
 
 
-def compile_dv_offline(dtype: str = "bf16", kv_heads: int = 4, group: int = 4, index_dtype: str = "i32") -> dict:
-    """The dV pass kernel (``backward_kernel.hd512_dv_kernel``, :data:`.host.DV_STAGES`) compiled
-    for sm_90a (see :func:`_compile`)."""
+def compile_backward_offline(name: str, dtype: str = "bf16", kv_heads: int = 4, group: int = 4,
+                             index_dtype: str = "i32") -> dict:
+    """A backward pass kernel (``"dv"``, ``"dk"`` or ``"dq"``, :data:`.host.BACKWARD_PASSES`) compiled for
+    sm_90a (see :func:`_compile`)."""
     from triton.experimental.gluon import language as gl
 
     from . import backward_kernel
-    from .host import DV_BLOCK_M, DV_BLOCK_N, DV_STAGES
+    from .host import BACKWARD_PASSES
 
+    cfg = BACKWARD_PASSES[name]
     gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    fn = backward_kernel.hd512_dv_kernel
-    sig = {name: "i32" for name in fn.arg_names}
-    sig.update(k_desc=_desc(dtype, DV_BLOCK_N, gdtype), q_desc=_desc(dtype, DV_BLOCK_M, gdtype),
-               do_desc=_desc(dtype, DV_BLOCK_M, gdtype), dv_ptr=f"*{dtype}", lse_ptr="*fp32",
-               lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}", cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32",
-               **{n: "*i32" for n in ("t_seq", "t_key_start", "t_keys", "t_q_first", "t_q_last", "order_ptr")})
-    constants = dict(KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_M=DV_BLOCK_M, BLOCK_N=DV_BLOCK_N,
-                     **DV_STAGES)
-    return dict(config="dv", **_compile(fn, sig, constants, dtype))
+    fn = getattr(backward_kernel, f"hd512_{name}_kernel")
+    rows, keys = _desc(dtype, cfg["BLOCK_M"], gdtype), _desc(dtype, cfg["BLOCK_N"], gdtype)
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update(k_desc=keys, v_desc=keys, q_desc=rows, do_desc=rows, dv_ptr=f"*{dtype}", dk_ptr=f"*{dtype}",
+               dq_ptr=f"*{dtype}", lse_ptr="*fp32", delta_ptr="*fp32", lo_ptr=f"*{index_dtype}",
+               hi_ptr=f"*{index_dtype}", cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", scale="fp32",
+               **{n: "*i32" for n in _TABLES + ("t_key_start", "t_keys", "t_q_first", "t_q_last")})
+    sig = {n: sig[n] for n in fn.arg_names}
+    heads = dict(HEADS=kv_heads * group) if name == "dq" else dict(KV_HEADS=kv_heads, GROUP=group)
+    constants = dict(**heads, HEAD_DIM=HEAD_DIM, **cfg)
+    return dict(config=name, **_compile(fn, sig, constants, dtype))
 
 
 def main(argv: list[str]) -> int:
@@ -96,7 +100,7 @@ def main(argv: list[str]) -> int:
     bad = 0
     for name in names:
         for dtype in ("bf16", "fp16"):
-            r = compile_dv_offline(dtype) if name == "dv" else compile_offline(CONFIGS[name], dtype)
+            r = compile_backward_offline(name, dtype) if name in ("dv", "dk", "dq") else compile_offline(CONFIGS[name], dtype)
             ok = r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["shared"] <= 232448
             bad += not ok
             print(f"{name:10s} {r['config']:22s} {dtype}  regs {r['registers']}  spills {r['spill_stores']}/"
