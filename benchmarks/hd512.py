@@ -19,7 +19,8 @@ dense mask, cuDNN through SDPA's CUDNN_ATTENTION backend, ffpa-attn (causal only
 imports), and the bf16 matmul rate. Every column is checked first on a subset of rows against an
 fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on.
 TFLOP/s on allowed pairs, 4 * pairs * D * Hq. ``--backward`` adds forward+backward columns (the
-default call: Gluon forward + Triton backward; bidiattn Triton; ffpa-attn on causal cases),
+default call: Gluon forward + Triton backward; bidiattn Triton; ffpa-attn on causal cases; the
+Gluon forward with the Gluon backward passes, not yet the backend's),
 14 * pairs * D * Hq, and the backward alone. Writes ``hd512-<device>-<date>.{md,json}``.
 """
 
@@ -294,8 +295,10 @@ def peers(args, case, spans, q, k, v, scale):
 
 
 def trainers(args, case, spans, q, k, v, scale):
-    """(column, its forward column, fn(q, k, v) -> out) of the fwd+bwd columns of one case: the default call (the Gluon
-    forward on SM90, the Triton backward), bidiattn triton, ffpa-attn (causal)."""
+    """(column, its forward column, fn) of the fwd+bwd columns of one case: the default call (the Gluon
+    forward on SM90, the Triton backward), bidiattn triton, ffpa-attn (causal): ``fn(q, k, v) -> out``
+    (autograd); the Gluon forward + its three backward passes (not yet the backend's):
+    ``fn(leaves, dout) -> (dq, dk, dv)``."""
     hq, hkv, t, rule = case
     skip = set(args.skip.split(",")) if args.skip else set()
     cols = [("triton fwd+bwd", "bidiattn triton", lambda q, k, v: bidiattn.attention(q, k, v, spans, backend="triton"))]
@@ -307,6 +310,19 @@ def trainers(args, case, spans, q, k, v, scale):
             cu = spans.cu_seqlens.to(torch.int32)
             return ffpa_attn_varlen_func(q, k, v, cu, cu, t, t, softmax_scale=scale, causal=True, enable_gqa=True)
         cols.append(("ffpa-attn fwd+bwd", "ffpa-attn", ffpa))
+    if "gluon-bwd" not in skip:
+        tables = {}
+
+        def gluon_grads(leaves, dout):
+            from bidiattn.kernels.sm90_wide import backward_sm90_hd512
+            from bidiattn.kernels.tiles import key_tiles, query_tiles
+            if not tables:
+                tables["fwd"] = query_tiles(spans, 64)
+                tables["bwd"] = (key_tiles(spans, 64), tables["fwd"])
+            q, k, v = (x.detach() for x in leaves)
+            out, lse = forward_sm90_hd512(q, k, v, spans, scale, tiles=tables["fwd"])
+            return backward_sm90_hd512(dout, q, k, v, out, lse, spans, scale, tiles=tables["bwd"])
+        cols.append(("gluon fwd+bwd (3 passes)", "gluon n64", gluon_grads))
     return cols
 
 
@@ -324,8 +340,8 @@ def time_backward(args, case, spans, q, k, v, scale, row, fwd_ms):
     leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
     want = None
     for col, fwd_col, fwd in trainers(args, case, spans, q, k, v, scale):
-        def fn(fwd=fwd):
-            return torch.autograd.grad(fwd(*leaves), leaves, dout)
+        def fn(fwd=fwd, direct=col.startswith("gluon")):
+            return fwd(leaves, dout) if direct else torch.autograd.grad(fwd(*leaves), leaves, dout)
         cell = dict(note="torch.autograd.grad of out with a random dout")
         try:
             grads = fn()
@@ -466,7 +482,7 @@ def main() -> int:
     parser.add_argument("command", choices=("check", "time", "compile"))
     parser.add_argument("--variants", default="n64", help=f"comma-separated kernel configs or 'all' ({', '.join(CONFIGS)})")
     parser.add_argument("--out", default=None, help="directory for the .md/.json results")
-    parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,ffpa")
+    parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,ffpa,gluon-bwd")
     parser.add_argument("--backward", action="store_true", help="time: also fwd+bwd of default, triton, ffpa-attn")
     parser.add_argument("--cases", default="", help="time: indices into the 8 cases (default all)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time: timing budget per column")
