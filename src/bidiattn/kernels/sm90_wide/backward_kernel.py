@@ -25,12 +25,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .kernel import phase as _phase
+from .kernel import store_rows
+
 LOG2E = gl.constexpr(1.4426950408889634)
-
-
-@gluon.jit
-def _phase(i, stages: gl.constexpr):
-    return (i // stages) & 1
 
 
 @gluon.jit
@@ -128,14 +126,7 @@ def _dv_output_partition(do_desc, k_smem, do_smem, p_smem, do_ready, p_ready, p_
     mbarrier.wait(done_bar, 0)
     k_smem.store(acc.to(k_smem.dtype))
     gl.thread_barrier()
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
-    base = dv_ptr + (k_row + r).to(gl.int64)[:, None] * dv_row_stride + kv_col + cols[None, :]
-    ok = (r < keys)[:, None]
-    for i in gl.static_range(HEAD_DIM // STORE_COLS):
-        chunk = k_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
-        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+    store_rows(k_smem, dv_ptr, k_row, keys, kv_col, dv_row_stride, BLOCK_N, HEAD_DIM, STORE_COLS)
 
 
 @gluon.jit
@@ -296,14 +287,7 @@ def _dk_output_partition(q_desc, k_smem, q_smem, ds_smem, q_ready, ds_ready, ds_
     mbarrier.wait(done_bar, 0)
     k_smem.store((acc * scale).to(k_smem.dtype))
     gl.thread_barrier()
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
-    base = dk_ptr + (k_row + r).to(gl.int64)[:, None] * dk_row_stride + kv_col + cols[None, :]
-    ok = (r < keys)[:, None]
-    for i in gl.static_range(HEAD_DIM // STORE_COLS):
-        chunk = k_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
-        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+    store_rows(k_smem, dk_ptr, k_row, keys, kv_col, dk_row_stride, BLOCK_N, HEAD_DIM, STORE_COLS)
 
 
 @gluon.jit
@@ -465,14 +449,7 @@ def _dq_output_partition(k_desc, q_smem, k_smem, ds_smem, k_ready, ds_ready, ds_
     mbarrier.wait(done_bar, 0)
     q_smem.store((acc * scale).to(q_smem.dtype))
     gl.thread_barrier()
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
-    c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
-    base = dq_ptr + (q_row + r).to(gl.int64)[:, None] * dq_row_stride + head * HEAD_DIM + c[None, :]
-    ok = (r < rows)[:, None]
-    for i in gl.static_range(HEAD_DIM // STORE_COLS):
-        chunk = q_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
-        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+    store_rows(q_smem, dq_ptr, q_row, rows, head * HEAD_DIM, dq_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
 
 
 @gluon.jit

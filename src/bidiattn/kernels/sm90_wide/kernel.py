@@ -36,8 +36,25 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _phase(i, stages: gl.constexpr):
+def phase(i, stages: gl.constexpr):
+    """mbarrier parity of use ``i`` of a ring of ``stages`` buffers."""
     return (i // stages) & 1
+
+
+@gluon.jit
+def store_rows(smem, ptr, row0, rows, col0, row_stride, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
+               STORE_COLS: gl.constexpr):
+    """Rows ``[0, rows)`` of a ``[BLOCK, HEAD_DIM]`` shared tile to ``ptr + (row0 + r) * row_stride +
+    col0``, in masked chunks of ``STORE_COLS`` columns (a tile's rows never spill into the next
+    sequence's)."""
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, store_layout))
+    c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
+    base = ptr + (row0 + r).to(gl.int64)[:, None] * row_stride + col0 + c[None, :]
+    ok = (r < rows)[:, None]
+    for i in gl.static_range(HEAD_DIM // STORE_COLS):
+        chunk = smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
+        gl.store(base + i * STORE_COLS, chunk, mask=ok)
 
 
 @gluon.jit
@@ -79,7 +96,7 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
     for j in range(n_blocks):
         k0 = n_start + j * BLOCK_N
         sk = j % K_STAGES
-        mbarrier.wait(k_ready.index(sk), _phase(j, K_STAGES))
+        mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
         s = warpgroup_mma(q_op, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         if j + K_STAGES < n_blocks:
@@ -102,7 +119,7 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
         m_i = m_new
 
         sp = j % P_STAGES
-        mbarrier.wait(p_free.index(sp), _phase(j, P_STAGES) ^ 1)
+        mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
         p_smem.index(sp).store(p.to(p_smem.dtype))
         alpha_smem.index(sp).store(alpha)
         fence_async_shared()
@@ -134,10 +151,10 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     for j in range(n_blocks):
         sp = j % P_STAGES
         sv = j % V_STAGES
-        mbarrier.wait(p_ready.index(sp), _phase(j, P_STAGES))
+        mbarrier.wait(p_ready.index(sp), phase(j, P_STAGES))
         alpha = alpha_smem.index(sp).load(row_layout)
         acc = acc * alpha[:, None]
-        mbarrier.wait(v_ready.index(sv), _phase(j, V_STAGES))
+        mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
         acc = warpgroup_mma(p_smem.index(sp), v_smem.index(sv), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(p_free.index(sp), count=1)
@@ -153,14 +170,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     # The softmax warpgroup has finished every Q K^T (done_bar): Q's buffer stages the output.
     q_smem.store(o)
     gl.thread_barrier()
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
-    c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
-    base = out_ptr + (q_row + r).to(gl.int64)[:, None] * out_row_stride + head * HEAD_DIM + c[None, :]
-    ok = (r < rows)[:, None]
-    for i in gl.static_range(HEAD_DIM // STORE_COLS):
-        chunk = q_smem.slice(i * STORE_COLS, STORE_COLS, dim=1).load(store_layout)
-        gl.store(base + i * STORE_COLS, chunk, mask=ok)
+    store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
 
 
 @gluon.jit
