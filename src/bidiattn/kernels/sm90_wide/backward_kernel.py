@@ -32,6 +32,31 @@ LOG2E = gl.constexpr(1.4426950408889634)
 
 
 @gluon.jit
+def _barriers(STAGES: gl.constexpr):
+    """``STAGES`` mbarriers (``[STAGES, 1]``), each initialized for one arrival."""
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    return bars
+
+
+@gluon.jit
+def _key_tile(tile, t_seq, t_key_start, t_q_first, t_q_last, cu_q_ptr, cu_k_ptr, kv_head,
+              GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+    """A key tile's fields for the key passes: key start (local), the rows that see it (local,
+    inclusive), the sequence's first packed row, the tile's first packed key, the query-block count,
+    the iteration count over the group's heads, K/V's column and the group's first head."""
+    seq = gl.load(t_seq + tile)
+    key_start = gl.load(t_key_start + tile)
+    q_first = gl.load(t_q_first + tile)
+    q_last = gl.load(t_q_last + tile)
+    q_base = gl.load(cu_q_ptr + seq).to(gl.int32)
+    k_row = (gl.load(cu_k_ptr + seq) + key_start).to(gl.int32)
+    n_qblocks = gl.maximum(gl.cdiv(q_last + 1 - q_first, BLOCK_M), 0)
+    return key_start, q_first, q_last, q_base, k_row, n_qblocks, GROUP * n_qblocks, kv_head * HEAD_DIM, kv_head * GROUP
+
+
+@gluon.jit
 def _block_coords(j, n_qblocks, head0, q_first, q_base, BLOCK_M: gl.constexpr):
     """Iteration ``j`` -> (query head, first local row of the block, its packed row)."""
     head = head0 + j // n_qblocks
@@ -142,16 +167,8 @@ def hd512_dv_kernel(
     tile = gl.load(order_ptr + gl.program_id(1))
     keys = gl.load(t_keys + tile)
     if keys > 0:
-        seq = gl.load(t_seq + tile)
-        key_start = gl.load(t_key_start + tile)
-        q_first = gl.load(t_q_first + tile)
-        q_last = gl.load(t_q_last + tile)
-        q_base = gl.load(cu_q_ptr + seq).to(gl.int32)
-        k_row = (gl.load(cu_k_ptr + seq) + key_start).to(gl.int32)
-        n_qblocks = gl.maximum(gl.cdiv(q_last + 1 - q_first, BLOCK_M), 0)
-        n_iters = GROUP * n_qblocks
-        kv_col = kv_head * HEAD_DIM
-        head0 = kv_head * GROUP
+        key_start, q_first, q_last, q_base, k_row, n_qblocks, n_iters, kv_col, head0 = _key_tile(
+            tile, t_seq, t_key_start, t_q_first, t_q_last, cu_q_ptr, cu_k_ptr, kv_head, GROUP, HEAD_DIM, BLOCK_M)
 
         dtype: gl.constexpr = k_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -160,22 +177,10 @@ def hd512_dv_kernel(
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_N, BLOCK_M], p_layout)
 
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        k_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
-        do_ready = gl.allocate_shared_memory(gl.int64, [DO_STAGES, 1], bar_layout)
-        p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        mbarrier.init(k_bar, count=1)
-        mbarrier.init(done_bar, count=1)
-        for i in gl.static_range(Q_STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
-        for i in gl.static_range(DO_STAGES):
-            mbarrier.init(do_ready.index(i), count=1)
-        for i in gl.static_range(P_STAGES):
-            mbarrier.init(p_ready.index(i), count=1)
-            mbarrier.init(p_free.index(i), count=1)
+        k_bar = _barriers(1).index(0)
+        done_bar = _barriers(1).index(0)
+        q_ready, do_ready = _barriers(Q_STAGES), _barriers(DO_STAGES)
+        p_ready, p_free = _barriers(P_STAGES), _barriers(P_STAGES)
         fence_async_shared()
 
         gl.warp_specialize([
@@ -303,16 +308,8 @@ def hd512_dk_kernel(
     tile = gl.load(order_ptr + gl.program_id(1))
     keys = gl.load(t_keys + tile)
     if keys > 0:
-        seq = gl.load(t_seq + tile)
-        key_start = gl.load(t_key_start + tile)
-        q_first = gl.load(t_q_first + tile)
-        q_last = gl.load(t_q_last + tile)
-        q_base = gl.load(cu_q_ptr + seq).to(gl.int32)
-        k_row = (gl.load(cu_k_ptr + seq) + key_start).to(gl.int32)
-        n_qblocks = gl.maximum(gl.cdiv(q_last + 1 - q_first, BLOCK_M), 0)
-        n_iters = GROUP * n_qblocks
-        kv_col = kv_head * HEAD_DIM
-        head0 = kv_head * GROUP
+        key_start, q_first, q_last, q_base, k_row, n_qblocks, n_iters, kv_col, head0 = _key_tile(
+            tile, t_seq, t_key_start, t_q_first, t_q_last, cu_q_ptr, cu_k_ptr, kv_head, GROUP, HEAD_DIM, BLOCK_M)
 
         dtype: gl.constexpr = k_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -322,22 +319,10 @@ def hd512_dk_kernel(
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_N, BLOCK_M], ds_layout)
 
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], bar_layout)
-        do_ready = gl.allocate_shared_memory(gl.int64, [DO_STAGES, 1], bar_layout)
-        ds_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        ds_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.init(done_bar, count=1)
-        for i in gl.static_range(Q_STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
-        for i in gl.static_range(DO_STAGES):
-            mbarrier.init(do_ready.index(i), count=1)
-        for i in gl.static_range(P_STAGES):
-            mbarrier.init(ds_ready.index(i), count=1)
-            mbarrier.init(ds_free.index(i), count=1)
+        kv_bar = _barriers(1).index(0)
+        done_bar = _barriers(1).index(0)
+        q_ready, do_ready = _barriers(Q_STAGES), _barriers(DO_STAGES)
+        ds_ready, ds_free = _barriers(P_STAGES), _barriers(P_STAGES)
         fence_async_shared()
 
         gl.warp_specialize([
@@ -485,22 +470,10 @@ def hd512_dq_kernel(
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], ds_layout)
 
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        row_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
-        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
-        ds_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        ds_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        mbarrier.init(row_bar, count=1)
-        mbarrier.init(done_bar, count=1)
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_ready.index(i), count=1)
-        for i in gl.static_range(P_STAGES):
-            mbarrier.init(ds_ready.index(i), count=1)
-            mbarrier.init(ds_free.index(i), count=1)
+        row_bar = _barriers(1).index(0)
+        done_bar = _barriers(1).index(0)
+        k_ready, v_ready = _barriers(K_STAGES), _barriers(V_STAGES)
+        ds_ready, ds_free = _barriers(P_STAGES), _barriers(P_STAGES)
         fence_async_shared()
 
         gl.warp_specialize([
