@@ -1,16 +1,21 @@
-"""Gluon kernels (Triton 3.6 API) of the head-dim-512 backward on SM90: the dV pass.
+"""Gluon kernels (Triton 3.6 API) of the head-dim-512 backward on SM90: the dV, dK and dQ passes.
 
-Not yet launched by the library: compiled offline for sm_90a in the tests (registers, spills,
-shared memory); checked on a GPU before the gluon backend's backward switches to it (its
-backward is the Triton kernels' until then).
+Not yet launched by the gluon backend: compiled offline for sm_90a in the tests (registers,
+spills, shared memory); the backend's backward switches to them once a GPU run has checked them
+(``host.backward_sm90_hd512``; until then it runs the Triton kernels).
 
-The dV pass is the forward's schedule with the roles turned: one program holds 64 keys of one
-K/V head (``K`` resident in shared memory) and walks the query blocks that see them, for every
-query head of the GQA group; per block the score warpgroup computes ``S^T = K Q^T`` and
-``P^T = exp2(S^T * scale * log2 e - lse * log2 e)`` (the forward's ``lse``: no running max, no
-rescale), masked by the rows' spans, and hands ``P^T`` over in shared memory; the two output
-warpgroups own 256 columns each of ``dV [64, 512]`` and accumulate ``P^T dO``. Q and dO arrive
-by TMA into rings; dV leaves through K's buffer once the score warpgroup is done with it.
+Each pass is the forward's schedule (one score warpgroup, two output warpgroups that own 256 of
+the 512 accumulator columns each, operands by TMA, the score tile handed over in shared memory)
+with other roles. P is recomputed from the forward's lse (no running max, no rescale).
+
+- dV, per 64-key tile of one K/V head (K resident): for every query block of 64 rows of the GQA
+  group's heads, ``S^T = K Q^T``, ``P^T`` masked by the rows' spans; ``dV += P^T dO``.
+- dK, per 64-key tile (K and V resident, so 32-row query blocks): also ``dP^T = V dO^T`` and
+  ``dS^T = P^T (dP^T - delta)``; ``dK += dS^T Q``, times the softmax scale at the end.
+- dQ, per 64-row query tile of one head (Q and dO resident, 32-key blocks from the span tile
+  table, the mask only on partial blocks): ``dS = P (dP - delta)``; ``dQ += dS K``, times the scale.
+
+Results leave through the resident buffer the score warpgroup no longer reads (K's or Q's).
 """
 
 from __future__ import annotations
@@ -118,40 +123,44 @@ def _dv_score_partition(k_desc, q_desc, k_smem, q_smem, p_smem, k_bar, q_ready, 
 
 
 @gluon.jit
-def _dv_output_partition(do_desc, k_smem, do_smem, p_smem, do_ready, p_ready, p_free, done_bar, dv_ptr, k_row,
-                         keys, kv_col, dv_row_stride, q_first, q_base, head0, n_qblocks, n_iters,
-                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         DO_STAGES: gl.constexpr, P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
-    # These warpgroups load the dO ring (they are dO's only readers).
-    for i in gl.static_range(DO_STAGES):
+def _key_output_partition(x_desc, k_smem, x_smem, a_smem, x_ready, a_ready, a_free, done_bar, out_ptr, k_row, keys,
+                          kv_col, out_row_stride, q_first, q_base, head0, n_qblocks, n_iters, scale,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                          X_STAGES: gl.constexpr, A_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+    """The key passes' output warpgroups: ``acc [64 keys, 512] += A X`` per query block, ``A`` the
+    score warpgroup's ``[keys, rows]`` tile from shared memory (P^T for dV, dS^T for dK), ``X`` the
+    block's rows (dO for dV, Q for dK) from a ring these warpgroups load (they are its last readers:
+    the score warpgroup is done with a block once its A is ready); then ``scale * acc`` out through
+    K's buffer."""
+    for i in gl.static_range(X_STAGES):
         if i < n_iters:
             head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
-            mbarrier.expect(do_ready.index(i), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [q_row, head * HEAD_DIM], do_ready.index(i), do_smem.index(i))
+            mbarrier.expect(x_ready.index(i), x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [q_row, head * HEAD_DIM], x_ready.index(i), x_smem.index(i))
 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, HEAD_DIM // 2, 16])
     acc = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, o_layout)
     for j in range(n_iters):
-        sp = j % P_STAGES
-        sd = j % DO_STAGES
-        mbarrier.wait(p_ready.index(sp), _phase(j, P_STAGES))
-        mbarrier.wait(do_ready.index(sd), _phase(j, DO_STAGES))
-        acc = warpgroup_mma(p_smem.index(sp), do_smem.index(sd), acc, is_async=True)
+        sa = j % A_STAGES
+        sx = j % X_STAGES
+        mbarrier.wait(a_ready.index(sa), _phase(j, A_STAGES))
+        mbarrier.wait(x_ready.index(sx), _phase(j, X_STAGES))
+        acc = warpgroup_mma(a_smem.index(sa), x_smem.index(sx), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(p_free.index(sp), count=1)
-        if j + DO_STAGES < n_iters:
+        mbarrier.arrive(a_free.index(sa), count=1)
+        if j + X_STAGES < n_iters:
             gl.thread_barrier()
-            head_n, local_n, q_row_n = _block_coords(j + DO_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
-            mbarrier.expect(do_ready.index(sd), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [q_row_n, head_n * HEAD_DIM], do_ready.index(sd),
-                                            do_smem.index(sd))
+            head_n, local_n, q_row_n = _block_coords(j + X_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
+            mbarrier.expect(x_ready.index(sx), x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [q_row_n, head_n * HEAD_DIM], x_ready.index(sx),
+                                            x_smem.index(sx))
 
-    # The score warpgroup has finished every K Q^T (done_bar): K's buffer stages dV.
+    # The score warpgroup has finished with K (done_bar): K's buffer stages the result.
     mbarrier.wait(done_bar, 0)
-    k_smem.store(acc.to(k_smem.dtype))
+    k_smem.store((acc * scale).to(k_smem.dtype))
     gl.thread_barrier()
-    store_rows(k_smem, dv_ptr, k_row, keys, kv_col, dv_row_stride, BLOCK_N, HEAD_DIM, STORE_COLS)
+    store_rows(k_smem, out_ptr, k_row, keys, kv_col, out_row_stride, BLOCK_N, HEAD_DIM, STORE_COLS)
 
 
 @gluon.jit
@@ -184,9 +193,9 @@ def hd512_dv_kernel(
         fence_async_shared()
 
         gl.warp_specialize([
-            (_dv_output_partition, (do_desc, k_smem, do_smem, p_smem, do_ready, p_ready, p_free, done_bar, dv_ptr,
-                                    k_row, keys, kv_col, KV_HEADS * HEAD_DIM, q_first, q_base, head0, n_qblocks,
-                                    n_iters, BLOCK_M, BLOCK_N, HEAD_DIM, DO_STAGES, P_STAGES, STORE_COLS)),
+            (_key_output_partition, (do_desc, k_smem, do_smem, p_smem, do_ready, p_ready, p_free, done_bar, dv_ptr,
+                                     k_row, keys, kv_col, KV_HEADS * HEAD_DIM, q_first, q_base, head0, n_qblocks,
+                                     n_iters, 1.0, BLOCK_M, BLOCK_N, HEAD_DIM, DO_STAGES, P_STAGES, STORE_COLS)),
             (_dv_score_partition, (k_desc, q_desc, k_smem, q_smem, p_smem, k_bar, q_ready, p_ready, p_free,
                                    done_bar, lo_ptr, hi_ptr, lse_ptr, total, k_row, kv_col, key_start, keys, q_first,
                                    q_last, q_base, head0, n_qblocks, n_iters, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
@@ -258,44 +267,6 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
 
 
 @gluon.jit
-def _dk_output_partition(q_desc, k_smem, q_smem, ds_smem, q_ready, ds_ready, ds_free, done_bar, dk_ptr, k_row, keys,
-                         kv_col, dk_row_stride, q_first, q_base, head0, n_qblocks, n_iters, scale,
-                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         Q_STAGES: gl.constexpr, P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
-    # These warpgroups load the Q ring: they are Q's last readers (the score warpgroup's K Q^T of a
-    # block is finished once its dS^T is ready).
-    for i in gl.static_range(Q_STAGES):
-        if i < n_iters:
-            head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
-            mbarrier.expect(q_ready.index(i), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], q_ready.index(i), q_smem.index(i))
-
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, HEAD_DIM // 2, 16])
-    acc = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, o_layout)
-    for j in range(n_iters):
-        sp = j % P_STAGES
-        sq = j % Q_STAGES
-        mbarrier.wait(ds_ready.index(sp), _phase(j, P_STAGES))
-        mbarrier.wait(q_ready.index(sq), _phase(j, Q_STAGES))
-        acc = warpgroup_mma(ds_smem.index(sp), q_smem.index(sq), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(ds_free.index(sp), count=1)
-        if j + Q_STAGES < n_iters:
-            gl.thread_barrier()
-            head_n, local_n, q_row_n = _block_coords(j + Q_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
-            mbarrier.expect(q_ready.index(sq), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row_n, head_n * HEAD_DIM], q_ready.index(sq),
-                                            q_smem.index(sq))
-
-    # The score warpgroup has finished with K (done_bar): K's buffer stages dK.
-    mbarrier.wait(done_bar, 0)
-    k_smem.store((acc * scale).to(k_smem.dtype))
-    gl.thread_barrier()
-    store_rows(k_smem, dk_ptr, k_row, keys, kv_col, dk_row_stride, BLOCK_N, HEAD_DIM, STORE_COLS)
-
-
-@gluon.jit
 def hd512_dk_kernel(
     k_desc, v_desc, q_desc, do_desc, dk_ptr, lse_ptr, delta_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
     t_seq, t_key_start, t_keys, t_q_first, t_q_last, order_ptr,
@@ -326,9 +297,9 @@ def hd512_dk_kernel(
         fence_async_shared()
 
         gl.warp_specialize([
-            (_dk_output_partition, (q_desc, k_smem, q_smem, ds_smem, q_ready, ds_ready, ds_free, done_bar, dk_ptr,
-                                    k_row, keys, kv_col, KV_HEADS * HEAD_DIM, q_first, q_base, head0, n_qblocks,
-                                    n_iters, scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, P_STAGES, STORE_COLS)),
+            (_key_output_partition, (q_desc, k_smem, q_smem, ds_smem, q_ready, ds_ready, ds_free, done_bar, dk_ptr,
+                                     k_row, keys, kv_col, KV_HEADS * HEAD_DIM, q_first, q_base, head0, n_qblocks,
+                                     n_iters, scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, P_STAGES, STORE_COLS)),
             (_dk_score_partition, (k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready,
                                    do_ready, ds_ready, ds_free, done_bar, lo_ptr, hi_ptr, lse_ptr, delta_ptr, total,
                                    k_row, kv_col, key_start, keys, q_first, q_last, q_base, head0, n_qblocks, n_iters,
