@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .kernel import phase as _phase
-from .kernel import store_rows
+from .kernel import query_tile, store_rows
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -421,17 +421,9 @@ def hd512_dq_kernel(
     tile = gl.load(order_ptr + gl.program_id(1))
     rows = gl.load(t_rows + tile)
     if rows > 0:
-        seq = gl.load(t_seq + tile)
-        row_start = gl.load(t_start + tile)
-        lo_min = gl.load(t_lo_min + tile)
-        lo_max = gl.load(t_lo_max + tile)
-        hi_min = gl.load(t_hi_min + tile)
-        hi_max = gl.load(t_hi_max + tile)
-        q_row = (gl.load(cu_q_ptr + seq) + row_start).to(gl.int32)
-        k_row = gl.load(cu_k_ptr + seq).to(gl.int32)
-        n_start = (lo_min // BLOCK_N) * BLOCK_N
-        n_blocks = gl.cdiv(hi_max + 1 - n_start, BLOCK_N)
-        kv_col = (head // group) * HEAD_DIM
+        q_row, k_row, n_start, n_blocks, lo_max, hi_min, kv_col = query_tile(
+            tile, head, group, t_seq, t_start, t_lo_min, t_lo_max, t_hi_min, t_hi_max, cu_q_ptr, cu_k_ptr,
+            HEAD_DIM, BLOCK_N)
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
