@@ -161,3 +161,15 @@ def test_bad_arguments():
     plan = plan_shards(spans, 2, tile=4)
     with pytest.raises(ValueError, match="r must be in"):
         plan.bytes_needed(2)
+
+
+def test_fixed_starts_are_used_and_checked():
+    spans = image_spans(40, [(5, 20)], "gemma3", "official", "sliding", window=6)
+    plan = plan_shards(spans, 3, starts=(0, 10, 10, 40))
+    assert plan.starts == (0, 10, 10, 40) and plan.needs[1] == ()
+    assert sum(plan.work) == int(((spans.hi - spans.lo + 1)).sum())
+    for bad in ((0, 10, 40), (0, 20, 10, 40), (1, 10, 20, 40), (0, 10, 20, 39)):
+        with pytest.raises(ValueError, match="starts must be 4 non-decreasing rows from 0 to 40"):
+            plan_shards(spans, 3, starts=bad)
+    with pytest.raises(TypeError, match="starts must be a tuple of ints or None, got str"):
+        plan_shards(spans, 3, starts="0,10")

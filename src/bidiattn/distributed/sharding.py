@@ -86,8 +86,13 @@ def _nearest_cuts(prefix: torch.Tensor, total: int, world_size: int) -> list[int
     return torch.where(take_below, below, above).tolist()
 
 
-def plan_shards(spans: SpanMask, world_size: int, *, num_q_heads: int = 1, tile: int = 128) -> ShardPlan:
+def plan_shards(spans: SpanMask, world_size: int, *, num_q_heads: int = 1, tile: int = 128,
+                starts: tuple[int, ...] | None = None) -> ShardPlan:
     """Cut ``spans``' packed rows into ``world_size`` balanced contiguous shards (see the module).
+
+    ``starts``: cut at these ``world_size + 1`` rows instead (non-decreasing, from 0 to the row
+    count): the shards of another layer's plan, so that the layers of one model (full and
+    sliding, whose spans differ) share the sharding of their hidden states.
 
     Cuts are at multiples of ``tile`` rows (or at the end), each the tile boundary whose prefix
     work is nearest the ideal cumulative target ``r * total / world_size``; so the largest
@@ -122,9 +127,17 @@ def plan_shards(spans: SpanMask, world_size: int, *, num_q_heads: int = 1, tile:
     # Bound: candidate prefixes rise by at most tile_work between neighbours (<= tile rows), so
     # the nearest to each target t_r is within tile_work / 2 of it (t_0 and t_W are hit exactly);
     # rank r's work P(c_{r+1}) - P(c_r) <= (t_{r+1} - t_r) + tile_work = total / W + tile_work.
-    candidates = torch.cat([torch.arange(0, rows, tile, dtype=torch.int64), torch.tensor([rows])])
-    picks = _nearest_cuts(prefix[candidates], total, world_size)
-    starts = tuple(int(candidates[i]) for i in picks)
+    if starts is None:
+        candidates = torch.cat([torch.arange(0, rows, tile, dtype=torch.int64), torch.tensor([rows])])
+        picks = _nearest_cuts(prefix[candidates], total, world_size)
+        starts = tuple(int(candidates[i]) for i in picks)
+    else:
+        if not isinstance(starts, (tuple, list)):
+            raise TypeError(f"starts must be a tuple of ints or None, got {type(starts).__name__}")
+        starts = tuple(as_int(x, "starts[i]") for x in starts)
+        if (len(starts) != world_size + 1 or starts[0] != 0 or starts[-1] != rows
+                or any(a > b for a, b in zip(starts, starts[1:]))):
+            raise ValueError(f"starts must be {world_size + 1} non-decreasing rows from 0 to {rows}, got {starts}")
     work = tuple(int(prefix[starts[r + 1]] - prefix[starts[r]]) for r in range(world_size))
 
     needs, order, row_ranges, key_ranges = [], [], {}, {}

@@ -460,6 +460,15 @@ def make_attention_function(convention: str = "official", backend: str = "auto",
             dense_fn = None
         if tq != source.rows:
             raise ValueError(f"bidiattn: the layer has {tq} queries but its mask was made for {source.rows}")
+        context = kwargs.get("bidiattn_context")
+        if context is not None:
+            # Context parallelism: this rank's rows of one long sequence (integrations/context_parallel.py).
+            from .context_parallel import context_layer
+
+            if mode != "spans":
+                raise ValueError("bidiattn_context runs mode='spans' only")
+            return context_layer(context, query, key, value, source.family, convention, layer, window, backend,
+                                 scaling, softcap), None
         if tq == tk and source.kept is None and source.q_offset == 0 and source.kv_offset == 0:
             out = _prefill(query, key, value, source, convention, layer, window, backend, scaling, softcap, dense_fn)
         else:
