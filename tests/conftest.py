@@ -69,7 +69,7 @@ def tail_rows(spans, keep: list[int]):
         n = min(n, cu[b + 1] - cu[b])
         rows += range(cu[b + 1] - n, cu[b + 1])
         new_cu.append(new_cu[-1] + n)
-    idx = torch.tensor(rows)
+    idx = torch.tensor(rows, dtype=torch.int64)
     return SpanMask(spans.lo[idx], spans.hi[idx], torch.tensor(new_cu), cu_seqlens_k=spans.cu_seqlens,
                     total_keys=spans.total_tokens)
 

@@ -83,7 +83,7 @@ def check_against_reference(spans, hq, hkv, d, seed, softcap=None, with_lse=True
 
 @pytest.mark.parametrize("family,convention,layer", RULES)
 def test_fake_fa4_forward_and_gradients_on_every_rule(fake_fa4, family, convention, layer):
-    rng = random.Random(hash((family, convention, layer, "fake")) % 997)
+    rng = random.Random(repr((family, convention, layer, "fake")))
     ids, cu = random_packed_layout(rng, max_seqs=3, max_len=60, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=7, cu_seqlens=cu)
     check_against_reference(spans, 4, 2, 16, seed=1)
@@ -261,7 +261,7 @@ def test_odd_lengths(length, dtype):
 @requires_fa4
 @pytest.mark.parametrize("family,convention,layer", RULES)
 def test_every_rule_on_packed_sequences(family, convention, layer):
-    rng = random.Random(hash((family, convention, layer, "fa4")) % 997)
+    rng = random.Random(repr((family, convention, layer, "fa4")))
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=300, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=37, cu_seqlens=cu)
     check_forward(spans, 8, 2, 128, torch.bfloat16, seed=3)
@@ -335,7 +335,7 @@ def test_fa4_backward_on_text_only_packed_sequences(d, hq, hkv):
 @pytest.mark.parametrize("family,convention,layer", [("gemma4", "official", "sliding"), ("paligemma", "vllm", "sliding"),
                                                      ("gemma3", "transformers", "full")])
 def test_fa4_backward_on_packed_sequences_with_softcap(family, convention, layer):
-    rng = random.Random(hash((family, layer, "bwd")) % 997)
+    rng = random.Random(repr((family, layer, "bwd")))
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=400, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=64, cu_seqlens=cu).to("cuda")
     check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True)

@@ -45,7 +45,7 @@ def check_paged(spans: SpanMask, max_calls: int = 8) -> SegmentPlan:
 
 @pytest.mark.parametrize("family,convention,layer", RULES)
 def test_every_rule_on_random_packed_layouts(family, convention, layer):
-    rng = random.Random(hash((family, convention, layer)) % 1000)
+    rng = random.Random(repr((family, convention, layer)))
     for _ in range(25):
         ids, cu = random_packed_layout(rng, max_len=50)
         window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
@@ -86,7 +86,7 @@ def planned_segments(plan: SegmentPlan) -> set[tuple[int, int, str]]:
 @pytest.mark.parametrize("family,convention,layer", RULES)
 def test_the_vectorized_cut_is_the_greedy_one(family, convention, layer):
     # The plan's segments are the greedy cut's (the fewest segments), on the device in one pass.
-    rng = random.Random(hash((family, convention, layer, "greedy")) % 1000)
+    rng = random.Random(repr((family, convention, layer, "greedy")))
     for _ in range(10):
         ids, cu = random_packed_layout(rng, max_len=60)
         window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
@@ -191,14 +191,14 @@ def _kernel_vs_spec(spans: SpanMask, paged: bool, demoted: torch.Tensor | None, 
 def test_segment_starts_kernel_equals_its_spec(family, convention, layer):
     """Random packed layouts (empty sequences too), extend spans, paged and demoted rows; a
     capacity smaller than the start count (the launch repeats with room for all)."""
-    rng = random.Random(hash((family, convention, layer, "kernel")) % 1000)
+    rng = random.Random(f"{family}-{convention}-{layer}-kernel")  # str seeds are stable across processes
     for i in range(3):
         ids, cu = random_packed_layout(rng, max_len=50)
         if i == 1:  # an empty sequence in the middle and at the end
             cu = torch.cat([cu[:2], cu[1:2], cu[2:], cu[-1:]])
         window = rng.randint(1, 12) if rules.rule_for(family, convention, layer).needs_window else None
         spans = rules.build(family, convention, layer, block_ids=ids, cu_seqlens=cu, window=window)
-        tail = tail_rows(spans, [rng.randint(0, 20) for _ in range(spans.num_sequences)])
+        tail = tail_rows(spans, [rng.randint(1, 20) for _ in range(spans.num_sequences)])
         demoted = torch.zeros(spans.total_tokens, dtype=torch.int8)
         demoted[rng.randrange(spans.total_tokens):][:rng.randint(1, 9)] = 1
         for s in (spans, tail):

@@ -59,7 +59,7 @@ def test_gqa_and_blocks_straddling_tiles(hq, hkv):
 @pytest.mark.parametrize("family,convention", [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS])
 @pytest.mark.parametrize("layer", rules.LAYERS)
 def test_every_rule_on_packed_sequences(family, convention, layer):
-    ids, cu = random_packed_layout(random.Random(hash((family, convention, layer)) % 997), max_seqs=3, max_len=90)
+    ids, cu = random_packed_layout(random.Random(repr((family, convention, layer))), max_seqs=3, max_len=90)
     spans = rules.build(family, convention, layer, block_ids=ids, window=9, cu_seqlens=cu)
     run_case(spans, 4, 2, 64, torch.bfloat16, seed=3)
 
