@@ -28,7 +28,7 @@ from ..spans import SpanMask
 from .common import LOG2E, bf16_in_interpreter, fits, softcap_tanh
 from .indexing import program_tile
 
-__all__ = ["span_attention_backward"]
+__all__ = ["row_delta", "span_attention_backward"]
 
 
 @triton.jit
@@ -43,6 +43,18 @@ def _delta_kernel(o, do, dlse, delta, t_len, stride_ot, stride_oh, stride_dt, st
     b_do = tl.load(do + rows * stride_dt + i_h * stride_dh + o_d[None, :], mask=ok, other=0.0).to(tl.float32)
     b_dlse = tl.load(dlse + i_h * stride_lh + o_m, mask=o_m < t_len, other=0.0)
     tl.store(delta + i_h * stride_lh + o_m, tl.sum(b_o * b_do, 1) - b_dlse, mask=o_m < t_len)
+
+
+def row_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """``delta [Hq, T]`` (fp32) ``= sum_d out * do - dlse``, the softmax backward's row term, in
+    one launch (``out``/``do`` ``[T, Hq, D]`` with unit stride along D; ``dlse`` ``[Hq, T]`` or None)."""
+    t_len, hq, d = out.shape
+    delta = torch.empty(hq, t_len, dtype=torch.float32, device=out.device)
+    dlse = torch.zeros_like(delta) if dlse is None else dlse.float().contiguous()
+    _delta_kernel[(hq, triton.cdiv(t_len, 64))](
+        out, do, dlse, delta, t_len, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        D=d, BLOCK_M=64, BLOCK_D=triton.next_power_of_2(d))
+    return delta
 
 
 @triton.jit
@@ -266,11 +278,7 @@ def span_attention_backward(
     block_d = triton.next_power_of_2(d)
     q, k, v, do, out = (x.contiguous() for x in (q, k, v, do, out))
     lse = lse.contiguous()
-    dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
-    delta = torch.empty_like(lse)
-    _delta_kernel[(hq, triton.cdiv(t_len, 64))](
-        out, do, dlse, delta, t_len, out.stride(0), out.stride(1), do.stride(0), do.stride(1), lse.stride(0),
-        D=d, BLOCK_M=64, BLOCK_D=block_d)
+    delta = row_delta(out, do, dlse)
     lse2 = lse * LOG2E
     qk_scale = (scale / softcap) if softcap is not None else scale * LOG2E
     cap = softcap if softcap is not None else 1.0

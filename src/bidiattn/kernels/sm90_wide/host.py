@@ -240,8 +240,9 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """Gradients ``(dq, dk, dv)`` (q's dtype) of the span-mask attention whose forward gave ``out``
     and the natural-log ``lse``, in three Gluon passes (``backward_kernel.py``): dV and dK per
     64-key tile (the GQA group's heads summed in the program, deterministic), dQ per 64-row query
-    tile; ``delta = rowsum(dO * out) - dlse`` in PyTorch first. Not yet used by the gluon backend
-    (its backward runs the Triton kernels until these passes are checked on a GPU).
+    tile, after ``delta = rowsum(dO * out) - dlse`` (the Triton backward's row-term launch). Not
+    yet used by the gluon backend (its backward runs the Triton kernels until these passes are
+    checked on a GPU).
 
     Args:
         do, q, out: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]``; fp16 or bf16, CUDA (SM90).
@@ -280,10 +281,10 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdtype)
         return TensorDescriptor.from_tensor(flat[name], [rows, d], layout)
 
+    from ..backward import row_delta
+
     lse = lse.contiguous()
-    delta = (do.float() * out.float()).sum(-1).t().contiguous()
-    if dlse is not None:
-        delta = delta - dlse
+    delta = row_delta(out.contiguous(), do.contiguous(), dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * math.log2(math.e)
     span_args = (spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k)
