@@ -220,6 +220,22 @@ def bench(fn, budget_s: float, min_reps: int = 3, max_reps: int = 50, warmup: in
     return times[len(times) // 2]
 
 
+def measure(cell: dict, fn, check, flop: float, args) -> None:
+    """One column's cell: ``check(fn())`` (raises on a wrong result), then ``ms`` (median, see
+    :func:`bench`) and ``tflops``; a column that fails or errors gets ``error`` instead (reported,
+    not fatal)."""
+    import cases
+
+    try:
+        check(fn())
+        ms = bench(fn, args.seconds)
+        cell.update(ms=ms, tflops=flop / ms / 1e9)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        cell["error"] = cases.describe_error(e, 300)
+        if args.verbose:
+            traceback.print_exc()
+
+
 def optional_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -331,38 +347,31 @@ def time_backward(args, case, spans, q, k, v, scale, row, fwd_ms):
     triton's (max abs difference <= 2% of the largest gradient + 1e-3; the triton backward itself is
     checked against fp32 in the GPU tests), then timed; backward alone = fwd+bwd - the column's
     forward time of the same run."""
-    import cases
-
     hq = case[0]
     flop = 14 * row["pairs"] * D * hq
     g = torch.Generator(device="cuda").manual_seed(7)
     dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
     leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
-    want = None
+    want = []  # triton's gradients, the first column's
+
+    def check(grads):
+        torch.cuda.synchronize()
+        if not want:
+            want.extend(grads)
+            return
+        errs = [(max_err(a, b), 0.02 * b.abs().max().item() + 1e-3) for a, b in zip(grads, want)]
+        cell.update(grad_err=[e for e, _ in errs], grad_bound=[b for _, b in errs])
+        if not all(e <= b for e, b in errs):  # NaN fails too
+            raise RuntimeError(f"gradients differ from triton's: {errs}")
+
     for col, fwd_col, fwd in trainers(args, case, spans, q, k, v, scale):
         def fn(fwd=fwd, direct=col.startswith("gluon")):
             return fwd(leaves, dout) if direct else torch.autograd.grad(fwd(*leaves), leaves, dout)
         cell = dict(note="torch.autograd.grad of out with a random dout")
-        try:
-            grads = fn()
-            torch.cuda.synchronize()
-            if want is None:
-                want = grads
-            else:
-                errs = [(max_err(a, b), 0.02 * b.abs().max().item() + 1e-3) for a, b in zip(grads, want)]
-                cell.update(grad_err=[e for e, _ in errs], grad_bound=[b for _, b in errs])
-                if not all(e <= b for e, b in errs):  # NaN fails too
-                    raise RuntimeError(f"gradients differ from triton's: {errs}")
-            del grads
-            ms = bench(fn, args.seconds)
-            cell.update(ms=ms, tflops=flop / ms / 1e9)
-            base = fwd_ms.get(fwd_col)
-            if base is not None and ms > base:
-                cell.update(bwd_ms=ms - base, bwd_tflops=10 * row["pairs"] * D * hq / (ms - base) / 1e9)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-            cell["error"] = cases.describe_error(e, 300)
-            if args.verbose:
-                traceback.print_exc()
+        measure(cell, fn, check, flop, args)
+        base = fwd_ms.get(fwd_col)
+        if "ms" in cell and base is not None and cell["ms"] > base:
+            cell.update(bwd_ms=cell["ms"] - base, bwd_tflops=10 * row["pairs"] * D * hq / (cell["ms"] - base) / 1e9)
         row["columns"][col] = cell
         print(f"{row['case']:36s} {col:18s} " + (f"{cell['tflops']:6.0f} TFLOP/s {cell['ms']:8.2f} ms"
               + (f"  bwd alone {cell['bwd_tflops']:.0f}" if "bwd_tflops" in cell else "")
@@ -404,8 +413,8 @@ def time_cmd(args) -> int:
                 row["columns"][col] = cell
                 print(f"{label:36s} {col:18s} {cell['error']}", flush=True)
                 continue
-            try:
-                out = fn()
+
+            def check(out, cell=cell):
                 torch.cuda.synchronize()
                 errs = []
                 for h in (0, hq - 1):
@@ -416,13 +425,8 @@ def time_cmd(args) -> int:
                 cell.update(err=err, bound=bound)
                 if not err <= bound:  # NaN fails too
                     raise RuntimeError(f"wrong result: max abs err {err:.2e} > {bound:.2e}")
-                del out
-                ms = bench(fn, args.seconds)
-                cell.update(ms=ms, tflops=flop / ms / 1e9)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                cell["error"] = cases.describe_error(e, 300)
-                if args.verbose:
-                    traceback.print_exc()
+
+            measure(cell, fn, check, flop, args)
             row["columns"][col] = cell
             print(f"{label:36s} {col:18s} " + (f"{cell['tflops']:6.0f} TFLOP/s {cell['ms']:8.2f} ms  err {cell['err']:.1e}"
                                              if "tflops" in cell else cell["error"]), flush=True)
