@@ -126,6 +126,12 @@ def _sm90_ready() -> str | None:
     return None if err is None else f"Gluon kernel unavailable: {err}"
 
 
+def _packed_causal() -> SpanMask:
+    """Causal, five packed sequences of odd lengths (1, 63, 130, 777, 1093 tokens)."""
+    return rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
+                       cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064]))
+
+
 def _image_spans(lengths: list[int], window: int | None = None) -> SpanMask:
     ids, n = [], 0
     for length in lengths:
@@ -141,8 +147,7 @@ def _image_spans(lengths: list[int], window: int | None = None) -> SpanMask:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spans_fn, hq, hkv", [
-    (lambda: rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
-                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2),
+    (_packed_causal, 8, 2),
     (lambda: _image_spans([3000]), 16, 2),
     (lambda: _image_spans([2500, 1601]), 8, 2),
     (lambda: _image_spans([3001], window=1024), 4, 1),
@@ -186,8 +191,7 @@ def test_the_default_call_runs_gluon_at_hd512_on_sm90():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spans_fn, hq, hkv, dtype, with_lse", [
-    (lambda: rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
-                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2, torch.bfloat16, False),
+    (_packed_causal, 8, 2, torch.bfloat16, False),
     (lambda: _image_spans([2500, 1601]), 16, 2, torch.bfloat16, True),
     (lambda: _image_spans([3001], window=1024), 4, 1, torch.float16, False),
 ])
@@ -278,8 +282,7 @@ def test_backward_checks_name_the_value(change, words):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spans_fn, hq, hkv, dtype, with_lse", [
-    (lambda: rules.build("causal", "official", "full", block_ids=torch.zeros(2064, dtype=torch.int64),
-                         cu_seqlens=torch.tensor([0, 1, 64, 194, 971, 2064])), 8, 2, torch.bfloat16, False),
+    (_packed_causal, 8, 2, torch.bfloat16, False),
     (lambda: _image_spans([3000]), 16, 2, torch.bfloat16, True),
     (lambda: _image_spans([2500, 1601]), 8, 2, torch.float16, False),
     (lambda: _image_spans([3001], window=1024), 4, 1, torch.bfloat16, False),
