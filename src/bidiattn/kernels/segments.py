@@ -44,18 +44,18 @@ def _seq_of(cu_ptr, rows, num_seq, steps):
 
 
 @triton.jit
-def _link_code(lo_ptr, hi_ptr, cu_ptr, r, t, num_seq, steps):
-    """Code of link ``r`` (row ``r`` to ``r + 1``): ``dhi + 2 dlo`` where both steps are 0 or 1
-    inside one sequence, else 4 (a break); links outside ``[0, t - 1)`` are breaks."""
+def _link_code(lo_ptr, hi_ptr, r, t, seq_r, seq_next):
+    """Code of link ``r`` (row ``r`` to ``r + 1``, of sequences ``seq_r`` and ``seq_next``):
+    ``dhi + 2 dlo`` where both steps are 0 or 1 inside one sequence, else 4 (a break); links
+    outside ``[0, t - 1)`` are breaks."""
     ok = (r >= 0) & (r < t - 1)
     lo0 = tl.load(lo_ptr + r, mask=ok, other=0).to(tl.int64)
     lo1 = tl.load(lo_ptr + r + 1, mask=ok, other=0).to(tl.int64)
     hi0 = tl.load(hi_ptr + r, mask=ok, other=0).to(tl.int64)
     hi1 = tl.load(hi_ptr + r + 1, mask=ok, other=0).to(tl.int64)
     dlo, dhi = lo1 - lo0, hi1 - hi0
-    same = _seq_of(cu_ptr, r, num_seq, steps) == _seq_of(cu_ptr, r + 1, num_seq, steps)
     small = (dlo >= 0) & (dlo <= 1) & (dhi >= 0) & (dhi <= 1)
-    return tl.where(ok & same & small, dhi + 2 * dlo, 4)
+    return tl.where(ok & (seq_r == seq_next) & small, dhi + 2 * dlo, 4)
 
 
 @triton.jit
@@ -73,9 +73,13 @@ def _segment_starts_kernel(lo_ptr, hi_ptr, cu_ptr, cu_k_ptr, demote_ptr, out_ptr
         x = base + tl.arange(0, BLOCK).to(tl.int64)  # candidate start rows
         inside = x < t
         r = x - 1  # the link into row x
-        code_r = _link_code(lo_ptr, hi_ptr, cu_ptr, r, t, num_seq, steps)
-        code_prev = _link_code(lo_ptr, hi_ptr, cu_ptr, r - 1, t, num_seq, steps)
-        code_x = _link_code(lo_ptr, hi_ptr, cu_ptr, x, t, num_seq, steps)
+        # Sequences of rows x - 2 .. x + 1: the links x - 2, x - 1 (r) and x.
+        seq_a, seq_b = _seq_of(cu_ptr, x - 2, num_seq, steps), _seq_of(cu_ptr, r, num_seq, steps)
+        seq = _seq_of(cu_ptr, x, num_seq, steps)
+        seq_d = _seq_of(cu_ptr, x + 1, num_seq, steps)
+        code_r = _link_code(lo_ptr, hi_ptr, r, t, seq_b, seq)
+        code_prev = _link_code(lo_ptr, hi_ptr, r - 1, t, seq_a, seq_b)
+        code_x = _link_code(lo_ptr, hi_ptr, x, t, seq, seq_d)
         brk_r = code_r == 4
         fixing = (r == 0) | (code_r == code_prev) | brk_r
         val = tl.where(fixing & (r >= 0) & inside, 2 * r + brk_r.to(tl.int64), -1)
@@ -97,7 +101,6 @@ def _segment_starts_kernel(lo_ptr, hi_ptr, cu_ptr, cu_k_ptr, demote_ptr, out_ptr
         start = tl.where(inside, start, 0)
         pos = count + tl.cumsum(start, 0) - 1
         keep = (start == 1) & (pos < cap)
-        seq = _seq_of(cu_ptr, x, num_seq, steps)
         hi_x = tl.load(hi_ptr + x, mask=inside, other=0).to(tl.int64)
         k_base = tl.load(cu_k_ptr + seq, mask=keep, other=0)
         at = out_ptr + 1 + pos
