@@ -43,7 +43,6 @@ On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -452,30 +451,26 @@ def timing(args) -> int:
 
 
 def run_meta(args, **extra) -> dict:
-    """What a results file records: GPU, model, flags, date, commit (``BIDIATTN_COMMIT``), the
-    command, torch/triton/vLLM versions."""
-    import torch
+    """What a results file records: :func:`cases.meta` (device, date, torch/triton, commit from
+    ``BIDIATTN_COMMIT``, the command) with vLLM's version, the model and the flags."""
+    import cases
 
-    meta = {"gpu": torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu",
-            "model": args.model, "images": args.images, "graphs": args.graphs, **extra,
-            "date": datetime.date.today().isoformat(), "commit": os.environ.get("BIDIATTN_COMMIT", "unknown"),
-            "command": "python benchmarks/vllm_backend.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
-    for name in ("triton", "vllm"):
-        try:
-            meta[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return meta
+    meta = cases.meta("python benchmarks/vllm_backend.py " + " ".join(sys.argv[1:]))
+    try:
+        import vllm
+
+        meta["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    return dict(meta, model=args.model, images=args.images, graphs=args.graphs, **extra)
 
 
 def write_results(out: str, prefix: str, meta: dict, rows: list, lines: list[str]) -> None:
-    """``<out>/<prefix>-<gpu>-<date>.{json,md}``."""
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    stem = path / f"{prefix}-{meta['gpu']}-{meta['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("wrote", stem.with_suffix(".md"))
+    """:func:`cases.write_results`: ``<out>/<prefix>-<device>-<date>.{json,md}``."""
+    import cases
+
+    stem = cases.write_results(out, prefix, meta, dict(rows=rows), lines)
+    print(f"wrote {out}/{stem}.md")
 
 
 def main(argv: list[str] | None = None) -> int:
