@@ -281,7 +281,7 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdtype)
         return TensorDescriptor.from_tensor(flat[name], [rows, d], layout)
 
-    from ..backward import row_delta
+    from ..delta import row_delta
 
     lse = lse.contiguous()
     delta = row_delta(out.contiguous(), do.contiguous(), dlse)
