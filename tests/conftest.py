@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
+import socket
 
 import pytest
 import torch
@@ -20,6 +22,40 @@ if not torch.cuda.is_available():
 cpu_interpreter_only = pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the CPU path through Triton's interpreter (CUDA present: "
     "TRITON_INTERPRET is not set); the gpu-marked tests cover the CUDA path")
+
+
+def run_ranks(fn, world: int, *args, backend: str = "gloo", timeout_s: int = 120) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in one process group
+    (``backend`` ``"gloo"``: CPU, one intra-op thread each; ``"nccl"``: GPU ``rank`` each). Every rank
+    meets the others at a barrier before the group is destroyed, so that no rank tears its
+    connections down while a peer still reads from them; a rank's exception fails the test."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(fn, world, free_port(), backend, timeout_s, args), nprocs=world, join=True)
+
+
+def _rank_main(rank, fn, world, port, backend, timeout_s, args) -> None:
+    import torch.distributed as dist
+
+    device = None
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

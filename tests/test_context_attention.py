@@ -9,28 +9,19 @@ the case's seed, runs its shard and compares it with its rows of the one-shot re
 
 from __future__ import annotations
 
-import datetime
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bidiattn import attention, rules
 from bidiattn.distributed import (RankPlan, ShardPlan, context_attention, plan_rank, plan_shards,
                                   simulate_context_attention)
 from bidiattn.spans import SpanMask
-from conftest import cpu_interpreter_only, image_spans, random_packed_layout
+from conftest import cpu_interpreter_only, free_port, image_spans, random_packed_layout, run_ranks
 
 CONVENTIONS = [(f, c) for f in rules.FAMILIES for c in rules.CONVENTIONS]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _case_spans(case: dict) -> SpanMask:
@@ -114,21 +105,14 @@ def _run_case(case: dict, rank: int, world: int) -> None:
             assert torch.allclose(x, y, **tol), f"{name} differs by {err} on rank {rank}/{world}: {case}"
 
 
-def _worker(rank: int, world: int, port: int, cases: list[dict]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        for case in cases:
-            _run_case(case, rank, world)
-        # A subgroup: the last two ranks of the world, group ranks 0 and 1.
-        if world >= 3:
-            sub = dist.new_group([world - 2, world - 1])
-            if rank >= world - 2:
-                _run_subgroup(sub, rank - (world - 2))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, cases: list[dict]) -> None:
+    for case in cases:
+        _run_case(case, rank, world)
+    # A subgroup: the last two ranks of the world, group ranks 0 and 1.
+    if world >= 3:
+        sub = dist.new_group([world - 2, world - 1])
+        if rank >= world - 2:
+            _run_subgroup(sub, rank - (world - 2))
 
 
 def _run_subgroup(group, rank: int) -> None:
@@ -147,7 +131,7 @@ def _run_subgroup(group, rank: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_gloo_ranks_equal_the_one_process_call(world):
-    mp.spawn(_worker, args=(world, _free_port(), _cases(world)), nprocs=world, join=True)
+    run_ranks(_worker, world, _cases(world))
 
 
 # ---------------------------------------------------------------------------- one process
@@ -213,7 +197,7 @@ def test_simulation_through_the_triton_kernels_in_the_interpreter():
 
 @pytest.fixture
 def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
@@ -316,37 +300,30 @@ def test_gpu_simulated_ranks_equal_one_shot_at_real_size(backend, layer):
         assert err <= 2e-2 * scale, (err, scale)
 
 
-def _nccl_worker(rank: int, world: int, port: int, t: int) -> None:
-    torch.cuda.set_device(rank)
+def _nccl_worker(rank: int, world: int, t: int) -> None:
     device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device, timeout=datetime.timedelta(seconds=300))
-    try:
-        dist.barrier()
-        for layer in ("full", "sliding"):
-            host = image_spans(t, [(s, s + 1092) for s in range(956, t - 1092, 2048)], "gemma3", "official", layer,
-                               window=1024)
-            spans = host.to(device)
-            g = torch.Generator(device=device).manual_seed(0)  # the same sequence on every rank
-            q, go = (torch.randn(t, 8, 256, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
-            k, v = (torch.randn(t, 4, 256, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
-            shards = plan_shards(host, world, num_q_heads=8)
-            a, b = shards.starts[rank], shards.starts[rank + 1]
-            ql, kl, vl = (x[a:b].clone().requires_grad_() for x in (q, k, v))
-            out, lse = context_attention(ql, kl, vl, spans, plan=plan_rank(host, shards, rank, device=device),
-                                         return_lse=True)
-            out.backward(go[a:b])
-            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-            ref_out, ref_lse = attention(qq, kk, vv, spans, return_lse=True)
-            ref_out.backward(go)
-            assert torch.allclose(lse, ref_lse[:, a:b].float(), atol=1e-3, rtol=0), layer
-            for x, y in ((out, ref_out), (ql.grad, qq.grad), (kl.grad, kk.grad), (vl.grad, vv.grad)):
-                y = y[a:b].float()
-                err = (x.float() - y).abs().max().item()
-                assert err <= 2e-2 * y.abs().max().item(), (layer, rank, err)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    dist.barrier()
+    for layer in ("full", "sliding"):
+        host = image_spans(t, [(s, s + 1092) for s in range(956, t - 1092, 2048)], "gemma3", "official", layer,
+                           window=1024)
+        spans = host.to(device)
+        g = torch.Generator(device=device).manual_seed(0)  # the same sequence on every rank
+        q, go = (torch.randn(t, 8, 256, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        k, v = (torch.randn(t, 4, 256, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        shards = plan_shards(host, world, num_q_heads=8)
+        a, b = shards.starts[rank], shards.starts[rank + 1]
+        ql, kl, vl = (x[a:b].clone().requires_grad_() for x in (q, k, v))
+        out, lse = context_attention(ql, kl, vl, spans, plan=plan_rank(host, shards, rank, device=device),
+                                     return_lse=True)
+        out.backward(go[a:b])
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        ref_out, ref_lse = attention(qq, kk, vv, spans, return_lse=True)
+        ref_out.backward(go)
+        assert torch.allclose(lse, ref_lse[:, a:b].float(), atol=1e-3, rtol=0), layer
+        for x, y in ((out, ref_out), (ql.grad, qq.grad), (kl.grad, kk.grad), (vl.grad, vv.grad)):
+            y = y[a:b].float()
+            err = (x.float() - y).abs().max().item()
+            assert err <= 2e-2 * y.abs().max().item(), (layer, rank, err)
 
 
 @pytest.mark.gpu
@@ -356,4 +333,4 @@ def test_nccl_ranks_equal_one_gpu_at_128k():
     sliding (W=1024) layers, default backend; each rank's output, lse and gradients equal its
     rows of the one-GPU call."""
     world = min(4, torch.cuda.device_count())
-    mp.spawn(_nccl_worker, args=(world, _free_port(), 131072), nprocs=world, join=True)
+    run_ranks(_nccl_worker, world, 131072, backend="nccl", timeout_s=300)

@@ -6,15 +6,13 @@ masks (eager attention, fp32).
 
 from __future__ import annotations
 
-import datetime
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bidiattn import rules
-from test_context_attention import _free_port
+from conftest import run_ranks
 
 pytest.importorskip("transformers", reason="transformers is not installed")
 
@@ -59,37 +57,32 @@ def _reference(convention: str):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        import bidiattn.integrations.transformers as bt
-        from bidiattn.integrations.context_parallel import ContextShards
+def _worker(rank: int, world: int) -> None:
+    import bidiattn.integrations.transformers as bt
+    from bidiattn.integrations.context_parallel import ContextShards
 
-        bt.register()
-        ids, block_ids, weights = _inputs()
-        for convention in ("official", "transformers"):
-            want_logits, want_grads = _reference(convention)
-            model = _model()
-            model.set_attn_implementation(f"bidiattn-{convention}")
-            shards = ContextShards.build(block_ids, "gemma3", num_q_heads=4, convention=convention, tile=4)
-            rows = shards.rows
-            assert rows.stop > rows.start, shards.starts
-            logits = model(input_ids=ids[:, rows], position_ids=torch.arange(T)[None, rows],
-                           bidiattn_context=shards).logits
-            torch.testing.assert_close(logits, want_logits[:, rows], rtol=1e-4, atol=1e-4)
-            (logits * weights[:, rows]).sum().backward()
-            for name, p in model.named_parameters():
-                grad = p.grad.clone()
-                dist.all_reduce(grad)
-                torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-4, msg=f"{convention} {name}")
-            assert {key[2] for key in shards.layer_plans} == {"full", "sliding"}
-    finally:
-        dist.destroy_process_group()
+    bt.register()
+    ids, block_ids, weights = _inputs()
+    for convention in ("official", "transformers"):
+        want_logits, want_grads = _reference(convention)
+        model = _model()
+        model.set_attn_implementation(f"bidiattn-{convention}")
+        shards = ContextShards.build(block_ids, "gemma3", num_q_heads=4, convention=convention, tile=4)
+        rows = shards.rows
+        assert rows.stop > rows.start, shards.starts
+        logits = model(input_ids=ids[:, rows], position_ids=torch.arange(T)[None, rows],
+                       bidiattn_context=shards).logits
+        torch.testing.assert_close(logits, want_logits[:, rows], rtol=1e-4, atol=1e-4)
+        (logits * weights[:, rows]).sum().backward()
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-4, msg=f"{convention} {name}")
+        assert {key[2] for key in shards.layer_plans} == {"full", "sliding"}
 
 
 def test_two_ranks_equal_the_one_process_model():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_ranks(_worker, 2)
 
 
 def test_shards_need_a_process_group_and_a_1d_sequence():
