@@ -4,14 +4,20 @@
     python benchmarks/vllm_backend.py refuse --model tiny
     python benchmarks/vllm_backend.py time --model gemma-3-4b-6l [--images] [--graphs] --out benchmarks/results
 
-Models are random-weight Gemma-3 checkpoints written locally (nothing is downloaded):
+Models are random-weight checkpoints written locally (nothing is downloaded). Gemma-3:
 ``tiny`` (2 layers, head dim 32, window 16) and ``gemma-3-4b-6l`` (gemma-3-4b's attention
 geometry: head dim 256, 8 query / 4 K/V heads, window 1024, 5 sliding + 1 full layer; hidden
 2560; vocabulary cut to 4096) and ``gemma-3-27b-6l`` (gemma-3-27b's: head dim 128, 32 query / 16
 K/V heads, hidden 5376), text-only or, with ``--images``, with a small SigLIP tower and a
-Gemma-3 processor (9 tokens per image for ``tiny``, 256 for ``gemma-3-4b-6l``; every image is
-shorter than the window, where the official, transformers and vLLM rules coincide, so every
-backend must give the same logits).
+Gemma-3 processor (9 tokens per image for ``tiny``, 256 for the others). Gemma-4 (family
+``gemma4``: images bidirectional on sliding layers): ``tiny-gemma4`` (2 layers: sliding head dim
+32, full head dim 64 with K = V, window 128) and ``gemma-4-31b-6l`` (the gemma-4-31b preset's
+attention geometry: sliding head dim 256 with 32 query / 16 K/V heads, full head dim 512 with
+4 K/V heads and K = V, window 1024; hidden 5376), with a small Gemma-4 vision tower and a
+Gemma-4 processor (at most 70 soft tokens per image for ``tiny-gemma4``, the fewest Gemma-4's
+processor takes; 280 for the other).
+Every image is shorter than the window, where the official, transformers and vLLM rules
+coincide, so every backend must give the same logits.
 
 Each engine runs in a subprocess of its own (``worker``: one vLLM engine per process,
 in-process engine core, ``bidiattn.integrations.vllm.register()`` called first, so the
@@ -55,7 +61,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+# Gemma-3 special tokens (ids 4-6: begin image, image soft token, end image).
+GEMMA3_SPECIAL = ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]
 # vLLM's Gemma-3 processor looks these up (it merges newline runs after inserting images).
 NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 WORDS = ("hello world the a cat dog runs fast slow big small red blue green what is in this image picture "
@@ -73,28 +80,90 @@ GEOMETRY = {
                            query_pre_attn_scalar=168, max_position_embeddings=131072,
                            layer_types=["sliding_attention"] * 5 + ["full_attention"]),
 }
-# Vision tower per geometry: image side / patch side = sqrt(tokens per image).
-VISION = {"tiny": (12, 4, 9), "gemma-3-4b-6l": (64, 4, 256), "gemma-3-27b-6l": (64, 4, 256)}
+# Gemma-4 text configs: ``global_head_dim`` / ``num_global_key_value_heads`` are the full layers'
+# (with ``attention_k_eq_v``: no V projection there, V = K), as vLLM 0.26's gemma4.py reads them.
+GEMMA4_GEOMETRY = {
+    "tiny-gemma4": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                        num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=128,
+                        max_position_embeddings=4096, layer_types=["sliding_attention", "full_attention"]),
+    "gemma-4-31b-6l": dict(vocab_size=4096, hidden_size=5376, intermediate_size=21504, num_hidden_layers=6,
+                           num_attention_heads=32, num_key_value_heads=16, head_dim=256, global_head_dim=512,
+                           num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
+                           max_position_embeddings=131072, layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+}
+GEOMETRY.update(GEMMA4_GEOMETRY)
+# Vision tower per geometry. Gemma-3 (SigLIP): image side, patch side, tokens per image (= (side /
+# patch)**2). Gemma-4: patch side, pooling kernel, most soft tokens per image.
+VISION = {"tiny": (12, 4, 9), "gemma-3-4b-6l": (64, 4, 256), "gemma-3-27b-6l": (64, 4, 256),
+          "tiny-gemma4": (4, 2, 70), "gemma-4-31b-6l": (16, 3, 280)}
+# Gemma-4 special tokens: begin image, image soft token, end image, video and audio soft tokens,
+# begin / end audio (the processor looks every one up).
+GEMMA4_SPECIAL = ["<|image>", "<|image|>", "<image|>", "<|video|>", "<|audio|>", "<|audio>", "<audio|>"]
+
+
+def family(geometry: str) -> str:
+    return "gemma4" if geometry in GEMMA4_GEOMETRY else "gemma3"
+
+
+def vllm_overrides(geometry: str, images: bool) -> dict | None:
+    """``hf_overrides`` a Gemma-4 checkpoint needs in vLLM 0.26 under transformers >= 5.17.
+
+    vLLM 0.26 reads ``global_head_dim``, ``num_global_key_value_heads`` and the global
+    ``head_dim`` / ``num_key_value_heads`` as plain attributes of the text config; transformers
+    5.17 moves the full layers' values into ``per_layer_config`` (the two ``global_*`` names are
+    gone, the other two raise unless ``allow_global_per_layer_attribute_access``). Every engine of
+    a run gets the same overrides, so backends stay comparable."""
+    if family(geometry) != "gemma4":
+        return None
+    geo = GEMMA4_GEOMETRY[geometry]
+    text = {"allow_global_per_layer_attribute_access": True, "global_head_dim": geo["global_head_dim"],
+            "num_global_key_value_heads": geo["num_global_key_value_heads"]}
+    return {"text_config": text} if images else text
+
+
+def image_placeholder(geometry: str) -> str:
+    """The text a prompt carries where an image goes (the processor expands it)."""
+    return "<|image|>" if family(geometry) == "gemma4" else "<start_of_image>"
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def write_model(path: Path, geometry: str, images: bool, sliding_window: int | None = None) -> Path:
-    """A random-weight Gemma-3 checkpoint (bf16) and its tokenizer (and processor) in ``path``."""
-    import torch
+def _tokenizer(vocab_size: int, special: list[str], extra: dict[str, str]):
+    """A word-level tokenizer: ``<pad> <eos> <bos> <unk>`` (ids 0-3), ``special`` (ids from 4),
+    the newline runs, the prompt words, then filler words up to ``vocab_size``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>"] + special + NEWLINES + WORDS
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens=extra)
+
+
+def _randomize(model) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # the models' own init leaves some weights at zero
+            if not p.any():
+                p.normal_(std=0.05)
+
+
+def write_model(path: Path, geometry: str, images: bool, sliding_window: int | None = None) -> Path:
+    """A random-weight checkpoint (bf16) of ``geometry`` and its tokenizer (and processor) in ``path``."""
+    if family(geometry) == "gemma4":
+        return write_gemma4_model(path, geometry, images)
+    import torch
 
     text = dict(GEOMETRY[geometry], pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if sliding_window is not None:
         text["sliding_window"] = sliding_window
-    vocab = SPECIAL + NEWLINES + WORDS
-    vocab += [f"w{i}" for i in range(text["vocab_size"] - len(vocab))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
-                              "eoi_token": "<end_of_image>"})
+    tokenizer = _tokenizer(text["vocab_size"], GEMMA3_SPECIAL,
+                              {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                               "eoi_token": "<end_of_image>"})
     torch.manual_seed(0)
     if images:
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
@@ -113,14 +182,55 @@ def write_model(path: Path, geometry: str, images: bool, sliding_window: int | N
 
         model = Gemma3ForCausalLM(Gemma3TextConfig(**text))
         processor = tokenizer
-    with torch.no_grad():
-        for p in model.parameters():  # the models' own init leaves some weights at zero
-            if not p.any():
-                p.normal_(std=0.05)
+    _randomize(model)
     model.to(torch.bfloat16).save_pretrained(path)
     processor.save_pretrained(path)
     if images:
         hub_vision_names(path)
+    return path
+
+
+def write_gemma4_model(path: Path, geometry: str, images: bool) -> Path:
+    """A random-weight Gemma-4 checkpoint (bf16, family ``gemma4``: ``use_bidirectional_attention=
+    "vision"``) with a one-layer vision tower and no audio tower, its tokenizer and, with
+    ``images``, a Gemma-4 processor; the soft tokens per image are capped by the image processor's
+    ``max_soft_tokens`` and the vision config's ``default_output_length`` alike (vLLM sizes its
+    placeholders from the latter, the processor from the former). Text-only: the language model
+    alone (``Gemma4ForCausalLM``)."""
+    import torch
+    import transformers as tf
+
+    geo = dict(GEMMA4_GEOMETRY[geometry])
+    ids = {name: 4 + i for i, name in enumerate(GEMMA4_SPECIAL)}
+    tokenizer = _tokenizer(geo["vocab_size"], GEMMA4_SPECIAL,
+                              {"boi_token": "<|image>", "image_token": "<|image|>", "eoi_token": "<image|>",
+                               "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"})
+    text = dict(geo, pad_token_id=0, eos_token_id=1, bos_token_id=2, use_bidirectional_attention="vision",
+                hidden_size_per_layer_input=0, vocab_size_per_layer_input=geo["vocab_size"])
+    torch.manual_seed(0)
+    if images:
+        patch, pool, soft = VISION[geometry]
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=32, patch_size=patch, pooling_kernel_size=pool,
+                      default_output_length=soft)
+        config = tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                 boi_token_id=ids["<|image>"], image_token_id=ids["<|image|>"],
+                                 eoi_token_id=ids["<image|>"], video_token_id=ids["<|video|>"],
+                                 audio_token_id=ids["<|audio|>"], boa_token_id=ids["<|audio>"],
+                                 eoa_token_index=ids["<audio|>"])
+        model = tf.Gemma4ForConditionalGeneration(config)
+        image_processor = tf.Gemma4ImageProcessor(patch_size=patch, pooling_kernel_size=pool, max_soft_tokens=soft)
+        processor = tf.Gemma4Processor(feature_extractor=tf.Gemma4AudioFeatureExtractor(),
+                                       image_processor=image_processor, tokenizer=tokenizer,
+                                       video_processor=tf.Gemma4VideoProcessor(patch_size=patch,
+                                                                               pooling_kernel_size=pool),
+                                       image_seq_length=soft)
+    else:
+        model = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(**text))
+        processor = tokenizer
+    _randomize(model)
+    model.to(torch.bfloat16).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
@@ -158,7 +268,7 @@ def requests(geometry: str, images: bool, lengths: list[int], seed: int = 0) -> 
         count = 0
         if images:
             for at in sorted({max(1, int(n * f)) for f in (0.1, 0.5)}):
-                words.insert(at + count, "<start_of_image>")
+                words.insert(at + count, image_placeholder(geometry))
                 count += 1
         out.append({"prompt": " ".join(words), "images": count})
     return out
@@ -184,6 +294,8 @@ def worker(spec: dict) -> dict:
                   max_num_batched_tokens=spec.get("max_batched", 64), enable_chunked_prefill=True,
                   block_size=spec.get("block_size", 16), dtype="bfloat16", seed=0,
                   kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), enable_prefix_caching=False)
+    if spec.get("hf_overrides"):
+        kwargs["hf_overrides"] = spec["hf_overrides"]
     if spec.get("images"):
         kwargs["limit_mm_per_prompt"] = {"image": 4}
     t0 = time.perf_counter()
@@ -335,12 +447,13 @@ def compare(ref: dict, got: dict, tol: float = 0.06, tie: float = 0.02) -> list[
 def check(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(Path(tmp) / "model", args.model, args.images))
-        lengths = [5, 40, 130, 300] if args.model == "tiny" else [300, 1500, 3000]
+        lengths = [5, 40, 130, 300] if args.model.startswith("tiny") else [300, 1500, 3000]
         reqs = requests(args.model, args.images, lengths)
         failures, rows = 0, []
         for block_size in args.block_sizes:
             base = dict(model=model, requests=reqs, images=args.images, graphs=args.graphs, block_size=block_size,
-                        max_batched=args.max_batched, max_model_len=args.max_model_len)
+                        max_batched=args.max_batched, max_model_len=args.max_model_len,
+                        hf_overrides=vllm_overrides(args.model, args.images))
             code, ref, err = run_worker(dict(base, backend="TRITON_ATTN"))
             if code:
                 print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
@@ -416,7 +529,7 @@ def timing(args) -> int:
             spec = dict(model=model, backend=backend, rule=rule, requests=reqs, images=args.images, graphs=args.graphs,
                         mode="time", decode_tokens=args.decode_tokens, reps=args.reps, memory=0.8,
                         max_model_len=args.prompt_len + args.decode_tokens + 1024, max_batched=args.max_batched,
-                        block_size=args.block_size)
+                        block_size=args.block_size, hf_overrides=vllm_overrides(args.model, args.images))
             code, res, err = run_worker(spec, timeout=3600)
             label = backend if rule is None else f"{backend}/{rule}"
             if code:
@@ -484,10 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("check", "refuse", "time"):
         p = sub.add_parser(name)
         p.add_argument("--model", choices=sorted(GEOMETRY), default="tiny")
-        p.add_argument("--images", action="store_true", help="a SigLIP tower and image prompts")
+        p.add_argument("--images", action="store_true",
+                       help="a vision tower (SigLIP for Gemma-3, Gemma-4's own) and image prompts")
         p.add_argument("--graphs", action="store_true", help="vLLM's CUDA graphs (default: enforce_eager)")
-        p.add_argument("--max-batched", type=int, default=64 if name != "time" else 8192,
-                       help="max_num_batched_tokens (chunked prefill)")
+        p.add_argument("--max-batched", type=int, default=None,
+                       help="max_num_batched_tokens (chunked prefill; default: 8192 for time, else 64, or 160 "
+                            "for Gemma-4, whose images of up to 72 tokens must fit one chunk)")
         p.add_argument("--max-model-len", type=int, default=1024)
         p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64])
         p.add_argument("--rules", nargs="+", choices=("official", "vllm"), default=["official", "vllm"],
@@ -499,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--reps", type=int, default=3)
         p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.max_batched is None:
+        args.max_batched = 8192 if args.command == "time" else 160 if family(args.model) == "gemma4" else 64
+    if args.command == "refuse" and family(args.model) != "gemma3":
+        parser.error(f"refuse runs Gemma-3 models (its over-long images are Gemma-3's case); got --model {args.model}")
     return {"check": check, "refuse": refuse, "time": timing}[args.command](args)
 
 

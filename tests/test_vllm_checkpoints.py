@@ -1,0 +1,103 @@
+"""The random-weight checkpoints ``benchmarks/vllm_backend.py`` serves through vLLM, checked
+without vLLM: the Gemma-4 geometry (sliding and full layers of different head dims, K = V on
+the full layers, images bidirectional), the ``hf_overrides`` that let vLLM 0.26 read that
+geometry from transformers' per-layer config, and the prompts' image placeholders; each model
+runs through transformers with bidiattn (CPU: the reference backend).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="transformers is not installed")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "vllm_backend.py"
+
+
+@pytest.fixture(scope="module")
+def vb():
+    spec = importlib.util.spec_from_file_location("vllm_backend_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemma4_text_checkpoint_has_both_head_dims_and_k_eq_v(vb, tmp_path):
+    from safetensors.torch import load_file
+
+    geo = vb.GEMMA4_GEOMETRY["tiny-gemma4"]
+    path = vb.write_model(tmp_path / "m", "tiny-gemma4", images=False)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Gemma4ForCausalLM"]
+    assert config["use_bidirectional_attention"] == "vision"
+    assert config["layer_types"] == ["sliding_attention", "full_attention"]
+    weights = load_file(path / "model.safetensors")
+    sliding, full = "model.layers.0.self_attn.", "model.layers.1.self_attn."
+    assert weights[sliding + "k_proj.weight"].shape[0] == geo["num_key_value_heads"] * geo["head_dim"]
+    assert sliding + "v_proj.weight" in weights
+    assert weights[full + "k_proj.weight"].shape[0] == geo["num_global_key_value_heads"] * geo["global_head_dim"]
+    assert weights[full + "q_proj.weight"].shape[0] == geo["num_attention_heads"] * geo["global_head_dim"]
+    assert full + "v_proj.weight" not in weights  # K = V on full layers
+
+    reqs = vb.requests("tiny-gemma4", False, [5, 40])
+    got = vb.transformers_worker(dict(model=str(path), requests=reqs, images=False, rule="official", max_tokens=2))
+    assert [len(r["steps"]) for r in got["requests"]] == [2, 2]
+    assert all(lp is not None and lp <= 0 for r in got["requests"] for lp in r["prompt_logprobs"][1:])
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_overrides_give_vllm_the_attributes_it_reads(vb, images):
+    """vLLM 0.26 reads these four attributes of the text config; transformers' per-layer config
+    hides them unless the overrides are applied (as vLLM applies ``hf_overrides``)."""
+    import transformers
+
+    geo = vb.GEMMA4_GEOMETRY["tiny-gemma4"]
+    text = dict(geo, use_bidirectional_attention="vision", hidden_size_per_layer_input=0)
+    config = (transformers.Gemma4Config(text_config=text, audio_config=None) if images
+              else transformers.Gemma4TextConfig(**text))
+    overrides = vb.vllm_overrides("tiny-gemma4", images)
+    if images:
+        config.text_config.update(overrides["text_config"])
+    else:
+        config.update(overrides)
+    text_config = config.get_text_config()
+    assert getattr(text_config, "global_head_dim", None) == geo["global_head_dim"]
+    assert getattr(text_config, "num_global_key_value_heads", None) == geo["num_global_key_value_heads"]
+    assert text_config.head_dim == geo["head_dim"]
+    assert text_config.num_key_value_heads == geo["num_key_value_heads"]
+    assert vb.vllm_overrides("tiny", images) is None
+
+
+def test_prompts_carry_each_familys_image_placeholder(vb):
+    for geometry, placeholder in (("tiny", "<start_of_image>"), ("tiny-gemma4", "<|image|>")):
+        reqs = vb.requests(geometry, True, [5, 40])
+        assert [r["prompt"].split().count(placeholder) for r in reqs] == [r["images"] for r in reqs]
+        assert all(r["images"] >= 1 for r in reqs)
+
+
+def test_gemma4_image_checkpoint_expands_images_within_the_window(vb, tmp_path):
+    pytest.importorskip("torchvision", reason="Gemma-4's processor needs torchvision (its video processor)")
+    import transformers
+
+    path = vb.write_model(tmp_path / "mm", "tiny-gemma4", images=True)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    reqs = vb.requests("tiny-gemma4", True, [40])
+    inputs = processor(text=reqs[0]["prompt"], images=vb.request_images(0, reqs[0]["images"]), return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    image = processor.image_token_id
+    runs, count = [], 0
+    for token in ids + [-1]:
+        if token == image:
+            count += 1
+        elif count:
+            runs.append(count)
+            count = 0
+    assert len(runs) == reqs[0]["images"]
+    window = vb.GEMMA4_GEOMETRY["tiny-gemma4"]["sliding_window"]
+    assert all(0 < n <= vb.VISION["tiny-gemma4"][2] and n + 2 < window for n in runs), runs
+    got = vb.transformers_worker(dict(model=str(path), requests=reqs, images=True, rule="official", max_tokens=2))
+    assert got["requests"][0]["prompt_tokens"] == len(ids)
