@@ -238,3 +238,17 @@ def test_a_plain_token_count_mismatch_gets_no_transpose_hint():
     with pytest.raises(ValueError, match="token counts differ") as err:
         bidiattn.attention(q, k, v, _spans(12), backend="reference")
     assert "transpose" not in str(err.value)
+
+
+def test_flags_must_be_bools():
+    from bidiattn.serving.kvcache import PagedKVCache, paged_attention
+
+    spans = rules.build("gemma3", "official", "full", block_ids=torch.tensor([0, 1, 1, 0, 0]))
+    q, k, v = _qkv(5, 5)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got 'yes'"):
+        bidiattn.attention(q, k, v, spans, return_lse="yes")
+    cache = PagedKVCache.allocate(2, 4, 2, 16, dtype=torch.float16, device=DEVICE)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
+    for name in ("return_lse", "validate"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got 1"):
+            paged_attention(q, cache, table, spans, **{name: 1})

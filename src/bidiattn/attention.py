@@ -133,6 +133,8 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     scale = check_attention_inputs(q, k, v, spans, scale, softcap)
     softcap = None if softcap is None else float(softcap)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]

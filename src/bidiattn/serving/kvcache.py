@@ -168,6 +168,9 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
 
     if backend not in ("auto", "triton", "fa4"):
         raise ValueError(f"paged_attention backend must be 'auto', 'triton' or 'fa4', got {backend!r}")
+    for name, flag in (("return_lse", return_lse), ("validate", validate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if not isinstance(spans, SpanMask):
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != spans.total_tokens:
