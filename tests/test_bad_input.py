@@ -252,3 +252,11 @@ def test_flags_must_be_bools():
     for name in ("return_lse", "validate"):
         with pytest.raises(TypeError, match=f"{name} must be a bool, got 1"):
             paged_attention(q, cache, table, spans, **{name: 1})
+
+
+def test_key_offsets_are_named_in_their_errors_and_validate_is_a_bool():
+    lo, hi = torch.tensor([0, 0]), torch.tensor([2, 3])
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and end at total_keys=3, got first=0, last=4"):
+        SpanMask(lo, hi, cu_seqlens=torch.tensor([0, 2]), cu_seqlens_k=torch.tensor([0, 4]), total_keys=3)
+    with pytest.raises(TypeError, match="SpanMask.validate must be a bool, got 'no'"):
+        SpanMask(torch.tensor([0, 0]), torch.tensor([0, 1]), validate="no")

@@ -139,7 +139,7 @@ def good():
          ValueError, r"straddles the step's first row 6"),
         (dict(blocks=BlockList.from_pairs([[(2, 5)], []])), ValueError, "blocks has 2 sequences"),
         (dict(total_tokens=0), ValueError, "total_tokens must be a positive int"),
-        (dict(total_tokens=9), ValueError, "end at T=9"),
+        (dict(total_tokens=9), ValueError, "end at total_tokens=9"),
         (dict(total_keys=10), ValueError, "total_keys needs cu_seqlens_k"),
         (dict(cu_seqlens_k=torch.tensor([0, 10])), ValueError, "total_keys must be a positive int"),
         (dict(blocks=[(2, 5)]), TypeError, "BlockList"),

@@ -157,7 +157,7 @@ def test_a_chunk_that_splits_a_block_is_refused():
         (dict(cu_seqlens_k=torch.tensor([0, 2]), total_keys=2), "sequence 0 has 3 query rows but only 2 keys"),
         (dict(cu_seqlens_k=torch.tensor([0, 5]), total_keys=None), "total_keys must be a positive int"),
         (dict(total_keys=5), "needs cu_seqlens_k"),
-        (dict(cu_seqlens_k=torch.tensor([0, 5]), total_keys=6), "end at T=6"),
+        (dict(cu_seqlens_k=torch.tensor([0, 5]), total_keys=6), "cu_seqlens_k must start at 0 and end at total_keys=6"),
     ],
 )
 def test_bad_extend_spans(kwargs, match):

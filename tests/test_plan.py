@@ -357,3 +357,16 @@ def test_the_public_names():
     for fn in (bidiattn.attention, paged_attention):
         params = inspect.signature(fn).parameters
         assert "plan" in params and "segment_plan" not in params and "fa4_strategy" not in params
+
+
+@cpu_interpreter_only
+@pytest.mark.parametrize("backend, head_dim, dtype, error, words", [
+    ("triton", 7, torch.bfloat16, ValueError, "multiples of 16 up to 512, got 7"),
+    ("triton", 1024, torch.bfloat16, ValueError, "multiples of 16 up to 512, got 1024"),
+    ("triton", 64, torch.float32, TypeError, "float16 or bfloat16, got torch.float32"),
+    ("gluon", 256, torch.bfloat16, ValueError, "head dim 512 only, got 256"),
+    ("gluon", 512, torch.float32, TypeError, "float16 or bfloat16, got torch.float32"),
+])
+def test_an_explicit_backend_refuses_head_dims_and_dtypes_it_cannot_run(backend, head_dim, dtype, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        bidiattn.plan(image_spans(8, [(2, 5)]), 4, 2, head_dim, backend=backend, dtype=dtype)

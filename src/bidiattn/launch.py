@@ -960,7 +960,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     head count that is not a multiple of the K/V head count, a non-positive window or an
     unknown backend raise ``ValueError``; sizes may be any integer type (numpy's too; bools and
     floats raise ``TypeError``). A triton plan needs the spans on a CUDA device (or
-    ``TRITON_INTERPRET=1``) and Triton installed (``ImportError`` naming the install).
+    ``TRITON_INTERPRET=1``) and Triton installed (``ImportError`` naming the install); a
+    backend named explicitly refuses a head dim or dtype it cannot run, as the call would.
 
     Example (a model's layers sharing one mask)::
 
@@ -990,9 +991,9 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     if backend == "triton":
         if device.type != "cuda" and not interpreting():
             raise ValueError(f"a triton plan needs the spans on a CUDA device (or TRITON_INTERPRET=1), got {device}")
-        missing = triton_missing()
-        if missing is not None:
-            raise missing
+        unsupported = triton_unsupported(device, dtype, d)  # Triton installed, dtype, head dim
+        if unsupported is not None:
+            raise unsupported
         forward = plan_forward(spans, hq, hkv, d, window=window)
         if training:
             forward = dataclasses.replace(forward, backward=plan_backward(spans, d))
@@ -1000,6 +1001,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     if backend == "gluon":
         if device.type != "cuda" and not interpreting():
             raise ValueError(f"a gluon plan needs the spans on a CUDA device, got {device}")
+        if d != 512 or dtype not in HALF_DTYPES:
+            raise gluon_unsupported(device, dtype, d)  # the head dim or the dtype
         from .kernels.sm90_wide.host import BLOCK_M
         from .kernels.tiles import query_tiles
 

@@ -287,7 +287,7 @@ def build_from_blocks(
     total_tokens = as_int(total_tokens, "total_tokens")
     if total_tokens < 1:
         raise ValueError(f"total_tokens must be a positive int, got {total_tokens!r}")
-    _check_cu_seqlens(cu_seqlens, total_tokens, validate)
+    _check_cu_seqlens(cu_seqlens, total_tokens, validate, total_name="total_tokens")
     if cu_seqlens_k is None:
         if total_keys is not None:
             raise ValueError("total_keys needs cu_seqlens_k (self-attention has total_tokens keys)")
@@ -296,7 +296,7 @@ def build_from_blocks(
         total_keys = None if total_keys is None else as_int(total_keys, "total_keys")
         if total_keys is None or total_keys < 1:
             raise ValueError(f"total_keys must be a positive int with cu_seqlens_k, got {total_keys!r}")
-        _check_cu_seqlens(cu_seqlens_k, total_keys, validate)
+        _check_cu_seqlens(cu_seqlens_k, total_keys, validate, "cu_seqlens_k", "total_keys")
         if cu_seqlens_k.shape != cu_seqlens.shape:
             raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel() - 1} sequences, cu_seqlens {cu_seqlens.numel() - 1}")
         keys, num_keys = cu_seqlens_k, total_keys

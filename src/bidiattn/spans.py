@@ -55,22 +55,23 @@ def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:], rows, right=True)
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, validate: bool) -> None:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, validate: bool, name: str = "cu_seqlens",
+                      total_name: str = "T") -> None:
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int64:
-        raise TypeError(f"cu_seqlens must be int64, got {cu_seqlens.dtype}")
+        raise TypeError(f"{name} must be int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must have shape [B+1] with B >= 1, got {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name} must have shape [B+1] with B >= 1, got {tuple(cu_seqlens.shape)}")
     if not validate:
         return
     first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
     if first != 0 or last != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got first={first}, last={last}")
+        raise ValueError(f"{name} must start at 0 and end at {total_name}={total}, got first={first}, last={last}")
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     bad = _first_true(lengths < 0)
     if bad is not None:
-        raise ValueError(f"cu_seqlens must be non-decreasing: sequence {bad} has length {int(lengths[bad])}")
+        raise ValueError(f"{name} must be non-decreasing: sequence {bad} has length {int(lengths[bad])}")
 
 
 def _tile_layout(cu_seqlens: torch.Tensor, total: int, block: int):
@@ -178,6 +179,8 @@ class SpanMask:
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.validate, bool):
+            raise TypeError(f"SpanMask.validate must be a bool, got {self.validate!r}")
         for name in ("lo", "hi"):
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor):
@@ -216,7 +219,7 @@ class SpanMask:
         if total_keys is None or total_keys < 1:
             raise ValueError(f"SpanMask.total_keys must be a positive int with cu_seqlens_k, got {self.total_keys!r}")
         object.__setattr__(self, "total_keys", total_keys)
-        _check_cu_seqlens(self.cu_seqlens_k, self.total_keys, self.validate)
+        _check_cu_seqlens(self.cu_seqlens_k, self.total_keys, self.validate, "cu_seqlens_k", "total_keys")
         if self.cu_seqlens_k.shape != self.cu_seqlens.shape:
             raise ValueError(
                 f"cu_seqlens_k has {self.cu_seqlens_k.numel() - 1} sequences, cu_seqlens {self.cu_seqlens.numel() - 1}"
