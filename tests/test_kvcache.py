@@ -141,6 +141,8 @@ def test_cache_shape_errors():
         PagedKVCache.allocate(4, 0, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="k_pages and v_pages differ"):
         PagedKVCache(torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 32))
+    with pytest.raises(TypeError, match="floating-point dtype .*got torch.int32"):
+        PagedKVCache.allocate(4, 4, 1, 16, dtype=torch.int32, device=DEVICE)
 
 
 def test_shared_launch_plan_gives_the_same_bits_for_every_layer():

@@ -50,6 +50,9 @@ class PagedKVCache:
                              f"{tuple(self.v_pages.shape)} {self.v_pages.dtype}")
         if self.k_pages.device != self.v_pages.device:
             raise ValueError("k_pages and v_pages must be on one device")
+        if not self.k_pages.dtype.is_floating_point:
+            raise TypeError(f"PagedKVCache pages must be a floating-point dtype (the keys' and values'), "
+                            f"got {self.k_pages.dtype}")
 
     @classmethod
     def allocate(cls, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
