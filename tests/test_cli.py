@@ -121,3 +121,9 @@ def test_png_without_matplotlib_names_the_install(tmp_path, monkeypatch, capsys)
     assert "bidiattn: error: bidiattn masks --png needs matplotlib" in captured.err
     assert "pip install 'bidiattn[cli]'" in captured.err
     assert captured.out == "" and not png.exists()  # refused before any work
+
+
+def test_png_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):
+    png = tmp_path / "no-such-folder" / "masks.png"
+    assert cli.main(["masks", "--family", "gemma3", "--window", "4", "--png", str(png)]) == 2
+    assert f"the folder {png.parent} does not exist" in capsys.readouterr().err

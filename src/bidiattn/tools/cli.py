@@ -32,9 +32,14 @@ def _format_table(comp: LayerComparison, layer_count: str) -> str:
 
 def _masks(args: argparse.Namespace) -> int:
     if args.png:
+        from pathlib import Path
+
         from .plot import require_matplotlib
 
         require_matplotlib()
+        folder = Path(args.png).resolve().parent
+        if not folder.is_dir():
+            raise ValueError(f"--png {args.png}: the folder {folder} does not exist")
     preset = get_preset(args.preset) if args.preset else None
     family = args.family or (preset.family if preset else None)
     if family is None:
