@@ -17,7 +17,9 @@ of CUDA-event runs), forward and forward+backward:
   plan picks FA4's only where no key is read by two segments: text-only layouts);
 - FA4 causal (speed reference, ignores the images), FA4 with the plain window on sliding cases
   (its own pairs), triton planned, FlexAttention's FLASH backend (``mask_mod``, hd <= 128 with
-  gradients);
+  gradients), and the same FA4 route called directly (``kernels/fa4_masked.py``: one FA4 launch
+  with the spans' CuTe mask function and block sparsity, hd <= 128; checked first, its columns
+  left out with the reason where it fails or is wrong);
 
 and the host time of ``bidiattn.plan`` (fa4 with its sync, triton) and of a first call.
 TFLOP/s on allowed pairs (causal / window pairs for FA4's own kernels): forward 4 * pairs * D * Hq,
@@ -36,6 +38,8 @@ import torch
 
 import bidiattn
 import cases
+from bidiattn.kernels.fa4_masked import MAX_HEAD_DIM as MASKED_MAX_HEAD_DIM
+from bidiattn.kernels.fa4_masked import mask_tables, span_attention_fa4_masked
 from bidiattn.kernels.flex import span_attention_flex
 from bidiattn.spans import SpanMask
 
@@ -128,6 +132,11 @@ def main() -> None:
         def mask_mod_flash(a, b, c):
             return span_attention_flex(a, b, c, spans, d ** -0.5, None, flash=True)[0]
 
+        masked_tables = mask_tables(spans) if d <= MASKED_MAX_HEAD_DIM else None
+
+        def fa4_masked(a, b, c):
+            return span_attention_fa4_masked(a, b, c, spans, d ** -0.5, None, tables=masked_tables)[0]
+
         row["default_rel_err"] = cases.rel_err(default(q, k, v), ref)
         row["default_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(default), want))
         row["fa4_rel_err"] = cases.rel_err(fa4_planned(q, k, v), ref)
@@ -135,6 +144,16 @@ def main() -> None:
         row["fa4_fa4_bwd_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_fa4_bwd), want))
         if max(val for key, val in row.items() if key.endswith("rel_err")) > 2e-2:
             raise RuntimeError(f"{case.name}: bidiattn fa4 is wrong: {row}")
+        masked_ok = False
+        if masked_tables is not None:  # checked apart: a wrong or failing experimental path is reported
+            try:
+                row["fa4_masked_err"] = cases.rel_err(fa4_masked(q, k, v), ref)
+                row["fa4_masked_grad_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_masked), want))
+                masked_ok = max(row["fa4_masked_err"], row["fa4_masked_grad_err"]) <= 2e-2
+            except Exception as e:  # noqa: BLE001
+                row["fa4_masked_error"] = cases.describe_error(e)
+            print(case.name, "fa4 mask_mod direct: errors", row.get("fa4_masked_err"), row.get("fa4_masked_grad_err"),
+                  row.get("fa4_masked_error", ""), flush=True)
 
         timed = dict(
             default_first_fwd=(lambda: default_first(q, k, v), fwd_fl),
@@ -154,6 +173,9 @@ def main() -> None:
         )
         if d <= 128:  # FA4's forward and backward key tiles differ at hd256 under one BlockMask
             timed["mask_mod_fwd_bwd"] = (lambda: fwd_bwd(mask_mod_flash), fb_fl)
+        if masked_ok:
+            timed["fa4_masked_fwd"] = (lambda: fa4_masked(q, k, v), fwd_fl)
+            timed["fa4_masked_fwd_bwd"] = (lambda: fwd_bwd(fa4_masked), fb_fl)
         if case.window:
             w = case.window
             local_pairs = sum(min(i + 1, w) for i in range(t))
@@ -182,6 +204,13 @@ def main() -> None:
     def tf(r, key):
         return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "n/a" if key + "_error" not in r else "fails"
 
+    def masked(r):
+        if "fa4_masked_error" in r:
+            return "fails"
+        if "fa4_masked_err" in r and "fa4_masked_fwd_tflops" not in r:
+            return f"wrong (rel err {r['fa4_masked_err']:.3g} / {r['fa4_masked_grad_err']:.3g})"
+        return f"{tf(r, 'fa4_masked_fwd')} / {tf(r, 'fa4_masked_fwd_bwd')}"
+
     def ratio(r, a, b):
         return f"{r[a + '_tflops'] / r[b + '_tflops']:.2f}x" if a + "_tflops" in r and b + "_tflops" in r else "n/a"
 
@@ -196,8 +225,9 @@ def main() -> None:
              "| case | default runs | fwd: default first | default | fa4 planned | FA4 pack | FA4 causal | FA4 window "
              "| triton | default / FA4 causal | default / FA4 window | fwd+bwd: default first | default | fa4 planned "
              "| fa4 + FA4 bwd | fa4 + triton bwd | FA4 causal | FA4 window | triton | default / FA4 causal | default / FA4 window "
-             "| mask_mod fwd / fwd+bwd | host µs: plan fa4 | plan triton (+bwd) | first call | steady call |",
-             "|---" * 26 + "|"]
+             "| mask_mod fwd / fwd+bwd | fa4 mask_mod direct fwd / fwd+bwd | host µs: plan fa4 | plan triton (+bwd) "
+             "| first call | steady call |",
+             "|---" * 27 + "|"]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['default_backend']} | {tf(r, 'default_first_fwd')} | {tf(r, 'default_fwd')} | "
@@ -208,7 +238,7 @@ def main() -> None:
             f"{tf(r, 'fa4_triton_bwd_fwd_bwd')} | "
             f"{tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_local_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
             f"{ratio(r, 'default_fwd_bwd', 'fa4_causal_fwd_bwd')} | {ratio(r, 'default_fwd_bwd', 'fa4_local_fwd_bwd')} | "
-            f"{tf(r, 'mask_mod_fwd')} / {tf(r, 'mask_mod_fwd_bwd')} | {r['plan_fa4_host_us']:.0f} | "
+            f"{tf(r, 'mask_mod_fwd')} / {tf(r, 'mask_mod_fwd_bwd')} | {masked(r)} | {r['plan_fa4_host_us']:.0f} | "
             f"{r['plan_triton_host_us']:.0f} ({r['plan_triton_training_host_us']:.0f}) | "
             f"{r['default_first_call_host_us']:.0f} | {r['default_call_host_us']:.0f} |")
     cases.write_results(args.out, "fa4" + (f"-{args.label}" if args.label else ""), meta, dict(rows=rows), lines)

@@ -172,6 +172,68 @@ def test_fake_fa4_paged_forward(fake_fa4):
     assert spans._plans[next(iter(spans._plans))].segments.paged
 
 
+def _masked(q, k, v, spans, softcap):
+    from bidiattn.kernels.fa4_masked import span_attention_fa4_masked
+
+    return span_attention_fa4_masked(q, k, v, spans, 1 / math.sqrt(q.shape[-1]), softcap)
+
+
+@pytest.fixture
+def fake_fa4_masked(fake_fa4, monkeypatch):
+    """The fake FA4, with FA4's block-sparsity tuple replaced by a namedtuple of its fields and the
+    CuTe mask function by a placeholder (the fake applies the span bounds from the aux tensors)."""
+    import collections
+
+    import bidiattn.kernels.fa4_masked as masked
+
+    fields = collections.namedtuple("BlockSparseTensorsTorch", "mask_block_cnt mask_block_idx full_block_cnt "
+                                    "full_block_idx block_size")
+    monkeypatch.setattr(masked, "_sparse", lambda *args: fields(*args))
+    monkeypatch.setattr(masked, "span_mask_mod", lambda: "span mask")  # the fake reads the bounds itself
+    return fake_fa4
+
+
+@pytest.mark.parametrize("family,convention,layer", RULES)
+def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4_masked, family, convention, layer):
+    # Packed odd lengths, blocks straddling the 128-row tiles, GQA: the block tables (forward:
+    # key blocks per query block; backward: query blocks per key block) and the span bounds the
+    # mask function reads must give exactly the reference's mask, lse and its gradient included.
+    rng = random.Random(repr((family, convention, layer, "mask_mod")))
+    ids, cu = random_packed_layout(rng, max_seqs=3, max_len=200, block_frac=0.5)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=37, cu_seqlens=cu)
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    t = spans.total_tokens
+    q = torch.randn(t, 4, 16, generator=g)
+    k, v = (torch.randn(t, 2, 16, generator=g) for _ in range(2))
+    dout = torch.randn(t, 4, 16, generator=g, dtype=torch.float64)
+    dlse = torch.randn(4, t, generator=g, dtype=torch.float64)
+    softcap = 20.0 if layer == "sliding" else None
+    got = grads_of(lambda a, b, c: _masked(a, b, c, spans, softcap), q, k, v, dout, dlse)
+    want = grads_of(lambda a, b, c: reference.attention(a, b, c, spans, softcap=softcap, return_lse=True),
+                    q, k, v, dout, dlse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=name)
+    assert [c[0] for c in fake_fa4_masked.calls] == ["fwd", "bwd"]
+
+
+def test_mask_mod_path_refuses_what_it_cannot_run(fake_fa4_masked):
+    from bidiattn.kernels.fa4_masked import mask_tables
+
+    spans = image_spans(40, [(5, 20)])
+    q = torch.randn(40, 2, 160)
+    with pytest.raises(ValueError, match="head dims up to 128, got 160"):
+        _masked(q, q[:, :1], q[:, :1], spans, None)
+    extend = tail_rows(spans, [10])
+    with pytest.raises(ValueError, match="self-attention spans only"):
+        _masked(torch.randn(10, 2, 16), torch.randn(40, 1, 16), torch.randn(40, 1, 16), extend, None)
+    with pytest.raises(ValueError, match="self-attention spans only"):
+        mask_tables(extend)
+    x = torch.randn(40, 2, 16, requires_grad=True)
+    with torch.no_grad():
+        out, _ = _masked(x, x[:, :1], x[:, :1], spans, None)  # forward-only tables
+    assert not out.requires_grad
+
+
 # ----------------------------------------------------------------------------- errors
 def test_without_fa4_or_cuda_it_says_why():
     q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
@@ -207,14 +269,18 @@ def test_paged_attention_backend_and_plan_errors(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU, real FA4
-def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, backend="fa4"):
+def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, backend="fa4", attend=None):
+    """``attend(q, k, v, spans, softcap) -> (out, lse)`` replaces ``bidiattn.attention`` when given."""
     g = torch.Generator().manual_seed(seed)
     t, tk = spans.total_tokens, spans.total_keys
     q = torch.randn(t, hq, d, generator=g).to(dtype).cuda()
     k, v = (torch.randn(tk, hkv, d, generator=g).to(dtype).cuda() for _ in range(2))
     spans = spans.to("cuda")
     scale = 1 / math.sqrt(d)
-    out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend=backend)
+    if attend is not None:
+        out, lse = attend(q, k, v, spans, softcap)
+    else:
+        out, lse = bidiattn.attention(q, k, v, spans, softcap=softcap, return_lse=True, backend=backend)
     ref32, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, softcap=softcap, return_lse=True)
     torch_err = (lowp_attention(q, k, v, spans, scale, softcap).float() - ref32).abs().max().item()
     err = (out.float() - ref32).abs().max().item()
@@ -224,7 +290,7 @@ def check_forward(spans, hq, hkv, d, dtype, softcap=None, seed=0, backend="fa4")
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
 
 
-def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backend="fa4", plan=None):
+def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backend="fa4", plan=None, attend=None):
     g = torch.Generator().manual_seed(seed)
     t = spans.total_tokens
     q, k, v = (torch.randn(t, h, d, generator=g).to(torch.bfloat16).cuda() for h in (hq, hkv, hkv))
@@ -237,8 +303,11 @@ def check_gradients(spans, hq, hkv, d, seed, softcap=None, with_lse=False, backe
         loss = (out.float() * dout).sum() + (0 if dlse is None else (lse * dlse).sum())
         return torch.autograd.grad(loss, x)
 
-    got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True,
-                                                   **(dict(plan=plan) if plan is not None else dict(backend=backend))))
+    if attend is not None:
+        got = grads(lambda a, b, c: attend(a, b, c, spans, softcap))
+    else:
+        got = grads(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True,
+                                                       **(dict(plan=plan) if plan is not None else dict(backend=backend))))
     want = grads(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans, softcap=softcap,
                                                      return_lse=True))
     lowp = grads(lambda a, b, c: lowp_attention(a, b, c, spans, 1 / math.sqrt(d), softcap, return_lse=True))
@@ -422,3 +491,28 @@ def test_paged_one_row_windows_for_runs_with_an_offset_first_key():
     ref = reference.attention(q.float(), k.float(), v.float(), spans)
     torch_err = (lowp_attention(q, k, v, spans, 128**-0.5, None).float() - ref).abs().max().item()
     assert (out.float() - ref).abs().max().item() <= 2 * torch_err + 1e-3
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("length", [7, 130, 333])
+def test_mask_mod_path_odd_lengths_and_every_rule(length):
+    # One FA4 launch with the spans' mask function (kernels/fa4_masked.py): odd lengths (a last
+    # block of fewer than 128 rows), then every rule on packed sequences, forward and lse.
+    blocks = [(length // 3, length // 3 + length // 2)]
+    check_forward(image_spans(length, blocks), 4, 2, 128, torch.bfloat16, seed=length, attend=_masked)
+    if length == 333:
+        for family, convention, layer in RULES:
+            rng = random.Random(repr((family, convention, layer, "fa4 mask_mod")))
+            ids, cu = random_packed_layout(rng, max_seqs=4, max_len=300, block_frac=0.4)
+            spans = rules.build(family, convention, layer, block_ids=ids, window=37, cu_seqlens=cu)
+            check_forward(spans, 8, 2, 128, torch.bfloat16, seed=5, attend=_masked)
+
+
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("d,hq,hkv,layer,softcap", [(128, 16, 8, "full", None), (128, 16, 8, "sliding", None),
+                                                    (64, 8, 1, "full", 30.0)])
+def test_mask_mod_path_gradients_at_real_sizes(d, hq, hkv, layer, softcap):
+    spans = real_size_spans(128, layer)
+    check_gradients(spans, hq, hkv, d, seed=d, softcap=softcap, with_lse=layer == "full", attend=_masked)

@@ -1,0 +1,151 @@
+"""FlashAttention-4 with the spans as a ``mask_mod``: one FA4 launch per call, forward and backward.
+
+The packed sequence runs as one FA4 batch of one (``q [1, T, Hq, D]``). The spans' packed bounds
+(:meth:`SpanMask.packed_bounds`: key positions over the whole pack, so packed sequences never
+see each other) go to FA4 as two int32 ``aux_tensors``, read by a CuTe ``mask_mod`` (``lo[q] <=
+kv <= hi[q]``) on the key blocks that are partial. Block sparsity comes from the block tables of
+:func:`bidiattn.kernels.flex.block_mask_from_spans`: each query block's full and partial key
+blocks (forward) and each key block's query blocks (backward), so absent blocks are never
+visited and full ones skip the mask. Forward and backward are FA4's own, the lse gradient
+included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
+mask function compiled once per process by FA4's kernel cache.
+
+Self-attention spans, head dim <= 128 (FA4's forward and backward key tiles agree there: one
+block size serves both). Not a plan's choice yet: ``benchmarks/fa4.py`` runs it ("fa4
+mask_mod") and ``tests/test_fa4.py`` checks it on a GPU; CPU tests check the tables and the calls
+against a fake FA4 that reads the mask from the aux tensors.
+
+FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..spans import SpanMask
+from . import fa4 as fa4_launches
+from .flex import block_mask_from_spans
+
+__all__ = ["MaskTables", "mask_tables", "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
+
+BLOCK = (128, 128)  # FA4's SM90 query and key tiles up to head dim 128 (4.0.0b36)
+MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class MaskTables:
+    """The spans as FA4 reads them: packed bounds ``lo``/``hi`` (int32 ``[T]``), per query block
+    the partial and full key blocks (``kv_num [1, 1, nq]``, ``kv_idx [1, 1, nq, nk]``, and the
+    ``full_*`` pair), per key block the query blocks (``q_*``, for the backward; ``None`` for a
+    forward-only table), all int32, of blocks ``block``."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_kv_num: torch.Tensor
+    full_kv_idx: torch.Tensor
+    q_num: torch.Tensor | None
+    q_idx: torch.Tensor | None
+    full_q_num: torch.Tensor | None
+    full_q_idx: torch.Tensor | None
+    block: tuple[int, int] = BLOCK
+
+
+def mask_tables(spans: SpanMask, backward: bool = True) -> MaskTables:
+    """:class:`MaskTables` of self-attention ``spans`` (device ops, no host sync)."""
+    if not spans.is_self_attention:
+        raise ValueError("the fa4 mask_mod path takes self-attention spans only (no cu_seqlens_k)")
+    lo, hi = (x.to(torch.int32).contiguous() for x in spans.packed_bounds())
+    bm = block_mask_from_spans(spans, BLOCK, for_backward=backward)
+    return MaskTables(lo, hi, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                      bm.q_num_blocks if backward else None, bm.q_indices if backward else None,
+                      bm.full_q_num_blocks if backward else None, bm.full_q_indices if backward else None)
+
+
+@functools.cache
+def span_mask_mod():
+    """The CuTe ``mask_mod``: query row ``q`` keeps key ``kv`` where ``lo[q] <= kv <= hi[q]``,
+    ``lo``/``hi`` the two aux tensors. Built on first use (imports CUTLASS's DSL)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    @cute.jit
+    def span_mask(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+        # The row index arrives as a one-lane SSA value: materialize it to index the bounds.
+        rows = cute.make_rmem_tensor(q_idx.shape, cutlass.Int32)
+        rows.store(q_idx)
+        row = rows[0]
+        lo = cute.make_rmem_tensor(1, cutlass.Int32)
+        lo[0] = aux_tensors[0][row]
+        hi = cute.make_rmem_tensor(1, cutlass.Int32)
+        hi[0] = aux_tensors[1][row]
+        return (kv_idx >= lo.load()) & (kv_idx <= hi.load())
+
+    return span_mask
+
+
+def masked_unsupported(q: torch.Tensor, spans: SpanMask) -> str | None:
+    """Why this path cannot take the call (beyond what FA4 itself refuses), or None."""
+    if not spans.is_self_attention:
+        return "the fa4 mask_mod path takes self-attention spans only"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"the fa4 mask_mod path takes head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    return None
+
+
+def _sparse(num, idx, full_num, full_idx, block):
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    return BlockSparseTensorsTorch(num, idx, full_num, full_idx, block_size=block)
+
+
+class _MaskedFA4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tables: MaskTables, scale: float, softcap: float | None):
+        ctx.set_materialize_grads(False)
+        fa4 = fa4_launches._fa4_interface()
+        out, lse = fa4._flash_attn_fwd(
+            q[None], k[None], v[None], softmax_scale=scale, softcap=softcap, mask_mod=span_mask_mod(),
+            block_sparse_tensors=_sparse(tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+                                         tables.block),
+            aux_tensors=[tables.lo, tables.hi], return_lse=True,
+        )[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tables, ctx.scale, ctx.softcap = tables, scale, softcap
+        return out[0], lse[0]
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        t = ctx.tables
+        if t.q_num is None:
+            raise RuntimeError("these mask tables were built without the backward's (mask_tables(backward=False))")
+        dout = torch.zeros_like(out) if dout is None else dout[None].contiguous()
+        fa4 = fa4_launches._fa4_interface()
+        dq, dk, dv = fa4._flash_attn_bwd(
+            q[None], k[None], v[None], out, dout, lse, softmax_scale=ctx.scale, softcap=ctx.softcap or 0.0,
+            mask_mod=span_mask_mod(), aux_tensors=[t.lo, t.hi],
+            block_sparse_tensors=_sparse(t.q_num, t.q_idx, t.full_q_num, t.full_q_idx, t.block),
+            dlse=None if dlse is None else dlse[None].contiguous(),
+        )[:3]
+        return dq[0], dk[0], dv[0], None, None, None
+
+
+def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float,
+                              softcap: float | None, tables: MaskTables | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) of validated inputs through one
+    FA4 launch with the spans' ``mask_mod``; differentiable (FA4's backward, lse gradient
+    included). ``tables``: :func:`mask_tables` of ``spans``, built here when not given."""
+    why = masked_unsupported(q, spans)
+    if why is not None:
+        raise ValueError(why)
+    if tables is None:
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        tables = mask_tables(spans, backward=needs_grad)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return _MaskedFA4.apply(q, k, v, tables, scale, softcap)
