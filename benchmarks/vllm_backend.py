@@ -122,6 +122,13 @@ def vllm_overrides(geometry: str, images: bool) -> dict | None:
     return {"text_config": text} if images else text
 
 
+def mm_limits(geometry: str) -> dict[str, int]:
+    """``limit_mm_per_prompt`` of an image run: 4 images; Gemma-4's video off, since vLLM sizes
+    the encoder budget by a 32-frame video (2496 tokens) otherwise and refuses a small
+    ``max_num_batched_tokens`` at start-up."""
+    return {"image": 4, "video": 0} if family(geometry) == "gemma4" else {"image": 4}
+
+
 def image_placeholder(geometry: str) -> str:
     """The text a prompt carries where an image goes (the processor expands it)."""
     return "<|image|>" if family(geometry) == "gemma4" else "<start_of_image>"
@@ -297,7 +304,7 @@ def worker(spec: dict) -> dict:
     if spec.get("hf_overrides"):
         kwargs["hf_overrides"] = spec["hf_overrides"]
     if spec.get("images"):
-        kwargs["limit_mm_per_prompt"] = {"image": 4}
+        kwargs["limit_mm_per_prompt"] = spec.get("mm_limits", {"image": 4})
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     start_s = time.perf_counter() - t0
@@ -453,7 +460,8 @@ def check(args) -> int:
         for block_size in args.block_sizes:
             base = dict(model=model, requests=reqs, images=args.images, graphs=args.graphs, block_size=block_size,
                         max_batched=args.max_batched, max_model_len=args.max_model_len,
-                        hf_overrides=vllm_overrides(args.model, args.images))
+                        hf_overrides=vllm_overrides(args.model, args.images),
+                        mm_limits=mm_limits(args.model))
             code, ref, err = run_worker(dict(base, backend="TRITON_ATTN"))
             if code:
                 print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
@@ -525,11 +533,13 @@ def timing(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(Path(tmp) / "model", args.model, args.images))
         reqs = requests(args.model, args.images, [args.prompt_len] * args.batch)
-        for backend, rule in (("bidiattn", "official"), ("TRITON_ATTN", None), ("FLASH_ATTN", None)):
+        peers = [("TRITON_ATTN", None)] + ([("FLASH_ATTN", None)] if family(args.model) == "gemma3" else [])
+        for backend, rule in [("bidiattn", "official")] + peers:  # vLLM's FLASH_ATTN refuses head dim 512
             spec = dict(model=model, backend=backend, rule=rule, requests=reqs, images=args.images, graphs=args.graphs,
                         mode="time", decode_tokens=args.decode_tokens, reps=args.reps, memory=0.8,
                         max_model_len=args.prompt_len + args.decode_tokens + 1024, max_batched=args.max_batched,
-                        block_size=args.block_size, hf_overrides=vllm_overrides(args.model, args.images))
+                        block_size=args.block_size, hf_overrides=vllm_overrides(args.model, args.images),
+                        mm_limits=mm_limits(args.model))
             code, res, err = run_worker(spec, timeout=3600)
             label = backend if rule is None else f"{backend}/{rule}"
             if code:
