@@ -311,8 +311,8 @@ def peers(args, case, spans, q, k, v, scale):
 
 def trainers(args, case, spans, q, k, v, scale):
     """(column, its forward column, fn) of the fwd+bwd columns of one case: the default call (the Gluon
-    forward on SM90, the Triton backward), bidiattn triton, ffpa-attn (causal): ``fn(q, k, v) -> out``
-    (autograd); the Gluon forward + its three backward passes (not yet the backend's):
+    forward and backward on SM90), bidiattn triton, ffpa-attn (causal): ``fn(q, k, v) -> out``
+    (autograd); the Gluon forward + its three backward passes called directly (what the default call runs, without autograd):
     ``fn(leaves, dout) -> (dq, dk, dv)``."""
     hq, hkv, t, rule = case
     skip = set(args.skip.split(",")) if args.skip else set()

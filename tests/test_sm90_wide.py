@@ -196,13 +196,56 @@ def test_the_default_call_runs_gluon_at_hd512_on_sm90():
     (lambda: _image_spans([3001], window=1024), 4, 1, torch.float16, False),
 ])
 def test_gluon_backend_gradients_match_reference(spans_fn, hq, hkv, dtype, with_lse):
-    """Forward through Gluon, backward through the Triton kernels (fed Gluon's out and lse)."""
+    """Forward and backward through the Gluon kernels (the backward fed Gluon's out and lse)."""
     why = _sm90_ready()
     if why:
         pytest.skip(why)
     from conftest import check_grads
 
     check_grads(spans_fn(), hq, hkv, 512, dtype, seed=hq, with_lse=with_lse, backend="gluon")
+
+
+@pytest.mark.gpu
+def test_gluon_backend_gradients_on_strided_views_over_more_keys_deterministic():
+    """300 rows over 1000 keys (a prefill chunk over a cache; a window of 400 and a 200-token
+    image), q/k/v as [H, T, D] tensors transposed to [T, H, D] (not contiguous), an explicit
+    training plan and one made without training: gradients against fp32 (2x PyTorch's error),
+    two backward runs bitwise equal."""
+    why = _sm90_ready()
+    if why:
+        pytest.skip(why)
+    import bidiattn
+    from conftest import grads_of
+
+    rows, keys, hq, hkv = 300, 1000, 8, 2
+    i = torch.arange(keys - rows, keys, device="cuda", dtype=torch.int32)
+    lo, hi = (i - 399).clamp(min=0), i.clone()
+    image = (i >= 650) & (i < 850)
+    lo[image], hi[image] = 650 - 399, 849
+    spans = SpanMask(lo.contiguous(), hi.contiguous(), torch.tensor([0, rows], device="cuda"),
+                     cu_seqlens_k=torch.tensor([0, keys], device="cuda"), total_keys=keys)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(hq, rows, 512, device="cuda", dtype=torch.bfloat16, generator=g).transpose(0, 1)
+    k, v = (torch.randn(hkv, keys, 512, device="cuda", dtype=torch.bfloat16, generator=g).transpose(0, 1)
+            for _ in range(2))
+    dout = torch.randn(rows, hq, 512, device="cuda", generator=g)
+    dlse = torch.randn(hq, rows, device="cuda", generator=g)
+    want = grads_of(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), spans, return_lse=True),
+                    q, k, v, dout, dlse)
+    low = grads_of(lambda a, b, c: lowp_attention(a, b, c, spans, 512**-0.5, None, return_lse=True),
+                   q, k, v, dout, dlse)
+    runs = []
+    for training in (True, False, True):
+        p = bidiattn.plan(spans, hq, hkv, 512, training=training)
+        assert p.backend == "gluon" and (p.key_tiles is not None) == training
+        runs.append(grads_of(lambda a, b, c: bidiattn.attention(a, b, c, spans, plan=p, return_lse=True),
+                             q, k, v, dout, dlse))
+    for name, a, w, lp in zip("qkv", runs[0], want, low):
+        assert a.dtype == torch.bfloat16 and not torch.isnan(a).any(), name
+        bound = 2 * (lp.float() - w).abs().max().item() + 1e-3 * w.abs().max().item() + 1e-5
+        assert (a.float() - w).abs().max().item() <= bound, name
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))  # deterministic, plan or no key tiles
 
 
 @pytest.mark.gpu
@@ -286,6 +329,7 @@ def test_backward_checks_name_the_value(change, words):
     (lambda: _image_spans([3000]), 16, 2, torch.bfloat16, True),
     (lambda: _image_spans([2500, 1601]), 8, 2, torch.float16, False),
     (lambda: _image_spans([3001], window=1024), 4, 1, torch.bfloat16, False),
+    (lambda: _image_spans([1093]), 32, 4, torch.bfloat16, True),  # GQA 8, one partial image
 ])
 def test_backward_passes_match_reference_on_sm90(spans_fn, hq, hkv, dtype, with_lse):
     why = _sm90_ready()

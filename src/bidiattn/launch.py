@@ -155,7 +155,8 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
         CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 481-506 vs triton 266-273
-                                                                     TFLOP/s (the backward: triton's kernels)
+                                                                     TFLOP/s; fwd+bwd G4 (H100): 281-285 vs
+                                                                     triton 141
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd (the
                                                                      triton backward on image layouts) A7 vs
@@ -873,12 +874,13 @@ class Plan:
       order; with ``training``, its ``backward`` :class:`BackwardPlan` too).
     - ``segments``: for ``"fa4"``, the :class:`SegmentPlan` (row segments, launch kinds and
       windows, per-launch FA4 options, which backward runs and its chunks).
-    - ``tiles``: for ``"gluon"``, the forward's query-tile table and launch order
-      (:func:`bidiattn.kernels.tiles.query_tiles` at 64 rows).
+    - ``tiles``: for ``"gluon"``, the query-tile table and launch order at 64 rows
+      (:func:`bidiattn.kernels.tiles.query_tiles`: the forward's and the backward's dQ pass).
+    - ``key_tiles``: for ``"gluon"`` with ``training``, the key-tile table and order at 64 keys
+      (:func:`bidiattn.kernels.tiles.key_tiles`: the backward's dK and dV passes).
     - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
-      backward runs Triton's kernels (a triton or gluon plan; for triton the same as
-      ``triton.backward``; an fa4 plan whose ``segments.fa4_backward`` is false); ``None``
-      elsewhere.
+      backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4
+      plan whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
     - the head shape ``num_q_heads``/``num_kv_heads``/``head_dim``, ``window``, ``training``,
       ``paged`` (keys through a page table) and ``dtype`` it was made for.
 
@@ -899,6 +901,7 @@ class Plan:
     triton: LaunchPlan | None = field(default=None, repr=False)
     segments: SegmentPlan | None = field(default=None, repr=False)
     tiles: tuple[TileSummary, torch.Tensor] | None = field(default=None, repr=False)
+    key_tiles: tuple[KeyTiles, torch.Tensor] | None = field(default=None, repr=False)
     backward: BackwardPlan | None = field(default=None, repr=False)
 
     @property
@@ -1003,10 +1006,11 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             raise ValueError(f"a gluon plan needs the spans on a CUDA device, got {device}")
         if d != 512 or dtype not in HALF_DTYPES:
             raise gluon_unsupported(device, dtype, d)  # the head dim or the dtype
-        from .kernels.sm90_wide.host import BLOCK_M
-        from .kernels.tiles import query_tiles
+        from .kernels.sm90_wide.host import BACKWARD_PASSES, BLOCK_M
+        from .kernels.tiles import key_tiles, query_tiles
 
-        return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), backward=plan_backward(spans, d) if training else None)
+        keys = key_tiles(spans, BACKWARD_PASSES["dv"]["BLOCK_N"]) if training else None
+        return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
     if backend == "fa4":
         segments = plan_segments(spans, paged=paged)
         backward = None

@@ -1,14 +1,14 @@
-"""bidiattn's head-dim-512 forward for SM90 (Hopper), a Gluon kernel: the ``"gluon"`` backend,
-what ``bidiattn.attention`` runs by default at head dim 512 on Hopper (backward: the Triton
-kernels'). Nothing imports this package at ``import bidiattn``; the kernel directly:
+"""bidiattn's head-dim-512 kernels for SM90 (Hopper) in Gluon, forward and backward: the
+``"gluon"`` backend, what ``bidiattn.attention`` runs by default at head dim 512 on Hopper.
+Nothing imports this package at ``import bidiattn``; the kernel directly:
 
     from bidiattn.kernels.sm90_wide import forward_sm90_hd512
     out, lse = forward_sm90_hd512(q, k, v, spans, scale)
 
 :mod:`.host` (configs and argument checks) imports neither Triton nor Gluon; :mod:`.kernel` (the
-forward) and :mod:`.backward_kernel` (the backward's dV, dK and dQ passes: compiled offline in the tests,
-not yet launched by the backend) are the Gluon kernels, written against Triton 3.6's
-``triton.experimental.gluon`` and imported on the first launch only.
+forward) and :mod:`.backward_kernel` (the backward's dV, dK and dQ passes) are the Gluon
+kernels, written against Triton 3.6's ``triton.experimental.gluon`` and imported on the first
+launch only.
 """
 
 from .autograd import span_attention_sm90_wide

@@ -1,8 +1,8 @@
 """Gluon kernels (Triton 3.6 API) of the head-dim-512 backward on SM90: the dV, dK and dQ passes.
 
-Not yet launched by the gluon backend: compiled offline for sm_90a in the tests (registers,
-spills, shared memory); the backend's backward switches to them once a GPU run has checked them
-(``host.backward_sm90_hd512``; until then it runs the Triton kernels).
+The gluon backend's backward (launched by ``host.backward_sm90_hd512``); the CPU tests compile
+them offline for sm_90a (registers, spills, shared memory), the GPU tests check them against
+the fp32 reference.
 
 Each pass is the forward's schedule (one score warpgroup, two output warpgroups that own 256 of
 the 512 accumulator columns each, operands by TMA, the score tile handed over in shared memory)

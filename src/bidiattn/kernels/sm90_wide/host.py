@@ -240,9 +240,8 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """Gradients ``(dq, dk, dv)`` (q's dtype) of the span-mask attention whose forward gave ``out``
     and the natural-log ``lse``, in three Gluon passes (``backward_kernel.py``): dV and dK per
     64-key tile (the GQA group's heads summed in the program, deterministic), dQ per 64-row query
-    tile, after ``delta = rowsum(dO * out) - dlse`` (the Triton backward's row-term launch). Not
-    yet used by the gluon backend (its backward runs the Triton kernels until these passes are
-    checked on a GPU).
+    tile, after ``delta = rowsum(dO * out) - dlse`` (the Triton backward's row-term launch). The
+    gluon backend's backward.
 
     Args:
         do, q, out: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]``; fp16 or bf16, CUDA (SM90).
@@ -284,8 +283,9 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     from ..delta import row_delta
 
     lse = lse.contiguous()
-    delta = row_delta(out.contiguous(), do.contiguous(), dlse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = row_delta(out.contiguous(), do.contiguous(), None if dlse is None else dlse.contiguous())
+    # contiguous whatever q/k/v's strides: the passes write rows of Hq*512 / Hkv*512 elements
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     qk_scale = scale * math.log2(math.e)
     span_args = (spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k)
     key_table = (ktab.seq, ktab.key_start, ktab.keys, ktab.q_first, ktab.q_last, korder)
