@@ -45,10 +45,21 @@ requires_fa4 = pytest.mark.skipif(not fa4_available(), reason="FlashAttention-4 
 @pytest.fixture
 def fake_fa4(monkeypatch):
     """FA4 replaced by :class:`FakeFA4`, and taken for CPU fp32 inputs."""
+    import collections
+
+    import bidiattn.kernels.fa4_masked as masked
+
     fake = FakeFA4()
     monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4"], "_fa4_interface", lambda: fake)
     for module in (sys.modules["bidiattn.attention"], launch):
         monkeypatch.setattr(module, "fa4_unsupported", lambda *args: None)
+    # the mask_mod path (fa4 training plans of full layers): FA4's block-sparsity tuple as a
+    # namedtuple of its fields, the CuTe mask function as a placeholder (the fake applies the
+    # span bounds from the aux tensors)
+    fields = collections.namedtuple("BlockSparseTensorsTorch", "mask_block_cnt mask_block_idx full_block_cnt "
+                                    "full_block_idx block_size")
+    monkeypatch.setattr(masked, "_sparse", lambda *args: fields(*args))
+    monkeypatch.setattr(masked, "span_mask_mod", lambda: "span mask")
     return fake
 
 
@@ -106,21 +117,54 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
 
 
 @cpu_interpreter_only
+def test_full_layers_up_to_hd128_train_through_one_masked_fa4_launch(fake_fa4):
+    # A training plan of a full layer at head dim <= 128 (contiguous self-attention keys): the
+    # mask_mod path's tables, one FA4 forward and one FA4 backward per call, exact; sliding
+    # layers, head dims above 128, paged keys and plans without training keep the segments.
+    images = image_spans(300, [(10, 140), (200, 290)], "gemma3", "official", "full")
+    sliding = image_spans(300, [(10, 140)], "gemma3", "official", "sliding", window=64)
+    plan = launch.plan(images, 4, 2, 64, backend="fa4", training=True)
+    assert plan.masked is not None and plan.backward is None and plan.masked.q_num is not None
+    assert len(plan.segments.calls) >= 2  # what the call would launch without the tables
+    for other in (launch.plan(sliding, 4, 2, 64, backend="fa4", training=True),
+                  launch.plan(images, 4, 2, 192, backend="fa4", training=True),
+                  launch.plan(images, 4, 2, 64, backend="fa4", training=True, paged=True),
+                  launch.plan(images, 4, 2, 64, backend="fa4")):
+        assert other.masked is None
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(300, h, 64, generator=g).half() for h in (4, 2, 2))
+    dout = torch.randn(300, 4, 64, generator=g).double()
+    dlse = torch.randn(4, 300, generator=g).double()
+    fake_fa4.calls.clear()
+    got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, images, plan=plan, return_lse=True), q, k, v, dout, dlse)
+    assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
+    want = grads_of(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), images, return_lse=True),
+                    q, k, v, dout, dlse)
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.float(), w.float(), atol=2e-2, rtol=2e-2, msg=name)
+    # the default call (no plan) with gradients plans for training: the same single launch pair
+    fake_fa4.calls.clear()
+    grads_of(lambda a, b, c: bidiattn.attention(a, b, c, images, return_lse=True, backend="fa4"), q, k, v, dout, dlse)
+    assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
+
+
+@cpu_interpreter_only
 def test_the_plan_takes_fa4s_backward_where_no_key_is_read_twice(fake_fa4):
     # Text-only packed sequences: one causal segment each, disjoint keys: FA4's backward, whose
     # copies then move each key once. Image layouts share prefixes: the Triton backward (run here
-    # through Triton's interpreter), with its tables planned for training.
+    # through Triton's interpreter), with its tables planned for training. Head dim 160: above
+    # 128 (full layers there train through the mask_mod path, next test).
     text = bidiattn.rules.build("gemma3", "official", "full", block_ids=torch.zeros(90, dtype=torch.int64),
                                 cu_seqlens=torch.tensor([0, 30, 35, 90]))
     images = image_spans(90, [(10, 40), (50, 70)], "gemma3", "official", "full")
     sliding = image_spans(90, [(10, 40)], "gemma3", "official", "sliding", window=12)
     for spans, fa4_backward in ((text, True), (images, False), (sliding, False)):
-        plan = launch.plan(spans, 4, 2, 16, backend="fa4", training=True)
-        assert plan.segments.fa4_backward is fa4_backward
+        plan = launch.plan(spans, 4, 2, 160, backend="fa4", training=True)
+        assert plan.segments.fa4_backward is fa4_backward and plan.masked is None
         assert (plan.backward is None) is fa4_backward
         fake_fa4.calls.clear()
         g = torch.Generator().manual_seed(1)
-        q, k, v = (torch.randn(90, h, 16, generator=g).half().requires_grad_() for h in (4, 2, 2))
+        q, k, v = (torch.randn(90, h, 160, generator=g).half().requires_grad_() for h in (4, 2, 2))
         out = bidiattn.attention(q, k, v, spans, backend="fa4")
         out.float().square().sum().backward()
         assert any(c[0] == "bwd" for c in fake_fa4.calls) is fa4_backward
@@ -180,16 +224,7 @@ def _masked(q, k, v, spans, softcap):
 
 @pytest.fixture
 def fake_fa4_masked(fake_fa4, monkeypatch):
-    """The fake FA4, with FA4's block-sparsity tuple replaced by a namedtuple of its fields and the
-    CuTe mask function by a placeholder (the fake applies the span bounds from the aux tensors)."""
-    import collections
-
-    import bidiattn.kernels.fa4_masked as masked
-
-    fields = collections.namedtuple("BlockSparseTensorsTorch", "mask_block_cnt mask_block_idx full_block_cnt "
-                                    "full_block_idx block_size")
-    monkeypatch.setattr(masked, "_sparse", lambda *args: fields(*args))
-    monkeypatch.setattr(masked, "span_mask_mod", lambda: "span mask")  # the fake reads the bounds itself
+    """The fake FA4 (its fixture also stands in for the mask_mod path's FA4 types)."""
     return fake_fa4
 
 

@@ -171,7 +171,12 @@ def attention(
             raise ValueError("inside torch.compile, backend='fa4' needs plan=bidiattn.plan(...) built outside the "
                              "compiled code (planning its launches reads the spans on the host)")
 
-        out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, plan.segments, plan.backward)
+        if plan.masked is not None:
+            from .kernels.fa4_masked import span_attention_fa4_masked
+
+            out, lse = span_attention_fa4_masked(q, k, v, spans, scale, softcap, tables=plan.masked)
+        else:
+            out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, plan.segments, plan.backward)
         return (out, lse) if return_lse else out
     if run == "gluon":
         from .kernels.sm90_wide import span_attention_sm90_wide

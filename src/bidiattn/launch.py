@@ -27,6 +27,7 @@ import torch
 from .spans import SpanMask, TileSummary, as_int, host_to_device
 
 if TYPE_CHECKING:
+    from .kernels.fa4_masked import MaskTables
     from .kernels.tiles import KeyTiles
 
 __all__ = [
@@ -878,6 +879,10 @@ class Plan:
       (:func:`bidiattn.kernels.tiles.query_tiles`: the forward's and the backward's dQ pass).
     - ``key_tiles``: for ``"gluon"`` with ``training``, the key-tile table and order at 64 keys
       (:func:`bidiattn.kernels.tiles.key_tiles`: the backward's dK and dV passes).
+    - ``masked``: for an ``"fa4"`` training plan of a full layer at head dim <= 128 over
+      contiguous self-attention keys, the :class:`~bidiattn.kernels.fa4_masked.MaskTables` of
+      one FA4 launch with the spans as its mask function (its forward and FA4's backward; the
+      call then runs it instead of the segment launches).
     - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
       backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4
       plan whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
@@ -902,6 +907,7 @@ class Plan:
     segments: SegmentPlan | None = field(default=None, repr=False)
     tiles: tuple[TileSummary, torch.Tensor] | None = field(default=None, repr=False)
     key_tiles: tuple[KeyTiles, torch.Tensor] | None = field(default=None, repr=False)
+    masked: MaskTables | None = field(default=None, repr=False)
     backward: BackwardPlan | None = field(default=None, repr=False)
 
     @property
@@ -1013,12 +1019,28 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
     if backend == "fa4":
         segments = plan_segments(spans, paged=paged)
+        if training and _masked_trains(spans, segments, d, paged):
+            from .kernels.fa4_masked import mask_tables
+
+            return Plan(**tie, segments=segments, masked=mask_tables(spans, backward=True))
         backward = None
         triton_runs = (device.type == "cuda" or interpreting()) and triton_missing() is None
         if training and not segments.fa4_backward and triton_runs:
             backward = plan_backward(spans, d)
         return Plan(**tie, segments=segments, backward=backward)
     return Plan(**tie)
+
+
+def _masked_trains(spans: SpanMask, segments: SegmentPlan, head_dim: int, paged: bool) -> bool:
+    """Whether an fa4 training plan runs one FA4 launch with the spans as its mask function
+    (:mod:`bidiattn.kernels.fa4_masked`, forward and FA4's backward) instead of the segment
+    launches and the Triton backward: where it was measured faster, full layers (no window
+    launch) at head dims up to 128, self-attention, contiguous keys (PERF.md A16: fwd+bwd 0.98x
+    FA4 causal against 0.71x)."""
+    from .kernels.fa4_masked import MAX_HEAD_DIM
+
+    return (not paged and spans.is_self_attention and head_dim <= MAX_HEAD_DIM
+            and all(call.kind not in ("window", "open") for call in segments.calls))
 
 
 def planned(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *, backend: str, training: bool,
