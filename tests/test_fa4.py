@@ -51,6 +51,7 @@ def fake_fa4(monkeypatch):
 
     fake = FakeFA4()
     monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4"], "_fa4_interface", lambda: fake)
+    monkeypatch.setattr(masked, "_fa4_interface", lambda: fake)
     for module in (sys.modules["bidiattn.attention"], launch):
         monkeypatch.setattr(module, "fa4_unsupported", lambda *args: None)
     # the mask_mod path (fa4 training plans of full layers): FA4's block-sparsity tuple as a

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from ..spans import SpanMask
-from . import fa4 as fa4_launches
 from .flex import block_mask_from_spans
 
 __all__ = ["MaskTables", "mask_tables", "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
@@ -88,6 +87,14 @@ def span_mask_mod():
     return span_mask
 
 
+def _fa4_interface():
+    # FA4's Python interface, imported on first use (this module is imported by the planner, so it
+    # does not import kernels.fa4, which imports the planner)
+    from flash_attn.cute import interface
+
+    return interface
+
+
 def masked_unsupported(q: torch.Tensor, spans: SpanMask) -> str | None:
     """Why this path cannot take the call (beyond what FA4 itself refuses), or None."""
     if not spans.is_self_attention:
@@ -107,7 +114,7 @@ class _MaskedFA4(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tables: MaskTables, scale: float, softcap: float | None):
         ctx.set_materialize_grads(False)
-        fa4 = fa4_launches._fa4_interface()
+        fa4 = _fa4_interface()
         out, lse = fa4._flash_attn_fwd(
             q[None], k[None], v[None], softmax_scale=scale, softcap=softcap, mask_mod=span_mask_mod(),
             block_sparse_tensors=_sparse(tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
@@ -125,7 +132,7 @@ class _MaskedFA4(torch.autograd.Function):
         if t.q_num is None:
             raise RuntimeError("these mask tables were built without the backward's (mask_tables(backward=False))")
         dout = torch.zeros_like(out) if dout is None else dout[None].contiguous()
-        fa4 = fa4_launches._fa4_interface()
+        fa4 = _fa4_interface()
         dq, dk, dv = fa4._flash_attn_bwd(
             q[None], k[None], v[None], out, dout, lse, softmax_scale=ctx.scale, softcap=ctx.softcap or 0.0,
             mask_mod=span_mask_mod(), aux_tensors=[t.lo, t.hi],
