@@ -159,8 +159,10 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
                                                                      TFLOP/s; fwd+bwd G4 (H100): 281-285 vs
                                                                      triton 141
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
-          FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd (the
-                                                                     triton backward on image layouts) A7 vs
+          FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd: hd<=128
+                                                                     full layers one masked FA4 launch, A16
+                                                                     553 vs triton 402 (H100); elsewhere the
+                                                                     triton backward on image layouts, A7 vs
                                                                      B2: 349 vs 355 (hd256: the same backward)
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
           hd <= 512)                                                 off SM90 or without Gluon (F5)
