@@ -330,10 +330,11 @@ def trainers(args, case, spans, q, k, v, scale):
 
         def gluon_grads(leaves, dout):
             from bidiattn.kernels.sm90_wide import backward_sm90_hd512
-            from bidiattn.kernels.tiles import key_tiles, query_tiles
+            from bidiattn.kernels.sm90_wide.host import backward_key_tiles
+            from bidiattn.kernels.tiles import query_tiles
             if not tables:
                 tables["fwd"] = query_tiles(spans, 64)
-                tables["bwd"] = (key_tiles(spans, 64), tables["fwd"])
+                tables["bwd"] = (backward_key_tiles(spans), tables["fwd"])
             q, k, v = (x.detach() for x in leaves)
             out, lse = forward_sm90_hd512(q, k, v, spans, scale, tiles=tables["fwd"])
             return backward_sm90_hd512(dout, q, k, v, out, lse, spans, scale, tiles=tables["bwd"])

@@ -50,8 +50,7 @@ def fake_fa4(monkeypatch):
     import bidiattn.kernels.fa4_masked as masked
 
     fake = FakeFA4()
-    monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4"], "_fa4_interface", lambda: fake)
-    monkeypatch.setattr(masked, "_fa4_interface", lambda: fake)
+    monkeypatch.setattr(masked, "fa4_interface", lambda: fake)  # the segment launches call it too
     for module in (sys.modules["bidiattn.attention"], launch):
         monkeypatch.setattr(module, "fa4_unsupported", lambda *args: None)
     # the mask_mod path (fa4 training plans of full layers): FA4's block-sparsity tuple as a
@@ -223,14 +222,8 @@ def _masked(q, k, v, spans, softcap):
     return span_attention_fa4_masked(q, k, v, spans, 1 / math.sqrt(q.shape[-1]), softcap)
 
 
-@pytest.fixture
-def fake_fa4_masked(fake_fa4, monkeypatch):
-    """The fake FA4 (its fixture also stands in for the mask_mod path's FA4 types)."""
-    return fake_fa4
-
-
 @pytest.mark.parametrize("family,convention,layer", RULES)
-def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4_masked, family, convention, layer):
+def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4, family, convention, layer):
     # Packed odd lengths, blocks straddling the 128-row tiles, GQA: the block tables (forward:
     # key blocks per query block; backward: query blocks per key block) and the span bounds the
     # mask function reads must give exactly the reference's mask, lse and its gradient included.
@@ -249,10 +242,10 @@ def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4_mas
                     q, k, v, dout, dlse)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=name)
-    assert [c[0] for c in fake_fa4_masked.calls] == ["fwd", "bwd"]
+    assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
 
 
-def test_mask_mod_path_refuses_what_it_cannot_run(fake_fa4_masked):
+def test_mask_mod_path_refuses_what_it_cannot_run(fake_fa4):
     from bidiattn.kernels.fa4_masked import mask_tables
 
     spans = image_spans(40, [(5, 20)])

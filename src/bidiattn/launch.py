@@ -1014,10 +1014,10 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             raise ValueError(f"a gluon plan needs the spans on a CUDA device, got {device}")
         if d != 512 or dtype not in HALF_DTYPES:
             raise gluon_unsupported(device, dtype, d)  # the head dim or the dtype
-        from .kernels.sm90_wide.host import BACKWARD_PASSES, BLOCK_M
-        from .kernels.tiles import key_tiles, query_tiles
+        from .kernels.sm90_wide.host import BLOCK_M, backward_key_tiles
+        from .kernels.tiles import query_tiles
 
-        keys = key_tiles(spans, BACKWARD_PASSES["dv"]["BLOCK_N"]) if training else None
+        keys = backward_key_tiles(spans) if training else None
         return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
     if backend == "fa4":
         segments = plan_segments(spans, paged=paged)
@@ -1036,12 +1036,11 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 def _masked_trains(spans: SpanMask, segments: SegmentPlan, head_dim: int, paged: bool) -> bool:
     """Whether an fa4 training plan runs one FA4 launch with the spans as its mask function
     (:mod:`bidiattn.kernels.fa4_masked`, forward and FA4's backward) instead of the segment
-    launches and the Triton backward: where it was measured faster, full layers (no window
-    launch) at head dims up to 128, self-attention, contiguous keys (PERF.md A16: fwd+bwd 0.98x
-    FA4 causal against 0.71x)."""
-    from .kernels.fa4_masked import MAX_HEAD_DIM
+    launches and the Triton backward: where that path takes the call and was measured faster
+    (PERF.md A16), full layers (no window launch) over contiguous keys."""
+    from .kernels.fa4_masked import masked_unsupported
 
-    return (not paged and spans.is_self_attention and head_dim <= MAX_HEAD_DIM
+    return (not paged and masked_unsupported(spans, head_dim) is None
             and all(call.kind not in ("window", "open") for call in segments.calls))
 
 

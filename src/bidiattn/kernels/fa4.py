@@ -30,14 +30,9 @@ import torch
 
 from ..launch import BackwardPlan, SegmentPlan
 from ..spans import SpanMask
+from . import fa4_masked
 
 __all__ = ["span_attention_fa4", "span_attention_fa4_backward", "span_attention_fa4_forward"]
-
-
-def _fa4_interface():
-    from flash_attn.cute import interface
-
-    return interface
 
 
 def span_attention_fa4_forward(
@@ -51,7 +46,7 @@ def span_attention_fa4_forward(
     Hkv, D]`` and the plan is paged: segment ``j`` reads its keys through row ``seq[j]`` of the
     table (the rows are gathered per launch, ``S x P`` ints; no K/V is copied).
     """
-    fa4 = _fa4_interface()
+    fa4 = fa4_masked.fa4_interface()
     q, k, v = (x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
@@ -99,7 +94,7 @@ def span_attention_fa4_backward(
     """``(dq, dk, dv)`` of :func:`span_attention_fa4_forward`'s ``out`` (and ``lse`` through
     ``dlse``, or ``None``) by FA4's backward over copied segments (see the module doc); no host
     sync (the copies' sizes are the plan's host ints)."""
-    fa4 = _fa4_interface()
+    fa4 = fa4_masked.fa4_interface()
     q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)

@@ -28,7 +28,8 @@ import torch
 from ..spans import SpanMask
 from .flex import block_mask_from_spans
 
-__all__ = ["MaskTables", "mask_tables", "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
+__all__ = ["MaskTables", "fa4_interface", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
+           "span_mask_mod"]
 
 BLOCK = (128, 128)  # FA4's SM90 query and key tiles up to head dim 128 (4.0.0b36)
 MAX_HEAD_DIM = 128
@@ -87,20 +88,21 @@ def span_mask_mod():
     return span_mask
 
 
-def _fa4_interface():
-    # FA4's Python interface, imported on first use (this module is imported by the planner, so it
-    # does not import kernels.fa4, which imports the planner)
+def fa4_interface():
+    """FA4's Python interface (``flash_attn.cute.interface``), imported on first use; the segment
+    launches (:mod:`.fa4`) call it too. It lives here, below the planner, because the planner
+    imports this module and :mod:`.fa4` imports the planner."""
     from flash_attn.cute import interface
 
     return interface
 
 
-def masked_unsupported(q: torch.Tensor, spans: SpanMask) -> str | None:
-    """Why this path cannot take the call (beyond what FA4 itself refuses), or None."""
+def masked_unsupported(spans: SpanMask, head_dim: int) -> str | None:
+    """Why this path cannot take ``spans`` at ``head_dim`` (beyond what FA4 itself refuses), or None."""
     if not spans.is_self_attention:
         return "the fa4 mask_mod path takes self-attention spans only"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"the fa4 mask_mod path takes head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"the fa4 mask_mod path takes head dims up to {MAX_HEAD_DIM}, got {head_dim}"
     return None
 
 
@@ -114,7 +116,7 @@ class _MaskedFA4(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tables: MaskTables, scale: float, softcap: float | None):
         ctx.set_materialize_grads(False)
-        fa4 = _fa4_interface()
+        fa4 = fa4_interface()
         out, lse = fa4._flash_attn_fwd(
             q[None], k[None], v[None], softmax_scale=scale, softcap=softcap, mask_mod=span_mask_mod(),
             block_sparse_tensors=_sparse(tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
@@ -132,7 +134,7 @@ class _MaskedFA4(torch.autograd.Function):
         if t.q_num is None:
             raise RuntimeError("these mask tables were built without the backward's (mask_tables(backward=False))")
         dout = torch.zeros_like(out) if dout is None else dout[None].contiguous()
-        fa4 = _fa4_interface()
+        fa4 = fa4_interface()
         dq, dk, dv = fa4._flash_attn_bwd(
             q[None], k[None], v[None], out, dout, lse, softmax_scale=ctx.scale, softcap=ctx.softcap or 0.0,
             mask_mod=span_mask_mod(), aux_tensors=[t.lo, t.hi],
@@ -148,7 +150,7 @@ def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) of validated inputs through one
     FA4 launch with the spans' ``mask_mod``; differentiable (FA4's backward, lse gradient
     included). ``tables``: :func:`mask_tables` of ``spans``, built here when not given."""
-    why = masked_unsupported(q, spans)
+    why = masked_unsupported(spans, q.shape[-1])
     if why is not None:
         raise ValueError(why)
     if tables is None:

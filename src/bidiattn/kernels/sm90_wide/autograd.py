@@ -8,7 +8,7 @@ import torch
 
 from ...spans import SpanMask, TileSummary
 from ..tiles import KeyTiles
-from .host import BACKWARD_PASSES, backward_sm90_hd512, forward_sm90_hd512
+from .host import backward_key_tiles, backward_sm90_hd512, forward_sm90_hd512
 
 __all__ = ["span_attention_sm90_wide"]
 
@@ -31,11 +31,7 @@ class _SpanAttentionSm90Wide(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
-        keys = ctx.key_tiles
-        if keys is None:  # a plan made without training=True
-            from ..tiles import key_tiles
-
-            keys = key_tiles(ctx.spans, BACKWARD_PASSES["dv"]["BLOCK_N"])
+        keys = backward_key_tiles(ctx.spans) if ctx.key_tiles is None else ctx.key_tiles  # plan without training
         dq, dk, dv = backward_sm90_hd512(dout, q, k, v, out, lse, ctx.spans, ctx.scale, dlse=dlse,
                                          tiles=(keys, ctx.tiles))
         return dq, dk, dv, None, None, None, None

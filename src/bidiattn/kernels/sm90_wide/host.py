@@ -234,6 +234,14 @@ BACKWARD_PASSES = {
 }
 
 
+def backward_key_tiles(spans: SpanMask):
+    """The key-tile table and launch order of the dV and dK passes (:func:`~..tiles.key_tiles` at
+    their 64 keys): what a training plan keeps, built in the backward otherwise."""
+    from ..tiles import key_tiles
+
+    return key_tiles(spans, BACKWARD_PASSES["dv"]["BLOCK_N"])
+
+
 def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, spans: SpanMask, scale: float | None = None, *,
                         dlse: torch.Tensor | None = None, tiles=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,9 +277,9 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     if tiles is None:
-        from ..tiles import key_tiles, query_tiles
+        from ..tiles import query_tiles
 
-        tiles = key_tiles(spans, BACKWARD_PASSES["dv"]["BLOCK_N"]), query_tiles(spans, BACKWARD_PASSES["dq"]["BLOCK_M"])
+        tiles = backward_key_tiles(spans), query_tiles(spans, BACKWARD_PASSES["dq"]["BLOCK_M"])
     (ktab, korder), (qtab, qorder) = tiles
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     flat = {n: x.contiguous().view(x.shape[0], x.shape[1] * d) for n, x in (("q", q), ("do", do), ("k", k), ("v", v))}
