@@ -11,9 +11,9 @@ included. This is the route FlexAttention's FLASH backend takes, called directly
 mask function compiled once per process by FA4's kernel cache.
 
 Self-attention spans, head dim <= 128 (FA4's forward and backward key tiles agree there: one
-block size serves both). Not a plan's choice yet: ``benchmarks/fa4.py`` runs it ("fa4
-mask_mod") and ``tests/test_fa4.py`` checks it on a GPU; CPU tests check the tables and the calls
-against a fake FA4 that reads the mask from the aux tensors.
+block size serves both). fa4 training plans of full layers run it (``Plan.masked``, chosen in
+:func:`bidiattn.launch.plan`); CPU tests check the tables and the calls against a fake FA4 that
+reads the mask from the aux tensors, GPU tests against the fp32 reference.
 
 FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
 """
