@@ -132,7 +132,7 @@ def main() -> None:
         def mask_mod_flash(a, b, c):
             return span_attention_flex(a, b, c, spans, d ** -0.5, None, flash=True)[0]
 
-        masked_tables = mask_tables(spans) if d <= MASKED_MAX_HEAD_DIM else None
+        masked_tables = mask_tables(spans, d) if d <= MASKED_MAX_HEAD_DIM else None
 
         def fa4_masked(a, b, c):
             return span_attention_fa4_masked(a, b, c, spans, d ** -0.5, None, tables=masked_tables)[0]

@@ -64,8 +64,24 @@ class FakeFA4:
         kind = kinds[i // bq, j // bk]
         return (kind == 2) | ((kind == 1) & span)
 
+    @staticmethod
+    def _check_sm90_blocks(sparse, head_dim, backward):
+        """FA4 4.0.0b36 on SM90 takes a sparse key block equal to its key tile: the forward
+        shrinks its tile (128 keys up to head dim 128, 112 up to 192, 80 up to 256) to a smaller
+        block of a multiple of 16 keys; the backward's tile is fixed (128, 96, 64) and its
+        64-row query tiles (128 at head dim <= 64) must divide the query block."""
+        bq, bk = sparse.block_size
+        tier = 0 if head_dim <= 128 else 1 if head_dim <= 192 else 2
+        assert head_dim <= 256, head_dim
+        if backward:
+            m = 128 if head_dim <= 64 else 64
+            assert bk == (128, 96, 64)[tier] and bq % m == 0, (head_dim, sparse.block_size)
+        else:
+            assert bk <= (128, 112, 80)[tier] and bk % 16 == 0 and bq % 64 == 0, (head_dim, sparse.block_size)
+
     def _masked_fwd(self, q, k, v, softmax_scale, softcap, block_sparse_tensors, aux_tensors):
         assert q.dim() == 4 and q.shape[0] == 1 and all(x.dtype == torch.int32 for x in aux_tensors)
+        self._check_sm90_blocks(block_sparse_tensors, q.shape[-1], backward=False)
         q, k, v = q[0], k[0], v[0]
         group = q.shape[1] // k.shape[1]
         kb, vb = (x.double().repeat_interleave(group, 1) for x in (k, v))
@@ -112,6 +128,7 @@ class FakeFA4:
         if mask_mod is not None:
             self.calls.append(("bwd", None, None, 1))
             assert cu_seqlens_q is None and q.dim() == 4 and q.shape[0] == 1 and lse.shape == (1, q.shape[2], q.shape[1])
+            self._check_sm90_blocks(block_sparse_tensors, q.shape[-1], backward=True)
             allowed = self._sparse_mask(block_sparse_tensors, aux_tensors, q.shape[1], k.shape[1], by_key=True)
             return self._dense_bwd(q[0], k[0], v[0], out[0], dout[0], lse[0], softmax_scale, softcap, allowed,
                                    None if dlse is None else dlse[0])

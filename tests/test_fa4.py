@@ -245,18 +245,42 @@ def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4, fa
     assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
 
 
+@pytest.mark.parametrize("d", [192, 256])
+def test_fake_fa4_mask_mod_path_above_hd128_has_backward_tables_of_their_own(fake_fa4, d):
+    # Above head dim 128 FA4's forward and backward key tiles differ on SM90 (112/96 at 192,
+    # 80/64 at 256): the forward's tables and the backward's have blocks of their own (the fake
+    # checks each against FA4's tiles) and both give the reference's mask.
+    from bidiattn.kernels.fa4_masked import mask_tables
+
+    spans = image_spans(301, [(3, 90), (150, 233)], "gemma3", "official", "full")
+    tables = mask_tables(spans, d)
+    assert tables.block[1] != tables.backward_block[1]
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(301, 2, d, generator=g)
+    k, v = (torch.randn(301, 1, d, generator=g) for _ in range(2))
+    dout = torch.randn(301, 2, d, generator=g, dtype=torch.float64)
+    dlse = torch.randn(2, 301, generator=g, dtype=torch.float64)
+    got = grads_of(lambda a, b, c: _masked(a, b, c, spans, None), q, k, v, dout, dlse)
+    want = grads_of(lambda a, b, c: reference.attention(a, b, c, spans, return_lse=True), q, k, v, dout, dlse)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=name)
+    assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
+
+
 def test_mask_mod_path_refuses_what_it_cannot_run(fake_fa4):
     from bidiattn.kernels.fa4_masked import mask_tables
 
     spans = image_spans(40, [(5, 20)])
-    q = torch.randn(40, 2, 160)
-    with pytest.raises(ValueError, match="head dims up to 128, got 160"):
+    q = torch.randn(40, 2, 320)
+    with pytest.raises(ValueError, match="head dims up to 256 on compute capability 9.0, got 320"):
         _masked(q, q[:, :1], q[:, :1], spans, None)
+    with pytest.raises(ValueError, match="head dims up to 128 on compute capability 10.0, got 256"):
+        mask_tables(spans, 256, capability=(10, 0))
     extend = tail_rows(spans, [10])
     with pytest.raises(ValueError, match="self-attention spans only"):
         _masked(torch.randn(10, 2, 16), torch.randn(40, 1, 16), torch.randn(40, 1, 16), extend, None)
     with pytest.raises(ValueError, match="self-attention spans only"):
-        mask_tables(extend)
+        mask_tables(extend, 16)
     x = torch.randn(40, 2, 16, requires_grad=True)
     with torch.no_grad():
         out, _ = _masked(x, x[:, :1], x[:, :1], spans, None)  # forward-only tables
@@ -541,7 +565,8 @@ def test_mask_mod_path_odd_lengths_and_every_rule(length):
 @pytest.mark.gpu
 @requires_fa4
 @pytest.mark.parametrize("d,hq,hkv,layer,softcap", [(128, 16, 8, "full", None), (128, 16, 8, "sliding", None),
-                                                    (64, 8, 1, "full", 30.0)])
+                                                    (64, 8, 1, "full", 30.0), (256, 8, 4, "full", None),
+                                                    (256, 8, 4, "sliding", 30.0)])
 def test_mask_mod_path_gradients_at_real_sizes(d, hq, hkv, layer, softcap):
     spans = real_size_spans(128, layer)
     check_gradients(spans, hq, hkv, d, seed=d, softcap=softcap, with_lse=layer == "full", attend=_masked)

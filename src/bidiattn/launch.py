@@ -1021,10 +1021,11 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
     if backend == "fa4":
         segments = plan_segments(spans, paged=paged)
-        if training and _masked_trains(spans, segments, d, paged):
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+        if training and _masked_trains(spans, segments, d, paged, capability):
             from .kernels.fa4_masked import mask_tables
 
-            return Plan(**tie, segments=segments, masked=mask_tables(spans, backward=True))
+            return Plan(**tie, segments=segments, masked=mask_tables(spans, d, capability=capability))
         backward = None
         triton_runs = (device.type == "cuda" or interpreting()) and triton_missing() is None
         if training and not segments.fa4_backward and triton_runs:
@@ -1033,14 +1034,20 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     return Plan(**tie)
 
 
-def _masked_trains(spans: SpanMask, segments: SegmentPlan, head_dim: int, paged: bool) -> bool:
+MASKED_TRAINS_MAX_HEAD_DIM = 128  # where the masked launch trains faster than the segments (PERF A16)
+
+
+def _masked_trains(spans: SpanMask, segments: SegmentPlan, head_dim: int, paged: bool,
+                   capability: tuple[int, int]) -> bool:
     """Whether an fa4 training plan runs one FA4 launch with the spans as its mask function
     (:mod:`bidiattn.kernels.fa4_masked`, forward and FA4's backward) instead of the segment
     launches and the Triton backward: where that path takes the call and was measured faster
-    (PERF.md A16), full layers (no window launch) over contiguous keys."""
+    (PERF.md A16): full layers (no window launch) over contiguous keys, head dims up to
+    ``MASKED_TRAINS_MAX_HEAD_DIM``."""
     from .kernels.fa4_masked import masked_unsupported
 
-    return (not paged and masked_unsupported(spans, head_dim) is None
+    return (not paged and head_dim <= MASKED_TRAINS_MAX_HEAD_DIM
+            and masked_unsupported(spans, head_dim, capability) is None
             and all(call.kind not in ("window", "open") for call in segments.calls))
 
 

@@ -10,10 +10,13 @@ visited and full ones skip the mask. Forward and backward are FA4's own, the lse
 included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
 mask function compiled once per process by FA4's kernel cache.
 
-Self-attention spans, head dim <= 128 (FA4's forward and backward key tiles agree there: one
-block size serves both). fa4 training plans of full layers run it (``Plan.masked``, chosen in
+Self-attention spans; head dims up to 128 on SM90 and SM100, up to 256 on SM90. FA4 needs each
+sparse key block to equal its key tile, and its forward and backward tiles differ above head dim
+128, so the forward's tables and the backward's are built with blocks of their own
+(:func:`mask_blocks`). fa4 training plans of full layers run it (``Plan.masked``, chosen in
 :func:`bidiattn.launch.plan`); CPU tests check the tables and the calls against a fake FA4 that
-reads the mask from the aux tensors, GPU tests against the fp32 reference.
+reads the mask from the aux tensors and checks the block sizes, GPU tests against the fp32
+reference.
 
 FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
 """
@@ -28,19 +31,23 @@ import torch
 from ..spans import SpanMask
 from .flex import block_mask_from_spans
 
-__all__ = ["MaskTables", "fa4_interface", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
+__all__ = ["MaskTables", "fa4_interface", "mask_blocks", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
            "span_mask_mod"]
 
-BLOCK = (128, 128)  # FA4's SM90 query and key tiles up to head dim 128 (4.0.0b36)
-MAX_HEAD_DIM = 128
+# FA4 4.0.0b36's tiles under block sparsity, (forward, backward) (query rows, keys), per head-dim
+# bound. SM90: forward 128 x (128, 112, 80), the backward's key tile (128, 96, 64) with 64-row
+# query tiles (a 128-row block is two); SM100: 128 x 128 up to head dim 128.
+SM90_BLOCKS = ((128, (128, 128), (128, 128)), (192, (128, 112), (128, 96)), (256, (128, 80), (128, 64)))
+SM100_BLOCKS = ((128, (128, 128), (128, 128)),)
+MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
 class MaskTables:
     """The spans as FA4 reads them: packed bounds ``lo``/``hi`` (int32 ``[T]``), per query block
     the partial and full key blocks (``kv_num [1, 1, nq]``, ``kv_idx [1, 1, nq, nk]``, and the
-    ``full_*`` pair), per key block the query blocks (``q_*``, for the backward; ``None`` for a
-    forward-only table), all int32, of blocks ``block``."""
+    ``full_*`` pair) of blocks ``block``, per key block the query blocks (``q_*``, for the
+    backward; ``None`` for a forward-only table) of blocks ``backward_block``, all int32."""
 
     lo: torch.Tensor
     hi: torch.Tensor
@@ -52,18 +59,35 @@ class MaskTables:
     q_idx: torch.Tensor | None
     full_q_num: torch.Tensor | None
     full_q_idx: torch.Tensor | None
-    block: tuple[int, int] = BLOCK
+    block: tuple[int, int]
+    backward_block: tuple[int, int]
 
 
-def mask_tables(spans: SpanMask, backward: bool = True) -> MaskTables:
-    """:class:`MaskTables` of self-attention ``spans`` (device ops, no host sync)."""
-    if not spans.is_self_attention:
-        raise ValueError("the fa4 mask_mod path takes self-attention spans only (no cu_seqlens_k)")
+def mask_blocks(head_dim: int, capability: tuple[int, int] = (9, 0)) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (forward, backward) ``(query, key)`` blocks of the tables at ``head_dim`` on a GPU of
+    compute ``capability``: FA4's own tiles there, so its tile choice is unchanged."""
+    for bound, forward, backward in SM90_BLOCKS if capability[0] == 9 else SM100_BLOCKS:
+        if head_dim <= bound:
+            return forward, backward
+    raise ValueError(f"the fa4 mask_mod path takes head dims up to {bound} on compute capability "
+                     f"{capability[0]}.{capability[1]}, got {head_dim}")
+
+
+def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capability: tuple[int, int] = (9, 0)
+                ) -> MaskTables:
+    """:class:`MaskTables` of self-attention ``spans`` for ``head_dim`` on a GPU of compute
+    ``capability`` (device ops, no host sync); ``backward=False`` leaves out the backward's."""
+    why = masked_unsupported(spans, head_dim, capability)
+    if why is not None:
+        raise ValueError(why)
+    forward_block, backward_block = mask_blocks(head_dim, capability)
     lo, hi = (x.to(torch.int32).contiguous() for x in spans.packed_bounds())
-    bm = block_mask_from_spans(spans, BLOCK, for_backward=backward)
-    return MaskTables(lo, hi, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                      bm.q_num_blocks if backward else None, bm.q_indices if backward else None,
-                      bm.full_q_num_blocks if backward else None, bm.full_q_indices if backward else None)
+    fwd = block_mask_from_spans(spans, forward_block, for_backward=False)
+    bwd = block_mask_from_spans(spans, backward_block, for_backward=True) if backward else None
+    return MaskTables(lo, hi, fwd.kv_num_blocks, fwd.kv_indices, fwd.full_kv_num_blocks, fwd.full_kv_indices,
+                      bwd.q_num_blocks if backward else None, bwd.q_indices if backward else None,
+                      bwd.full_q_num_blocks if backward else None, bwd.full_q_indices if backward else None,
+                      block=forward_block, backward_block=backward_block)
 
 
 @functools.cache
@@ -97,13 +121,21 @@ def fa4_interface():
     return interface
 
 
-def masked_unsupported(spans: SpanMask, head_dim: int) -> str | None:
-    """Why this path cannot take ``spans`` at ``head_dim`` (beyond what FA4 itself refuses), or None."""
+def masked_unsupported(spans: SpanMask, head_dim: int, capability: tuple[int, int] = (9, 0)) -> str | None:
+    """Why this path cannot take ``spans`` at ``head_dim`` on a GPU of compute ``capability``
+    (beyond what FA4 itself refuses), or None."""
     if not spans.is_self_attention:
-        return "the fa4 mask_mod path takes self-attention spans only"
-    if head_dim > MAX_HEAD_DIM:
-        return f"the fa4 mask_mod path takes head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+        return "the fa4 mask_mod path takes self-attention spans only (no cu_seqlens_k)"
+    bound = (SM90_BLOCKS if capability[0] == 9 else SM100_BLOCKS)[-1][0]
+    if head_dim > bound:
+        return (f"the fa4 mask_mod path takes head dims up to {bound} on compute capability "
+                f"{capability[0]}.{capability[1]}, got {head_dim}")
     return None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA ``device``; SM90's for others (the CPU tests' fake FA4)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 def _sparse(num, idx, full_num, full_idx, block):
@@ -138,7 +170,7 @@ class _MaskedFA4(torch.autograd.Function):
         dq, dk, dv = fa4._flash_attn_bwd(
             q[None], k[None], v[None], out, dout, lse, softmax_scale=ctx.scale, softcap=ctx.softcap or 0.0,
             mask_mod=span_mask_mod(), aux_tensors=[t.lo, t.hi],
-            block_sparse_tensors=_sparse(t.q_num, t.q_idx, t.full_q_num, t.full_q_idx, t.block),
+            block_sparse_tensors=_sparse(t.q_num, t.q_idx, t.full_q_num, t.full_q_idx, t.backward_block),
             dlse=None if dlse is None else dlse[None].contiguous(),
         )[:3]
         return dq[0], dk[0], dv[0], None, None, None
@@ -150,11 +182,12 @@ def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) of validated inputs through one
     FA4 launch with the spans' ``mask_mod``; differentiable (FA4's backward, lse gradient
     included). ``tables``: :func:`mask_tables` of ``spans``, built here when not given."""
-    why = masked_unsupported(spans, q.shape[-1])
+    capability = _capability(q.device)
+    why = masked_unsupported(spans, q.shape[-1], capability)
     if why is not None:
         raise ValueError(why)
     if tables is None:
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        tables = mask_tables(spans, backward=needs_grad)
+        tables = mask_tables(spans, q.shape[-1], backward=needs_grad, capability=capability)
     q, k, v = (x.contiguous() for x in (q, k, v))
     return _MaskedFA4.apply(q, k, v, tables, scale, softcap)
