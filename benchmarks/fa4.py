@@ -2,7 +2,8 @@
 
     python benchmarks/fa4.py --out benchmarks/results [--label L] [--cases 'hd128,hd256 16K sliding']
 
-(FA4: pip install 'bidiattn[fa4]'.) For the benchmark cases with head dim <= 256: checks the
+(FA4: pip install 'bidiattn[fa4]'.) For the benchmark cases with head dim <= 256 (and
+``cases.FA4_CASES``: a sliding layer at hd128): checks the
 default call (``bidiattn.attention(q, k, v, spans)``, which picks fa4 where FA4 takes the call)
 and the fa4 backend against SDPA with the dense mask (forward and gradients), then times (median
 of CUDA-event runs), forward and forward+backward:
@@ -18,7 +19,7 @@ of CUDA-event runs), forward and forward+backward:
 - FA4 causal (speed reference, ignores the images), FA4 with the plain window on sliding cases
   (its own pairs), triton planned, FlexAttention's FLASH backend (``mask_mod``, hd <= 128 with
   gradients), and the same FA4 route called directly (``kernels/fa4_masked.py``: one FA4 launch
-  with the spans' CuTe mask function and block sparsity, hd <= 128; checked first, its columns
+  with the spans' CuTe mask function and block sparsity, hd <= 256; checked first, its columns
   left out with the reason where it fails or is wrong);
 
 and the host time of ``bidiattn.plan`` (fa4 with its sync, triton) and of a first call.
@@ -70,7 +71,7 @@ def main() -> None:
 
 
     rows = []
-    picked = [c for c in cases.CASES if c.head_dim <= 256
+    picked = [c for c in cases.CASES + cases.FA4_CASES if c.head_dim <= 256
               and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
     for case in picked:
         spans, q, k, v = cases.build(case)
