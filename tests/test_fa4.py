@@ -570,3 +570,42 @@ def test_mask_mod_path_odd_lengths_and_every_rule(length):
 def test_mask_mod_path_gradients_at_real_sizes(d, hq, hkv, layer, softcap):
     spans = real_size_spans(128, layer)
     check_gradients(spans, hq, hkv, d, seed=d, softcap=softcap, with_lse=layer == "full", attend=_masked)
+
+
+@pytest.mark.parametrize("family,convention,layer", RULES)
+def test_mask_tables_classify_blocks_as_flexattentions_block_mask(family, convention, layer):
+    # The closed-form tables (two runs of blocks per row) against the BlockMask built from the
+    # dense membership (argsort): the same partial and full blocks per query block (forward)
+    # and per key block (backward), at the blocks of every head-dim tier, packed odd lengths.
+    rng = random.Random(repr((family, convention, layer, "tables")))
+    ids, cu = random_packed_layout(rng, max_seqs=4, max_len=700, block_frac=0.5)
+    spans = rules.build(family, convention, layer, block_ids=ids, window=rng.choice([37, 130, 300]), cu_seqlens=cu)
+    check_mask_tables(spans)
+
+
+def test_mask_tables_on_random_monotone_bounds():
+    # Bounds of no rule: every residue of lo and hi against the block sizes occurs.
+    g = torch.Generator().manual_seed(11)
+    for t in (1, 127, 129, 1000, 2311):
+        pos = torch.arange(t)
+        lo = torch.minimum((pos - torch.randint(0, 300, (t,), generator=g)).clamp(min=0).cummax(0).values, pos)
+        hi = torch.maximum((pos + torch.randint(0, 300, (t,), generator=g)).clamp(max=t - 1), pos).cummax(0).values
+        check_mask_tables(SpanMask(lo, hi))
+
+
+def check_mask_tables(spans):
+    from bidiattn.kernels.fa4_masked import SM90_BLOCKS, mask_tables
+    from bidiattn.kernels.flex import block_mask_from_spans
+
+    def rows(num, idx):
+        return [sorted(r[:n]) for n, r in zip(num[0, 0].tolist(), idx[0, 0].tolist())]
+
+    for bound, forward, backward in SM90_BLOCKS:
+        tables = mask_tables(spans, bound)
+        fwd = block_mask_from_spans(spans, forward, for_backward=False)
+        bwd = block_mask_from_spans(spans, backward)
+        assert rows(tables.kv_num, tables.kv_idx) == rows(fwd.kv_num_blocks, fwd.kv_indices)
+        assert rows(tables.full_kv_num, tables.full_kv_idx) == rows(fwd.full_kv_num_blocks, fwd.full_kv_indices)
+        assert rows(tables.q_num, tables.q_idx) == rows(bwd.q_num_blocks, bwd.q_indices)
+        assert rows(tables.full_q_num, tables.full_q_idx) == rows(bwd.full_q_num_blocks, bwd.full_q_indices)
+        assert tables.kv_idx.shape == fwd.kv_indices.shape and tables.q_idx.shape == bwd.q_indices.shape

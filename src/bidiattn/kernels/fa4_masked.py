@@ -3,11 +3,13 @@
 The packed sequence runs as one FA4 batch of one (``q [1, T, Hq, D]``). The spans' packed bounds
 (:meth:`SpanMask.packed_bounds`: key positions over the whole pack, so packed sequences never
 see each other) go to FA4 as two int32 ``aux_tensors``, read by a CuTe ``mask_mod`` (``lo[q] <=
-kv <= hi[q]``) on the key blocks that are partial. Block sparsity comes from the block tables of
-:func:`bidiattn.kernels.flex.block_mask_from_spans`: each query block's full and partial key
-blocks (forward) and each key block's query blocks (backward), so absent blocks are never
-visited and full ones skip the mask. Forward and backward are FA4's own, the lse gradient
-included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
+kv <= hi[q]``) on the key blocks that are partial. Block sparsity: each query block's full and
+partial key blocks (forward) and each key block's query blocks (backward), so absent blocks are
+never visited and full ones skip the mask. The bounds being non-decreasing, each of these sets
+is at most two runs of consecutive blocks, so the tables are built in closed form (a few device
+ops, no sort, no host sync): the classification of
+:func:`bidiattn.kernels.flex.block_mask_from_spans`, which the tests compare them with. Forward
+and backward are FA4's own, the lse gradient included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
 mask function compiled once per process by FA4's kernel cache.
 
 Self-attention spans; head dims up to 128 on SM90 and SM100, up to 256 on SM90. FA4 needs each
@@ -29,7 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from ..spans import SpanMask
-from .flex import block_mask_from_spans
 
 __all__ = ["MaskTables", "fa4_interface", "mask_blocks", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
            "span_mask_mod"]
@@ -81,13 +82,53 @@ def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capabilit
     if why is not None:
         raise ValueError(why)
     forward_block, backward_block = mask_blocks(head_dim, capability)
-    lo, hi = (x.to(torch.int32).contiguous() for x in spans.packed_bounds())
-    fwd = block_mask_from_spans(spans, forward_block, for_backward=False)
-    bwd = block_mask_from_spans(spans, backward_block, for_backward=True) if backward else None
-    return MaskTables(lo, hi, fwd.kv_num_blocks, fwd.kv_indices, fwd.full_kv_num_blocks, fwd.full_kv_indices,
-                      bwd.q_num_blocks if backward else None, bwd.q_indices if backward else None,
-                      bwd.full_q_num_blocks if backward else None, bwd.full_q_indices if backward else None,
+    glo, ghi = spans.packed_bounds()
+    t = spans.total_tokens
+    bq, bk = forward_block
+    v0, v1, f0, f1 = _key_block_ranges(glo, ghi, t, bq, bk)
+    kv_num, kv_idx = _range_table(v0, f0 - v0, f1, v1 + 1 - f1, -(-t // bk))
+    full_kv_num, full_kv_idx = _range_table(f0, f1 - f0, f1, torch.zeros_like(f1), -(-t // bk))
+    q_tables = (None,) * 4
+    if backward:
+        bq, bk = backward_block
+        v0, v1, f0, f1 = _key_block_ranges(glo, ghi, t, bq, bk)
+        # Per key block, the query blocks whose key-block ranges hold it: each bound is
+        # non-decreasing over the query blocks, so each set is one run of query blocks.
+        kb = torch.arange(-(-t // bk), device=glo.device)
+        first = torch.searchsorted(v1, kb)  # visited: v0 <= kb <= v1
+        last = torch.searchsorted(v0, kb, right=True) - 1
+        full_first = torch.searchsorted(f1, kb, right=True)  # full: f0 <= kb < f1
+        full_last = torch.searchsorted(f0, kb, right=True) - 1
+        full = full_last >= full_first
+        full_first = torch.where(full, full_first, last + 1)
+        full_last = torch.where(full, full_last, last)
+        nq = -(-t // bq)
+        q_tables = (*_range_table(first, full_first - first, full_last + 1, last - full_last, nq),
+                    *_range_table(full_first, full_last + 1 - full_first, full_first, torch.zeros_like(kb), nq))
+    return MaskTables(glo.to(torch.int32), ghi.to(torch.int32), kv_num, kv_idx, full_kv_num, full_kv_idx, *q_tables,
                       block=forward_block, backward_block=backward_block)
+
+
+def _key_block_ranges(glo: torch.Tensor, ghi: torch.Tensor, t: int, bq: int, bk: int):
+    """Per query block of ``bq`` rows (packed bounds ``glo``/``ghi``, non-decreasing): the key
+    blocks of ``bk`` keys it visits, ``[v0, v1]``, and those every row sees whole, ``[f0, f1)``
+    (``f1 == f0``: none); ``f0`` and ``f1`` lie in ``[v0, v1 + 1]`` and all four are non-decreasing."""
+    first = torch.arange(0, t, bq, device=glo.device)
+    last = (first + bq - 1).clamp_(max=t - 1)
+    v0, v1 = glo[first] // bk, ghi[last] // bk
+    f0 = -(-glo[last] // bk)
+    f1 = torch.maximum((ghi[first] + 1) // bk, f0)
+    return v0, v1, f0, f1
+
+
+def _range_table(start1: torch.Tensor, count1: torch.Tensor, start2: torch.Tensor, count2: torch.Tensor,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA4's block-sparse counts ``[1, 1, n]`` and indices ``[1, 1, n, width]`` (int32) of ``n``
+    rows, each the blocks ``start1 + j`` for ``j < count1`` then ``start2 + j``: two ascending
+    runs; entries past the count repeat valid blocks (never read)."""
+    j = torch.arange(width, device=start1.device)
+    idx = torch.where(j < count1[:, None], start1[:, None] + j, start2[:, None] + (j - count1[:, None]))
+    return (count1 + count2).to(torch.int32)[None, None], idx.clamp_(0, width - 1).to(torch.int32)[None, None]
 
 
 @functools.cache
