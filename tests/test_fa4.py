@@ -594,18 +594,28 @@ def test_mask_tables_on_random_monotone_bounds():
 
 
 def check_mask_tables(spans):
-    from bidiattn.kernels.fa4_masked import SM90_BLOCKS, mask_tables
+    from bidiattn.kernels.block_tables import block_tables
+    from bidiattn.kernels.fa4_masked import block_tables_spec
+    from bidiattn.kernels.fa4_masked import SM90_BLOCKS
     from bidiattn.kernels.flex import block_mask_from_spans
 
     def rows(num, idx):
         return [sorted(r[:n]) for n, r in zip(num[0, 0].tolist(), idx[0, 0].tolist())]
 
-    for bound, forward, backward in SM90_BLOCKS:
-        tables = mask_tables(spans, bound)
+    glo, ghi = spans.packed_bounds()
+    for _, forward, backward in SM90_BLOCKS:
         fwd = block_mask_from_spans(spans, forward, for_backward=False)
         bwd = block_mask_from_spans(spans, backward)
-        assert rows(tables.kv_num, tables.kv_idx) == rows(fwd.kv_num_blocks, fwd.kv_indices)
-        assert rows(tables.full_kv_num, tables.full_kv_idx) == rows(fwd.full_kv_num_blocks, fwd.full_kv_indices)
-        assert rows(tables.q_num, tables.q_idx) == rows(bwd.q_num_blocks, bwd.q_indices)
-        assert rows(tables.full_q_num, tables.full_q_idx) == rows(bwd.full_q_num_blocks, bwd.full_q_indices)
-        assert tables.kv_idx.shape == fwd.kv_indices.shape and tables.q_idx.shape == bwd.q_indices.shape
+        want = (fwd.kv_num_blocks, fwd.kv_indices, fwd.full_kv_num_blocks, fwd.full_kv_indices,
+                bwd.q_num_blocks, bwd.q_indices, bwd.full_q_num_blocks, bwd.full_q_indices)
+        builders = [block_tables_spec] + ([block_tables] if launch.interpreting() else [])
+        for build in builders:
+            got = build(spans, forward, backward)
+            assert got[0].tolist() == glo.tolist() and got[1].tolist() == ghi.tolist()
+            assert got[0].dtype == got[1].dtype == torch.int32
+            for i in range(0, 8, 2):
+                assert got[2 + i].shape == want[i].shape and got[3 + i].shape == want[i + 1].shape, build
+                assert rows(got[2 + i], got[3 + i]) == rows(want[i], want[i + 1]), (build, i)
+                assert got[3 + i].dtype == torch.int32 and int(got[3 + i].min()) >= 0
+                assert int(got[3 + i].max()) < got[3 + i].shape[-1]
+            assert build(spans, forward, None)[6:] == (None,) * 4

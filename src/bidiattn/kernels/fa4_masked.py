@@ -5,11 +5,8 @@ The packed sequence runs as one FA4 batch of one (``q [1, T, Hq, D]``). The span
 see each other) go to FA4 as two int32 ``aux_tensors``, read by a CuTe ``mask_mod`` (``lo[q] <=
 kv <= hi[q]``) on the key blocks that are partial. Block sparsity: each query block's full and
 partial key blocks (forward) and each key block's query blocks (backward), so absent blocks are
-never visited and full ones skip the mask. The bounds being non-decreasing, each of these sets
-is at most two runs of consecutive blocks, so the tables are built in closed form (a few device
-ops, no sort, no host sync): the classification of
-:func:`bidiattn.kernels.flex.block_mask_from_spans`, which the tests compare them with. Forward
-and backward are FA4's own, the lse gradient included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
+never visited and full ones skip the mask; :mod:`.block_tables` builds them in one Triton
+launch (no host sync), :func:`block_tables_spec` is their spec. Forward and backward are FA4's own, the lse gradient included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
 mask function compiled once per process by FA4's kernel cache.
 
 Self-attention spans; head dims up to 128 on SM90 and SM100, up to 256 on SM90. FA4 needs each
@@ -32,7 +29,7 @@ import torch
 
 from ..spans import SpanMask
 
-__all__ = ["MaskTables", "fa4_interface", "mask_blocks", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
+__all__ = ["MaskTables", "block_tables_spec", "fa4_interface", "mask_blocks", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
            "span_mask_mod"]
 
 # FA4 4.0.0b36's tiles under block sparsity, (forward, backward) (query rows, keys), per head-dim
@@ -77,24 +74,41 @@ def mask_blocks(head_dim: int, capability: tuple[int, int] = (9, 0)) -> tuple[tu
 def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capability: tuple[int, int] = (9, 0)
                 ) -> MaskTables:
     """:class:`MaskTables` of self-attention ``spans`` for ``head_dim`` on a GPU of compute
-    ``capability`` (device ops, no host sync); ``backward=False`` leaves out the backward's."""
+    ``capability`` (one Triton launch on CUDA or under Triton's interpreter, else PyTorch ops; no
+    host sync); ``backward=False`` leaves out the backward's."""
     why = masked_unsupported(spans, head_dim, capability)
     if why is not None:
         raise ValueError(why)
     forward_block, backward_block = mask_blocks(head_dim, capability)
+    from ..launch import interpreting, triton_missing
+
+    build = block_tables_spec
+    if (spans.lo.is_cuda or interpreting()) and triton_missing() is None:
+        from .block_tables import block_tables as build
+    return MaskTables(*build(spans, forward_block, backward_block if backward else None),
+                      block=forward_block, backward_block=backward_block)
+
+
+def block_tables_spec(spans: SpanMask, forward_block: tuple[int, int],
+                      backward_block: tuple[int, int] | None) -> tuple:
+    """The tables of self-attention ``spans`` in PyTorch ops, the spec of
+    :func:`bidiattn.kernels.block_tables.block_tables`: ``(lo, hi, kv_num, kv_idx, full_kv_num,
+    full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)`` as :class:`MaskTables` holds them, the
+    forward's at ``forward_block = (query rows, keys)``, the backward's at ``backward_block`` (None:
+    none). Each index row lists its runs of blocks first, then valid blocks never read."""
     glo, ghi = spans.packed_bounds()
     t = spans.total_tokens
     bq, bk = forward_block
-    v0, v1, f0, f1 = _key_block_ranges(glo, ghi, t, bq, bk)
-    kv_num, kv_idx = _range_table(v0, f0 - v0, f1, v1 + 1 - f1, -(-t // bk))
-    full_kv_num, full_kv_idx = _range_table(f0, f1 - f0, f1, torch.zeros_like(f1), -(-t // bk))
-    q_tables = (None,) * 4
-    if backward:
+    v0, v1, f0, f1 = _block_bounds(glo, ghi, t, bq, bk)
+    nk = -(-t // bk)
+    forward = (*_runs(v0, f0 - v0, f1, v1 + 1 - f1, nk), *_runs(f0, f1 - f0, f1, torch.zeros_like(f1), nk))
+    backward = (None,) * 4
+    if backward_block is not None:
         bq, bk = backward_block
-        v0, v1, f0, f1 = _key_block_ranges(glo, ghi, t, bq, bk)
-        # Per key block, the query blocks whose key-block ranges hold it: each bound is
-        # non-decreasing over the query blocks, so each set is one run of query blocks.
+        v0, v1, f0, f1 = _block_bounds(glo, ghi, t, bq, bk)
         kb = torch.arange(-(-t // bk), device=glo.device)
+        # Per key block, the query blocks whose runs hold it: each bound is non-decreasing over
+        # the query blocks, so each set is one run of query blocks.
         first = torch.searchsorted(v1, kb)  # visited: v0 <= kb <= v1
         last = torch.searchsorted(v0, kb, right=True) - 1
         full_first = torch.searchsorted(f1, kb, right=True)  # full: f0 <= kb < f1
@@ -103,29 +117,24 @@ def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capabilit
         full_first = torch.where(full, full_first, last + 1)
         full_last = torch.where(full, full_last, last)
         nq = -(-t // bq)
-        q_tables = (*_range_table(first, full_first - first, full_last + 1, last - full_last, nq),
-                    *_range_table(full_first, full_last + 1 - full_first, full_first, torch.zeros_like(kb), nq))
-    return MaskTables(glo.to(torch.int32), ghi.to(torch.int32), kv_num, kv_idx, full_kv_num, full_kv_idx, *q_tables,
-                      block=forward_block, backward_block=backward_block)
+        backward = (*_runs(first, full_first - first, full_last + 1, last - full_last, nq),
+                    *_runs(full_first, full_last + 1 - full_first, full_first, torch.zeros_like(kb), nq))
+    return (glo.to(torch.int32), ghi.to(torch.int32), *forward, *backward)
 
 
-def _key_block_ranges(glo: torch.Tensor, ghi: torch.Tensor, t: int, bq: int, bk: int):
-    """Per query block of ``bq`` rows (packed bounds ``glo``/``ghi``, non-decreasing): the key
-    blocks of ``bk`` keys it visits, ``[v0, v1]``, and those every row sees whole, ``[f0, f1)``
-    (``f1 == f0``: none); ``f0`` and ``f1`` lie in ``[v0, v1 + 1]`` and all four are non-decreasing."""
+def _block_bounds(glo: torch.Tensor, ghi: torch.Tensor, t: int, bq: int, bk: int):
+    """Per query block of ``bq`` rows: the key blocks of ``bk`` keys it visits, ``[v0, v1]``, and
+    those every row sees whole, ``[f0, f1)`` (``f1 == f0``: none); all four non-decreasing."""
     first = torch.arange(0, t, bq, device=glo.device)
     last = (first + bq - 1).clamp_(max=t - 1)
     v0, v1 = glo[first] // bk, ghi[last] // bk
     f0 = -(-glo[last] // bk)
-    f1 = torch.maximum((ghi[first] + 1) // bk, f0)
-    return v0, v1, f0, f1
+    return v0, v1, f0, torch.maximum((ghi[first] + 1) // bk, f0)
 
 
-def _range_table(start1: torch.Tensor, count1: torch.Tensor, start2: torch.Tensor, count2: torch.Tensor,
-                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA4's block-sparse counts ``[1, 1, n]`` and indices ``[1, 1, n, width]`` (int32) of ``n``
-    rows, each the blocks ``start1 + j`` for ``j < count1`` then ``start2 + j``: two ascending
-    runs; entries past the count repeat valid blocks (never read)."""
+def _runs(start1, count1, start2, count2, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts ``[1, 1, n]`` and index rows ``[1, 1, n, width]`` (int32): ``start1 + j`` for ``j <
+    count1``, then ``start2 + j - count1``, clamped to valid blocks."""
     j = torch.arange(width, device=start1.device)
     idx = torch.where(j < count1[:, None], start1[:, None] + j, start2[:, None] + (j - count1[:, None]))
     return (count1 + count2).to(torch.int32)[None, None], idx.clamp_(0, width - 1).to(torch.int32)[None, None]

@@ -1,0 +1,151 @@
+"""The masked FA4 launch's block-sparsity tables in one Triton launch (no host sync).
+
+FA4's block sparsity lists, per query block, the key blocks it visits that are partial (the mask
+function runs there) and full (no mask), and per key block the query blocks (the backward's).
+The spans' packed bounds are non-decreasing, so for query block ``b`` (rows ``first..last``) the
+visited key blocks are ``[lo[first] // bk, hi[last] // bk]`` and the full ones ``[ceil(lo[last] /
+bk), (hi[first] + 1) // bk)``: each list is at most two runs of consecutive blocks, and each of the
+four bounds is non-decreasing in ``b``, so a key block's query blocks are runs too, found by
+binary search. The spec is :func:`bidiattn.kernels.fa4_masked.block_tables_spec` (PyTorch ops,
+about 80 small launches); :func:`block_tables` computes the same tables, and the packed bounds
+FA4's mask function reads, in one launch. The classification is
+:func:`bidiattn.kernels.flex.block_mask_from_spans`'s (the tests compare all three).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spans import SpanMask
+from .segments import _seq_of
+
+__all__ = ["block_tables"]
+
+_LANES = 16  # table rows per program
+_COLS = 64  # index columns per store
+
+
+@triton.jit
+def _packed(b_ptr, cu_ptr, rows, num_seq, seq_steps):
+    """Packed key position of the bound ``b`` at ``rows`` (valid rows)."""
+    seq = _seq_of(cu_ptr, rows, num_seq, seq_steps)
+    return tl.load(b_ptr + rows).to(tl.int64) + tl.load(cu_ptr + seq)
+
+
+@triton.jit
+def _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, WHICH: tl.constexpr):
+    """For query blocks ``b`` of ``bq`` rows: first visited key block (WHICH 0), last (1),
+    first full (2), end of the full ones (3), in key blocks of ``bk``."""
+    first = tl.minimum(b * bq, t - 1)
+    last = tl.minimum(b * bq + bq - 1, t - 1)
+    if WHICH == 0:
+        out = _packed(lo_ptr, cu_ptr, first, num_seq, seq_steps) // bk
+    elif WHICH == 1:
+        out = _packed(hi_ptr, cu_ptr, last, num_seq, seq_steps) // bk
+    else:
+        f0 = (_packed(lo_ptr, cu_ptr, last, num_seq, seq_steps) + bk - 1) // bk
+        if WHICH == 2:
+            out = f0
+        else:
+            out = tl.maximum((_packed(hi_ptr, cu_ptr, first, num_seq, seq_steps) + 1) // bk, f0)
+    return out
+
+
+@triton.jit
+def _first_above(lo_ptr, hi_ptr, cu_ptr, x, n, steps, t, num_seq, seq_steps, bq, bk, WHICH: tl.constexpr):
+    """Per lane, the first query block in ``[0, n]`` whose bound ``WHICH`` exceeds ``x``
+    (``n`` if none): a binary search of ``steps`` rounds over the non-decreasing bound."""
+    a = tl.zeros_like(x)
+    z = tl.zeros_like(x) + n
+    for _ in range(steps):
+        go = a < z
+        mid = (a + z) // 2
+        above = _block_bounds(lo_ptr, hi_ptr, cu_ptr, tl.minimum(mid, n - 1), t, num_seq, seq_steps, bq, bk,
+                             WHICH) > x
+        z = tl.where(go & above, mid, z)
+        a = tl.where(go & ~above, mid + 1, a)
+    return a
+
+
+@triton.jit
+def _store_rows(num_ptr, idx_ptr, rows, ok, start1, count1, start2, count2, width, COLS: tl.constexpr):
+    """Counts and index rows (two runs of blocks each) of table rows ``rows``."""
+    tl.store(num_ptr + rows, (count1 + count2).to(tl.int32), mask=ok)
+    for c in range(0, width, COLS):
+        j = c + tl.arange(0, COLS)
+        idx = tl.where(j[None, :] < count1[:, None], start1[:, None] + j[None, :],
+                       start2[:, None] + (j[None, :] - count1[:, None]))
+        idx = tl.minimum(tl.maximum(idx, 0), width - 1)
+        tl.store(idx_ptr + rows[:, None].to(tl.int64) * width + j[None, :], idx.to(tl.int32),
+                 mask=ok[:, None] & (j[None, :] < width))
+
+
+@triton.jit
+def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps, bq, bk, nq, nk, bq2, bk2, nq2, nk2, q_steps,
+           forward_programs, backward_programs, o_lo, o_hi, o_kv_num, o_kv_idx, o_full_num, o_full_idx,
+           o_q_num, o_q_idx, o_full_q_num, o_full_q_idx, LANES: tl.constexpr, COLS: tl.constexpr):
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, LANES).to(tl.int64)
+    if pid < forward_programs:
+        b = pid * LANES + lanes
+        ok = b < nq
+        v0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 0)
+        v1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 1)
+        f0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 2)
+        f1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 3)
+        _store_rows(out_ptr + o_kv_num, out_ptr + o_kv_idx, b, ok, v0, f0 - v0, f1, v1 + 1 - f1, nk, COLS)
+        _store_rows(out_ptr + o_full_num, out_ptr + o_full_idx, b, ok, f0, f1 - f0, f1, f1 * 0, nk, COLS)
+    elif pid < forward_programs + backward_programs:
+        kb = (pid - forward_programs) * LANES + lanes
+        ok = kb < nk2
+        first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb - 1, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 1)
+        last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 0) - 1
+        full_first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 3)
+        full_last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 2) - 1
+        full = full_last >= full_first
+        full_first = tl.where(full, full_first, last + 1)
+        full_last = tl.where(full, full_last, last)
+        _store_rows(out_ptr + o_q_num, out_ptr + o_q_idx, kb, ok, first, full_first - first, full_last + 1,
+                   last - full_last, nq2, COLS)
+        _store_rows(out_ptr + o_full_q_num, out_ptr + o_full_q_idx, kb, ok, full_first, full_last + 1 - full_first,
+                   full_first, kb * 0, nq2, COLS)
+    else:
+        rows = (pid - forward_programs - backward_programs) * (LANES * COLS) + tl.arange(0, LANES * COLS)
+        ok = rows < t
+        rows = tl.minimum(rows, t - 1)
+        tl.store(out_ptr + o_lo + rows, _packed(lo_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok)
+        tl.store(out_ptr + o_hi + rows, _packed(hi_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok)
+
+
+def block_tables(spans: SpanMask, forward_block: tuple[int, int],
+                 backward_block: tuple[int, int] | None) -> tuple:
+    """:func:`~bidiattn.kernels.fa4_masked.block_tables_spec`'s tables of self-attention ``spans`` in one Triton launch (CUDA,
+    or Triton's interpreter); one int32 buffer holds them all."""
+    t, num_seq = spans.total_tokens, spans.num_sequences
+    if t == 0:
+        from .fa4_masked import block_tables_spec
+
+        return block_tables_spec(spans, forward_block, backward_block)
+    bq, bk = forward_block
+    nq, nk = -(-t // bq), -(-t // bk)
+    bq2, bk2 = backward_block if backward_block is not None else forward_block
+    nq2, nk2 = (-(-t // bq2), -(-t // bk2)) if backward_block is not None else (0, 0)
+    sizes = (t, t, nq, nq * nk, nq, nq * nk, nk2, nk2 * nq2, nk2, nk2 * nq2)
+    buf = torch.empty(sum(sizes), dtype=torch.int32, device=spans.lo.device)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    programs = (-(-nq // _LANES), -(-nk2 // _LANES), -(-t // (_LANES * _COLS)))
+    _block_tables_kernel[(sum(programs),)](
+        spans.lo, spans.hi, spans.cu_seqlens, buf, t, num_seq, max(1, int(num_seq + 1).bit_length()),
+        bq, bk, nq, nk, bq2, bk2, nq2, nk2, max(1, int(nq2 + 1).bit_length()), programs[0], programs[1], *starts,
+        LANES=_LANES, COLS=_COLS,
+    )
+    lo, hi, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = (
+        buf[a : a + n] for a, n in zip(starts, sizes))
+    forward = (kv_num.view(1, 1, nq), kv_idx.view(1, 1, nq, nk), full_num.view(1, 1, nq), full_idx.view(1, 1, nq, nk))
+    backward = (None,) * 4
+    if backward_block is not None:
+        backward = (q_num.view(1, 1, nk2), q_idx.view(1, 1, nk2, nq2), full_q_num.view(1, 1, nk2),
+                    full_q_idx.view(1, 1, nk2, nq2))
+    return (lo, hi, *forward, *backward)
