@@ -608,7 +608,7 @@ def check_mask_tables(spans):
         bwd = block_mask_from_spans(spans, backward)
         want = (fwd.kv_num_blocks, fwd.kv_indices, fwd.full_kv_num_blocks, fwd.full_kv_indices,
                 bwd.q_num_blocks, bwd.q_indices, bwd.full_q_num_blocks, bwd.full_q_indices)
-        builders = [block_tables_spec] + ([block_tables] if launch.interpreting() else [])
+        builders = [block_tables_spec] + ([block_tables] if launch.interpreting() or spans.lo.is_cuda else [])
         for build in builders:
             got = build(spans, forward, backward)
             assert got[0].tolist() == glo.tolist() and got[1].tolist() == ghi.tolist()
@@ -619,3 +619,9 @@ def check_mask_tables(spans):
                 assert got[3 + i].dtype == torch.int32 and int(got[3 + i].min()) >= 0
                 assert int(got[3 + i].max()) < got[3 + i].shape[-1]
             assert build(spans, forward, None)[6:] == (None,) * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["full", "sliding"])
+def test_mask_tables_kernel_on_the_gpu_at_real_sizes(layer):
+    check_mask_tables(real_size_spans(128, layer))
