@@ -124,10 +124,6 @@ def block_tables(spans: SpanMask, forward_block: tuple[int, int],
     """:func:`~bidiattn.kernels.fa4_masked.block_tables_spec`'s tables of self-attention ``spans`` in one Triton launch (CUDA,
     or Triton's interpreter); one int32 buffer holds them all."""
     t, num_seq = spans.total_tokens, spans.num_sequences
-    if t == 0:
-        from .fa4_masked import block_tables_spec
-
-        return block_tables_spec(spans, forward_block, backward_block)
     bq, bk = forward_block
     nq, nk = -(-t // bq), -(-t // bk)
     bq2, bk2 = backward_block if backward_block is not None else forward_block
