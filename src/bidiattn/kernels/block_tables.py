@@ -121,8 +121,8 @@ def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps,
 
 def block_tables(spans: SpanMask, forward_block: tuple[int, int],
                  backward_block: tuple[int, int] | None) -> tuple:
-    """:func:`~bidiattn.kernels.fa4_masked.block_tables_spec`'s tables of self-attention ``spans`` in one Triton launch (CUDA,
-    or Triton's interpreter); one int32 buffer holds them all."""
+    """The tables of :func:`~bidiattn.kernels.fa4_masked.block_tables_spec` for self-attention
+    ``spans`` in one Triton launch (CUDA, or Triton's interpreter); one int32 buffer holds them."""
     t, num_seq = spans.total_tokens, spans.num_sequences
     bq, bk = forward_block
     nq, nk = -(-t // bq), -(-t // bk)

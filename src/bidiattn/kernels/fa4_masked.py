@@ -23,6 +23,8 @@ FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +82,8 @@ def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capabilit
     if why is not None:
         raise ValueError(why)
     forward_block, backward_block = mask_blocks(head_dim, capability)
-    from ..launch import interpreting, triton_missing
-
     build = block_tables_spec
-    if (spans.lo.is_cuda or interpreting()) and triton_missing() is None:
+    if (spans.lo.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and importlib.util.find_spec("triton"):
         from .block_tables import block_tables as build
     return MaskTables(*build(spans, forward_block, backward_block if backward else None),
                       block=forward_block, backward_block=backward_block)
