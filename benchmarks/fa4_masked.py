@@ -1,0 +1,173 @@
+"""The masked FA4 launch (kernels/fa4_masked.py): where the default call's time goes, what its
+tables cost on the host, and which FA4 options it should run with.
+
+    python benchmarks/fa4_masked.py --out benchmarks/results [--cases 'hd128,hd256 16K sliding']
+
+(FA4: pip install 'bidiattn[fa4]'.) For the fa4 benchmark cases with head dim <= 256
+(``cases.CASES`` and ``cases.FA4_CASES``):
+
+- **fwd+bwd, interleaved**: the default call ``attention(q, k, v, spans)``, the call with an
+  explicit training plan, and the masked launch called directly with the plan's tables and with
+  tables of its own, timed in three interleaved rounds (median of CUDA-event runs each), so that
+  clock drift over a run cannot pass for a gap between them; checked against SDPA with the dense
+  mask first (forward and gradients);
+- **host µs per fwd+bwd** of each (enqueue ten, no sync in between) and the wall time;
+- **tables**: host µs of ``mask_tables`` (one Triton launch) against its PyTorch spec
+  (``block_tables_spec``), the two checked equal; host µs of an fa4 plan with and without
+  ``training`` (a new SpanMask object each time, so each one plans);
+- **pack_gqa**: the masked forward with FA4's default (packed where GQA) and with it off.
+
+TFLOP/s on allowed pairs: forward 4 * pairs * D * Hq, forward+backward 14 *. Writes
+fa4-masked[-<label>]-<device>-<date>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import cases
+import torch
+
+import bidiattn
+from bidiattn.kernels import fa4_masked
+from bidiattn.kernels.block_tables import block_tables
+from bidiattn.spans import SpanMask
+
+
+def host_us(fn, rep: int = 20) -> float:
+    """Median host µs of ``fn`` after a sync (what a call costs before the GPU runs it)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def run_case(case: cases.Case) -> dict:
+    spans, q, k, v = cases.build(case)
+    d = case.head_dim
+    pairs = spans.num_pairs()
+    fwd_fl = cases.flops(case, pairs)
+    fb_fl = fwd_fl + 10 * pairs * d * case.hq
+    dout = torch.randn_like(q)
+    plan = bidiattn.plan(spans, case.hq, case.hkv, d, training=True)
+    own = fa4_masked.mask_tables(spans, d, capability=torch.cuda.get_device_capability())
+    tables = plan.masked if plan.masked is not None else own
+    row = dict(case=case.name, tokens=case.tokens, hq=case.hq, hkv=case.hkv, head_dim=d, pairs=pairs,
+               plan_runs_masked=plan.masked is not None)
+
+    def grads(fn):
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*x), x, dout)
+
+    fns = {
+        "default": lambda a, b, c: bidiattn.attention(a, b, c, spans),
+        "planned": lambda a, b, c: bidiattn.attention(a, b, c, spans, plan=plan),
+        "direct_plan_tables": lambda a, b, c: fa4_masked.span_attention_fa4_masked(a, b, c, spans, d ** -0.5, None,
+                                                                                 tables=tables)[0],
+        "direct_own_tables": lambda a, b, c: fa4_masked.span_attention_fa4_masked(a, b, c, spans, d ** -0.5, None,
+                                                                                tables=own)[0],
+    }
+    ref, want = cases.sdpa_reference(q, k, v, spans.to_dense(), dout)
+    for name, fn in fns.items():
+        row[f"{name}_rel_err"] = cases.rel_err(fn(q, k, v), ref)
+        row[f"{name}_grad_rel_err"] = max(cases.rel_err(a, b) for a, b in zip(grads(fn), want))
+    del ref, want
+    if max(val for key, val in row.items() if key.endswith("rel_err")) > 2e-2:
+        raise RuntimeError(f"{case.name}: wrong result: {row}")
+    rounds = {name: [] for name in fns}
+    for _ in range(3):
+        for name, fn in fns.items():
+            rounds[name].append(cases.ms(lambda fn=fn: grads(fn), rep=100))
+    for name, ms in rounds.items():
+        row[f"{name}_fwd_bwd_rounds_ms"] = ms
+        row[f"{name}_fwd_bwd_tflops"] = fb_fl / statistics.median(ms) / 1e9
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            grads(fns[name])
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        row[f"{name}_host_ms"] = (t1 - t0) / 10 * 1e3
+        row[f"{name}_wall_ms"] = (time.perf_counter() - t0) / 10 * 1e3
+
+    blocks = fa4_masked.mask_blocks(d, torch.cuda.get_device_capability())
+    spec = fa4_masked.block_tables_spec(spans, *blocks)
+    kernel = block_tables(spans, *blocks)
+    row["tables_equal"] = all(torch.equal(a, b) for a, b in zip(spec, kernel))
+    row["tables_kernel_host_us"] = host_us(lambda: fa4_masked.mask_tables(spans, d))
+    row["tables_spec_host_us"] = host_us(lambda: fa4_masked.block_tables_spec(spans, *blocks))
+
+    def fresh():
+        return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False)
+
+    row["plan_fa4_training_host_us"] = host_us(lambda: bidiattn.plan(fresh(), case.hq, case.hkv, d, backend="fa4",
+                                                                     training=True))
+    row["plan_fa4_host_us"] = host_us(lambda: bidiattn.plan(fresh(), case.hq, case.hkv, d, backend="fa4"))
+
+    fa4 = fa4_masked.fa4_interface()
+    forward_tables = fa4_masked.mask_tables(spans, d, backward=False)
+    sparse = fa4_masked._sparse(forward_tables.kv_num, forward_tables.kv_idx, forward_tables.full_kv_num,
+                                forward_tables.full_kv_idx, forward_tables.block)
+    for flag in (None, False):
+        def fwd(flag=flag):
+            return fa4._flash_attn_fwd(q[None], k[None], v[None], softmax_scale=d ** -0.5,
+                                       mask_mod=fa4_masked.span_mask_mod(), block_sparse_tensors=sparse,
+                                       aux_tensors=[forward_tables.lo, forward_tables.hi], return_lse=True,
+                                       pack_gqa=flag)
+        key = f"masked_fwd_pack_gqa_{'default' if flag is None else 'off'}"
+        try:
+            row[key + "_tflops"] = fwd_fl / cases.ms(fwd, rep=300) / 1e9
+        except Exception as e:  # noqa: BLE001 - an option FA4 refuses is reported, not fatal
+            row[key + "_error"] = cases.describe_error(e)
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes (default: all with D <= 256)")
+    parser.add_argument("--label", default=None, help="results file name: fa4-masked-<label>-...")
+    args = parser.parse_args()
+    picked = [c for c in cases.CASES + cases.FA4_CASES if c.head_dim <= 256
+              and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
+    rows = []
+    for case in picked:
+        rows.append(run_case(case))
+        print(rows[-1], flush=True)
+    meta = cases.meta()
+
+    def f(r, key, fmt=".0f"):
+        return format(r[key], fmt) if key in r else "fails" if key.replace("_tflops", "_error") in r else "n/a"
+
+    names = ("default", "planned", "direct_plan_tables", "direct_own_tables")
+    lines = [f"# The masked FA4 launch, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, FA4 {meta['fa4']}, commit {meta['commit']}. "
+             "fwd+bwd TFLOP/s (14 * pairs * D * Hq, median of three interleaved rounds; rounds in the JSON) of "
+             "the default call, an explicit training plan, the masked launch called directly with the plan's "
+             "tables and with its own; host ms per fwd+bwd (ten enqueued, no sync); tables and plans in host "
+             "µs; the masked forward's TFLOP/s with FA4's pack_gqa default and off.", "",
+             "| case | plan runs masked | " + " | ".join(names) + " | host ms: " + " | ".join(names)
+             + " | tables: kernel µs | spec µs | equal | plan fa4 (training) µs | masked fwd pack_gqa default | off |",
+             "|---" * 17 + "|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['plan_runs_masked']} | "
+                     + " | ".join(f(r, f"{n}_fwd_bwd_tflops") for n in names) + " | "
+                     + " | ".join(f(r, f"{n}_host_ms", ".2f") for n in names)
+                     + f" | {r['tables_kernel_host_us']:.0f} | {r['tables_spec_host_us']:.0f} | {r['tables_equal']} | "
+                     f"{r['plan_fa4_host_us']:.0f} ({r['plan_fa4_training_host_us']:.0f}) | "
+                     f"{f(r, 'masked_fwd_pack_gqa_default_tflops')} | {f(r, 'masked_fwd_pack_gqa_off_tflops')} |")
+    cases.write_results(args.out, "fa4-masked" + (f"-{args.label}" if args.label else ""), meta, dict(rows=rows),
+                        lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
