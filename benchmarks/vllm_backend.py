@@ -2,6 +2,7 @@
 
     python benchmarks/vllm_backend.py check --model tiny [--images] [--graphs] [--out benchmarks/results]
     python benchmarks/vllm_backend.py refuse --model tiny
+    python benchmarks/vllm_backend.py hf-noise --model tiny-gemma4 --images [--out benchmarks/results]
     python benchmarks/vllm_backend.py time --model gemma-3-4b-6l [--images] [--graphs] --out benchmarks/results
 
 Models are random-weight checkpoints written locally (nothing is downloaded). Gemma-3:
@@ -34,6 +35,11 @@ backend works without the package's entry point installed).
   own ``sdpa`` run from ``TRITON_ATTN`` (transformers and vLLM are two implementations of the
   model, each in bf16: their distance is not the attention backend's). Exit status 1 on a
   mismatch. With ``--out``, writes vllm-check[-graphs]-<gpu>-<date>.json and .md.
+- ``hf-noise``: transformers alone (no vLLM): the check's transformers run (bidiattn, official
+  rule) against transformers' own sdpa and eager attention, each in bf16 and fp32, prompt
+  logprobs' max difference per pair: bf16 drift between two attention implementations of one
+  model, and bidiattn against transformers' own mask in fp32 (exit status 1 above 1e-3). With
+  ``--out``, writes hf-noise-<gpu>-<date>.json and .md.
 - ``refuse``: an fp8 KV cache and a rule vLLM's metadata cannot carry (Gemma-3 images longer
   than the window under the official rule) stop the engine at start-up with a message naming
   the value. Exit status 1 otherwise. With ``--out``, writes vllm-refuse-<gpu>-<date>.json and .md.
@@ -358,7 +364,8 @@ def request_images(index: int, count: int) -> list:
 
 def transformers_worker(spec: dict) -> dict:
     """The same requests through transformers with ``attn_implementation="bidiattn-<rule>"``
-    (``"sdpa"``, transformers' own mask, where ``spec["rule"]`` is None): prompt logprobs from one forward pass, greedy continuation with per-step logprobs and the
+    (``spec["attn"]``, default ``"sdpa"``: transformers' own mask, where ``spec["rule"]`` is None),
+    in ``spec["dtype"]`` (default ``"bfloat16"``): prompt logprobs from one forward pass, greedy continuation with per-step logprobs and the
     top-2 margin, in the worker's result format."""
     import torch
     import transformers
@@ -366,11 +373,12 @@ def transformers_worker(spec: dict) -> dict:
     import bidiattn.integrations.transformers as bidiattn_hf
 
     rule = spec.get("rule")
-    name = "sdpa" if rule is None else bidiattn_hf.register(f"bidiattn-{rule}", convention=rule)
+    name = spec.get("attn", "sdpa") if rule is None else bidiattn_hf.register(f"bidiattn-{rule}", convention=rule)
+    dtype = getattr(torch, spec.get("dtype", "bfloat16"))
     auto = transformers.AutoModelForImageTextToText if spec.get("images") else transformers.AutoModelForCausalLM
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = auto.from_pretrained(spec["model"], attn_implementation=name, dtype=torch.bfloat16).to(device).eval()
+    model = auto.from_pretrained(spec["model"], attn_implementation=name, dtype=dtype).to(device).eval()
     processor = (transformers.AutoProcessor if spec.get("images") else transformers.AutoTokenizer).from_pretrained(
         spec["model"])
     result = {"start_s": time.perf_counter() - t0, "requests": []}
@@ -519,6 +527,44 @@ def check(args) -> int:
     return 1 if failures else 0
 
 
+def hf_noise(args) -> int:
+    """transformers alone, on the check's model and requests: bidiattn (official rule) against
+    transformers' own attention (sdpa, eager), each in bf16 and fp32. How far two attention
+    implementations of one model drift apart in bf16 over these prompts (the floor under the
+    check's transformers-vs-vLLM comparison), and whether bidiattn equals transformers' own mask
+    in fp32. Prompt logprobs' max abs difference per pair and request; exit status 1 where
+    bidiattn and eager differ by more than 1e-3 in fp32."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_model(Path(tmp) / "model", args.model, args.images))
+        lengths = [5, 40, 130, 300] if args.model.startswith("tiny") else [300, 1500, 3000]
+        base = dict(model=model, requests=requests(args.model, args.images, lengths), images=args.images,
+                    backend="transformers")
+        runs = {}
+        for label, extra in (("bidiattn bf16", dict(rule="official")), ("sdpa bf16", dict(attn="sdpa")),
+                             ("eager bf16", dict(attn="eager")), ("eager fp32", dict(attn="eager", dtype="float32")),
+                             ("bidiattn fp32", dict(rule="official", dtype="float32")),
+                             ("sdpa fp32", dict(attn="sdpa", dtype="float32"))):
+            code, got, err = run_worker(dict(base, **extra))
+            if code:
+                print(f"{label} failed:\n{err}")
+                return 1
+            runs[label] = [[x for x in r["prompt_logprobs"] if x is not None] for r in got["requests"]]
+    pairs = [("bidiattn bf16", "sdpa bf16"), ("bidiattn bf16", "eager bf16"), ("sdpa bf16", "eager bf16"),
+             ("bidiattn bf16", "eager fp32"), ("sdpa bf16", "eager fp32"), ("eager bf16", "eager fp32"),
+             ("bidiattn fp32", "eager fp32"), ("sdpa fp32", "eager fp32")]
+    rows = [dict(pair=f"{a} vs {b}", max_abs_diff=[max((abs(x - y) for x, y in zip(ra, rb)), default=0.0)
+                                                   for ra, rb in zip(runs[a], runs[b])]) for a, b in pairs]
+    lines = ["| pair | prompt logprobs max abs diff per request (" + ", ".join(map(str, lengths)) + " words) |",
+             "|---|---|"]
+    lines += [f"| {r['pair']} | {' / '.join(f'{x:.4f}' for x in r['max_abs_diff'])} |" for r in rows]
+    print("\n".join(lines))
+    exact = max(rows[6]["max_abs_diff"]) <= 1e-3
+    if args.out:
+        meta = run_meta(args, prompt_lengths=lengths)
+        write_results(args.out, "hf-noise", meta, rows, [f"# transformers alone, {meta}", ""] + lines)
+    return 0 if exact else 1
+
+
 def refuse(args) -> int:
     """Start-up refusals: each engine must fail, naming the value."""
     failures, rows = 0, []
@@ -623,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("check", "refuse", "time"):
+    for name in ("check", "refuse", "time", "hf-noise"):
         p = sub.add_parser(name)
         p.add_argument("--model", choices=sorted(GEOMETRY), default="tiny")
         p.add_argument("--images", action="store_true",
@@ -647,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_batched = 8192 if args.command == "time" else 160 if family(args.model) == "gemma4" else 64
     if args.command == "refuse" and family(args.model) != "gemma3":
         parser.error(f"refuse runs Gemma-3 models (its over-long images are Gemma-3's case); got --model {args.model}")
-    return {"check": check, "refuse": refuse, "time": timing}[args.command](args)
+    return {"check": check, "refuse": refuse, "time": timing, "hf-noise": hf_noise}[args.command](args)
 
 
 if __name__ == "__main__":
