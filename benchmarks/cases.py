@@ -110,7 +110,8 @@ def meta(command: str | None = None) -> dict:
     # BIDIATTN_COMMIT, which wins over git.
     commit = os.environ.get("BIDIATTN_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(device=device, date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, fa4=fa4_version(), commit=commit, command=command)
 
 
