@@ -90,16 +90,16 @@ def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps,
     lanes = tl.arange(0, LANES).to(tl.int64)
     if pid < forward_programs:
         b = pid * LANES + lanes
-        ok = b < nq
+        ok_q = b < nq
         v0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 0)
         v1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 1)
         f0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 2)
         f1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 3)
-        _store_rows(out_ptr + o_kv_num, out_ptr + o_kv_idx, b, ok, v0, f0 - v0, f1, v1 + 1 - f1, nk, COLS)
-        _store_rows(out_ptr + o_full_num, out_ptr + o_full_idx, b, ok, f0, f1 - f0, f1, f1 * 0, nk, COLS)
+        _store_rows(out_ptr + o_kv_num, out_ptr + o_kv_idx, b, ok_q, v0, f0 - v0, f1, v1 + 1 - f1, nk, COLS)
+        _store_rows(out_ptr + o_full_num, out_ptr + o_full_idx, b, ok_q, f0, f1 - f0, f1, f1 * 0, nk, COLS)
     elif pid < forward_programs + backward_programs:
         kb = (pid - forward_programs) * LANES + lanes
-        ok = kb < nk2
+        ok_k = kb < nk2
         first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb - 1, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 1)
         last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 0) - 1
         full_first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 3)
@@ -107,16 +107,16 @@ def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps,
         full = full_last >= full_first
         full_first = tl.where(full, full_first, last + 1)
         full_last = tl.where(full, full_last, last)
-        _store_rows(out_ptr + o_q_num, out_ptr + o_q_idx, kb, ok, first, full_first - first, full_last + 1,
+        _store_rows(out_ptr + o_q_num, out_ptr + o_q_idx, kb, ok_k, first, full_first - first, full_last + 1,
                    last - full_last, nq2, COLS)
-        _store_rows(out_ptr + o_full_q_num, out_ptr + o_full_q_idx, kb, ok, full_first, full_last + 1 - full_first,
+        _store_rows(out_ptr + o_full_q_num, out_ptr + o_full_q_idx, kb, ok_k, full_first, full_last + 1 - full_first,
                    full_first, kb * 0, nq2, COLS)
     else:
         rows = (pid - forward_programs - backward_programs) * (LANES * COLS) + tl.arange(0, LANES * COLS)
-        ok = rows < t
+        ok_r = rows < t
         rows = tl.minimum(rows, t - 1)
-        tl.store(out_ptr + o_lo + rows, _packed(lo_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok)
-        tl.store(out_ptr + o_hi + rows, _packed(hi_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok)
+        tl.store(out_ptr + o_lo + rows, _packed(lo_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok_r)
+        tl.store(out_ptr + o_hi + rows, _packed(hi_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok_r)
 
 
 def block_tables(spans: SpanMask, forward_block: tuple[int, int],
