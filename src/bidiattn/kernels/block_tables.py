@@ -8,7 +8,9 @@ bk), (hi[first] + 1) // bk)``: each list is at most two runs of consecutive bloc
 four bounds is non-decreasing in ``b``, so a key block's query blocks are runs too, found by
 binary search. The spec is :func:`bidiattn.kernels.fa4_masked.block_tables_spec` (PyTorch ops,
 about 80 small launches); :func:`block_tables` computes the same tables, and the packed bounds
-FA4's mask function reads, in one launch. The classification is
+FA4's mask function reads, in one launch. Not yet the CUDA path (``mask_tables`` runs the spec
+there): its first GPU compile (2026-12-06) failed on a lane-mask name shared by two branches,
+fixed since but not run on a GPU again. The classification is
 :func:`bidiattn.kernels.flex.block_mask_from_spans`'s (the tests compare all three).
 """
 
