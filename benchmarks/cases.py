@@ -8,8 +8,10 @@ import importlib.util
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 import triton
 
 from bidiattn import rules
+from bidiattn.spans import SpanMask
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,23 @@ FA4_CASES = [Case("hd128 16K sliding W1024", 16384, 16, 8, 128, 256, 1024, layer
 def ms(fn, rep: int = 300) -> float:
     """Median milliseconds over CUDA-event-timed runs (triton.testing.do_bench)."""
     return triton.testing.do_bench(fn, warmup=max(10, rep // 6), rep=rep, return_mode="median")
+
+
+def host_us(fn, rep: int = 20) -> float:
+    """Median host microseconds of ``fn()`` started on an idle GPU (a sync inside it included),
+    after three warm-up calls."""
+    times = []
+    for _ in range(rep + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]) * 1e6
+
+
+def fresh(spans: SpanMask) -> SpanMask:
+    """The same mask as a new object: a call over it plans anew."""
+    return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False)
 
 
 def build(case: Case, seed: int = 0):

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 
 import torch
 
@@ -42,23 +40,6 @@ import cases
 from bidiattn.kernels.fa4_masked import MAX_HEAD_DIM as MASKED_MAX_HEAD_DIM
 from bidiattn.kernels.fa4_masked import mask_tables, span_attention_fa4_masked
 from bidiattn.kernels.flex import span_attention_flex
-from bidiattn.spans import SpanMask
-
-
-def fresh(spans: SpanMask) -> SpanMask:
-    """The same mask as a new object: a call over it plans anew."""
-    return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False)
-
-
-def host_us(fn, rep: int = 20) -> float:
-    """Median host microseconds of ``fn()`` started on an idle GPU (a sync inside it included)."""
-    times = []
-    for _ in range(rep + 3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]) * 1e6
 
 
 def main() -> None:
@@ -106,7 +87,7 @@ def main() -> None:
             return bidiattn.attention(a, b, c, spans)
 
         def default_first(a, b, c):
-            return bidiattn.attention(a, b, c, fresh(spans))
+            return bidiattn.attention(a, b, c, cases.fresh(spans))
 
         def fa4_planned(a, b, c):
             return bidiattn.attention(a, b, c, spans, plan=p_fa4)
@@ -190,12 +171,12 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a column that cannot run is reported, not fatal
                 row[key + "_error"] = cases.describe_error(e)
             print(case.name, key, row.get(key + "_tflops", row.get(key + "_error")), flush=True)
-        row["plan_fa4_host_us"] = host_us(lambda: bidiattn.plan(fresh(spans), hq, hkv, d, backend="fa4"))
-        row["plan_triton_host_us"] = host_us(lambda: bidiattn.plan(fresh(spans), hq, hkv, d, backend="triton"))
-        row["plan_triton_training_host_us"] = host_us(
-            lambda: bidiattn.plan(fresh(spans), hq, hkv, d, backend="triton", training=True))
-        row["default_first_call_host_us"] = host_us(lambda: default_first(q, k, v))
-        row["default_call_host_us"] = host_us(lambda: default(q, k, v))
+        row["plan_fa4_host_us"] = cases.host_us(lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="fa4"))
+        row["plan_triton_host_us"] = cases.host_us(lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="triton"))
+        row["plan_triton_training_host_us"] = cases.host_us(
+            lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="triton", training=True))
+        row["default_first_call_host_us"] = cases.host_us(lambda: default_first(q, k, v))
+        row["default_call_host_us"] = cases.host_us(lambda: default(q, k, v))
         rows.append(row)
         print(json.dumps(row), flush=True)
         del ref, want

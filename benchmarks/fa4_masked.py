@@ -33,20 +33,6 @@ import torch
 import bidiattn
 from bidiattn.kernels import fa4_masked
 from bidiattn.kernels.block_tables import block_tables
-from bidiattn.spans import SpanMask
-
-
-def host_us(fn, rep: int = 20) -> float:
-    """Median host µs of ``fn`` after a sync (what a call costs before the GPU runs it)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
 
 
 def run_case(case: cases.Case) -> dict:
@@ -101,15 +87,11 @@ def run_case(case: cases.Case) -> dict:
     spec = fa4_masked.block_tables_spec(spans, *blocks)
     kernel = block_tables(spans, *blocks)
     row["tables_equal"] = all(torch.equal(a, b) for a, b in zip(spec, kernel))
-    row["tables_kernel_host_us"] = host_us(lambda: fa4_masked.mask_tables(spans, d))
-    row["tables_spec_host_us"] = host_us(lambda: fa4_masked.block_tables_spec(spans, *blocks))
-
-    def fresh():
-        return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False)
-
-    row["plan_fa4_training_host_us"] = host_us(lambda: bidiattn.plan(fresh(), case.hq, case.hkv, d, backend="fa4",
-                                                                     training=True))
-    row["plan_fa4_host_us"] = host_us(lambda: bidiattn.plan(fresh(), case.hq, case.hkv, d, backend="fa4"))
+    row["tables_kernel_host_us"] = cases.host_us(lambda: fa4_masked.mask_tables(spans, d))
+    row["tables_spec_host_us"] = cases.host_us(lambda: fa4_masked.block_tables_spec(spans, *blocks))
+    for key, training in (("plan_fa4_training_host_us", True), ("plan_fa4_host_us", False)):
+        row[key] = cases.host_us(lambda training=training: bidiattn.plan(
+            cases.fresh(spans), case.hq, case.hkv, d, backend="fa4", training=training))
 
     fa4 = fa4_masked.fa4_interface()
     forward_tables = fa4_masked.mask_tables(spans, d, backward=False)
@@ -155,7 +137,8 @@ def main() -> None:
              "tables and with its own; host ms per fwd+bwd (ten enqueued, no sync); tables and plans in host "
              "µs; the masked forward's TFLOP/s with FA4's pack_gqa default and off.", "",
              "| case | plan runs masked | " + " | ".join(names) + " | host ms: " + " | ".join(names)
-             + " | tables: kernel µs | spec µs | equal | plan fa4 (training) µs | masked fwd pack_gqa default | off |",
+             + " | tables: kernel µs | spec µs | equal | plan fa4 (training) µs "
+             "| masked fwd pack_gqa default | off |",
              "|---" * 17 + "|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['plan_runs_masked']} | "

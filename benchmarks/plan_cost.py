@@ -14,9 +14,7 @@ of a layer pays). Writes ``plan-cost-<device>-<date>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
@@ -30,19 +28,6 @@ def spans_for(t: int, window: int | None):
         ids[s : s + 1092] = n + 1
     layer = "sliding" if window else "full"
     return rules.build("gemma3", "official", layer, block_ids=ids.cuda(), window=window)
-
-
-def host_us(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        a = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - a) * 1e6)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -79,7 +64,7 @@ def main() -> int:
             }
             for name, fn in cols.items():
                 try:
-                    row["columns"][name] = dict(us=host_us(fn, args.reps))
+                    row["columns"][name] = dict(us=cases.host_us(fn, args.reps))
                 except Exception as e:  # noqa: BLE001 - recorded, not fatal
                     row["columns"][name] = dict(error=cases.describe_error(e))
                 cell = row["columns"][name]

@@ -1021,7 +1021,9 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
     if backend == "fa4":
         segments = plan_segments(spans, paged=paged)
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+        from .kernels.fa4_masked import device_capability
+
+        capability = device_capability(device)
         if training and _masked_trains(spans, segments, d, paged, capability):
             from .kernels.fa4_masked import mask_tables
 

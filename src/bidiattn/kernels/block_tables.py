@@ -8,9 +8,8 @@ bk), (hi[first] + 1) // bk)``: each list is at most two runs of consecutive bloc
 four bounds is non-decreasing in ``b``, so a key block's query blocks are runs too, found by
 binary search. The spec is :func:`bidiattn.kernels.fa4_masked.block_tables_spec` (PyTorch ops,
 about 80 small launches); :func:`block_tables` computes the same tables, and the packed bounds
-FA4's mask function reads, in one launch. Not yet the CUDA path (``mask_tables`` runs the spec
-there): its first GPU compile (2026-12-06) failed on a lane-mask name shared by two branches,
-fixed since but not run on a GPU again. The classification is
+FA4's mask function reads, in one launch. ``mask_tables`` runs it under Triton's interpreter
+only, until it has run on a GPU (benchmarks/NOTES.md). The classification is
 :func:`bidiattn.kernels.flex.block_mask_from_spans`'s (the tests compare all three).
 """
 
@@ -65,7 +64,7 @@ def _first_above(lo_ptr, hi_ptr, cu_ptr, x, n, steps, t, num_seq, seq_steps, bq,
         go = a < z
         mid = (a + z) // 2
         above = _block_bounds(lo_ptr, hi_ptr, cu_ptr, tl.minimum(mid, n - 1), t, num_seq, seq_steps, bq, bk,
-                             WHICH) > x
+                              WHICH) > x
         z = tl.where(go & above, mid, z)
         a = tl.where(go & ~above, mid + 1, a)
     return a
@@ -85,9 +84,13 @@ def _store_rows(num_ptr, idx_ptr, rows, ok, start1, count1, start2, count2, widt
 
 
 @triton.jit
-def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps, bq, bk, nq, nk, bq2, bk2, nq2, nk2, q_steps,
-           forward_programs, backward_programs, o_lo, o_hi, o_kv_num, o_kv_idx, o_full_num, o_full_idx,
-           o_q_num, o_q_idx, o_full_q_num, o_full_q_idx, LANES: tl.constexpr, COLS: tl.constexpr):
+def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps, bq, bk, nq, nk, bq2, bk2, nq2, nk2,
+                         q_steps, forward_programs, backward_programs, o_lo, o_hi, o_kv_num, o_kv_idx, o_full_num,
+                         o_full_idx, o_q_num, o_q_idx, o_full_q_num, o_full_q_idx, LANES: tl.constexpr,
+                         COLS: tl.constexpr):
+    """Programs ``[0, forward_programs)``: ``LANES`` forward rows each; the next
+    ``backward_programs``: ``LANES`` backward rows each; the rest: ``LANES * COLS`` packed bounds
+    each. Outputs at the ``o_*`` offsets of ``out_ptr`` (int32)."""
     pid = tl.program_id(0)
     lanes = tl.arange(0, LANES).to(tl.int64)
     if pid < forward_programs:
@@ -110,9 +113,9 @@ def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps,
         full_first = tl.where(full, full_first, last + 1)
         full_last = tl.where(full, full_last, last)
         _store_rows(out_ptr + o_q_num, out_ptr + o_q_idx, kb, ok_k, first, full_first - first, full_last + 1,
-                   last - full_last, nq2, COLS)
-        _store_rows(out_ptr + o_full_q_num, out_ptr + o_full_q_idx, kb, ok_k, full_first, full_last + 1 - full_first,
-                   full_first, kb * 0, nq2, COLS)
+                    last - full_last, nq2, COLS)
+        _store_rows(out_ptr + o_full_q_num, out_ptr + o_full_q_idx, kb, ok_k, full_first,
+                    full_last + 1 - full_first, full_first, kb * 0, nq2, COLS)
     else:
         rows = (pid - forward_programs - backward_programs) * (LANES * COLS) + tl.arange(0, LANES * COLS)
         ok_r = rows < t
@@ -125,6 +128,8 @@ def block_tables(spans: SpanMask, forward_block: tuple[int, int],
                  backward_block: tuple[int, int] | None) -> tuple:
     """The tables of :func:`~bidiattn.kernels.fa4_masked.block_tables_spec` for self-attention
     ``spans`` in one Triton launch (CUDA, or Triton's interpreter); one int32 buffer holds them."""
+    if not spans.is_self_attention:
+        raise ValueError("block tables take self-attention spans only (no cu_seqlens_k)")
     t, num_seq = spans.total_tokens, spans.num_sequences
     bq, bk = forward_block
     nq, nk = -(-t // bq), -(-t // bk)

@@ -6,8 +6,9 @@ see each other) go to FA4 as two int32 ``aux_tensors``, read by a CuTe ``mask_mo
 kv <= hi[q]``) on the key blocks that are partial. Block sparsity: each query block's full and
 partial key blocks (forward) and each key block's query blocks (backward), so absent blocks are
 never visited and full ones skip the mask. :func:`block_tables_spec` builds them in closed form
-(no sort, no host sync); :mod:`.block_tables` in one Triton launch (tested in the interpreter;
-its first GPU compile failed and the fix has not run on a GPU yet, so CUDA runs the spec). Forward and backward are FA4's own, the lse gradient included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
+(no sort, no host sync); :mod:`.block_tables` builds them in one Triton launch, under Triton's
+interpreter only until it has run on a GPU. Forward and backward are FA4's own, the lse gradient
+included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
 mask function compiled once per process by FA4's kernel cache.
 
 Self-attention spans; head dims up to 128 on SM90 and SM100, up to 256 on SM90. FA4 needs each
@@ -32,15 +33,20 @@ import torch
 
 from ..spans import SpanMask
 
-__all__ = ["MaskTables", "block_tables_spec", "fa4_interface", "mask_blocks", "mask_tables", "masked_unsupported", "span_attention_fa4_masked",
-           "span_mask_mod"]
+__all__ = ["MaskTables", "block_tables_spec", "device_capability", "fa4_interface", "mask_blocks", "mask_tables",
+           "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
 
 # FA4 4.0.0b36's tiles under block sparsity, (forward, backward) (query rows, keys), per head-dim
 # bound. SM90: forward 128 x (128, 112, 80), the backward's key tile (128, 96, 64) with 64-row
 # query tiles (a 128-row block is two); SM100: 128 x 128 up to head dim 128.
 SM90_BLOCKS = ((128, (128, 128), (128, 128)), (192, (128, 112), (128, 96)), (256, (128, 80), (128, 64)))
 SM100_BLOCKS = ((128, (128, 128), (128, 128)),)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = SM90_BLOCKS[-1][0]
+
+
+def _tiers(capability: tuple[int, int]):
+    """The block table of a compute capability: SM90's, or SM100's for the others."""
+    return SM90_BLOCKS if capability[0] == 9 else SM100_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,12 @@ class MaskTables:
 
 def mask_blocks(head_dim: int, capability: tuple[int, int] = (9, 0)) -> tuple[tuple[int, int], tuple[int, int]]:
     """The (forward, backward) ``(query, key)`` blocks of the tables at ``head_dim`` on a GPU of
-    compute ``capability``: FA4's own tiles there, so its tile choice is unchanged."""
-    for bound, forward, backward in SM90_BLOCKS if capability[0] == 9 else SM100_BLOCKS:
+    compute ``capability``: FA4's own tiles there, so its tile choice is unchanged. ``ValueError``
+    above the largest head dim the capability takes (:func:`masked_unsupported`)."""
+    for bound, forward, backward in _tiers(capability):
         if head_dim <= bound:
             return forward, backward
-    raise ValueError(f"the fa4 mask_mod path takes head dims up to {bound} on compute capability "
-                     f"{capability[0]}.{capability[1]}, got {head_dim}")
+    raise ValueError(_too_wide(head_dim, capability))
 
 
 def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capability: tuple[int, int] = (9, 0)
@@ -98,6 +104,8 @@ def block_tables_spec(spans: SpanMask, forward_block: tuple[int, int],
     full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)`` as :class:`MaskTables` holds them, the
     forward's at ``forward_block = (query rows, keys)``, the backward's at ``backward_block`` (None:
     none). Each index row lists its runs of blocks first, then valid blocks never read."""
+    if not spans.is_self_attention:
+        raise ValueError("block tables take self-attention spans only (no cu_seqlens_k)")
     glo, ghi = spans.packed_bounds()
     t = spans.total_tokens
     bq, bk = forward_block
@@ -178,14 +186,15 @@ def masked_unsupported(spans: SpanMask, head_dim: int, capability: tuple[int, in
     (beyond what FA4 itself refuses), or None."""
     if not spans.is_self_attention:
         return "the fa4 mask_mod path takes self-attention spans only (no cu_seqlens_k)"
-    bound = (SM90_BLOCKS if capability[0] == 9 else SM100_BLOCKS)[-1][0]
-    if head_dim > bound:
-        return (f"the fa4 mask_mod path takes head dims up to {bound} on compute capability "
-                f"{capability[0]}.{capability[1]}, got {head_dim}")
-    return None
+    return _too_wide(head_dim, capability) if head_dim > _tiers(capability)[-1][0] else None
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
+def _too_wide(head_dim: int, capability: tuple[int, int]) -> str:
+    return (f"the fa4 mask_mod path takes head dims up to {_tiers(capability)[-1][0]} on compute capability "
+            f"{capability[0]}.{capability[1]}, got {head_dim}")
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
     """The compute capability of a CUDA ``device``; SM90's for others (the CPU tests' fake FA4)."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
@@ -234,7 +243,7 @@ def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) of validated inputs through one
     FA4 launch with the spans' ``mask_mod``; differentiable (FA4's backward, lse gradient
     included). ``tables``: :func:`mask_tables` of ``spans``, built here when not given."""
-    capability = _capability(q.device)
+    capability = device_capability(q.device)
     why = masked_unsupported(spans, q.shape[-1], capability)
     if why is not None:
         raise ValueError(why)
