@@ -108,7 +108,7 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
     spans = image_spans(90, [(10, 40), (50, 70)], "gemma3", "official", "sliding", window=12)
     check_against_reference(spans, 2, 1, 16, seed=3, softcap=5.0)
     monkeypatch.setattr(launch, "_GRAD_KEYS", 0)
-    plan = launch.plan(spans, 2, 1, 16, backend="fa4")
+    plan = launch.plan(spans, 2, 1, 16, backend="fa4", training=True)  # sliding layers train on segments
     assert all(len(c.grad_chunks) == c.num_segments for c in plan.segments.calls) and plan.segments.num_segments > 3
     fake_fa4.calls.clear()
     spans_again = SpanMask(spans.lo, spans.hi)  # a new object plans anew, with the new budget
@@ -116,32 +116,51 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
     assert sum(1 for c in fake_fa4.calls if c[0] == "bwd") == plan.segments.num_segments
 
 
+@pytest.mark.parametrize("d,layer,training,masked,segments", [
+    (64, "full", False, True, False), (64, "sliding", False, True, False),  # forward, hd <= 128: masked, no sync
+    (192, "full", False, False, True), (256, "sliding", False, True, True),  # hd256: masked on sliding layers
+    (64, "full", True, True, True), (64, "sliding", True, False, True),  # training: full layers at hd <= 128
+    (256, "full", True, False, True)])
+def test_fa4_plans_run_the_masked_launch_where_masked_layers_picks_it(fake_fa4, monkeypatch, d, layer, training,
+                                                                     masked, segments):
+    # The choice table of launch.masked_layers (PERF A16-A20). A plan that needs no segments to
+    # decide never builds them (that is the host sync).
+    spans = image_spans(300, [(10, 140), (200, 290)], "gemma3", "official", layer,
+                        window=64 if layer == "sliding" else None)
+    paged = launch.plan(spans, 4, 2, d, backend="fa4", training=training, paged=True)
+    assert paged.masked is None and paged.segments.paged  # paged keys: segments
+    if not segments:
+        monkeypatch.setattr(launch, "plan_segments", lambda *a, **k: pytest.fail("planned segments"))
+    plan = launch.plan(spans, 4, 2, d, backend="fa4", training=training)
+    assert (plan.masked is not None, plan.segments is not None) == (masked, segments)
+    if masked:
+        assert (plan.masked.q_num is not None) == training and plan.backward is None
+
+
 @cpu_interpreter_only
 def test_full_layers_up_to_hd128_train_through_one_masked_fa4_launch(fake_fa4):
     # A training plan of a full layer at head dim <= 128 (contiguous self-attention keys): the
-    # mask_mod path's tables, one FA4 forward and one FA4 backward per call, exact; sliding
-    # layers, head dims above 128, paged keys and plans without training keep the segments.
+    # mask_mod path's tables, one FA4 forward and one FA4 backward per call, exact; a forward
+    # plan's masked launch in a call that trains builds the backward's tables itself.
     images = image_spans(300, [(10, 140), (200, 290)], "gemma3", "official", "full")
-    sliding = image_spans(300, [(10, 140)], "gemma3", "official", "sliding", window=64)
     plan = launch.plan(images, 4, 2, 64, backend="fa4", training=True)
     assert plan.masked is not None and plan.backward is None and plan.masked.q_num is not None
     assert len(plan.segments.calls) >= 2  # what the call would launch without the tables
-    for other in (launch.plan(sliding, 4, 2, 64, backend="fa4", training=True),
-                  launch.plan(images, 4, 2, 192, backend="fa4", training=True),
-                  launch.plan(images, 4, 2, 64, backend="fa4", training=True, paged=True),
-                  launch.plan(images, 4, 2, 64, backend="fa4")):
-        assert other.masked is None
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(300, h, 64, generator=g).half() for h in (4, 2, 2))
     dout = torch.randn(300, 4, 64, generator=g).double()
     dlse = torch.randn(4, 300, generator=g).double()
-    fake_fa4.calls.clear()
-    got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, images, plan=plan, return_lse=True), q, k, v, dout, dlse)
-    assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
     want = grads_of(lambda a, b, c: reference.attention(a.float(), b.float(), c.float(), images, return_lse=True),
                     q, k, v, dout, dlse)
-    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a.float(), w.float(), atol=2e-2, rtol=2e-2, msg=name)
+    forward_plan = launch.plan(images, 4, 2, 64, backend="fa4")
+    assert forward_plan.masked.q_num is None
+    for p in (plan, forward_plan):
+        fake_fa4.calls.clear()
+        got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, images, plan=p, return_lse=True), q, k, v, dout,
+                       dlse)
+        assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
+        for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(a.float(), w.float(), atol=2e-2, rtol=2e-2, msg=name)
     # the default call (no plan) with gradients plans for training: the same single launch pair
     fake_fa4.calls.clear()
     grads_of(lambda a, b, c: bidiattn.attention(a, b, c, images, return_lse=True, backend="fa4"), q, k, v, dout, dlse)
@@ -189,12 +208,13 @@ def test_fake_fa4_backward_chunks_keep_the_copies_within_the_budget():
         assert len(call.grad_chunks) > 1  # the benchmark layout's prefixes add up past twice the keys
 
 
-def test_fake_fa4_pack_gqa_per_launch_kind(fake_fa4):
+def test_fake_fa4_pack_gqa_per_launch_kind(fake_fa4, monkeypatch):
     # Sliding-window launches run with FA4's pack_gqa off, causal and full ones with its own choice.
     blocks = [(s, s + 300) for s in range(100, 2048, 700)]
     spans = image_spans(2048, blocks, "gemma3", "official", "sliding", window=256)
     q = torch.randn(2048, 4, 16)
     k = v = torch.randn(2048, 2, 16)
+    monkeypatch.setattr(launch, "masked_layers", lambda *args: "none")  # the segment launches
     bidiattn.attention(q, k, v, spans, backend="fa4")
     plan = spans._plans[next(iter(spans._plans))]
     kinds = {c.kind: c.pack_gqa for c in plan.segments.calls}

@@ -138,6 +138,10 @@ def test_a_plan_records_its_choice_and_launch_data(monkeypatch):
     monkeypatch.setattr(launch, "auto_backend", lambda *args, **kwargs: "fa4")
     p = bidiattn.plan(spans, 4, 2, 64, window=64)
     assert p.backend == "fa4" and p.triton is None and p.window == 64
+    assert p.segments is None and torch.equal(p.masked.lo, spans.lo.int())  # one masked launch (masked_layers)
+    monkeypatch.setattr(launch, "masked_layers", lambda *args: "none")
+    p = bidiattn.plan(spans, 4, 2, 64, window=64)
+    assert p.masked is None
     assert torch.equal(p.segments.to_dense(), spans.to_dense())
     assert {c.kind: c.pack_gqa for c in p.segments.calls} == {"causal": None, "window": False, "open": False}
     assert bidiattn.plan(spans, 4, 2, 64, backend="reference").backend == "reference"

@@ -156,14 +156,13 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
         CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 481-506 vs triton 266-273
-                                                                     TFLOP/s; fwd+bwd G4 (H100): 281-285 vs
-                                                                     triton 141
+                                                                     TFLOP/s; fwd+bwd G4 (H100): 276-283 vs
+                                                                     triton 140-143
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
-          FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd: hd<=128
-                                                                     full layers one masked FA4 launch, A16
-                                                                     553 vs triton 402 (H100); elsewhere the
-                                                                     triton backward on image layouts, A7 vs
-                                                                     B2: 349 vs 355 (hd256: the same backward)
+          FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd A16-A18
+                                                                     (H100): 573/380/279 vs triton 402/359/270;
+                                                                     segments or one masked launch per layer
+                                                                     kind: masked_layers
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
           hd <= 512)                                                 off SM90 or without Gluon (F5)
         anything else (fp32 on CUDA, odd head dims)       reference  exact; no kernel takes it
@@ -881,10 +880,11 @@ class Plan:
       (:func:`bidiattn.kernels.tiles.query_tiles`: the forward's and the backward's dQ pass).
     - ``key_tiles``: for ``"gluon"`` with ``training``, the key-tile table and order at 64 keys
       (:func:`bidiattn.kernels.tiles.key_tiles`: the backward's dK and dV passes).
-    - ``masked``: for an ``"fa4"`` training plan of a full layer at head dim <= 128 over
-      contiguous self-attention keys, the :class:`~bidiattn.kernels.fa4_masked.MaskTables` of
-      one FA4 launch with the spans as its mask function (its forward and FA4's backward; the
-      call then runs it instead of the segment launches).
+    - ``masked``: for an ``"fa4"`` plan over contiguous self-attention keys where
+      :func:`masked_layers` picks it, the :class:`~bidiattn.kernels.fa4_masked.MaskTables` of
+      one FA4 launch with the spans as its mask function (its forward; FA4's backward with
+      ``training``); the call runs it instead of the segment launches, and ``segments`` is
+      ``None`` where the plan needed none to decide (forward plans at head dim <= 128).
     - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
       backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4
       plan whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
@@ -965,9 +965,11 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         window: the layers' sliding window, if any; validated and recorded (the plans read the
             windows off the spans themselves).
 
-    Cost: Triton and Gluon, two small launches per tile table, no host sync; FA4, the segments built on
-    the spans' device with one host sync (the launch sizes depend on the data), and with
-    ``training`` the Triton backward's tables where it runs. Bad sizes, a
+    Cost: Triton and Gluon, two small launches per tile table, no host sync; FA4, one launch for
+    the masked launch's tables (:func:`masked_layers`) and, where the plan needs segments (all
+    but forward plans at head dim <= 128), the segments built on the spans' device with one host
+    sync (the launch sizes depend on the data), and with ``training`` the Triton backward's
+    tables where it runs. Bad sizes, a
     head count that is not a multiple of the K/V head count, a non-positive window or an
     unknown backend raise ``ValueError``; sizes may be any integer type (numpy's too; bools and
     floats raise ``TypeError``). A triton plan needs the spans on a CUDA device (or
@@ -1020,14 +1022,18 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         keys = backward_key_tiles(spans) if training else None
         return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
     if backend == "fa4":
-        segments = plan_segments(spans, paged=paged)
-        from .kernels.fa4_masked import device_capability
+        from .kernels.fa4_masked import device_capability, mask_tables, masked_unsupported
 
         capability = device_capability(device)
-        if training and _masked_trains(spans, segments, d, paged, capability):
-            from .kernels.fa4_masked import mask_tables
-
-            return Plan(**tie, segments=segments, masked=mask_tables(spans, d, capability=capability))
+        layers = "none" if paged or masked_unsupported(spans, d, capability) is not None else \
+            masked_layers(d, training)
+        if layers == "all":  # no segments: no host sync
+            return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
+        segments = plan_segments(spans, paged=paged)
+        windowed = any(call.kind in ("window", "open") for call in segments.calls)
+        if (layers == "full" and not windowed) or (layers == "windowed" and windowed):
+            return Plan(**tie, segments=segments, masked=mask_tables(spans, d, backward=training,
+                                                                     capability=capability))
         backward = None
         triton_runs = (device.type == "cuda" or interpreting()) and triton_missing() is None
         if training and not segments.fa4_backward and triton_runs:
@@ -1036,21 +1042,18 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     return Plan(**tie)
 
 
-MASKED_TRAINS_MAX_HEAD_DIM = 128  # where the masked launch trains faster than the segments (PERF A16)
-
-
-def _masked_trains(spans: SpanMask, segments: SegmentPlan, head_dim: int, paged: bool,
-                   capability: tuple[int, int]) -> bool:
-    """Whether an fa4 training plan runs one FA4 launch with the spans as its mask function
-    (:mod:`bidiattn.kernels.fa4_masked`, forward and FA4's backward) instead of the segment
-    launches and the Triton backward: where that path takes the call and was measured faster
-    (PERF.md A16): full layers (no window launch) over contiguous keys, head dims up to
-    ``MASKED_TRAINS_MAX_HEAD_DIM``."""
-    from .kernels.fa4_masked import masked_unsupported
-
-    return (not paged and head_dim <= MASKED_TRAINS_MAX_HEAD_DIM
-            and masked_unsupported(spans, head_dim, capability) is None
-            and all(call.kind not in ("window", "open") for call in segments.calls))
+def masked_layers(head_dim: int, training: bool) -> str:
+    """Which layers an fa4 plan runs as one FA4 launch with the spans as its mask function
+    (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment launches, where that launch takes
+    the call (self-attention keys, not paged): ``"all"``, ``"full"`` (no window launch),
+    ``"windowed"`` or ``"none"``. From the measurements (PERF.md A16-A20): forward, at head dim
+    <= 128 it ties the segments on full layers and beats them on sliding ones, so it runs
+    everywhere (and the plan needs no segments, hence no host sync); at hd256 it beats them on
+    sliding layers only. Training (its forward and FA4's backward against the segments and the
+    Triton backward): faster on full layers at hd <= 128 only."""
+    if training:
+        return "full" if head_dim <= 128 else "none"
+    return "all" if head_dim <= 128 else "windowed"
 
 
 def planned(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *, backend: str, training: bool,

@@ -8,8 +8,8 @@ bk), (hi[first] + 1) // bk)``: each list is at most two runs of consecutive bloc
 four bounds is non-decreasing in ``b``, so a key block's query blocks are runs too, found by
 binary search. The spec is :func:`bidiattn.kernels.fa4_masked.block_tables_spec` (PyTorch ops,
 about 80 small launches); :func:`block_tables` computes the same tables, and the packed bounds
-FA4's mask function reads, in one launch. ``mask_tables`` runs it under Triton's interpreter
-only, until it has run on a GPU (benchmarks/NOTES.md). The classification is
+FA4's mask function reads, in one launch: what ``mask_tables`` runs on CUDA and under Triton's
+interpreter. The classification is
 :func:`bidiattn.kernels.flex.block_mask_from_spans`'s (the tests compare all three).
 """
 
