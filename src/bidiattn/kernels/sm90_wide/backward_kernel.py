@@ -98,12 +98,6 @@ def _dv_score_partition(k_desc, q_desc, k_smem, q_smem, p_smem, k_bar, q_ready, 
         sq = j % Q_STAGES
         mbarrier.wait(q_ready.index(sq), _phase(j, Q_STAGES))
         s = warpgroup_mma(k_smem, q_smem.index(sq).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        # The block's row data loads while the matmul runs.
-        rows = local + c
-        row_ok = rows <= q_last
-        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
-        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
-        lse2 = gl.load(lse_ptr + head.to(gl.int64) * total + q_base + rows, mask=row_ok, other=0.0) * LOG2E
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         if j + Q_STAGES < n_iters:
             gl.thread_barrier()
@@ -112,6 +106,11 @@ def _dv_score_partition(k_desc, q_desc, k_smem, q_smem, p_smem, k_bar, q_ready, 
             tma.async_copy_global_to_shared(q_desc, [q_row_n, head_n * HEAD_DIM], q_ready.index(sq),
                                             q_smem.index(sq))
 
+        rows = local + c
+        row_ok = rows <= q_last
+        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
+        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
+        lse2 = gl.load(lse_ptr + head.to(gl.int64) * total + q_base + rows, mask=row_ok, other=0.0) * LOG2E
         allowed = (kk[:, None] >= lo[None, :]) & (kk[:, None] <= hi[None, :]) & key_ok[:, None]
         p = gl.where(allowed, gl.exp2(s * qk_scale - lse2[None, :]), 0.0)
 
@@ -239,14 +238,6 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
         dp = warpgroup_mma(v_smem, do_smem.index(sd).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(q_ready.index(sq), _phase(j, Q_STAGES))
         s = warpgroup_mma(k_smem, q_smem.index(sq).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        # The block's row data loads while the matmuls run.
-        rows = local + c
-        row_ok = rows <= q_last
-        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
-        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
-        at = head.to(gl.int64) * total + q_base + rows
-        lse2 = gl.load(lse_ptr + at, mask=row_ok, other=0.0) * LOG2E
-        delta = gl.load(delta_ptr + at, mask=row_ok, other=0.0)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
         if j + DO_STAGES < n_iters:
             gl.thread_barrier()
@@ -256,6 +247,13 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
                                             do_smem.index(sd))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
+        rows = local + c
+        row_ok = rows <= q_last
+        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
+        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
+        at = head.to(gl.int64) * total + q_base + rows
+        lse2 = gl.load(lse_ptr + at, mask=row_ok, other=0.0) * LOG2E
+        delta = gl.load(delta_ptr + at, mask=row_ok, other=0.0)
         allowed = (kk[:, None] >= lo[None, :]) & (kk[:, None] <= hi[None, :]) & key_ok[:, None]
         p = gl.exp2(s * qk_scale - lse2[None, :])
         ds = gl.where(allowed, p * (dp - delta[None, :]), 0.0)
