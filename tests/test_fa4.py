@@ -502,6 +502,23 @@ def test_a_captured_step_with_an_explicit_plan_replays_exactly():
             assert torch.equal(out, bidiattn.attention(q, k, v, spans, plan=plan)), backend
 
 
+@pytest.mark.gpu
+@requires_fa4
+@pytest.mark.parametrize("layer", ["full", "sliding"])
+def test_forward_plans_up_to_hd128_issue_no_host_sync(layer):
+    # launch.masked_layers: a forward plan at hd <= 128 is the masked launch's tables alone (one
+    # Triton launch), so planning (hence a first default call) never waits for the GPU.
+    spans = real_size_spans(128, layer)
+    bidiattn.plan(SpanMask(spans.lo, spans.hi, validate=False), 16, 8, 128, backend="fa4")  # Triton compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = bidiattn.plan(spans, 16, 8, 128, backend="fa4")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert plan.masked is not None and plan.segments is None
+
+
 def paged_case(spans, page_size, hq, hkv, d, seed):
     """Pages of a shuffled pool holding each sequence's keys; q; the table; the flat keys."""
     from bidiattn.serving.kvcache import PagedKVCache, append
