@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def fake_fa4(monkeypatch):
     monkeypatch.setattr(masked, "fa4_interface", lambda: fake)  # the segment launches call it too
     for module in (sys.modules["bidiattn.attention"], launch):
         monkeypatch.setattr(module, "fa4_unsupported", lambda *args: None)
-    # the mask_mod path (fa4 training plans of full layers): FA4's block-sparsity tuple as a
+    # the mask_mod path (fa4 plans where launch.masked_layers picks it): FA4's block-sparsity tuple as a
     # namedtuple of its fields, the CuTe mask function as a placeholder (the fake applies the
     # span bounds from the aux tensors)
     fields = collections.namedtuple("BlockSparseTensorsTorch", "mask_block_cnt mask_block_idx full_block_cnt "
@@ -70,20 +71,26 @@ def grads_of(fn, q, k, v, dout, dlse=None):
     return (out, lse, *torch.autograd.grad(loss, x))
 
 
+def segment_plan(spans, hq, hkv, d, training=False):
+    """An fa4 plan over the segment launches, whatever ``launch.masked_layers`` picks."""
+    with mock.patch.object(launch, "masked_layers", lambda *args: "none"):
+        return launch.plan(spans, hq, hkv, d, backend="fa4", training=training)
+
+
 def fa4_backward_plan(spans, hq, hkv, d):
-    """An fa4 plan whose backward is FA4's whatever the plan chose (as where no key is shared)."""
-    plan = launch.plan(spans, hq, hkv, d, backend="fa4", training=True)
+    """A segment plan whose backward is FA4's whatever the plan chose (as where no key is shared)."""
+    plan = segment_plan(spans, hq, hkv, d, training=True)
     return dataclasses.replace(plan, segments=dataclasses.replace(plan.segments, fa4_backward=True))
 
 
-def check_against_reference(spans, hq, hkv, d, seed, softcap=None, with_lse=True):
+def check_against_reference(spans, hq, hkv, d, seed, softcap=None, with_lse=True, plan=None):
     g = torch.Generator().manual_seed(seed)
     t, tk = spans.total_tokens, spans.total_keys
     q = torch.randn(t, hq, d, generator=g)
     k, v = (torch.randn(tk, hkv, d, generator=g) for _ in range(2))
     dout = torch.randn(t, hq, d, generator=g, dtype=torch.float64)
     dlse = torch.randn(hq, t, generator=g, dtype=torch.float64) if with_lse else None
-    plan = fa4_backward_plan(spans, hq, hkv, d)
+    plan = fa4_backward_plan(spans, hq, hkv, d) if plan is None else plan
     got = grads_of(lambda a, b, c: bidiattn.attention(a, b, c, spans, softcap=softcap, return_lse=True, plan=plan),
                    q, k, v, dout, dlse)
     want = grads_of(lambda a, b, c: reference.attention(a, b, c, spans, softcap=softcap, return_lse=True),
@@ -98,6 +105,7 @@ def test_fake_fa4_forward_and_gradients_on_every_rule(fake_fa4, family, conventi
     ids, cu = random_packed_layout(rng, max_seqs=3, max_len=60, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=7, cu_seqlens=cu)
     check_against_reference(spans, 4, 2, 16, seed=1)
+    check_against_reference(spans, 4, 2, 16, seed=1, plan=launch.plan(spans, 4, 2, 16, backend="fa4", training=True))
     check_against_reference(tail_rows(spans, [rng.randint(1, 30) for _ in range(spans.num_sequences)]), 4, 2, 16,
                             seed=2, with_lse=False)
     assert {c[0] for c in fake_fa4.calls} == {"fwd", "bwd"}
@@ -108,7 +116,7 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
     spans = image_spans(90, [(10, 40), (50, 70)], "gemma3", "official", "sliding", window=12)
     check_against_reference(spans, 2, 1, 16, seed=3, softcap=5.0)
     monkeypatch.setattr(launch, "_GRAD_KEYS", 0)
-    plan = launch.plan(spans, 2, 1, 16, backend="fa4", training=True)  # sliding layers train on segments
+    plan = segment_plan(spans, 2, 1, 16, training=True)
     assert all(len(c.grad_chunks) == c.num_segments for c in plan.segments.calls) and plan.segments.num_segments > 3
     fake_fa4.calls.clear()
     spans_again = SpanMask(spans.lo, spans.hi)  # a new object plans anew, with the new budget
@@ -119,8 +127,8 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
 @pytest.mark.parametrize("d,layer,training,masked,segments", [
     (64, "full", False, True, False), (64, "sliding", False, True, False),  # forward, hd <= 128: masked, no sync
     (192, "full", False, False, True), (256, "sliding", False, True, True),  # hd256: masked on sliding layers
-    (64, "full", True, True, True), (64, "sliding", True, False, True),  # training: full layers at hd <= 128
-    (256, "full", True, False, True)])
+    (64, "full", True, True, False), (64, "sliding", True, True, False),  # training: hd <= 128, no sync either
+    (256, "full", True, False, True), (256, "sliding", True, False, True)])
 def test_fa4_plans_run_the_masked_launch_where_masked_layers_picks_it(fake_fa4, monkeypatch, d, layer, training,
                                                                      masked, segments):
     # The choice table of launch.masked_layers (PERF A16-A20). A plan that needs no segments to
@@ -138,14 +146,15 @@ def test_fa4_plans_run_the_masked_launch_where_masked_layers_picks_it(fake_fa4, 
 
 
 @cpu_interpreter_only
-def test_full_layers_up_to_hd128_train_through_one_masked_fa4_launch(fake_fa4):
-    # A training plan of a full layer at head dim <= 128 (contiguous self-attention keys): the
-    # mask_mod path's tables, one FA4 forward and one FA4 backward per call, exact; a forward
-    # plan's masked launch in a call that trains builds the backward's tables itself.
-    images = image_spans(300, [(10, 140), (200, 290)], "gemma3", "official", "full")
+@pytest.mark.parametrize("layer", ["full", "sliding"])
+def test_layers_up_to_hd128_train_through_one_masked_fa4_launch(fake_fa4, layer):
+    # A training plan at head dim <= 128 (contiguous self-attention keys): the mask_mod path's
+    # tables, one FA4 forward and one FA4 backward per call, exact; a forward plan's masked
+    # launch in a call that trains builds the backward's tables itself.
+    images = image_spans(300, [(10, 140), (200, 290)], "gemma3", "official", layer,
+                         window=64 if layer == "sliding" else None)
     plan = launch.plan(images, 4, 2, 64, backend="fa4", training=True)
     assert plan.masked is not None and plan.backward is None and plan.masked.q_num is not None
-    assert len(plan.segments.calls) >= 2  # what the call would launch without the tables
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(300, h, 64, generator=g).half() for h in (4, 2, 2))
     dout = torch.randn(300, 4, 64, generator=g).double()
@@ -455,9 +464,7 @@ def test_fa4_backward_at_real_sizes(d, hq, hkv, layer):
     check_gradients(spans, hq, hkv, d, seed=d, with_lse=layer == "full", plan=gpu_fa4_backward_plan(spans, hq, hkv, d))
 
 
-def gpu_fa4_backward_plan(spans, hq, hkv, d):
-    plan = bidiattn.plan(spans, hq, hkv, d, backend="fa4", training=True)
-    return dataclasses.replace(plan, segments=dataclasses.replace(plan.segments, fa4_backward=True))
+gpu_fa4_backward_plan = fa4_backward_plan
 
 
 @pytest.mark.gpu
@@ -468,8 +475,9 @@ def test_fa4_backward_on_text_only_packed_sequences(d, hq, hkv):
     cu = torch.tensor([0, 3000, 3001, 5000, 8192])
     spans = rules.build("gemma3", "official", "full", block_ids=torch.zeros(8192, dtype=torch.int64),
                         cu_seqlens=cu).to("cuda")
-    assert bidiattn.plan(spans, hq, hkv, d, training=True).segments.fa4_backward
-    check_gradients(spans, hq, hkv, d, seed=d, with_lse=True)
+    plan = segment_plan(spans, hq, hkv, d, training=True)
+    assert plan.segments.fa4_backward
+    check_gradients(spans, hq, hkv, d, seed=d, with_lse=True, plan=plan)
 
 
 @pytest.mark.gpu
@@ -505,18 +513,20 @@ def test_a_captured_step_with_an_explicit_plan_replays_exactly():
 @pytest.mark.gpu
 @requires_fa4
 @pytest.mark.parametrize("layer", ["full", "sliding"])
-def test_forward_plans_up_to_hd128_issue_no_host_sync(layer):
-    # launch.masked_layers: a forward plan at hd <= 128 is the masked launch's tables alone (one
-    # Triton launch), so planning (hence a first default call) never waits for the GPU.
+def test_plans_up_to_hd128_issue_no_host_sync(layer):
+    # launch.masked_layers: a plan at hd <= 128, forward or training, is the masked launch's tables
+    # alone (one Triton launch), so planning (hence a first default call) never waits for the GPU.
     spans = real_size_spans(128, layer)
-    bidiattn.plan(SpanMask(spans.lo, spans.hi, validate=False), 16, 8, 128, backend="fa4")  # Triton compiles
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        plan = bidiattn.plan(spans, 16, 8, 128, backend="fa4")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert plan.masked is not None and plan.segments is None
+    for training in (False, True):
+        bidiattn.plan(SpanMask(spans.lo, spans.hi, validate=False), 16, 8, 128, backend="fa4",
+                      training=training)  # Triton compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            plan = bidiattn.plan(spans, 16, 8, 128, backend="fa4", training=training)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert plan.masked is not None and plan.segments is None
 
 
 def paged_case(spans, page_size, hq, hkv, d, seed):

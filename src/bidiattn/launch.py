@@ -161,8 +161,8 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd A16-A18
                                                                      (H100): 573/380/279 vs triton 402/359/270;
-                                                                     segments or one masked launch per layer
-                                                                     kind: masked_layers
+                                                                     hd <= 128 one masked launch, above it
+                                                                     segments (masked_layers)
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
           hd <= 512)                                                 off SM90 or without Gluon (F5)
         anything else (fp32 on CUDA, odd head dims)       reference  exact; no kernel takes it
@@ -884,7 +884,7 @@ class Plan:
       :func:`masked_layers` picks it, the :class:`~bidiattn.kernels.fa4_masked.MaskTables` of
       one FA4 launch with the spans as its mask function (its forward; FA4's backward with
       ``training``); the call runs it instead of the segment launches, and ``segments`` is
-      ``None`` where the plan needed none to decide (forward plans at head dim <= 128).
+      ``None`` where the plan needed none to decide (head dim <= 128).
     - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
       backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4
       plan whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
@@ -966,8 +966,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             windows off the spans themselves).
 
     Cost: Triton and Gluon, two small launches per tile table, no host sync; FA4, one launch for
-    the masked launch's tables (:func:`masked_layers`) and, where the plan needs segments (all
-    but forward plans at head dim <= 128), the segments built on the spans' device with one host
+    the masked launch's tables (:func:`masked_layers`) and, where the plan needs segments (head
+    dims above 128, paged keys), the segments built on the spans' device with one host
     sync (the launch sizes depend on the data), and with ``training`` the Triton backward's
     tables where it runs. Bad sizes, a
     head count that is not a multiple of the K/V head count, a non-positive window or an
@@ -1030,8 +1030,7 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         if layers == "all":  # no segments: no host sync
             return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
         segments = plan_segments(spans, paged=paged)
-        windowed = any(call.kind in ("window", "open") for call in segments.calls)
-        if (layers == "full" and not windowed) or (layers == "windowed" and windowed):
+        if layers == "windowed" and any(call.kind in ("window", "open") for call in segments.calls):
             return Plan(**tie, segments=segments, masked=mask_tables(spans, d, backward=training,
                                                                      capability=capability))
         backward = None
@@ -1045,15 +1044,18 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 def masked_layers(head_dim: int, training: bool) -> str:
     """Which layers an fa4 plan runs as one FA4 launch with the spans as its mask function
     (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment launches, where that launch takes
-    the call (self-attention keys, not paged): ``"all"``, ``"full"`` (no window launch),
-    ``"windowed"`` or ``"none"``. From the measurements (PERF.md A16-A20): forward, at head dim
-    <= 128 it ties the segments on full layers and beats them on sliding ones, so it runs
-    everywhere (and the plan needs no segments, hence no host sync); at hd256 it beats them on
-    sliding layers only. Training (its forward and FA4's backward against the segments and the
-    Triton backward): faster on full layers at hd <= 128 only."""
-    if training:
-        return "full" if head_dim <= 128 else "none"
-    return "all" if head_dim <= 128 else "windowed"
+    the call (self-attention keys, not paged): ``"all"``, ``"windowed"`` (those with a window
+    launch) or ``"none"``. From PERF.md A16-A20 (H100): at head dim <= 128 every layer, forward
+    and training: it ties the segments on full layers' forward (622 / 622) and beats them on
+    sliding ones (426 / 416) and in full layers' training (578 / 417); sliding layers train 2.5%
+    slower through it (315 / 323) but plan without segments, so with no host sync and ~60 µs of
+    host time where the segments take ~1.1 ms and a sync: a step that plans new spans ran the
+    sliding layer at 163 through the segments (A19, "default first"). At hd256, the forward of
+    sliding layers only (484 / 428; full 674 / 701); its training stays on the segments and the
+    Triton backward (362 / 380 full, 244 / 279 sliding)."""
+    if head_dim <= 128:
+        return "all"
+    return "none" if training else "windowed"
 
 
 def planned(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *, backend: str, training: bool,
