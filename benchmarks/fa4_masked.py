@@ -15,7 +15,9 @@ tables cost on the host, and which FA4 options it should run with.
 - **tables**: host µs of ``mask_tables`` (one Triton launch) against its PyTorch spec
   (``block_tables_spec``), the two checked equal; host µs of an fa4 plan with and without
   ``training`` (a new SpanMask object each time, so each one plans);
-- **pack_gqa**: the masked forward with FA4's default (packed where GQA) and with it off.
+- **forward options**: the masked forward with FA4's pack_gqa default (packed where GQA) and off,
+  and above hd128 with key blocks of 64 (FA4's own window kernel's tile at hd256), each checked
+  against the default call first.
 
 TFLOP/s on allowed pairs: forward 4 * pairs * D * Hq, forward+backward 14 *. Writes
 fa4-masked[-<label>]-<device>-<date>.json/.md.
@@ -97,17 +99,25 @@ def run_case(case: cases.Case) -> dict:
             cases.fresh(spans), case.hq, case.hkv, d, backend="fa4", training=training))
 
     fa4 = fa4_masked.fa4_interface()
-    forward_tables = fa4_masked.mask_tables(spans, d, backward=False)
-    sparse = fa4_masked._sparse(forward_tables.kv_num, forward_tables.kv_idx, forward_tables.full_kv_num,
-                                forward_tables.full_kv_idx, forward_tables.block)
-    for flag in (None, False):
-        def fwd(flag=flag):
+    # The forward's options: FA4's pack_gqa default and off at the plan's key blocks; above hd128 also
+    # key blocks of 64, the tile FA4's own window kernel takes at hd256 (FA4 shrinks its key tile to
+    # a smaller sparse block).
+    variants = [("masked_fwd_pack_gqa_default", None, blocks[0]), ("masked_fwd_pack_gqa_off", False, blocks[0])]
+    if d > 128:
+        variants.append(("masked_fwd_block64", None, (blocks[0][0], 64)))
+    for key, flag, block in variants:
+        t = fa4_masked.block_tables_spec(spans, block, None)
+        sparse = fa4_masked._sparse(*t[2:6], block)
+
+        def fwd(flag=flag, sparse=sparse, t=t):
             return fa4._flash_attn_fwd(q[None], k[None], v[None], softmax_scale=d ** -0.5,
                                        mask_mod=fa4_masked.span_mask_mod(), block_sparse_tensors=sparse,
-                                       aux_tensors=[forward_tables.lo, forward_tables.hi], return_lse=True,
-                                       pack_gqa=flag)
-        key = f"masked_fwd_pack_gqa_{'default' if flag is None else 'off'}"
+                                       aux_tensors=[t[0], t[1]], return_lse=True, pack_gqa=flag)
         try:
+            out = fwd()[0][0]
+            row[key + "_rel_err"] = err = cases.rel_err(out, bidiattn.attention(q, k, v, spans))
+            if err > 2e-2:
+                raise RuntimeError(f"wrong result: relative error {err:.3g} against the default call")
             row[key + "_tflops"] = fwd_fl / cases.ms(fwd, rep=300) / 1e9
         except Exception as e:  # noqa: BLE001 - an option FA4 refuses is reported, not fatal
             row[key + "_error"] = cases.describe_error(e)
@@ -141,15 +151,16 @@ def main() -> None:
              "µs; the masked forward's TFLOP/s with FA4's pack_gqa default and off.", "",
              "| case | plan runs masked | " + " | ".join(names) + " | host ms: " + " | ".join(names)
              + " | tables: kernel µs | spec µs | equal | plan fa4 (training) µs "
-             "| masked fwd pack_gqa default | off |",
-             "|---" * 17 + "|"]
+             "| masked fwd pack_gqa default | off | key blocks of 64 |",
+             "|---" * 18 + "|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['plan_runs_masked']} | "
                      + " | ".join(f(r, f"{n}_fwd_bwd_tflops") for n in names) + " | "
                      + " | ".join(f(r, f"{n}_host_ms", ".2f") for n in names)
                      + f" | {f(r, 'tables_kernel_host_us')} | {r['tables_spec_host_us']:.0f} | {r.get('tables_equal', 'fails')} | "
                      f"{r['plan_fa4_host_us']:.0f} ({r['plan_fa4_training_host_us']:.0f}) | "
-                     f"{f(r, 'masked_fwd_pack_gqa_default_tflops')} | {f(r, 'masked_fwd_pack_gqa_off_tflops')} |")
+                     f"{f(r, 'masked_fwd_pack_gqa_default_tflops')} | {f(r, 'masked_fwd_pack_gqa_off_tflops')} | "
+                     f"{f(r, 'masked_fwd_block64_tflops')} |")
     cases.write_results(args.out, "fa4-masked" + (f"-{args.label}" if args.label else ""), meta, dict(rows=rows),
                         lines)
     print("\n".join(lines))
