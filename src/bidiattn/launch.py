@@ -1044,15 +1044,11 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 def masked_layers(head_dim: int, training: bool) -> str:
     """Which layers an fa4 plan runs as one FA4 launch with the spans as its mask function
     (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment launches, where that launch takes
-    the call (self-attention keys, not paged): ``"all"``, ``"windowed"`` (those with a window
-    launch) or ``"none"``. From PERF.md A16-A20 (H100): at head dim <= 128 every layer, forward
-    and training: it ties the segments on full layers' forward (622 / 622) and beats them on
-    sliding ones (426 / 416) and in full layers' training (578 / 417); sliding layers train 2.5%
-    slower through it (315 / 323) but plan without segments, so with no host sync and ~60 µs of
-    host time where the segments take ~1.1 ms and a sync: a step that plans new spans ran the
-    sliding layer at 163 through the segments (A19, "default first"). At hd256, the forward of
-    sliding layers only (484 / 428; full 674 / 701); its training stays on the segments and the
-    Triton backward (362 / 380 full, 244 / 279 sliding)."""
+    the call (self-attention keys, not paged): ``"all"``, ``"windowed"`` (layers with a window
+    launch) or ``"none"``. Where it measured faster (PERF.md A16-A20; benchmarks/NOTES.md): at
+    head dim <= 128 every layer, forward and training (sliding layers train slightly slower
+    through it, but the plan then needs no segments, so no host sync for a step that plans new
+    spans); at hd256 the forward of sliding layers only."""
     if head_dim <= 128:
         return "all"
     return "none" if training else "windowed"
