@@ -137,12 +137,18 @@ def test_fa4_plans_run_the_masked_launch_where_masked_layers_picks_it(fake_fa4, 
                         window=64 if layer == "sliding" else None)
     paged = launch.plan(spans, 4, 2, d, backend="fa4", training=training, paged=True)
     assert paged.masked is None and paged.segments.paged  # paged keys: segments
+    real_plan_segments = launch.plan_segments
     if not segments:
         monkeypatch.setattr(launch, "plan_segments", lambda *a, **k: pytest.fail("planned segments"))
     plan = launch.plan(spans, 4, 2, d, backend="fa4", training=training)
     assert (plan.masked is not None, plan.segments is not None) == (masked, segments)
     if masked:
         assert (plan.masked.q_num is not None) == training and plan.backward is None
+    if d <= 128:  # SM100: measured nowhere, so the segments
+        monkeypatch.setattr(launch, "plan_segments", real_plan_segments)
+        monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4_masked"], "device_capability", lambda device: (10, 0))
+        sm100 = launch.plan(spans, 4, 2, d, backend="fa4", training=training)
+        assert sm100.masked is None and sm100.segments is not None
 
 
 @cpu_interpreter_only

@@ -161,7 +161,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd A16-A18
                                                                      (H100): 573/380/279 vs triton 402/359/270;
-                                                                     hd <= 128 one masked launch, above it
+                                                                     SM90 hd <= 128: one masked launch; else
                                                                      segments (masked_layers)
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
           hd <= 512)                                                 off SM90 or without Gluon (F5)
@@ -1026,7 +1026,7 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 
         capability = device_capability(device)
         layers = "none" if paged or masked_unsupported(spans, d, capability) is not None else \
-            masked_layers(d, training)
+            masked_layers(d, training, capability)
         if layers == "all":  # no segments: no host sync
             return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
         segments = plan_segments(spans, paged=paged)
@@ -1041,14 +1041,17 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     return Plan(**tie)
 
 
-def masked_layers(head_dim: int, training: bool) -> str:
+def masked_layers(head_dim: int, training: bool, capability: tuple[int, int] = (9, 0)) -> str:
     """Which layers an fa4 plan runs as one FA4 launch with the spans as its mask function
     (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment launches, where that launch takes
     the call (self-attention keys, not paged): ``"all"``, ``"windowed"`` (layers with a window
-    launch) or ``"none"``. Where it measured faster (PERF.md A16-A20; benchmarks/NOTES.md): at
-    head dim <= 128 every layer, forward and training (sliding layers train slightly slower
-    through it, but the plan then needs no segments, so no host sync for a step that plans new
-    spans); at hd256 the forward of sliding layers only."""
+    launch) or ``"none"``. Where it measured faster on SM90 (PERF.md A16-A20;
+    benchmarks/NOTES.md): at head dim <= 128 every layer, forward and training (sliding layers
+    train slightly slower through it, but the plan then needs no segments, so no host sync for a
+    step that plans new spans); at hd256 the forward of sliding layers only. Elsewhere (SM100:
+    not measured) the segments."""
+    if capability[0] != 9:
+        return "none"
     if head_dim <= 128:
         return "all"
     return "none" if training else "windowed"
