@@ -8,14 +8,15 @@ default call (``bidiattn.attention(q, k, v, spans)``, which picks fa4 where FA4 
 and the fa4 backend against SDPA with the dense mask (forward and gradients), then times (median
 of CUDA-event runs), forward and forward+backward:
 
-- default, first call: a new SpanMask object every call, so every call plans (the fa4 plan's
-  host sync included);
+- default, first call: a new SpanMask object every call, so every call plans (a segment plan's
+  host sync included where the plan builds one);
 - default, steady state: the same spans every call (the plan kept on them);
-- fa4 planned: ``plan=bidiattn.plan(spans, ..., backend="fa4")`` built outside the timing;
-- fa4 planned with FA4's own pack_gqa heuristic on every launch (the plan turns it off for
-  sliding-window launches);
-- fa4 with each backward forced: FA4's over copied segments, and bidiattn's Triton backward (the
-  plan picks FA4's only where no key is read by two segments: text-only layouts);
+- fa4 planned: ``plan=bidiattn.plan(spans, ..., backend="fa4", training=True)`` built outside the
+  timing (the masked launch or the segments, as ``launch.masked_layers`` picks);
+- the segment plan (built with ``masked_layers`` patched to "none") with FA4's own pack_gqa
+  heuristic on every launch (the plan turns it off for sliding-window launches);
+- the segment plan with each backward forced: FA4's over copied segments, and bidiattn's Triton
+  backward (the plan picks FA4's only where no key is read by two segments: text-only layouts);
 - FA4 causal (speed reference, ignores the images), FA4 with the plain window on sliding cases
   (its own pairs), triton planned, FlexAttention's FLASH backend (``mask_mod``, hd <= 128 with
   gradients), and the same FA4 route called directly (``kernels/fa4_masked.py``: one FA4 launch
@@ -32,11 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from unittest import mock
 
 import torch
 
 import bidiattn
 import cases
+from bidiattn import launch
 from bidiattn.kernels.fa4_masked import MAX_HEAD_DIM as MASKED_MAX_HEAD_DIM
 from bidiattn.kernels.fa4_masked import mask_tables, span_attention_fa4_masked
 from bidiattn.kernels.flex import span_attention_flex
@@ -65,17 +68,19 @@ def main() -> None:
         causal_fb_fl = causal_fwd_fl + 10 * causal_pairs * d * hq
         p_fa4 = bidiattn.plan(spans, hq, hkv, d, backend="fa4", training=True)
         p_triton = bidiattn.plan(spans, hq, hkv, d, window=case.window, backend="triton", training=True)
-        heuristic = dataclasses.replace(p_fa4, segments=dataclasses.replace(
-            p_fa4.segments, calls=tuple(dataclasses.replace(c, pack_gqa=None) for c in p_fa4.segments.calls)))
-        forced = {flag: dataclasses.replace(p_fa4, segments=dataclasses.replace(p_fa4.segments, fa4_backward=flag))
+        with mock.patch.object(launch, "masked_layers", lambda *args: "none"):
+            p_seg = bidiattn.plan(spans, hq, hkv, d, backend="fa4", training=True)  # the segments, always
+        heuristic = dataclasses.replace(p_seg, segments=dataclasses.replace(
+            p_seg.segments, calls=tuple(dataclasses.replace(c, pack_gqa=None) for c in p_seg.segments.calls)))
+        forced = {flag: dataclasses.replace(p_seg, segments=dataclasses.replace(p_seg.segments, fa4_backward=flag))
                   for flag in (True, False)}
         default_backend = bidiattn.plan(spans, hq, hkv, d).backend
         row = dict(case=case.name, tokens=t, hq=hq, hkv=hkv, head_dim=d, pairs=pairs, default_backend=default_backend,
-                   plan_fa4_backward=p_fa4.segments.fa4_backward,
-                   keys_copied_per_key=sum(int(c.k_len.sum()) for c in p_fa4.segments.calls) / spans.total_keys,
+                   plan_fa4_masked=p_fa4.masked is not None, plan_fa4_backward=p_seg.segments.fa4_backward,
+                   keys_copied_per_key=sum(int(c.k_len.sum()) for c in p_seg.segments.calls) / spans.total_keys,
                    launches=[dict(kind=c.kind, window=[c.window_left, c.window_right], segments=c.num_segments,
                                   rows=int(c.q_len.sum()), max_rows=c.max_q_len, pack_gqa=c.pack_gqa,
-                                  grad_chunks=len(c.grad_chunks)) for c in p_fa4.segments.calls])
+                                  grad_chunks=len(c.grad_chunks)) for c in p_seg.segments.calls])
         dout = torch.randn_like(q)
         ref, want = cases.sdpa_reference(q, k, v, spans.to_dense(), dout)
 
@@ -172,6 +177,8 @@ def main() -> None:
                 row[key + "_error"] = cases.describe_error(e)
             print(case.name, key, row.get(key + "_tflops", row.get(key + "_error")), flush=True)
         row["plan_fa4_host_us"] = cases.host_us(lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="fa4"))
+        row["plan_fa4_training_host_us"] = cases.host_us(
+            lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="fa4", training=True))
         row["plan_triton_host_us"] = cases.host_us(lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="triton"))
         row["plan_triton_training_host_us"] = cases.host_us(
             lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d, backend="triton", training=True))
