@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import importlib.util
@@ -47,6 +48,20 @@ CASES = [
 ]
 # Cases only the fa4 benchmark runs (the masked FA4 launch on sliding layers at hd128).
 FA4_CASES = [Case("hd128 16K sliding W1024", 16384, 16, 8, 128, 256, 1024, layer="sliding", window=1024)]
+
+
+def fa4_cli(name: str) -> tuple[argparse.Namespace, list[Case]]:
+    """The fa4 benchmarks' arguments (``--out``, ``--cases``, ``--label``; results named
+    ``<name>[-<label>]-...``) and their cases: those of ``CASES`` and ``FA4_CASES`` with head dim
+    <= 256 whose names start with one of the ``--cases`` prefixes (all without it)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes (default: all with D <= 256)")
+    parser.add_argument("--label", default=None, help=f"results file name: {name}-<label>-...")
+    args = parser.parse_args()
+    picked = [c for c in CASES + FA4_CASES if c.head_dim <= 256
+              and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
+    return args, picked
 
 
 def ms(fn, rep: int = 300) -> float:

@@ -30,7 +30,6 @@ backward 10 *. Writes fa4[-<label>]-<device>-<date>.json/.md (PERF.md section 4)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from unittest import mock
@@ -46,17 +45,10 @@ from bidiattn.kernels.flex import span_attention_flex
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes (default: all with D <= 256)")
-    parser.add_argument("--label", default=None, help="results file name: fa4-<label>-...")
-    args = parser.parse_args()
+    args, picked = cases.fa4_cli("fa4")
     from flash_attn.cute import flash_attn_func
 
-
     rows = []
-    picked = [c for c in cases.CASES + cases.FA4_CASES if c.head_dim <= 256
-              and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
     for case in picked:
         spans, q, k, v = cases.build(case)
         t, d, hq, hkv = case.tokens, case.head_dim, case.hq, case.hkv

@@ -25,7 +25,6 @@ fa4-masked[-<label>]-<device>-<date>.json/.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -126,13 +125,7 @@ def run_case(case: cases.Case) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes (default: all with D <= 256)")
-    parser.add_argument("--label", default=None, help="results file name: fa4-masked-<label>-...")
-    args = parser.parse_args()
-    picked = [c for c in cases.CASES + cases.FA4_CASES if c.head_dim <= 256
-              and (not args.cases or any(c.name.startswith(p) for p in args.cases.split(",")))]
+    args, picked = cases.fa4_cli("fa4-masked")
     rows = []
     for case in picked:
         rows.append(run_case(case))

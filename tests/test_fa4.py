@@ -467,10 +467,7 @@ def test_fa4_backward_at_real_sizes(d, hq, hkv, layer):
     # The plan's backward (Triton's: the images share prefixes) and FA4's over copied segments.
     spans = real_size_spans(d, layer)
     check_gradients(spans, hq, hkv, d, seed=d, with_lse=layer == "full")
-    check_gradients(spans, hq, hkv, d, seed=d, with_lse=layer == "full", plan=gpu_fa4_backward_plan(spans, hq, hkv, d))
-
-
-gpu_fa4_backward_plan = fa4_backward_plan
+    check_gradients(spans, hq, hkv, d, seed=d, with_lse=layer == "full", plan=fa4_backward_plan(spans, hq, hkv, d))
 
 
 @pytest.mark.gpu
@@ -495,7 +492,7 @@ def test_fa4_backward_on_packed_sequences_with_softcap(family, convention, layer
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=400, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=64, cu_seqlens=cu).to("cuda")
     check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True)
-    check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True, plan=gpu_fa4_backward_plan(spans, 8, 2, 128))
+    check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True, plan=fa4_backward_plan(spans, 8, 2, 128))
 
 
 @pytest.mark.gpu

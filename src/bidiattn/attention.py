@@ -174,10 +174,7 @@ def attention(
         if plan.masked is not None:
             from .kernels.fa4_masked import span_attention_fa4_masked
 
-            tables = plan.masked
-            if tables.q_num is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-                tables = None  # a forward plan in a call that trains: tables with the backward's, built here
-            out, lse = span_attention_fa4_masked(q, k, v, spans, scale, softcap, tables=tables)
+            out, lse = span_attention_fa4_masked(q, k, v, spans, scale, softcap, tables=plan.masked)
         else:
             out, lse = span_attention_fa4(q, k, v, spans, scale, softcap, plan.segments, plan.backward)
         return (out, lse) if return_lse else out

@@ -1027,10 +1027,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         capability = device_capability(device)
         layers = "none" if paged or masked_unsupported(spans, d, capability) is not None else \
             masked_layers(d, training, capability)
-        if layers == "all":  # no segments: no host sync
-            return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
-        segments = plan_segments(spans, paged=paged)
-        if layers == "windowed" and any(call.kind in ("window", "open") for call in segments.calls):
+        segments = None if layers == "all" else plan_segments(spans, paged=paged)  # "all": no host sync
+        if layers == "all" or (layers == "windowed" and any(c.kind in ("window", "open") for c in segments.calls)):
             return Plan(**tie, segments=segments, masked=mask_tables(spans, d, backward=training,
                                                                      capability=capability))
         backward = None

@@ -7,17 +7,17 @@ kv <= hi[q]``) on the key blocks that are partial. Block sparsity: each query bl
 partial key blocks (forward) and each key block's query blocks (backward), so absent blocks are
 never visited and full ones skip the mask. :func:`block_tables_spec` builds them in closed form
 (no sort, no host sync); :mod:`.block_tables` builds the same in one Triton launch, what CUDA
-runs (about 60 µs of host time at 16K tokens against the spec's 900). Forward and backward are FA4's own, the lse gradient
-included. This is the route FlexAttention's FLASH backend takes, called directly: no Dynamo, the
-mask function compiled once per process by FA4's kernel cache.
+runs. Forward and backward are FA4's own, the lse gradient included. This is the route
+FlexAttention's FLASH backend takes, called directly: no Dynamo, the mask function compiled once
+per process by FA4's kernel cache.
 
 Self-attention spans; head dims up to 128 on SM90 and SM100, up to 256 on SM90. FA4 needs each
 sparse key block to equal its key tile, and its forward and backward tiles differ above head dim
 128, so the forward's tables and the backward's are built with blocks of their own
 (:func:`mask_blocks`). fa4 plans run it where it was measured fastest (``Plan.masked``,
-:func:`bidiattn.launch.masked_layers`); CPU tests check the tables and the calls against a fake FA4 that
-reads the mask from the aux tensors and checks the block sizes, GPU tests against the fp32
-reference.
+:func:`bidiattn.launch.masked_layers`); CPU tests check the tables and the calls against a fake
+FA4 that reads the mask from the aux tensors and checks the block sizes, GPU tests against the
+fp32 reference.
 
 FA4 (``flash-attn-4``, CuTe DSL) is imported on first use, never at import time.
 """
@@ -242,13 +242,14 @@ def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out [T, Hq, D]`` and natural-log ``lse [Hq, T]`` (fp32) of validated inputs through one
     FA4 launch with the spans' ``mask_mod``; differentiable (FA4's backward, lse gradient
-    included). ``tables``: :func:`mask_tables` of ``spans``, built here when not given."""
+    included). ``tables``: :func:`mask_tables` of ``spans``; built here when not given, or when the
+    call needs gradients and ``tables`` lacks the backward's (a forward plan's)."""
     capability = device_capability(q.device)
     why = masked_unsupported(spans, q.shape[-1], capability)
     if why is not None:
         raise ValueError(why)
-    if tables is None:
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if tables is None or (needs_grad and tables.q_num is None):
         tables = mask_tables(spans, q.shape[-1], backward=needs_grad, capability=capability)
     q, k, v = (x.contiguous() for x in (q, k, v))
     return _MaskedFA4.apply(q, k, v, tables, scale, softcap)
