@@ -4,6 +4,7 @@
     python benchmarks/hd512.py compile                      # no GPU needed: regs/spills/shared per config
     python benchmarks/hd512.py check --variants all --out $OUT
     python benchmarks/hd512.py time  --variants all --out $OUT
+    python benchmarks/hd512.py paged --out $OUT               # a prefill chunk read from pages
 
 ``check``: the kernel (each variant) against an fp32 reference of the same span mask at small
 shapes (causal, 1092-token images every 2048, sliding window with images, packed odd lengths,
@@ -474,6 +475,74 @@ def time_cmd(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- paged
+PAGED_CASES = [(16, 4, 16384, 2048, rule, page) for rule in ("causal", "images") for page in (16, 64)]
+
+
+def paged_cmd(args) -> int:
+    """The last prefill chunk of a long prompt read from pages (``serving.kvcache.paged_attention``):
+    triton (page lookup in its key loads) against gluon (the keys gathered out of the pages, then
+    the Gluon forward), the gather alone, and the Gluon forward over contiguous keys; each checked
+    first on a row subset against fp32 (2x rule)."""
+    import cases
+    from bidiattn.serving.kvcache import PagedKVCache, append, gather, paged_attention
+
+    t_start, meta, rows = time.time(), cases.meta(), []
+    for hq, hkv, t, chunk, rule, page in PAGED_CASES:
+        full = make_spans(rule, [t])
+        spans = SpanMask(full.lo[-chunk:].contiguous(), full.hi[-chunk:].contiguous(),
+                         torch.tensor([0, chunk], device="cuda"), cu_seqlens_k=torch.tensor([0, t], device="cuda"),
+                         total_keys=t)
+        q, k, v = inputs(chunk, t, hq, hkv, torch.bfloat16)
+        pages = t // page + 1
+        table = torch.randperm(pages, device="cuda")[: t // page].to(torch.int32)[None]
+        cache = PagedKVCache.allocate(pages, page, hkv, D, dtype=torch.bfloat16, device="cuda")
+        append(cache, k, v, table, spans.cu_seqlens_k, torch.zeros(1, dtype=torch.int64, device="cuda"))
+        scale, pairs = D ** -0.5, spans.num_pairs()
+        flop = 4 * pairs * D * hq
+        sub = torch.cat([torch.arange(0, 64), torch.arange(chunk - 200, chunk)]).cuda()
+        ref = rows_reference(q, k, v, spans, sub, scale, [0, hq - 1])
+        label = f"hd512 {hq}q/{hkv}kv {chunk} rows over {t // 1024}K keys, {rule}, pages of {page}"
+        row = dict(case=label, rule=rule, page_size=page, chunk=chunk, keys=t, pairs=pairs, columns={})
+        plans = {b: bidiattn.plan(spans, hq, hkv, D, backend=b, paged=True) for b in ("triton", "gluon")}
+        columns = [(f"paged {b}", lambda b=b: paged_attention(q, cache, table, spans, plan=plans[b], validate=False))
+                   for b in plans]
+        columns.append(("gluon, contiguous keys", lambda: forward_sm90_hd512(q, k, v, spans, scale)[0]))
+
+        def check(out):
+            torch.cuda.synchronize()
+            for h in (0, hq - 1):
+                err, low = max_err(out[sub, h], ref["f32", h][0]), max_err(ref["low", h][0], ref["f32", h][0])
+                if not err <= 2 * low + FLOOR:
+                    raise RuntimeError(f"wrong result: max abs err {err:.2e} > {2 * low + FLOOR:.2e}")
+
+        for col, fn in columns:
+            cell = {}
+            measure(cell, fn, check, flop, args)
+            row["columns"][col] = cell
+        row["gather_ms"] = bench(lambda: gather(cache, table, spans.cu_seqlens_k, t), args.seconds)
+        print(label, {c: round(x.get("tflops", 0)) for c, x in row["columns"].items()},
+              f"gather {row['gather_ms']:.3f} ms", flush=True)
+        rows.append(row)
+    meta["seconds"] = round(time.time() - t_start, 1)
+    cols = list(rows[0]["columns"])
+    lines = [f"# hd512 paged prefill chunk, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; `{meta['command']}`.", "",
+             "TFLOP/s on allowed pairs (4 * pairs * D * Hq), median of CUDA-event-timed calls; every column checked "
+             "first on a row subset against fp32 (2x rule). 'paged gluon' includes the gather.", "",
+             "| case | " + " | ".join(cols) + " | gather ms |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        cells = [f"{r['columns'][c]['tflops']:.0f}" if "tflops" in r["columns"][c] else "fails" for c in cols]
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + f" | {r['gather_ms']:.3f} |")
+    errors = [f"- {r['case']}, {c}: {x['error']}" for r in rows for c, x in r["columns"].items() if "error" in x]
+    lines += ["", "Errors:", *errors] if errors else []
+    if args.out:
+        stem = cases.write_results(args.out, "hd512-paged", meta, dict(rows=rows), lines)
+        print(f"wrote {args.out}/{stem}.{{md,json}}")
+    print("\n".join(lines))
+    return 0
+
+
 # ----------------------------------------------------------------------------- compile
 def compile_cmd(args) -> int:
     from bidiattn.kernels.sm90_wide.offline import main as offline_main
@@ -483,7 +552,7 @@ def compile_cmd(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("check", "time", "compile"))
+    parser.add_argument("command", choices=("check", "time", "paged", "compile"))
     parser.add_argument("--variants", default="n64", help=f"comma-separated kernel configs or 'all' ({', '.join(CONFIGS)})")
     parser.add_argument("--out", default=None, help="directory for the .md/.json results")
     parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,ffpa,gluon-bwd")
@@ -497,7 +566,7 @@ def main() -> int:
         return compile_cmd(args)
     if not torch.cuda.is_available():
         raise SystemExit("check/time need a CUDA GPU (compile does not)")
-    return check(args) if args.command == "check" else time_cmd(args)
+    return {"check": check, "time": time_cmd, "paged": paged_cmd}[args.command](args)
 
 
 if __name__ == "__main__":

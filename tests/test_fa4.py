@@ -338,7 +338,7 @@ def test_paged_attention_backend_and_plan_errors(monkeypatch):
     spans = SpanMask(torch.tensor([0]), torch.tensor([3]), cu_seqlens_k=torch.tensor([0, 4]), total_keys=4)
     q = torch.randn(1, 1, 16).half()
     table = torch.tensor([[0]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'fa4', got 'flex'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton', 'fa4' or 'gluon', got 'flex'"):
         paged_attention(q, cache, table, spans, backend="flex")
     with pytest.raises(TypeError, match=r"plan must be a bidiattn.Plan from bidiattn.plan\(\), got dict"):
         paged_attention(q, cache, table, spans, plan={})
@@ -346,7 +346,7 @@ def test_paged_attention_backend_and_plan_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"this fa4 plan was made with paged=False; serving.kvcache.paged_attention "
                                          r"needs bidiattn.plan\(..., paged=True\)"):
         paged_attention(q, cache, table, spans, plan=contiguous)
-    with pytest.raises(ValueError, match="paged_attention runs 'triton' or 'fa4'; this plan runs backend='reference'"):
+    with pytest.raises(ValueError, match="paged_attention runs 'triton', 'fa4' or 'gluon'; this plan runs backend='reference'"):
         paged_attention(q, cache, table, spans, plan=launch.plan(spans, 1, 1, 16, backend="reference"))
     with pytest.raises(ValueError, match="made for another SpanMask object"):
         paged_attention(q, cache, table, spans, plan=launch.plan(SpanMask(spans.lo, spans.hi, cu_seqlens_k=spans.cu_seqlens_k,

@@ -10,7 +10,7 @@ import torch
 
 import bidiattn
 from bidiattn import reference, rules
-from bidiattn.serving.kvcache import PagedKVCache, append, paged_attention
+from bidiattn.serving.kvcache import PagedKVCache, append, gather, paged_attention
 from bidiattn.serving.prefill import RequestLayout, plan_prefill, step_spans
 from bidiattn.spans import SpanMask
 from conftest import lowp_attention
@@ -98,6 +98,27 @@ def test_decode_over_pages_matches_the_reference_at_every_step():
         got = paged_attention(q[t : t + 1], cache, table, spans)
         want = reference.attention(q[: t + 1].float(), k[: t + 1].float(), v[: t + 1].float(), full)[t:]
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("page_size", [16, 7])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gather_packs_each_sequences_keys_as_the_spans_index_them(page_size, interleaved):
+    # Key n of sequence b at row cu_seqlens_k[b] + n, whatever the pages' order and strides
+    # (interleaved: K and V views of one [pages, 2, page_size, Hkv, D] buffer, as vLLM's).
+    rng = random.Random(page_size)
+    lengths = [1, page_size, 3 * page_size + 2, 40]
+    table, pages = shuffled_page_table(rng, lengths, page_size)
+    if interleaved:
+        buf = torch.zeros(pages, 2, page_size, HKV, D, dtype=torch.bfloat16, device=DEVICE)
+        cache = PagedKVCache(buf[:, 0], buf[:, 1])
+    else:
+        cache = PagedKVCache.allocate(pages, page_size, HKV, D, dtype=torch.bfloat16, device=DEVICE)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    k, v = (torch.randn(sum(lengths), HKV, D).bfloat16().to(DEVICE) for _ in range(2))
+    table = table.to(DEVICE)
+    append(cache, k, v, table, cu, torch.zeros(len(lengths), dtype=torch.int64, device=DEVICE))
+    got_k, got_v = gather(cache, table, cu, sum(lengths))
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
 
 
 def test_append_writes_where_the_table_says():

@@ -336,7 +336,7 @@ def test_compiled_calls_plan_inside_the_operator():
     ((4, 2, 16), dict(training="yes"), TypeError, r"training must be a bool, got 'yes' \(str\)"),
     ((4, 2, 16), dict(paged=1), TypeError, r"paged must be a bool, got 1 \(int\)"),
     ((4, 2, 16), dict(dtype="bfloat16"), TypeError, r"dtype must be a torch.dtype, got 'bfloat16' \(str\)"),
-    ((4, 2, 16), dict(paged=True, backend="flex"), ValueError, "paged keys run on backend 'triton' or 'fa4', got "
+    ((4, 2, 16), dict(paged=True, backend="flex"), ValueError, "paged keys run on backend 'triton', 'fa4' or 'gluon', got "
                                                                 "backend='flex'"),
 ])
 def test_bad_arguments_name_the_value(args, kwargs, exc, match):

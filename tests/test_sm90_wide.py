@@ -249,6 +249,61 @@ def test_gluon_backend_gradients_on_strided_views_over_more_keys_deterministic()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_gluon_over_pages_equals_the_reference_and_captures(page_size):
+    """A prefill chunk (two sequences: 700 and 130 new rows over 2000 and 1093 keys, an image
+    across the chunk edge) read from shuffled pages of a vLLM-like interleaved buffer: gluon
+    (keys gathered, then the Gluon forward) against fp32 (2x PyTorch's error), equal to the
+    same forward on the contiguous keys, and replayed from a CUDA graph with an explicit plan."""
+    why = _sm90_ready()
+    if why:
+        pytest.skip(why)
+    import bidiattn
+    from bidiattn.serving.graphs import capture
+    from bidiattn.serving.kvcache import PagedKVCache, append, gather, paged_attention
+    from bidiattn.kernels.sm90_wide import forward_sm90_hd512
+
+    hq, hkv, k_lens, q_lens = 8, 2, [2000, 1093], [700, 130]
+    los, his = [], []
+    for k_len, q_len in zip(k_lens, q_lens):
+        i = torch.arange(k_len - q_len, k_len, dtype=torch.int32)
+        lo, hi = torch.zeros_like(i), i.clone()
+        image = (i >= k_len - q_len - 50) & (i < k_len - q_len + 250)
+        hi[image] = min(k_len - q_len + 249, k_len - 1)
+        los.append(lo), his.append(hi)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()])
+    spans = SpanMask(torch.cat(los), torch.cat(his), torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()]),
+                     cu_seqlens_k=cu_k, total_keys=sum(k_lens)).to("cuda")
+    per = [-(-n // page_size) for n in k_lens]
+    pool = torch.randperm(sum(per) + 3, generator=torch.Generator().manual_seed(page_size)).tolist()
+    table = torch.zeros(2, max(per), dtype=torch.int32)
+    for b, p in enumerate(per):
+        table[b, :p] = torch.tensor(pool[sum(per[:b]):sum(per[:b]) + p], dtype=torch.int32)
+    table = table.cuda()
+    buf = torch.zeros(sum(per) + 3, 2, page_size, hkv, 512, device="cuda", dtype=torch.bfloat16)
+    cache = PagedKVCache(buf[:, 0], buf[:, 1])
+    g = torch.Generator(device="cuda").manual_seed(page_size)
+    k, v = (torch.randn(sum(k_lens), hkv, 512, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    append(cache, k, v, table, cu_k.cuda(), torch.zeros(2, dtype=torch.int64, device="cuda"))
+    q = torch.randn(spans.total_tokens, hq, 512, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    out, lse = paged_attention(q, cache, table, spans, backend="gluon", return_lse=True)
+    ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), spans, return_lse=True)
+    low, low_lse = lowp_attention(q, k, v, spans, 512**-0.5, None, return_lse=True)
+    assert (out.float() - ref).abs().max().item() <= 2 * (low.float() - ref).abs().max().item() + 1e-3
+    assert (lse - ref_lse).abs().max().item() <= 2 * (low_lse - ref_lse).abs().max().item() + 1e-3
+    assert torch.equal(out, forward_sm90_hd512(q, k, v, spans)[0])
+    assert all(torch.equal(a, b) for a, b in zip(gather(cache, table, spans.cu_seqlens_k, spans.total_keys), (k, v)))
+
+    plan = bidiattn.plan(spans, hq, hkv, 512, backend="gluon", paged=True)
+    graph, got = capture(lambda: paged_attention(q, cache, table, spans, plan=plan, validate=False),
+                         forbid_sync=True)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    assert torch.equal(got, paged_attention(q, cache, table, spans, plan=plan))
+
+
+@pytest.mark.gpu
 def test_gluon_plan_under_cuda_graph_capture_and_softcap_fallback():
     why = _sm90_ready()
     if why:

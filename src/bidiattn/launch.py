@@ -931,8 +931,9 @@ class Plan:
             where = "serving.kvcache.paged_attention" if paged else "bidiattn.attention"
             raise ValueError(f"this fa4 plan was made with paged={self.paged}; {where} needs "
                              f"bidiattn.plan(..., paged={paged})")
-        if paged and self.backend not in ("triton", "fa4"):
-            raise ValueError(f"paged_attention runs 'triton' or 'fa4'; this plan runs backend={self.backend!r}")
+        if paged and self.backend not in ("triton", "fa4", "gluon"):
+            raise ValueError(f"paged_attention runs 'triton', 'fa4' or 'gluon'; this plan runs "
+                             f"backend={self.backend!r}")
 
 
 def check_plan(plan: Plan, q: torch.Tensor, num_kv_heads: int, spans: SpanMask, *, paged: bool, backend: str) -> None:
@@ -997,8 +998,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     device = spans.lo.device
     if backend == "auto":
         backend = auto_backend(device, dtype, d, spans.total_tokens / spans.num_sequences, paged=paged)
-    if paged and backend not in ("triton", "fa4"):
-        raise ValueError(f"paged keys run on backend 'triton' or 'fa4', got backend={backend!r}")
+    if paged and backend not in ("triton", "fa4", "gluon"):
+        raise ValueError(f"paged keys run on backend 'triton', 'fa4' or 'gluon', got backend={backend!r}")
     tie = dict(spans_ref=weakref.ref(spans), backend=backend, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                window=window, training=training, paged=paged, dtype=dtype)
     if backend == "triton":

@@ -29,7 +29,7 @@ from ..inputs import check_scale_softcap
 from ..launch import Plan, check_plan, interpreting
 from ..spans import SpanMask, _first_true, sequence_index
 
-__all__ = ["PagedKVCache", "append", "paged_attention"]
+__all__ = ["PagedKVCache", "append", "gather", "paged_attention"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,19 @@ def _check_capacity(cache: PagedKVCache, page_table: torch.Tensor, needed: torch
         raise ValueError(f"page_table[{b}, {j}] = {int(page_table[b, j])} is not a page (0..{cache.num_pages - 1})")
 
 
+def gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Tensor, total_keys: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's keys copied out of the pages, packed as the spans index them: ``k``/``v``
+    ``[total_keys, Hkv, D]`` with key ``n`` of sequence ``b`` at row ``cu_seqlens_k[b] + n``.
+    On the cache's device, no host sync; the pages may be strided views. What the gluon backend
+    reads (its kernel loads contiguous key tiles through TMA)."""
+    seq = sequence_index(cu_seqlens_k, total_keys)
+    n = torch.arange(total_keys, device=cu_seqlens_k.device) - cu_seqlens_k[seq]
+    page = page_table[seq, (n // cache.page_size).clamp_(max=page_table.shape[1] - 1)].long()
+    slot = n % cache.page_size
+    return cache.k_pages[page, slot], cache.v_pages[page, slot]
+
+
 def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor,
            cu_seqlens: torch.Tensor, start: torch.Tensor, *, validate: bool = True) -> None:
     """Write new keys/values into the pages: packed row ``cu_seqlens[b] + i`` (``[T, Hkv, D]``)
@@ -156,9 +169,10 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
         validate: host-sync checks that every sequence's keys fit its table row and use real pages.
         backend: ``"auto"`` (triton: serving steps are decode and prefill chunks, where it is the
             faster, see :func:`bidiattn.launch.auto_backend`), ``"triton"`` (the span kernel
-            with the page lookup in its key loads) or ``"fa4"`` (FlashAttention-4 window launches
+            with the page lookup in its key loads), ``"fa4"`` (FlashAttention-4 window launches
             over row segments, each reading its sequence's page-table row; Hopper/Blackwell,
-            head dims FA4 supports there).
+            head dims FA4 supports there) or ``"gluon"`` (head dim 512 on Hopper: the keys
+            copied out of the pages by :func:`gather`, then the Gluon forward; no softcap).
         plan: :func:`bidiattn.plan` of ``spans`` with ``paged=True`` (for triton a plan made
             without it serves too), built once per step and shared by the layers that use these
             spans; it runs the backend it records. Without it the call plans once per
@@ -167,10 +181,10 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
 
     Returns ``out [T, Hq, D]`` (and ``lse [Hq, T]``).
     """
-    from ..launch import fa4_unsupported, planned, triton_unsupported
+    from ..launch import fa4_unsupported, gluon_unsupported, planned, triton_unsupported
 
-    if backend not in ("auto", "triton", "fa4"):
-        raise ValueError(f"paged_attention backend must be 'auto', 'triton' or 'fa4', got {backend!r}")
+    if backend not in ("auto", "triton", "fa4", "gluon"):
+        raise ValueError(f"paged_attention backend must be 'auto', 'triton', 'fa4' or 'gluon', got {backend!r}")
     for name, flag in (("return_lse", return_lse), ("validate", validate)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -187,7 +201,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
         check_plan(plan, q, hkv, spans, paged=True, backend=backend)
     run = plan.backend if plan is not None else backend
     if run != "auto":
-        checks = {"triton": triton_unsupported, "fa4": fa4_unsupported}
+        checks = {"triton": triton_unsupported, "fa4": fa4_unsupported, "gluon": gluon_unsupported}
         unsupported = checks[run](q.device, q.dtype, d)  # device, dtype, head dim: the kernel's limits
         if unsupported is not None:
             raise unsupported
@@ -198,6 +212,14 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     softcap = None if softcap is None else float(softcap)
     if plan is None:
         plan = planned(spans, q.shape[1], hkv, d, backend=backend, training=False, dtype=q.dtype, paged=True)
+    if plan.backend == "gluon":
+        if softcap is not None:
+            raise ValueError(f"backend='gluon' takes no softcap (got softcap={softcap}); use backend='triton'")
+        from ..kernels.sm90_wide import forward_sm90_hd512
+
+        k, v = gather(cache, page_table, spans.cu_seqlens_k, spans.total_keys)
+        out, lse = forward_sm90_hd512(q, k, v, spans, scale, tiles=plan.tiles)
+        return (out, lse) if return_lse else out
     if plan.backend == "fa4":
         from ..kernels.fa4 import span_attention_fa4_forward
 
