@@ -282,14 +282,15 @@ def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4, fa
 
 @pytest.mark.parametrize("d", [192, 256])
 def test_fake_fa4_mask_mod_path_above_hd128_has_backward_tables_of_their_own(fake_fa4, d):
-    # Above head dim 128 FA4's forward and backward key tiles differ on SM90 (112/96 at 192,
-    # 80/64 at 256): the forward's tables and the backward's have blocks of their own (the fake
-    # checks each against FA4's tiles) and both give the reference's mask.
-    from bidiattn.kernels.fa4_masked import mask_tables
+    # Above head dim 128 the forward's and the backward's key blocks are set apart on SM90 (112/96
+    # at 192; 64/64 at 256, the forward's 64 below FA4's sparse default of 80): each table has its
+    # own (the fake checks each against FA4's tiles) and both give the reference's mask.
+    from bidiattn.kernels.fa4_masked import mask_blocks, mask_tables
 
     spans = image_spans(301, [(3, 90), (150, 233)], "gemma3", "official", "full")
     tables = mask_tables(spans, d)
-    assert tables.block[1] != tables.backward_block[1]
+    assert (tables.block, tables.backward_block) == mask_blocks(d) == {192: ((128, 112), (128, 96)),
+                                                                        256: ((128, 64), (128, 64))}[d]
     g = torch.Generator().manual_seed(d)
     q = torch.randn(301, 2, d, generator=g)
     k, v = (torch.randn(301, 1, d, generator=g) for _ in range(2))

@@ -36,10 +36,13 @@ from ..spans import SpanMask
 __all__ = ["MaskTables", "block_tables_spec", "device_capability", "fa4_interface", "mask_blocks", "mask_tables",
            "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
 
-# FA4 4.0.0b36's tiles under block sparsity, (forward, backward) (query rows, keys), per head-dim
-# bound. SM90: forward 128 x (128, 112, 80), the backward's key tile (128, 96, 64) with 64-row
-# query tiles (a 128-row block is two); SM100: 128 x 128 up to head dim 128.
-SM90_BLOCKS = ((128, (128, 128), (128, 128)), (192, (128, 112), (128, 96)), (256, (128, 80), (128, 64)))
+# The tables' blocks, (forward, backward) (query rows, keys), per head-dim bound; FA4 4.0.0b36
+# takes its key tile from the block size. SM90: FA4's own tiles under block sparsity, forward
+# 128 x (128, 112) and the backward's key tile (128, 96, 64) with 64-row query tiles (a 128-row
+# block is two), except the hd256 forward: 128 x 64 (FA4's window-kernel tile there; its sparse
+# default, 80 keys, measured 4% slower on sliding layers, PERF.md A22); SM100: 128 x 128 up to
+# head dim 128.
+SM90_BLOCKS = ((128, (128, 128), (128, 128)), (192, (128, 112), (128, 96)), (256, (128, 64), (128, 64)))
 SM100_BLOCKS = ((128, (128, 128), (128, 128)),)
 MAX_HEAD_DIM = SM90_BLOCKS[-1][0]
 
@@ -72,7 +75,7 @@ class MaskTables:
 
 def mask_blocks(head_dim: int, capability: tuple[int, int] = (9, 0)) -> tuple[tuple[int, int], tuple[int, int]]:
     """The (forward, backward) ``(query, key)`` blocks of the tables at ``head_dim`` on a GPU of
-    compute ``capability``: FA4's own tiles there, so its tile choice is unchanged. ``ValueError``
+    compute ``capability`` (see ``SM90_BLOCKS``). ``ValueError``
     above the largest head dim the capability takes (:func:`masked_unsupported`)."""
     for bound, forward, backward in _tiers(capability):
         if head_dim <= bound:

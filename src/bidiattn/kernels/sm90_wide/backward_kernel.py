@@ -234,6 +234,14 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
         head, local, q_row = _block_coords(j, n_qblocks, head0, q_first, q_base, BLOCK_M)
         sq = j % Q_STAGES
         sd = j % DO_STAGES
+        # The block's row data first: its loads overlap the waits and the two matmuls.
+        rows = local + c
+        row_ok = rows <= q_last
+        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
+        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
+        at = head.to(gl.int64) * total + q_base + rows
+        lse2 = gl.load(lse_ptr + at, mask=row_ok, other=0.0) * LOG2E
+        delta = gl.load(delta_ptr + at, mask=row_ok, other=0.0)
         mbarrier.wait(do_ready.index(sd), _phase(j, DO_STAGES))
         dp = warpgroup_mma(v_smem, do_smem.index(sd).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(q_ready.index(sq), _phase(j, Q_STAGES))
@@ -247,13 +255,6 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
                                             do_smem.index(sd))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
-        rows = local + c
-        row_ok = rows <= q_last
-        lo = gl.load(lo_ptr + q_base + rows, mask=row_ok, other=1).to(gl.int32)
-        hi = gl.load(hi_ptr + q_base + rows, mask=row_ok, other=0).to(gl.int32)
-        at = head.to(gl.int64) * total + q_base + rows
-        lse2 = gl.load(lse_ptr + at, mask=row_ok, other=0.0) * LOG2E
-        delta = gl.load(delta_ptr + at, mask=row_ok, other=0.0)
         allowed = (kk[:, None] >= lo[None, :]) & (kk[:, None] <= hi[None, :]) & key_ok[:, None]
         p = gl.exp2(s * qk_scale - lse2[None, :])
         ds = gl.where(allowed, p * (dp - delta[None, :]), 0.0)
