@@ -101,16 +101,20 @@ def test_decode_over_pages_matches_the_reference_at_every_step():
 
 
 @pytest.mark.parametrize("page_size", [16, 7])
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_gather_packs_each_sequences_keys_as_the_spans_index_them(page_size, interleaved):
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved", "heads-major"])
+def test_gather_packs_each_sequences_keys_as_the_spans_index_them(page_size, layout):
     # Key n of sequence b at row cu_seqlens_k[b] + n, whatever the pages' order and strides
-    # (interleaved: K and V views of one [pages, 2, page_size, Hkv, D] buffer, as vLLM's).
+    # (interleaved: K and V views of one [pages, 2, page_size, Hkv, D] buffer, as vLLM's, read
+    # as whole rows; heads-major: [pages, Hkv, page_size, D] transposed, element by element).
     rng = random.Random(page_size)
     lengths = [1, page_size, 3 * page_size + 2, 40]
     table, pages = shuffled_page_table(rng, lengths, page_size)
-    if interleaved:
+    if layout == "interleaved":
         buf = torch.zeros(pages, 2, page_size, HKV, D, dtype=torch.bfloat16, device=DEVICE)
         cache = PagedKVCache(buf[:, 0], buf[:, 1])
+    elif layout == "heads-major":
+        buf = torch.zeros(2, pages, HKV, page_size, D, dtype=torch.bfloat16, device=DEVICE)
+        cache = PagedKVCache(buf[0].transpose(1, 2), buf[1].transpose(1, 2))
     else:
         cache = PagedKVCache.allocate(pages, page_size, HKV, D, dtype=torch.bfloat16, device=DEVICE)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)

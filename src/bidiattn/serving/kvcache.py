@@ -111,7 +111,20 @@ def gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Te
     n = torch.arange(total_keys, device=cu_seqlens_k.device) - cu_seqlens_k[seq]
     page = page_table[seq, (n // cache.page_size).clamp_(max=page_table.shape[1] - 1)].long()
     slot = n % cache.page_size
-    return cache.k_pages[page, slot], cache.v_pages[page, slot]
+    return tuple(_gather_rows(pages, page, slot) for pages in (cache.k_pages, cache.v_pages))
+
+
+def _gather_rows(pages: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """``pages[page, slot]``; where each key's ``Hkv * D`` values are contiguous and pages start
+    on a whole number of such rows (contiguous pages, vLLM's interleaved K/V), as whole-row
+    copies (``index_select`` over a row view of the storage) rather than element by element."""
+    p, size, h, d = pages.shape
+    row = h * d
+    if (pages.stride(3), pages.stride(2), pages.stride(1)) != (1, d, row) or pages.stride(0) % row:
+        return pages[page, slot]
+    per_page = pages.stride(0) // row
+    rows = pages.as_strided(((p - 1) * per_page + size, row), (row, 1))
+    return rows.index_select(0, page * per_page + slot).view(-1, h, d)
 
 
 def append(cache: PagedKVCache, k: torch.Tensor, v: torch.Tensor, page_table: torch.Tensor,
