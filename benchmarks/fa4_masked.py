@@ -16,8 +16,8 @@ tables cost on the host, and which FA4 options it should run with.
   (``block_tables_spec``), the two checked equal; host µs of an fa4 plan with and without
   ``training`` (a new SpanMask object each time, so each one plans);
 - **forward options**: the masked forward with FA4's pack_gqa default (packed where GQA) and off,
-  and above hd128 with key blocks of 64 (FA4's own window kernel's tile at hd256), each checked
-  against the default call first.
+  and with the other key block (64 where the plan's tables take more, FA4's sparse default of 80
+  at hd256 where they take 64), each checked against the default call first.
 
 TFLOP/s on allowed pairs: forward 4 * pairs * D * Hq, forward+backward 14 *. Writes
 fa4-masked[-<label>]-<device>-<date>.json/.md.
@@ -98,12 +98,13 @@ def run_case(case: cases.Case) -> dict:
             cases.fresh(spans), case.hq, case.hkv, d, backend="fa4", training=training))
 
     fa4 = fa4_masked.fa4_interface()
-    # The forward's options: FA4's pack_gqa default and off at the plan's key blocks; above hd128 also
-    # key blocks of 64, the tile FA4's own window kernel takes at hd256 (FA4 shrinks its key tile to
-    # a smaller sparse block).
-    variants = [("masked_fwd_pack_gqa_default", None, blocks[0]), ("masked_fwd_pack_gqa_off", False, blocks[0])]
-    if d > 128:
-        variants.append(("masked_fwd_block64", None, (blocks[0][0], 64)))
+    # The forward's options: FA4's pack_gqa default and off at the plan's key blocks, and the other
+    # key block (FA4 takes its key tile from the sparse block size): 64 (fewer masked elements per
+    # partial block, FA4's window-kernel tile at hd256) or, where the plan takes 64, FA4's default.
+    other = (blocks[0][0], 64 if blocks[0][1] != 64 else 80)
+    row["other_key_block"] = list(other)
+    variants = [("masked_fwd_pack_gqa_default", None, blocks[0]), ("masked_fwd_pack_gqa_off", False, blocks[0]),
+                ("masked_fwd_other_block", None, other)]
     for key, flag, block in variants:
         t = fa4_masked.block_tables_spec(spans, block, None)
         sparse = fa4_masked._sparse(*t[2:6], block)
@@ -144,7 +145,7 @@ def main() -> None:
              "µs; the masked forward's TFLOP/s with FA4's pack_gqa default and off.", "",
              "| case | plan runs masked | " + " | ".join(names) + " | host ms: " + " | ".join(names)
              + " | tables: kernel µs | spec µs | equal | plan fa4 (training) µs "
-             "| masked fwd pack_gqa default | off | key blocks of 64 |",
+             "| masked fwd pack_gqa default | off | other key block |",
              "|---" * 18 + "|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['plan_runs_masked']} | "
@@ -153,7 +154,7 @@ def main() -> None:
                      + f" | {f(r, 'tables_kernel_host_us')} | {r['tables_spec_host_us']:.0f} | {r.get('tables_equal', 'fails')} | "
                      f"{r['plan_fa4_host_us']:.0f} ({r['plan_fa4_training_host_us']:.0f}) | "
                      f"{f(r, 'masked_fwd_pack_gqa_default_tflops')} | {f(r, 'masked_fwd_pack_gqa_off_tflops')} | "
-                     f"{f(r, 'masked_fwd_block64_tflops')} |")
+                     f"{f(r, 'masked_fwd_other_block_tflops')} ({r['other_key_block'][1]} keys) |")
     cases.write_results(args.out, "fa4-masked" + (f"-{args.label}" if args.label else ""), meta, dict(rows=rows),
                         lines)
     print("\n".join(lines))
