@@ -153,7 +153,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CPU (or any non-CUDA device)                      triton     under TRITON_INTERPRET=1 (the tests);
                                                                      else the reference
         CUDA, paged keys (serving.kvcache)                triton     decode D1/D2 (FA4 decode 4-9x the time),
-                                                                     sliding 2K chunks A11 (226 vs 137 TFLOP/s)
+                                                                     sliding 2K chunks A11 (226 vs 137 TFLOP/s);
+                                                                     hd512 2K chunks: gluon gathered 1.9x (G7),
+                                                                     shorter chunks not measured
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
         CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 481-506 vs triton 266-273
                                                                      TFLOP/s; fwd+bwd G4 (H100): 276-283 vs
@@ -962,7 +964,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             triton and gluon plans and fa4 plans whose backward runs Triton's kernels).
         dtype: the inputs' dtype; ``"auto"`` takes the fast kernels for fp16/bf16 only.
         paged: keys read through a page table (FA4 launches then start every segment's keys
-            at its sequence's first key); auto picks triton for paged keys.
+            at its sequence's first key; gluon copies the keys out of the pages first); auto
+            picks triton for paged keys.
         window: the layers' sliding window, if any; validated and recorded (the plans read the
             windows off the spans themselves).
 
