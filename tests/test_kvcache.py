@@ -123,6 +123,28 @@ def test_gather_packs_each_sequences_keys_as_the_spans_index_them(page_size, lay
     append(cache, k, v, table, cu, torch.zeros(len(lengths), dtype=torch.int64, device=DEVICE))
     got_k, got_v = gather(cache, table, cu, sum(lengths))
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    # A capacity past the keys (a captured step's bound): the keys first, then rows no span reads.
+    got_k, got_v = gather(cache, table, cu, sum(lengths) + 3 * page_size)
+    assert got_k.shape[0] == sum(lengths) + 3 * page_size and torch.equal(got_k[: sum(lengths)], k)
+
+
+def test_auto_paged_gluon_falls_back_to_triton_under_softcap(monkeypatch):
+    # Where auto would gather the keys for the Gluon forward (head dim 512, long chunks, Hopper),
+    # a softcap call runs triton instead: the Gluon kernel has none.
+    from bidiattn import launch
+
+    monkeypatch.setattr(launch, "auto_backend", lambda *args, paged=False: "gluon" if paged else "triton")
+    spans = SpanMask(torch.zeros(20, dtype=torch.int32), torch.arange(20, dtype=torch.int32), torch.tensor([0, 20]))
+    spans = spans.to(DEVICE)
+    cache = PagedKVCache.allocate(3, 8, 1, 512, dtype=torch.bfloat16, device=DEVICE)
+    table = torch.tensor([[2, 0, 1]], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(20, 1, 512, generator=g).bfloat16().to(DEVICE) for _ in range(3))
+    append(cache, k, v, table, spans.cu_seqlens, torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    got = paged_attention(q, cache, table, spans, softcap=5.0)
+    assert [p.backend for p in spans._plans.values()] == ["gluon", "triton"]
+    want = reference.attention(q.float(), k.float(), v.float(), spans, softcap=5.0)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
 
 
 def test_append_writes_where_the_table_says():

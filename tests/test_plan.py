@@ -54,7 +54,10 @@ TABLE = [
     (CUDA, BF16, 512, 4096, False, dict(capability=(10, 0)), "triton"),  # Hopper-only kernel
     (CUDA, BF16, 512, 4096, False, dict(capability=(8, 0)), "triton"),
     (CUDA, BF16, 512, 16, False, {}, "triton"),  # decode-sized
-    (CUDA, BF16, 512, 4096, True, {}, "triton"),  # paged keys
+    (CUDA, BF16, 512, 2048, True, {}, "gluon"),  # paged keys, long prefill chunks: gathered, Gluon
+    (CUDA, BF16, 512, 2047, True, {}, "triton"),  # paged keys, shorter chunks
+    (CUDA, BF16, 512, 4096, True, dict(gluon=False), "triton"),
+    (CUDA, BF16, 512, 4096, True, dict(capability=(10, 0)), "triton"),
     (CUDA, BF16, 512, 4096, False, dict(compiling=True), "triton"),
     (CUDA, F32, 512, 4096, False, {}, "reference"),
     (CUDA, BF16, 512, 4096, False, dict(triton=False), "gluon"),
@@ -93,7 +96,7 @@ def test_auto_tries_the_gluon_import_only_at_head_dim_512_on_sm90(monkeypatch):
     tried = []
     monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))
     launch.auto_backend(CUDA, BF16, 128, 4096)
-    launch.auto_backend(CUDA, BF16, 512, 4096, paged=True)
+    launch.auto_backend(CUDA, BF16, 512, 2047, paged=True)
     launch.auto_backend(CUDA, BF16, 512, 8)
     capabilities(monkeypatch, capability=(10, 0))
     monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))

@@ -40,6 +40,10 @@ BACKENDS = ("auto", "reference", "triton", "flex", "fa4", "gluon")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 512
 DECODE_ROWS = 16  # query rows per sequence at or below which a call is decode-sized
+# Query rows per sequence from which paged keys at head dim 512 run gluon (the keys gathered out of
+# the pages, then the Gluon forward): 1.9x triton's paged kernel at 2048-row chunks (PERF.md G7);
+# the gather costs O(keys) per call, so shorter chunks are left to triton until measured.
+GLUON_PAGED_ROWS = 2048
 
 
 # ============================================================================ backend choice
@@ -152,10 +156,11 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
                                                                      the reference where triton cannot take it
         CPU (or any non-CUDA device)                      triton     under TRITON_INTERPRET=1 (the tests);
                                                                      else the reference
+        CUDA, paged keys, hd 512, SM90, Gluon imports,    gluon      the keys gathered, then the Gluon forward:
+          >= GLUON_PAGED_ROWS rows per sequence                      2K chunks over 16K keys 397-420 vs triton
+                                                                     paged 208-217 TFLOP/s (G7)
         CUDA, paged keys (serving.kvcache)                triton     decode D1/D2 (FA4 decode 4-9x the time),
-                                                                     sliding 2K chunks A11 (226 vs 137 TFLOP/s);
-                                                                     hd512 2K chunks: gluon gathered 1.9x (G7),
-                                                                     shorter chunks not measured
+                                                                     sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
         CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 481-506 vs triton 266-273
                                                                      TFLOP/s; fwd+bwd G4 (H100): 276-283 vs
@@ -177,6 +182,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
     if device.type != "cuda":
         return "triton" if interpreting() and triton_unsupported(device, dtype, head_dim) is None else "reference"
     triton_ok = triton_unsupported(device, dtype, head_dim) is None
+    if paged and head_dim == 512 and rows_per_sequence >= GLUON_PAGED_ROWS and \
+            gluon_unsupported(device, dtype, head_dim) is None:
+        return "gluon"
     if paged or rows_per_sequence <= DECODE_ROWS:
         if triton_ok:
             return "triton"
@@ -965,7 +973,7 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         dtype: the inputs' dtype; ``"auto"`` takes the fast kernels for fp16/bf16 only.
         paged: keys read through a page table (FA4 launches then start every segment's keys
             at its sequence's first key; gluon copies the keys out of the pages first); auto
-            picks triton for paged keys.
+            picks triton for paged keys (gluon at head dim 512 for long prefill chunks).
         window: the layers' sliding window, if any; validated and recorded (the plans read the
             windows off the spans themselves).
 

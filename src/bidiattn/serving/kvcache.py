@@ -106,8 +106,10 @@ def gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Te
     """Each sequence's keys copied out of the pages, packed as the spans index them: ``k``/``v``
     ``[total_keys, Hkv, D]`` with key ``n`` of sequence ``b`` at row ``cu_seqlens_k[b] + n``.
     On the cache's device, no host sync; the pages may be strided views. What the gluon backend
-    reads (its kernel loads contiguous key tiles through TMA)."""
-    seq = sequence_index(cu_seqlens_k, total_keys)
+    reads (its kernel loads contiguous key tiles through TMA). ``total_keys`` may exceed
+    ``cu_seqlens_k[-1]`` (a captured step's capacity): the rows past it hold whatever the last
+    sequence's pages hold there, read by no span."""
+    seq = sequence_index(cu_seqlens_k, total_keys).clamp_(max=page_table.shape[0] - 1)
     n = torch.arange(total_keys, device=cu_seqlens_k.device) - cu_seqlens_k[seq]
     page = page_table[seq, (n // cache.page_size).clamp_(max=page_table.shape[1] - 1)].long()
     slot = n % cache.page_size
@@ -181,7 +183,8 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
             sequence's key count (cached plus new; the new keys already appended).
         validate: host-sync checks that every sequence's keys fit its table row and use real pages.
         backend: ``"auto"`` (triton: serving steps are decode and prefill chunks, where it is the
-            faster, see :func:`bidiattn.launch.auto_backend`), ``"triton"`` (the span kernel
+            faster; gluon at head dim 512 on Hopper for prefill chunks of at least 2048 rows per
+            sequence and no softcap; see :func:`bidiattn.launch.auto_backend`), ``"triton"`` (the span kernel
             with the page lookup in its key loads), ``"fa4"`` (FlashAttention-4 window launches
             over row segments, each reading its sequence's page-table row; Hopper/Blackwell,
             head dims FA4 supports there) or ``"gluon"`` (head dim 512 on Hopper: the keys
@@ -225,6 +228,9 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     softcap = None if softcap is None else float(softcap)
     if plan is None:
         plan = planned(spans, q.shape[1], hkv, d, backend=backend, training=False, dtype=q.dtype, paged=True)
+        if plan.backend == "gluon" and softcap is not None and backend == "auto":
+            # The Gluon kernel has no softcap; auto falls back to the exact triton kernel.
+            plan = planned(spans, q.shape[1], hkv, d, backend="triton", training=False, dtype=q.dtype, paged=True)
     if plan.backend == "gluon":
         if softcap is not None:
             raise ValueError(f"backend='gluon' takes no softcap (got softcap={softcap}); use backend='triton'")
