@@ -737,14 +737,21 @@ def _group(seg: list[list[int]]) -> dict[tuple[int, int], list[int]]:
     return members
 
 
+# Rows up to which CUDA spans take the one-launch segment-starts kernel: one program walks every
+# row, so it costs 178-180 µs of host (read-back included) at 16K rows against the PyTorch ops'
+# 517-527, but 1021-1096 against 754-883 at 128K (PERF.md L6, starts equal to the spec's): 32K
+# lies between the two measured sizes.
+SEGMENT_KERNEL_ROWS = 32768
+
+
 def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[int]] | None) -> list[list[int]]:
     """The greedy segments of ``spans`` as seven host lists ``(code, q_start, q_len, k_start,
     k_len, left, seq)``, one entry per segment in row order (``code`` as ``_KIND_OF_CODE`` reads
-    it, ``left`` the window/open launch's ``L``). The starts come from :func:`segment_starts_spec`
-    (PyTorch ops, one read-back); lengths and windows follow on the host from consecutive starts.
-    :func:`bidiattn.kernels.segments.segment_starts` computes the same starts in one Triton launch
-    (tested against the spec through Triton's interpreter); it becomes the CUDA path once its GPU
-    run (``benchmarks/plan_cost.py``) confirms it there.
+    it, ``left`` the window/open launch's ``L``). The starts come, with one read-back, from
+    :func:`bidiattn.kernels.segments.segment_starts` (one Triton launch, equal to its spec in
+    the interpreter tests and on the GPU) for CUDA spans of up to ``SEGMENT_KERNEL_ROWS`` rows,
+    else from its spec :func:`segment_starts_spec` (PyTorch ops);
+    lengths and windows follow on the host from consecutive starts.
 
     ``demoted``: row ranges ``[start, end)`` that become one-row full segments.
     """
@@ -760,7 +767,12 @@ def _read_segments(spans: SpanMask, paged: bool, demoted: tuple[list[int], list[
         step.index_add_(0, bounds[:n], torch.ones(n, dtype=torch.int64, device=dev))
         step.index_add_(0, bounds[n:], torch.full((n,), -1, dtype=torch.int64, device=dev))
         mask = (step.cumsum(0)[:t] > 0).to(torch.int8)
-    code, s, seq, lo0, hi0, k_base = segment_starts_spec(spans, paged, mask)
+    if spans.lo.is_cuda and t <= SEGMENT_KERNEL_ROWS and triton_missing() is None:
+        from .kernels.segments import segment_starts
+
+        code, s, seq, lo0, hi0, k_base = segment_starts(spans, paged, mask, cap=1024)
+    else:
+        code, s, seq, lo0, hi0, k_base = segment_starts_spec(spans, paged, mask)
     ends = s[1:] + [t]
     q_len = [e - a for a, e in zip(s, ends)]
     # Causal and window runs end their keys q_len - 1 past the first row's hi.
