@@ -43,8 +43,9 @@ def _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, WHIC
     last = tl.minimum(b * bq + bq - 1, t - 1)
     if WHICH == 0:
         out = _packed(lo_ptr, cu_ptr, first, num_seq, seq_steps) // bk
-    elif WHICH == 1:
-        out = _packed(hi_ptr, cu_ptr, last, num_seq, seq_steps) // bk
+    elif WHICH == 1:  # never below the first minus one: a block of empty rows visits none
+        out = tl.maximum(_packed(hi_ptr, cu_ptr, last, num_seq, seq_steps) // bk,
+                         _packed(lo_ptr, cu_ptr, first, num_seq, seq_steps) // bk - 1)
     else:
         f0 = (_packed(lo_ptr, cu_ptr, last, num_seq, seq_steps) + bk - 1) // bk
         if WHICH == 2:

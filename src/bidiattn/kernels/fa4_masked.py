@@ -34,7 +34,7 @@ import torch
 from ..spans import SpanMask
 
 __all__ = ["MaskTables", "block_tables_spec", "device_capability", "fa4_interface", "mask_blocks", "mask_tables",
-           "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
+           "masked_backward", "masked_forward", "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
 
 # The tables' blocks, (forward, backward) (query rows, keys), per head-dim bound; FA4 4.0.0b36
 # takes its key tile from the block size. SM90: FA4's own tiles under block sparsity, forward
@@ -137,10 +137,13 @@ def block_tables_spec(spans: SpanMask, forward_block: tuple[int, int],
 
 def _block_bounds(glo: torch.Tensor, ghi: torch.Tensor, t: int, bq: int, bk: int):
     """Per query block of ``bq`` rows: the key blocks of ``bk`` keys it visits, ``[v0, v1]``, and
-    those every row sees whole, ``[f0, f1)`` (``f1 == f0``: none); all four non-decreasing."""
+    those every row sees whole, ``[f0, f1)`` (``f1 == f0``: none); all four non-decreasing. Rows
+    may be empty (``lo > hi``, as in :mod:`.fa4_window_split`'s parts): a block of them visits
+    none (``v1 == v0 - 1``)."""
     first = torch.arange(0, t, bq, device=glo.device)
     last = (first + bq - 1).clamp_(max=t - 1)
-    v0, v1 = glo[first] // bk, ghi[last] // bk
+    v0 = glo[first] // bk
+    v1 = torch.maximum(ghi[last] // bk, v0 - 1)
     f0 = -(-glo[last] // bk)
     return v0, v1, f0, torch.maximum((ghi[first] + 1) // bk, f0)
 
@@ -208,36 +211,53 @@ def _sparse(num, idx, full_num, full_idx, block):
     return BlockSparseTensorsTorch(num, idx, full_num, full_idx, block_size=block)
 
 
+def masked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: MaskTables, scale: float,
+                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FA4 forward launch over contiguous ``q``/``k``/``v`` ``[T, H, D]`` with the span mask
+    function and ``tables``' block sparsity: ``out [T, Hq, D]``, natural-log ``lse [Hq, T]``."""
+    fa4 = fa4_interface()
+    out, lse = fa4._flash_attn_fwd(
+        q[None], k[None], v[None], softmax_scale=scale, softcap=softcap, mask_mod=span_mask_mod(),
+        block_sparse_tensors=_sparse(tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
+                                     tables.block),
+        aux_tensors=[tables.lo, tables.hi], return_lse=True,
+    )[:2]
+    return out[0], lse[0]
+
+
+def masked_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, tables: MaskTables, scale: float,
+                    softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA4's backward of :func:`masked_forward` fed ``out``/``lse`` (those of this launch, or of a
+    whole attention this launch is a key-disjoint part of: then the result is this part's share of
+    the gradients): ``(dq, dk, dv)``."""
+    if tables.q_num is None:
+        raise RuntimeError("these mask tables were built without the backward's (mask_tables(backward=False))")
+    fa4 = fa4_interface()
+    dq, dk, dv = fa4._flash_attn_bwd(
+        q[None], k[None], v[None], out[None], dout[None].contiguous(), lse[None], softmax_scale=scale,
+        softcap=softcap or 0.0, mask_mod=span_mask_mod(), aux_tensors=[tables.lo, tables.hi],
+        block_sparse_tensors=_sparse(tables.q_num, tables.q_idx, tables.full_q_num, tables.full_q_idx,
+                                     tables.backward_block),
+        dlse=None if dlse is None else dlse[None].contiguous(),
+    )[:3]
+    return dq[0], dk[0], dv[0]
+
+
 class _MaskedFA4(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tables: MaskTables, scale: float, softcap: float | None):
         ctx.set_materialize_grads(False)
-        fa4 = fa4_interface()
-        out, lse = fa4._flash_attn_fwd(
-            q[None], k[None], v[None], softmax_scale=scale, softcap=softcap, mask_mod=span_mask_mod(),
-            block_sparse_tensors=_sparse(tables.kv_num, tables.kv_idx, tables.full_kv_num, tables.full_kv_idx,
-                                         tables.block),
-            aux_tensors=[tables.lo, tables.hi], return_lse=True,
-        )[:2]
+        out, lse = masked_forward(q, k, v, tables, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tables, ctx.scale, ctx.softcap = tables, scale, softcap
-        return out[0], lse[0]
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        t = ctx.tables
-        if t.q_num is None:
-            raise RuntimeError("these mask tables were built without the backward's (mask_tables(backward=False))")
-        dout = torch.zeros_like(out) if dout is None else dout[None].contiguous()
-        fa4 = fa4_interface()
-        dq, dk, dv = fa4._flash_attn_bwd(
-            q[None], k[None], v[None], out, dout, lse, softmax_scale=ctx.scale, softcap=ctx.softcap or 0.0,
-            mask_mod=span_mask_mod(), aux_tensors=[t.lo, t.hi],
-            block_sparse_tensors=_sparse(t.q_num, t.q_idx, t.full_q_num, t.full_q_idx, t.backward_block),
-            dlse=None if dlse is None else dlse[None].contiguous(),
-        )[:3]
-        return dq[0], dk[0], dv[0], None, None, None
+        dout = torch.zeros_like(out) if dout is None else dout
+        return (*masked_backward(dout, dlse, q, k, v, out, lse, ctx.tables, ctx.scale, ctx.softcap), None, None, None)
 
 
 def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanMask, scale: float,
