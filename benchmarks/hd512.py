@@ -476,11 +476,13 @@ def time_cmd(args) -> int:
 
 
 # ----------------------------------------------------------------------------- paged
-PAGED_CASES = [(16, 4, 16384, 2048, rule, page) for rule in ("causal", "images") for page in (16, 64)]
+PAGED_CASES = ([(16, 4, 16384, 2048, rule, page) for rule in ("causal", "images") for page in (16, 64)]
+               + [(16, 4, 16384, chunk, "images", 16) for chunk in (256, 512, 1024)])  # where gluon stops paying
 
 
 def paged_cmd(args) -> int:
-    """The last prefill chunk of a long prompt read from pages (``serving.kvcache.paged_attention``):
+    """The last prefill chunk of a long prompt read from pages (``serving.kvcache.paged_attention``,
+    2048 rows, and shorter chunks: where auto's ``GLUON_PAGED_ROWS`` should sit):
     triton (page lookup in its key loads) against gluon (the keys gathered out of the pages, then
     the Gluon forward), the gather alone, and the Gluon forward over contiguous keys; each checked
     first on a row subset against fp32 (2x rule)."""
