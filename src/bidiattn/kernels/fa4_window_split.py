@@ -4,12 +4,12 @@ Where every row's span holds the row's window ``[q - W + 1, q]`` (clipped to its
 span is that window plus at most a part before it (``[lo, q - W]``: an image longer than the
 window) and a part after it (``[q + 1, hi]``: image rows seeing the rest of their image)::
 
-    keys ->      window W=4, image rows 4..6      W: FA4's window launch (r2p masking)
-    row 3   . W W W W . . .                        b: the part before the window
-    row 4   . . W W W a a .                        a: the part after the row
-    row 5   . . . W W W a .
-    row 6   . . . . W W W .
-    row 7   . . . . W W W W
+    keys ->  0 1 2 3 4 5 6 7    window W=3, an image at 4..6
+    row 3    . W W W . . . .    W: FA4's window launch (bit-mask masking)
+    row 4    . . W W W a a .    a: the part after the row (a masked launch)
+    row 5    . . . W W W a .    b: a part before the window (none here: images
+    row 6    . . . . W W W .       longer than W, under rules that keep them whole)
+    row 7    . . . . . W W W
 
 One FA4 varlen window launch covers every row; each part that some row has is one masked FA4
 launch (:mod:`.fa4_masked`) over the same rows with that part as its spans (kept non-decreasing,
