@@ -8,7 +8,8 @@ Layout (one layer)::
 Key ``n`` of sequence ``b`` lives in page ``page_table[b, n // page_size]`` at slot
 ``n % page_size``. The engine owns page allocation (which pages a sequence gets); this module
 writes and reads through the table, with no host sync when ``validate=False`` (CUDA graphs).
-Attention runs the span kernel with the page lookup folded into its key loads, over extend
+Attention runs the span kernel with the page lookup folded into its key loads (at head dim
+512 on Hopper, long chunks copy the keys out with :func:`gather` for the Gluon kernel), over extend
 spans (:class:`~bidiattn.SpanMask` with ``cu_seqlens_k``): each sequence's new query rows are
 the last rows of its ``k_len`` cached keys, e.g. a prefill chunk from
 :func:`bidiattn.serving.prefill.step_spans` or one decode token.
