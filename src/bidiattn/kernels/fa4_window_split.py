@@ -14,8 +14,9 @@ window) and a part after it (``[q + 1, hi]``: image rows seeing the rest of thei
 One FA4 varlen window launch covers every row; each part that some row has is one masked FA4
 launch (:mod:`.fa4_masked`) over the same rows with that part as its spans (kept non-decreasing,
 so the block tables hold: rows without the part get an empty span). The key sets are disjoint,
-so the outputs merge exactly by their lse. Backward: each launch's FA4 backward fed the merged
-``out`` and ``lse`` (and the lse gradient) gives its keys' share of dQ, dK and dV; the shares add.
+so the outputs merge exactly by their lse (the split-KV merge of :mod:`.forward`, one launch).
+Backward: each launch's FA4 backward fed the merged ``out`` and ``lse`` (and the lse gradient)
+gives its keys' share of dQ, dK and dV; the shares add.
 
 The point is speed: FA4's window kernel masks a row of a partial tile with one bit-mask
 instruction, a mask function costs a few instructions per score element (benchmarks/NOTES.md).
@@ -57,6 +58,8 @@ def window_split(spans: SpanMask, window: int, head_dim: int, *, backward: bool 
     ``None`` where a row's span does not hold its window (then the layer does not split). One
     host sync (whether it splits, which parts occur, the longest sequence); ``backward``: build
     the parts' backward tables too. ``ValueError`` for extend spans or a bad window."""
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
     why = fa4_masked.masked_unsupported(spans, head_dim, capability)
@@ -69,7 +72,7 @@ def window_split(spans: SpanMask, window: int, head_dim: int, *, backward: bool 
     has_before, has_after = lo < first, hi > pos
     lengths = spans.cu_seqlens[1:] - spans.cu_seqlens[:-1]
     flags = torch.stack([holds.long(), has_before.any().long(), has_after.any().long(),
-                         lengths.max() if lengths.numel() else lengths.new_zeros(())]).cpu().tolist()
+                         lengths.max()]).cpu().tolist()
     if not flags[0]:
         return None
     bos = spans.cu_seqlens[seq]
@@ -112,20 +115,23 @@ class _WindowSplitFA4(torch.autograd.Function):
     def forward(ctx, q, k, v, split: WindowSplit, scale: float, softcap: float | None):
         ctx.set_materialize_grads(False)
         fa4 = fa4_masked.fa4_interface()
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        parts = _parts(split)
+        # Launch s writes part s; the parts' rows without keys there get lse -inf (weight 0).
+        o_part = torch.empty(1 + len(parts), *q.shape, dtype=q.dtype, device=q.device)
+        l_part = torch.empty(1 + len(parts), q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
         fa4._flash_attn_fwd(q, k, v, seqused_q=split.lengths, seqused_k=split.lengths, softmax_scale=scale,
-                            softcap=softcap, pack_gqa=False, return_lse=True, out=out, lse=lse,
+                            softcap=softcap, pack_gqa=False, return_lse=True, out=o_part[0], lse=l_part[0],
                             **_window_kwargs(split))
-        outs, lses = [out.float()], [lse]
-        for tables, rows in _parts(split):
-            o, s = fa4_masked.masked_forward(q, k, v, tables, scale, softcap)
-            outs.append(torch.where(rows[:, None, None], o.float(), 0.0))
-            lses.append(torch.where(rows[None, :], s, float("-inf")))
-        if len(lses) > 1:
-            total = torch.logsumexp(torch.stack(lses), 0)
-            out = sum(o * (s - total).exp().t()[..., None] for o, s in zip(outs, lses)).to(q.dtype)
-            lse = total
+        for s, (tables, rows) in enumerate(parts, 1):
+            o, l = fa4_masked.masked_forward(q, k, v, tables, scale, softcap)
+            o_part[s].copy_(o)
+            l_part[s].copy_(l).masked_fill_(~rows[None, :], float("-inf"))
+        if parts:
+            from .forward import merge_parts  # Triton, imported with the kernels
+
+            out, lse = merge_parts(o_part, l_part, torch.empty_like(q), torch.empty_like(l_part[0]))
+        else:
+            out, lse = o_part[0], l_part[0]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.split, ctx.scale, ctx.softcap = split, scale, softcap
         return out, lse

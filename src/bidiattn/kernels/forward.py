@@ -285,7 +285,7 @@ def _merge_kernel(o_part, l_part, o, lse, num_heads, stride_os, stride_ot, strid
                   stride_out_t, stride_out_h, stride_lse_h,
                   SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (row, head): out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max), lse likewise.
-    A slice that held none of the row's keys has lse_s = -inf, so weight 0."""
+    A slice that held none of the row's keys has lse_s = -inf, so weight 0 (its output unread)."""
     i_t = tl.program_id(0) // num_heads
     i_h = tl.program_id(0) % num_heads
     o_s = tl.arange(0, SPLITS_P2)
@@ -297,7 +297,7 @@ def _merge_kernel(o_part, l_part, o, lse, num_heads, stride_os, stride_ot, strid
     total = tl.sum(w, 0)
     off = o_s[:, None] * stride_os + i_t.to(tl.int64) * stride_ot + i_h * stride_oh + o_d[None, :]
     b_o = tl.load(o_part + off, mask=s_ok[:, None] & (o_d[None, :] < D), other=0.0)
-    merged = tl.sum(b_o * w[:, None], 0) / total
+    merged = tl.sum(tl.where(w[:, None] > 0, b_o * w[:, None], 0.0), 0) / total
     tl.store(o + i_t.to(tl.int64) * stride_out_t + i_h * stride_out_h + o_d, merged.to(o.dtype.element_ty), mask=o_d < D)
     tl.store(lse + i_h * stride_lse_h + i_t, m + tl.log(total))
 
@@ -350,11 +350,20 @@ def span_attention_forward(
     with fits(cfg, d):
         _launch_forward(grid, q, k, v, o_part[0], l_part[0], o_part.stride(0), l_part.stride(0), spans, order, tiles,
                         qk_scale, softcap, group, d, cfg, block_d, splits, paging, pack)
-    # Exact merge of the slices in one launch.
-    _merge_kernel[(t_len * hq,)](
-        o_part, l_part, out, lse, hq, o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0),
+    return merge_parts(o_part, l_part, out, lse)
+
+
+def merge_parts(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over disjoint key sets merged exactly, in one launch: the parts ``o_part [S, T,
+    H, D]`` (any float dtype, last dim contiguous) and natural-log ``l_part [S, H, T]`` (fp32; -inf
+    where a part holds none of the row's keys: its output there is not read) into ``out [T, H,
+    D]`` and ``lse [H, T]``, which are returned."""
+    splits, t_len, heads, d = o_part.shape
+    _merge_kernel[(t_len * heads,)](
+        o_part, l_part, out, lse, heads, o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0),
         l_part.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), D=d, BLOCK_D=block_d,
+        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), D=d, BLOCK_D=triton.next_power_of_2(d),
     )
     return out, lse
 
