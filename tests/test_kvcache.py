@@ -128,6 +128,20 @@ def test_gather_packs_each_sequences_keys_as_the_spans_index_them(page_size, lay
     assert got_k.shape[0] == sum(lengths) + 3 * page_size and torch.equal(got_k[: sum(lengths)], k)
 
 
+def test_gather_names_bad_arguments():
+    cache = PagedKVCache.allocate(3, 8, 1, 16, dtype=torch.bfloat16, device=DEVICE)
+    table = torch.tensor([[2, 0, 1]], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 20], device=DEVICE)
+    with pytest.raises(TypeError, match="cache must be a PagedKVCache, got tuple"):
+        gather((cache.k_pages, cache.v_pages), table, cu, 20)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be an int64"):
+        gather(cache, table, cu.int(), 20)
+    with pytest.raises(ValueError, match="page_table has 1 rows for 2 sequences"):
+        gather(cache, table, torch.tensor([0, 10, 20], device=DEVICE), 20)
+    with pytest.raises(ValueError, match="total_keys must be a non-negative int, got -1"):
+        gather(cache, table, cu, -1)
+
+
 def test_auto_paged_gluon_falls_back_to_triton_under_softcap(monkeypatch):
     # Where auto would gather the keys for the Gluon forward (head dim 512, long chunks, Hopper),
     # a softcap call runs triton instead: the Gluon kernel has none.

@@ -152,10 +152,8 @@ def attention(
             raise unsupported
     if plan is None and not torch.compiler.is_compiling():
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        plan = planned(spans, hq, hkv, d, backend=backend, training=needs_grad, dtype=q.dtype, paged=False)
-        if plan.backend == "gluon" and softcap is not None and backend == "auto":
-            # The Gluon kernel has no softcap; auto falls back to the exact triton kernel.
-            plan = planned(spans, hq, hkv, d, backend="triton", training=needs_grad, dtype=q.dtype, paged=False)
+        plan = planned(spans, hq, hkv, d, backend=backend, training=needs_grad, dtype=q.dtype, paged=False,
+                       softcap=softcap is not None)
         run = plan.backend
     if run == "reference":
         return reference.attention(q, k, v, spans, scale=scale, softcap=softcap, return_lse=return_lse)

@@ -738,9 +738,7 @@ def _group(seg: list[list[int]]) -> dict[tuple[int, int], list[int]]:
 
 
 # Rows up to which CUDA spans take the one-launch segment-starts kernel: one program walks every
-# row, so it costs 178-180 µs of host (read-back included) at 16K rows against the PyTorch ops'
-# 517-527, but 1021-1096 against 754-883 at 128K (PERF.md L6, starts equal to the spec's): 32K
-# lies between the two measured sizes.
+# row, so it beats the PyTorch ops at 16K rows and loses at 128K (PERF.md L6); 32K lies between.
 SEGMENT_KERNEL_ROWS = 32768
 
 
@@ -1080,11 +1078,12 @@ def masked_layers(head_dim: int, training: bool, capability: tuple[int, int] = (
 
 
 def planned(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *, backend: str, training: bool,
-            dtype: torch.dtype, paged: bool) -> Plan:
+            dtype: torch.dtype, paged: bool, softcap: bool = False) -> Plan:
     """The plan a call without ``plan=`` runs: :func:`plan` once per ``SpanMask`` object, head
     shape, backend, dtype, key layout and whether it trains, kept on the spans (their private
     ``_plans``; spans are immutable, so a plan never goes stale, and it dies with them). A
-    training plan also serves calls that need no gradient."""
+    training plan also serves calls that need no gradient. With ``softcap``, ``backend="auto"``
+    plans triton where it would pick gluon (the Gluon kernel has no softcap)."""
     key = (num_q_heads, num_kv_heads, head_dim, backend, dtype, paged, interpreting())
     cache = spans._plans
     found = cache.get(key + (True,))
@@ -1093,4 +1092,7 @@ def planned(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int,
     if found is None:
         found = cache[key + (training,)] = plan(spans, num_q_heads, num_kv_heads, head_dim, backend=backend,
                                                 training=training, dtype=dtype, paged=paged)
+    if found.backend == "gluon" and softcap and backend == "auto":
+        return planned(spans, num_q_heads, num_kv_heads, head_dim, backend="triton", training=training, dtype=dtype,
+                       paged=paged)
     return found

@@ -109,7 +109,22 @@ def gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Te
     On the cache's device, no host sync; the pages may be strided views. What the gluon backend
     reads (its kernel loads contiguous key tiles through TMA). ``total_keys`` may exceed
     ``cu_seqlens_k[-1]`` (a captured step's capacity): the rows past it hold whatever the last
-    sequence's pages hold there, read by no span."""
+    sequence's pages hold there, read by no span. ``page_table``: int32 ``[B, P]``;
+    ``cu_seqlens_k``: int64 ``[B+1]`` key offsets; bad types or shapes raise naming the value."""
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dtype != torch.int64 or cu_seqlens_k.dim() != 1:
+        raise TypeError("cu_seqlens_k must be an int64 [B+1] tensor, got "
+                        f"{getattr(cu_seqlens_k, 'dtype', type(cu_seqlens_k).__name__)}")
+    _check_page_table(cache, page_table, cu_seqlens_k.numel() - 1)
+    if isinstance(total_keys, bool) or not isinstance(total_keys, int) or total_keys < 0:
+        raise ValueError(f"total_keys must be a non-negative int, got {total_keys!r}")
+    return _gather(cache, page_table, cu_seqlens_k, total_keys)
+
+
+def _gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Tensor, total_keys: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather` of checked arguments."""
     seq = sequence_index(cu_seqlens_k, total_keys).clamp_(max=page_table.shape[0] - 1)
     n = torch.arange(total_keys, device=cu_seqlens_k.device) - cu_seqlens_k[seq]
     page = page_table[seq, (n // cache.page_size).clamp_(max=page_table.shape[1] - 1)].long()
@@ -228,16 +243,14 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     scale = check_scale_softcap(scale, softcap, d)
     softcap = None if softcap is None else float(softcap)
     if plan is None:
-        plan = planned(spans, q.shape[1], hkv, d, backend=backend, training=False, dtype=q.dtype, paged=True)
-        if plan.backend == "gluon" and softcap is not None and backend == "auto":
-            # The Gluon kernel has no softcap; auto falls back to the exact triton kernel.
-            plan = planned(spans, q.shape[1], hkv, d, backend="triton", training=False, dtype=q.dtype, paged=True)
+        plan = planned(spans, q.shape[1], hkv, d, backend=backend, training=False, dtype=q.dtype, paged=True,
+                       softcap=softcap is not None)
     if plan.backend == "gluon":
         if softcap is not None:
             raise ValueError(f"backend='gluon' takes no softcap (got softcap={softcap}); use backend='triton'")
         from ..kernels.sm90_wide import forward_sm90_hd512
 
-        k, v = gather(cache, page_table, spans.cu_seqlens_k, spans.total_keys)
+        k, v = _gather(cache, page_table, spans.cu_seqlens_k, spans.total_keys)
         out, lse = forward_sm90_hd512(q, k, v, spans, scale, tiles=plan.tiles)
         return (out, lse) if return_lse else out
     if plan.backend == "fa4":
