@@ -54,8 +54,8 @@ TABLE = [
     (CUDA, BF16, 512, 4096, False, dict(capability=(10, 0)), "triton"),  # Hopper-only kernel
     (CUDA, BF16, 512, 4096, False, dict(capability=(8, 0)), "triton"),
     (CUDA, BF16, 512, 16, False, {}, "triton"),  # decode-sized
-    (CUDA, BF16, 512, 2048, True, {}, "gluon"),  # paged keys, long prefill chunks: gathered, Gluon
-    (CUDA, BF16, 512, 2047, True, {}, "triton"),  # paged keys, shorter chunks
+    (CUDA, BF16, 512, 256, True, {}, "gluon"),  # paged keys, prefill chunks: gathered, Gluon
+    (CUDA, BF16, 512, 255, True, {}, "triton"),  # paged keys, shorter chunks
     (CUDA, BF16, 512, 4096, True, dict(gluon=False), "triton"),
     (CUDA, BF16, 512, 4096, True, dict(capability=(10, 0)), "triton"),
     (CUDA, BF16, 512, 4096, False, dict(compiling=True), "triton"),

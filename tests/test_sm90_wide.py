@@ -185,8 +185,8 @@ def test_the_default_call_runs_gluon_at_hd512_on_sm90():
 
     spans = _image_spans([3000]).to("cuda")
     assert bidiattn.plan(spans, 8, 2, 512).backend == "gluon"
-    assert bidiattn.plan(spans, 8, 2, 512, paged=True).backend == "gluon"  # >= 2048 rows: keys gathered
-    assert bidiattn.plan(_image_spans([1500]).to("cuda"), 8, 2, 512, paged=True).backend == "triton"
+    assert bidiattn.plan(spans, 8, 2, 512, paged=True).backend == "gluon"  # >= 256 rows: keys gathered
+    assert bidiattn.plan(_image_spans([200]).to("cuda"), 8, 2, 512, paged=True).backend == "triton"
     assert bidiattn.plan(spans, 8, 2, 256, backend="triton").backend == "triton"
 
 

@@ -41,9 +41,9 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 512
 DECODE_ROWS = 16  # query rows per sequence at or below which a call is decode-sized
 # Query rows per sequence from which paged keys at head dim 512 run gluon (the keys gathered out of
-# the pages, then the Gluon forward): 1.9x triton's paged kernel at 2048-row chunks (PERF.md G7);
-# the gather costs O(keys) per call, so shorter chunks are left to triton until measured.
-GLUON_PAGED_ROWS = 2048
+# the pages, then the Gluon forward): ahead of triton's paged kernel from 256-row chunks on
+# (PERF.md G8; the gather costs O(keys) per call, so shorter chunks, unmeasured, stay on triton).
+GLUON_PAGED_ROWS = 256
 
 
 # ============================================================================ backend choice
@@ -157,8 +157,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CPU (or any non-CUDA device)                      triton     under TRITON_INTERPRET=1 (the tests);
                                                                      else the reference
         CUDA, paged keys, hd 512, SM90, Gluon imports,    gluon      the keys gathered, then the Gluon forward:
-          >= GLUON_PAGED_ROWS rows per sequence                      2K chunks over 16K keys 397-420 vs triton
-                                                                     paged 208-217 TFLOP/s (G7)
+          >= GLUON_PAGED_ROWS rows per sequence                      chunks over 16K keys (H100, G8): 106 vs 90
+                                                                     TFLOP/s at 256 rows, 360 vs 195 at 1K,
+                                                                     364-396 vs 195-214 at 2K
         CUDA, paged keys (serving.kvcache)                triton     decode D1/D2 (FA4 decode 4-9x the time),
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)

@@ -199,7 +199,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
             sequence's key count (cached plus new; the new keys already appended).
         validate: host-sync checks that every sequence's keys fit its table row and use real pages.
         backend: ``"auto"`` (triton: serving steps are decode and prefill chunks, where it is the
-            faster; gluon at head dim 512 on Hopper for prefill chunks of at least 2048 rows per
+            faster; gluon at head dim 512 on Hopper for prefill chunks of at least 256 rows per
             sequence and no softcap; see :func:`bidiattn.launch.auto_backend`), ``"triton"`` (the span kernel
             with the page lookup in its key loads), ``"fa4"`` (FlashAttention-4 window launches
             over row segments, each reading its sequence's page-table row; Hopper/Blackwell,
