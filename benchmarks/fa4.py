@@ -22,9 +22,7 @@ of CUDA-event runs), forward and forward+backward:
   (its own pairs), triton planned, FlexAttention's FLASH backend (``mask_mod``, hd <= 128 with
   gradients), and the same FA4 route called directly (``kernels/fa4_masked.py``: one FA4 launch
   with the spans' CuTe mask function and block sparsity, hd <= 256; checked first, its columns
-  left out with the reason where it fails or is wrong), and on sliding cases the window split
-  (``kernels/fa4_window_split.py``: FA4's window kernel plus masked launches for the keys the
-  window leaves out, merged by lse; checked the same way);
+  left out with the reason where it fails or is wrong);
 
 and the host time of ``bidiattn.plan`` (fa4 with its sync, triton) and of a first call.
 TFLOP/s on allowed pairs (causal / window pairs for FA4's own kernels): forward 4 * pairs * D * Hq,
@@ -44,7 +42,6 @@ import cases
 from bidiattn import launch
 from bidiattn.kernels.fa4_masked import MAX_HEAD_DIM as MASKED_MAX_HEAD_DIM
 from bidiattn.kernels.fa4_masked import mask_tables, span_attention_fa4_masked
-from bidiattn.kernels.fa4_window_split import span_attention_fa4_window_split, window_split
 from bidiattn.kernels.flex import span_attention_flex
 
 
@@ -121,10 +118,6 @@ def main() -> None:
             return span_attention_flex(a, b, c, spans, d ** -0.5, None, flash=True)[0]
 
         masked_tables = mask_tables(spans, d) if d <= MASKED_MAX_HEAD_DIM else None
-        split = window_split(spans, case.window, d) if case.window and d <= MASKED_MAX_HEAD_DIM else None
-
-        def fa4_window_split(a, b, c):
-            return span_attention_fa4_window_split(a, b, c, d ** -0.5, None, split)[0]
 
         def fa4_masked(a, b, c):
             return span_attention_fa4_masked(a, b, c, spans, d ** -0.5, None, tables=masked_tables)[0]
@@ -147,17 +140,6 @@ def main() -> None:
             print(case.name, "fa4 mask_mod direct: errors", row.get("fa4_masked_err"), row.get("fa4_masked_grad_err"),
                   row.get("fa4_masked_error", ""), flush=True)
 
-        split_ok = False
-        if split is not None:  # checked apart, as the masked launch
-            try:
-                row["window_split_err"] = cases.rel_err(fa4_window_split(q, k, v), ref)
-                row["window_split_grad_err"] = max(cases.rel_err(a, b) for a, b in zip(fwd_bwd(fa4_window_split), want))
-                split_ok = max(row["window_split_err"], row["window_split_grad_err"]) <= 2e-2
-            except Exception as e:  # noqa: BLE001
-                row["window_split_error"] = cases.describe_error(e)
-            print(case.name, "window split: errors", row.get("window_split_err"), row.get("window_split_grad_err"),
-                  row.get("window_split_error", ""), flush=True)
-
         timed = dict(
             default_first_fwd=(lambda: default_first(q, k, v), fwd_fl),
             default_fwd=(lambda: default_inference(q, k, v), fwd_fl),
@@ -179,9 +161,6 @@ def main() -> None:
         if masked_ok:
             timed["fa4_masked_fwd"] = (lambda: fa4_masked(q, k, v), fwd_fl)
             timed["fa4_masked_fwd_bwd"] = (lambda: fwd_bwd(fa4_masked), fb_fl)
-        if split_ok:
-            timed["window_split_fwd"] = (lambda: fa4_window_split(q, k, v), fwd_fl)
-            timed["window_split_fwd_bwd"] = (lambda: fwd_bwd(fa4_window_split), fb_fl)
         if case.window:
             w = case.window
             local_pairs = sum(min(i + 1, w) for i in range(t))
@@ -219,13 +198,6 @@ def main() -> None:
             return f"wrong (rel err {r['fa4_masked_err']:.3g} / {r['fa4_masked_grad_err']:.3g})"
         return f"{tf(r, 'fa4_masked_fwd')} / {tf(r, 'fa4_masked_fwd_bwd')}"
 
-    def split_cell(r):
-        if "window_split_error" in r:
-            return "fails"
-        if "window_split_err" in r and "window_split_fwd_tflops" not in r:
-            return f"wrong (rel err {r['window_split_err']:.3g} / {r['window_split_grad_err']:.3g})"
-        return f"{tf(r, 'window_split_fwd')} / {tf(r, 'window_split_fwd_bwd')}"
-
     def ratio(r, a, b):
         return f"{r[a + '_tflops'] / r[b + '_tflops']:.2f}x" if a + "_tflops" in r and b + "_tflops" in r else "n/a"
 
@@ -240,9 +212,9 @@ def main() -> None:
              "| case | default runs | fwd: default first | default | fa4 planned | FA4 pack | FA4 causal | FA4 window "
              "| triton | default / FA4 causal | default / FA4 window | fwd+bwd: default first | default | fa4 planned "
              "| fa4 + FA4 bwd | fa4 + triton bwd | FA4 causal | FA4 window | triton | default / FA4 causal | default / FA4 window "
-             "| mask_mod fwd / fwd+bwd | fa4 mask_mod direct fwd / fwd+bwd | window split fwd / fwd+bwd "
+             "| mask_mod fwd / fwd+bwd | fa4 mask_mod direct fwd / fwd+bwd "
              "| host µs: plan fa4 | plan triton (+bwd) | first call | steady call |",
-             "|---" * 28 + "|"]
+             "|---" * 27 + "|"]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['default_backend']} | {tf(r, 'default_first_fwd')} | {tf(r, 'default_fwd')} | "
@@ -253,7 +225,7 @@ def main() -> None:
             f"{tf(r, 'fa4_triton_bwd_fwd_bwd')} | "
             f"{tf(r, 'fa4_causal_fwd_bwd')} | {tf(r, 'fa4_local_fwd_bwd')} | {tf(r, 'triton_fwd_bwd')} | "
             f"{ratio(r, 'default_fwd_bwd', 'fa4_causal_fwd_bwd')} | {ratio(r, 'default_fwd_bwd', 'fa4_local_fwd_bwd')} | "
-            f"{tf(r, 'mask_mod_fwd')} / {tf(r, 'mask_mod_fwd_bwd')} | {masked(r)} | {split_cell(r)} | "
+            f"{tf(r, 'mask_mod_fwd')} / {tf(r, 'mask_mod_fwd_bwd')} | {masked(r)} | "
             f"{r['plan_fa4_host_us']:.0f} | "
             f"{r['plan_triton_host_us']:.0f} ({r['plan_triton_training_host_us']:.0f}) | "
             f"{r['default_first_call_host_us']:.0f} | {r['default_call_host_us']:.0f} |")

@@ -303,78 +303,28 @@ def test_fake_fa4_mask_mod_path_above_hd128_has_backward_tables_of_their_own(fak
     assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
 
 
-@pytest.mark.parametrize("family,convention,layer", RULES)
-def test_fake_fa4_window_split_forward_and_gradients_on_every_rule(fake_fa4, family, convention, layer):
-    # FA4's window launch plus masked launches for the parts before and after each row's window,
-    # merged by lse (backward: each launch fed the merged out and lse): exactly the reference's
-    # out, lse and gradients, lse gradient included, on packed odd lengths with blocks longer and
-    # shorter than the window (parts before it) and GQA; None exactly where a row's span does not
-    # hold its window.
-    from bidiattn.kernels.fa4_window_split import span_attention_fa4_window_split, window_split
-
-    rng = random.Random(repr((family, convention, layer, "split")))
-    ids, cu = random_packed_layout(rng, max_seqs=3, max_len=200, block_frac=0.5)
-    window = 11
-    spans = rules.build(family, convention, layer, block_ids=ids, window=window, cu_seqlens=cu)
-    split = window_split(spans, window, 16)
-    _, pos, _ = spans.local_rows()
-    holds = bool(((spans.lo <= (pos - window + 1).clamp(min=0)) & (spans.hi >= pos)).all())
-    assert (split is not None) == holds
-    if split is None:
-        return
-    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
-    t = spans.total_tokens
-    q = torch.randn(t, 4, 16, generator=g)
-    k, v = (torch.randn(t, 2, 16, generator=g) for _ in range(2))
-    dout = torch.randn(t, 4, 16, generator=g, dtype=torch.float64)
-    dlse = torch.randn(4, t, generator=g, dtype=torch.float64)
-    softcap = 20.0 if layer == "sliding" else None
-    got = grads_of(lambda a, b, c: span_attention_fa4_window_split(a, b, c, 0.25, softcap, split), q, k, v, dout, dlse)
-    want = grads_of(lambda a, b, c: reference.attention(a, b, c, spans, softcap=softcap, return_lse=True),
-                    q, k, v, dout, dlse)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=name)
-    launches = 1 + (split.before is not None) + (split.after is not None)
-    assert [c[0] for c in fake_fa4.calls] == ["fwd"] * launches + ["bwd"] * launches
-    assert fake_fa4.calls[0][1:3] == (window - 1, 0)
-
-
-def test_window_split_parts_skip_the_rows_without_them(fake_fa4):
-    # A 4-row image in 300 rows, window 64: only the image rows have a part after their window
-    # (none before), and its block tables visit only the image's query block.
-    from bidiattn.kernels.fa4_window_split import window_split
-
-    spans = image_spans(300, [(150, 154)], layer="sliding", window=64)
-    split = window_split(spans, 64, 64)
-    assert split.before is None and split.after_rows.nonzero().flatten().tolist() == [150, 151, 152]
-    visited = split.after.kv_num[0, 0] + split.after.full_kv_num[0, 0]
-    assert visited.tolist() == [0, 1, 0]  # 128-row query blocks
-    assert split.max_seqlen == 300 and split.cu_seqlens.dtype == torch.int32
-    with pytest.raises(ValueError, match="window must be a positive int, got 0"):
-        window_split(spans, 0, 64)
-    # Rows whose spans miss part of their window (row 200 sees keys 180..200 of 137..200): no split.
-    lo = torch.maximum(spans.lo, torch.where(torch.arange(300) >= 200, 180, 0).to(spans.lo.dtype))
-    assert window_split(SpanMask(lo, spans.hi), 64, 64) is None
-    assert window_split(spans, 300, 64) is None  # text rows see 64 keys, not 300
-
-
-def test_block_tables_kernel_equals_its_spec_on_window_split_parts():
-    # The parts' spans have empty rows (lo > hi, hi far below zero before the first non-empty
-    # row): the one-launch tables kernel (truncating division) equals its spec (flooring) there,
-    # and no count is negative.
+def test_block_tables_kernel_equals_its_spec_on_spans_with_empty_rows():
+    # Spans with empty rows (lo > hi; hi far below zero before the first non-empty row): the keys
+    # before each row's window of 128, and those after it (image rows), of a paligemma sliding
+    # layer. The one-launch tables kernel (truncating division) equals its spec (flooring)
+    # there, and no count is negative.
     from bidiattn.kernels.block_tables import block_tables
     from bidiattn.kernels.fa4_masked import SM90_BLOCKS, block_tables_spec
-    from bidiattn.kernels.fa4_window_split import window_split
 
     ids = torch.zeros(1500, dtype=torch.int64)
     for n, (s, e) in enumerate([(5, 40), (300, 700), (900, 905), (1300, 1499)], 1):
         ids[s:e] = n
-    spans = rules.build("paligemma", "official", "sliding", block_ids=ids, window=128,
-                        cu_seqlens=torch.tensor([0, 1000, 1500]))
-    split = window_split(spans, 128, 64)
-    assert split.before is not None and split.after is not None
-    for part in (split.before, split.after):
-        part_spans = SpanMask(part.lo, part.hi, validate=False)  # packed bounds, one sequence
+    spans = rules.build("paligemma", "official", "sliding", block_ids=ids, window=128)
+    pos, lo, hi = torch.arange(1500), spans.lo.long(), spans.hi.long()
+    first = (pos - 127).clamp(min=0)
+
+    def last_upper(has, upper):  # non-decreasing, below the row's lower bound where it has none
+        return torch.where(has, upper, -(1 << 30)).cummax(0).values
+
+    parts = [(lo, last_upper(lo < first, pos - 128)), (pos + 1, last_upper(hi > pos, hi))]
+    assert all(bool((h < l).any()) and bool((h >= l).any()) for l, h in parts)
+    for part_lo, part_hi in parts:
+        part_spans = SpanMask(part_lo, part_hi, validate=False)
         for _, forward, backward in SM90_BLOCKS:
             want, got = block_tables_spec(part_spans, forward, backward), block_tables(part_spans, forward, backward)
             for a, b in zip(want, got):
@@ -702,24 +652,6 @@ def test_mask_mod_path_gradients_at_real_sizes(d, hq, hkv, layer, softcap):
     check_gradients(spans, hq, hkv, d, seed=d, softcap=softcap, with_lse=layer == "full", attend=_masked)
 
 
-def _window_split(q, k, v, spans, softcap):
-    from bidiattn.kernels.fa4_window_split import span_attention_fa4_window_split, window_split
-
-    split = window_split(spans, 1024, q.shape[-1])
-    assert split is not None and split.after is not None
-    return span_attention_fa4_window_split(q, k, v, 1 / math.sqrt(q.shape[-1]), softcap, split)
-
-
-@pytest.mark.gpu
-@requires_fa4
-@pytest.mark.parametrize("d,hq,hkv,softcap", [(128, 16, 8, None), (256, 8, 4, 30.0)])
-def test_window_split_forward_and_gradients_at_real_sizes(d, hq, hkv, softcap):
-    # FA4's window kernel plus the masked launch of the image rows' keys after them, merged by
-    # lse: forward (checked through its gradients' lse path too) and gradients within 2x
-    # PyTorch's own low-precision error; rows without the part are empty in its launch.
-    spans = real_size_spans(d, "sliding")
-    check_forward(spans, hq, hkv, d, torch.bfloat16, seed=d, softcap=softcap, attend=_window_split)
-    check_gradients(spans, hq, hkv, d, seed=d, softcap=softcap, with_lse=True, attend=_window_split)
 
 
 @pytest.mark.parametrize("family,convention,layer", RULES)

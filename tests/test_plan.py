@@ -96,7 +96,7 @@ def test_auto_tries_the_gluon_import_only_at_head_dim_512_on_sm90(monkeypatch):
     tried = []
     monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))
     launch.auto_backend(CUDA, BF16, 128, 4096)
-    launch.auto_backend(CUDA, BF16, 512, 2047, paged=True)
+    launch.auto_backend(CUDA, BF16, 512, 255, paged=True)
     launch.auto_backend(CUDA, BF16, 512, 8)
     capabilities(monkeypatch, capability=(10, 0))
     monkeypatch.setattr(launch, "gluon_import_error", lambda: tried.append(1))

@@ -138,8 +138,7 @@ def block_tables_spec(spans: SpanMask, forward_block: tuple[int, int],
 def _block_bounds(glo: torch.Tensor, ghi: torch.Tensor, t: int, bq: int, bk: int):
     """Per query block of ``bq`` rows: the key blocks of ``bk`` keys it visits, ``[v0, v1]``, and
     those every row sees whole, ``[f0, f1)`` (``f1 == f0``: none); all four non-decreasing. Rows
-    may be empty (``lo > hi``, as in :mod:`.fa4_window_split`'s parts): a block of them visits
-    none (``v1 == v0 - 1``)."""
+    may be empty (``lo > hi``): a block of them visits none (``v1 == v0 - 1``)."""
     first = torch.arange(0, t, bq, device=glo.device)
     last = (first + bq - 1).clamp_(max=t - 1)
     v0 = glo[first] // bk
