@@ -465,6 +465,26 @@ def compare(ref: dict, got: dict, tol: float = TOLERANCE, tie: float = 0.02) -> 
     return problems
 
 
+def write_check(args, rows: list, failures: int, lengths: list[int], *, done: bool) -> None:
+    """The check's results so far (``--out``): written after every run, so that a check stopped by
+    a time limit (every graphs engine compiles and captures first) keeps what it printed."""
+    if not args.out:
+        return
+    meta = run_meta(args, block_sizes=args.block_sizes, rules=args.rules, max_batched=args.max_batched,
+                    prompt_lengths=lengths)
+    status = "" if done else " (partial: the check did not reach its end)"
+    lines = [f"# vLLM check, {meta}", "", f"{failures} failure(s){status}. Tolerances: prompt and step logprobs "
+             f"within {TOLERANCE} nats of TRITON_ATTN's (transformers + bidiattn: within the larger of that and "
+             "twice transformers' own sdpa run's distance, another model implementation in bf16); greedy tokens "
+             "equal (or a near tie, reference margin <= 0.02).", "",
+             "| run | result | prompt logprobs max abs diff | tolerance |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {'OK' if r['ok'] else 'MISMATCH' if 'problems' in r else 'failed'} | "
+              f"{r.get('prompt_logprob_max_diff', float('nan')):.4f} | {r.get('tolerance', float('nan')):.4f} |"
+              for r in rows]
+    lines += [f"- {r['run']}: {p}" for r in rows for p in r.get("problems", [])]
+    write_results(args.out, "vllm-check" + ("-graphs" if args.graphs else ""), meta, rows, lines)
+
+
 def check(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_model(Path(tmp) / "model", args.model, args.images))
@@ -481,6 +501,7 @@ def check(args) -> int:
                 print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
                 rows.append(dict(run=f"TRITON_ATTN, block size {block_size}", ok=False, error=err[-300:]))
                 failures += 1
+                write_check(args, rows, failures, lengths, done=False)
                 continue
             runs = [("bidiattn", rule, f"bidiattn/{rule} vs TRITON_ATTN") for rule in args.rules]
             if block_size == args.block_sizes[0]:  # the transformers runs do not depend on the block size
@@ -494,6 +515,7 @@ def check(args) -> int:
                     print(f"{label}: engine failed:\n{err}")
                     rows.append(dict(run=label, ok=False, error=err[-300:]))
                     failures += 1
+                    write_check(args, rows, failures, lengths, done=False)
                     continue
                 tol = TOLERANCE
                 if backend == "transformers" and rule is not None and hf_floor is not None:
@@ -511,19 +533,8 @@ def check(args) -> int:
                 rows.append(dict(run=label, ok=not problems, prompt_logprob_max_diff=worst, tolerance=tol,
                                  problems=problems))
                 failures += bool(problems)
-    if args.out:
-        meta = run_meta(args, block_sizes=args.block_sizes, rules=args.rules, max_batched=args.max_batched,
-                        prompt_lengths=lengths)
-        lines = [f"# vLLM check, {meta}", "", f"{failures} failure(s). Tolerances: prompt and step logprobs within "
-                 f"{TOLERANCE} nats of TRITON_ATTN's (transformers + bidiattn: within the larger of that and twice "
-                 "transformers' own sdpa run's distance, another model implementation in bf16); greedy tokens "
-                 "equal (or a near tie, reference margin <= 0.02).", "",
-                 "| run | result | prompt logprobs max abs diff | tolerance |", "|---|---|---|---|"]
-        lines += [f"| {r['run']} | {'OK' if r['ok'] else 'MISMATCH' if 'problems' in r else 'failed'} | "
-                  f"{r.get('prompt_logprob_max_diff', float('nan')):.4f} | {r.get('tolerance', float('nan')):.4f} |"
-                  for r in rows]
-        lines += [f"- {r['run']}: {p}" for r in rows for p in r.get("problems", [])]
-        write_results(args.out, "vllm-check" + ("-graphs" if args.graphs else ""), meta, rows, lines)
+                write_check(args, rows, failures, lengths, done=False)
+    write_check(args, rows, failures, lengths, done=True)
     return 1 if failures else 0
 
 
