@@ -101,3 +101,22 @@ def test_gemma4_image_checkpoint_expands_images_within_the_window(vb, tmp_path):
     assert all(0 < n <= vb.VISION["tiny-gemma4"][2] and n + 2 < window for n in runs), runs
     got = vb.transformers_worker(dict(model=str(path), requests=reqs, images=True, rule="official", max_tokens=2))
     assert got["requests"][0]["prompt_tokens"] == len(ids)
+
+
+def test_the_check_writes_what_it_has_after_every_run(vb, tmp_path, monkeypatch):
+    # A check stopped by a time limit keeps its finished runs: the results file says it is partial
+    # until the last write.
+    import argparse
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its sibling `cases`
+
+    args = argparse.Namespace(out=str(tmp_path), graphs=True, block_sizes=[16], rules=["official"], max_batched=None,
+                              model="tiny-gemma4", images=True)
+    rows = [dict(run="bidiattn/official vs TRITON_ATTN, block size 16, graphs=True", ok=True,
+                 prompt_logprob_max_diff=0.0153, tolerance=0.06, problems=[])]
+    vb.write_check(args, rows, 0, [5, 40], done=False)
+    (md,) = tmp_path.glob("vllm-check-graphs-*.md")
+    text = md.read_text()
+    assert "partial" in text and "| bidiattn/official vs TRITON_ATTN, block size 16, graphs=True | OK | 0.0153 |" in text
+    vb.write_check(args, rows, 0, [5, 40], done=True)
+    assert "partial" not in md.read_text()
