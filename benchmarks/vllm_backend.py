@@ -465,11 +465,12 @@ def compare(ref: dict, got: dict, tol: float = TOLERANCE, tie: float = 0.02) -> 
     return problems
 
 
-def write_check(args, rows: list, failures: int, lengths: list[int], *, done: bool) -> None:
+def write_check(args, rows: list, lengths: list[int], *, done: bool) -> None:
     """The check's results so far (``--out``): written after every run, so that a check stopped by
     a time limit (every graphs engine compiles and captures first) keeps what it printed."""
     if not args.out:
         return
+    failures = sum(not r["ok"] for r in rows)
     meta = run_meta(args, block_sizes=args.block_sizes, rules=args.rules, max_batched=args.max_batched,
                     prompt_lengths=lengths)
     status = "" if done else " (partial: the check did not reach its end)"
@@ -490,7 +491,12 @@ def check(args) -> int:
         model = str(write_model(Path(tmp) / "model", args.model, args.images))
         lengths = [5, 40, 130, 300] if args.model.startswith("tiny") else [300, 1500, 3000]
         reqs = requests(args.model, args.images, lengths)
-        failures, rows = 0, []
+        rows = []
+
+        def record(row: dict) -> None:
+            rows.append(row)
+            write_check(args, rows, lengths, done=False)
+
         for block_size in args.block_sizes:
             base = dict(model=model, requests=reqs, images=args.images, graphs=args.graphs, block_size=block_size,
                         max_batched=args.max_batched, max_model_len=args.max_model_len,
@@ -499,9 +505,7 @@ def check(args) -> int:
             code, ref, err = run_worker(dict(base, backend="TRITON_ATTN"))
             if code:
                 print(f"TRITON_ATTN failed (block size {block_size}):\n{err}")
-                rows.append(dict(run=f"TRITON_ATTN, block size {block_size}", ok=False, error=err[-300:]))
-                failures += 1
-                write_check(args, rows, failures, lengths, done=False)
+                record(dict(run=f"TRITON_ATTN, block size {block_size}", ok=False, error=err[-300:]))
                 continue
             runs = [("bidiattn", rule, f"bidiattn/{rule} vs TRITON_ATTN") for rule in args.rules]
             if block_size == args.block_sizes[0]:  # the transformers runs do not depend on the block size
@@ -513,9 +517,7 @@ def check(args) -> int:
                 label = f"{what}, block size {block_size}, graphs={args.graphs}"
                 if code:
                     print(f"{label}: engine failed:\n{err}")
-                    rows.append(dict(run=label, ok=False, error=err[-300:]))
-                    failures += 1
-                    write_check(args, rows, failures, lengths, done=False)
+                    record(dict(run=label, ok=False, error=err[-300:]))
                     continue
                 tol = TOLERANCE
                 if backend == "transformers" and rule is not None and hf_floor is not None:
@@ -530,12 +532,10 @@ def check(args) -> int:
                       f"tolerance {tol:.4f})")
                 for p in problems:
                     print("   ", p)
-                rows.append(dict(run=label, ok=not problems, prompt_logprob_max_diff=worst, tolerance=tol,
-                                 problems=problems))
-                failures += bool(problems)
-                write_check(args, rows, failures, lengths, done=False)
-    write_check(args, rows, failures, lengths, done=True)
-    return 1 if failures else 0
+                record(dict(run=label, ok=not problems, prompt_logprob_max_diff=worst, tolerance=tol,
+                            problems=problems))
+    write_check(args, rows, lengths, done=True)
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def hf_noise(args) -> int:

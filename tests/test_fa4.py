@@ -652,8 +652,6 @@ def test_mask_mod_path_gradients_at_real_sizes(d, hq, hkv, layer, softcap):
     check_gradients(spans, hq, hkv, d, seed=d, softcap=softcap, with_lse=layer == "full", attend=_masked)
 
 
-
-
 @pytest.mark.parametrize("family,convention,layer", RULES)
 def test_mask_tables_classify_blocks_as_flexattentions_block_mask(family, convention, layer):
     # The closed-form tables (two runs of blocks per row) against the BlockMask built from the

@@ -114,9 +114,9 @@ def test_the_check_writes_what_it_has_after_every_run(vb, tmp_path, monkeypatch)
                               model="tiny-gemma4", images=True)
     rows = [dict(run="bidiattn/official vs TRITON_ATTN, block size 16, graphs=True", ok=True,
                  prompt_logprob_max_diff=0.0153, tolerance=0.06, problems=[])]
-    vb.write_check(args, rows, 0, [5, 40], done=False)
+    vb.write_check(args, rows, [5, 40], done=False)
     (md,) = tmp_path.glob("vllm-check-graphs-*.md")
     text = md.read_text()
     assert "partial" in text and "| bidiattn/official vs TRITON_ATTN, block size 16, graphs=True | OK | 0.0153 |" in text
-    vb.write_check(args, rows, 0, [5, 40], done=True)
+    vb.write_check(args, rows, [5, 40], done=True)
     assert "partial" not in md.read_text()
