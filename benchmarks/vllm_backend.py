@@ -30,6 +30,8 @@ backend works without the package's entry point installed).
   tokens (decode) within 0.06 nats (bf16). Several requests of different lengths, chunked
   prefill (``max_num_batched_tokens`` smaller than the prompts), block sizes 16 and 64.
   ``--graphs``: vLLM's default CUDA graphs (full graphs for decode, piecewise for prefill).
+  Every engine takes ``max_num_seqs`` = its number of requests, so vLLM captures graphs for
+  batches up to twice that rather than up to 512 (the capture is most of a graphs engine's start).
   The same comparison for transformers with ``attn_implementation="bidiattn-official"`` (one
   run, eager, whole prompts), within the larger of 0.06 and twice the distance of transformers'
   own ``sdpa`` run from ``TRITON_ATTN`` (transformers and vLLM are two implementations of the
@@ -47,7 +49,8 @@ backend works without the package's entry point installed).
   token) and decode tokens/s (``--decode-tokens`` more per request; the difference of the two
   runs' wall clocks), per backend (bidiattn, TRITON_ATTN, FLASH_ATTN where vLLM takes it),
   median of ``--reps`` runs after a warm-up, and the attention kernels' GPU time in one
-  prefill run (torch profiler). Writes vllm-backend-<gpu>-<date>.json and .md.
+  prefill run (torch profiler). Writes vllm-backend[-graphs]-<gpu>-<date>.json and .md after every
+  engine (marked partial until the end).
 
 On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
 ``source .vllmc/env.sh && PYTHONPATH=src:$PYTHONPATH python3 benchmarks/vllm_backend.py check
@@ -308,7 +311,8 @@ def worker(spec: dict) -> dict:
                   max_model_len=spec.get("max_model_len", 1024), gpu_memory_utilization=spec.get("memory", 0.4),
                   max_num_batched_tokens=spec.get("max_batched", 64), enable_chunked_prefill=True,
                   block_size=spec.get("block_size", 16), dtype="bfloat16", seed=0,
-                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), enable_prefix_caching=False)
+                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), enable_prefix_caching=False,
+                  max_num_seqs=max(len(spec["requests"]), 1))
     if spec.get("hf_overrides"):
         kwargs["hf_overrides"] = spec["hf_overrides"]
     if spec.get("images"):
@@ -604,6 +608,24 @@ def refuse(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- time
+def write_timing(args, rows: list, *, done: bool) -> None:
+    """The timing's results so far (``--out``): written after every engine, so that a run stopped by
+    a time limit (a graphs engine compiles and captures first) keeps the engines it finished."""
+    if not args.out:
+        return
+    meta = run_meta(args, prompt_len=args.prompt_len, batch=args.batch, decode_tokens=args.decode_tokens,
+                    max_batched=args.max_batched, block_size=args.block_size)
+    status = [] if done else ["Partial: the run did not reach its end.", ""]
+    nan = float("nan")
+    lines = [f"# vLLM backends, {meta}", "", *status,
+             "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['backend']} | {r.get('prefill_tok_s', nan):.0f} | {r.get('decode_tok_s', nan):.0f} | "
+              f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} |"
+              for r in rows]
+    write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else ""), meta, rows, lines)
+
+
 def timing(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -621,6 +643,7 @@ def timing(args) -> int:
             if code:
                 print(f"{label}: failed\n{err[-1500:]}")
                 rows.append({"backend": label, "error": err[-300:]})
+                write_timing(args, rows, done=False)
                 continue
             prefill_s, total_s = res["runs"][0]["s"], res["runs"][1]["s"]
             tokens = sum(len(r["prompt"].split()) for r in reqs)
@@ -632,20 +655,11 @@ def timing(args) -> int:
             rows.append(row)
             print(f"{label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.0f} tok/s, "
                   f"prefill attention kernels {row['prefill_attention_s'] * 1e3:.1f} ms of "
-                  f"{row['prefill_kernels_s'] * 1e3:.1f} ms GPU time")
+                  f"{row['prefill_kernels_s'] * 1e3:.1f} ms GPU time (engine start {row['start_s']:.0f} s)")
             for name, sec in res["kernels"]["attention_kernels"].items():
                 print(f"    {sec * 1e3:9.2f} ms  {name}")
-    meta = run_meta(args, prompt_len=args.prompt_len, batch=args.batch, decode_tokens=args.decode_tokens,
-                    max_batched=args.max_batched, block_size=args.block_size)
-    if args.out:
-        lines = [f"# vLLM backends, {meta}", "",
-                 "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms |",
-                 "|---|---|---|---|---|"]
-        nan = float("nan")
-        lines += [f"| {r['backend']} | {r.get('prefill_tok_s', nan):.0f} | {r.get('decode_tok_s', nan):.0f} | "
-                  f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} |"
-                  for r in rows]
-        write_results(args.out, "vllm-backend", meta, rows, lines)
+            write_timing(args, rows, done=False)
+    write_timing(args, rows, done=True)
     return 0
 
 

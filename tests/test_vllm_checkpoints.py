@@ -120,3 +120,23 @@ def test_the_check_writes_what_it_has_after_every_run(vb, tmp_path, monkeypatch)
     assert "partial" in text and "| bidiattn/official vs TRITON_ATTN, block size 16, graphs=True | OK | 0.0153 |" in text
     vb.write_check(args, rows, [5, 40], done=True)
     assert "partial" not in md.read_text()
+
+
+def test_the_timing_writes_each_engine_as_it_finishes(vb, tmp_path, monkeypatch):
+    # A graphs timing stopped by a time limit keeps the engines it finished, marked partial.
+    import argparse
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    args = argparse.Namespace(out=str(tmp_path), graphs=True, model="gemma-4-31b-6l", images=True, prompt_len=8192,
+                              batch=2, decode_tokens=256, max_batched=8192, block_size=16)
+    rows = [dict(backend="bidiattn/official", prefill_tok_s=64718.0, decode_tok_s=150.0, prefill_attention_s=0.0379,
+                 prefill_kernels_s=0.1941)]
+    vb.write_timing(args, rows, done=False)
+    (md,) = tmp_path.glob("vllm-backend-graphs-*.md")
+    text = md.read_text()
+    assert "Partial" in text and "| bidiattn/official | 64718 | 150 | 37.9 | 194.1 |" in text
+    rows.append(dict(backend="TRITON_ATTN", error="engine failed"))
+    vb.write_timing(args, rows, done=True)
+    text = md.read_text()
+    assert "Partial" not in text and "| TRITON_ATTN | nan | nan | nan | nan |" in text
+    assert json.loads(md.with_suffix(".json").read_text())["rows"][1]["error"] == "engine failed"
