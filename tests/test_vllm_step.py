@@ -24,6 +24,7 @@ The cache is built by hand the way vLLM 0.26.0 builds it:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -32,6 +33,7 @@ import torch
 from bidiattn import SpanMask, reference, rules
 from bidiattn.integrations.vllm.config import resolve_model
 from bidiattn.integrations.vllm.step import StepBuilder, attend, kv_views, step_blocks, write_kv
+from conftest import lowp_attention
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -331,3 +333,105 @@ def test_attention_refuses_a_cache_of_another_dtype():
     q = torch.zeros(4, 2, 16, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(TypeError, match="queries are torch.bfloat16, the KV cache torch.float16"):
         attend(q, cache, meta, builder.kinds[0], scale=0.25, softcap=None, out=torch.empty_like(q))
+
+
+# ---------------------------------------------------------------------------------------------- hd512 prefill
+def prefill_step_hd512(dtype=torch.bfloat16, block_size=16, decode=False):
+    """A Gemma-4 step at head dim 512 over a vLLM cache: request 0 continues a prompt (40 cached
+    keys, 300 new rows, an image across the chunk's start), request 1 starts one (260 rows, an
+    image straddling a 64-row tile); with ``decode``, a third request decodes one row.
+    Returns (model, builder, metadata, q, cache, reqs, ks, vs)."""
+    model = model_rule("gemma4", "official", "gemma4")
+    hq, hkv, d = 4, 2, 512
+    reqs = [(400, [(30, 69), (200, 215)], 40, 340), (300, [(60, 140)], 0, 260)]
+    if decode:
+        reqs.append((50, [(3, 9)], 49, 50))
+    per_req = -(-max(k for *_, k in reqs) // block_size)
+    table = torch.arange(len(reqs) * per_req, dtype=torch.int32).flip(0).view(len(reqs), per_req)
+    table = torch.cat([table, torch.zeros(8 - len(reqs), per_req, dtype=torch.int32)]).to(DEVICE)
+    cache = vllm_kv_cache(len(reqs) * per_req, block_size, hkv, d, dtype)
+    g = torch.Generator().manual_seed(7)
+    ks = [torch.randn(k, hkv, d, generator=g).to(dtype) for *_, k in reqs]
+    vs = [torch.randn(k, hkv, d, generator=g).to(dtype) for *_, k in reqs]
+    q = torch.randn(sum(k - f for *_, f, k in reqs), hq, d, generator=g).to(dtype)
+    for b, (*_, keys) in enumerate(reqs):
+        write_kv(ks[b].to(DEVICE), vs[b].to(DEVICE), cache,
+                 torch.tensor(slots(table[b].tolist(), range(keys), block_size), device=DEVICE))
+    builder = builder_for(model, max_tokens=1024, max_model_len=512, kinds=(model.kind(None), model.kind(128)))
+    return model, builder, build(builder, reqs, block_table=table), q, cache, reqs, ks, vs
+
+
+def check_step_outputs(model, kind, q, out, reqs, ks, vs, scale, gpu):
+    lo, hi = expected_spans(model, kind.layer, reqs, kind.window)
+    row = 0
+    for b, (_, _, first, keys) in enumerate(reqs):
+        n = keys - first
+        spans = SpanMask(lo[row : row + n], hi[row : row + n], cu_seqlens_k=torch.tensor([0, keys]), total_keys=keys)
+        qb, kb, vb = q[row : row + n], ks[b], vs[b]
+        want = reference.attention(qb.float(), kb.float(), vb.float(), spans, scale=scale)
+        got = out[row : row + n].float().cpu()
+        if gpu:  # 2x PyTorch's own low-precision error
+            torch_err = (lowp_attention(qb.cuda(), kb.cuda(), vb.cuda(), spans.to("cuda"), scale, None).float().cpu()
+                         - want).abs().max().item()
+            assert (got - want).abs().max().item() <= 2 * torch_err + 1e-3
+        else:
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        row += n
+
+
+def test_hd512_prefill_steps_gather_the_keys_and_run_gluon(monkeypatch):
+    """The Gluon path's host side on CPU: which steps take it, the copy's size, and attention
+    over the gathered keys (a fake Gluon forward that checks its inputs and runs the reference)."""
+    import bidiattn.kernels.sm90_wide as sm90
+    from bidiattn import launch
+    from bidiattn.integrations.vllm import step as step_mod
+
+    calls = []
+
+    def fake_forward(q, k, v, spans, scale, *, tiles=None, out=None):
+        assert k.shape[0] == v.shape[0] == spans.total_keys and tiles is not None
+        calls.append(spans.total_keys)
+        got = reference.attention(q.float(), k.float(), v.float(), spans, scale=scale).to(q.dtype)
+        return (out.copy_(got) if out is not None else got), None
+
+    monkeypatch.setattr(launch, "gluon_unsupported", lambda *args: None)
+    monkeypatch.setattr(sm90, "forward_sm90_hd512", fake_forward)
+    model, builder, meta, q, cache, reqs, ks, vs = prefill_step_hd512()
+    assert meta.layout.min_rows == 260 and meta.layout.host_keys == 340 + 260
+    for kind in builder.kinds:
+        out = torch.full((q.shape[0] + 2, 4, 512), float("nan"), dtype=q.dtype, device=DEVICE)
+        attend(q.to(DEVICE), cache, meta, kind, scale=0.05, softcap=None, out=out[: q.shape[0]])
+        assert meta.plan(kind, 4, 2, 512, q.dtype).backend == "gluon"
+        check_step_outputs(model, kind, q, out, reqs, ks, vs, 0.05, gpu=False)
+        assert torch.isnan(out[q.shape[0] :]).all()
+    assert calls == [600, 600]
+    # Softcap, another head dim, a decode row in the step, unknown key lengths, more keys than
+    # GATHER_KEYS_PER_ROW rows' worth: the paged Triton kernel.
+    kind = builder.kinds[0]
+    assert meta.plan(kind, 4, 2, 512, q.dtype, softcap=True).backend == "triton"
+    assert meta.plan(kind, 4, 2, 256, q.dtype).backend == "triton"
+    _, _, mixed, *_ = prefill_step_hd512(decode=True)
+    assert mixed.layout.min_rows == 1 and mixed.plan(kind, 4, 2, 512, q.dtype).backend == "triton"
+    monkeypatch.setattr(step_mod, "GATHER_KEYS_PER_ROW", 0)
+    assert not meta.gathers(512, q.dtype, False, torch.device(DEVICE))
+    monkeypatch.setattr(step_mod, "GATHER_KEYS_PER_ROW", 4)
+    unknown = step_mod.StepMetadata(dataclasses.replace(meta.layout, host_keys=None), meta.model, meta.block_table,
+                                    meta.slot_mapping, meta.num_actual_tokens)
+    assert not unknown.gathers(512, q.dtype, False, torch.device(DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_hd512_prefill_steps_through_gluon_on_sm90(block_size):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 GPU")
+    from bidiattn.kernels.sm90_wide import gluon_unavailable
+
+    if gluon_unavailable() is not None:
+        pytest.skip(f"Gluon kernel unavailable: {gluon_unavailable()}")
+    model, builder, meta, q, cache, reqs, ks, vs = prefill_step_hd512(block_size=block_size)
+    for kind in builder.kinds:
+        out = torch.full((q.shape[0], 4, 512), float("nan"), dtype=q.dtype, device="cuda")
+        attend(q.cuda(), cache, meta, kind, scale=512**-0.5, softcap=None, out=out)
+        assert meta.plan(kind, 4, 2, 512, q.dtype).backend == "gluon"
+        check_step_outputs(model, kind, q, out, reqs, ks, vs, 512**-0.5, gpu=True)

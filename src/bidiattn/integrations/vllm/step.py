@@ -20,6 +20,8 @@ runs (and is tested) without vLLM:
 * :func:`attend`: the span kernel over vLLM's cache as it is: per layer one buffer of logical
   shape ``[num_blocks, Hkv, block_size, 2 * D]`` in NHD order, K and V its two interleaved
   halves (strided views, never copied), int32 block tables, output written into vLLM's buffer.
+  Head-dim-512 layers of prefill steps (:meth:`StepMetadata.gathers`) copy the step's keys out of
+  the pages and run the Gluon forward instead, as ``serving.kvcache.paged_attention`` does.
 """
 
 from __future__ import annotations
@@ -103,20 +105,17 @@ def step_blocks(ranges: Mapping[int, Sequence[tuple[int, int]]] | None, query_le
 class StepLayout:
     """The device side of one step: its blocks and int64 offsets (views of the builder's
     persistent buffers), the row count ``total_tokens`` (vLLM's ``num_actual_tokens``, padding
-    included) and a bound on the key count ``total_keys``."""
+    included) and a bound on the key count ``total_keys``; from the host, the fewest new rows of
+    a request with any (``min_rows``) and the step's key count where vLLM gave it (``host_keys``,
+    exact or an upper bound; ``None`` otherwise)."""
 
     blocks: BlockList
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     total_tokens: int
     total_keys: int
-
-
-def _launch_plan(spans: SpanMask, hq: int, hkv: int, d: int, window: int | None, dtype: torch.dtype):
-    """The Triton forward launch plan of ``spans`` (:func:`bidiattn.plan`, no backward)."""
-    from ...launch import plan
-
-    return plan(spans, hq, hkv, d, window=window, backend="triton", training=False, dtype=dtype, paged=True).triton
+    min_rows: int = 0
+    host_keys: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,15 +143,62 @@ class StepMetadata:
                 validate=False)
         return found
 
-    def plan(self, kind: LayerKind, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
-        """The launch plan of :meth:`spans` for this head shape (made once, then kept)."""
-        key = (kind, num_q_heads, num_kv_heads, head_dim, dtype)
+    def gathers(self, head_dim: int, dtype: torch.dtype, softcap: bool, device: torch.device) -> bool:
+        """Whether layers of this head dim copy the step's keys out of the pages and run the Gluon
+        forward (:func:`bidiattn.launch.auto_backend`'s paged rule, per request, not on average):
+        head dim 512 on SM90 with Gluon, no softcap, every request with new rows has at least
+        ``launch.GLUON_PAGED_ROWS`` of them (prefill chunks: 1.2-1.9x the paged Triton kernel,
+        PERF.md G8; decode and mixed steps keep the paged kernel), and the host knows the key
+        count, at most ``GATHER_KEYS_PER_ROW`` keys per row the step may hold (the copy, K and V
+        of every key, stays a few times the step's own activations)."""
+        from ...launch import GLUON_PAGED_ROWS, gluon_unsupported
+
+        lay = self.layout
+        if head_dim != 512 or softcap or lay.host_keys is None or lay.min_rows < GLUON_PAGED_ROWS:
+            return False
+        if lay.host_keys > GATHER_KEYS_PER_ROW * self.capacity:
+            return False
+        return gluon_unsupported(device, dtype, head_dim) is None
+
+    def plan(self, kind: LayerKind, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
+             softcap: bool = False, device: torch.device | None = None):
+        """The :class:`bidiattn.launch.Plan` of this kind's layers for this head shape (made once,
+        then kept): gluon over the gathered keys where :meth:`gathers` says so (its spans count
+        ``host_keys`` keys, the copy's size), else triton over the pages (:meth:`spans`)."""
+        from ...launch import plan
+
+        device = self.layout.cu_q.device if device is None else device
+        gather = self.gathers(head_dim, dtype, softcap, device)
+        key = (kind, num_q_heads, num_kv_heads, head_dim, dtype, gather)
         found = self._prepared.get(key)
         if found is None:
             window = kind.window if kind.layer == "sliding" else None
-            found = self._prepared[key] = _launch_plan(self.spans(kind), num_q_heads, num_kv_heads, head_dim, window,
-                                                       dtype)
+            spans = self._gathered_spans(kind) if gather else self.spans(kind)
+            found = self._prepared[key] = plan(spans, num_q_heads, num_kv_heads, head_dim, window=window,
+                                               backend="gluon" if gather else "triton", dtype=dtype, paged=True)
         return found
+
+    def _gathered_spans(self, kind: LayerKind) -> SpanMask:
+        """:meth:`spans` counting the step's ``host_keys`` keys (the gathered copy's rows)."""
+        key = (kind, "gathered")
+        found = self._prepared.get(key)
+        if found is None:
+            lay, m = self.layout, self.model
+            found = self._prepared[key] = rules.build_from_blocks(
+                m.family, m.convention, kind.layer, blocks=lay.blocks, cu_seqlens=lay.cu_q,
+                total_tokens=lay.total_tokens, window=kind.window, cu_seqlens_k=lay.cu_k, total_keys=lay.host_keys,
+                validate=False)
+        return found
+
+    @property
+    def capacity(self) -> int:
+        """The most query rows a step holds (the builder's ``max_num_batched_tokens``)."""
+        return self.layout.blocks.starts.numel()
+
+
+# Keys per row of a step's capacity up to which head-dim-512 prefill steps gather their keys
+# (StepMetadata.gathers): 4 x 8192 = 32K keys, 256 MB of K and V at 4 K/V heads.
+GATHER_KEYS_PER_ROW = 4
 
 
 @dataclass(frozen=True)
@@ -246,7 +292,10 @@ class StepBuilder:
         cu_q.copy_(query_start_loc[: num_reqs + 1])
         torch.cumsum(seq_lens[:num_reqs], 0, dtype=torch.int64, out=cu_k[1:])
         total_keys = max(1, num_reqs * self.max_model_len)
-        layout = StepLayout(BlockList(self.starts, self.ends, cu_blocks), cu_q, cu_k, num_tokens, total_keys)
+        min_rows = min((n for n in q_lens if n > 0), default=0)
+        host_keys = None if k_lens is None else max(1, sum(k_lens))
+        layout = StepLayout(BlockList(self.starts, self.ends, cu_blocks), cu_q, cu_k, num_tokens, total_keys,
+                            min_rows, host_keys)
         return StepMetadata(layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens)
 
 
@@ -281,9 +330,9 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, metadata: StepMetadata, kind
            softcap: float | None, out: torch.Tensor) -> torch.Tensor:
     """One layer's attention of the step's rows ``q [T, Hq, D]`` over its paged cache under the
     rule of ``kind``, written into ``out [T, Hq, D]`` (vLLM's output buffer): the span kernel
-    with the page lookup in its key loads, split-KV on decode-sized steps."""
-    from ...kernels.forward import span_attention_forward
-
+    with the page lookup in its key loads, split-KV on decode-sized steps; at head dim 512 on a
+    prefill step (:meth:`StepMetadata.gathers`), the keys copied out of the pages, then the Gluon
+    forward."""
     d = q.shape[-1]
     k, v, page_size = kv_views(kv_cache, d)
     if q.dtype != kv_cache.dtype:
@@ -291,10 +340,24 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, metadata: StepMetadata, kind
     if out.shape != q.shape or out.stride(-1) != 1 or out.dtype != q.dtype:
         raise ValueError(f"bidiattn: out must be {tuple(q.shape)} {q.dtype} with unit last stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    spans = metadata.spans(kind)
-    plan = metadata.plan(kind, q.shape[1], k.shape[1], d, q.dtype)
+    plan = metadata.plan(kind, q.shape[1], k.shape[1], d, q.dtype, softcap=softcap is not None, device=q.device)
+    spans = plan.spans
+    if plan.backend == "gluon":
+        from ...kernels.sm90_wide import forward_sm90_hd512
+        from ...serving.kvcache import PagedKVCache, gather
+
+        pages = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hkv, 2 * D]: K, then V, per key and head
+        keys, values = gather(PagedKVCache(pages[..., :d], pages[..., d:]), metadata.block_table,
+                              spans.cu_seqlens_k, spans.total_keys)
+        got, _ = forward_sm90_hd512(q, keys, values, spans, scale, tiles=plan.tiles,
+                                    out=out if out.is_contiguous() else None)
+        if got is not out:
+            out.copy_(got)
+        return out
+    from ...kernels.forward import span_attention_forward
+
     span_attention_forward(q, k, v, spans, scale, softcap, out=out, page_table=metadata.block_table,
-                           page_size=page_size, plan=plan)
+                           page_size=page_size, plan=plan.triton)
     return out
 
 
