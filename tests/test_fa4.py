@@ -352,6 +352,19 @@ def test_mask_mod_path_refuses_what_it_cannot_run(fake_fa4):
     assert not out.requires_grad
 
 
+def test_mask_mod_forward_without_gradients_equals_the_autograd_path(fake_fa4):
+    # A call that needs no gradient launches FA4 without an autograd node: the same outputs.
+    spans = image_spans(300, [(5, 140), (200, 230)])
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(300, h, 16, generator=g) for h in (4, 2, 2))
+    with torch.no_grad():
+        plain = _masked(q, k, v, spans, 5.0)
+    tracked = _masked(*(t.clone().requires_grad_() for t in (q, k, v)), spans, 5.0)
+    assert plain[0].grad_fn is None and tracked[0].grad_fn is not None
+    for a, b in zip(plain, tracked):
+        assert torch.equal(a, b.detach())
+
+
 # ----------------------------------------------------------------------------- errors
 def test_without_fa4_or_cuda_it_says_why():
     q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
