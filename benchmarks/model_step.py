@@ -1,0 +1,150 @@
+"""A model-like step through the default call, with the fa4 plans as ``launch.masked_layers`` picks
+them against every layer through the masked FA4 launch (no segments, no host sync).
+
+    python benchmarks/model_step.py --out benchmarks/results [--tokens 16384] [--head-dim 256]
+
+(FA4: pip install 'bidiattn[fa4]'.) Decides where the masked launch should run at a head dim
+where the plans build segments (hd256 on SM90: full layers, and training): the segments run
+faster in steady state but cost a host read-back and ~0.5-0.8 ms of host time per plan, paid once
+per step and layer kind when the spans are new (NOTES.md, "hd256 plans keep the segments").
+
+A step: new spans for the sliding and the full layer kind (``rules.build`` from block ids on the
+GPU, as the transformers integration builds them each forward), then 12 layers (5 sliding + 1
+full, twice: Gemma-3's pattern), each a bf16 matmul pair standing in for the layer's other work (so
+the GPU has queued work when a plan reads back) and the default call ``bidiattn.attention(q, k, v,
+spans)`` (8 query / 4 K/V heads; 256-token images every 1024; window 1024). Inference: no
+gradients; training: forward and backward of the attention. Wall clock per step, synchronized at
+its ends, median of interleaved rounds; also with spans kept from step to step (plans cached).
+Checks first: each variant's outputs and gradients against a triton plan on one layer of each kind.
+Writes model-step[-<label>]-<device>-<date>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+import bidiattn
+import cases
+from bidiattn import launch, rules
+
+PATTERN = ("sliding",) * 5 + ("full",)
+
+
+def masked_everywhere(head_dim, training, capability=(9, 0)):
+    """``launch.masked_layers`` run every layer through the masked launch (SM90)."""
+    return "all" if capability[0] == 9 else "none"
+
+
+VARIANTS = {"today": launch.masked_layers, "masked": masked_everywhere}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--head-dim", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    t, hq, hkv, d = args.tokens, 8, 4, args.head_dim
+    ids = torch.zeros(t, dtype=torch.int64, device="cuda")
+    for n, s in enumerate(range(1024 - 256, t, 1024), 1):
+        ids[s : s + 256] = n
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    dout = torch.randn_like(q)
+    x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    layers = PATTERN * 2
+
+    def build():
+        return {kind: rules.build("gemma3", "official", kind, block_ids=ids, window=1024 if kind == "sliding" else None)
+                for kind in ("sliding", "full")}
+
+    def step(spans, training):
+        outs, leaves = [], []
+        for kind in layers:
+            torch.mm(x, w)
+            torch.mm(x, w)
+            if training:
+                a = [t_.detach().requires_grad_() for t_ in (q, k, v)]
+                leaves.append(a)
+                outs.append(bidiattn.attention(*a, spans[kind]))
+            else:
+                with torch.no_grad():
+                    outs.append(bidiattn.attention(q, k, v, spans[kind]))
+        if training:
+            torch.autograd.backward(outs, [dout] * len(outs))
+
+    checks = []
+    spans = build()
+    for kind in ("sliding", "full"):
+        a = [t_.detach().requires_grad_() for t_ in (q, k, v)]
+        ref = bidiattn.attention(*a, spans[kind], plan=bidiattn.plan(spans[kind], hq, hkv, d, backend="triton",
+                                                                       training=True))
+        ref_grads = torch.autograd.grad(ref, a, dout)
+        for name, fn in VARIANTS.items():
+            with mock.patch.object(launch, "masked_layers", fn):
+                b = [t_.detach().requires_grad_() for t_ in (q, k, v)]
+                fresh = cases.fresh(spans[kind])
+                out = bidiattn.attention(*b, fresh)
+                grads = torch.autograd.grad(out, b, dout)
+                used = next(iter(fresh._plans.values()))
+                errs = [cases.rel_err(out, ref)] + [cases.rel_err(g_, r_) for g_, r_ in zip(grads, ref_grads)]
+                checks.append(dict(kind=kind, variant=name, backend=used.backend, masked=used.masked is not None,
+                                   segments=used.segments is not None, rel_err=errs))
+                print(f"check {kind} {name}: {checks[-1]}", flush=True)
+                if max(errs) > 0.02:
+                    raise SystemExit(f"{name} on {kind} layers differs from the triton plan: {errs}")
+    rows = []
+    for training in (False, True):
+        for new_spans in (True, False):
+            kept = {name: build() for name in VARIANTS}
+            times = {name: [] for name in VARIANTS}
+            for r in range(args.rounds + 2):
+                for name, fn in VARIANTS.items():
+                    with mock.patch.object(launch, "masked_layers", fn):
+                        s = build() if new_spans else kept[name]
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        step(s, training)
+                        torch.cuda.synchronize()
+                        if r >= 2:
+                            times[name].append((time.perf_counter() - t0) * 1e3)
+            row = dict(mode="training" if training else "inference", spans="new every step" if new_spans else "kept",
+                       **{f"{name}_ms": statistics.median(ts) for name, ts in times.items()})
+            row["masked_over_today"] = row["masked_ms"] / row["today_ms"]
+            rows.append(row)
+            print(row, flush=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        for _ in layers:
+            torch.mm(x, w)
+            torch.mm(x, w)
+    torch.cuda.synchronize()
+    filler_ms = (time.perf_counter() - t0) / 10 * 1e3
+    meta = cases.meta()
+    meta.update(tokens=t, heads=[hq, hkv], head_dim=d, layers=len(layers), filler_ms_per_step=filler_ms)
+    lines = [f"# Model step, default call: today's plans vs the masked launch everywhere, {meta}", "",
+             f"{len(layers)} layers (5 sliding + 1 full, twice), each with {filler_ms / len(layers):.2f} ms of matmuls "
+             "before its attention; ms per step, median of interleaved rounds.", "",
+             "| mode | spans | today ms | masked everywhere ms | masked / today |", "|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['spans']} | {r['today_ms']:.2f} | {r['masked_ms']:.2f} | {r['masked_over_today']:.3f} |"
+              for r in rows]
+    lines += ["", "Checks (rel. error of out, dq, dk, dv against a triton plan):", ""]
+    lines += [f"- {c['kind']} / {c['variant']}: backend {c['backend']}, masked {c['masked']}, segments "
+              f"{c['segments']}: " + ", ".join(f"{e:.4f}" for e in c["rel_err"]) for c in checks]
+    stem = cases.write_results(args.out, "model-step" + (f"-{args.label}" if args.label else ""), meta,
+                               dict(rows=rows, checks=checks), lines)
+    print(f"wrote {args.out}/{stem}.md")
+
+
+if __name__ == "__main__":
+    main()
