@@ -132,15 +132,18 @@ class StepMetadata:
     num_actual_tokens: int
     _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def spans(self, kind: LayerKind) -> SpanMask:
-        """The extend spans of layers of ``kind`` (one span-builder launch, then kept)."""
-        found = self._prepared.get(kind)
+    def spans(self, kind: LayerKind, *, gathered: bool = False) -> SpanMask:
+        """The extend spans of layers of ``kind`` (one span-builder launch, then kept); with
+        ``gathered``, counting the step's ``host_keys`` keys (the rows of the gathered copy)
+        instead of the bound ``total_keys``."""
+        key = (kind, gathered)
+        found = self._prepared.get(key)
         if found is None:
             lay, m = self.layout, self.model
-            found = self._prepared[kind] = rules.build_from_blocks(
+            found = self._prepared[key] = rules.build_from_blocks(
                 m.family, m.convention, kind.layer, blocks=lay.blocks, cu_seqlens=lay.cu_q,
-                total_tokens=lay.total_tokens, window=kind.window, cu_seqlens_k=lay.cu_k, total_keys=lay.total_keys,
-                validate=False)
+                total_tokens=lay.total_tokens, window=kind.window, cu_seqlens_k=lay.cu_k,
+                total_keys=lay.host_keys if gathered else lay.total_keys, validate=False)
         return found
 
     def gathers(self, head_dim: int, dtype: torch.dtype, softcap: bool, device: torch.device) -> bool:
@@ -161,33 +164,20 @@ class StepMetadata:
         return gluon_unsupported(device, dtype, head_dim) is None
 
     def plan(self, kind: LayerKind, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
-             softcap: bool = False, device: torch.device | None = None):
-        """The :class:`bidiattn.launch.Plan` of this kind's layers for this head shape (made once,
-        then kept): gluon over the gathered keys where :meth:`gathers` says so (its spans count
-        ``host_keys`` keys, the copy's size), else triton over the pages (:meth:`spans`)."""
-        from ...launch import plan
-
-        device = self.layout.cu_q.device if device is None else device
-        gather = self.gathers(head_dim, dtype, softcap, device)
-        key = (kind, num_q_heads, num_kv_heads, head_dim, dtype, gather)
+             softcap: bool = False):
+        """The :class:`bidiattn.launch.Plan` of this kind's layers for this head shape (made once by
+        the first layer, then kept): gluon over the gathered keys where :meth:`gathers` says so
+        (its spans count ``host_keys`` keys, the copy's size), else triton over the pages."""
+        key = (kind, num_q_heads, num_kv_heads, head_dim, dtype, softcap)
         found = self._prepared.get(key)
         if found is None:
+            from ...launch import plan
+
+            gather = self.gathers(head_dim, dtype, softcap, self.layout.cu_q.device)
             window = kind.window if kind.layer == "sliding" else None
-            spans = self._gathered_spans(kind) if gather else self.spans(kind)
-            found = self._prepared[key] = plan(spans, num_q_heads, num_kv_heads, head_dim, window=window,
-                                               backend="gluon" if gather else "triton", dtype=dtype, paged=True)
-        return found
-
-    def _gathered_spans(self, kind: LayerKind) -> SpanMask:
-        """:meth:`spans` counting the step's ``host_keys`` keys (the gathered copy's rows)."""
-        key = (kind, "gathered")
-        found = self._prepared.get(key)
-        if found is None:
-            lay, m = self.layout, self.model
-            found = self._prepared[key] = rules.build_from_blocks(
-                m.family, m.convention, kind.layer, blocks=lay.blocks, cu_seqlens=lay.cu_q,
-                total_tokens=lay.total_tokens, window=kind.window, cu_seqlens_k=lay.cu_k, total_keys=lay.host_keys,
-                validate=False)
+            found = self._prepared[key] = plan(self.spans(kind, gathered=gather), num_q_heads, num_kv_heads, head_dim,
+                                               window=window, backend="gluon" if gather else "triton", dtype=dtype,
+                                               paged=True)
         return found
 
     @property
@@ -340,7 +330,7 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, metadata: StepMetadata, kind
     if out.shape != q.shape or out.stride(-1) != 1 or out.dtype != q.dtype:
         raise ValueError(f"bidiattn: out must be {tuple(q.shape)} {q.dtype} with unit last stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    plan = metadata.plan(kind, q.shape[1], k.shape[1], d, q.dtype, softcap=softcap is not None, device=q.device)
+    plan = metadata.plan(kind, q.shape[1], k.shape[1], d, q.dtype, softcap=softcap is not None)
     spans = plan.spans
     if plan.backend == "gluon":
         from ...kernels.sm90_wide import forward_sm90_hd512
