@@ -274,6 +274,6 @@ def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tables is None or (needs_grad and tables.q_num is None):
         tables = mask_tables(spans, q.shape[-1], backward=needs_grad, capability=capability)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    if not needs_grad:  # no autograd node to build: the launch alone (host time, PERF.md A24)
+    if not needs_grad:  # no autograd node to build: the launch alone
         return masked_forward(q, k, v, tables, scale, softcap)
     return _MaskedFA4.apply(q, k, v, tables, scale, softcap)
