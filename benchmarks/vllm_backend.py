@@ -337,8 +337,7 @@ def worker(spec: dict) -> dict:
                 llm.generate(prompts, params, use_tqdm=False)
                 times.append(time.perf_counter() - t0)
             result["runs"].append({"max_tokens": max_tokens, "s": statistics.median(times)})
-        result["kernels"] = profile_kernels(llm, prompts, SamplingParams(max_tokens=1, temperature=0.0,
-                                                                          ignore_eos=True))
+        result["kernels"], result["decode_kernels"] = profile_kernels(llm, prompts, spec["decode_tokens"])
         return result
     params = SamplingParams(max_tokens=spec.get("max_tokens", 12), temperature=0.0, logprobs=2, prompt_logprobs=1,
                             ignore_eos=True)
@@ -407,13 +406,12 @@ def transformers_worker(spec: dict) -> dict:
     return result
 
 
-ATTENTION_KERNEL = re.compile(r"attn|attention|_span_|flash|fmha", re.IGNORECASE)
+ATTENTION_KERNEL = re.compile(r"attn|attention|_span_|hd512|flash|fmha", re.IGNORECASE)
 
 
-def profile_kernels(llm, prompts, params) -> dict:
-    """GPU kernel time of one prefill run (torch profiler, engine core in this process): the
-    attention kernels' total (names matching ``ATTENTION_KERNEL``, KV-cache writes excluded)
-    and the ten largest kernels by total time."""
+def kernel_totals(llm, prompts, params) -> dict[str, float]:
+    """GPU seconds per kernel name of one ``llm.generate`` (torch profiler, engine core in this
+    process; kernels inside CUDA graph replays included)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -425,11 +423,28 @@ def profile_kernels(llm, prompts, params) -> dict:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e6
+    return totals
+
+
+def kernel_summary(totals: dict[str, float]) -> dict:
+    """The attention kernels' total (names matching ``ATTENTION_KERNEL``, KV-cache writes
+    excluded), all kernels' total and the ten largest kernels."""
     attention = {k: v for k, v in totals.items() if ATTENTION_KERNEL.search(k) and "cache" not in k.lower()}
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
     return {"attention_s": sum(attention.values()), "all_s": sum(totals.values()),
             "attention_kernels": {k[:120]: v for k, v in sorted(attention.items(), key=lambda kv: -kv[1])[:6]},
             "top": {k[:120]: v for k, v in top}}
+
+
+def profile_kernels(llm, prompts, decode_tokens: int) -> tuple[dict, dict]:
+    """Kernel summaries of one prefill (``max_tokens=1``) and of its decode: a run of
+    ``1 + decode_tokens`` tokens less the prefill, per kernel name."""
+    from vllm import SamplingParams
+
+    runs = [kernel_totals(llm, prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            for n in (1, 1 + decode_tokens)]
+    decode = {k: v - runs[0].get(k, 0.0) for k, v in runs[1].items()}
+    return kernel_summary(runs[0]), kernel_summary({k: v for k, v in decode.items() if v > 0})
 
 
 def run_worker(spec: dict, timeout: int = 1800) -> tuple[int, dict | None, str]:
@@ -618,11 +633,13 @@ def write_timing(args, rows: list, *, done: bool) -> None:
     status = [] if done else ["Partial: the run did not reach its end.", ""]
     nan = float("nan")
     lines = [f"# vLLM backends, {meta}", "", *status,
-             "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms |",
-             "|---|---|---|---|---|"]
+             "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms | "
+             "decode: wall ms | kernels ms | attention kernels ms |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} | {r.get('prefill_tok_s', nan):.0f} | {r.get('decode_tok_s', nan):.0f} | "
-              f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} |"
-              for r in rows]
+              f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} | "
+              f"{r.get('decode_s', nan) * 1e3:.1f} | {r.get('decode_kernels_s', nan) * 1e3:.1f} | "
+              f"{r.get('decode_attention_s', nan) * 1e3:.1f} |" for r in rows]
     write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else ""), meta, rows, lines)
 
 
@@ -651,12 +668,18 @@ def timing(args) -> int:
                    "prefill_tok_s": tokens / prefill_s,
                    "decode_tok_s": args.batch * args.decode_tokens / max(total_s - prefill_s, 1e-9),
                    "start_s": res["start_s"], "prefill_attention_s": res["kernels"]["attention_s"],
-                   "prefill_kernels_s": res["kernels"]["all_s"], "kernels": res["kernels"]}
+                   "prefill_kernels_s": res["kernels"]["all_s"], "kernels": res["kernels"],
+                   "decode_kernels_s": res["decode_kernels"]["all_s"],
+                   "decode_attention_s": res["decode_kernels"]["attention_s"], "decode_kernels": res["decode_kernels"]}
             rows.append(row)
             print(f"{label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.0f} tok/s, "
                   f"prefill attention kernels {row['prefill_attention_s'] * 1e3:.1f} ms of "
                   f"{row['prefill_kernels_s'] * 1e3:.1f} ms GPU time (engine start {row['start_s']:.0f} s)")
             for name, sec in res["kernels"]["attention_kernels"].items():
+                print(f"    {sec * 1e3:9.2f} ms  {name}")
+            print(f"  decode: {row['decode_s'] * 1e3:.1f} ms wall, kernels {row['decode_kernels_s'] * 1e3:.1f} ms "
+                  f"(attention {row['decode_attention_s'] * 1e3:.1f} ms)")
+            for name, sec in res["decode_kernels"]["top"].items():
                 print(f"    {sec * 1e3:9.2f} ms  {name}")
             write_timing(args, rows, done=False)
     write_timing(args, rows, done=True)
