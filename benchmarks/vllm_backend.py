@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -498,7 +499,7 @@ def write_check(args, rows: list, lengths: list[int], *, done: bool) -> None:
              "twice transformers' own sdpa run's distance, another model implementation in bf16); greedy tokens "
              "equal (or a near tie, reference margin <= 0.02).", "",
              "| run | result | prompt logprobs max abs diff | tolerance |", "|---|---|---|---|"]
-    lines += [f"| {r['run']} | {'OK' if r['ok'] else 'MISMATCH' if 'problems' in r else 'failed'} | "
+    lines += [f"| {r['run']} | {r.get('verdict', 'failed')} | "
               f"{r.get('prompt_logprob_max_diff', float('nan')):.4f} | {r.get('tolerance', float('nan')):.4f} |"
               for r in rows]
     lines += [f"- {r['run']}: {p}" for r in rows for p in r.get("problems", [])]
@@ -546,12 +547,12 @@ def check(args) -> int:
                              for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:])), default=0.0)
                 if backend == "transformers" and rule is None:
                     # transformers' own attention is the floor the bidiattn run is judged by, not a subject
-                    hf_floor, problems = worst, []
-                print(f"{label}: {'OK' if not problems else 'MISMATCH'} (prompt logprobs max |diff| {worst:.4f}, "
-                      f"tolerance {tol:.4f})")
+                    hf_floor, problems, tol = worst, [], float("nan")
+                verdict = "floor, not judged" if math.isnan(tol) else "OK" if not problems else "MISMATCH"
+                print(f"{label}: {verdict} (prompt logprobs max |diff| {worst:.4f}, tolerance {tol:.4f})")
                 for p in problems:
                     print("   ", p)
-                record(dict(run=label, ok=not problems, prompt_logprob_max_diff=worst, tolerance=tol,
+                record(dict(run=label, ok=not problems, verdict=verdict, prompt_logprob_max_diff=worst, tolerance=tol,
                             problems=problems))
     write_check(args, rows, lengths, done=True)
     return 0 if all(r["ok"] for r in rows) else 1

@@ -112,12 +112,17 @@ def test_the_check_writes_what_it_has_after_every_run(vb, tmp_path, monkeypatch)
 
     args = argparse.Namespace(out=str(tmp_path), graphs=True, block_sizes=[16], rules=["official"], max_batched=None,
                               model="tiny-gemma4", images=True)
-    rows = [dict(run="bidiattn/official vs TRITON_ATTN, block size 16, graphs=True", ok=True,
-                 prompt_logprob_max_diff=0.0153, tolerance=0.06, problems=[])]
+    rows = [dict(run="bidiattn/official vs TRITON_ATTN, block size 16, graphs=True", ok=True, verdict="OK",
+                 prompt_logprob_max_diff=0.0153, tolerance=0.06, problems=[]),
+            dict(run="transformers (sdpa, its own mask) vs TRITON_ATTN", ok=True, verdict="floor, not judged",
+                 prompt_logprob_max_diff=0.0631, tolerance=float("nan"), problems=[]),
+            dict(run="bidiattn/vllm vs TRITON_ATTN", ok=False, error="engine died")]
     vb.write_check(args, rows, [5, 40], done=False)
     (md,) = tmp_path.glob("vllm-check-graphs-*.md")
     text = md.read_text()
     assert "partial" in text and "| bidiattn/official vs TRITON_ATTN, block size 16, graphs=True | OK | 0.0153 |" in text
+    assert "| transformers (sdpa, its own mask) vs TRITON_ATTN | floor, not judged | 0.0631 | nan |" in text
+    assert "| bidiattn/vllm vs TRITON_ATTN | failed |" in text and "2 failure(s)" not in text
     vb.write_check(args, rows, [5, 40], done=True)
     assert "partial" not in md.read_text()
 
