@@ -124,31 +124,26 @@ def test_fake_fa4_backward_in_one_chunk_per_segment_and_with_softcap(fake_fa4, m
     assert sum(1 for c in fake_fa4.calls if c[0] == "bwd") == plan.segments.num_segments
 
 
-@pytest.mark.parametrize("d,layer,training,masked,segments", [
-    (64, "full", False, True, False), (64, "sliding", False, True, False),  # forward, hd <= 128: masked, no sync
-    (192, "full", False, False, True), (256, "sliding", False, True, True),  # hd256: masked on sliding layers
-    (64, "full", True, True, False), (64, "sliding", True, True, False),  # training: hd <= 128, no sync either
-    (256, "full", True, False, True), (256, "sliding", True, False, True)])
-def test_fa4_plans_run_the_masked_launch_where_masked_layers_picks_it(fake_fa4, monkeypatch, d, layer, training,
-                                                                     masked, segments):
-    # The choice table of launch.masked_layers (PERF A16-A20). A plan that needs no segments to
-    # decide never builds them (that is the host sync).
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("layer", ["full", "sliding"])
+@pytest.mark.parametrize("training", [False, True])
+def test_fa4_plans_run_the_masked_launch_where_masked_layers_picks_it(fake_fa4, monkeypatch, d, layer, training):
+    # The choice table of launch.masked_layers (PERF A16-A26): on SM90 every plan over
+    # contiguous keys is the masked launch, forward and training, and never builds segments
+    # (that is the host sync); paged keys and SM100 (measured nowhere) take the segments.
     spans = image_spans(300, [(10, 140), (200, 290)], "gemma3", "official", layer,
                         window=64 if layer == "sliding" else None)
     paged = launch.plan(spans, 4, 2, d, backend="fa4", training=training, paged=True)
     assert paged.masked is None and paged.segments.paged  # paged keys: segments
     real_plan_segments = launch.plan_segments
-    if not segments:
-        monkeypatch.setattr(launch, "plan_segments", lambda *a, **k: pytest.fail("planned segments"))
+    monkeypatch.setattr(launch, "plan_segments", lambda *a, **k: pytest.fail("planned segments"))
     plan = launch.plan(spans, 4, 2, d, backend="fa4", training=training)
-    assert (plan.masked is not None, plan.segments is not None) == (masked, segments)
-    if masked:
-        assert (plan.masked.q_num is not None) == training and plan.backward is None
-    if d <= 128:  # SM100: measured nowhere, so the segments
-        monkeypatch.setattr(launch, "plan_segments", real_plan_segments)
-        monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4_masked"], "device_capability", lambda device: (10, 0))
-        sm100 = launch.plan(spans, 4, 2, d, backend="fa4", training=training)
-        assert sm100.masked is None and sm100.segments is not None
+    assert plan.masked is not None and plan.segments is None and plan.backward is None
+    assert (plan.masked.q_num is not None) == training
+    monkeypatch.setattr(launch, "plan_segments", real_plan_segments)
+    monkeypatch.setattr(sys.modules["bidiattn.kernels.fa4_masked"], "device_capability", lambda device: (10, 0))
+    sm100 = launch.plan(spans, 4, 2, d, backend="fa4", training=training)
+    assert sm100.masked is None and sm100.segments is not None
 
 
 @cpu_interpreter_only
@@ -183,11 +178,12 @@ def test_layers_up_to_hd128_train_through_one_masked_fa4_launch(fake_fa4, layer)
 
 
 @cpu_interpreter_only
-def test_the_plan_takes_fa4s_backward_where_no_key_is_read_twice(fake_fa4):
-    # Text-only packed sequences: one causal segment each, disjoint keys: FA4's backward, whose
-    # copies then move each key once. Image layouts share prefixes: the Triton backward (run here
-    # through Triton's interpreter), with its tables planned for training. Head dim 160: above
-    # 128 (full layers there train through the mask_mod path, next test).
+def test_the_plan_takes_fa4s_backward_where_no_key_is_read_twice(fake_fa4, monkeypatch):
+    # Segment plans (SM100; SM90 plans over contiguous keys take the masked launch): text-only
+    # packed sequences, one causal segment each, disjoint keys: FA4's backward, whose copies then
+    # move each key once. Image layouts share prefixes: the Triton backward (run here through
+    # Triton's interpreter), with its tables planned for training.
+    monkeypatch.setattr(launch, "masked_layers", lambda *args: "none")
     text = bidiattn.rules.build("gemma3", "official", "full", block_ids=torch.zeros(90, dtype=torch.int64),
                                 cu_seqlens=torch.tensor([0, 30, 35, 90]))
     images = image_spans(90, [(10, 40), (50, 70)], "gemma3", "official", "full")
@@ -559,17 +555,18 @@ def test_a_captured_step_with_an_explicit_plan_replays_exactly():
 @pytest.mark.gpu
 @requires_fa4
 @pytest.mark.parametrize("layer", ["full", "sliding"])
-def test_plans_up_to_hd128_issue_no_host_sync(layer):
-    # launch.masked_layers: a plan at hd <= 128, forward or training, is the masked launch's tables
+@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 8), (256, 8, 4)])
+def test_plans_over_contiguous_keys_issue_no_host_sync(layer, d, hq, hkv):
+    # launch.masked_layers: on SM90 a plan, forward or training, is the masked launch's tables
     # alone (one Triton launch), so planning (hence a first default call) never waits for the GPU.
-    spans = real_size_spans(128, layer)
+    spans = real_size_spans(d, layer)
     for training in (False, True):
-        bidiattn.plan(SpanMask(spans.lo, spans.hi, validate=False), 16, 8, 128, backend="fa4",
+        bidiattn.plan(SpanMask(spans.lo, spans.hi, validate=False), hq, hkv, d, backend="fa4",
                       training=training)  # Triton compiles
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            plan = bidiattn.plan(spans, 16, 8, 128, backend="fa4", training=training)
+            plan = bidiattn.plan(spans, hq, hkv, d, backend="fa4", training=training)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert plan.masked is not None and plan.segments is None

@@ -169,8 +169,8 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd A16-A18
                                                                      (H100): 573/380/279 vs triton 402/359/270;
-                                                                     SM90 hd <= 128: one masked launch; else
-                                                                     segments (masked_layers)
+                                                                     SM90: one masked launch (A21, A25-A26);
+                                                                     else segments (masked_layers)
         CUDA, triton takes it (fp16/bf16, hd % 16 == 0,   triton     F1-F5: 1.28-2.08x FlexAttention; hd512
           hd <= 512)                                                 off SM90 or without Gluon (F5)
         anything else (fp32 on CUDA, odd head dims)       reference  exact; no kernel takes it
@@ -905,7 +905,7 @@ class Plan:
       :func:`masked_layers` picks it, the :class:`~bidiattn.kernels.fa4_masked.MaskTables` of
       one FA4 launch with the spans as its mask function (its forward; FA4's backward with
       ``training``); the call runs it instead of the segment launches, and ``segments`` is
-      ``None`` where the plan needed none to decide (head dim <= 128).
+      then ``None``.
     - ``backward``: with ``training``, the Triton backward's :class:`BackwardPlan` where the
       backward runs Triton's kernels (a triton plan, the same as ``triton.backward``; an fa4
       plan whose ``segments.fa4_backward`` is false); ``None`` elsewhere.
@@ -989,10 +989,10 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             windows off the spans themselves).
 
     Cost: Triton and Gluon, two small launches per tile table, no host sync; FA4, one launch for
-    the masked launch's tables (:func:`masked_layers`) and, where the plan needs segments (head
-    dims above 128, paged keys), the segments built on the spans' device with one host
-    sync (the launch sizes depend on the data), and with ``training`` the Triton backward's
-    tables where it runs. Bad sizes, a
+    the masked launch's tables (:func:`masked_layers`: SM90, contiguous keys) or, elsewhere
+    (paged keys, SM100), the segments built on the spans' device with one host sync (the
+    launch sizes depend on the data), and with ``training`` the Triton backward's tables
+    where it runs. Bad sizes, a
     head count that is not a multiple of the K/V head count, a non-positive window or an
     unknown backend raise ``ValueError``; sizes may be any integer type (numpy's too; bools and
     floats raise ``TypeError``). A triton plan needs the spans on a CUDA device (or
@@ -1050,10 +1050,9 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         capability = device_capability(device)
         layers = "none" if paged or masked_unsupported(spans, d, capability) is not None else \
             masked_layers(d, training, capability)
-        segments = None if layers == "all" else plan_segments(spans, paged=paged)  # "all": no host sync
-        if layers == "all" or (layers == "windowed" and any(c.kind in ("window", "open") for c in segments.calls)):
-            return Plan(**tie, segments=segments, masked=mask_tables(spans, d, backward=training,
-                                                                     capability=capability))
+        if layers == "all":  # no segments, so no host sync
+            return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
+        segments = plan_segments(spans, paged=paged)
         backward = None
         triton_runs = (device.type == "cuda" or interpreting()) and triton_missing() is None
         if training and not segments.fa4_backward and triton_runs:
@@ -1065,17 +1064,13 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 def masked_layers(head_dim: int, training: bool, capability: tuple[int, int] = (9, 0)) -> str:
     """Which layers an fa4 plan runs as one FA4 launch with the spans as its mask function
     (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment launches, where that launch takes
-    the call (self-attention keys, not paged): ``"all"``, ``"windowed"`` (layers with a window
-    launch) or ``"none"``. Where it measured faster on SM90 (PERF.md A16-A20;
-    benchmarks/NOTES.md): at head dim <= 128 every layer, forward and training (sliding layers
-    train slightly slower through it, but the plan then needs no segments, so no host sync for a
-    step that plans new spans); at hd256 the forward of sliding layers only. Elsewhere (SM100:
-    not measured) the segments."""
-    if capability[0] != 9:
-        return "none"
-    if head_dim <= 128:
-        return "all"
-    return "none" if training else "windowed"
+    the call (self-attention keys, not paged): ``"all"`` or ``"none"``. On SM90 every layer,
+    forward and training: at hd <= 128 it is as fast or faster (PERF.md A16, A21); at hd256 the
+    segments run a few percent faster once planned (full forward 0.95x, training 0.95x and
+    0.88x on sliding layers, A17-A18) but cost ~1 ms of host time and a host sync per plan, so a
+    step with new spans (each batch, each prompt) runs as fast or faster through the masked
+    launch (A26; benchmarks/NOTES.md). Elsewhere (SM100: not measured) the segments."""
+    return "all" if capability[0] == 9 else "none"
 
 
 def planned(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *, backend: str, training: bool,
