@@ -1,0 +1,174 @@
+"""The vLLM backend's decode step at Gemma-4-31B geometry, without vLLM: the metadata builder's
+host time and each layer kind's attention over a cache laid out as vLLM lays it out, per tile
+config of the decode kernel.
+
+    python benchmarks/vllm_decode.py --out benchmarks/results [--batch 2] [--context 8192]
+
+Where vLLM's decode with bidiattn trails its TRITON_ATTN backend (PERF.md V7: 0.90x tokens/s
+with CUDA graphs), this separates the parts bidiattn owns: the builder's ``build`` (host work
+once per KV-cache group and step, outside vLLM's CUDA graphs) and, inside them, the first layer
+of a kind (spans, launch plan, attention) and every other layer (attention alone). Layers:
+sliding head dim 256 with 32 query / 16 K/V heads (window 1024) and full head dim 512 with 32 /
+4 (Gemma-4-31B); ``--batch`` requests of ``--context`` cached tokens, a 280-token image every
+1000, one new row each; pages of 16 in a shuffled pool. The attention runs as CUDA-graph
+replays (as in vLLM's full decode graphs), timed with CUDA events, median of ``--reps``;
+*K+V GB/s* counts the K and V bytes the layer must read once. Decode tile configs: today's
+``launch.pick_config`` and the variants in ``VARIANTS`` (each checked against the fp32
+reference before it is timed; one that fails to compile or to match is recorded, not timed).
+Writes vllm-decode[-<label>]-<device>-<date>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from unittest import mock
+
+import torch
+
+import cases
+from bidiattn import SpanMask, launch, reference
+from bidiattn.integrations.vllm.config import resolve_model
+from bidiattn.integrations.vllm.step import StepBuilder, attend
+from bidiattn.launch import TileConfig
+
+BLOCK = 16
+IMAGE, EVERY = 280, 1000
+# (layer, head dim, query heads, K/V heads): Gemma-4-31B's two layer kinds.
+LAYERS = (("sliding", 256, 32, 16), ("full", 512, 32, 4))
+# Decode tile configs to try per head dim, besides today's pick_config.
+VARIANTS = {
+    256: [TileConfig(16, 128, 4, 2, pack_gqa=True), TileConfig(16, 32, 4, 3, pack_gqa=True)],
+    512: [TileConfig(16, 64, 4, 1, split_dv=1, pack_gqa=True), TileConfig(16, 32, 4, 2, split_dv=1, pack_gqa=True),
+          TileConfig(16, 32, 8, 2, split_dv=1, pack_gqa=True)],
+}
+
+
+def short(c: TileConfig) -> str:
+    return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} dv{c.split_dv}" + (" pack" if c.pack_gqa else "")
+
+
+def vllm_cache(num_blocks: int, hkv: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """One layer's cache as vLLM 0.26 allocates it (tests/test_vllm_step.py): logical ``[blocks,
+    Hkv, BLOCK, 2D]`` with NHD memory order, random bf16 values."""
+    raw = torch.randn(num_blocks, BLOCK, hkv, 2 * d, generator=g, device="cuda").to(torch.bfloat16)
+    return raw.permute(0, 2, 1, 3)
+
+
+def graph_us(make, reps: int) -> float:
+    """Median microseconds of one replay (CUDA events) of a call ``make()`` returns, captured in
+    a CUDA graph after a warm-up call of another (each may prepare state on its first run)."""
+    warm, captured = make(), make()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warm()  # outside the capture (Triton compiles)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=200)
+    args = parser.parse_args()
+    b, ctx = args.batch, args.context
+    model = resolve_model("gemma4", sliding_window=1024, use_bidirectional_attention="vision",
+                          convention="official", family_name="gemma4")
+    kinds = {"sliding": model.kind(1024), "full": model.kind(None)}
+    ranges = [(s, s + IMAGE - 1) for s in range(EVERY - IMAGE, ctx - IMAGE, EVERY)]
+    per_req = -(-(ctx + 1) // BLOCK)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    table = torch.randperm(b * per_req, generator=g, device="cuda").to(torch.int32).view(b, per_req)
+    builder = StepBuilder.allocate(model, tuple(kinds.values()), max_seqs=b, max_tokens=8192,
+                                   max_model_len=ctx + 1024, device="cuda")
+    cu_q_cpu = torch.arange(b + 1, dtype=torch.int32)
+    seq_cpu = torch.full((b,), ctx + 1, dtype=torch.int32)
+    step = dict(num_reqs=b, num_tokens=b, query_start_loc=cu_q_cpu.cuda(), seq_lens=seq_cpu.cuda(),
+                query_start_loc_cpu=cu_q_cpu, seq_lens_cpu=seq_cpu, ranges={r: ranges for r in range(b)},
+                block_table=table, slot_mapping=torch.zeros(b, dtype=torch.int64, device="cuda"))
+    build_us = cases.host_us(lambda: builder.build(**step), rep=200)
+    rows = []
+    for layer, d, hq, hkv in LAYERS:
+        kind = kinds[layer]
+        cache = vllm_cache(b * per_req, hkv, d, g)
+        q = torch.randn(b, hq, d, generator=g, device="cuda").to(torch.bfloat16)
+        scale = d**-0.5
+        # Reference: each request's keys read back through the table, the step's spans for its row.
+        pages = cache.transpose(1, 2)  # [blocks, BLOCK, Hkv, 2D]
+        spans = builder.build(**step).spans(kind)
+        want = []
+        for r in range(b):
+            keys = pages[table[r].long()].reshape(-1, hkv, 2 * d)[: ctx + 1].float()
+            one = SpanMask(spans.lo[r : r + 1].cpu(), spans.hi[r : r + 1].cpu(), cu_seqlens_k=torch.tensor([0, ctx + 1]),
+                           total_keys=ctx + 1)
+            want.append(reference.attention(q[r : r + 1].float().cpu(), keys[..., :d].cpu(), keys[..., d:].cpu(), one,
+                                            scale=scale))
+        want = torch.cat(want)
+        key_bytes = b * min(ctx + 1, kind.window or ctx + 1) * hkv * d * 2 * 2
+        configs = [("today", None)] + [(short(c), c) for c in VARIANTS[d]]
+        for name, cfg in configs:
+            real_pick = launch.pick_config
+
+            def pick(head_dim, rows_per_sequence=None, gqa_group=1, cfg=cfg):
+                if cfg is not None and rows_per_sequence is not None and rows_per_sequence <= launch.DECODE_ROWS:
+                    return cfg
+                return real_pick(head_dim, rows_per_sequence, gqa_group)
+
+            row = dict(layer=layer, head_dim=d, heads=[hq, hkv], config=name)
+            with mock.patch.object(launch, "pick_config", pick):
+                try:
+                    out = torch.empty_like(q)
+                    meta = builder.build(**step)
+                    attend(q, cache, meta, kind, scale=scale, softcap=None, out=out)
+                    plan = meta.plan(kind, hq, hkv, d, q.dtype)
+                    row.update(picked=short(plan.triton.config), kv_splits=plan.triton.kv_splits,
+                               rel_err=cases.rel_err(out.cpu(), want))
+                    if row["rel_err"] > 0.02:
+                        raise ValueError(f"rel err {row['rel_err']:.4f} against the fp32 reference")
+                    def layer_call(m):  # the metadata is built outside the graph, as vLLM builds it
+                        return lambda: attend(q, cache, m, kind, scale=scale, softcap=None, out=out)
+
+                    row["first_layer_us"] = graph_us(lambda: layer_call(builder.build(**step)), args.reps)
+                    row["layer_us"] = graph_us(lambda: layer_call(meta), args.reps)
+                    row["bytes_per_us"] = key_bytes / row["layer_us"]
+                except Exception as e:  # a variant that does not compile or match is recorded
+                    row["error"] = cases.describe_error(e)
+            rows.append(row)
+            print(row, flush=True)
+    meta = cases.meta()
+    meta.update(batch=b, context=ctx, image=IMAGE, every=EVERY, block=BLOCK, build_host_us=build_us)
+    lines = [f"# vLLM decode step without vLLM (Gemma-4-31B layers), {meta}", "",
+             f"Builder `build` (host, once per KV-cache group and step): {build_us:.1f} µs. Attention as CUDA-graph "
+             "replays: the first layer of a kind (spans, plan, kernels) and every other layer (kernels).", "",
+             "| layer | config | picked | splits | rel err | first layer µs | layer µs | K+V GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['layer']} | {r['config']} | | | | failed: {r['error']} | | |")
+            continue
+        lines.append(f"| {r['layer']} | {r['config']} | {r['picked']} | {r['kv_splits']} | {r['rel_err']:.4f} | "
+                     f"{r['first_layer_us']:.1f} | {r['layer_us']:.1f} | {r['bytes_per_us'] / 1e3:.0f} |")
+    stem = cases.write_results(args.out, "vllm-decode" + (f"-{args.label}" if args.label else ""), meta,
+                               dict(rows=rows), lines)
+    print(f"builder build: {build_us:.1f} us host")
+    print("\n".join(lines[-len(rows):]))
+    print(f"wrote {args.out}/{stem}.md")
+
+
+if __name__ == "__main__":
+    main()
