@@ -38,14 +38,17 @@ IMAGE, EVERY = 280, 1000
 LAYERS = (("sliding", 256, 32, 16), ("full", 512, 32, 4))
 # Decode tile configs to try per head dim, besides today's pick_config.
 VARIANTS = {
-    256: [TileConfig(16, 128, 4, 2, pack_gqa=True), TileConfig(16, 32, 4, 3, pack_gqa=True)],
+    # kv_splits=32: what the sliding layers' decode ran before the split count heeded the window
+    256: [TileConfig(16, 64, 4, 2, kv_splits=32, pack_gqa=True), TileConfig(16, 128, 4, 2, pack_gqa=True),
+          TileConfig(16, 32, 4, 3, pack_gqa=True)],
     512: [TileConfig(16, 64, 4, 1, split_dv=1, pack_gqa=True), TileConfig(16, 32, 4, 2, split_dv=1, pack_gqa=True),
           TileConfig(16, 32, 8, 2, split_dv=1, pack_gqa=True)],
 }
 
 
 def short(c: TileConfig) -> str:
-    return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} dv{c.split_dv}" + (" pack" if c.pack_gqa else "")
+    return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} dv{c.split_dv}" + (" pack" if c.pack_gqa else "")
+            + (f" splits={c.kv_splits}" if c.kv_splits else ""))
 
 
 def vllm_cache(num_blocks: int, hkv: int, d: int, g: torch.Generator) -> torch.Tensor:

@@ -100,6 +100,26 @@ def test_decode_with_key_range_slices_matches_the_reference(kv_splits):
         torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=0)
 
 
+def test_decode_key_slices_follow_the_keys_a_row_sees(monkeypatch):
+    # The split-KV count from sizes (launch._auto_kv_splits, here as on a 132-SM GPU): two decode
+    # rows over a bound of 9472 keys each (vLLM's max_model_len) at 16 programs per slice. A full
+    # layer slices its keys 32 ways; a sliding layer's rows see at most the window (+ the tile),
+    # so 4 slices of at least 4 key tiles, not 32 of one or none.
+    from types import SimpleNamespace
+
+    from bidiattn import launch
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    spans = SimpleNamespace(total_tokens=2, num_sequences=2, total_keys=2 * 9472,
+                            lo=SimpleNamespace(device=torch.device("cuda")))
+    assert launch._auto_kv_splits(spans, 16, 8, 64) == 32
+    assert launch._auto_kv_splits(spans, 16, 8, 64, window=1024) == 4
+    assert launch._auto_kv_splits(spans, 16, 8, 64, window=100_000) == 32
+    assert launch._auto_kv_splits(spans, 16, 8, 64, window=100) == 1
+    spans.lo = SimpleNamespace(device=torch.device("cpu"))
+    assert launch._auto_kv_splits(spans, 16, 8, 64, window=1024) == 1  # off CUDA: no slices
+
+
 @pytest.mark.parametrize("d", [256, 512])
 def test_decode_tile_config_at_large_head_dims(d):
     ids = torch.zeros(90, dtype=torch.int64)

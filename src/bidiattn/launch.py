@@ -352,8 +352,9 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     [T, Hq, D]`` and ``k``/``v [T_keys, Hkv, D]`` with ``Hq = num_q_heads``, ``Hkv =
     num_kv_heads``, ``D = head_dim``, under the mask ``spans`` (self-attention or extend spans).
 
-    ``window``: the layer's sliding window, if it has one; validated, not used by the default
-    tiles (sliding and full layers run best on the same tiles). ``config`` overrides the choice.
+    ``window``: the layer's sliding window, if it has one; validated, and bounding the keys a
+    decode row sees when the split-KV count is chosen (the tiles themselves are the same for
+    sliding and full layers, which run best on them). ``config`` overrides the choice.
     Needs the spans on a CUDA device or Triton's interpreter (two Triton launches build the tile
     table and its order).
     """
@@ -385,19 +386,23 @@ def plan_forward(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim:
     # should be the short ones so the tail of the grid stays full.
     tiles, order = query_tiles(spans, cfg.block_m // pack)
     splits = cfg.kv_splits or _auto_kv_splits(spans, (num_q_heads // pack) * cfg.split_dv, cfg.block_m // pack,
-                                              cfg.block_n)
+                                              cfg.block_n, window)
     return LaunchPlan(weakref.ref(spans), num_q_heads, num_kv_heads, head_dim, cfg, pack, tiles, order, splits)
 
 
-def _auto_kv_splits(spans: SpanMask, heads: int, block_m: int, block_n: int) -> int:
+def _auto_kv_splits(spans: SpanMask, heads: int, block_m: int, block_n: int, window: int | None = None) -> int:
     """Key-range slices per query tile when the real tiles alone are fewer than one wave of the
     GPU: a power of two near eight waves of programs, at most 32, each slice at least 4 key
-    tiles; decode only (16 or fewer query rows per sequence). From sizes only, no host sync; 1
-    off CUDA.
+    tiles of the keys a row sees (a sequence's keys; with a sliding ``window``, at most the
+    window and the tile's rows); decode only (16 or fewer query rows per sequence). From sizes
+    only, no host sync; 1 off CUDA.
 
     The real tile count is estimated from sizes (``T / block_m``, or one per sequence when
     sequences are shorter than a tile), not from the grid, whose padding capacity would hide a
-    small decode batch's idle multiprocessors.
+    small decode batch's idle multiprocessors. The window matters where the key count is far
+    above it (a sliding layer's decode over a long cache; vLLM's steps, whose key count is the
+    bound ``max_model_len`` per request): sliced by that count, a window's key tiles would be
+    spread one per slice or fewer.
     """
     rows_per_seq = spans.total_tokens / spans.num_sequences
     device = spans.lo.device
@@ -411,6 +416,8 @@ def _auto_kv_splits(spans: SpanMask, heads: int, block_m: int, block_n: int) -> 
     if programs >= sms:
         return 1
     keys_per_seq = spans.total_keys // spans.num_sequences
+    if window is not None:
+        keys_per_seq = min(keys_per_seq, window + block_m)
     waves = 1 << ((-(-8 * sms // programs)).bit_length() - 1)
     return max(1, min(waves, keys_per_seq // (4 * block_n), 32))
 
