@@ -526,12 +526,15 @@ def test_fa4_backward_on_text_only_packed_sequences(d, hq, hkv):
 @requires_fa4
 @pytest.mark.parametrize("family,convention,layer", [("gemma4", "official", "sliding"), ("paligemma", "vllm", "sliding"),
                                                      ("gemma3", "transformers", "full")])
-def test_fa4_backward_on_packed_sequences_with_softcap(family, convention, layer):
+@pytest.mark.parametrize("d", [128, 256])
+def test_fa4_backward_on_packed_sequences_with_softcap(family, convention, layer, d):
+    # The default plan (SM90: the masked launch and FA4's backward with the softcap as a score
+    # function, also at hd256: PaliGemma 2's layers) and FA4's backward over the segments.
     rng = random.Random(repr((family, layer, "bwd")))
     ids, cu = random_packed_layout(rng, max_seqs=4, max_len=400, block_frac=0.4)
     spans = rules.build(family, convention, layer, block_ids=ids, window=64, cu_seqlens=cu).to("cuda")
-    check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True)
-    check_gradients(spans, 8, 2, 128, seed=5, softcap=20.0, with_lse=True, plan=fa4_backward_plan(spans, 8, 2, 128))
+    check_gradients(spans, 8, 2, d, seed=5, softcap=20.0, with_lse=True)
+    check_gradients(spans, 8, 2, d, seed=5, softcap=20.0, with_lse=True, plan=fa4_backward_plan(spans, 8, 2, d))
 
 
 @pytest.mark.gpu
