@@ -134,14 +134,14 @@ def main() -> None:
     torch.cuda.synchronize()
     filler_ms = (time.perf_counter() - t0) / 10 * 1e3
     meta = cases.meta()
-    today = {mode: launch.masked_layers(d, mode == "training", torch.cuda.get_device_capability())
-             for mode in ("inference", "training")}
+    today = launch.masked_layers(torch.cuda.get_device_capability())
     meta.update(tokens=t, heads=[hq, hkv], head_dim=d, layers=len(layers), filler_ms_per_step=filler_ms,
                 masked_layers_today=today)
     lines = [f"# Model step, default call: the masked launch against the segments, {meta}", "",
              f"{len(layers)} layers (5 sliding + 1 full, twice), each with {filler_ms / len(layers):.2f} ms of matmuls "
              "before its attention; ms per step, median of interleaved rounds.", "",
-             f"`launch.masked_layers` today on this device: {today} (\"all\": the masked launch).", "",
+             f"`launch.masked_layers` today on this device, inference and training: {today} (\"all\": the masked "
+             "launch).", "",
              "| mode | spans | masked ms (min) | segments ms (min) | masked / segments |", "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['spans']} | {r['masked_ms']:.2f} ({r['masked_min_ms']:.2f}) | {r['segments_ms']:.2f} "
               f"({r['segments_min_ms']:.2f}) | {r['masked_over_segments']:.3f} |" for r in rows]

@@ -1056,7 +1056,7 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
 
         capability = device_capability(device)
         layers = "none" if paged or masked_unsupported(spans, d, capability) is not None else \
-            masked_layers(d, training, capability)
+            masked_layers(capability)
         if layers == "all":  # no segments, so no host sync
             return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
         segments = plan_segments(spans, paged=paged)
@@ -1068,10 +1068,11 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
     return Plan(**tie)
 
 
-def masked_layers(head_dim: int, training: bool, capability: tuple[int, int] = (9, 0)) -> str:
-    """Which layers an fa4 plan runs as one FA4 launch with the spans as its mask function
-    (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment launches, where that launch takes
-    the call (self-attention keys, not paged): ``"all"`` or ``"none"``. On SM90 every layer,
+def masked_layers(capability: tuple[int, int] = (9, 0)) -> str:
+    """Which layers an fa4 plan on a GPU of compute ``capability`` runs as one FA4 launch with the
+    spans as its mask function (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment
+    launches, where that launch takes the call (self-attention keys, not paged): ``"all"`` or
+    ``"none"``. On SM90 every layer,
     forward and training: at hd <= 128 it is as fast or faster (PERF.md A16, A21); at hd256 the
     segments run a few percent faster once planned (full forward 0.95x, training 0.95x and
     0.88x on sliding layers, A17-A18) but cost ~1 ms of host time and a host sync per plan, so a
