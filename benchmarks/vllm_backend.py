@@ -48,9 +48,12 @@ backend works without the package's entry point installed).
 - ``time``: prefill tokens/s (prompts of ``--prompt-len``, ``--batch`` of them, one output
   token) and decode tokens/s (``--decode-tokens`` more per request; the difference of the two
   runs' wall clocks), per backend (bidiattn, TRITON_ATTN, FLASH_ATTN where vLLM takes it),
-  median of ``--reps`` runs after a warm-up, and the attention kernels' GPU time in one
-  prefill run (torch profiler). Writes vllm-backend[-graphs]-<gpu>-<date>.json and .md after every
-  engine (marked partial until the end).
+  median of ``--reps`` runs after a warm-up, and from the torch profiler: the attention
+  kernels' GPU time in one prefill run (kernels by name) and, for bidiattn, every kernel its
+  layers launch there (a profiler range around them); the decode's kernels (a run of
+  ``1 + --decode-tokens`` tokens less the prefill run, per kernel name) against its wall clock.
+  Writes vllm-backend[-graphs]-<gpu>-<date>.json and .md after every engine (marked partial
+  until the end).
 
 On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
 ``source .vllmc/env.sh && PYTHONPATH=src:$PYTHONPATH python3 benchmarks/vllm_backend.py check
@@ -306,6 +309,8 @@ def worker(spec: dict) -> dict:
         import bidiattn.integrations.vllm as bidiattn_vllm
 
         backend = bidiattn_vllm.register()
+        if spec.get("mode") == "time":
+            mark_attend()
     from vllm import LLM, SamplingParams
 
     kwargs = dict(model=spec["model"], attention_backend=backend, enforce_eager=not spec.get("graphs", False),
@@ -410,6 +415,26 @@ def transformers_worker(spec: dict) -> dict:
 ATTENTION_KERNEL = re.compile(r"attn|attention|_span_|hd512|flash|fmha", re.IGNORECASE)
 
 
+ATTEND_RANGE = "bidiattn.attend"
+
+
+def mark_attend() -> None:
+    """Wrap the backend's per-layer call in a profiler range named ``ATTEND_RANGE``, so that a
+    profile counts every kernel a bidiattn layer launches (span building, the key copy of the
+    gluon path, the merge of split-KV), whatever its name. Eager layers only: kernels replayed
+    from a CUDA graph have no range."""
+    import torch
+    from bidiattn.integrations.vllm import backend as bidiattn_backend
+
+    attend = bidiattn_backend.attend
+
+    def marked(*args, **kwargs):
+        with torch.profiler.record_function(ATTEND_RANGE):
+            return attend(*args, **kwargs)
+
+    bidiattn_backend.attend = marked
+
+
 def kernel_totals(llm, prompts, params) -> dict[str, float]:
     """GPU seconds per kernel name of one ``llm.generate`` (torch profiler, engine core in this
     process; kernels inside CUDA graph replays included)."""
@@ -417,22 +442,26 @@ def kernel_totals(llm, prompts, params) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # CPU: ATTEND_RANGE
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if event.device_type == torch.autograd.DeviceType.CUDA or event.name == ATTEND_RANGE:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e6
     return totals
 
 
 def kernel_summary(totals: dict[str, float]) -> dict:
     """The attention kernels' total (names matching ``ATTENTION_KERNEL``, KV-cache writes
-    excluded), all kernels' total and the ten largest kernels."""
+    excluded), all kernels' total, the ten largest kernels and, where :func:`mark_attend` ran,
+    the GPU time of every kernel the bidiattn layers launched (``bidiattn_layers_s``; eager
+    layers only)."""
+    totals = dict(totals)
+    marked = totals.pop(ATTEND_RANGE, None)
     attention = {k: v for k, v in totals.items() if ATTENTION_KERNEL.search(k) and "cache" not in k.lower()}
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
-    return {"attention_s": sum(attention.values()), "all_s": sum(totals.values()),
+    return {"attention_s": sum(attention.values()), "all_s": sum(totals.values()), "bidiattn_layers_s": marked,
             "attention_kernels": {k[:120]: v for k, v in sorted(attention.items(), key=lambda kv: -kv[1])[:6]},
             "top": {k[:120]: v for k, v in top}}
 
@@ -634,11 +663,13 @@ def write_timing(args, rows: list, *, done: bool) -> None:
     status = [] if done else ["Partial: the run did not reach its end.", ""]
     nan = float("nan")
     lines = [f"# vLLM backends, {meta}", "", *status,
-             "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | all kernels, ms | "
-             "decode: wall ms | kernels ms | attention kernels ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| backend | prefill tok/s | decode tok/s | prefill attention kernels, ms (one run) | every kernel of "
+             "the bidiattn layers, ms | all kernels, ms | decode: wall ms | kernels ms | attention kernels ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} | {r.get('prefill_tok_s', nan):.0f} | {r.get('decode_tok_s', nan):.0f} | "
-              f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | {r.get('prefill_kernels_s', nan) * 1e3:.1f} | "
+              f"{r.get('prefill_attention_s', nan) * 1e3:.1f} | "
+              f"{(r.get('kernels', {}).get('bidiattn_layers_s') or nan) * 1e3:.1f} | "
+              f"{r.get('prefill_kernels_s', nan) * 1e3:.1f} | "
               f"{r.get('decode_s', nan) * 1e3:.1f} | {r.get('decode_kernels_s', nan) * 1e3:.1f} | "
               f"{r.get('decode_attention_s', nan) * 1e3:.1f} |" for r in rows]
     write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else ""), meta, rows, lines)
@@ -676,6 +707,8 @@ def timing(args) -> int:
             print(f"{label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.0f} tok/s, "
                   f"prefill attention kernels {row['prefill_attention_s'] * 1e3:.1f} ms of "
                   f"{row['prefill_kernels_s'] * 1e3:.1f} ms GPU time (engine start {row['start_s']:.0f} s)")
+            if res["kernels"].get("bidiattn_layers_s") is not None:
+                print(f"  prefill: every kernel of the bidiattn layers {res['kernels']['bidiattn_layers_s'] * 1e3:.1f} ms")
             for name, sec in res["kernels"]["attention_kernels"].items():
                 print(f"    {sec * 1e3:9.2f} ms  {name}")
             print(f"  decode: {row['decode_s'] * 1e3:.1f} ms wall, kernels {row['decode_kernels_s'] * 1e3:.1f} ms "

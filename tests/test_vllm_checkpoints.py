@@ -135,13 +135,25 @@ def test_the_timing_writes_each_engine_as_it_finishes(vb, tmp_path, monkeypatch)
     args = argparse.Namespace(out=str(tmp_path), graphs=True, model="gemma-4-31b-6l", images=True, prompt_len=8192,
                               batch=2, decode_tokens=256, max_batched=8192, block_size=16)
     rows = [dict(backend="bidiattn/official", prefill_tok_s=64718.0, decode_tok_s=150.0, prefill_attention_s=0.0379,
-                 prefill_kernels_s=0.1941)]
+                 prefill_kernels_s=0.1941, kernels=dict(bidiattn_layers_s=0.0401), decode_s=0.8152,
+                 decode_kernels_s=0.61, decode_attention_s=0.08)]
     vb.write_timing(args, rows, done=False)
     (md,) = tmp_path.glob("vllm-backend-graphs-*.md")
     text = md.read_text()
-    assert "Partial" in text and "| bidiattn/official | 64718 | 150 | 37.9 | 194.1 |" in text
+    assert "Partial" in text and "| bidiattn/official | 64718 | 150 | 37.9 | 40.1 | 194.1 | 815.2 | 610.0 | 80.0 |" in text
     rows.append(dict(backend="TRITON_ATTN", error="engine failed"))
     vb.write_timing(args, rows, done=True)
     text = md.read_text()
     assert "Partial" not in text and "| TRITON_ATTN | nan | nan | nan | nan |" in text
     assert json.loads(md.with_suffix(".json").read_text())["rows"][1]["error"] == "engine failed"
+
+
+def test_the_timing_counts_the_bidiattn_layers_range_apart_from_kernels(vb):
+    # kernel_summary: the profiler range around bidiattn's layers (every kernel they launch) is
+    # reported on its own, not as a kernel among the totals; the caller's totals stay as they were.
+    totals = {"_span_fwd_kernel": 0.010, "hd512_forward_kernel": 0.011, "indexSelectLargeIndex": 0.001,
+              "reshape_and_cache_flash_kernel": 0.002, "nvjet_gemm": 0.150, vb.ATTEND_RANGE: 0.0225}
+    got = vb.kernel_summary(totals)
+    assert got["bidiattn_layers_s"] == 0.0225 and vb.ATTEND_RANGE in totals
+    assert abs(got["attention_s"] - 0.021) < 1e-12 and abs(got["all_s"] - 0.174) < 1e-12
+    assert vb.ATTEND_RANGE not in got["top"] and vb.kernel_summary({"k": 1.0})["bidiattn_layers_s"] is None
