@@ -11,7 +11,7 @@ of a kind (spans, launch plan, attention) and every other layer (attention alone
 sliding head dim 256 with 32 query / 16 K/V heads (window 1024) and full head dim 512 with 32 /
 4 (Gemma-4-31B); ``--batch`` requests of ``--context`` cached tokens, a 280-token image every
 1000, one new row each; pages of 16 in a shuffled pool. The attention runs as CUDA-graph
-replays (as in vLLM's full decode graphs), timed with CUDA events, median of ``--reps``;
+replays (as in vLLM's full decode graphs), timed with CUDA events (median);
 *K+V GB/s* counts the K and V bytes the layer must read once. Decode tile configs: today's
 ``launch.pick_config`` and the variants in ``VARIANTS`` (each checked against the fp32
 reference before it is timed; one that fails to compile or to match is recorded, not timed).
@@ -21,7 +21,6 @@ Writes vllm-decode[-<label>]-<device>-<date>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import statistics
 from unittest import mock
 
 import torch
@@ -31,6 +30,7 @@ from bidiattn import SpanMask, launch, reference
 from bidiattn.integrations.vllm.config import resolve_model
 from bidiattn.integrations.vllm.step import StepBuilder, attend
 from bidiattn.launch import TileConfig
+from bidiattn.serving.graphs import capture
 
 BLOCK = 16
 IMAGE, EVERY = 280, 1000
@@ -47,6 +47,7 @@ VARIANTS = {
 
 
 def short(c: TileConfig) -> str:
+    """A tile config in a table cell."""
     return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} dv{c.split_dv}" + (" pack" if c.pack_gqa else "")
             + (f" splits={c.kv_splits}" if c.kv_splits else ""))
 
@@ -58,27 +59,13 @@ def vllm_cache(num_blocks: int, hkv: int, d: int, g: torch.Generator) -> torch.T
     return raw.permute(0, 2, 1, 3)
 
 
-def graph_us(make, reps: int) -> float:
-    """Median microseconds of one replay (CUDA events) of a call ``make()`` returns, captured in
-    a CUDA graph after a warm-up call of another (each may prepare state on its first run)."""
-    warm, captured = make(), make()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        warm()  # outside the capture (Triton compiles)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def graph_us(calls: list) -> float:
+    """Microseconds of one replay (``cases.ms``: median of CUDA-event timings) of a CUDA graph
+    captured by :func:`bidiattn.serving.graphs.capture` over two calls: the first runs as its
+    warm-up, the second is captured (each may prepare state on its first run, as a step's first
+    layer builds the spans and the plan)."""
+    graph, _ = capture(lambda: calls.pop(0)())
+    return cases.ms(graph.replay) * 1e3
 
 
 def main() -> None:
@@ -87,7 +74,6 @@ def main() -> None:
     parser.add_argument("--label", default=None)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args()
     b, ctx = args.batch, args.context
     model = resolve_model("gemma4", sliding_window=1024, use_bidirectional_attention="vision",
@@ -146,8 +132,8 @@ def main() -> None:
                     def layer_call(m):  # the metadata is built outside the graph, as vLLM builds it
                         return lambda: attend(q, cache, m, kind, scale=scale, softcap=None, out=out)
 
-                    row["first_layer_us"] = graph_us(lambda: layer_call(builder.build(**step)), args.reps)
-                    row["layer_us"] = graph_us(lambda: layer_call(meta), args.reps)
+                    row["first_layer_us"] = graph_us([layer_call(builder.build(**step)) for _ in range(2)])
+                    row["layer_us"] = graph_us([layer_call(meta)] * 2)
                     row["bytes_per_us"] = key_bytes / row["layer_us"]
                 except Exception as e:  # a variant that does not compile or match is recorded
                     row["error"] = cases.describe_error(e)

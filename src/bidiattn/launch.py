@@ -1072,12 +1072,11 @@ def masked_layers(capability: tuple[int, int] = (9, 0)) -> str:
     """Which layers an fa4 plan on a GPU of compute ``capability`` runs as one FA4 launch with the
     spans as its mask function (:mod:`bidiattn.kernels.fa4_masked`) rather than as segment
     launches, where that launch takes the call (self-attention keys, not paged): ``"all"`` or
-    ``"none"``. On SM90 every layer,
-    forward and training: at hd <= 128 it is as fast or faster (PERF.md A16, A21); at hd256 the
-    segments run a few percent faster once planned (full forward 0.95x, training 0.95x and
-    0.88x on sliding layers, A17-A18) but cost ~1 ms of host time and a host sync per plan, so a
-    step with new spans (each batch, each prompt) runs as fast or faster through the masked
-    launch (A26; benchmarks/NOTES.md). Elsewhere (SM100: not measured) the segments."""
+    ``"none"``. On SM90 every layer, forward and training: it plans with one launch and no host
+    sync, where the segments read their launch sizes back to the host; at hd256 the segments
+    run a few percent faster once planned, less than their planning costs a step with new spans
+    (benchmarks/NOTES.md, "hd256 plans take the masked launch too"). Elsewhere (SM100: not
+    measured) the segments."""
     return "all" if capability[0] == 9 else "none"
 
 

@@ -150,8 +150,8 @@ class StepMetadata:
         """Whether layers of this head dim copy the step's keys out of the pages and run the Gluon
         forward (:func:`bidiattn.launch.auto_backend`'s paged rule, per request, not on average):
         head dim 512 on SM90 with Gluon, no softcap, every request with new rows has at least
-        ``launch.GLUON_PAGED_ROWS`` of them (prefill chunks: 1.2-1.9x the paged Triton kernel,
-        PERF.md G8; decode and mixed steps keep the paged kernel), and the host knows the key
+        ``launch.GLUON_PAGED_ROWS`` of them (prefill chunks, where it is the faster: PERF.md G8;
+        decode and mixed steps keep the paged kernel), and the host knows the key
         count, at most ``GATHER_KEYS_PER_ROW`` keys per row the step may hold (the copy, K and V
         of every key, stays a few times the step's own activations)."""
         from ...launch import GLUON_PAGED_ROWS, gluon_unsupported
@@ -333,14 +333,11 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, metadata: StepMetadata, kind
     plan = metadata.plan(kind, q.shape[1], k.shape[1], d, q.dtype, softcap=softcap is not None)
     spans = plan.spans
     if plan.backend == "gluon":
-        from ...kernels.sm90_wide import forward_sm90_hd512
-        from ...serving.kvcache import PagedKVCache, gather
+        from ...serving.kvcache import PagedKVCache, _gluon_forward
 
         pages = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hkv, 2 * D]: K, then V, per key and head
-        keys, values = gather(PagedKVCache(pages[..., :d], pages[..., d:]), metadata.block_table,
-                              spans.cu_seqlens_k, spans.total_keys)
-        got, _ = forward_sm90_hd512(q, keys, values, spans, scale, tiles=plan.tiles,
-                                    out=out if out.is_contiguous() else None)
+        got, _ = _gluon_forward(q, PagedKVCache(pages[..., :d], pages[..., d:]), metadata.block_table, spans, scale,
+                               plan.tiles, out=out if out.is_contiguous() else None)
         if got is not out:
             out.copy_(got)
         return out
