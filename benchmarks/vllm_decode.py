@@ -39,10 +39,11 @@ LAYERS = (("sliding", 256, 32, 16), ("full", 512, 32, 4))
 # Decode tile configs to try per head dim, besides today's pick_config.
 VARIANTS = {
     # kv_splits=32: what the sliding layers' decode ran before the split count heeded the window
-    256: [TileConfig(16, 64, 4, 2, kv_splits=32, pack_gqa=True), TileConfig(16, 128, 4, 2, pack_gqa=True),
-          TileConfig(16, 32, 4, 3, pack_gqa=True)],
-    512: [TileConfig(16, 64, 4, 1, split_dv=1, pack_gqa=True), TileConfig(16, 32, 4, 2, split_dv=1, pack_gqa=True),
-          TileConfig(16, 32, 8, 2, split_dv=1, pack_gqa=True)],
+    256: [TileConfig(16, 64, 4, 2, kv_splits=32, pack_gqa=True), TileConfig(16, 64, 4, 2, kv_splits=8, pack_gqa=True),
+          TileConfig(16, 64, 4, 3, pack_gqa=True), TileConfig(16, 32, 4, 3, pack_gqa=True)],
+    # split_dv=2: the decode default before 16x32 tiles over all 512 columns (which read K once)
+    512: [TileConfig(16, 64, 4, 1, split_dv=2, pack_gqa=True), TileConfig(16, 32, 4, 2, kv_splits=64, pack_gqa=True),
+          TileConfig(16, 32, 4, 3, pack_gqa=True), TileConfig(16, 32, 8, 2, pack_gqa=True)],
 }
 
 

@@ -269,7 +269,9 @@ def pick_config(head_dim: int, rows_per_sequence: float | None = None, gqa_group
     if rows_per_sequence is not None and rows_per_sequence <= DECODE_ROWS:
         if head_dim <= 256:
             return TileConfig(16, 64, 4, 2, pack_gqa=True)
-        return TileConfig(16, 64, 4, 1, split_dv=2, pack_gqa=True)
+        # hd512: one program per row tile over all 512 columns (a split would read K twice),
+        # 32-key steps so that two stages of K and V fit in shared memory.
+        return TileConfig(16, 32, 4, 2, pack_gqa=True)
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)  # not tuned
     if head_dim <= 128:

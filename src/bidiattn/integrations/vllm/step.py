@@ -40,11 +40,14 @@ __all__ = ["step_blocks", "StepLayout", "StepMetadata", "StepBuilder", "kv_views
 
 
 def _check_range(b: int, pair: object) -> tuple[int, int]:
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair) or not 0 <= pair[0] <= pair[1]):
-        raise ValueError(f"bidiattn: request {b} has image range {pair!r}; expected an inclusive (start, end) pair of "
-                         "ints with 0 <= start <= end")
-    return int(pair[0]), int(pair[1])
+    # Exact type checks (bools and other int subclasses refused): this runs per image range
+    # and step on the host, ahead of every decode step.
+    if type(pair) in (tuple, list) and len(pair) == 2:
+        start, end = pair
+        if type(start) is int and type(end) is int and 0 <= start <= end:
+            return start, end
+    raise ValueError(f"bidiattn: request {b} has image range {pair!r}; expected an inclusive (start, end) pair of "
+                     "ints with 0 <= start <= end")
 
 
 def step_blocks(ranges: Mapping[int, Sequence[tuple[int, int]]] | None, query_lens: Sequence[int],
@@ -213,6 +216,9 @@ class StepBuilder:
     cu_blocks: torch.Tensor
     cu_q: torch.Tensor
     cu_k: torch.Tensor
+    # Per request count: the buffers' views a step of that many requests writes and reads
+    # (slicing and the BlockList's checks once per count, not per step).
+    _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, model: ModelRule, kinds: Sequence[LayerKind], *, max_seqs: int, max_tokens: int,
@@ -265,9 +271,13 @@ class StepBuilder:
         if n > self.capacity:
             raise ValueError(f"bidiattn: the step has {n} image blocks on its rows, more than the {self.capacity} the "
                              "builder holds (max_num_batched_tokens)")
-        cu_blocks = self.cu_blocks[: num_reqs + 1]
-        cu_q = self.cu_q[: num_reqs + 1]
-        cu_k = self.cu_k[: num_reqs + 1]
+        views = self._views.get(num_reqs)
+        if views is None:
+            cu_blocks = self.cu_blocks[: num_reqs + 1]
+            cu_k = self.cu_k[: num_reqs + 1]
+            views = self._views[num_reqs] = (cu_blocks, self.cu_q[: num_reqs + 1], cu_k, cu_k[1:],
+                                             BlockList(self.starts, self.ends, cu_blocks))
+        cu_blocks, cu_q, cu_k, cu_k_tail, blocks = views
         if n:
             pin = self.starts.is_cuda
             host = torch.tensor(starts + ends, dtype=torch.int32)
@@ -280,12 +290,11 @@ class StepBuilder:
         else:
             cu_blocks.zero_()
         cu_q.copy_(query_start_loc[: num_reqs + 1])
-        torch.cumsum(seq_lens[:num_reqs], 0, dtype=torch.int64, out=cu_k[1:])
+        torch.cumsum(seq_lens[:num_reqs], 0, dtype=torch.int64, out=cu_k_tail)
         total_keys = max(1, num_reqs * self.max_model_len)
         min_rows = min((n for n in q_lens if n > 0), default=0)
         host_keys = None if k_lens is None else max(1, sum(k_lens))
-        layout = StepLayout(BlockList(self.starts, self.ends, cu_blocks), cu_q, cu_k, num_tokens, total_keys,
-                            min_rows, host_keys)
+        layout = StepLayout(blocks, cu_q, cu_k, num_tokens, total_keys, min_rows, host_keys)
         return StepMetadata(layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens)
 
 
