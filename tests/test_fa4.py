@@ -279,14 +279,15 @@ def test_fake_fa4_mask_mod_path_forward_and_gradients_on_every_rule(fake_fa4, fa
 @pytest.mark.parametrize("d", [192, 256])
 def test_fake_fa4_mask_mod_path_above_hd128_has_backward_tables_of_their_own(fake_fa4, d):
     # Above head dim 128 the forward's and the backward's key blocks are set apart on SM90 (112/96
-    # at 192; 64/64 at 256, the forward's 64 below FA4's sparse default of 80): each table has its
-    # own (the fake checks each against FA4's tiles) and both give the reference's mask.
+    # at 192; 80/64 at 256): each table has its own (the fake checks each against FA4's tiles) and
+    # both give the reference's mask.
     from bidiattn.kernels.fa4_masked import mask_blocks, mask_tables
 
     spans = image_spans(301, [(3, 90), (150, 233)], "gemma3", "official", "full")
+    assert spans.window is None
     tables = mask_tables(spans, d)
     assert (tables.block, tables.backward_block) == mask_blocks(d) == {192: ((128, 112), (128, 96)),
-                                                                        256: ((128, 64), (128, 64))}[d]
+                                                                        256: ((128, 80), (128, 64))}[d]
     g = torch.Generator().manual_seed(d)
     q = torch.randn(301, 2, d, generator=g)
     k, v = (torch.randn(301, 1, d, generator=g) for _ in range(2))
@@ -297,6 +298,31 @@ def test_fake_fa4_mask_mod_path_above_hd128_has_backward_tables_of_their_own(fak
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=name)
     assert [c[0] for c in fake_fa4.calls] == ["fwd", "bwd"]
+
+
+def test_masked_tables_take_the_window_tile_on_windowed_spans_at_hd256(fake_fa4):
+    # rules.build records the window its rule cut with (SpanMask.window); at head dim 256 the
+    # masked launch's forward key tile follows it: FA4's window tile (64) on sliding spans, its
+    # causal tile (80) on full ones; a plan's explicit window counts as the hint; the mask (and
+    # so the result) is the spans' alone.
+    from bidiattn.kernels.fa4_masked import mask_blocks
+
+    ids = torch.zeros(301, dtype=torch.int64)
+    ids[150:233] = 1
+    sliding = rules.build("gemma3", "official", "sliding", block_ids=ids, window=64)
+    full = rules.build("gemma3", "official", "full", block_ids=ids)
+    assert (sliding.window, full.window) == (64, None)
+    assert rules.build("gemma3", "official", "full", block_ids=ids, window=64).window is None  # not cut by it
+    assert sliding.to("cpu").window == 64
+    assert mask_blocks(256, window=64)[0] == (128, 64) and mask_blocks(128, window=64)[0] == (128, 128)
+    for spans, window, block in ((sliding, None, 64), (full, None, 80), (full, 512, 64)):
+        p = bidiattn.plan(spans, 2, 1, 256, backend="fa4", window=window)
+        assert p.masked is not None and p.masked.block == (128, block)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(301, 2, 256, generator=g)
+    k, v = (torch.randn(301, 1, 256, generator=g) for _ in range(2))
+    got = bidiattn.attention(q, k, v, sliding, backend="fa4")
+    torch.testing.assert_close(got, reference.attention(q, k, v, sliding), atol=1e-5, rtol=1e-5)
 
 
 def test_block_tables_kernel_equals_its_spec_on_spans_with_empty_rows():
@@ -321,7 +347,7 @@ def test_block_tables_kernel_equals_its_spec_on_spans_with_empty_rows():
     assert all(bool((h < l).any()) and bool((h >= l).any()) for l, h in parts)
     for part_lo, part_hi in parts:
         part_spans = SpanMask(part_lo, part_hi, validate=False)
-        for _, forward, backward in SM90_BLOCKS:
+        for forward, backward in {(f, b) for _, full, windowed, b in SM90_BLOCKS for f in (full, windowed)}:
             want, got = block_tables_spec(part_spans, forward, backward), block_tables(part_spans, forward, backward)
             for a, b in zip(want, got):
                 assert torch.equal(a, b)
@@ -696,7 +722,7 @@ def check_mask_tables(spans):
         return [sorted(r[:n]) for n, r in zip(num[0, 0].tolist(), idx[0, 0].tolist())]
 
     glo, ghi = spans.packed_bounds()
-    for _, forward, backward in SM90_BLOCKS:
+    for forward, backward in {(f, b) for _, full, windowed, b in SM90_BLOCKS for f in (full, windowed)}:
         fwd = block_mask_from_spans(spans, forward, for_backward=False)
         bwd = block_mask_from_spans(spans, backward)
         want = (fwd.kv_num_blocks, fwd.kv_indices, fwd.full_kv_num_blocks, fwd.full_kv_indices,

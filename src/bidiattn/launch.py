@@ -994,8 +994,9 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         paged: keys read through a page table (FA4 launches then start every segment's keys
             at its sequence's first key; gluon copies the keys out of the pages first); auto
             picks triton for paged keys (gluon at head dim 512 for long prefill chunks).
-        window: the layers' sliding window, if any; validated and recorded (the plans read the
-            windows off the spans themselves).
+        window: the layers' sliding window, if any (default: the spans' ``window`` hint);
+            validated and recorded. The mask comes from the spans alone; the window picks tile
+            shapes (the masked FA4 launch's key tile at head dim 256, decode's key slices).
 
     Cost: Triton and Gluon, two small launches per tile table, no host sync; FA4, one launch for
     the masked launch's tables (:func:`masked_layers`: SM90, contiguous keys) or, elsewhere
@@ -1019,6 +1020,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         raise TypeError(f"spans must be a bidiattn.SpanMask, got {type(spans).__name__}")
     hq, hkv, d = _check_heads(num_q_heads, num_kv_heads, head_dim)
     window = _check_window(window)
+    if window is None:
+        window = spans.window  # the spans' own hint (rules.build records the window it cut with)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
     for name, value in (("training", training), ("paged", paged)):
@@ -1060,7 +1063,8 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
         layers = "none" if paged or masked_unsupported(spans, d, capability) is not None else \
             masked_layers(capability)
         if layers == "all":  # no segments, so no host sync
-            return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability))
+            return Plan(**tie, masked=mask_tables(spans, d, backward=training, capability=capability,
+                                                      window=window))
         segments = plan_segments(spans, paged=paged)
         backward = None
         triton_runs = (device.type == "cuda" or interpreting()) and triton_missing() is None

@@ -230,7 +230,7 @@ def build_rule(
     seq = sequence_index(cu_seqlens, total)
     q = torch.arange(total, device=block_ids.device, dtype=torch.int64) - cu_seqlens[seq]
     lo, hi = _interval(rule, q, start, end, in_block, window)
-    return SpanMask(lo, hi, cu_seqlens, validate=False)
+    return SpanMask(lo, hi, cu_seqlens, validate=False, window=_applied(rule, window))
 
 
 def build_from_blocks(
@@ -315,8 +315,14 @@ def build_from_blocks(
         pos, start, end, in_block = blocks.token_extents(cu_seqlens, keys, total_tokens)
         lo, hi = _interval(rule, pos, start, end, in_block, window)
     if cu_seqlens_k is None:
-        return SpanMask(lo, hi, cu_seqlens, validate=validate)
-    return SpanMask(lo, hi, cu_seqlens, validate=validate, cu_seqlens_k=cu_seqlens_k, total_keys=num_keys)
+        return SpanMask(lo, hi, cu_seqlens, validate=validate, window=_applied(rule, window))
+    return SpanMask(lo, hi, cu_seqlens, validate=validate, cu_seqlens_k=cu_seqlens_k, total_keys=num_keys,
+                    window=_applied(rule, window))
+
+
+def _applied(rule: Rule, window: int | None) -> int | None:
+    """The window a rule cuts rows with (``SpanMask.window``, a hint for the plans)."""
+    return None if rule.window == "none" else window
 
 
 def _interval(rule: Rule, q: torch.Tensor, start: torch.Tensor, end: torch.Tensor, in_block: torch.Tensor,

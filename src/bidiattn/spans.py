@@ -161,6 +161,10 @@ class SpanMask:
             ``lo``/``hi`` are then key positions local to the sequence, and row ``i`` of a
             sequence sits at position ``k_len - q_len + i``.
             ``None`` (the default): keys are the query rows themselves.
+        window: the sliding window the spans were cut with, if any (:func:`bidiattn.rules.build`
+            records the window its rule applied). A hint, never the mask (``lo``/``hi`` are):
+            plans read it to pick tile shapes, e.g. the FA4 masked launch's key tile at head
+            dim 256. ``None``: no window, or not known (the plans then pick full-layer tiles).
 
     Invariants (checked when ``validate``): ``lo <= position <= hi``, ``hi`` inside the
     sequence's keys, ``lo`` and ``hi`` non-decreasing inside each sequence, ``k_len >= q_len``.
@@ -174,6 +178,7 @@ class SpanMask:
     validate: bool = True
     cu_seqlens_k: torch.Tensor | None = None
     total_keys: int | None = None
+    window: int | None = field(default=None, compare=False)
     # Launch plans of calls made without one (bidiattn.launch.planned), by head shape and
     # backend; spans never change, so a plan stays valid for the object's lifetime.
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -197,6 +202,11 @@ class SpanMask:
             raise ValueError(f"SpanMask.lo and hi must be on one device, got {self.lo.device} and {self.hi.device}")
         if self.lo.numel() == 0:
             raise ValueError("SpanMask needs at least one row (T >= 1)")
+        if self.window is not None:
+            window = as_int(self.window, "SpanMask.window")
+            if window < 1:
+                raise ValueError(f"SpanMask.window must be None or a positive int, got {self.window!r}")
+            object.__setattr__(self, "window", window)
         if self.cu_seqlens is None:
             object.__setattr__(
                 self, "cu_seqlens", torch.tensor([0, self.lo.numel()], dtype=torch.int64, device=self.lo.device)
@@ -345,6 +355,7 @@ class SpanMask:
     def to(self, device: torch.device | str) -> SpanMask:
         """The same spans on another device (no re-validation)."""
         if self.is_self_attention:
-            return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False)
+            return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False,
+                            window=self.window)
         return SpanMask(self.lo.to(device), self.hi.to(device), self.cu_seqlens.to(device), validate=False,
-                        cu_seqlens_k=self.cu_seqlens_k.to(device), total_keys=self.total_keys)
+                        cu_seqlens_k=self.cu_seqlens_k.to(device), total_keys=self.total_keys, window=self.window)

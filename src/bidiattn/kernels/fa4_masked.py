@@ -36,14 +36,15 @@ from ..spans import SpanMask
 __all__ = ["MaskTables", "block_tables_spec", "device_capability", "fa4_interface", "mask_blocks", "mask_tables",
            "masked_backward", "masked_forward", "masked_unsupported", "span_attention_fa4_masked", "span_mask_mod"]
 
-# The tables' blocks, (forward, backward) (query rows, keys), per head-dim bound; FA4 4.0.0b36
-# takes its key tile from the block size. SM90: FA4's own tiles under block sparsity, forward
-# 128 x (128, 112) and the backward's key tile (128, 96, 64) with 64-row query tiles (a 128-row
-# block is two), except the hd256 forward: 128 x 64 (FA4's window-kernel tile there; its sparse
-# default, 80 keys, measured 4% slower on sliding layers, PERF.md A22); SM100: 128 x 128 up to
-# head dim 128.
-SM90_BLOCKS = ((128, (128, 128), (128, 128)), (192, (128, 112), (128, 96)), (256, (128, 64), (128, 64)))
-SM100_BLOCKS = ((128, (128, 128), (128, 128)),)
+# The tables' blocks per head-dim bound: (forward, windowed forward, backward), each (query rows,
+# keys); FA4 4.0.0b36 takes its key tile from the block size. SM90: FA4's own tiles under block
+# sparsity, forward 128 x (128, 112, 80) and the backward's key tile (128, 96, 64) with 64-row
+# query tiles (a 128-row block is two), except windowed hd256 forwards (SpanMask.window set):
+# 128 x 64, FA4's window-kernel tile there (80 keys measured 4% slower on sliding layers, PERF.md
+# A22); SM100: 128 x 128 up to head dim 128.
+SM90_BLOCKS = ((128, (128, 128), (128, 128), (128, 128)), (192, (128, 112), (128, 112), (128, 96)),
+               (256, (128, 80), (128, 64), (128, 64)))
+SM100_BLOCKS = ((128, (128, 128), (128, 128), (128, 128)),)
 MAX_HEAD_DIM = SM90_BLOCKS[-1][0]
 
 
@@ -73,26 +74,28 @@ class MaskTables:
     backward_block: tuple[int, int]
 
 
-def mask_blocks(head_dim: int, capability: tuple[int, int] = (9, 0)) -> tuple[tuple[int, int], tuple[int, int]]:
+def mask_blocks(head_dim: int, capability: tuple[int, int] = (9, 0), window: int | None = None
+                ) -> tuple[tuple[int, int], tuple[int, int]]:
     """The (forward, backward) ``(query, key)`` blocks of the tables at ``head_dim`` on a GPU of
-    compute ``capability`` (see ``SM90_BLOCKS``). ``ValueError``
-    above the largest head dim the capability takes (:func:`masked_unsupported`)."""
-    for bound, forward, backward in _tiers(capability):
+    compute ``capability``, for spans cut by a sliding ``window`` or not (see ``SM90_BLOCKS``).
+    ``ValueError`` above the largest head dim the capability takes (:func:`masked_unsupported`)."""
+    for bound, forward, windowed, backward in _tiers(capability):
         if head_dim <= bound:
-            return forward, backward
+            return (forward if window is None else windowed), backward
     raise ValueError(_too_wide(head_dim, capability))
 
 
-def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capability: tuple[int, int] = (9, 0)
-                ) -> MaskTables:
+def mask_tables(spans: SpanMask, head_dim: int, backward: bool = True, capability: tuple[int, int] = (9, 0),
+                window: int | None = None) -> MaskTables:
     """:class:`MaskTables` of self-attention ``spans`` for ``head_dim`` on a GPU of compute
-    ``capability``, built without a host sync: the one-launch Triton kernel of
-    :mod:`.block_tables` on CUDA (or under Triton's interpreter), else its PyTorch spec
-    :func:`block_tables_spec`; ``backward=False`` leaves out the backward's."""
+    ``capability`` (blocks from :func:`mask_blocks` for ``window``, else the spans' hint), built
+    without a host sync: the one-launch Triton kernel of :mod:`.block_tables` on CUDA (or under
+    Triton's interpreter), else its PyTorch spec :func:`block_tables_spec`; ``backward=False``
+    leaves out the backward's."""
     why = masked_unsupported(spans, head_dim, capability)
     if why is not None:
         raise ValueError(why)
-    forward_block, backward_block = mask_blocks(head_dim, capability)
+    forward_block, backward_block = mask_blocks(head_dim, capability, spans.window if window is None else window)
     build = block_tables_spec
     if (spans.lo.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and importlib.util.find_spec("triton"):
         from .block_tables import block_tables as build
