@@ -311,6 +311,10 @@ def worker(spec: dict) -> dict:
         backend = bidiattn_vllm.register()
         if spec.get("mode") == "time":
             mark_attend()
+    if spec.get("mode") == "time":
+        os.environ.setdefault("VLLM_CUSTOM_SCOPES_FOR_PROFILING", "1")  # vLLM's host ranges, both engines
+        if spec["backend"] in ("bidiattn", "TRITON_ATTN"):
+            mark_build(spec["backend"])
     from vllm import LLM, SamplingParams
 
     kwargs = dict(model=spec["model"], attention_backend=backend, enforce_eager=not spec.get("graphs", False),
@@ -435,9 +439,35 @@ def mark_attend() -> None:
     bidiattn_backend.attend = marked
 
 
-def kernel_totals(llm, prompts, params) -> dict[str, float]:
+BUILD_RANGE = "attn.build"
+# CUDA runtime calls that can stall the host until the GPU catches up (a D2H cudaMemcpyAsync
+# into pageable memory included), and the graph launches (one per replayed step).
+HOST_WAITS = re.compile(r"Synchronize|cudaMemcpy|cudaStreamWaitEvent|cudaGraphLaunch")
+
+
+def mark_build(backend: str) -> None:
+    """Wrap the engine's attention metadata builder's ``build`` (bidiattn's or TRITON_ATTN's) in
+    a profiler range named ``BUILD_RANGE``: its host time per step, both engines alike."""
+    import torch
+
+    if backend == "TRITON_ATTN":
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder as cls  # noqa: N813
+    else:
+        from bidiattn.integrations.vllm.backend import BidiattnMetadataBuilder as cls
+    build = cls.build
+
+    def marked(self, *args, **kwargs):
+        with torch.profiler.record_function(BUILD_RANGE):
+            return build(self, *args, **kwargs)
+
+    cls.build = marked
+
+
+def kernel_totals(llm, prompts, params) -> tuple[dict[str, float], dict[str, list[float]]]:
     """GPU seconds per kernel name of one ``llm.generate`` (torch profiler, engine core in this
-    process; kernels inside CUDA graph replays included)."""
+    process; kernels inside CUDA graph replays included), and host ``[calls, CPU seconds]`` of
+    the builder range, of the runtime calls that can wait on the GPU (``HOST_WAITS``) and of
+    vLLM's own host ranges (names with ``:``, e.g. ``gpu_model_runner: preprocess``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -446,10 +476,15 @@ def kernel_totals(llm, prompts, params) -> dict[str, float]:
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    host: dict[str, list[float]] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA or event.name == ATTEND_RANGE:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e6
-    return totals
+        elif event.name == BUILD_RANGE or HOST_WAITS.search(event.name) or ": " in event.name:
+            entry = host.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.cpu_time_total / 1e6
+    return totals, host
 
 
 def kernel_summary(totals: dict[str, float]) -> dict:
@@ -473,8 +508,13 @@ def profile_kernels(llm, prompts, decode_tokens: int) -> tuple[dict, dict]:
 
     runs = [kernel_totals(llm, prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
             for n in (1, 1 + decode_tokens)]
-    decode = {k: v - runs[0].get(k, 0.0) for k, v in runs[1].items()}
-    return kernel_summary(runs[0]), kernel_summary({k: v for k, v in decode.items() if v > 0})
+    (prefill, prefill_host), (both, both_host) = runs
+    decode = {k: v - prefill.get(k, 0.0) for k, v in both.items()}
+    summary = kernel_summary({k: v for k, v in decode.items() if v > 0})
+    host = {k: [c - prefill_host.get(k, [0, 0.0])[0], t - prefill_host.get(k, [0, 0.0])[1]]
+            for k, (c, t) in both_host.items()}
+    summary["host"] = {k[:80]: v for k, v in sorted(host.items(), key=lambda kv: -kv[1][1])[:12] if v[0] > 0}
+    return kernel_summary(prefill), summary
 
 
 def run_worker(spec: dict, timeout: int = 1800) -> tuple[int, dict | None, str]:
@@ -672,6 +712,12 @@ def write_timing(args, rows: list, *, done: bool) -> None:
               f"{r.get('prefill_kernels_s', nan) * 1e3:.1f} | "
               f"{r.get('decode_s', nan) * 1e3:.1f} | {r.get('decode_kernels_s', nan) * 1e3:.1f} | "
               f"{r.get('decode_attention_s', nan) * 1e3:.1f} |" for r in rows]
+    for r in rows:
+        host = r.get("decode_kernels", {}).get("host")
+        if host:
+            lines += ["", f"Decode host, {r['backend']} (calls, CPU ms: the metadata builder's `build`, runtime "
+                      "calls that can wait on the GPU, graph launches, vLLM's own ranges):", ""]
+            lines += [f"- {name}: {calls:.0f} calls, {sec * 1e3:.2f} ms" for name, (calls, sec) in host.items()]
     write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else ""), meta, rows, lines)
 
 
@@ -715,6 +761,9 @@ def timing(args) -> int:
                   f"(attention {row['decode_attention_s'] * 1e3:.1f} ms)")
             for name, sec in res["decode_kernels"]["top"].items():
                 print(f"    {sec * 1e3:9.2f} ms  {name}")
+            print("  decode host (calls, CPU ms; the builder's range, runtime calls that can wait, vLLM's ranges):")
+            for name, (calls, sec) in res["decode_kernels"].get("host", {}).items():
+                print(f"    {calls:7.0f} {sec * 1e3:9.2f} ms  {name}")
             write_timing(args, rows, done=False)
     write_timing(args, rows, done=True)
     return 0
