@@ -126,6 +126,29 @@ def fake_vllm_config(layers, max_model_len=64):
                            parallel_config=SimpleNamespace(decode_context_parallel_size=1), speculative_config=None)
 
 
+def test_builders_of_one_engine_share_a_step_builder():
+    # One builder per KV-cache group (Gemma-4-31B's 5:1 pattern: six groups), all fed the same
+    # layout each step: they share one StepBuilder over the engine's layer kinds, which builds a
+    # step once (tests/test_vllm_step.py); a second engine has its own; with dual-batch overlap
+    # (one builder per micro-batch, different layouts) each builder keeps its own.
+    def engine(dbo=False):
+        impls = {f"model.layers.{i}.self_attn.attn": make_impl(sliding_window=None if i == 5 else W)
+                 for i in range(6)}
+        layers = {name: SimpleNamespace(impl=impl) for name, impl in impls.items()}
+        config = fake_vllm_config(layers)
+        config.parallel_config.enable_dbo = dbo
+        spec = FullAttentionSpec(block_size=16, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+        return [BidiattnMetadataBuilder(spec, [name], config, torch.device(DEVICE)) for name in layers]
+
+    builders = engine()
+    assert all(b.step is builders[0].step for b in builders)
+    assert {k.layer for k in builders[0].step.kinds} == {"full", "sliding"}
+    other = engine()
+    assert other[0].step is not builders[0].step
+    alone = engine(dbo=True)
+    assert len({id(b.step) for b in alone}) == 6 and {k.layer for k in alone[0].step.kinds} == {"sliding"}
+
+
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_impl_writes_and_attends_through_vllm_metadata(block_size):
     impls = {"model.layers.0.self_attn.attn": make_impl(sliding_window=W),

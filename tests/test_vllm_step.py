@@ -225,6 +225,59 @@ def test_builder_buffers_persist_and_decode_steps_have_no_blocks():
     assert decode.layout.total_keys == 2 * builder.max_model_len
 
 
+def test_kv_cache_groups_of_one_step_share_its_build():
+    # vLLM builds a step's metadata once per KV-cache group from the same objects (Gemma-4-31B:
+    # six groups); the groups' builders share one StepBuilder, which builds the step once: the
+    # later groups get the first's layout and prepared spans and plans, with their own block
+    # table, and attend correctly through it. A new step (other objects or host values, even in
+    # the same objects) builds anew.
+    model = model_rule("gemma3", "official", "gemma3")
+    hq, hkv, d, block_size = 4, 2, 32, 16
+    reqs = [(30, [(4, 11)], 0, 15), (25, [(1, 9)], 25, 26)]
+    builder = builder_for(model)
+    cu_q, seq_lens, _, _ = step_tensors(reqs)
+    g = torch.Generator().manual_seed(5)
+    ks = [torch.randn(k, hkv, d, generator=g).half() for *_, k in reqs]
+    vs = [torch.randn(k, hkv, d, generator=g).half() for *_, k in reqs]
+    q = torch.randn(sum(k - f for *_, f, k in reqs), hq, d, generator=g).half()
+    step = dict(num_reqs=2, num_tokens=int(cu_q[-1]), query_start_loc=cu_q.to(DEVICE), seq_lens=seq_lens.to(DEVICE),
+                query_start_loc_cpu=cu_q, seq_lens_cpu=seq_lens, ranges={b: list(r) for b, (_, r, _, _) in enumerate(reqs)},
+                slot_mapping=torch.zeros(0, dtype=torch.int64))
+    metas, outs = [], []
+    for group, pages in enumerate(([0, 1, 2, 3], [5, 7, 4, 6])):  # each group's own pages for the same keys
+        table = torch.tensor([pages[:2], pages[2:]], dtype=torch.int32, device=DEVICE)
+        cache = vllm_kv_cache(8, block_size, hkv, d, torch.float16)
+        for b in range(2):
+            write_kv(ks[b].to(DEVICE), vs[b].to(DEVICE), cache,
+                     torch.tensor(slots(table[b].tolist(), range(ks[b].shape[0]), block_size), device=DEVICE))
+        metas.append(builder.build(**step, block_table=table))
+        kind = model.kind(WINDOW)
+        outs.append(attend(q.to(DEVICE), cache, metas[-1], kind, scale=d**-0.5, softcap=None,
+                           out=torch.empty(q.shape, dtype=torch.float16, device=DEVICE)))
+        assert metas[-1].block_table.data_ptr() == table.data_ptr()
+    assert metas[1].layout is metas[0].layout and metas[1]._prepared is metas[0]._prepared
+    assert len(metas[0]._prepared) == 2  # the sliding kind's spans and plan, made once for both groups
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    lo, hi = expected_spans(model, "sliding", reqs, WINDOW)
+    row = 0
+    for b, (_, _, first, keys) in enumerate(reqs):
+        n = keys - first
+        spans = SpanMask(lo[row : row + n], hi[row : row + n], cu_seqlens_k=torch.tensor([0, keys]), total_keys=keys)
+        want = reference.attention(q[row : row + n].float(), ks[b].float(), vs[b].float(), spans, scale=d**-0.5)
+        torch.testing.assert_close(outs[1][row : row + n].float().cpu(), want, atol=2e-3, rtol=2e-3)
+        row += n
+    # The next step in the same objects (vLLM's persistent buffers, rewritten): built anew.
+    seq_lens += torch.tensor([0, 1], dtype=torch.int32)
+    step["seq_lens"].copy_(seq_lens)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    again = builder.build(**step, block_table=table)
+    assert again.layout is not metas[0].layout and again._prepared is not metas[0]._prepared
+    assert again.layout.cu_k.tolist() == [0, 15, 42]
+    # A new step's objects with equal values: built anew too.
+    fresh = dict(step, query_start_loc_cpu=cu_q.clone())
+    assert builder.build(**fresh, block_table=table).layout is not again.layout
+
+
 def test_builder_refuses_more_requests_than_it_holds():
     builder = builder_for(model_rule("gemma3", "official", "gemma3"), max_seqs=2)
     with pytest.raises(ValueError, match="3 requests exceeds the builder's 2"):

@@ -118,27 +118,43 @@ class BidiattnBackend(AttentionBackend):
         return unsupported(head_size=head_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size)
 
 
-def _attention_layers(vllm_config, layer_names: list[str]) -> dict:
+def _bidiattn_layers(vllm_config) -> dict:
+    """The engine's attention layers that run bidiattn, by name."""
     context = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
-    return {name: context[name] for name in layer_names if name in context}
+    return {name: layer for name, layer in context.items() if isinstance(getattr(layer, "impl", None), BidiattnImpl)}
 
 
 class BidiattnMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
-    """Per KV-cache group: the served model's rule, the layer kinds of the group's layers and a
-    :class:`~bidiattn.integrations.vllm.step.StepBuilder` whose buffers every step rewrites."""
+    """Per KV-cache group: the served model's rule and the engine's
+    :class:`~bidiattn.integrations.vllm.step.StepBuilder`, whose buffers every step rewrites.
+
+    vLLM makes one builder per KV-cache group (six for Gemma-4-31B's 5:1 layer pattern), all fed
+    the same request layout each step; they share one ``StepBuilder`` (kept on the impl of the
+    engine's first bidiattn layer, so it lives and dies with the engine), which builds a step
+    once for all of them. With dual-batch overlap (one builder per micro-batch) each builder
+    keeps its own."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         model = model_rule_from_vllm(vllm_config.model_config)
-        kinds = {layer.impl.kind_of(model) for layer in _attention_layers(vllm_config, layer_names).values()
-                 if isinstance(getattr(layer, "impl", None), BidiattnImpl)}
+        layers = _bidiattn_layers(vllm_config)
+        kinds = {layers[name].impl.kind_of(model) for name in layer_names if name in layers}
+        engine_kinds = {layer.impl.kind_of(model) for layer in layers.values()}
         sched = vllm_config.scheduler_config
-        self.step = StepBuilder.allocate(
-            model, tuple(kinds), max_seqs=max(sched.max_num_seqs, sched.max_num_batched_tokens),
-            max_tokens=sched.max_num_batched_tokens, max_model_len=vllm_config.model_config.max_model_len,
-            device=device)
+        sizes = dict(max_seqs=max(sched.max_num_seqs, sched.max_num_batched_tokens),
+                     max_tokens=sched.max_num_batched_tokens, max_model_len=vllm_config.model_config.max_model_len)
+        dbo = getattr(getattr(vllm_config, "parallel_config", None), "enable_dbo", False)
+        if layers and not dbo:
+            shared = layers[min(layers)].impl.shared_steps
+            key = (model, torch.device(device), tuple(sorted(sizes.items())))
+            step = shared.get(key)
+            if step is None:
+                step = shared[key] = StepBuilder.allocate(model, tuple(engine_kinds), **sizes, device=device)
+        else:
+            step = StepBuilder.allocate(model, tuple(kinds), **sizes, device=device)
+        self.step = step
         _log.warning("%s; layers %s", model.describe(),
                      ", ".join(f"{k.layer} (window {k.window})" for k in sorted(kinds, key=lambda k: k.layer)) or "?")
 
@@ -181,6 +197,9 @@ class BidiattnImpl(AttentionImpl):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self._kinds: dict[ModelRule, LayerKind] = {}
+        # The engine's shared StepBuilder(s), where this is its first bidiattn layer (see
+        # BidiattnMetadataBuilder).
+        self.shared_steps: dict = {}
         dtype = torch.get_default_dtype()  # vLLM builds layers under the model dtype
         problems = [unsupported(head_size=head_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype)]
         if alibi_slopes is not None:

@@ -126,14 +126,15 @@ class StepMetadata:
     """What the impl reads in one forward pass: the step's :class:`StepLayout`, the served
     :class:`~bidiattn.integrations.vllm.config.ModelRule`, vLLM's block table (int32 ``[B, P]``)
     and slot mapping, and the number of rows. The spans and plans of each layer kind are made
-    by the first layer that needs them and kept here (``_prepared``) for the others."""
+    by the first layer that needs them and kept in ``_prepared`` for the others, which the
+    metadata of the step's other KV-cache groups share (none of it depends on the block table)."""
 
     layout: StepLayout
     model: ModelRule
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     num_actual_tokens: int
-    _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def spans(self, kind: LayerKind, *, gathered: bool = False) -> SpanMask:
         """The extend spans of layers of ``kind`` (one span-builder launch, then kept); with
@@ -196,7 +197,13 @@ GATHER_KEYS_PER_ROW = 4
 
 @dataclass(frozen=True)
 class StepBuilder:
-    """Persistent buffers of one vLLM metadata builder and the per-step work that fills them.
+    """Persistent buffers of a vLLM engine's metadata builders and the per-step work that fills
+    them. vLLM builds metadata once per KV-cache group and step (Gemma-4-31B's 5:1 layer pattern
+    makes six groups) from the same request layout; the builders share one ``StepBuilder``, whose
+    first :meth:`build` of a step writes the buffers and whose later builds of that step (the
+    same host values and the same vLLM objects) return the first's layout and prepared spans and
+    plans with their own block table: one host build, one span build and one plan per layer kind
+    and step, in eager steps and CUDA graphs alike.
 
     - ``starts``/``ends``: int32 ``[capacity]``, the step's blocks (:func:`step_blocks`);
       ``capacity`` is the most rows a step has (vLLM's ``max_num_batched_tokens``), which
@@ -219,6 +226,8 @@ class StepBuilder:
     # Per request count: the buffers' views a step of that many requests writes and reads
     # (slicing and the BlockList's checks once per count, not per step).
     _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The last step: [vLLM's objects it was built from, its host values, layout, prepared dict].
+    _last: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, model: ModelRule, kinds: Sequence[LayerKind], *, max_seqs: int, max_tokens: int,
@@ -251,7 +260,10 @@ class StepBuilder:
               slot_mapping: torch.Tensor) -> StepMetadata:
         """Write one step into the buffers and return its metadata (vLLM's names: device
         ``query_start_loc`` int32 ``[B+1]`` and ``seq_lens`` int32 ``[B]``, their host copies,
-        ``seq_lens_cpu`` exact or an upper bound, ``None`` if unknown).
+        ``seq_lens_cpu`` exact or an upper bound, ``None`` if unknown). A call with the objects
+        and host values of the previous call (another KV-cache group of the same step) writes
+        nothing and returns that call's layout and prepared spans and plans with its own block
+        table and slot mapping.
 
         The key count the spans carry is the bound ``num_reqs * max_model_len`` at every step,
         not the step's sum: it sets the split-KV count of decode steps, which must be the same
@@ -263,8 +275,15 @@ class StepBuilder:
             raise ValueError(f"bidiattn: the block table must be int32 [B, P] with unit last stride, got "
                              f"{block_table.dtype} {tuple(block_table.shape)} strides {block_table.stride()}")
         cu_q_host = query_start_loc_cpu[: num_reqs + 1].tolist()
-        q_lens = [b - a for a, b in zip(cu_q_host[:-1], cu_q_host[1:])]
         k_lens = None if seq_lens_cpu is None else seq_lens_cpu[:num_reqs].tolist()
+        sources = (query_start_loc_cpu, query_start_loc, seq_lens, ranges)
+        values = (num_reqs, num_tokens, cu_q_host, k_lens)
+        last = self._last
+        if last and last[1] == values and all(a is b for a, b in zip(last[0], sources)):
+            # Another KV-cache group of the step just built: the buffers hold it already.
+            return StepMetadata(last[2], self.model, block_table[:num_reqs], slot_mapping, num_tokens,
+                                _prepared=last[3])
+        q_lens = [b - a for a, b in zip(cu_q_host[:-1], cu_q_host[1:])]
         starts, ends, counts = step_blocks(ranges if self.reads_blocks else None, q_lens, k_lens,
                                            merge=self.model.merges_adjacent)
         n = len(starts)
@@ -295,7 +314,9 @@ class StepBuilder:
         min_rows = min((n for n in q_lens if n > 0), default=0)
         host_keys = None if k_lens is None else max(1, sum(k_lens))
         layout = StepLayout(blocks, cu_q, cu_k, num_tokens, total_keys, min_rows, host_keys)
-        return StepMetadata(layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens)
+        meta = StepMetadata(layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens)
+        last[:] = [sources, values, layout, meta._prepared]
+        return meta
 
 
 def _strides_match(t: torch.Tensor, want: tuple[int, ...]) -> bool:
