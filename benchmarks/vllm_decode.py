@@ -1,6 +1,6 @@
 """The vLLM backend's decode step at Gemma-4-31B geometry, without vLLM: the metadata builder's
-host time and each layer kind's attention over a cache laid out as vLLM lays it out, per tile
-config of the decode kernel.
+host time (one build, and a step's builds for six KV-cache groups, shared or not) and each layer
+kind's attention over a cache laid out as vLLM lays it out, per tile config of the decode kernel.
 
     python benchmarks/vllm_decode.py --out benchmarks/results [--batch 2] [--context 8192]
 
@@ -33,6 +33,7 @@ from bidiattn.launch import TileConfig
 from bidiattn.serving.graphs import capture
 
 BLOCK = 16
+GROUPS = 6  # vLLM's KV-cache groups for a 5:1 sliding:full pattern (one layer of each type per group)
 IMAGE, EVERY = 280, 1000
 # (layer, head dim, query heads, K/V heads): Gemma-4-31B's two layer kinds.
 LAYERS = (("sliding", 256, 32, 16), ("full", 512, 32, 4))
@@ -91,7 +92,26 @@ def main() -> None:
     step = dict(num_reqs=b, num_tokens=b, query_start_loc=cu_q_cpu.cuda(), seq_lens=seq_cpu.cuda(),
                 query_start_loc_cpu=cu_q_cpu, seq_lens_cpu=seq_cpu, ranges={r: ranges for r in range(b)},
                 block_table=table, slot_mapping=torch.zeros(b, dtype=torch.int64, device="cuda"))
-    build_us = cases.host_us(lambda: builder.build(**step), rep=200)
+
+    def new_step() -> dict:
+        # A step's own objects, as vLLM slices them each step: a builder rebuilds for them (it
+        # reuses its last build only for another KV-cache group of the same step).
+        return dict(step, query_start_loc_cpu=cu_q_cpu[: b + 1], query_start_loc=step["query_start_loc"][: b + 1])
+
+    # A vLLM step builds metadata once per KV-cache group (six for Gemma-4-31B's 5:1 pattern) from
+    # the same objects: through the engine's one shared StepBuilder, and through six builders of
+    # their own (before dc0401f).
+    separate = [StepBuilder.allocate(model, tuple(kinds.values()), max_seqs=b, max_tokens=8192,
+                                     max_model_len=ctx + 1024, device="cuda") for _ in range(GROUPS)]
+
+    def step_builds(builders):
+        new = new_step()
+        for one in builders:
+            one.build(**new)
+
+    build_us = cases.host_us(lambda: step_builds([builder]), rep=200)
+    shared_us = cases.host_us(lambda: step_builds([builder] * GROUPS), rep=200)
+    separate_us = cases.host_us(lambda: step_builds(separate), rep=200)
     rows = []
     for layer, d, hq, hkv in LAYERS:
         kind = kinds[layer]
@@ -100,7 +120,7 @@ def main() -> None:
         scale = d**-0.5
         # Reference: each request's keys read back through the table, the step's spans for its row.
         pages = cache.transpose(1, 2)  # [blocks, BLOCK, Hkv, 2D]
-        spans = builder.build(**step).spans(kind)
+        spans = builder.build(**new_step()).spans(kind)
         want = []
         for r in range(b):
             keys = pages[table[r].long()].reshape(-1, hkv, 2 * d)[: ctx + 1].float()
@@ -123,7 +143,7 @@ def main() -> None:
             with mock.patch.object(launch, "pick_config", pick):
                 try:
                     out = torch.empty_like(q)
-                    meta = builder.build(**step)
+                    meta = builder.build(**new_step())
                     attend(q, cache, meta, kind, scale=scale, softcap=None, out=out)
                     plan = meta.plan(kind, hq, hkv, d, q.dtype)
                     row.update(picked=short(plan.triton.config), kv_splits=plan.triton.kv_splits,
@@ -133,7 +153,7 @@ def main() -> None:
                     def layer_call(m):  # the metadata is built outside the graph, as vLLM builds it
                         return lambda: attend(q, cache, m, kind, scale=scale, softcap=None, out=out)
 
-                    row["first_layer_us"] = graph_us([layer_call(builder.build(**step)) for _ in range(2)])
+                    row["first_layer_us"] = graph_us([layer_call(builder.build(**new_step())) for _ in range(2)])
                     row["layer_us"] = graph_us([layer_call(meta)] * 2)
                     row["bytes_per_us"] = key_bytes / row["layer_us"]
                 except Exception as e:  # a variant that does not compile or match is recorded
@@ -141,10 +161,13 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     meta = cases.meta()
-    meta.update(batch=b, context=ctx, image=IMAGE, every=EVERY, block=BLOCK, build_host_us=build_us)
+    meta.update(batch=b, context=ctx, image=IMAGE, every=EVERY, block=BLOCK, build_host_us=build_us,
+                step_builds_shared_host_us=shared_us, step_builds_separate_host_us=separate_us)
     lines = [f"# vLLM decode step without vLLM (Gemma-4-31B layers), {meta}", "",
-             f"Builder `build` (host, once per KV-cache group and step): {build_us:.1f} µs. Attention as CUDA-graph "
-             "replays: the first layer of a kind (spans, plan, kernels) and every other layer (kernels).", "",
+             f"Builder `build` (host): {build_us:.1f} µs; a step's {GROUPS} builds (one per KV-cache group) through the "
+             f"engine's shared builder {shared_us:.1f} µs, through {GROUPS} builders of their own {separate_us:.1f} µs. "
+             "Attention as CUDA-graph replays: the first layer of a kind (spans, plan, kernels) and every other "
+             "layer (kernels).", "",
              "| layer | config | picked | splits | rel err | first layer µs | layer µs | K+V GB/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -155,7 +178,8 @@ def main() -> None:
                      f"{r['first_layer_us']:.1f} | {r['layer_us']:.1f} | {r['bytes_per_us'] / 1e3:.0f} |")
     stem = cases.write_results(args.out, "vllm-decode" + (f"-{args.label}" if args.label else ""), meta,
                                dict(rows=rows), lines)
-    print(f"builder build: {build_us:.1f} us host")
+    print(f"builder build: {build_us:.1f} us host; a step's {GROUPS} group builds: shared {shared_us:.1f} us, "
+          f"separate {separate_us:.1f} us")
     print("\n".join(lines[-len(rows):]))
     print(f"wrote {args.out}/{stem}.md")
 
