@@ -130,10 +130,16 @@ def test_layers_of_a_kind_share_their_spans_and_plan(monkeypatch):
     assert torch.equal(shared, each)
     model.set_attn_implementation(name)
     calls.update(build=0, plan=0)
+    windows = []
+    plan = bidiattn.launch.plan
+    monkeypatch.setattr(bidiattn.launch, "plan", lambda spans, *a, **k: windows.append(spans.window) or plan(spans, *a, **k))
     model.generate(**inputs, max_new_tokens=3, do_sample=False)
     # The prefill and two decode steps, two layer kinds each; a decode step builds the batch's
-    # two rows together.
+    # two rows together. Each step's spans tell the plan the window they were cut with
+    # (SpanMask.window): the sliding layers' on the prefill's spans and the decode's alike.
     assert calls == {"build": 2 * 3, "plan": 2 * 3}
+    sliding = model.config.get_text_config().sliding_window
+    assert sorted(windows, key=str) == sorted([sliding, None] * 3, key=str)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
