@@ -50,6 +50,7 @@ def test_chunked_prefill_equals_one_shot(seed, family, convention, layer):
     chunked = [torch.full_like(q, float("nan")) for q in qs]
     for step in plan.steps:
         spans = step_spans(step, full)
+        assert spans.window == full[0].window  # the window hint kept (rules.build's, the same for all)
         q = torch.cat([qs[c.request][c.start : c.end] for c in step.chunks])
         k = torch.cat([ks[c.request][: c.end] for c in step.chunks])
         v = torch.cat([vs[c.request][: c.end] for c in step.chunks])

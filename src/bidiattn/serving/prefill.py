@@ -165,7 +165,8 @@ def step_spans(step: Step, request_spans: Sequence[SpanMask]) -> SpanMask:
     :func:`bidiattn.rules.build`). The result packs the chunks in step order: queries are the
     chunk rows, keys the request's first ``chunk.end`` tokens (cache plus chunk), the layout of
     :func:`bidiattn.attention`'s extend spans. Validated, so a chunk that splits a block (a row
-    seeing past the chunk end) raises ``ValueError``.
+    seeing past the chunk end) raises ``ValueError``. The requests' ``window`` hint is kept where
+    they share one.
     """
     los, his, q_lens, k_lens = [], [], [], []
     for c in step.chunks:
@@ -183,5 +184,6 @@ def step_spans(step: Step, request_spans: Sequence[SpanMask]) -> SpanMask:
     def offsets(lengths: list[int]) -> torch.Tensor:
         return torch.tensor([0, *lengths], dtype=torch.int64, device=device).cumsum(0)
 
+    windows = {request_spans[c.request].window for c in step.chunks}
     return SpanMask(torch.cat(los), torch.cat(his), offsets(q_lens), cu_seqlens_k=offsets(k_lens),
-                    total_keys=sum(k_lens))
+                    total_keys=sum(k_lens), window=windows.pop() if len(windows) == 1 else None)
