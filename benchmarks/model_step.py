@@ -18,6 +18,8 @@ gradients; training: forward and backward of the attention. Wall clock per step,
 its ends, median (and minimum) of interleaved rounds, every round kept in the JSON; also with
 spans kept from step to step (plans cached). Checks first: each variant's outputs and gradients
 (and a call without gradients) against a triton plan on one layer of each kind.
+Last, one inference step of the masked variant with new and with kept spans under the torch
+profiler (kernel times, GPU busy time against wall time).
 Writes model-step[-<label>]-<device>-<date>.{md,json}.
 """
 
@@ -133,6 +135,11 @@ def main() -> None:
             torch.mm(x, w)
     torch.cuda.synchronize()
     filler_ms = (time.perf_counter() - t0) / 10 * 1e3
+    try:
+        profiles = profile_inference(step, build)
+    except Exception as e:  # noqa: BLE001 - the timed rounds above are written whatever the profiler does
+        print(f"profile failed: {cases.describe_error(e)}", flush=True)
+        profiles = []
     meta = cases.meta()
     today = launch.masked_layers(torch.cuda.get_device_capability())
     meta.update(tokens=t, heads=[hq, hkv], head_dim=d, layers=len(layers), filler_ms_per_step=filler_ms,
@@ -148,9 +155,49 @@ def main() -> None:
     lines += ["", "Checks (rel. error of out, dq, dk, dv, and out of a call without gradients, against a triton plan):", ""]
     lines += [f"- {c['kind']} / {c['variant']}: backend {c['backend']}, masked {c['masked']}, segments "
               f"{c['segments']}: " + ", ".join(f"{e:.4f}" for e in c["rel_err"]) for c in checks]
+    for p in profiles:
+        lines += ["", f"Inference, masked, spans {p['spans']}: one step's kernels (torch profiler), GPU busy "
+                  f"{p['busy_ms']:.2f} ms of {p['wall_ms']:.2f} ms wall; the largest:", ""]
+        lines += [f"- {name}: {ms:.3f} ms ({calls} calls)" for name, (calls, ms) in p["kernels"].items()]
     stem = cases.write_results(args.out, "model-step" + (f"-{args.label}" if args.label else ""), meta,
-                               dict(rows=rows, checks=checks), lines)
+                               dict(rows=rows, checks=checks, profiles=profiles), lines)
     print(f"wrote {args.out}/{stem}.md")
+
+
+def profile_inference(step, build) -> list[dict]:
+    """One inference step of the masked variant with new spans and with kept spans under the
+    torch profiler: GPU time and calls per kernel name (the eight largest), GPU busy time
+    (the union of kernel intervals) and wall time, to tell what differs between the two (A26:
+    the new-spans step ran faster than the kept-spans one with the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    kept = build()
+    with mock.patch.object(launch, "masked_layers", VARIANTS["masked"]):
+        step(kept, False)  # plans kept on these spans
+        for name, spans_of in (("new every step", build), ("kept", lambda: kept)):
+            spans = spans_of()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                step(spans, False)
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e3
+            totals, intervals = {}, []
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    calls, ms = totals.get(e.name, (0, 0.0))
+                    totals[e.name] = (calls + 1, ms + e.device_time_total / 1e3)
+                    intervals.append((e.time_range.start, e.time_range.end))
+            busy, end = 0.0, float("-inf")
+            for a, b in sorted(intervals):  # µs; overlapping kernels counted once
+                if b > end:
+                    busy += b - max(a, end)
+                    end = b
+            top = dict(sorted(totals.items(), key=lambda kv: -kv[1][1])[:8])
+            out.append(dict(spans=name, wall_ms=wall, busy_ms=busy / 1e3, kernels={k[:100]: v for k, v in top.items()}))
+            print(f"profile, inference masked, spans {name}: busy {busy / 1e3:.2f} ms of {wall:.2f} ms", flush=True)
+    return out
 
 
 if __name__ == "__main__":
