@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,20 @@ def test_the_timing_counts_the_bidiattn_layers_range_apart_from_kernels(vb):
     assert got["bidiattn_layers_s"] == 0.0225 and vb.ATTEND_RANGE in totals
     assert abs(got["attention_s"] - 0.021) < 1e-12 and abs(got["all_s"] - 0.174) < 1e-12
     assert vb.ATTEND_RANGE not in got["top"] and vb.kernel_summary({"k": 1.0})["bidiattn_layers_s"] is None
+
+
+def test_the_decode_profile_is_the_longer_run_less_the_prefill_host_side_too(vb, monkeypatch):
+    # profile_kernels: the decode's kernels and host calls are a run of 1 + N tokens less the
+    # prefill run (1 token), per name; host entries are [calls, CPU seconds], the largest first,
+    # those the decode does not call dropped; the decode's host side is in the timing's .md.
+    runs = iter([({"k": 1.0, "_span_fwd_kernel": 0.5}, {vb.BUILD_RANGE: [12, 0.001], "cudaGraphLaunch": [0, 0.0]}),
+                 ({"k": 3.0, "_span_fwd_kernel": 0.9},
+                  {vb.BUILD_RANGE: [72, 0.004], "cudaGraphLaunch": [10, 0.001], "gpu_model_runner: preprocess": [10, 0.02],
+                   "cudaStreamSynchronize": [0, 0.0]})])
+    monkeypatch.setattr(vb, "kernel_totals", lambda *args: next(runs))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kwargs: kwargs))
+    prefill, decode = vb.profile_kernels(None, None, 10)
+    assert abs(prefill["attention_s"] - 0.5) < 1e-12 and abs(decode["attention_s"] - 0.4) < 1e-12
+    assert list(decode["host"]) == ["gpu_model_runner: preprocess", vb.BUILD_RANGE, "cudaGraphLaunch"]
+    assert decode["host"][vb.BUILD_RANGE][0] == 60 and abs(decode["host"][vb.BUILD_RANGE][1] - 0.003) < 1e-12
+    assert vb.HOST_WAITS.search("cudaStreamSynchronize") and not vb.HOST_WAITS.search("cudaLaunchKernel")
