@@ -84,7 +84,7 @@ def run_case(case: cases.Case) -> dict:
         row[f"{name}_host_ms"] = (t1 - t0) / 10 * 1e3
         row[f"{name}_wall_ms"] = (time.perf_counter() - t0) / 10 * 1e3
 
-    blocks = fa4_masked.mask_blocks(d, torch.cuda.get_device_capability())
+    blocks = fa4_masked.mask_blocks(d, torch.cuda.get_device_capability(), spans.window)
     spec = fa4_masked.block_tables_spec(spans, *blocks)
     try:
         kernel = block_tables(spans, *blocks)
