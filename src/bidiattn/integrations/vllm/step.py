@@ -226,7 +226,7 @@ class StepBuilder:
     # Per request count: the buffers' views a step of that many requests writes and reads
     # (slicing and the BlockList's checks once per count, not per step).
     _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    # The last step: [vLLM's objects it was built from, its host values, layout, prepared dict].
+    # The last step built (a one-element list once there is one): see _Built.
     _last: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
@@ -278,11 +278,11 @@ class StepBuilder:
         k_lens = None if seq_lens_cpu is None else seq_lens_cpu[:num_reqs].tolist()
         sources = (query_start_loc_cpu, query_start_loc, seq_lens, ranges)
         values = (num_reqs, num_tokens, cu_q_host, k_lens)
-        last = self._last
-        if last and last[1] == values and all(a is b for a, b in zip(last[0], sources)):
+        last = self._last[0] if self._last else None
+        if last is not None and last.values == values and all(a is b for a, b in zip(last.sources, sources)):
             # Another KV-cache group of the step just built: the buffers hold it already.
-            return StepMetadata(last[2], self.model, block_table[:num_reqs], slot_mapping, num_tokens,
-                                _prepared=last[3])
+            return StepMetadata(last.layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens,
+                                _prepared=last.prepared)
         q_lens = [b - a for a, b in zip(cu_q_host[:-1], cu_q_host[1:])]
         starts, ends, counts = step_blocks(ranges if self.reads_blocks else None, q_lens, k_lens,
                                            merge=self.model.merges_adjacent)
@@ -315,8 +315,20 @@ class StepBuilder:
         host_keys = None if k_lens is None else max(1, sum(k_lens))
         layout = StepLayout(blocks, cu_q, cu_k, num_tokens, total_keys, min_rows, host_keys)
         meta = StepMetadata(layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens)
-        last[:] = [sources, values, layout, meta._prepared]
+        self._last[:] = [_Built(sources, values, layout, meta._prepared)]
         return meta
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A step a :class:`StepBuilder` wrote into its buffers: the vLLM objects and host values it
+    came from (another build from the same objects and values is the same step), its layout and
+    the spans and plans its layers prepare, shared by the step's KV-cache groups."""
+
+    sources: tuple
+    values: tuple
+    layout: StepLayout
+    prepared: dict
 
 
 def _strides_match(t: torch.Tensor, want: tuple[int, ...]) -> bool:
