@@ -63,6 +63,7 @@ On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -422,21 +423,27 @@ ATTENTION_KERNEL = re.compile(r"attn|attention|_span_|hd512|flash|fmha", re.IGNO
 ATTEND_RANGE = "bidiattn.attend"
 
 
+def in_range(fn, name: str):
+    """``fn`` run inside a profiler range named ``name`` (the range's CPU time, and the kernels
+    launched inside it, count in a profile under that name)."""
+    import torch
+
+    @functools.wraps(fn)
+    def marked(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+
+    return marked
+
+
 def mark_attend() -> None:
     """Wrap the backend's per-layer call in a profiler range named ``ATTEND_RANGE``, so that a
     profile counts every kernel a bidiattn layer launches (span building, the key copy of the
     gluon path, the merge of split-KV), whatever its name. Eager layers only: kernels replayed
     from a CUDA graph have no range."""
-    import torch
     from bidiattn.integrations.vllm import backend as bidiattn_backend
 
-    attend = bidiattn_backend.attend
-
-    def marked(*args, **kwargs):
-        with torch.profiler.record_function(ATTEND_RANGE):
-            return attend(*args, **kwargs)
-
-    bidiattn_backend.attend = marked
+    bidiattn_backend.attend = in_range(bidiattn_backend.attend, ATTEND_RANGE)
 
 
 BUILD_RANGE = "attn.build"
@@ -448,19 +455,11 @@ HOST_WAITS = re.compile(r"Synchronize|cudaMemcpy|cudaStreamWaitEvent|cudaGraphLa
 def mark_build(backend: str) -> None:
     """Wrap the engine's attention metadata builder's ``build`` (bidiattn's or TRITON_ATTN's) in
     a profiler range named ``BUILD_RANGE``: its host time per step, both engines alike."""
-    import torch
-
     if backend == "TRITON_ATTN":
         from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder as cls  # noqa: N813
     else:
         from bidiattn.integrations.vllm.backend import BidiattnMetadataBuilder as cls
-    build = cls.build
-
-    def marked(self, *args, **kwargs):
-        with torch.profiler.record_function(BUILD_RANGE):
-            return build(self, *args, **kwargs)
-
-    cls.build = marked
+    cls.build = in_range(cls.build, BUILD_RANGE)
 
 
 def kernel_totals(llm, prompts, params) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -511,8 +510,7 @@ def profile_kernels(llm, prompts, decode_tokens: int) -> tuple[dict, dict]:
     (prefill, prefill_host), (both, both_host) = runs
     decode = {k: v - prefill.get(k, 0.0) for k, v in both.items()}
     summary = kernel_summary({k: v for k, v in decode.items() if v > 0})
-    host = {k: [c - prefill_host.get(k, [0, 0.0])[0], t - prefill_host.get(k, [0, 0.0])[1]]
-            for k, (c, t) in both_host.items()}
+    host = {k: [c - c0, t - t0] for k, (c, t) in both_host.items() for c0, t0 in [prefill_host.get(k, (0, 0.0))]}
     summary["host"] = {k[:80]: v for k, v in sorted(host.items(), key=lambda kv: -kv[1][1])[:12] if v[0] > 0}
     return kernel_summary(prefill), summary
 

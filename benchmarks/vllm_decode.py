@@ -85,8 +85,12 @@ def main() -> None:
     per_req = -(-(ctx + 1) // BLOCK)
     g = torch.Generator(device="cuda").manual_seed(0)
     table = torch.randperm(b * per_req, generator=g, device="cuda").to(torch.int32).view(b, per_req)
-    builder = StepBuilder.allocate(model, tuple(kinds.values()), max_seqs=b, max_tokens=8192,
-                                   max_model_len=ctx + 1024, device="cuda")
+
+    def allocate() -> StepBuilder:
+        return StepBuilder.allocate(model, tuple(kinds.values()), max_seqs=b, max_tokens=8192,
+                                    max_model_len=ctx + 1024, device="cuda")
+
+    builder = allocate()
     cu_q_cpu = torch.arange(b + 1, dtype=torch.int32)
     seq_cpu = torch.full((b,), ctx + 1, dtype=torch.int32)
     step = dict(num_reqs=b, num_tokens=b, query_start_loc=cu_q_cpu.cuda(), seq_lens=seq_cpu.cuda(),
@@ -101,8 +105,7 @@ def main() -> None:
     # A vLLM step builds metadata once per KV-cache group (six for Gemma-4-31B's 5:1 pattern) from
     # the same objects: through the engine's one shared StepBuilder, and through six builders of
     # their own (before dc0401f).
-    separate = [StepBuilder.allocate(model, tuple(kinds.values()), max_seqs=b, max_tokens=8192,
-                                     max_model_len=ctx + 1024, device="cuda") for _ in range(GROUPS)]
+    separate = [allocate() for _ in range(GROUPS)]
 
     def step_builds(builders):
         new = new_step()

@@ -387,7 +387,7 @@ def _extend(query, key, value, source, convention, layer, window, backend, scali
         lo, hi = lo.flatten().to(torch.int32), hi.flatten().to(torch.int32)
         cu_q = torch.arange(0, (bsz + 1) * tq, tq, device=query.device, dtype=torch.int64)
         cu_k = torch.arange(0, (bsz + 1) * tk, tk, device=query.device, dtype=torch.int64)
-        cut = window if rules.rule_for(source.family, convention, layer).window != "none" else None
+        cut = rules._applied(rules.rule_for(source.family, convention, layer), window)  # rules.build's hint
         return SpanMask(lo, hi, cu_q, validate=False, cu_seqlens_k=cu_k, total_keys=bsz * tk, window=cut)
 
     memo_key = ("extend", source.family, convention, layer, window, bsz, tq, tk)
