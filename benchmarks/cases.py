@@ -82,8 +82,8 @@ def host_us(fn, rep: int = 20) -> float:
 
 
 def fresh(spans: SpanMask) -> SpanMask:
-    """The same mask as a new object: a call over it plans anew."""
-    return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False)
+    """The same mask (window hint included) as a new object: a call over it plans anew."""
+    return SpanMask(spans.lo, spans.hi, spans.cu_seqlens, validate=False, window=spans.window)
 
 
 def build(case: Case, seed: int = 0):
