@@ -96,9 +96,10 @@ def attention(
             decode-sized calls, paged keys, inside ``torch.compile``, calls with a softcap at
             head dim 512 and where the others are missing, the reference on CPU or for fp32),
             ``"fa4"`` (FlashAttention-4, fp16/bf16, SM90 head dims multiples of 8 up to 256:
-            the mask as a few FA4 varlen window launches over row segments, exact; the backward
-            FA4's own per launch where no two segments read one key, else the triton kernels';
-            ``pip install 'bidiattn[fa4]'``), ``"gluon"`` (bidiattn's head-dim-512 forward for
+            on SM90 one FA4 launch with the spans as its mask function and block tables, its
+            backward FA4's; paged keys and SM100 run the mask as a few FA4 varlen window
+            launches over row segments, the backward FA4's per launch where no two segments read
+            one key, else the triton kernels'; exact either way; ``pip install 'bidiattn[fa4]'``), ``"gluon"`` (bidiattn's head-dim-512 forward for
             SM90, written in Triton's Gluon: fp16/bf16, no softcap; the backward the triton
             kernels'; what ``"auto"`` runs at head dim 512 on Hopper), ``"triton"`` (fp16/bf16,
             head dims multiples of 16 up to 512, a deterministic backward,
@@ -109,8 +110,8 @@ def attention(
             by the layers that use them; it runs the backend it records (``backend`` must be
             ``"auto"`` or that one). Without it the call plans once per ``SpanMask`` object,
             head shape, backend, dtype and whether gradients are needed, and keeps the plan on
-            the spans for the next call (the first call pays the planning: no host sync for
-            triton, one for fa4; inside ``torch.compile`` the triton operator plans in the call).
+            the spans for the next call (the first call pays the planning: no host sync, except
+            fa4's segment plans (paged keys, SM100); inside ``torch.compile`` the triton operator plans in the call).
             ``TypeError`` for another type; ``ValueError`` for a plan made for other spans (even
             equal ones), another head shape or paged keys.
 
