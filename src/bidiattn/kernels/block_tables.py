@@ -15,6 +15,8 @@ interpreter. The classification is
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -137,19 +139,21 @@ def block_tables(spans: SpanMask, forward_block: tuple[int, int],
     bq2, bk2 = backward_block if backward_block is not None else forward_block
     nq2, nk2 = (-(-t // bq2), -(-t // bk2)) if backward_block is not None else (0, 0)
     sizes = (t, t, nq, nq * nk, nq, nq * nk, nk2, nk2 * nq2, nk2, nk2 * nq2)
-    buf = torch.empty(sum(sizes), dtype=torch.int32, device=spans.lo.device)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    starts = tuple(itertools.accumulate(sizes, initial=0))
+    buf = torch.empty(starts[-1], dtype=torch.int32, device=spans.lo.device)
     programs = (-(-nq // _LANES), -(-nk2 // _LANES), -(-t // (_LANES * _COLS)))
     _block_tables_kernel[(sum(programs),)](
         spans.lo, spans.hi, spans.cu_seqlens, buf, t, num_seq, max(1, int(num_seq + 1).bit_length()),
-        bq, bk, nq, nk, bq2, bk2, nq2, nk2, max(1, int(nq2 + 1).bit_length()), programs[0], programs[1], *starts,
-        LANES=_LANES, COLS=_COLS,
+        bq, bk, nq, nk, bq2, bk2, nq2, nk2, max(1, int(nq2 + 1).bit_length()), programs[0], programs[1],
+        *starts[:-1], LANES=_LANES, COLS=_COLS,
     )
-    lo, hi, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = (
-        buf[a : a + n] for a, n in zip(starts, sizes))
+    # One split into views (host time: a plan's cost is mostly these few calls).
+    parts = buf.split(sizes if backward_block is not None else (*sizes[:6], starts[-1] - starts[6]))
+    lo, hi, kv_num, kv_idx, full_num, full_idx = parts[:6]
     forward = (kv_num.view(1, 1, nq), kv_idx.view(1, 1, nq, nk), full_num.view(1, 1, nq), full_idx.view(1, 1, nq, nk))
     backward = (None,) * 4
     if backward_block is not None:
+        q_num, q_idx, full_q_num, full_q_idx = parts[6:]
         backward = (q_num.view(1, 1, nk2), q_idx.view(1, 1, nk2, nq2), full_q_num.view(1, 1, nk2),
                     full_q_idx.view(1, 1, nk2, nq2))
     return (lo, hi, *forward, *backward)
