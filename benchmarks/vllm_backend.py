@@ -175,10 +175,23 @@ def _randomize(model) -> None:
                 p.normal_(std=0.05)
 
 
-def write_model(path: Path, geometry: str, images: bool, sliding_window: int | None = None) -> Path:
-    """A random-weight checkpoint (bf16) of ``geometry`` and its tokenizer (and processor) in ``path``."""
+def image_tokens(geometry: str, tokens: int | None = None) -> int:
+    """Soft tokens per image of ``geometry``'s vision tower: ``tokens`` if given (Gemma-3: a
+    square, the SigLIP image then ``sqrt(tokens)`` patches a side; Gemma-4: the processor's cap,
+    one of the counts it takes), else ``VISION``'s."""
+    if tokens is None:
+        return VISION[geometry][2]
+    if family(geometry) == "gemma3" and round(tokens ** 0.5) ** 2 != tokens:
+        raise ValueError(f"Gemma-3 image tokens must be a square (SigLIP's patch grid), got {tokens}")
+    return tokens
+
+
+def write_model(path: Path, geometry: str, images: bool, sliding_window: int | None = None,
+                tokens: int | None = None) -> Path:
+    """A random-weight checkpoint (bf16) of ``geometry`` and its tokenizer (and processor) in
+    ``path``; images of :func:`image_tokens` soft tokens."""
     if family(geometry) == "gemma4":
-        return write_gemma4_model(path, geometry, images)
+        return write_gemma4_model(path, geometry, images, tokens)
     import torch
 
     text = dict(GEOMETRY[geometry], pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -191,7 +204,9 @@ def write_model(path: Path, geometry: str, images: bool, sliding_window: int | N
     if images:
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
-        side, patch, tokens = VISION[geometry]
+        side, patch, _ = VISION[geometry]
+        tokens = image_tokens(geometry, tokens)
+        side = patch * round(tokens ** 0.5)
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                       image_size=side, patch_size=patch)
         config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens,
@@ -213,7 +228,7 @@ def write_model(path: Path, geometry: str, images: bool, sliding_window: int | N
     return path
 
 
-def write_gemma4_model(path: Path, geometry: str, images: bool) -> Path:
+def write_gemma4_model(path: Path, geometry: str, images: bool, tokens: int | None = None) -> Path:
     """A random-weight Gemma-4 checkpoint (bf16, family ``gemma4``: ``use_bidirectional_attention=
     "vision"``) with a one-layer vision tower and no audio tower, its tokenizer and, with
     ``images``, a Gemma-4 processor; the soft tokens per image are capped by the image processor's
@@ -232,7 +247,8 @@ def write_gemma4_model(path: Path, geometry: str, images: bool) -> Path:
                 hidden_size_per_layer_input=0, vocab_size_per_layer_input=geo["vocab_size"])
     torch.manual_seed(0)
     if images:
-        patch, pool, soft = VISION[geometry]
+        patch, pool, _ = VISION[geometry]
+        soft = image_tokens(geometry, tokens)
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, head_dim=32, patch_size=patch, pooling_kernel_size=pool,
                       default_output_length=soft)
@@ -697,7 +713,8 @@ def write_timing(args, rows: list, *, done: bool) -> None:
     if not args.out:
         return
     meta = run_meta(args, prompt_len=args.prompt_len, batch=args.batch, decode_tokens=args.decode_tokens,
-                    max_batched=args.max_batched, block_size=args.block_size)
+                    max_batched=args.max_batched, block_size=args.block_size,
+                    image_tokens=image_tokens(args.model, args.image_tokens) if args.images else None)
     status = [] if done else ["Partial: the run did not reach its end.", ""]
     nan = float("nan")
     lines = [f"# vLLM backends, {meta}", "", *status,
@@ -722,13 +739,16 @@ def write_timing(args, rows: list, *, done: bool) -> None:
 def timing(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_model(Path(tmp) / "model", args.model, args.images))
+        tokens = image_tokens(args.model, args.image_tokens)
+        model = str(write_model(Path(tmp) / "model", args.model, args.images, tokens=tokens))
         reqs = requests(args.model, args.images, [args.prompt_len] * args.batch)
+        # The prompts' words plus each image's soft tokens, with room to spare.
+        max_len = args.prompt_len + args.decode_tokens + 1024 + max(r["images"] for r in reqs) * tokens
         peers = [("TRITON_ATTN", None)] + ([("FLASH_ATTN", None)] if family(args.model) == "gemma3" else [])
         for backend, rule in [("bidiattn", "official")] + peers:  # vLLM's FLASH_ATTN refuses head dim 512
             spec = dict(model=model, backend=backend, rule=rule, requests=reqs, images=args.images, graphs=args.graphs,
                         mode="time", decode_tokens=args.decode_tokens, reps=args.reps, memory=0.8,
-                        max_model_len=args.prompt_len + args.decode_tokens + 1024, max_batched=args.max_batched,
+                        max_model_len=max_len, max_batched=args.max_batched,
                         block_size=args.block_size, hf_overrides=vllm_overrides(args.model, args.images),
                         mm_limits=mm_limits(args.model))
             code, res, err = run_worker(spec, timeout=3600)
@@ -817,6 +837,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--decode-tokens", type=int, default=128)
         p.add_argument("--reps", type=int, default=3)
         p.add_argument("--out", default=None)
+        if name == "time":
+            p.add_argument("--image-tokens", type=int, default=None,
+                           help="soft tokens per image (default: the model's; Gemma-3 a square, Gemma-4 one of "
+                                "its processor's caps: 70, 140, 280, 560, 1120)")
     args = parser.parse_args(argv)
     if args.max_batched is None:
         args.max_batched = 8192 if args.command == "time" else 160 if family(args.model) == "gemma4" else 64

@@ -135,7 +135,8 @@ def test_the_timing_writes_each_engine_as_it_finishes(vb, tmp_path, monkeypatch)
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     args = argparse.Namespace(out=str(tmp_path), graphs=True, model="gemma-4-31b-6l", images=True, prompt_len=8192,
-                              batch=2, decode_tokens=256, max_batched=8192, block_size=16)
+                              batch=2, decode_tokens=256, max_batched=8192, block_size=16,
+                              image_tokens=None)
     rows = [dict(backend="bidiattn/official", prefill_tok_s=64718.0, decode_tok_s=150.0, prefill_attention_s=0.0379,
                  prefill_kernels_s=0.1941, kernels=dict(bidiattn_layers_s=0.0401), decode_s=0.8152,
                  decode_kernels_s=0.61, decode_attention_s=0.08)]
@@ -176,3 +177,22 @@ def test_the_decode_profile_is_the_longer_run_less_the_prefill_host_side_too(vb,
     assert list(decode["host"]) == ["gpu_model_runner: preprocess", vb.BUILD_RANGE, "cudaGraphLaunch"]
     assert decode["host"][vb.BUILD_RANGE][0] == 60 and abs(decode["host"][vb.BUILD_RANGE][1] - 0.003) < 1e-12
     assert vb.HOST_WAITS.search("cudaStreamSynchronize") and not vb.HOST_WAITS.search("cudaLaunchKernel")
+
+
+def test_the_timing_takes_other_image_sizes(vb, tmp_path):
+    # --image-tokens: a Gemma-3 SigLIP tower of sqrt(tokens) patches a side, its processor
+    # expanding each image to that many soft tokens; a count that is not a square is refused.
+    import transformers
+
+    reqs = vb.requests("tiny", True, [40])
+    lengths = []
+    for tokens in (None, 16):
+        path = vb.write_model(tmp_path / f"m{tokens}", "tiny", images=True, tokens=tokens)
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        inputs = processor(text=reqs[0]["prompt"], images=vb.request_images(0, reqs[0]["images"]), return_tensors="pt")
+        lengths.append(inputs["input_ids"].shape[1])
+        assert json.loads((path / "config.json").read_text())["mm_tokens_per_image"] == vb.image_tokens("tiny", tokens)
+    assert lengths[1] - lengths[0] == reqs[0]["images"] * (16 - vb.VISION["tiny"][2])
+    assert vb.image_tokens("gemma-4-31b-6l", 1120) == 1120 and vb.image_tokens("gemma-3-4b-6l") == 256
+    with pytest.raises(ValueError, match="must be a square.*got 15"):
+        vb.image_tokens("tiny", 15)
