@@ -16,7 +16,7 @@ Gemma-3 processor (9 tokens per image for ``tiny``, 256 for the others). Gemma-4
 attention geometry: sliding head dim 256 with 32 query / 16 K/V heads, full head dim 512 with
 4 K/V heads and K = V, window 1024; hidden 5376), with a small Gemma-4 vision tower and a
 Gemma-4 processor (at most 70 soft tokens per image for ``tiny-gemma4``, the fewest Gemma-4's
-processor takes; 280 for the other).
+processor takes; 280 for the other; ``time --image-tokens`` sets another count).
 Every image is shorter than the window, where the official, transformers and vLLM rules
 coincide, so every backend must give the same logits.
 
