@@ -181,6 +181,8 @@ def image_tokens(geometry: str, tokens: int | None = None) -> int:
     one of the counts it takes), else ``VISION``'s."""
     if tokens is None:
         return VISION[geometry][2]
+    if tokens < 1:
+        raise ValueError(f"image tokens must be positive, got {tokens}")
     if family(geometry) == "gemma3" and round(tokens ** 0.5) ** 2 != tokens:
         raise ValueError(f"Gemma-3 image tokens must be a square (SigLIP's patch grid), got {tokens}")
     return tokens
@@ -204,7 +206,7 @@ def write_model(path: Path, geometry: str, images: bool, sliding_window: int | N
     if images:
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
-        side, patch, _ = VISION[geometry]
+        patch = VISION[geometry][1]
         tokens = image_tokens(geometry, tokens)
         side = patch * round(tokens ** 0.5)
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -526,7 +528,10 @@ def profile_kernels(llm, prompts, decode_tokens: int) -> tuple[dict, dict]:
     (prefill, prefill_host), (both, both_host) = runs
     decode = {k: v - prefill.get(k, 0.0) for k, v in both.items()}
     summary = kernel_summary({k: v for k, v in decode.items() if v > 0})
-    host = {k: [c - c0, t - t0] for k, (c, t) in both_host.items() for c0, t0 in [prefill_host.get(k, (0, 0.0))]}
+    host = {}
+    for name, (calls, sec) in both_host.items():
+        calls0, sec0 = prefill_host.get(name, (0, 0.0))
+        host[name] = [calls - calls0, sec - sec0]
     summary["host"] = {k[:80]: v for k, v in sorted(host.items(), key=lambda kv: -kv[1][1])[:12] if v[0] > 0}
     return kernel_summary(prefill), summary
 

@@ -99,21 +99,22 @@ def attention(
             on SM90 one FA4 launch with the spans as its mask function and block tables, its
             backward FA4's; paged keys and SM100 run the mask as a few FA4 varlen window
             launches over row segments, the backward FA4's per launch where no two segments read
-            one key, else the triton kernels'; exact either way; ``pip install 'bidiattn[fa4]'``), ``"gluon"`` (bidiattn's head-dim-512 forward for
-            SM90, written in Triton's Gluon: fp16/bf16, no softcap; the backward the triton
-            kernels'; what ``"auto"`` runs at head dim 512 on Hopper), ``"triton"`` (fp16/bf16,
-            head dims multiples of 16 up to 512, a deterministic backward,
-            ``torch.compile``-traceable), ``"flex"`` (FlexAttention with a block mask built from
-            the spans; compiled on CUDA, eager and forward-only on CPU) or ``"reference"`` (dense
-            fp32 spec, any float dtype, differentiable).
+            one key, else the triton kernels'; exact either way; ``pip install
+            'bidiattn[fa4]'``), ``"gluon"`` (bidiattn's head-dim-512 forward for SM90, written
+            in Triton's Gluon: fp16/bf16, no softcap; the backward the triton kernels'; what
+            ``"auto"`` runs at head dim 512 on Hopper), ``"triton"`` (fp16/bf16, head dims
+            multiples of 16 up to 512, a deterministic backward, ``torch.compile``-traceable),
+            ``"flex"`` (FlexAttention with a block mask built from the spans; compiled on CUDA,
+            eager and forward-only on CPU) or ``"reference"`` (dense fp32 spec, any float dtype,
+            differentiable).
         plan: :func:`bidiattn.plan` of these ``spans`` (the same object) and head shape, shared
             by the layers that use them; it runs the backend it records (``backend`` must be
             ``"auto"`` or that one). Without it the call plans once per ``SpanMask`` object,
             head shape, backend, dtype and whether gradients are needed, and keeps the plan on
             the spans for the next call (the first call pays the planning: no host sync, except
-            fa4's segment plans (paged keys, SM100); inside ``torch.compile`` the triton operator plans in the call).
-            ``TypeError`` for another type; ``ValueError`` for a plan made for other spans (even
-            equal ones), another head shape or paged keys.
+            fa4's segment plans (paged keys, SM100); inside ``torch.compile`` the triton operator
+            plans in the call). ``TypeError`` for another type; ``ValueError`` for a plan made
+            for other spans (even equal ones), another head shape or paged keys.
 
     The triton backend runs as the operator ``torch.ops.bidiattn.span_attention`` (autograd,
     ``torch.compile``); an eager call that needs no gradient, with plain tensors and no

@@ -147,8 +147,8 @@ def block_tables(spans: SpanMask, forward_block: tuple[int, int],
         bq, bk, nq, nk, bq2, bk2, nq2, nk2, max(1, int(nq2 + 1).bit_length()), programs[0], programs[1],
         *starts[:-1], LANES=_LANES, COLS=_COLS,
     )
-    # One split into views (host time: a plan's cost is mostly these few calls).
-    parts = buf.split(sizes if backward_block is not None else (*sizes[:6], starts[-1] - starts[6]))
+    # One split into views; without a backward its four sizes are 0 and buf ends at the forward's.
+    parts = buf.split(sizes if backward_block is not None else sizes[:6])
     lo, hi, kv_num, kv_idx, full_num, full_idx = parts[:6]
     forward = (kv_num.view(1, 1, nq), kv_idx.view(1, 1, nq, nk), full_num.view(1, 1, nq), full_idx.view(1, 1, nq, nk))
     backward = (None,) * 4
