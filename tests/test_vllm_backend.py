@@ -147,6 +147,10 @@ def test_builders_of_one_engine_share_a_step_builder():
     assert other[0].step is not builders[0].step
     alone = engine(dbo=True)
     assert len({id(b.step) for b in alone}) == 6 and {k.layer for k in alone[0].step.kinds} == {"sliding"}
+    # vLLM's update_block_table hook (groups of one spec after the first): on, except under
+    # dual-batch overlap, where vLLM's cache of built metadata mixes the micro-batches.
+    assert all(b.supports_update_block_table for b in builders + other)
+    assert not any(b.supports_update_block_table for b in alone)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -185,6 +189,11 @@ def test_impl_writes_and_attends_through_vllm_metadata(block_size):
         seq_lens_cpu_upper_bound=seq, mm_req_doc_ranges=images)
     meta = builder.build(0, cm)
     assert isinstance(meta, StepMetadata)
+    # Another group's metadata through vLLM's hook: the step's, with that group's tables.
+    other_slots = cm.slot_mapping + 1
+    other = builder.update_block_table(meta, table, other_slots)
+    assert other.layout is meta.layout and other._prepared is meta._prepared
+    assert other.block_table.shape == (3, 3) and other.slot_mapping is other_slots
     new_k = torch.cat([ks[0][6:], ks[1][12:]]).to(DEVICE)
     new_v = torch.cat([vs[0][6:], vs[1][12:]]).to(DEVICE)
     for layer_type, (name, impl) in zip(("sliding", "full"), impls.items()):

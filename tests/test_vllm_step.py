@@ -229,8 +229,9 @@ def test_kv_cache_groups_of_one_step_share_its_build():
     # vLLM builds a step's metadata once per KV-cache group from the same objects (Gemma-4-31B:
     # six groups); the groups' builders share one StepBuilder, which builds the step once: the
     # later groups get the first's layout and prepared spans and plans, with their own block
-    # table, and attend correctly through it. A new step (other objects or host values, even in
-    # the same objects) builds anew.
+    # table, and attend correctly through it; so does a group that takes the first's metadata
+    # through StepMetadata.for_group (vLLM's update_block_table). A new step (other objects or
+    # host values, even in the same objects) builds anew.
     model = model_rule("gemma3", "official", "gemma3")
     hq, hkv, d, block_size = 4, 2, 32, 16
     reqs = [(30, [(4, 11)], 0, 15), (25, [(1, 9)], 25, 26)]
@@ -244,20 +245,28 @@ def test_kv_cache_groups_of_one_step_share_its_build():
                 query_start_loc_cpu=cu_q, seq_lens_cpu=seq_lens, ranges={b: list(r) for b, (_, r, _, _) in enumerate(reqs)},
                 slot_mapping=torch.zeros(0, dtype=torch.int64))
     metas, outs = [], []
-    for group, pages in enumerate(([0, 1, 2, 3], [5, 7, 4, 6])):  # each group's own pages for the same keys
+    for group, pages in enumerate(([0, 1, 2, 3], [5, 7, 4, 6], [3, 6, 1, 0])):  # each group's own pages
         table = torch.tensor([pages[:2], pages[2:]], dtype=torch.int32, device=DEVICE)
         cache = vllm_kv_cache(8, block_size, hkv, d, torch.float16)
         for b in range(2):
             write_kv(ks[b].to(DEVICE), vs[b].to(DEVICE), cache,
                      torch.tensor(slots(table[b].tolist(), range(ks[b].shape[0]), block_size), device=DEVICE))
-        metas.append(builder.build(**step, block_table=table))
+        padded = torch.cat([table, torch.zeros_like(table)])  # vLLM's table has rows for padded requests
+        metas.append(builder.build(**step, block_table=padded) if group < 2 else
+                     metas[0].for_group(padded, step["slot_mapping"]))
         kind = model.kind(WINDOW)
         outs.append(attend(q.to(DEVICE), cache, metas[-1], kind, scale=d**-0.5, softcap=None,
                            out=torch.empty(q.shape, dtype=torch.float16, device=DEVICE)))
-        assert metas[-1].block_table.data_ptr() == table.data_ptr()
-    assert metas[1].layout is metas[0].layout and metas[1]._prepared is metas[0]._prepared
-    assert len(metas[0]._prepared) == 2  # the sliding kind's spans and plan, made once for both groups
-    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+        assert metas[-1].block_table.data_ptr() == padded.data_ptr()
+    for meta, out in zip(metas[1:], outs[1:]):
+        assert meta.layout is metas[0].layout and meta._prepared is metas[0]._prepared
+        assert meta.block_table.shape == (2, 2)
+        torch.testing.assert_close(out, outs[0], atol=0, rtol=0)
+    assert len(metas[0]._prepared) == 2  # the sliding kind's spans and plan, made once for all groups
+    with pytest.raises(ValueError, match="int32"):
+        metas[0].for_group(padded.long(), step["slot_mapping"])
+    with pytest.raises(ValueError, match="1 rows, the step 2 requests"):
+        metas[0].for_group(padded[:1], step["slot_mapping"])
     lo, hi = expected_spans(model, "sliding", reqs, WINDOW)
     row = 0
     for b, (_, _, first, keys) in enumerate(reqs):

@@ -131,10 +131,15 @@ class BidiattnMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
     vLLM makes one builder per KV-cache group (six for Gemma-4-31B's 5:1 layer pattern), all fed
     the same request layout each step; they share one ``StepBuilder`` (kept on the impl of the
     engine's first bidiattn layer, so it lives and dies with the engine), which builds a step
-    once for all of them. With dual-batch overlap (one builder per micro-batch) each builder
-    keeps its own."""
+    once for all of them; a group whose KV-cache spec an earlier group of the step shares gets
+    that group's metadata with its own block table (:meth:`update_block_table`, vLLM's hook). With
+    dual-batch overlap (one builder per micro-batch) each builder keeps its own and builds."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # vLLM then calls update_block_table, not build, for a KV-cache group whose spec an earlier
+    # group of the step shares (Gemma-4-31B: the five sliding groups); off under dual-batch
+    # overlap, where vLLM's cache of built metadata does not tell the micro-batches apart.
+    supports_update_block_table: bool = True
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -155,6 +160,7 @@ class BidiattnMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
         else:
             step = StepBuilder.allocate(model, tuple(kinds), **sizes, device=device)
         self.step = step
+        self.supports_update_block_table = not dbo
         _log.warning("%s; layers %s", model.describe(),
                      ", ".join(f"{k.layer} (window {k.window})" for k in sorted(kinds, key=lambda k: k.layer)) or "?")
 
@@ -169,6 +175,12 @@ class BidiattnMetadataBuilder(AttentionMetadataBuilder[StepMetadata]):
                                query_start_loc_cpu=cm.query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu,
                                ranges=cm.mm_req_doc_ranges, block_table=cm.block_table_tensor,
                                slot_mapping=cm.slot_mapping)
+
+    def update_block_table(self, metadata: StepMetadata, blk_table: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> StepMetadata:
+        """Another KV-cache group's metadata for the step ``metadata`` was built for: its block
+        table and slot mapping, the step's layout and prepared spans and plans."""
+        return metadata.for_group(blk_table, slot_mapping)
 
 
 class BidiattnImpl(AttentionImpl):

@@ -27,6 +27,7 @@ runs (and is tested) without vLLM:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -189,6 +190,17 @@ class StepMetadata:
         """The most query rows a step holds (the builder's ``max_num_batched_tokens``)."""
         return self.layout.blocks.starts.numel()
 
+    def for_group(self, block_table: torch.Tensor, slot_mapping: torch.Tensor) -> StepMetadata:
+        """This step's metadata for another KV-cache group: that group's block table (int32
+        ``[B', P]`` with ``B'`` at least this step's requests; its first rows taken) and slot
+        mapping, with this step's layout and the spans and plans its layers prepare (shared: none
+        of them depends on the block table)."""
+        _check_block_table(block_table)
+        rows = self.block_table.shape[0]
+        if block_table.shape[0] < rows:
+            raise ValueError(f"bidiattn: the block table has {block_table.shape[0]} rows, the step {rows} requests")
+        return dataclasses.replace(self, block_table=block_table[:rows], slot_mapping=slot_mapping)
+
 
 # Keys per row of a step's capacity up to which head-dim-512 prefill steps gather their keys
 # (StepMetadata.gathers): 4 x 8192 = 32K keys, 256 MB of K and V at 4 K/V heads.
@@ -271,9 +283,7 @@ class StepBuilder:
         replay; each split's key range still follows the real lengths on the device."""
         if num_reqs > self.max_seqs:
             raise ValueError(f"bidiattn: a step of {num_reqs} requests exceeds the builder's {self.max_seqs}")
-        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1:
-            raise ValueError(f"bidiattn: the block table must be int32 [B, P] with unit last stride, got "
-                             f"{block_table.dtype} {tuple(block_table.shape)} strides {block_table.stride()}")
+        _check_block_table(block_table)
         cu_q_host = query_start_loc_cpu[: num_reqs + 1].tolist()
         k_lens = None if seq_lens_cpu is None else seq_lens_cpu[:num_reqs].tolist()
         sources = (query_start_loc_cpu, query_start_loc, seq_lens, ranges)
@@ -281,8 +291,7 @@ class StepBuilder:
         last = self._last[0] if self._last else None
         if last is not None and last.values == values and all(a is b for a, b in zip(last.sources, sources)):
             # Another KV-cache group of the step just built: the buffers hold it already.
-            return StepMetadata(last.layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens,
-                                _prepared=last.prepared)
+            return last.metadata.for_group(block_table, slot_mapping)
         q_lens = [b - a for a, b in zip(cu_q_host[:-1], cu_q_host[1:])]
         starts, ends, counts = step_blocks(ranges if self.reads_blocks else None, q_lens, k_lens,
                                            merge=self.model.merges_adjacent)
@@ -315,20 +324,26 @@ class StepBuilder:
         host_keys = None if k_lens is None else max(1, sum(k_lens))
         layout = StepLayout(blocks, cu_q, cu_k, num_tokens, total_keys, min_rows, host_keys)
         meta = StepMetadata(layout, self.model, block_table[:num_reqs], slot_mapping, num_tokens)
-        self._last[:] = [_Built(sources, values, layout, meta._prepared)]
+        self._last[:] = [_Built(sources, values, meta)]
         return meta
 
 
 @dataclass(frozen=True)
 class _Built:
     """A step a :class:`StepBuilder` wrote into its buffers: the vLLM objects and host values it
-    came from (another build from the same objects and values is the same step), its layout and
-    the spans and plans its layers prepare, shared by the step's KV-cache groups."""
+    came from (another build from the same objects and values is the same step) and its metadata,
+    whose layout and prepared spans and plans the step's other KV-cache groups share
+    (:meth:`StepMetadata.for_group`)."""
 
     sources: tuple
     values: tuple
-    layout: StepLayout
-    prepared: dict
+    metadata: StepMetadata
+
+
+def _check_block_table(block_table: torch.Tensor) -> None:
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1:
+        raise ValueError(f"bidiattn: the block table must be int32 [B, P] with unit last stride, got "
+                         f"{block_table.dtype} {tuple(block_table.shape)} strides {block_table.stride()}")
 
 
 def _strides_match(t: torch.Tensor, want: tuple[int, ...]) -> bool:
