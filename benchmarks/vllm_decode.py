@@ -1,6 +1,7 @@
 """The vLLM backend's decode step at Gemma-4-31B geometry, without vLLM: the metadata builder's
-host time (one build, and a step's builds for six KV-cache groups: shared, through vLLM's update_block_table hook, or separate) and each layer
-kind's attention over a cache laid out as vLLM lays it out, per tile config of the decode kernel.
+host time (one build, and a step's builds for six KV-cache groups: shared, through vLLM's
+``update_block_table`` hook, or separate) and each layer kind's attention over a cache laid out
+as vLLM lays it out, per tile config of the decode kernel.
 
     python benchmarks/vllm_decode.py --out benchmarks/results [--batch 2] [--context 8192]
 
