@@ -1,19 +1,19 @@
 """Where the default call's first-call host time goes (issue 24: at most 100 µs over a planned call).
 
-    python benchmarks/first_call.py --out $OUT [--cases 'hd256 16K img,hd128 16K img'] [--profile 30]
+    python benchmarks/first_call.py --out $OUT [--cases 'hd256 16K img,hd128 16K img'] [--label L]
 
 Per case, host microseconds (``cases.host_us``: median, call started on an idle GPU) of: a new
 ``SpanMask`` over the same bounds; ``bidiattn.plan`` with the default backend; the call with that
 plan; the default call on new spans (plans inside: the first call of a layer); the default call
-on spans that keep their plan (steady). The first call's excess over plan + steady is what neither
-explains. Then a cProfile of ``--profile`` first calls, the functions with the most own time,
-written into the .md. Checked first: the first and steady calls give the same output, within
-``cases.rel_err`` of SDPA with the dense mask. Writes first-call-<device>-<date>.{md,json}.
+on spans that keep their plan (steady). The first call's excess over new spans + plan + steady is
+what none of them explains. Then a cProfile of 30 first calls, the functions with the most own
+time, written into the .md. Cases: ``cases.fa4_cli``'s. Checked first: the first and steady calls
+give the same output, within ``cases.rel_err`` of SDPA with the dense mask (up to 16K tokens).
+Writes first-call[-<label>]-<device>-<date>.{md,json}.
 """
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -25,6 +25,7 @@ import torch
 import bidiattn
 
 PARTS = ("new spans", "plan", "call with plan", "first call", "steady call")
+PROFILED_CALLS = 30
 
 
 def profile_first_calls(q, k, v, spans, calls: int) -> list[str]:
@@ -42,14 +43,9 @@ def profile_first_calls(q, k, v, spans, calls: int) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--cases", default="hd256 16K img,hd128 16K img")
-    parser.add_argument("--profile", type=int, default=30, help="first calls profiled per case (0: none)")
-    args = parser.parse_args()
+    args, picked = cases.fa4_cli("first-call")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    picked = [c for c in cases.CASES + cases.FA4_CASES if any(c.name.startswith(p) for p in args.cases.split(","))]
     if not picked:
         raise SystemExit(f"no case matches --cases {args.cases!r}")
     rows, profiles = [], {}
@@ -64,7 +60,7 @@ def main() -> int:
         plan = bidiattn.plan(spans, hq, hkv, d)
         host = dict(zip(PARTS, (
             cases.host_us(lambda: cases.fresh(spans)),
-            cases.host_us(lambda: bidiattn.plan(cases.fresh(spans), hq, hkv, d)),
+            cases.host_us(lambda: bidiattn.plan(spans, hq, hkv, d)),  # plan() keeps nothing
             cases.host_us(lambda: bidiattn.attention(q, k, v, spans, plan=plan)),
             cases.host_us(lambda: bidiattn.attention(q, k, v, cases.fresh(spans))),
             cases.host_us(lambda: bidiattn.attention(q, k, v, spans)),
@@ -73,8 +69,7 @@ def main() -> int:
         rows.append(dict(case=case.name, backend=plan.backend, rel_err=err, host_us=host, unexplained_us=unexplained))
         parts = ", ".join(f"{n} {t:.0f}" for n, t in host.items())
         print(f"{case.name}: {plan.backend}, rel err {err}; {parts}; unexplained {unexplained:.0f} µs", flush=True)
-        if args.profile:
-            profiles[case.name] = profile_first_calls(q, k, v, spans, args.profile)
+        profiles[case.name] = profile_first_calls(q, k, v, spans, PROFILED_CALLS)
     meta = cases.meta()
     lines = [f"# The default call's first-call host time, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, FA4 {meta['fa4']}, commit {meta['commit']}, "
@@ -86,9 +81,10 @@ def main() -> int:
         lines.append(f"| {r['case']} | {r['backend']} | {err} | "
                      + " | ".join(f"{r['host_us'][n]:.0f}" for n in PARTS) + f" | {r['unexplained_us']:.0f} |")
     for name, text in profiles.items():
-        lines += ["", f"## {name}: {args.profile} first calls, by own time", "", "```", *text, "```"]
+        lines += ["", f"## {name}: {PROFILED_CALLS} first calls, by own time", "", "```", *text, "```"]
     if args.out:
-        stem = cases.write_results(args.out, "first-call", meta, dict(rows=rows, profiles=profiles), lines)
+        prefix = "first-call" + (f"-{args.label}" if args.label else "")
+        stem = cases.write_results(args.out, prefix, meta, dict(rows=rows, profiles=profiles), lines)
         print(f"wrote {args.out}/{stem}.{{md,json}}")
     print("\n".join(lines))
     return 0
