@@ -15,8 +15,6 @@ interpreter. The classification is
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -87,31 +85,60 @@ def _store_rows(num_ptr, idx_ptr, rows, ok, start1, count1, start2, count2, widt
 
 
 @triton.jit
-def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps, bq, bk, nq, nk, bq2, bk2, nq2, nk2,
-                         q_steps, forward_programs, backward_programs, o_lo, o_hi, o_kv_num, o_kv_idx, o_full_num,
-                         o_full_idx, o_q_num, o_q_idx, o_full_q_num, o_full_q_idx, LANES: tl.constexpr,
-                         COLS: tl.constexpr):
-    """Programs ``[0, forward_programs)``: ``LANES`` forward rows each; the next
-    ``backward_programs``: ``LANES`` backward rows each; the rest: ``LANES * COLS`` packed bounds
-    each. Outputs at the ``o_*`` offsets of ``out_ptr`` (int32)."""
+def _bit_length(x):
+    """Bits of the non-negative scalar ``x`` (at least 1): binary-search rounds over ``x`` items."""
+    bits = 1
+    while (x >> bits) > 0:
+        bits += 1
+    return bits
+
+
+@triton.jit
+def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, BQ: tl.constexpr, BK: tl.constexpr,
+                         BQ2: tl.constexpr, BK2: tl.constexpr, LANES: tl.constexpr, COLS: tl.constexpr):
+    """Tables of ``t`` tokens in ``num_seq`` sequences, forward blocks ``BQ x BK``, backward
+    blocks ``BQ2 x BK2`` (``BQ2 == 0``: no backward), packed into ``out_ptr`` (int32) in the order
+    ``block_tables`` splits them. Programs: ``LANES`` forward rows each, then ``LANES`` backward
+    rows each, then ``LANES * COLS`` packed bounds each. Sizes and offsets are derived here, so
+    the launch passes six runtime arguments (Triton's host cost grows with each one)."""
     pid = tl.program_id(0)
     lanes = tl.arange(0, LANES).to(tl.int64)
+    seq_steps = _bit_length(num_seq + 1)
+    nq = (t + BQ - 1) // BQ
+    nk = (t + BK - 1) // BK
+    if BQ2 > 0:
+        nq2 = (t + BQ2 - 1) // BQ2
+        nk2 = (t + BK2 - 1) // BK2
+    else:
+        nq2 = t * 0
+        nk2 = t * 0
+    o_kv_num = 2 * t
+    o_kv_idx = o_kv_num + nq
+    o_full_num = o_kv_idx + nq * nk
+    o_full_idx = o_full_num + nq
+    o_q_num = o_full_idx + nq * nk
+    o_q_idx = o_q_num + nk2
+    o_full_q_num = o_q_idx + nk2 * nq2
+    o_full_q_idx = o_full_q_num + nk2
+    forward_programs = (nq + LANES - 1) // LANES
+    backward_programs = (nk2 + LANES - 1) // LANES
     if pid < forward_programs:
         b = pid * LANES + lanes
         ok_q = b < nq
-        v0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 0)
-        v1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 1)
-        f0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 2)
-        f1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, bq, bk, 3)
+        v0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, BQ, BK, 0)
+        v1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, BQ, BK, 1)
+        f0 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, BQ, BK, 2)
+        f1 = _block_bounds(lo_ptr, hi_ptr, cu_ptr, b, t, num_seq, seq_steps, BQ, BK, 3)
         _store_rows(out_ptr + o_kv_num, out_ptr + o_kv_idx, b, ok_q, v0, f0 - v0, f1, v1 + 1 - f1, nk, COLS)
         _store_rows(out_ptr + o_full_num, out_ptr + o_full_idx, b, ok_q, f0, f1 - f0, f1, f1 * 0, nk, COLS)
     elif pid < forward_programs + backward_programs:
+        q_steps = _bit_length(nq2 + 1)
         kb = (pid - forward_programs) * LANES + lanes
         ok_k = kb < nk2
-        first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb - 1, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 1)
-        last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 0) - 1
-        full_first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 3)
-        full_last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, bq2, bk2, 2) - 1
+        first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb - 1, nq2, q_steps, t, num_seq, seq_steps, BQ2, BK2, 1)
+        last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, BQ2, BK2, 0) - 1
+        full_first = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, BQ2, BK2, 3)
+        full_last = _first_above(lo_ptr, hi_ptr, cu_ptr, kb, nq2, q_steps, t, num_seq, seq_steps, BQ2, BK2, 2) - 1
         full = full_last >= full_first
         full_first = tl.where(full, full_first, last + 1)
         full_last = tl.where(full, full_last, last)
@@ -123,8 +150,8 @@ def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, seq_steps,
         rows = (pid - forward_programs - backward_programs) * (LANES * COLS) + tl.arange(0, LANES * COLS)
         ok_r = rows < t
         rows = tl.minimum(rows, t - 1)
-        tl.store(out_ptr + o_lo + rows, _packed(lo_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok_r)
-        tl.store(out_ptr + o_hi + rows, _packed(hi_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok_r)
+        tl.store(out_ptr + rows, _packed(lo_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok_r)
+        tl.store(out_ptr + t + rows, _packed(hi_ptr, cu_ptr, rows, num_seq, seq_steps).to(tl.int32), mask=ok_r)
 
 
 def block_tables(spans: SpanMask, forward_block: tuple[int, int],
@@ -133,20 +160,16 @@ def block_tables(spans: SpanMask, forward_block: tuple[int, int],
     ``spans`` in one Triton launch (CUDA, or Triton's interpreter); one int32 buffer holds them."""
     if not spans.is_self_attention:
         raise ValueError("block tables take self-attention spans only (no cu_seqlens_k)")
-    t, num_seq = spans.total_tokens, spans.num_sequences
+    t = spans.total_tokens
     bq, bk = forward_block
     nq, nk = -(-t // bq), -(-t // bk)
-    bq2, bk2 = backward_block if backward_block is not None else forward_block
+    bq2, bk2 = backward_block if backward_block is not None else (0, 0)
     nq2, nk2 = (-(-t // bq2), -(-t // bk2)) if backward_block is not None else (0, 0)
     sizes = (t, t, nq, nq * nk, nq, nq * nk, nk2, nk2 * nq2, nk2, nk2 * nq2)
-    starts = tuple(itertools.accumulate(sizes, initial=0))
-    buf = torch.empty(starts[-1], dtype=torch.int32, device=spans.lo.device)
-    programs = (-(-nq // _LANES), -(-nk2 // _LANES), -(-t // (_LANES * _COLS)))
-    _block_tables_kernel[(sum(programs),)](
-        spans.lo, spans.hi, spans.cu_seqlens, buf, t, num_seq, max(1, int(num_seq + 1).bit_length()),
-        bq, bk, nq, nk, bq2, bk2, nq2, nk2, max(1, int(nq2 + 1).bit_length()), programs[0], programs[1],
-        *starts[:-1], LANES=_LANES, COLS=_COLS,
-    )
+    buf = torch.empty(sum(sizes), dtype=torch.int32, device=spans.lo.device)
+    programs = -(-nq // _LANES) + -(-nk2 // _LANES) + -(-t // (_LANES * _COLS))
+    _block_tables_kernel[(programs,)](spans.lo, spans.hi, spans.cu_seqlens, buf, t, spans.num_sequences,
+                                      BQ=bq, BK=bk, BQ2=bq2, BK2=bk2, LANES=_LANES, COLS=_COLS)
     # One split into views; without a backward its four sizes are 0 and buf ends at the forward's.
     parts = buf.split(sizes if backward_block is not None else sizes[:6])
     lo, hi, kv_num, kv_idx, full_num, full_idx = parts[:6]
