@@ -15,8 +15,9 @@ full, twice: Gemma-3's pattern), each a bf16 matmul pair standing in for the lay
 the GPU has queued work when a plan reads back) and the default call ``bidiattn.attention(q, k, v,
 spans)`` (8 query / 4 K/V heads; 256-token images every 1024; window 1024). Inference: no
 gradients; training: forward and backward of the attention. Wall clock per step, synchronized at
-its ends, median (and minimum) of interleaved rounds, every round kept in the JSON; also with
-spans kept from step to step (plans cached). Checks first: each variant's outputs and gradients
+its ends, with new spans every step and with spans kept from step to step (plans cached); median
+(and minimum) of rounds that each run both variants in both spans modes (every round kept in the
+JSON). Checks first: each variant's outputs and gradients
 (and a call without gradients) against a triton plan on one layer of each kind.
 Last, one inference step of the masked variant with new and with kept spans under the torch
 profiler (kernel times, GPU busy time against wall time).
@@ -107,10 +108,10 @@ def main() -> None:
                     raise SystemExit(f"{name} on {kind} layers differs from the triton plan: {errs}")
     rows = []
     for training in (False, True):
-        for new_spans in (True, False):
-            kept = {name: build() for name in VARIANTS}
-            times = {name: [] for name in VARIANTS}
-            for r in range(args.rounds + 2):
+        kept = {name: build() for name in VARIANTS}
+        times = {(name, new_spans): [] for new_spans in (True, False) for name in VARIANTS}
+        for r in range(args.rounds + 2):  # every variant and spans mode in each round, so drift hits all alike
+            for new_spans in (True, False):
                 for name, fn in VARIANTS.items():
                     with mock.patch.object(launch, "masked_layers", fn):
                         s = build() if new_spans else kept[name]
@@ -119,14 +120,16 @@ def main() -> None:
                         step(s, training)
                         torch.cuda.synchronize()
                         if r >= 2:
-                            times[name].append((time.perf_counter() - t0) * 1e3)
+                            times[name, new_spans].append((time.perf_counter() - t0) * 1e3)
+        for new_spans in (True, False):
+            ts_of = {name: times[name, new_spans] for name in VARIANTS}
             row = dict(mode="training" if training else "inference", spans="new every step" if new_spans else "kept",
-                       **{f"{name}_ms": statistics.median(ts) for name, ts in times.items()},
-                       **{f"{name}_min_ms": min(ts) for name, ts in times.items()},
-                       **{f"{name}_rounds_ms": ts for name, ts in times.items()})
+                       **{f"{name}_ms": statistics.median(ts) for name, ts in ts_of.items()},
+                       **{f"{name}_min_ms": min(ts) for name, ts in ts_of.items()},
+                       **{f"{name}_rounds_ms": ts for name, ts in ts_of.items()})
             row["masked_over_segments"] = row["masked_ms"] / row["segments_ms"]
             rows.append(row)
-            print(row, flush=True)
+            print({k: v for k, v in row.items() if not k.endswith("rounds_ms")}, flush=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(10):

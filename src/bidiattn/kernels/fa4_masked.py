@@ -269,12 +269,12 @@ def span_attention_fa4_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     FA4 launch with the spans' ``mask_mod``; differentiable (FA4's backward, lse gradient
     included). ``tables``: :func:`mask_tables` of ``spans``; built here when not given, or when the
     call needs gradients and ``tables`` lacks the backward's (a forward plan's)."""
-    capability = device_capability(q.device)
-    why = masked_unsupported(spans, q.shape[-1], capability)
-    if why is not None:
-        raise ValueError(why)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if tables is None or (needs_grad and tables.q_num is None):
+    if tables is None or (needs_grad and tables.q_num is None):  # else a plan's, checked when it was made
+        capability = device_capability(q.device)
+        why = masked_unsupported(spans, q.shape[-1], capability)
+        if why is not None:
+            raise ValueError(why)
         tables = mask_tables(spans, q.shape[-1], backward=needs_grad, capability=capability)
     q, k, v = (x.contiguous() for x in (q, k, v))
     if not needs_grad:  # no autograd node to build: the launch alone
