@@ -52,8 +52,8 @@ backend works without the package's entry point installed).
   kernels' GPU time in one prefill run (kernels by name) and, for bidiattn, every kernel its
   layers launch there (a profiler range around them); the decode's kernels (a run of
   ``1 + --decode-tokens`` tokens less the prefill run, per kernel name) against its wall clock.
-  Writes vllm-backend[-graphs]-<gpu>-<date>.json and .md after every engine (marked partial
-  until the end).
+  Writes vllm-backend[-graphs][-<label>]-<gpu>-<date>.json and .md after every engine (marked
+  partial until the end).
 
 On the GPU machine (vLLM 0.26.0 staged by shared/device/stage-vllm.sh):
 ``source .vllmc/env.sh && PYTHONPATH=src:$PYTHONPATH python3 benchmarks/vllm_backend.py check
@@ -738,7 +738,8 @@ def write_timing(args, rows: list, *, done: bool) -> None:
             lines += ["", f"Decode host, {r['backend']} (calls, CPU ms: the metadata builder's `build`, runtime "
                       "calls that can wait on the GPU, graph launches, vLLM's own ranges):", ""]
             lines += [f"- {name}: {calls:.0f} calls, {sec * 1e3:.2f} ms" for name, (calls, sec) in host.items()]
-    write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else ""), meta, rows, lines)
+    write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else "") + (f"-{args.label}" if args.label else ""),
+                  meta, rows, lines)
 
 
 def timing(args) -> int:
@@ -846,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--image-tokens", type=int, default=None,
                            help="soft tokens per image (default: the model's; Gemma-3 a square, Gemma-4 one of "
                                 "its processor's caps: 70, 140, 280, 560, 1120)")
+            p.add_argument("--label", default=None, help="results file name: vllm-backend[-graphs]-<label>-...")
     args = parser.parse_args(argv)
     if args.max_batched is None:
         args.max_batched = 8192 if args.command == "time" else 160 if family(args.model) == "gemma4" else 64
