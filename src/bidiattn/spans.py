@@ -28,6 +28,8 @@ def _first_true(flags: torch.Tensor) -> int | None:
 def as_int(value: object, name: str) -> int:
     """``value`` as a Python int: ints and integer scalars such as ``numpy.int64`` (anything with
     ``__index__``) pass; bools, floats and the rest raise ``TypeError`` naming the value."""
+    if type(value) is int:  # the common case, first: plans check several sizes per call
+        return value
     if not isinstance(value, bool):
         try:
             return operator.index(value)
