@@ -36,7 +36,7 @@ backend works without the package's entry point installed).
   run, eager, whole prompts), within the larger of 0.06 and twice the distance of transformers'
   own ``sdpa`` run from ``TRITON_ATTN`` (transformers and vLLM are two implementations of the
   model, each in bf16: their distance is not the attention backend's). Exit status 1 on a
-  mismatch. With ``--out``, writes vllm-check[-graphs]-<gpu>-<date>.json and .md.
+  mismatch. With ``--out``, writes vllm-check[-graphs][-<label>]-<gpu>-<date>.json and .md.
 - ``hf-noise``: transformers alone (no vLLM): the check's transformers run (bidiattn, official
   rule) against transformers' own sdpa and eager attention, each in bf16 and fp32, prompt
   logprobs' max difference per pair: bf16 drift between two attention implementations of one
@@ -591,7 +591,8 @@ def write_check(args, rows: list, lengths: list[int], *, done: bool) -> None:
               f"{r.get('prompt_logprob_max_diff', float('nan')):.4f} | {r.get('tolerance', float('nan')):.4f} |"
               for r in rows]
     lines += [f"- {r['run']}: {p}" for r in rows for p in r.get("problems", [])]
-    write_results(args.out, "vllm-check" + ("-graphs" if args.graphs else ""), meta, rows, lines)
+    write_results(args.out, "vllm-check" + ("-graphs" if args.graphs else "") + (f"-{args.label}" if args.label else ""),
+                  meta, rows, lines)
 
 
 def check(args) -> int:
@@ -843,11 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--decode-tokens", type=int, default=128)
         p.add_argument("--reps", type=int, default=3)
         p.add_argument("--out", default=None)
+        p.add_argument("--label", default=None, help="check and time: results file name <prefix>[-graphs]-<label>-...")
         if name == "time":
             p.add_argument("--image-tokens", type=int, default=None,
                            help="soft tokens per image (default: the model's; Gemma-3 a square, Gemma-4 one of "
                                 "its processor's caps: 70, 140, 280, 560, 1120)")
-            p.add_argument("--label", default=None, help="results file name: vllm-backend[-graphs]-<label>-...")
     args = parser.parse_args(argv)
     if args.max_batched is None:
         args.max_batched = 8192 if args.command == "time" else 160 if family(args.model) == "gemma4" else 64
