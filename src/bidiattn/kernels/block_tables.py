@@ -99,8 +99,8 @@ def _bit_length(x):
 def _block_tables_kernel(lo_ptr, hi_ptr, cu_ptr, out_ptr, t, num_seq, BQ: tl.constexpr, BK: tl.constexpr,
                          BQ2: tl.constexpr, BK2: tl.constexpr, LANES: tl.constexpr, COLS: tl.constexpr):
     """Tables of ``t`` tokens in ``num_seq`` sequences, forward blocks ``BQ x BK``, backward
-    blocks ``BQ2 x BK2`` (``BQ2 == 0``: no backward), packed into ``out_ptr`` (int32) in the order
-    ``block_tables`` splits them. Programs: ``LANES`` forward rows each, then ``LANES`` backward
+    blocks ``BQ2 x BK2`` (``BQ2 == 0``: no backward), packed into ``out_ptr`` (int32) at the offsets
+    ``block_tables`` reads them from. Programs: ``LANES`` forward rows each, then ``LANES`` backward
     rows each, then ``LANES * COLS`` packed bounds each. Sizes and offsets are derived here, so
     the launch passes six runtime arguments (Triton's host cost grows with each one)."""
     pid = tl.program_id(0)
