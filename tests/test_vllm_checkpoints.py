@@ -113,7 +113,7 @@ def test_the_check_writes_what_it_has_after_every_run(vb, tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its sibling `cases`
 
     args = argparse.Namespace(out=str(tmp_path), graphs=True, block_sizes=[16], rules=["official"], max_batched=None,
-                              model="tiny-gemma4", images=True)
+                              model="tiny-gemma4", images=True, label=None)
     rows = [dict(run="bidiattn/official vs TRITON_ATTN, block size 16, graphs=True", ok=True, verdict="OK",
                  prompt_logprob_max_diff=0.0153, tolerance=0.06, problems=[]),
             dict(run="transformers (sdpa, its own mask) vs TRITON_ATTN", ok=True, verdict="floor, not judged",
@@ -136,12 +136,12 @@ def test_the_timing_writes_each_engine_as_it_finishes(vb, tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     args = argparse.Namespace(out=str(tmp_path), graphs=True, model="gemma-4-31b-6l", images=True, prompt_len=8192,
                               batch=2, decode_tokens=256, max_batched=8192, block_size=16,
-                              image_tokens=None)
+                              image_tokens=None, label="g4")
     rows = [dict(backend="bidiattn/official", prefill_tok_s=64718.0, decode_tok_s=150.0, prefill_attention_s=0.0379,
                  prefill_kernels_s=0.1941, kernels=dict(bidiattn_layers_s=0.0401), decode_s=0.8152,
                  decode_kernels_s=0.61, decode_attention_s=0.08)]
     vb.write_timing(args, rows, done=False)
-    (md,) = tmp_path.glob("vllm-backend-graphs-*.md")
+    (md,) = tmp_path.glob("vllm-backend-graphs-g4-*.md")  # --label names the file
     text = md.read_text()
     assert "Partial" in text and "| bidiattn/official | 64718 | 150 | 37.9 | 40.1 | 194.1 | 815.2 | 610.0 | 80.0 |" in text
     rows.append(dict(backend="TRITON_ATTN", error="engine failed"))
