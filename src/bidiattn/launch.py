@@ -141,7 +141,7 @@ def gluon_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -
         return ValueError(f"backend='gluon' runs on SM90 GPUs (H100/H200), this is sm_{major}{minor}")
     err = gluon_import_error()
     if err is not None:
-        return ValueError(f"backend='gluon' needs Triton's Gluon with the Hopper API of Triton 3.6: {err}")
+        return ValueError(f"backend='gluon' is unavailable here: {err}")
     return None
 
 

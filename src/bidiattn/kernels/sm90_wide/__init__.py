@@ -7,8 +7,8 @@ Nothing imports this package at ``import bidiattn``; the kernel directly:
 
 :mod:`.host` (configs and argument checks) imports neither Triton nor Gluon; :mod:`.kernel` (the
 forward) and :mod:`.backward_kernel` (the backward's dV, dK and dQ passes) are the Gluon
-kernels, written against Triton 3.6's ``triton.experimental.gluon`` and imported on the first
-launch only.
+kernels, written against ``triton.experimental.gluon`` (they compile with Triton 3.6 and 3.9; run
+where :func:`gluon_unavailable` says so) and imported on the first launch only.
 """
 
 from .autograd import span_attention_sm90_wide

@@ -1,4 +1,4 @@
-"""Gluon kernels (Triton 3.6 API) of the head-dim-512 backward on SM90: the dV, dK and dQ passes.
+"""Gluon kernels (Triton 3.6 and 3.9 APIs) of the head-dim-512 backward on SM90: the dV, dK and dQ passes.
 
 The gluon backend's backward (launched by ``host.backward_sm90_hd512``); the CPU tests compile
 them offline for sm_90a (registers, spills, shared memory), the GPU tests check them against
@@ -25,13 +25,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
 from .kernel import phase as _phase
-from .kernel import query_tile, store_rows
+from .kernel import cta_barrier, query_tile, store_rows, tma_load
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -76,12 +75,12 @@ def _dv_score_partition(k_desc, q_desc, k_smem, q_smem, p_smem, k_bar, q_ready, 
                         HEAD_DIM: gl.constexpr, Q_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
     # This warpgroup loads K (once) and the Q ring (it is Q's only reader).
     mbarrier.expect(k_bar, k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, kv_col], k_bar, k_smem)
+    tma_load(k_desc, [k_row, kv_col], k_bar, k_smem)
     for i in gl.static_range(Q_STAGES):
         if i < n_iters:
             head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
             mbarrier.expect(q_ready.index(i), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], q_ready.index(i), q_smem.index(i))
+            tma_load(q_desc, [q_row, head * HEAD_DIM], q_ready.index(i), q_smem.index(i))
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -100,10 +99,10 @@ def _dv_score_partition(k_desc, q_desc, k_smem, q_smem, p_smem, k_bar, q_ready, 
         s = warpgroup_mma(k_smem, q_smem.index(sq).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         if j + Q_STAGES < n_iters:
-            gl.thread_barrier()
+            cta_barrier()
             head_n, local_n, q_row_n = _block_coords(j + Q_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
             mbarrier.expect(q_ready.index(sq), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row_n, head_n * HEAD_DIM], q_ready.index(sq),
+            tma_load(q_desc, [q_row_n, head_n * HEAD_DIM], q_ready.index(sq),
                                             q_smem.index(sq))
 
         rows = local + c
@@ -136,7 +135,7 @@ def _key_output_partition(x_desc, k_smem, x_smem, a_smem, x_ready, a_ready, a_fr
         if i < n_iters:
             head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
             mbarrier.expect(x_ready.index(i), x_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [q_row, head * HEAD_DIM], x_ready.index(i), x_smem.index(i))
+            tma_load(x_desc, [q_row, head * HEAD_DIM], x_ready.index(i), x_smem.index(i))
 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, HEAD_DIM // 2, 16])
@@ -150,16 +149,16 @@ def _key_output_partition(x_desc, k_smem, x_smem, a_smem, x_ready, a_ready, a_fr
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(a_free.index(sa), count=1)
         if j + X_STAGES < n_iters:
-            gl.thread_barrier()
+            cta_barrier()
             head_n, local_n, q_row_n = _block_coords(j + X_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
             mbarrier.expect(x_ready.index(sx), x_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [q_row_n, head_n * HEAD_DIM], x_ready.index(sx),
+            tma_load(x_desc, [q_row_n, head_n * HEAD_DIM], x_ready.index(sx),
                                             x_smem.index(sx))
 
     # The score warpgroup has finished with K (done_bar): K's buffer stages the result.
     mbarrier.wait(done_bar, 0)
     k_smem.store((acc * scale).to(k_smem.dtype))
-    gl.thread_barrier()
+    cta_barrier()
     store_rows(k_smem, out_ptr, k_row, keys, kv_col, out_row_stride, BLOCK_N, HEAD_DIM, STORE_COLS)
 
 
@@ -212,13 +211,13 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
                         Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
     # This warpgroup loads K and V (once) and the dO ring (it is dO's only reader).
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, kv_col], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [k_row, kv_col], kv_bar, v_smem)
+    tma_load(k_desc, [k_row, kv_col], kv_bar, k_smem)
+    tma_load(v_desc, [k_row, kv_col], kv_bar, v_smem)
     for i in gl.static_range(DO_STAGES):
         if i < n_iters:
             head, local, q_row = _block_coords(i, n_qblocks, head0, q_first, q_base, BLOCK_M)
             mbarrier.expect(do_ready.index(i), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [q_row, head * HEAD_DIM], do_ready.index(i), do_smem.index(i))
+            tma_load(do_desc, [q_row, head * HEAD_DIM], do_ready.index(i), do_smem.index(i))
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -248,10 +247,10 @@ def _dk_score_partition(k_desc, v_desc, do_desc, k_smem, v_smem, q_smem, do_smem
         s = warpgroup_mma(k_smem, q_smem.index(sq).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
         if j + DO_STAGES < n_iters:
-            gl.thread_barrier()
+            cta_barrier()
             head_n, local_n, q_row_n = _block_coords(j + DO_STAGES, n_qblocks, head0, q_first, q_base, BLOCK_M)
             mbarrier.expect(do_ready.index(sd), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [q_row_n, head_n * HEAD_DIM], do_ready.index(sd),
+            tma_load(do_desc, [q_row_n, head_n * HEAD_DIM], do_ready.index(sd),
                                             do_smem.index(sd))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
@@ -317,12 +316,12 @@ def _dq_score_partition(q_desc, do_desc, v_desc, q_smem, do_smem, k_smem, v_smem
                         V_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
     # This warpgroup loads Q and dO (once) and the V ring (it is V's only reader).
     mbarrier.expect(row_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], row_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [q_row, head * HEAD_DIM], row_bar, do_smem)
+    tma_load(q_desc, [q_row, head * HEAD_DIM], row_bar, q_smem)
+    tma_load(do_desc, [q_row, head * HEAD_DIM], row_bar, do_smem)
     for i in gl.static_range(V_STAGES):
         if i < n_blocks:
             mbarrier.expect(v_ready.index(i), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
+            tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
                                             v_smem.index(i))
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -350,9 +349,9 @@ def _dq_score_partition(q_desc, do_desc, v_desc, q_smem, do_smem, k_smem, v_smem
         s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
         if j + V_STAGES < n_blocks:
-            gl.thread_barrier()
+            cta_barrier()
             mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [k_row + k0 + V_STAGES * BLOCK_N, kv_col], v_ready.index(sv),
+            tma_load(v_desc, [k_row + k0 + V_STAGES * BLOCK_N, kv_col], v_ready.index(sv),
                                             v_smem.index(sv))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
@@ -382,7 +381,7 @@ def _dq_output_partition(k_desc, q_smem, k_smem, ds_smem, k_ready, ds_ready, ds_
     for i in gl.static_range(K_STAGES):
         if i < n_blocks:
             mbarrier.expect(k_ready.index(i), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
+            tma_load(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
                                             k_smem.index(i))
 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -397,15 +396,15 @@ def _dq_output_partition(k_desc, q_smem, k_smem, ds_smem, k_ready, ds_ready, ds_
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(ds_free.index(sp), count=1)
         if j + K_STAGES < n_blocks:
-            gl.thread_barrier()
+            cta_barrier()
             mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + n_start + (j + K_STAGES) * BLOCK_N, kv_col],
+            tma_load(k_desc, [k_row + n_start + (j + K_STAGES) * BLOCK_N, kv_col],
                                             k_ready.index(sk), k_smem.index(sk))
 
     # The score warpgroup is done with Q (done_bar): Q's buffer stages dQ.
     mbarrier.wait(done_bar, 0)
     q_smem.store((acc * scale).to(q_smem.dtype))
-    gl.thread_barrier()
+    cta_barrier()
     store_rows(q_smem, dq_ptr, q_row, rows, head * HEAD_DIM, dq_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
 
 

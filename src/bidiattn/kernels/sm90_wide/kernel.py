@@ -1,4 +1,4 @@
-"""The Gluon kernel (Triton 3.6 API): head-dim-512 span-mask attention forward on SM90.
+"""The Gluon kernel (Triton 3.6 and 3.9 APIs): head-dim-512 span-mask attention forward on SM90.
 
 One program: 64 query rows of one sequence and one query head, all 512 output columns.
 Partitions (``gl.warp_specialize``):
@@ -30,6 +30,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+
+# Gluon builtins renamed after Triton 3.6 (3.9 removed the old names): Hopper's TMA load
+# (``async_copy_global_to_shared`` -> ``async_load``) and the CTA barrier (``thread_barrier`` ->
+# ``barrier``). The kernels call whichever this Triton has.
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
@@ -84,11 +90,11 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
                        Q_IN_REGS: gl.constexpr):
     # This warpgroup issues the loads of Q and of the K ring (it is K's only reader).
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
+    tma_load(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(K_STAGES):
         if i < n_blocks:
             mbarrier.expect(k_ready.index(i), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
+            tma_load(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
                                             k_smem.index(i))
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -120,9 +126,9 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         if j + K_STAGES < n_blocks:
             # Every warp of the group is past its wgmma reads of this stage before it is refilled.
-            gl.thread_barrier()
+            cta_barrier()
             mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + k0 + K_STAGES * BLOCK_N, kv_col], k_ready.index(sk),
+            tma_load(k_desc, [k_row + k0 + K_STAGES * BLOCK_N, kv_col], k_ready.index(sk),
                                             k_smem.index(sk))
 
         s = s * qk_scale
@@ -160,7 +166,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     for i in gl.static_range(V_STAGES):
         if i < n_blocks:
             mbarrier.expect(v_ready.index(i), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
+            tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
                                             v_smem.index(i))
 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -178,9 +184,9 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(p_free.index(sp), count=1)
         if j + V_STAGES < n_blocks:
-            gl.thread_barrier()
+            cta_barrier()
             mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col],
+            tma_load(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col],
                                             v_ready.index(sv), v_smem.index(sv))
 
     mbarrier.wait(done_bar, 0)
@@ -188,7 +194,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     o = (acc * inv_l[:, None]).to(q_smem.dtype)
     # The softmax warpgroup has finished every Q K^T (done_bar): Q's buffer stages the output.
     q_smem.store(o)
-    gl.thread_barrier()
+    cta_barrier()
     store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
 
 

@@ -32,18 +32,33 @@ def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
     compiled = triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128),
                               options=dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
     ptx = compiled.asm["ptx"]
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        log = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(path), "-o", str(path) + ".o"],
-                             capture_output=True, text=True, check=True).stderr
+        log = _assemble(Path(triton.__file__).parent / "backends" / "nvidia" / "bin", path)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_stores, spill_loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return dict(dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
                 shared=compiled.metadata.shared, warps=compiled.metadata.num_warps,
                 setmaxnreg=sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
                 ptx=ptx)
+
+
+def _assemble(bin_dir: Path, ptx: Path) -> str:
+    """ptxas -v's report for ``ptx`` on sm_90a: the wheel's ``ptxas``, or where the PTX is newer
+    than it takes (Triton 3.9 writes PTX 9.x), the wheel's newer ``ptxas-blackwell``."""
+    errors = []
+    for name in ("ptxas", "ptxas-blackwell"):
+        tool = bin_dir / name
+        if not tool.exists():
+            continue
+        run = subprocess.run([str(tool), "-v", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"],
+                             capture_output=True, text=True)
+        if run.returncode == 0:
+            return run.stderr
+        errors.append(f"{name}: {run.stderr.strip()}")
+    raise RuntimeError("no ptxas in Triton's wheel assembled the kernel: " + "; ".join(errors) if errors else
+                       f"no ptxas in {bin_dir}")
 
 
 def _desc(dtype: str, rows: int, gdtype) -> str:
