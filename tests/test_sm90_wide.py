@@ -139,6 +139,18 @@ def test_the_forward_compiles_for_sm90(name):
     _check_compiled(_compile_offline(f"compile_offline(CONFIGS[{name!r}])"))
 
 
+@pytest.fixture(autouse=True)
+def _release_under_check(monkeypatch):
+    """``BIDIATTN_GLUON_CHECK=<release>`` (e.g. ``3.9``): this module's tests treat that Triton
+    release as GPU-checked: the run that checks it on a GPU before it joins
+    ``sm90_wide.host.GPU_CHECKED_TRITON``."""
+    release = os.environ.get("BIDIATTN_GLUON_CHECK")
+    if release:
+        from bidiattn.kernels.sm90_wide import host
+
+        monkeypatch.setattr(host, "GPU_CHECKED_TRITON", (*host.GPU_CHECKED_TRITON, release))
+
+
 def _sm90_ready() -> str | None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return "needs an SM90 GPU"
