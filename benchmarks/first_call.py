@@ -111,8 +111,9 @@ def main() -> int:
         fa4 = fa4_parts(q, k, v, spans, plan) if plan.masked is not None else {}
         rows.append(dict(case=case.name, backend=plan.backend, rel_err=err, host_us=host, unexplained_us=unexplained,
                          in_sequence_us=sequence, fa4_us=fa4))
-        parts = ", ".join(f"{n} {t:.0f}" for n, t in {**host, **sequence, **fa4}.items())
-        print(f"{case.name}: {plan.backend}, rel err {err}; {parts}; unexplained {unexplained:.0f} µs", flush=True)
+        alone, seq, fa4_alone = (", ".join(f"{n} {t:.0f}" for n, t in d.items()) for d in (host, sequence, fa4))
+        print(f"{case.name}: {plan.backend}, rel err {err}; {alone}; unexplained {unexplained:.0f} µs; in sequence: "
+              f"{seq}; {fa4_alone}", flush=True)
         profiles[f"{case.name}: {PROFILED_CALLS} first calls"] = profile_calls(
             lambda: bidiattn.attention(q, k, v, cases.fresh(spans)), PROFILED_CALLS)
         profiles[f"{case.name}: {PROFILED_CALLS} steady calls"] = profile_calls(
