@@ -9,8 +9,9 @@ on spans that keep their plan (steady). The first call's excess over new spans +
 what none of them explains. To find it: the first call's parts timed in sequence within one call
 (new spans, plan, the call with that new plan), and for fa4's masked launch the tables launch
 alone and FA4's interface alone on kept and on new tables. Then cProfiles of 30 first and 30
-steady calls (cumulative time), written into the .md. Cases: ``cases.fa4_cli``'s. Checked first: the first and steady calls
-give the same output, within ``cases.rel_err`` of SDPA with the dense mask (up to 16K tokens).
+steady calls (cumulative time), written into the .md. Cases: ``cases.fa4_cli``'s. Checked first:
+the first and steady calls give the same output, within ``cases.rel_err`` of SDPA with the dense
+mask (up to 16K tokens).
 Writes first-call[-<label>]-<device>-<date>.{md,json}.
 """
 

@@ -591,8 +591,7 @@ def write_check(args, rows: list, lengths: list[int], *, done: bool) -> None:
               f"{r.get('prompt_logprob_max_diff', float('nan')):.4f} | {r.get('tolerance', float('nan')):.4f} |"
               for r in rows]
     lines += [f"- {r['run']}: {p}" for r in rows for p in r.get("problems", [])]
-    write_results(args.out, "vllm-check" + ("-graphs" if args.graphs else "") + (f"-{args.label}" if args.label else ""),
-                  meta, rows, lines)
+    write_results(args.out, named("vllm-check", args), meta, rows, lines)
 
 
 def check(args) -> int:
@@ -739,8 +738,7 @@ def write_timing(args, rows: list, *, done: bool) -> None:
             lines += ["", f"Decode host, {r['backend']} (calls, CPU ms: the metadata builder's `build`, runtime "
                       "calls that can wait on the GPU, graph launches, vLLM's own ranges):", ""]
             lines += [f"- {name}: {calls:.0f} calls, {sec * 1e3:.2f} ms" for name, (calls, sec) in host.items()]
-    write_results(args.out, "vllm-backend" + ("-graphs" if args.graphs else "") + (f"-{args.label}" if args.label else ""),
-                  meta, rows, lines)
+    write_results(args.out, named("vllm-backend", args), meta, rows, lines)
 
 
 def timing(args) -> int:
@@ -807,6 +805,11 @@ def run_meta(args, **extra) -> dict:
     except ImportError:
         pass
     return dict(meta, model=args.model, images=args.images, graphs=args.graphs, **extra)
+
+
+def named(prefix: str, args) -> str:
+    """A results file prefix: ``<prefix>[-graphs][-<label>]`` (``check`` and ``time``)."""
+    return prefix + ("-graphs" if args.graphs else "") + (f"-{args.label}" if args.label else "")
 
 
 def write_results(out: str, prefix: str, meta: dict, rows: list, lines: list[str]) -> None:

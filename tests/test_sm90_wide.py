@@ -2,8 +2,8 @@
 
 CPU: the host side (configs, argument checks; no Triton import), and an offline compile for
 sm_90a with the installed Triton (fits shared memory and the launch's registers; no spills with
-the releases the kernels are checked with on a GPU). GPU (marked, SM90 only): output and lse against the fp32 reference with the 2x-PyTorch
-error rule.
+the releases the kernels are checked with on a GPU). GPU (marked, SM90 only): output and lse
+against the fp32 reference with the 2x-PyTorch error rule.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_
 
 
 def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
-    """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with the ptxas in
-    Triton's wheel: registers, spill bytes, shared bytes, the per-partition register requests
+    """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with Triton's own
+    ptxas for sm_90 (:func:`_assemble`): registers, spill bytes, shared bytes, the per-partition register requests
     (``setmaxnreg`` in the PTX) and the PTX itself."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -35,7 +35,7 @@ def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        log = _assemble(Path(triton.__file__).parent / "backends" / "nvidia" / "bin", path)
+        log = _assemble(path)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_stores, spill_loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return dict(dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
@@ -44,21 +44,13 @@ def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
                 ptx=ptx)
 
 
-def _assemble(bin_dir: Path, ptx: Path) -> str:
-    """ptxas -v's report for ``ptx`` on sm_90a: the wheel's ``ptxas``, or where the PTX is newer
-    than it takes (Triton 3.9 writes PTX 9.x), the wheel's newer ``ptxas-blackwell``."""
-    errors = []
-    for name in ("ptxas", "ptxas-blackwell"):
-        tool = bin_dir / name
-        if not tool.exists():
-            continue
-        run = subprocess.run([str(tool), "-v", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"],
-                             capture_output=True, text=True)
-        if run.returncode == 0:
-            return run.stderr
-        errors.append(f"{name}: {run.stderr.strip()}")
-    raise RuntimeError("no ptxas in Triton's wheel assembled the kernel: " + "; ".join(errors) if errors else
-                       f"no ptxas in {bin_dir}")
+def _assemble(ptx: Path) -> str:
+    """ptxas -v's report for ``ptx`` on sm_90a, from the ptxas Triton itself assembles sm_90 with
+    (3.6: the wheel's ``ptxas``; 3.9: its ``ptxas-blackwell``, which takes the PTX 9.x 3.9 writes)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"],
+                          capture_output=True, text=True, check=True).stderr
 
 
 def _desc(dtype: str, rows: int, gdtype) -> str:
