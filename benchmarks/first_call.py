@@ -132,7 +132,8 @@ def main() -> int:
     lines += ["", "The first call's parts timed in sequence within each call; for fa4's masked launch, its tables "
               "launch alone and FA4's interface alone (`fa4_masked.masked_forward`) on kept and on new tables "
               "(host µs, median):", "",
-              "| case | " + " | ".join(IN_SEQUENCE + FA4_PARTS) + " |", "|---" * (len(IN_SEQUENCE + FA4_PARTS) + 1) + "|"]
+              "| case | " + " | ".join(IN_SEQUENCE + FA4_PARTS) + " |",
+              "|---" * (len(IN_SEQUENCE + FA4_PARTS) + 1) + "|"]
     for r in rows:
         cells = [r["in_sequence_us"][n] for n in IN_SEQUENCE] + [r["fa4_us"].get(n) for n in FA4_PARTS]
         lines.append(f"| {r['case']} | " + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")

@@ -106,8 +106,8 @@ CONFIGS = {
 
 
 # Triton releases whose Gluon the kernels are checked with on an SM90 GPU (output and gradients
-# against the reference). 3.9, what torch 2.13 installs, compiles them for sm_90a (tests/test_sm90_wide.py)
-# but is not yet checked on a GPU, so calls there take the triton backend.
+# against the reference). 3.9, what torch 2.13 installs, compiles them (tests/test_sm90_wide.py)
+# but is not checked on a GPU, so calls there take the triton backend.
 GPU_CHECKED_TRITON = ("3.6",)
 
 
