@@ -40,6 +40,10 @@ class Sm90WideConfig:
     - ``q_in_regs``: the softmax warpgroup keeps Q in registers (wgmma's register operand, 128
       registers a thread), so ``Q K^T`` reads only K from shared memory; needs ``softmax_regs``
       of about 176.
+    - ``schedule``: ``"output"`` (a softmax warpgroup and two output warpgroups, 12 warps) or
+      ``"split"`` (:func:`kernel.hd512_forward_split_kernel`: the softmax warpgroup also owns output
+      columns 0-255 with P from its registers, a second warpgroup columns 256-511, a load warp; 9
+      warps; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs`` is off).
     """
 
     block_n: int = 64
@@ -49,8 +53,13 @@ class Sm90WideConfig:
     softmax_regs: int = 120
     store_cols: int = 64
     q_in_regs: bool = False
+    schedule: str = "output"
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("output", "split"):
+            raise ValueError(f"Sm90WideConfig.schedule must be 'output' or 'split', got {self.schedule!r}")
+        if self.schedule == "split" and self.q_in_regs:
+            raise ValueError("Sm90WideConfig.q_in_regs needs schedule='output'")
         for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -67,6 +76,9 @@ class Sm90WideConfig:
         if self.q_in_regs and self.softmax_regs < 168:
             raise ValueError(f"Sm90WideConfig.q_in_regs needs softmax_regs >= 168 (Q alone takes 128), got "
                              f"{self.softmax_regs}")
+        if self.schedule == "split" and self.softmax_regs < 160:
+            raise ValueError(f"Sm90WideConfig.softmax_regs={self.softmax_regs} is the split schedule's second "
+                             f"warpgroup's share; its accumulator alone takes 128 (need >= 160)")
         if self.output_regs < 160:
             raise ValueError(f"Sm90WideConfig.softmax_regs={self.softmax_regs} leaves the output warpgroups "
                              f"{self.output_regs} registers a thread; their accumulator alone takes 128 (need >= 160)")
@@ -77,8 +89,16 @@ class Sm90WideConfig:
                              f"more than SM90's {SMEM_LIMIT}")
 
     @property
+    def num_warps(self) -> int:
+        """Warps of the default partition (the launch's ``num_warps``)."""
+        return NUM_WARPS if self.schedule == "output" else 4
+
+    @property
     def output_regs(self) -> int:
-        """Registers a thread of the output warpgroups gets (what the softmax group leaves)."""
+        """Registers a thread of the warpgroups that own the softmax's leftovers: the output
+        warpgroups (8 warps), or the split schedule's first warpgroup (beside a load warpgroup at 24)."""
+        if self.schedule == "split":
+            return (MAXNREG * 12 - 4 * 24 - 4 * self.softmax_regs) // 4 // 8 * 8
         return (MAXNREG * 12 - 4 * self.softmax_regs) // 8 // 8 * 8
 
     @property
@@ -91,7 +111,8 @@ class Sm90WideConfig:
     @property
     def name(self) -> str:
         return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
-                + ("" if self.store_cols == 64 else f"-s{self.store_cols}") + ("-qreg" if self.q_in_regs else ""))
+                + ("" if self.store_cols == 64 else f"-s{self.store_cols}") + ("-qreg" if self.q_in_regs else "")
+                + ("-split" if self.schedule == "split" else ""))
 
 
 DEFAULT_CONFIG = Sm90WideConfig()
@@ -102,6 +123,7 @@ CONFIGS = {
     "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2),
     "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3),
     "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
+    "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
 }
 
 
@@ -215,15 +237,17 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
     q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, d], q_layout)
     k_desc = TensorDescriptor.from_tensor(k2, [config.block_n, d], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v2, [config.block_n, d], kv_layout)
-    capacity = order.numel()
-    gk.hd512_forward_kernel[(hq, capacity)](
-        q_desc, k_desc, v_desc, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
-        summary.seq, summary.row_start, summary.rows, summary.lo_min, summary.lo_max, summary.hi_min, summary.hi_max,
-        order, total, hq // hkv, scale * math.log2(math.e),
-        HEADS=hq, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n, K_STAGES=config.k_stages,
-        V_STAGES=config.v_stages, P_STAGES=config.p_stages, SOFTMAX_REGS=config.softmax_regs,
-        STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs, num_warps=NUM_WARPS, maxnreg=MAXNREG,
-    )
+    args = (q_desc, k_desc, v_desc, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
+            summary.seq, summary.row_start, summary.rows, summary.lo_min, summary.lo_max, summary.hi_min,
+            summary.hi_max, order, total, hq // hkv, scale * math.log2(math.e))
+    common = dict(HEADS=hq, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n, K_STAGES=config.k_stages,
+                  V_STAGES=config.v_stages, P_STAGES=config.p_stages, STORE_COLS=config.store_cols,
+                  num_warps=config.num_warps, maxnreg=MAXNREG)
+    grid = (hq, order.numel())
+    if config.schedule == "split":
+        gk.hd512_forward_split_kernel[grid](*args, **common, BACK_REGS=config.softmax_regs)
+    else:
+        gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs)
     return out, lse
 
 

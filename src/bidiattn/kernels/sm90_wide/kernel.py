@@ -71,8 +71,8 @@ def store_rows(smem, ptr, row0, rows, col0, row_stride, BLOCK: gl.constexpr, HEA
                STORE_COLS: gl.constexpr):
     """Rows ``[0, rows)`` of a ``[BLOCK, HEAD_DIM]`` shared tile to ``ptr + (row0 + r) * row_stride +
     col0``, in masked chunks of ``STORE_COLS`` columns (a tile's rows never spill into the next
-    sequence's)."""
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    sequence's), by the warps of the calling partition."""
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, store_layout))
     c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
     base = ptr + (row0 + r).to(gl.int64)[:, None] * row_stride + col0 + c[None, :]
@@ -252,3 +252,192 @@ def hd512_forward_kernel(
                                   n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES,
                                   P_STAGES, Q_IN_REGS)),
         ], [4], [SOFTMAX_REGS])
+
+
+# ----------------------------------------------------------------------------- the split schedule
+@gluon.jit
+def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready, v_free,
+                     p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head, total,
+                     out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+    # Q K^T, the mask and the online softmax; P and alpha to shared memory for the back warpgroup;
+    # then the P V of output columns [0, 256) with P from registers.
+    HALF: gl.constexpr = HEAD_DIM // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    p_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    r = gl.arange(0, BLOCK_M, layout=row_layout)
+    valid = r < rows
+    lo = gl.load(lo_ptr + q_row + r, mask=valid, other=0).to(gl.int32)
+    hi = gl.load(hi_ptr + q_row + r, mask=valid, other=-1).to(gl.int32)
+    kc = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_blocks):
+        k0 = n_start + j * BLOCK_N
+        sk = j % K_STAGES
+        mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
+        s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(k_free.index(sk), count=1)
+
+        s = s * qk_scale
+        if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
+            key = k0 + kc
+            allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
+            s = gl.where(allowed, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        p16 = p.to(p_smem.dtype)
+
+        sp = j % P_STAGES
+        mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
+        p_smem.index(sp).store(p16)
+        alpha_smem.index(sp).store(alpha)
+        fence_async_shared()
+        mbarrier.arrive(p_ready.index(sp), count=1)
+
+        acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+        sv = j % V_STAGES
+        mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
+        acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(v_free.index(sv), count=1)
+
+    lse = (m_i + gl.log2(l_i)) * LN2
+    gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
+    inv_l = 1.0 / l_i
+    l_smem.store(inv_l)
+    mbarrier.arrive(done_bar, count=1)
+    # This warpgroup is Q's only reader and its last Q K^T is done: Q's buffer stages the output.
+    o = (acc * gl.convert_layout(inv_l, o_row_layout)[:, None]).to(q_smem.dtype)
+    staged = q_smem.slice(0, HALF, dim=1)
+    staged.store(o)
+    cta_barrier()
+    store_rows(staged, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HALF, STORE_COLS)
+
+
+@gluon.jit
+def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free, done_bar,
+                    out_ptr, q_row, rows, head, out_row_stride, n_blocks, BLOCK_M: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+                    STORE_COLS: gl.constexpr):
+    # The P V of output columns [256, 512), P and alpha from shared memory.
+    HALF: gl.constexpr = HEAD_DIM // 2
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
+    for j in range(n_blocks):
+        sp = j % P_STAGES
+        sv = j % V_STAGES
+        mbarrier.wait(p_ready.index(sp), phase(j, P_STAGES))
+        acc = acc * alpha_smem.index(sp).load(row_layout)[:, None]
+        mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
+        acc = warpgroup_mma(p_smem.index(sp), v_smem.index(sv).slice(HALF, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(p_free.index(sp), count=1)
+        mbarrier.arrive(v_free.index(sv), count=1)
+
+    mbarrier.wait(done_bar, 0)  # the front warpgroup is past its last Q K^T: Q's buffer is free
+    o = (acc * l_smem.load(row_layout)[:, None]).to(q_smem.dtype)
+    staged = q_smem.slice(HALF, HALF, dim=1)
+    staged.store(o)
+    cta_barrier()
+    store_rows(staged, out_ptr, q_row, rows, head * HEAD_DIM + HALF, out_row_stride, BLOCK_M, HALF, STORE_COLS)
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, v_ready, v_free, q_row,
+                    head, k_row, kv_col, n_start, n_blocks, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    # TMA loads of Q (once) and of the K and V rings, each stage as soon as its readers free it.
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma_load(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
+    for j in range(n_blocks):
+        k0 = k_row + n_start + j * BLOCK_N
+        sk = j % K_STAGES
+        mbarrier.wait(k_free.index(sk), phase(j, K_STAGES) ^ 1)
+        mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
+        tma_load(k_desc, [k0, kv_col], k_ready.index(sk), k_smem.index(sk))
+        sv = j % V_STAGES
+        mbarrier.wait(v_free.index(sv), phase(j, V_STAGES) ^ 1)
+        mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+        tma_load(v_desc, [k0, kv_col], v_ready.index(sv), v_smem.index(sv))
+
+
+@gluon.jit
+def hd512_forward_split_kernel(
+    q_desc, k_desc, v_desc, out_ptr, lse_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
+    t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, order_ptr,
+    total, group, qk_scale,
+    HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+    BACK_REGS: gl.constexpr, STORE_COLS: gl.constexpr,
+):
+    head = gl.program_id(0)
+    tile = gl.load(order_ptr + gl.program_id(1))
+    rows = gl.load(t_rows + tile)
+    if rows > 0:
+        q_row, k_row, n_start, n_blocks, lo_max, hi_min, kv_col = query_tile(
+            tile, head, group, t_seq, t_start, t_lo_min, t_lo_max, t_hi_min, t_hi_max, cu_q_ptr, cu_k_ptr,
+            HEAD_DIM, BLOCK_N)
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], p_layout)
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        alpha_smem = gl.allocate_shared_memory(gl.float32, [P_STAGES, BLOCK_M], vec_layout)
+        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
+
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+        k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+        v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+        p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(done_bar, count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=1)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
+        for i in gl.static_range(P_STAGES):
+            mbarrier.init(p_ready.index(i), count=1)
+            mbarrier.init(p_free.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_front_partition, (q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready,
+                                v_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
+                                total, HEADS * HEAD_DIM, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
+                                HEAD_DIM, K_STAGES, V_STAGES, P_STAGES, STORE_COLS)),
+            (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free, done_bar,
+                               out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M, HEAD_DIM, V_STAGES,
+                               P_STAGES, STORE_COLS)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, v_ready, v_free,
+                               q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES)),
+        ], [4, 1], [BACK_REGS, 24])

@@ -19,7 +19,7 @@ __all__ = ["compile_backward_offline", "compile_offline"]
 _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_hi_max", "order_ptr")
 
 
-def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
+def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS) -> dict:
     """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with Triton's own
     ptxas for sm_90 (:func:`_assemble`): registers, spill bytes, shared bytes, the per-partition register requests
     (``setmaxnreg`` in the PTX) and the PTX itself."""
@@ -30,7 +30,7 @@ def _compile(fn, sig: dict, constants: dict, dtype: str) -> dict:
     sig = dict(sig, **{name: "constexpr" for name in constants})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     compiled = triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128),
-                              options=dict(num_warps=NUM_WARPS, maxnreg=MAXNREG))
+                              options=dict(num_warps=num_warps, maxnreg=MAXNREG))
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
@@ -66,7 +66,8 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     from . import kernel
 
     gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    fn = kernel.hd512_forward_kernel
+    split = config.schedule == "split"
+    fn = kernel.hd512_forward_split_kernel if split else kernel.hd512_forward_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(q_desc=_desc(dtype, BLOCK_M, gdtype), k_desc=_desc(dtype, config.block_n, gdtype),
                v_desc=_desc(dtype, config.block_n, gdtype),
@@ -74,8 +75,10 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
                cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
-                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs)
-    return dict(config=config.name, **_compile(fn, sig, constants, dtype))
+                     STORE_COLS=config.store_cols)
+    constants.update(dict(BACK_REGS=config.softmax_regs) if split else
+                     dict(SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs))
+    return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps))
 
 
 def compile_backward_offline(name: str, dtype: str = "bf16", kv_heads: int = 4, group: int = 4,
