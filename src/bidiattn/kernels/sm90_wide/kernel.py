@@ -289,6 +289,8 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
         mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
         s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        # A free barrier gets one arrival (one thread): every warp of the group is past its reads first.
+        cta_barrier()
         mbarrier.arrive(k_free.index(sk), count=1)
 
         s = s * qk_scale
@@ -317,6 +319,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
         acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
                             is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        cta_barrier()
         mbarrier.arrive(v_free.index(sv), count=1)
 
     lse = (m_i + gl.log2(l_i)) * LN2
@@ -351,6 +354,7 @@ def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free,
         mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
         acc = warpgroup_mma(p_smem.index(sp), v_smem.index(sv).slice(HALF, HALF, dim=1), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        cta_barrier()
         mbarrier.arrive(p_free.index(sp), count=1)
         mbarrier.arrive(v_free.index(sv), count=1)
 
