@@ -69,7 +69,10 @@ def ms(fn, rep: int = 300) -> float:
     return triton.testing.do_bench(fn, warmup=max(10, rep // 6), rep=rep, return_mode="median")
 
 
-def host_us(fn, rep: int = 20) -> float:
+HOST_REP = 20
+
+
+def host_us(fn, rep: int = HOST_REP) -> float:
     """Median host microseconds of ``fn()`` started on an idle GPU (a sync inside it included),
     after three warm-up calls."""
     times = []
