@@ -4,15 +4,15 @@
 
 Per case, host microseconds (``cases.host_us``: median, call started on an idle GPU) of: a new
 ``SpanMask`` over the same bounds; ``bidiattn.plan`` with the default backend; the call with that
-plan; a new ``SpanMask`` and the default call on it (plans inside: the first call of a layer);
-the default call alone on a ``SpanMask`` built before the timer (its excess over the call with a
-plan is what issue 24 bounds); the default call on spans that keep their plan (steady). The
-first call's excess over new spans + plan + steady is what none of them explains. To find it: the first call's parts timed in sequence within one call
-(new spans, plan, the call with that new plan), and for fa4's masked launch the tables launch
-alone and FA4's interface alone on kept and on new tables. Then cProfiles of 30 first and 30
-steady calls (cumulative time), written into the .md. Cases: ``cases.fa4_cli``'s. Checked first:
-the first and steady calls give the same output, within ``cases.rel_err`` of SDPA with the dense
-mask (up to 16K tokens).
+plan; a new ``SpanMask`` and the default call on it (plans inside: the first call of a layer); the
+default call alone on a ``SpanMask`` built before the timer (its excess over the call with a plan is
+what issue 24 bounds); the default call on spans that keep their plan (steady). The first call's
+excess over new spans + plan + steady is what none of them explains. To find it: the first call's
+parts timed in sequence within one call (new spans, plan, the call with that new plan), and for
+fa4's masked launch the tables launch alone and FA4's interface alone on kept and on new tables.
+Then cProfiles of 30 first and 30 steady calls (cumulative time), written into the .md. Cases:
+``cases.fa4_cli``'s. Checked first: the first and steady calls give the same output, within
+``cases.rel_err`` of SDPA with the dense mask (up to 16K tokens).
 Writes first-call[-<label>]-<device>-<date>.{md,json}.
 """
 
