@@ -25,6 +25,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one block may use on SM90 (227 KiB
 MAXNREG = 168
 NUM_WARPS = 8
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+SCHEDULES = ("output", "split", "split-overlap")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Sm90WideConfig:
     - ``schedule``: ``"output"`` (a softmax warpgroup and two output warpgroups, 12 warps) or
       ``"split"`` (:func:`kernel.hd512_forward_split_kernel`: the softmax warpgroup also owns output
       columns 0-255 with P from its registers, a second warpgroup columns 256-511, a load warp; 9
-      warps; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs`` is off).
+      warps; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs`` is off), or
+      ``"split-overlap"`` (the same, block j's ``Q K^T`` issued with block j-1's ``P V``).
     """
 
     block_n: int = 64
@@ -56,9 +58,9 @@ class Sm90WideConfig:
     schedule: str = "output"
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("output", "split"):
-            raise ValueError(f"Sm90WideConfig.schedule must be 'output' or 'split', got {self.schedule!r}")
-        if self.schedule == "split" and self.q_in_regs:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Sm90WideConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.split and self.q_in_regs:
             raise ValueError("Sm90WideConfig.q_in_regs needs schedule='output'")
         for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols"):
             value = getattr(self, name)
@@ -76,7 +78,7 @@ class Sm90WideConfig:
         if self.q_in_regs and self.softmax_regs < 168:
             raise ValueError(f"Sm90WideConfig.q_in_regs needs softmax_regs >= 168 (Q alone takes 128), got "
                              f"{self.softmax_regs}")
-        if self.schedule == "split" and self.softmax_regs < 160:
+        if self.split and self.softmax_regs < 160:
             raise ValueError(f"Sm90WideConfig.softmax_regs={self.softmax_regs} is the split schedule's second "
                              f"warpgroup's share; its accumulator alone takes 128 (need >= 160)")
         if self.output_regs < 160:
@@ -89,15 +91,20 @@ class Sm90WideConfig:
                              f"more than SM90's {SMEM_LIMIT}")
 
     @property
+    def split(self) -> bool:
+        """The split schedules (:func:`kernel.hd512_forward_split_kernel`)."""
+        return self.schedule != "output"
+
+    @property
     def num_warps(self) -> int:
         """Warps of the default partition (the launch's ``num_warps``)."""
-        return NUM_WARPS if self.schedule == "output" else 4
+        return 4 if self.split else NUM_WARPS
 
     @property
     def output_regs(self) -> int:
         """Registers a thread of the warpgroups that own the softmax's leftovers: the output
         warpgroups (8 warps), or the split schedule's first warpgroup (beside a load warpgroup at 24)."""
-        if self.schedule == "split":
+        if self.split:
             return (MAXNREG * 12 - 4 * 24 - 4 * self.softmax_regs) // 4 // 8 * 8
         return (MAXNREG * 12 - 4 * self.softmax_regs) // 8 // 8 * 8
 
@@ -112,7 +119,7 @@ class Sm90WideConfig:
     def name(self) -> str:
         return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
                 + ("" if self.store_cols == 64 else f"-s{self.store_cols}") + ("-qreg" if self.q_in_regs else "")
-                + ("-split" if self.schedule == "split" else ""))
+                + ("" if self.schedule == "output" else f"-{self.schedule}"))
 
 
 DEFAULT_CONFIG = Sm90WideConfig()
@@ -124,6 +131,7 @@ CONFIGS = {
     "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3),
     "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
+    "split-overlap": Sm90WideConfig(softmax_regs=240, schedule="split-overlap"),
 }
 
 
@@ -244,8 +252,9 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
                   V_STAGES=config.v_stages, P_STAGES=config.p_stages, STORE_COLS=config.store_cols,
                   num_warps=config.num_warps, maxnreg=MAXNREG)
     grid = (hq, order.numel())
-    if config.schedule == "split":
-        gk.hd512_forward_split_kernel[grid](*args, **common, BACK_REGS=config.softmax_regs)
+    if config.split:
+        gk.hd512_forward_split_kernel[grid](*args, **common, BACK_REGS=config.softmax_regs,
+                                            OVERLAP=config.schedule == "split-overlap")
     else:
         gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs)
     return out, lse

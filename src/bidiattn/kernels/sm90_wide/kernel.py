@@ -256,13 +256,41 @@ def hd512_forward_kernel(
 
 # ----------------------------------------------------------------------------- the split schedule
 @gluon.jit
+def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr):
+    """One key block's online softmax step in base 2: ``(p, alpha, m, l)``; the span mask only on
+    partial blocks."""
+    s = s * qk_scale
+    if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
+        key = k0 + kc
+        allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
+        s = gl.where(allowed, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr):
+    """P and alpha of key block ``j`` to shared memory for the back warpgroup."""
+    sp = j % P_STAGES
+    mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
+    p_smem.index(sp).store(p16)
+    alpha_smem.index(sp).store(alpha)
+    fence_async_shared()
+    mbarrier.arrive(p_ready.index(sp), count=1)
+
+
+@gluon.jit
 def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready, v_free,
                      p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head, total,
                      out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, OVERLAP: gl.constexpr):
     # Q K^T, the mask and the online softmax; P and alpha to shared memory for the back warpgroup;
-    # then the P V of output columns [0, 256) with P from registers.
+    # the P V of output columns [0, 256) with P from registers. OVERLAP: block j's Q K^T and block
+    # j-1's P V are issued together, and block j's softmax runs while that P V does.
     HALF: gl.constexpr = HEAD_DIM // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -283,44 +311,63 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
     acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
 
     mbarrier.wait(q_bar, 0)
-    for j in range(n_blocks):
-        k0 = n_start + j * BLOCK_N
-        sk = j % K_STAGES
-        mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
-        s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        # A free barrier gets one arrival (one thread): every warp of the group is past its reads first.
-        cta_barrier()
-        mbarrier.arrive(k_free.index(sk), count=1)
-
-        s = s * qk_scale
-        if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
-            key = k0 + kc
-            allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
-            s = gl.where(allowed, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        p16 = p.to(p_smem.dtype)
-
-        sp = j % P_STAGES
-        mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
-        p_smem.index(sp).store(p16)
-        alpha_smem.index(sp).store(alpha)
-        fence_async_shared()
-        mbarrier.arrive(p_ready.index(sp), count=1)
-
-        acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
-        sv = j % V_STAGES
-        mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
-        acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
-                            is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        cta_barrier()
-        mbarrier.arrive(v_free.index(sv), count=1)
+    if OVERLAP:
+        if n_blocks > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            # A free barrier gets one arrival (one thread): every warp of the group is past its reads first.
+            cta_barrier()
+            mbarrier.arrive(k_free.index(0), count=1)
+            p, alpha, m_i, l_i = _softmax_block(s, n_start, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
+            p16 = p.to(p_smem.dtype)
+            _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, 0, P_STAGES)
+            for j in range(1, n_blocks):
+                sk = j % K_STAGES
+                sv = (j - 1) % V_STAGES
+                mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
+                s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(sv), phase(j - 1, V_STAGES))
+                acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
+                                    is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                cta_barrier()
+                mbarrier.arrive(k_free.index(sk), count=1)
+                p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
+                                                    qk_scale, BLOCK_N)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                cta_barrier()
+                mbarrier.arrive(v_free.index(sv), count=1)
+                p16 = p.to(p_smem.dtype)
+                _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
+                acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+            sv = (n_blocks - 1) % V_STAGES
+            mbarrier.wait(v_ready.index(sv), phase(n_blocks - 1, V_STAGES))
+            acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            cta_barrier()
+            mbarrier.arrive(v_free.index(sv), count=1)
+    else:
+        for j in range(n_blocks):
+            sk = j % K_STAGES
+            mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
+            s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            cta_barrier()
+            mbarrier.arrive(k_free.index(sk), count=1)
+            p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
+                                                qk_scale, BLOCK_N)
+            p16 = p.to(p_smem.dtype)
+            _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
+            acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+            sv = j % V_STAGES
+            mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
+            acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            cta_barrier()
+            mbarrier.arrive(v_free.index(sv), count=1)
 
     lse = (m_i + gl.log2(l_i)) * LN2
     gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
@@ -392,7 +439,7 @@ def hd512_forward_split_kernel(
     total, group, qk_scale,
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-    BACK_REGS: gl.constexpr, STORE_COLS: gl.constexpr,
+    BACK_REGS: gl.constexpr, STORE_COLS: gl.constexpr, OVERLAP: gl.constexpr,
 ):
     head = gl.program_id(0)
     tile = gl.load(order_ptr + gl.program_id(1))
@@ -438,7 +485,7 @@ def hd512_forward_split_kernel(
             (_front_partition, (q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready,
                                 v_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
                                 total, HEADS * HEAD_DIM, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
-                                HEAD_DIM, K_STAGES, V_STAGES, P_STAGES, STORE_COLS)),
+                                HEAD_DIM, K_STAGES, V_STAGES, P_STAGES, STORE_COLS, OVERLAP)),
             (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free, done_bar,
                                out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M, HEAD_DIM, V_STAGES,
                                P_STAGES, STORE_COLS)),
