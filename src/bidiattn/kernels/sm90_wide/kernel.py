@@ -13,6 +13,13 @@ Partitions (``gl.warp_specialize``):
   memory; at the end the lse and 1/l.
 - worker 1, 1 warp: TMA loads of Q (once) and of the K and V rings.
 
+The split schedule (:func:`hd512_forward_split_kernel`, ``Sm90WideConfig.schedule`` ``"split"`` /
+``"split-overlap"``): a front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha
+to shared memory, then ``P V`` of output columns 0-255 with P in registers), a back warpgroup
+(``P V`` of columns 256-511, P from shared memory) and a load warp (Q, the K and V rings, each stage
+refilled when its free barrier completes). ``split-overlap`` issues block j's ``Q K^T`` with block
+j-1's ``P V`` and runs block j's softmax while that ``P V`` does.
+
 Key blocks run from the tile's first allowed key (``lo_min``, rounded down to ``BLOCK_N``) to
 its last (``hi_max``); a block lying inside ``[lo_max, hi_min]`` is allowed for every row and
 skips the mask. Keys past a sequence's end (another sequence's, or TMA's zero fill past the
