@@ -11,7 +11,9 @@ Partitions (``gl.warp_specialize``):
 - worker 0, 4 warps: the softmax warpgroup. ``S = Q K^T`` (wgmma from shared memory), the span
   mask on partial blocks only, the online softmax in base 2, P (bf16/fp16) and alpha to shared
   memory; at the end the lse and 1/l.
-- worker 1, 1 warp: TMA loads of Q (once) and of the K and V rings.
+
+Each ring's readers issue its TMA loads (the softmax warpgroup Q's and K's, the output warpgroups
+V's), a stage refilled once every warp of the group is past its reads.
 
 The split schedule (:func:`hd512_forward_split_kernel`, ``Sm90WideConfig.schedule`` ``"split"`` /
 ``"split-overlap"``): a front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha
