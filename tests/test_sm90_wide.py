@@ -48,6 +48,9 @@ def test_named_configs_fit_shared_memory_and_registers():
     (dict(p_stages=0), ValueError, "p_stages"),
     (dict(block_n=64.0), TypeError, "block_n"),
     (dict(k_stages=True), TypeError, "k_stages"),
+    (dict(schedule="fast"), ValueError, "schedule"),
+    (dict(schedule="split", softmax_regs=176, q_in_regs=True), ValueError, "q_in_regs"),
+    (dict(schedule="split-overlap", softmax_regs=120), ValueError, "second warpgroup"),
 ])
 def test_bad_config_names_the_value(kwargs, error, words):
     with pytest.raises(error, match=words):

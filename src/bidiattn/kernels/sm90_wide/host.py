@@ -43,8 +43,9 @@ class Sm90WideConfig:
       of about 176.
     - ``schedule``: ``"output"`` (a softmax warpgroup and two output warpgroups, 12 warps) or
       ``"split"`` (:func:`kernel.hd512_forward_split_kernel`: the softmax warpgroup also owns output
-      columns 0-255 with P from its registers, a second warpgroup columns 256-511, a load warp; 9
-      warps; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs`` is off), or
+      columns 0-255 with P from its registers, a second warpgroup columns 256-511, a load warp: 9
+      warps, launched as 12; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs``
+      is off), or
       ``"split-overlap"`` (the same, block j's ``Q K^T`` issued with block j-1's ``P V``).
     """
 
@@ -94,6 +95,11 @@ class Sm90WideConfig:
     def split(self) -> bool:
         """The split schedules (:func:`kernel.hd512_forward_split_kernel`)."""
         return self.schedule != "output"
+
+    @property
+    def overlap(self) -> bool:
+        """``"split-overlap"``: block j's ``Q K^T`` issued with block j-1's ``P V``."""
+        return self.schedule == "split-overlap"
 
     @property
     def num_warps(self) -> int:
@@ -253,8 +259,7 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
                   num_warps=config.num_warps, maxnreg=MAXNREG)
     grid = (hq, order.numel())
     if config.split:
-        gk.hd512_forward_split_kernel[grid](*args, **common, BACK_REGS=config.softmax_regs,
-                                            OVERLAP=config.schedule == "split-overlap")
+        gk.hd512_forward_split_kernel[grid](*args, **common, BACK_REGS=config.softmax_regs, OVERLAP=config.overlap)
     else:
         gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs)
     return out, lse

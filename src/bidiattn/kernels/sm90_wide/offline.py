@@ -76,7 +76,7 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
                      STORE_COLS=config.store_cols)
-    constants.update(dict(BACK_REGS=config.softmax_regs, OVERLAP=config.schedule == "split-overlap") if split else
+    constants.update(dict(BACK_REGS=config.softmax_regs, OVERLAP=config.overlap) if split else
                      dict(SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs))
     return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps))
 
