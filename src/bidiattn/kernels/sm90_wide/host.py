@@ -138,6 +138,7 @@ CONFIGS = {
     "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
     "split-overlap": Sm90WideConfig(softmax_regs=240, schedule="split-overlap"),
+    "split-n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=240, schedule="split-overlap"),
 }
 
 
