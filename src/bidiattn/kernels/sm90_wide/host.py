@@ -42,7 +42,7 @@ class Sm90WideConfig:
       registers a thread), so ``Q K^T`` reads only K from shared memory; needs ``softmax_regs``
       of about 176.
     - ``schedule``: ``"output"`` (a softmax warpgroup and two output warpgroups, 12 warps) or
-      ``"split"`` (:func:`kernel.hd512_forward_split_kernel`: the softmax warpgroup also owns output
+      ``"split"`` (the kernel's split schedule: the softmax warpgroup also owns output
       columns 0-255 with P from its registers, a second warpgroup columns 256-511, a load warp: 9
       warps, launched as 12; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs``
       is off), or
@@ -93,7 +93,7 @@ class Sm90WideConfig:
 
     @property
     def split(self) -> bool:
-        """The split schedules (:func:`kernel.hd512_forward_split_kernel`)."""
+        """One of the split schedules (the kernel's ``SPLIT``)."""
         return self.schedule != "output"
 
     @property
@@ -259,10 +259,8 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
                   V_STAGES=config.v_stages, P_STAGES=config.p_stages, STORE_COLS=config.store_cols,
                   num_warps=config.num_warps, maxnreg=MAXNREG)
     grid = (hq, order.numel())
-    if config.split:
-        gk.hd512_forward_split_kernel[grid](*args, **common, BACK_REGS=config.softmax_regs, OVERLAP=config.overlap)
-    else:
-        gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs)
+    gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs,
+                                  SPLIT=config.split, OVERLAP=config.overlap)
     return out, lse
 
 

@@ -15,12 +15,12 @@ Partitions (``gl.warp_specialize``):
 Each ring's readers issue its TMA loads (the softmax warpgroup Q's and K's, the output warpgroups
 V's), a stage refilled once every warp of the group is past its reads.
 
-The split schedule (:func:`hd512_forward_split_kernel`, ``Sm90WideConfig.schedule`` ``"split"`` /
-``"split-overlap"``): a front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha
-to shared memory, then ``P V`` of output columns 0-255 with P in registers), a back warpgroup
-(``P V`` of columns 256-511, P from shared memory) and a load warp (Q, the K and V rings, each stage
-refilled when its free barrier completes). ``split-overlap`` issues block j's ``Q K^T`` with block
-j-1's ``P V`` and runs block j's softmax while that ``P V`` does.
+The split schedule (``SPLIT``; ``Sm90WideConfig.schedule`` ``"split"`` / ``"split-overlap"``): a
+front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha to shared memory, then
+``P V`` of output columns 0-255 with P in registers), a back warpgroup (``P V`` of columns 256-511,
+P from shared memory) and a load warp (Q, the K and V rings, each stage refilled when its free
+barrier completes). ``split-overlap`` issues block j's ``Q K^T`` with block j-1's ``P V`` and runs
+block j's softmax while that ``P V`` does.
 
 Key blocks run from the tile's first allowed key (``lo_min``, rounded down to ``BLOCK_N``) to
 its last (``hi_max``); a block lying inside ``[lo_max, hi_min]`` is allowed for every row and
@@ -92,6 +92,33 @@ def store_rows(smem, ptr, row0, rows, col0, row_stride, BLOCK: gl.constexpr, HEA
 
 
 @gluon.jit
+def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr):
+    """One key block's online softmax step in base 2: ``(p, alpha, m, l)``; the span mask only on
+    partial blocks."""
+    s = s * qk_scale
+    if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
+        key = k0 + kc
+        allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
+        s = gl.where(allowed, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr):
+    """P and alpha of key block ``j`` to shared memory for the back warpgroup."""
+    sp = j % P_STAGES
+    mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
+    p_smem.index(sp).store(p16)
+    alpha_smem.index(sp).store(alpha)
+    fence_async_shared()
+    mbarrier.arrive(p_ready.index(sp), count=1)
+
+
+@gluon.jit
 def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready, p_free,
                        done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start, n_blocks,
                        lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -103,8 +130,7 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
     for i in gl.static_range(K_STAGES):
         if i < n_blocks:
             mbarrier.expect(k_ready.index(i), k_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i),
-                                            k_smem.index(i))
+            tma_load(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i), k_smem.index(i))
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -137,20 +163,9 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
             # Every warp of the group is past its wgmma reads of this stage before it is refilled.
             cta_barrier()
             mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row + k0 + K_STAGES * BLOCK_N, kv_col], k_ready.index(sk),
-                                            k_smem.index(sk))
+            tma_load(k_desc, [k_row + k0 + K_STAGES * BLOCK_N, kv_col], k_ready.index(sk), k_smem.index(sk))
 
-        s = s * qk_scale
-        if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
-            key = k0 + kc
-            allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
-            s = gl.where(allowed, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
 
         sp = j % P_STAGES
         mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
@@ -175,8 +190,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     for i in gl.static_range(V_STAGES):
         if i < n_blocks:
             mbarrier.expect(v_ready.index(i), v_desc.block_type.nbytes)
-            tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i),
-                                            v_smem.index(i))
+            tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i), v_smem.index(i))
 
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, HEAD_DIM // 2, 16])
@@ -195,8 +209,8 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
         if j + V_STAGES < n_blocks:
             cta_barrier()
             mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            tma_load(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col],
-                                            v_ready.index(sv), v_smem.index(sv))
+            tma_load(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col], v_ready.index(sv),
+                     v_smem.index(sv))
 
     mbarrier.wait(done_bar, 0)
     inv_l = l_smem.load(row_layout)
@@ -207,90 +221,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
 
 
-@gluon.jit
-def hd512_forward_kernel(
-    q_desc, k_desc, v_desc, out_ptr, lse_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
-    t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, order_ptr,
-    total, group, qk_scale,
-    HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-    SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, Q_IN_REGS: gl.constexpr,
-):
-    head = gl.program_id(0)
-    tile = gl.load(order_ptr + gl.program_id(1))
-    rows = gl.load(t_rows + tile)
-    if rows > 0:
-        q_row, k_row, n_start, n_blocks, lo_max, hi_min, kv_col = query_tile(
-            tile, head, group, t_seq, t_start, t_lo_min, t_lo_max, t_hi_min, t_hi_max, cu_q_ptr, cu_k_ptr,
-            HEAD_DIM, BLOCK_N)
-
-        dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-        p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], p_layout)
-        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        alpha_smem = gl.allocate_shared_memory(gl.float32, [P_STAGES, BLOCK_M], vec_layout)
-        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
-
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
-        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
-        p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(done_bar, count=1)
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_ready.index(i), count=1)
-        for i in gl.static_range(P_STAGES):
-            mbarrier.init(p_ready.index(i), count=1)
-            mbarrier.init(p_free.index(i), count=1)
-        fence_async_shared()
-
-        gl.warp_specialize([
-            (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free, done_bar,
-                                 out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col, n_start, n_blocks,
-                                 BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS)),
-            (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready,
-                                  p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col,
-                                  n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES,
-                                  P_STAGES, Q_IN_REGS)),
-        ], [4], [SOFTMAX_REGS])
-
-
 # ----------------------------------------------------------------------------- the split schedule
-@gluon.jit
-def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr):
-    """One key block's online softmax step in base 2: ``(p, alpha, m, l)``; the span mask only on
-    partial blocks."""
-    s = s * qk_scale
-    if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
-        key = k0 + kc
-        allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
-        s = gl.where(allowed, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_use)
-    p = gl.exp2(s - m_use[:, None])
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
-
-
-@gluon.jit
-def _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr):
-    """P and alpha of key block ``j`` to shared memory for the back warpgroup."""
-    sp = j % P_STAGES
-    mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
-    p_smem.index(sp).store(p16)
-    alpha_smem.index(sp).store(alpha)
-    fence_async_shared()
-    mbarrier.arrive(p_ready.index(sp), count=1)
-
-
 @gluon.jit
 def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready, v_free,
                      p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head, total,
@@ -442,14 +373,17 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_rea
 
 
 @gluon.jit
-def hd512_forward_split_kernel(
+def hd512_forward_kernel(
     q_desc, k_desc, v_desc, out_ptr, lse_ptr, lo_ptr, hi_ptr, cu_q_ptr, cu_k_ptr,
     t_seq, t_start, t_rows, t_lo_min, t_lo_max, t_hi_min, t_hi_max, order_ptr,
     total, group, qk_scale,
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-    BACK_REGS: gl.constexpr, STORE_COLS: gl.constexpr, OVERLAP: gl.constexpr,
+    SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, Q_IN_REGS: gl.constexpr, SPLIT: gl.constexpr,
+    OVERLAP: gl.constexpr,
 ):
+    # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share); OVERLAP its
+    # overlapped loop.
     head = gl.program_id(0)
     tile = gl.load(order_ptr + gl.program_id(1))
     rows = gl.load(t_rows + tile)
@@ -472,32 +406,47 @@ def hd512_forward_split_kernel(
         q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
-        k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
-        v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
         p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
         p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
         mbarrier.init(q_bar, count=1)
         mbarrier.init(done_bar, count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_free.index(i), count=1)
         for i in gl.static_range(V_STAGES):
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
         for i in gl.static_range(P_STAGES):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_free.index(i), count=1)
+        if SPLIT:  # the load warp refills a stage when its readers free it
+            k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+            v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+            for i in gl.static_range(K_STAGES):
+                mbarrier.init(k_free.index(i), count=1)
+            for i in gl.static_range(V_STAGES):
+                mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_front_partition, (q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready,
-                                v_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
-                                total, HEADS * HEAD_DIM, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
-                                HEAD_DIM, K_STAGES, V_STAGES, P_STAGES, STORE_COLS, OVERLAP)),
-            (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free, done_bar,
-                               out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M, HEAD_DIM, V_STAGES,
-                               P_STAGES, STORE_COLS)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, v_ready, v_free,
-                               q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES)),
-        ], [4, 1], [BACK_REGS, 24])
+        if SPLIT:
+            gl.warp_specialize([
+                (_front_partition, (q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free,
+                                    v_ready, v_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row,
+                                    rows, head, total, HEADS * HEAD_DIM, n_start, n_blocks, lo_max, hi_min, qk_scale,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES, STORE_COLS, OVERLAP)),
+                (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free,
+                                   done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M, HEAD_DIM,
+                                   V_STAGES, P_STAGES, STORE_COLS)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, v_ready,
+                                   v_free, q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N, HEAD_DIM, K_STAGES,
+                                   V_STAGES)),
+            ], [4, 1], [SOFTMAX_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free,
+                                     done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col, n_start,
+                                     n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS)),
+                (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready,
+                                      p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total,
+                                      k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
+                                      HEAD_DIM, K_STAGES, P_STAGES, Q_IN_REGS)),
+            ], [4], [SOFTMAX_REGS])

@@ -66,8 +66,7 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     from . import kernel
 
     gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    split = config.split
-    fn = kernel.hd512_forward_split_kernel if split else kernel.hd512_forward_kernel
+    fn = kernel.hd512_forward_kernel
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(q_desc=_desc(dtype, BLOCK_M, gdtype), k_desc=_desc(dtype, config.block_n, gdtype),
                v_desc=_desc(dtype, config.block_n, gdtype),
@@ -75,9 +74,8 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
                cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
-                     STORE_COLS=config.store_cols)
-    constants.update(dict(BACK_REGS=config.softmax_regs, OVERLAP=config.overlap) if split else
-                     dict(SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs))
+                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs,
+                     SPLIT=config.split, OVERLAP=config.overlap)
     return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps))
 
 
