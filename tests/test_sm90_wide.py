@@ -189,7 +189,7 @@ def _image_spans(lengths: list[int], window: int | None = None) -> SpanMask:
     (lambda: _image_spans([2500, 1601]), 8, 2),
     (lambda: _image_spans([3001], window=1024), 4, 1),
 ])
-@pytest.mark.parametrize("name", ["n64", "n32", "split", "split-overlap", "split-n32"])
+@pytest.mark.parametrize("name", ["n64", "n64-r144", "n32", "split", "split-overlap", "split-n32"])
 def test_forward_matches_reference_on_sm90(spans_fn, hq, hkv, name):
     why = _sm90_ready()
     if why:

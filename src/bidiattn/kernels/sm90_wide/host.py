@@ -133,6 +133,7 @@ DEFAULT_CONFIG = Sm90WideConfig()
 CONFIGS = {
     "n64": DEFAULT_CONFIG,
     "n64-r96": Sm90WideConfig(softmax_regs=96),
+    "n64-r144": Sm90WideConfig(softmax_regs=144),
     "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2),
     "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3),
     "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
