@@ -251,10 +251,10 @@ def peers(args, case, spans, q, k, v, scale):
 
     def gluon(config):
         def fn():
-            if "tiles" not in tiles_cache:
+            if config.block_m not in tiles_cache:
                 from bidiattn.kernels.tiles import query_tiles
-                tiles_cache["tiles"] = query_tiles(spans, 64)
-            return forward_sm90_hd512(q, k, v, spans, scale, config=config, tiles=tiles_cache["tiles"])[0]
+                tiles_cache[config.block_m] = query_tiles(spans, config.block_m)
+            return forward_sm90_hd512(q, k, v, spans, scale, config=config, tiles=tiles_cache[config.block_m])[0]
         return fn
 
     for name, config in variants(args.variants).items():

@@ -51,10 +51,30 @@ def test_named_configs_fit_shared_memory_and_registers():
     (dict(schedule="fast"), ValueError, "schedule"),
     (dict(schedule="split", softmax_regs=176, q_in_regs=True), ValueError, "q_in_regs"),
     (dict(schedule="split-overlap", softmax_regs=120), ValueError, "second warpgroup"),
+    (dict(cluster=4), ValueError, "cluster must be 1 or 2"),
+    (dict(cluster=True), ValueError, "cluster must be 1 or 2"),
+    (dict(cluster=2), ValueError, "split schedule"),
 ])
 def test_bad_config_names_the_value(kwargs, error, words):
     with pytest.raises(error, match=words):
         Sm90WideConfig(**kwargs)
+
+
+def test_a_cluster_config_covers_two_ctas_of_rows():
+    config = CONFIGS["split-c2"]
+    assert (config.cluster, config.block_m, DEFAULT_CONFIG.block_m) == (2, 128, 64)
+    assert config.name.endswith("-split-c2") and config.shared_bytes == CONFIGS["split"].shared_bytes
+
+
+def test_tiles_of_another_block_size_are_refused():
+    from bidiattn.kernels.sm90_wide.host import _tables
+    from bidiattn.kernels.tiles import query_tiles
+
+    spans = _causal(300)
+    with pytest.raises(ValueError, match="block_m=128"):
+        _tables(spans, query_tiles(spans, 64), 128)
+    summary, _ = _tables(spans, None, 128)
+    assert summary.block_m == 128
 
 
 def test_check_inputs_accepts_hd512_half_gqa():
@@ -134,12 +154,39 @@ def _check_compiled(r: dict) -> None:
 offline_compile = pytest.mark.skipif(_gluon_hopper() is not None, reason=str(_gluon_hopper()))
 
 
+def _multicast_missing() -> str | None:
+    """Why this Triton cannot build a cluster config (no multicast TMA load in its Gluon), or None."""
+    from bidiattn.kernels.sm90_wide.host import _check_multicast
+
+    try:
+        _check_multicast()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 @offline_compile
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_forward_compiles_for_sm90(name):
     # With every Triton the package takes that has Gluon for Hopper (CI: the one torch installs,
-    # and 3.6 in .ci/run's second environment).
+    # and 3.6 in .ci/run's second environment; cluster configs where its Gluon multicasts).
+    if CONFIGS[name].cluster > 1 and _multicast_missing():
+        pytest.skip(_multicast_missing())
     _check_compiled(_compile_offline(f"compile_offline(CONFIGS[{name!r}])"))
+
+
+@offline_compile
+def test_a_cluster_config_needs_a_multicast_tma_load(monkeypatch):
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    def load_without_multicast(tensor_desc, coord, barrier, result, pred=True):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(tma, "async_load", load_without_multicast, raising=False)
+    with pytest.raises(ValueError, match="cluster=2 needs Gluon's multicast TMA load.*this is Triton"):
+        from bidiattn.kernels.sm90_wide.host import _check_multicast
+
+        _check_multicast()
 
 
 @pytest.fixture(autouse=True)
@@ -189,9 +236,9 @@ def _image_spans(lengths: list[int], window: int | None = None) -> SpanMask:
     (lambda: _image_spans([2500, 1601]), 8, 2),
     (lambda: _image_spans([3001], window=1024), 4, 1),
 ])
-@pytest.mark.parametrize("name", ["n64", "n64-r144", "n32", "split", "split-overlap", "split-n32"])
+@pytest.mark.parametrize("name", ["n64", "n64-r144", "n32", "split", "split-overlap", "split-n32", "split-c2"])
 def test_forward_matches_reference_on_sm90(spans_fn, hq, hkv, name):
-    why = _sm90_ready()
+    why = _sm90_ready() or (CONFIGS[name].cluster > 1 and _multicast_missing())
     if why:
         pytest.skip(why)
     from bidiattn.kernels.sm90_wide import forward_sm90_hd512

@@ -47,6 +47,9 @@ class Sm90WideConfig:
       warps, launched as 12; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs``
       is off), or
       ``"split-overlap"`` (the same, block j's ``Q K^T`` issued with block j-1's ``P V``).
+    - ``cluster``: CTAs per program (1 or 2; 2 with a split schedule only, and a Triton whose Gluon
+      multicasts TMA loads: 3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read
+      from L2 once and multicast into both.
     """
 
     block_n: int = 64
@@ -57,10 +60,15 @@ class Sm90WideConfig:
     store_cols: int = 64
     q_in_regs: bool = False
     schedule: str = "output"
+    cluster: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Sm90WideConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.cluster not in (1, 2) or isinstance(self.cluster, bool):
+            raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
+        if self.cluster == 2 and not self.split:
+            raise ValueError(f"Sm90WideConfig.cluster=2 needs a split schedule, got schedule={self.schedule!r}")
         if self.split and self.q_in_regs:
             raise ValueError("Sm90WideConfig.q_in_regs needs schedule='output'")
         for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols"):
@@ -102,6 +110,11 @@ class Sm90WideConfig:
         return self.schedule == "split-overlap"
 
     @property
+    def block_m(self) -> int:
+        """Query rows of a program (a tile of the tile table): 64 a CTA."""
+        return BLOCK_M * self.cluster
+
+    @property
     def num_warps(self) -> int:
         """Warps of the default partition (the launch's ``num_warps``)."""
         return 4 if self.split else NUM_WARPS
@@ -125,7 +138,7 @@ class Sm90WideConfig:
     def name(self) -> str:
         return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
                 + ("" if self.store_cols == 64 else f"-s{self.store_cols}") + ("-qreg" if self.q_in_regs else "")
-                + ("" if self.schedule == "output" else f"-{self.schedule}"))
+                + ("" if self.schedule == "output" else f"-{self.schedule}") + ("" if self.cluster == 1 else "-c2"))
 
 
 DEFAULT_CONFIG = Sm90WideConfig()
@@ -140,6 +153,7 @@ CONFIGS = {
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
     "split-overlap": Sm90WideConfig(softmax_regs=240, schedule="split-overlap"),
     "split-n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=240, schedule="split-overlap"),
+    "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
 }
 
 
@@ -195,18 +209,33 @@ def _check_device(q: torch.Tensor) -> None:
         raise ValueError(f"the hd512 Gluon kernels run on SM90 (H100/H200), this GPU is sm_{capability[0]}{capability[1]}")
 
 
-def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None) -> tuple[TileSummary, torch.Tensor]:
+def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None,
+            block_m: int) -> tuple[TileSummary, torch.Tensor]:
     if tiles is None:
         from ..tiles import query_tiles
 
-        return query_tiles(spans, BLOCK_M)
+        return query_tiles(spans, block_m)
     summary, order = tiles
     if not isinstance(summary, TileSummary) or not isinstance(order, torch.Tensor):
         raise TypeError(f"tiles must be (TileSummary, order tensor) from kernels.tiles.query_tiles, got "
                         f"({type(summary).__name__}, {type(order).__name__})")
-    if summary.block_m != BLOCK_M:
-        raise ValueError(f"tiles must have block_m={BLOCK_M}, got {summary.block_m}")
+    if summary.block_m != block_m:
+        raise ValueError(f"tiles must have block_m={block_m} (the config's block_m), got {summary.block_m}")
     return summary, order
+
+
+def _check_multicast() -> None:
+    """A cluster config multicasts its K/V loads: Gluon's ``tma.async_load(..., multicast=True)``
+    (Triton 3.9; 3.6's TMA load has no multicast)."""
+    import inspect
+
+    import triton
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    load = getattr(tma, "async_load", None)
+    if load is None or "multicast" not in inspect.signature(load).parameters:
+        raise ValueError(f"Sm90WideConfig.cluster=2 needs Gluon's multicast TMA load (Triton 3.9); this is Triton "
+                         f"{triton.__version__}")
 
 
 def _output(x: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -232,11 +261,13 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         spans: the mask (self-attention or extend spans).
         scale: softmax scale, default ``1/sqrt(512)``.
         config: a :class:`Sm90WideConfig` (default :data:`DEFAULT_CONFIG`).
-        tiles: ``kernels.tiles.query_tiles(spans, 64)``, where the caller keeps it (a plan); computed
-            here otherwise.
+        tiles: ``kernels.tiles.query_tiles(spans, config.block_m)`` (64 rows; 128 for a cluster
+            config), where the caller keeps it (a plan); computed here otherwise.
         out, lse: preallocated outputs (contiguous ``[T, Hq, 512]`` in q's dtype, ``[Hq, T]`` fp32).
     """
     scale, config = check_inputs(q, k, v, spans, scale, config)
+    if config.cluster > 1:
+        _check_multicast()
     from . import kernel as gk  # Gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -244,21 +275,25 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
     total, hq, d = q.shape
     t_keys, hkv, _ = k.shape
     q2, k2, v2 = (x.contiguous().view(x.shape[0], x.shape[1] * d) for x in (q, k, v))
-    summary, order = _tables(spans, tiles)
+    summary, order = _tables(spans, tiles, config.block_m)
     out = _output(out, "out", (total, hq, d), q.dtype, q.device)
     lse = _output(lse, "lse", (hq, total), torch.float32, q.device)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([config.block_n, d], gdtype)
-    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, d], q_layout)
+    # A cluster's CTAs split Q's rows and each receives every K/V block whole (multicast).
+    rows_cga, whole_cga = ([[1, 0]], [[0, 0]]) if config.cluster == 2 else (None, None)
+    q_layout = gl.NVMMASharedLayout.get_default_for([config.block_m, d], gdtype, cga_layout=rows_cga)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([config.block_n, d], gdtype, cga_layout=whole_cga)
+    q_desc = TensorDescriptor.from_tensor(q2, [config.block_m, d], q_layout)
     k_desc = TensorDescriptor.from_tensor(k2, [config.block_n, d], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v2, [config.block_n, d], kv_layout)
     args = (q_desc, k_desc, v_desc, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
             summary.seq, summary.row_start, summary.rows, summary.lo_min, summary.lo_max, summary.hi_min,
             summary.hi_max, order, total, hq // hkv, scale * math.log2(math.e))
-    common = dict(HEADS=hq, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n, K_STAGES=config.k_stages,
+    common = dict(HEADS=hq, HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, K_STAGES=config.k_stages,
                   V_STAGES=config.v_stages, P_STAGES=config.p_stages, STORE_COLS=config.store_cols,
                   num_warps=config.num_warps, maxnreg=MAXNREG)
+    if config.cluster > 1:
+        common.update(CLUSTER=config.cluster, num_ctas=config.cluster)
     grid = (hq, order.numel())
     gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs,
                                   SPLIT=config.split, OVERLAP=config.overlap)

@@ -20,7 +20,9 @@ front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha to s
 ``P V`` of output columns 0-255 with P in registers), a back warpgroup (``P V`` of columns 256-511,
 P from shared memory) and a load warp (Q, the K and V rings, each stage refilled when its free
 barrier completes). ``split-overlap`` issues block j's ``Q K^T`` with block j-1's ``P V`` and runs
-block j's softmax while that ``P V`` does.
+block j's softmax while that ``P V`` does. ``CLUSTER=2`` (``Sm90WideConfig.cluster``, Triton 3.9's
+multi-CTA Gluon): the split schedule over a cluster of two CTAs, 64 query rows each, whose load warp
+on the lead CTA multicasts every K/V block into both, so each block crosses L2 once for 128 rows.
 
 Key blocks run from the tile's first allowed key (``lo_min``, rounded down to ``BLOCK_N``) to
 its last (``hi_max``); a block lying inside ``[lo_max, hi_min]`` is allowed for every row and
@@ -45,9 +47,41 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # ``barrier``). The kernels call whichever this Triton has.
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# Multi-CTA pieces of 3.9's Gluon (None with 3.6; only cluster configs reach them): the TMA load
+# that takes ``multicast=True`` and the allocator of per-CTA / per-pair barrier arrays.
+tma_load_multicast = getattr(tma, "async_load", None)
+allocate_mbarrier = getattr(mbarrier, "allocate_mbarrier", None)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
+
+
+# Layouts of the tensors whose rows (dim 0) a cluster's CTAs split, 64 each (CTA bases only with
+# ``cluster == 2``, so one CTA gets the plain layout).
+@gluon.constexpr_function
+def mma_layout(instr_n, cluster):
+    """One warpgroup's wgmma accumulator over ``instr_n`` columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, instr_n, 16],
+                                     cga_layout=[[1, 0]] if cluster == 2 else [])
+
+
+@gluon.constexpr_function
+def rows_shared_layout(block_m, block_n, dtype, cluster):
+    """A ``[block_m, block_n]`` wgmma operand in shared memory (P)."""
+    return gl.NVMMASharedLayout.get_default_for([block_m, block_n], dtype,
+                                                cga_layout=[[1, 0]] if cluster == 2 else None)
+
+
+@gluon.constexpr_function
+def vector_shared_layout(cluster):
+    """Per-row vectors in shared memory (alpha, 1/l)."""
+    return gl.SwizzledSharedLayout(1, 1, 1, [0], cga_layout=[[1]] if cluster == 2 else [])
+
+
+@gluon.constexpr_function
+def store_layout_for(num_warps, cluster):
+    """The epilogue's row stores: 8 elements a thread, rows over the warps."""
+    return gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0], cga_layout=[[1, 0]] if cluster == 2 else [])
 
 
 @gluon.jit
@@ -77,11 +111,11 @@ def query_tile(tile, head, group, t_seq, t_start, t_lo_min, t_lo_max, t_hi_min, 
 
 @gluon.jit
 def store_rows(smem, ptr, row0, rows, col0, row_stride, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
-               STORE_COLS: gl.constexpr):
+               STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr = 1):
     """Rows ``[0, rows)`` of a ``[BLOCK, HEAD_DIM]`` shared tile to ``ptr + (row0 + r) * row_stride +
     col0``, in masked chunks of ``STORE_COLS`` columns (a tile's rows never spill into the next
-    sequence's), by the warps of the calling partition."""
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+    sequence's), by the warps of the calling partition (of each CTA of a ``CLUSTER``, its rows)."""
+    store_layout: gl.constexpr = store_layout_for(gl.num_warps(), CLUSTER)
     r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, store_layout))
     c = gl.arange(0, STORE_COLS, layout=gl.SliceLayout(0, store_layout))
     base = ptr + (row0 + r).to(gl.int64)[:, None] * row_stride + col0 + c[None, :]
@@ -116,6 +150,31 @@ def _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.
     alpha_smem.index(sp).store(alpha)
     fence_async_shared()
     mbarrier.arrive(p_ready.index(sp), count=1)
+
+
+@gluon.jit
+def _release(free, local, i, CLUSTER: gl.constexpr):
+    """A K/V stage's readers are done with it: its free barrier (in a cluster the pair's, on the
+    lead CTA) and, in a cluster, this CTA's own."""
+    mbarrier.arrive(free.index(i), count=1)
+    if CLUSTER == 2:
+        mbarrier.arrive(local.index(i), count=1)
+
+
+@gluon.jit
+def _refill(desc, row, col, ready, smem, free, local, parity, CLUSTER: gl.constexpr):
+    """Load a K/V stage once its readers are done. In a cluster both CTAs expect the bytes on their
+    own barrier once their own readers are done; the lead CTA waits for the pair barrier (both
+    CTAs' readers) and multicasts the block into both."""
+    if CLUSTER == 2:
+        mbarrier.wait(local, parity)
+        mbarrier.expect(ready, desc.nbytes_per_cta)
+        mbarrier.wait(free, parity)
+        tma_load_multicast(desc, [row, col], ready, smem, multicast=True)
+    else:
+        mbarrier.wait(free, parity)
+        mbarrier.expect(ready, desc.block_type.nbytes)
+        tma_load(desc, [row, col], ready, smem)
 
 
 @gluon.jit
@@ -223,19 +282,18 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
 
 # ----------------------------------------------------------------------------- the split schedule
 @gluon.jit
-def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, v_ready, v_free,
-                     p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head, total,
-                     out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
+def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free, k_local, v_ready,
+                     v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
+                     total, out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, OVERLAP: gl.constexpr):
+                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, OVERLAP: gl.constexpr,
+                     CLUSTER: gl.constexpr):
     # Q K^T, the mask and the online softmax; P and alpha to shared memory for the back warpgroup;
     # the P V of output columns [0, 256) with P from registers. OVERLAP: block j's Q K^T and block
     # j-1's P V are issued together, and block j's softmax runs while that P V does.
     HALF: gl.constexpr = HEAD_DIM // 2
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N, CLUSTER)
+    o_layout: gl.constexpr = mma_layout(HALF, CLUSTER)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     p_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -258,7 +316,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             # A free barrier gets one arrival (one thread): every warp of the group is past its reads first.
             cta_barrier()
-            mbarrier.arrive(k_free.index(0), count=1)
+            _release(k_free, k_local, 0, CLUSTER)
             p, alpha, m_i, l_i = _softmax_block(s, n_start, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
             p16 = p.to(p_smem.dtype)
             _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, 0, P_STAGES)
@@ -272,12 +330,12 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
                                     is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 cta_barrier()
-                mbarrier.arrive(k_free.index(sk), count=1)
+                _release(k_free, k_local, sk, CLUSTER)
                 p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
                                                     qk_scale, BLOCK_N)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 cta_barrier()
-                mbarrier.arrive(v_free.index(sv), count=1)
+                _release(v_free, v_local, sv, CLUSTER)
                 p16 = p.to(p_smem.dtype)
                 _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
                 acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -287,7 +345,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
                                 is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             cta_barrier()
-            mbarrier.arrive(v_free.index(sv), count=1)
+            _release(v_free, v_local, sv, CLUSTER)
     else:
         for j in range(n_blocks):
             sk = j % K_STAGES
@@ -295,7 +353,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
             s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             cta_barrier()
-            mbarrier.arrive(k_free.index(sk), count=1)
+            _release(k_free, k_local, sk, CLUSTER)
             p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
                                                 qk_scale, BLOCK_N)
             p16 = p.to(p_smem.dtype)
@@ -307,7 +365,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
                                 is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             cta_barrier()
-            mbarrier.arrive(v_free.index(sv), count=1)
+            _release(v_free, v_local, sv, CLUSTER)
 
     lse = (m_i + gl.log2(l_i)) * LN2
     gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
@@ -319,18 +377,17 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
     staged = q_smem.slice(0, HALF, dim=1)
     staged.store(o)
     cta_barrier()
-    store_rows(staged, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HALF, STORE_COLS)
+    store_rows(staged, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HALF, STORE_COLS, CLUSTER)
 
 
 @gluon.jit
-def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free, done_bar,
+def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, v_local, p_ready, p_free, done_bar,
                     out_ptr, q_row, rows, head, out_row_stride, n_blocks, BLOCK_M: gl.constexpr,
                     HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                    STORE_COLS: gl.constexpr):
+                    STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr):
     # The P V of output columns [256, 512), P and alpha from shared memory.
     HALF: gl.constexpr = HEAD_DIM // 2
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF, 16])
+    o_layout: gl.constexpr = mma_layout(HALF, CLUSTER)
     row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
     for j in range(n_blocks):
@@ -343,33 +400,36 @@ def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free,
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         cta_barrier()
         mbarrier.arrive(p_free.index(sp), count=1)
-        mbarrier.arrive(v_free.index(sv), count=1)
+        _release(v_free, v_local, sv, CLUSTER)
 
     mbarrier.wait(done_bar, 0)  # the front warpgroup is past its last Q K^T: Q's buffer is free
     o = (acc * l_smem.load(row_layout)[:, None]).to(q_smem.dtype)
     staged = q_smem.slice(HALF, HALF, dim=1)
     staged.store(o)
     cta_barrier()
-    store_rows(staged, out_ptr, q_row, rows, head * HEAD_DIM + HALF, out_row_stride, BLOCK_M, HALF, STORE_COLS)
+    store_rows(staged, out_ptr, q_row, rows, head * HEAD_DIM + HALF, out_row_stride, BLOCK_M, HALF, STORE_COLS,
+               CLUSTER)
 
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, v_ready, v_free, q_row,
-                    head, k_row, kv_col, n_start, n_blocks, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-    # TMA loads of Q (once) and of the K and V rings, each stage as soon as its readers free it.
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, k_local, v_ready, v_free,
+                    v_local, q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CLUSTER: gl.constexpr):
+    # TMA loads of Q (once; in a cluster each CTA its rows) and of the K and V rings, each stage as
+    # soon as its readers free it (in a cluster multicast into both CTAs).
+    if CLUSTER == 2:
+        mbarrier.expect(q_bar, q_desc.nbytes_per_cta)
+    else:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma_load(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
     for j in range(n_blocks):
         k0 = k_row + n_start + j * BLOCK_N
         sk = j % K_STAGES
-        mbarrier.wait(k_free.index(sk), phase(j, K_STAGES) ^ 1)
-        mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-        tma_load(k_desc, [k0, kv_col], k_ready.index(sk), k_smem.index(sk))
+        _refill(k_desc, k0, kv_col, k_ready.index(sk), k_smem.index(sk), k_free.index(sk), k_local.index(sk),
+                phase(j, K_STAGES) ^ 1, CLUSTER)
         sv = j % V_STAGES
-        mbarrier.wait(v_free.index(sv), phase(j, V_STAGES) ^ 1)
-        mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-        tma_load(v_desc, [k0, kv_col], v_ready.index(sv), v_smem.index(sv))
+        _refill(v_desc, k0, kv_col, v_ready.index(sv), v_smem.index(sv), v_free.index(sv), v_local.index(sv),
+                phase(j, V_STAGES) ^ 1, CLUSTER)
 
 
 @gluon.jit
@@ -380,10 +440,14 @@ def hd512_forward_kernel(
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
     SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, Q_IN_REGS: gl.constexpr, SPLIT: gl.constexpr,
-    OVERLAP: gl.constexpr,
+    OVERLAP: gl.constexpr, CLUSTER: gl.constexpr = 1,
 ):
     # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share); OVERLAP its
-    # overlapped loop.
+    # overlapped loop. CLUSTER=2 (split only): a program is a cluster of two CTAs over 2 x 64 query
+    # rows (BLOCK_M = 128) of one head, each CTA its 64 rows, every K/V block multicast into both;
+    # the per-CTA barriers are arrays over the cluster, a stage's free barrier is the pair's (on the
+    # lead CTA) and each CTA also keeps its own (its load warp expects each block's bytes only once
+    # its own readers are done).
     head = gl.program_id(0)
     tile = gl.load(order_ptr + gl.program_id(1))
     rows = gl.load(t_rows + tile)
@@ -396,19 +460,27 @@ def hd512_forward_kernel(
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+        p_layout: gl.constexpr = rows_shared_layout(BLOCK_M, BLOCK_N, dtype, CLUSTER)
         p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], p_layout)
-        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        vec_layout: gl.constexpr = vector_shared_layout(CLUSTER)
         alpha_smem = gl.allocate_shared_memory(gl.float32, [P_STAGES, BLOCK_M], vec_layout)
         l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec_layout)
 
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
-        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
-        p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
-        p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+        if CLUSTER == 2:
+            q_bar = allocate_mbarrier()
+            done_bar = allocate_mbarrier()
+            k_ready = allocate_mbarrier(batch=K_STAGES)
+            v_ready = allocate_mbarrier(batch=V_STAGES)
+            p_ready = allocate_mbarrier(batch=P_STAGES)
+            p_free = allocate_mbarrier(batch=P_STAGES)
+        else:
+            bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+            q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+            done_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+            k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+            v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+            p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
+            p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_layout)
         mbarrier.init(q_bar, count=1)
         mbarrier.init(done_bar, count=1)
         for i in gl.static_range(K_STAGES):
@@ -419,8 +491,20 @@ def hd512_forward_kernel(
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_free.index(i), count=1)
         if SPLIT:  # the load warp refills a stage when its readers free it
-            k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
-            v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+            if CLUSTER == 2:
+                k_free = allocate_mbarrier(batch=K_STAGES, two_ctas=True)
+                v_free = allocate_mbarrier(batch=V_STAGES, two_ctas=True)
+                k_local = allocate_mbarrier(batch=K_STAGES)
+                v_local = allocate_mbarrier(batch=V_STAGES)
+                for i in gl.static_range(K_STAGES):
+                    mbarrier.init(k_local.index(i), count=1)
+                for i in gl.static_range(V_STAGES):
+                    mbarrier.init(v_local.index(i), count=2)
+            else:
+                k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
+                v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+                k_local = k_free  # unused with one CTA
+                v_local = v_free
             for i in gl.static_range(K_STAGES):
                 mbarrier.init(k_free.index(i), count=1)
             for i in gl.static_range(V_STAGES):
@@ -430,15 +514,16 @@ def hd512_forward_kernel(
         if SPLIT:
             gl.warp_specialize([
                 (_front_partition, (q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_free,
-                                    v_ready, v_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row,
-                                    rows, head, total, HEADS * HEAD_DIM, n_start, n_blocks, lo_max, hi_min, qk_scale,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES, STORE_COLS, OVERLAP)),
-                (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready, p_free,
-                                   done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M, HEAD_DIM,
-                                   V_STAGES, P_STAGES, STORE_COLS)),
-                (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, v_ready,
-                                   v_free, q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N, HEAD_DIM, K_STAGES,
-                                   V_STAGES)),
+                                    k_local, v_ready, v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr,
+                                    lse_ptr, out_ptr, q_row, rows, head, total, HEADS * HEAD_DIM, n_start, n_blocks,
+                                    lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES,
+                                    STORE_COLS, OVERLAP, CLUSTER)),
+                (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, v_local, p_ready,
+                                   p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M,
+                                   HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS, CLUSTER)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, k_local,
+                                   v_ready, v_free, v_local, q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N,
+                                   HEAD_DIM, K_STAGES, V_STAGES, CLUSTER)),
             ], [4, 1], [SOFTMAX_REGS, 24])
         else:
             gl.warp_specialize([

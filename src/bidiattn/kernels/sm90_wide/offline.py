@@ -19,7 +19,7 @@ __all__ = ["compile_backward_offline", "compile_offline"]
 _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_hi_max", "order_ptr")
 
 
-def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS) -> dict:
+def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS, num_ctas: int = 1) -> dict:
     """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with Triton's own
     ptxas for sm_90 (:func:`_assemble`): registers, spill bytes, shared bytes, the per-partition register requests
     (``setmaxnreg`` in the PTX) and the PTX itself."""
@@ -30,7 +30,7 @@ def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WA
     sig = dict(sig, **{name: "constexpr" for name in constants})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     compiled = triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 128),
-                              options=dict(num_warps=num_warps, maxnreg=MAXNREG))
+                              options=dict(num_warps=num_warps, maxnreg=MAXNREG, num_ctas=num_ctas))
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
@@ -53,10 +53,11 @@ def _assemble(ptx: Path) -> str:
                           capture_output=True, text=True, check=True).stderr
 
 
-def _desc(dtype: str, rows: int, gdtype) -> str:
+def _desc(dtype: str, rows: int, gdtype, cga_layout: list | None = None) -> str:
     from triton.experimental.gluon import language as gl
 
-    return f"tensordesc<{dtype}[{rows},{HEAD_DIM}],{gl.NVMMASharedLayout.get_default_for([rows, HEAD_DIM], gdtype)!r}>"
+    layout = gl.NVMMASharedLayout.get_default_for([rows, HEAD_DIM], gdtype, cga_layout=cga_layout)
+    return f"tensordesc<{dtype}[{rows},{HEAD_DIM}],{layout!r}>"
 
 
 def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16, index_dtype: str = "i32") -> dict:
@@ -68,15 +69,17 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     fn = kernel.hd512_forward_kernel
     sig = {name: "i32" for name in fn.arg_names}
-    sig.update(q_desc=_desc(dtype, BLOCK_M, gdtype), k_desc=_desc(dtype, config.block_n, gdtype),
-               v_desc=_desc(dtype, config.block_n, gdtype),
+    rows_cga, whole_cga = ([[1, 0]], [[0, 0]]) if config.cluster == 2 else (None, None)
+    sig.update(q_desc=_desc(dtype, config.block_m, gdtype, rows_cga),
+               k_desc=_desc(dtype, config.block_n, gdtype, whole_cga),
+               v_desc=_desc(dtype, config.block_n, gdtype, whole_cga),
                out_ptr=f"*{dtype}", lse_ptr="*fp32", lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}",
                cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
-    constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=config.block_n,
+    constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
                      SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs,
-                     SPLIT=config.split, OVERLAP=config.overlap)
-    return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps))
+                     SPLIT=config.split, OVERLAP=config.overlap, CLUSTER=config.cluster)
+    return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps, config.cluster))
 
 
 def compile_backward_offline(name: str, dtype: str = "bf16", kv_heads: int = 4, group: int = 4,
