@@ -154,24 +154,15 @@ def _check_compiled(r: dict) -> None:
 offline_compile = pytest.mark.skipif(_gluon_hopper() is not None, reason=str(_gluon_hopper()))
 
 
-def _multicast_missing() -> str | None:
-    """Why this Triton cannot build a cluster config (no multicast TMA load in its Gluon), or None."""
-    from bidiattn.kernels.sm90_wide.host import _check_multicast
-
-    try:
-        _check_multicast()
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 @offline_compile
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_forward_compiles_for_sm90(name):
     # With every Triton the package takes that has Gluon for Hopper (CI: the one torch installs,
     # and 3.6 in .ci/run's second environment; cluster configs where its Gluon multicasts).
-    if CONFIGS[name].cluster > 1 and _multicast_missing():
-        pytest.skip(_multicast_missing())
+    from bidiattn.kernels.sm90_wide.host import multicast_unavailable
+
+    if CONFIGS[name].cluster > 1 and multicast_unavailable():
+        pytest.skip(multicast_unavailable())
     _check_compiled(_compile_offline(f"compile_offline(CONFIGS[{name!r}])"))
 
 
@@ -238,7 +229,9 @@ def _image_spans(lengths: list[int], window: int | None = None) -> SpanMask:
 ])
 @pytest.mark.parametrize("name", ["n64", "n64-r144", "n32", "split", "split-overlap", "split-n32", "split-c2"])
 def test_forward_matches_reference_on_sm90(spans_fn, hq, hkv, name):
-    why = _sm90_ready() or (CONFIGS[name].cluster > 1 and _multicast_missing())
+    from bidiattn.kernels.sm90_wide.host import multicast_unavailable
+
+    why = _sm90_ready() or (CONFIGS[name].cluster > 1 and multicast_unavailable())
     if why:
         pytest.skip(why)
     from bidiattn.kernels.sm90_wide import forward_sm90_hd512

@@ -224,9 +224,10 @@ def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None,
     return summary, order
 
 
-def _check_multicast() -> None:
-    """A cluster config multicasts its K/V loads: Gluon's ``tma.async_load(..., multicast=True)``
-    (Triton 3.9; 3.6's TMA load has no multicast)."""
+def multicast_unavailable() -> str | None:
+    """Why a cluster config (``Sm90WideConfig.cluster=2``) cannot build here, or None: it multicasts
+    its K/V loads with Gluon's ``tma.async_load(..., multicast=True)`` (Triton 3.9; 3.6's TMA load
+    has no multicast)."""
     import inspect
 
     import triton
@@ -234,8 +235,15 @@ def _check_multicast() -> None:
 
     load = getattr(tma, "async_load", None)
     if load is None or "multicast" not in inspect.signature(load).parameters:
-        raise ValueError(f"Sm90WideConfig.cluster=2 needs Gluon's multicast TMA load (Triton 3.9); this is Triton "
-                         f"{triton.__version__}")
+        return (f"Sm90WideConfig.cluster=2 needs Gluon's multicast TMA load (Triton 3.9); this is Triton "
+                f"{triton.__version__}")
+    return None
+
+
+def _check_multicast() -> None:
+    why = multicast_unavailable()
+    if why:
+        raise ValueError(why)
 
 
 def _output(x: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
