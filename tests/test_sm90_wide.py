@@ -52,7 +52,8 @@ def test_named_configs_fit_shared_memory_and_registers():
     (dict(schedule="split", softmax_regs=176, q_in_regs=True), ValueError, "q_in_regs"),
     (dict(schedule="split-overlap", softmax_regs=120), ValueError, "second warpgroup"),
     (dict(cluster=4), ValueError, "cluster must be 1 or 2"),
-    (dict(cluster=True), ValueError, "cluster must be 1 or 2"),
+    (dict(cluster=True), TypeError, "cluster must be an int"),
+    (dict(cluster=2.0), TypeError, "cluster must be an int"),
     (dict(cluster=2), ValueError, "split schedule"),
 ])
 def test_bad_config_names_the_value(kwargs, error, words):

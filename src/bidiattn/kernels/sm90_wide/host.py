@@ -65,16 +65,16 @@ class Sm90WideConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Sm90WideConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.cluster not in (1, 2) or isinstance(self.cluster, bool):
-            raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
-        if self.cluster == 2 and not self.split:
-            raise ValueError(f"Sm90WideConfig.cluster=2 needs a split schedule, got schedule={self.schedule!r}")
         if self.split and self.q_in_regs:
             raise ValueError("Sm90WideConfig.q_in_regs needs schedule='output'")
-        for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols"):
+        for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols", "cluster"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Sm90WideConfig.{name} must be an int, got {value!r}")
+        if self.cluster not in (1, 2):
+            raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
+        if self.cluster == 2 and not self.split:
+            raise ValueError(f"Sm90WideConfig.cluster=2 needs a split schedule, got schedule={self.schedule!r}")
         if not isinstance(self.q_in_regs, bool):
             raise TypeError(f"Sm90WideConfig.q_in_regs must be a bool, got {self.q_in_regs!r}")
         if self.block_n not in (16, 32, 64, 128):
