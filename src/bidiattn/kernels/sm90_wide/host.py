@@ -47,9 +47,9 @@ class Sm90WideConfig:
       warps, launched as 12; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs``
       is off), or
       ``"split-overlap"`` (the same, block j's ``Q K^T`` issued with block j-1's ``P V``).
-    - ``cluster``: CTAs per program (1 or 2; 2 with a split schedule only, and a Triton whose Gluon
-      multicasts TMA loads: 3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read
-      from L2 once and multicast into both.
+    - ``cluster``: CTAs per program (1 or 2; 2 needs a Triton whose Gluon multicasts TMA loads:
+      3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read from L2 once and
+      multicast into both.
     """
 
     block_n: int = 64
@@ -73,8 +73,6 @@ class Sm90WideConfig:
                 raise TypeError(f"Sm90WideConfig.{name} must be an int, got {value!r}")
         if self.cluster not in (1, 2):
             raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
-        if self.cluster == 2 and not self.split:
-            raise ValueError(f"Sm90WideConfig.cluster=2 needs a split schedule, got schedule={self.schedule!r}")
         if not isinstance(self.q_in_regs, bool):
             raise TypeError(f"Sm90WideConfig.q_in_regs must be a bool, got {self.q_in_regs!r}")
         if self.block_n not in (16, 32, 64, 128):
@@ -153,6 +151,7 @@ CONFIGS = {
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
     "split-overlap": Sm90WideConfig(softmax_regs=240, schedule="split-overlap"),
     "split-n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=240, schedule="split-overlap"),
+    "n64-c2": Sm90WideConfig(softmax_regs=144, cluster=2),
     "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
 }
 

@@ -20,9 +20,12 @@ front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha to s
 ``P V`` of output columns 0-255 with P in registers), a back warpgroup (``P V`` of columns 256-511,
 P from shared memory) and a load warp (Q, the K and V rings, each stage refilled when its free
 barrier completes). ``split-overlap`` issues block j's ``Q K^T`` with block j-1's ``P V`` and runs
-block j's softmax while that ``P V`` does. ``CLUSTER=2`` (``Sm90WideConfig.cluster``, Triton 3.9's
-multi-CTA Gluon): the split schedule over a cluster of two CTAs, 64 query rows each, whose load warp
-on the lead CTA multicasts every K/V block into both, so each block crosses L2 once for 128 rows.
+block j's softmax while that ``P V`` does.
+
+``CLUSTER=2`` (``Sm90WideConfig.cluster``, Triton 3.9's multi-CTA Gluon), either schedule: a
+program is a cluster of two CTAs, 64 query rows each, and the lead CTA multicasts every K/V block
+into both once both CTAs' readers have freed its stage (a barrier of the pair), so each block
+crosses L2 once for 128 rows.
 
 Key blocks run from the tile's first allowed key (``lo_min``, rounded down to ``BLOCK_N``) to
 its last (``hi_max``); a block lying inside ``[lo_max, hi_min]`` is allowed for every row and
@@ -59,9 +62,9 @@ LN2 = gl.constexpr(0.6931471805599453)
 # Layouts of the tensors whose rows (dim 0) a cluster's CTAs split, 64 each (CTA bases only with
 # ``cluster == 2``, so one CTA gets the plain layout).
 @gluon.constexpr_function
-def mma_layout(instr_n, cluster):
-    """One warpgroup's wgmma accumulator over ``instr_n`` columns."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, instr_n, 16],
+def mma_layout(instr_n, cluster, warpgroups=1):
+    """A wgmma accumulator of ``warpgroups`` warpgroups side by side, ``instr_n`` columns each."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, warpgroups], instr_shape=[16, instr_n, 16],
                                      cga_layout=[[1, 0]] if cluster == 2 else [])
 
 
@@ -162,37 +165,62 @@ def _release(free, local, i, CLUSTER: gl.constexpr):
 
 
 @gluon.jit
-def _refill(desc, row, col, ready, smem, free, local, parity, CLUSTER: gl.constexpr):
-    """Load a K/V stage once its readers are done. In a cluster both CTAs expect the bytes on their
-    own barrier once their own readers are done; the lead CTA waits for the pair barrier (both
-    CTAs' readers) and multicasts the block into both."""
+def _load_rows(desc, row, col, bar, smem, CLUSTER: gl.constexpr):
+    """TMA-load a block of query rows (in a cluster each CTA its own rows) onto ``bar``."""
     if CLUSTER == 2:
-        mbarrier.wait(local, parity)
+        mbarrier.expect(bar, desc.nbytes_per_cta)
+    else:
+        mbarrier.expect(bar, desc.block_type.nbytes)
+    tma_load(desc, [row, col], bar, smem)
+
+
+@gluon.jit
+def _load_stage(desc, row, col, ready, smem, CLUSTER: gl.constexpr):
+    """Expect a K/V block's bytes on this CTA's ready barrier and load it; in a cluster the lead
+    CTA multicasts it into both CTAs and the other only expects it."""
+    if CLUSTER == 2:
         mbarrier.expect(ready, desc.nbytes_per_cta)
-        mbarrier.wait(free, parity)
         tma_load_multicast(desc, [row, col], ready, smem, multicast=True)
     else:
-        mbarrier.wait(free, parity)
         mbarrier.expect(ready, desc.block_type.nbytes)
         tma_load(desc, [row, col], ready, smem)
 
 
 @gluon.jit
-def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready, p_free,
-                       done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start, n_blocks,
-                       lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _refill(desc, row, col, ready, smem, free, local, parity, CLUSTER: gl.constexpr):
+    """A load warp's refill of a K/V stage once its readers are done (``free``). In a cluster
+    ``free`` is the pair's (both CTAs' readers; only the lead CTA waits on it) and each CTA first
+    waits for its own readers (``local``), so it expects each block once."""
+    if CLUSTER == 2:
+        mbarrier.wait(local, parity)
+    mbarrier.wait(free, parity)
+    _load_stage(desc, row, col, ready, smem, CLUSTER)
+
+
+@gluon.jit
+def _reload(desc, row, col, ready, smem, pair, parity, CLUSTER: gl.constexpr):
+    """The readers' own refill of a K/V stage, every warp of theirs past its reads; in a cluster
+    they first release it on the pair barrier and the lead CTA waits there for the other CTA's
+    readers before its multicast."""
+    if CLUSTER == 2:
+        mbarrier.arrive(pair, count=1)
+        mbarrier.wait(pair, parity)
+    _load_stage(desc, row, col, ready, smem, CLUSTER)
+
+
+@gluon.jit
+def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_pair, p_ready,
+                       p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start,
+                       n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                       Q_IN_REGS: gl.constexpr):
+                       Q_IN_REGS: gl.constexpr, CLUSTER: gl.constexpr):
     # This warpgroup issues the loads of Q and of the K ring (it is K's only reader).
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
+    _load_rows(q_desc, q_row, head * HEAD_DIM, q_bar, q_smem, CLUSTER)
     for i in gl.static_range(K_STAGES):
         if i < n_blocks:
-            mbarrier.expect(k_ready.index(i), k_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row + n_start + i * BLOCK_N, kv_col], k_ready.index(i), k_smem.index(i))
+            _load_stage(k_desc, k_row + n_start + i * BLOCK_N, kv_col, k_ready.index(i), k_smem.index(i), CLUSTER)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N, CLUSTER)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
@@ -221,8 +249,8 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
         if j + K_STAGES < n_blocks:
             # Every warp of the group is past its wgmma reads of this stage before it is refilled.
             cta_barrier()
-            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-            tma_load(k_desc, [k_row + k0 + K_STAGES * BLOCK_N, kv_col], k_ready.index(sk), k_smem.index(sk))
+            _reload(k_desc, k_row + k0 + K_STAGES * BLOCK_N, kv_col, k_ready.index(sk), k_smem.index(sk),
+                    k_pair.index(sk), phase(j, K_STAGES), CLUSTER)
 
         p, alpha, m_i, l_i = _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
 
@@ -241,18 +269,16 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
 
 
 @gluon.jit
-def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free, done_bar,
+def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_pair, p_ready, p_free, done_bar,
                       out_ptr, q_row, rows, head, out_row_stride, k_row, kv_col, n_start, n_blocks,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr,
-                      P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
+                      P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr):
     # These warpgroups issue the loads of the V ring (they are V's only readers).
     for i in gl.static_range(V_STAGES):
         if i < n_blocks:
-            mbarrier.expect(v_ready.index(i), v_desc.block_type.nbytes)
-            tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col], v_ready.index(i), v_smem.index(i))
+            _load_stage(v_desc, k_row + n_start + i * BLOCK_N, kv_col, v_ready.index(i), v_smem.index(i), CLUSTER)
 
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, HEAD_DIM // 2, 16])
+    o_layout: gl.constexpr = mma_layout(HEAD_DIM // 2, CLUSTER, 2)
     row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     for j in range(n_blocks):
@@ -267,9 +293,8 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
         mbarrier.arrive(p_free.index(sp), count=1)
         if j + V_STAGES < n_blocks:
             cta_barrier()
-            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            tma_load(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col], v_ready.index(sv),
-                     v_smem.index(sv))
+            _reload(v_desc, k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col, v_ready.index(sv), v_smem.index(sv),
+                    v_pair.index(sv), phase(j, V_STAGES), CLUSTER)
 
     mbarrier.wait(done_bar, 0)
     inv_l = l_smem.load(row_layout)
@@ -277,7 +302,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     # The softmax warpgroup has finished every Q K^T (done_bar): Q's buffer stages the output.
     q_smem.store(o)
     cta_barrier()
-    store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
+    store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS, CLUSTER)
 
 
 # ----------------------------------------------------------------------------- the split schedule
@@ -417,11 +442,7 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_rea
                     HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CLUSTER: gl.constexpr):
     # TMA loads of Q (once; in a cluster each CTA its rows) and of the K and V rings, each stage as
     # soon as its readers free it (in a cluster multicast into both CTAs).
-    if CLUSTER == 2:
-        mbarrier.expect(q_bar, q_desc.nbytes_per_cta)
-    else:
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [q_row, head * HEAD_DIM], q_bar, q_smem)
+    _load_rows(q_desc, q_row, head * HEAD_DIM, q_bar, q_smem, CLUSTER)
     for j in range(n_blocks):
         k0 = k_row + n_start + j * BLOCK_N
         sk = j % K_STAGES
@@ -443,11 +464,10 @@ def hd512_forward_kernel(
     OVERLAP: gl.constexpr, CLUSTER: gl.constexpr = 1,
 ):
     # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share); OVERLAP its
-    # overlapped loop. CLUSTER=2 (split only): a program is a cluster of two CTAs over 2 x 64 query
-    # rows (BLOCK_M = 128) of one head, each CTA its 64 rows, every K/V block multicast into both;
-    # the per-CTA barriers are arrays over the cluster, a stage's free barrier is the pair's (on the
-    # lead CTA) and each CTA also keeps its own (its load warp expects each block's bytes only once
-    # its own readers are done).
+    # overlapped loop. CLUSTER=2: a program is a cluster of two CTAs over 2 x 64 query rows
+    # (BLOCK_M = 128) of one head, each CTA its 64 rows, every K/V block multicast into both by the
+    # lead CTA once both CTAs' readers free its stage; the per-CTA barriers are arrays over the
+    # cluster.
     head = gl.program_id(0)
     tile = gl.load(order_ptr + gl.program_id(1))
     rows = gl.load(t_rows + tile)
@@ -490,25 +510,36 @@ def hd512_forward_kernel(
         for i in gl.static_range(P_STAGES):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_free.index(i), count=1)
-        if SPLIT:  # the load warp refills a stage when its readers free it
+        # Free barriers of the K/V stages: the split schedule's load warp refills a stage once its
+        # readers free it; in a cluster a stage's readers in both CTAs free it on the pair's barrier
+        # (on the lead CTA, which multicasts), and the split schedule's also on their CTA's own.
+        if SPLIT or CLUSTER == 2:
             if CLUSTER == 2:
                 k_free = allocate_mbarrier(batch=K_STAGES, two_ctas=True)
                 v_free = allocate_mbarrier(batch=V_STAGES, two_ctas=True)
-                k_local = allocate_mbarrier(batch=K_STAGES)
-                v_local = allocate_mbarrier(batch=V_STAGES)
-                for i in gl.static_range(K_STAGES):
-                    mbarrier.init(k_local.index(i), count=1)
-                for i in gl.static_range(V_STAGES):
-                    mbarrier.init(v_local.index(i), count=2)
             else:
                 k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
                 v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
-                k_local = k_free  # unused with one CTA
-                v_local = v_free
             for i in gl.static_range(K_STAGES):
                 mbarrier.init(k_free.index(i), count=1)
             for i in gl.static_range(V_STAGES):
-                mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
+                if SPLIT:
+                    mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
+                else:
+                    mbarrier.init(v_free.index(i), count=1)  # the output warpgroups arrive once
+        else:
+            k_free = k_ready  # unused: the readers refill their own stages
+            v_free = v_ready
+        if SPLIT and CLUSTER == 2:
+            k_local = allocate_mbarrier(batch=K_STAGES)
+            v_local = allocate_mbarrier(batch=V_STAGES)
+            for i in gl.static_range(K_STAGES):
+                mbarrier.init(k_local.index(i), count=1)
+            for i in gl.static_range(V_STAGES):
+                mbarrier.init(v_local.index(i), count=2)
+        else:
+            k_local = k_free  # unused with one CTA
+            v_local = v_free
         fence_async_shared()
 
         if SPLIT:
@@ -527,11 +558,12 @@ def hd512_forward_kernel(
             ], [4, 1], [SOFTMAX_REGS, 24])
         else:
             gl.warp_specialize([
-                (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free,
-                                     done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col, n_start,
-                                     n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS)),
+                (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready,
+                                     p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col,
+                                     n_start, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS,
+                                     CLUSTER)),
                 (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready,
-                                      p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total,
-                                      k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
-                                      HEAD_DIM, K_STAGES, P_STAGES, Q_IN_REGS)),
+                                      k_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head,
+                                      total, k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M,
+                                      BLOCK_N, HEAD_DIM, K_STAGES, P_STAGES, Q_IN_REGS, CLUSTER)),
             ], [4], [SOFTMAX_REGS])
