@@ -18,7 +18,8 @@ plan), ``bidiattn.attention(q, k, v, spans)`` with no other argument (the defaul
 SM90), bidiattn Triton (public call), FlexAttention (mask_mod block mask built once), SDPA with a
 dense mask, cuDNN through SDPA's CUDNN_ATTENTION backend, ffpa-attn (causal only, where it
 imports), and the bf16 matmul rate. Every column is checked first on a subset of rows against an
-fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on.
+fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on
+(the cluster configs, ``*-c2``, error under Triton 3.6: their K/V multicast needs 3.9's Gluon).
 TFLOP/s on allowed pairs, 4 * pairs * D * Hq. ``--backward`` adds forward+backward columns (the
 default call: Gluon forward + Triton backward; bidiattn Triton; ffpa-attn on causal cases; the
 Gluon forward with the Gluon backward passes, not yet the backend's),
