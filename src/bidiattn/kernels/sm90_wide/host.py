@@ -25,7 +25,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one block may use on SM90 (227 KiB
 MAXNREG = 168
 NUM_WARPS = 8
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-SCHEDULES = ("output", "split", "split-overlap")
+SCHEDULES = ("output", "split")
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,19 @@ class Sm90WideConfig:
       registers a thread), so ``Q K^T`` reads only K from shared memory; needs ``softmax_regs``
       of about 176.
     - ``schedule``: ``"output"`` (a softmax warpgroup and two output warpgroups, 12 warps) or
-      ``"split"`` (the kernel's split schedule: the softmax warpgroup also owns output
-      columns 0-255 with P from its registers, a second warpgroup columns 256-511, a load warp: 9
-      warps, launched as 12; ``softmax_regs`` is then the second warpgroup's share and ``q_in_regs``
-      is off), or
-      ``"split-overlap"`` (the same, block j's ``Q K^T`` issued with block j-1's ``P V``).
-    - ``cluster``: CTAs per program (1 or 2; 2 needs a Triton whose Gluon multicasts TMA loads:
-      3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read from L2 once and
-      multicast into both.
+      ``"split"`` (the softmax warpgroup also owns output columns 0-255 with P from its registers,
+      a second warpgroup columns 256-511, a load warp: 9 warps, launched as 12; ``softmax_regs`` is
+      then the second warpgroup's share and ``q_in_regs`` is off).
+    - ``cluster``: CTAs per program (1 or 2; 2 with the split schedule, and a Triton whose Gluon
+      multicasts TMA loads: 3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read
+      from L2 once and multicast into both.
     """
 
     block_n: int = 64
     k_stages: int = 1
     v_stages: int = 1
     p_stages: int = 2
-    softmax_regs: int = 120
+    softmax_regs: int = 144
     store_cols: int = 64
     q_in_regs: bool = False
     schedule: str = "output"
@@ -73,6 +71,8 @@ class Sm90WideConfig:
                 raise TypeError(f"Sm90WideConfig.{name} must be an int, got {value!r}")
         if self.cluster not in (1, 2):
             raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
+        if self.cluster == 2 and not self.split:
+            raise ValueError(f"Sm90WideConfig.cluster=2 needs schedule='split', got schedule={self.schedule!r}")
         if not isinstance(self.q_in_regs, bool):
             raise TypeError(f"Sm90WideConfig.q_in_regs must be a bool, got {self.q_in_regs!r}")
         if self.block_n not in (16, 32, 64, 128):
@@ -99,13 +99,8 @@ class Sm90WideConfig:
 
     @property
     def split(self) -> bool:
-        """One of the split schedules (the kernel's ``SPLIT``)."""
-        return self.schedule != "output"
-
-    @property
-    def overlap(self) -> bool:
-        """``"split-overlap"``: block j's ``Q K^T`` issued with block j-1's ``P V``."""
-        return self.schedule == "split-overlap"
+        """The split schedule (the kernel's ``SPLIT``)."""
+        return self.schedule == "split"
 
     @property
     def block_m(self) -> int:
@@ -144,14 +139,10 @@ DEFAULT_CONFIG = Sm90WideConfig()
 CONFIGS = {
     "n64": DEFAULT_CONFIG,
     "n64-r96": Sm90WideConfig(softmax_regs=96),
-    "n64-r144": Sm90WideConfig(softmax_regs=144),
-    "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2),
-    "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3),
+    "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=120),
+    "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3, softmax_regs=120),
     "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
-    "split-overlap": Sm90WideConfig(softmax_regs=240, schedule="split-overlap"),
-    "split-n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=240, schedule="split-overlap"),
-    "n64-c2": Sm90WideConfig(softmax_regs=144, cluster=2),
     "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
 }
 
@@ -303,7 +294,7 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         common.update(CLUSTER=config.cluster, num_ctas=config.cluster)
     grid = (hq, order.numel())
     gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs,
-                                  SPLIT=config.split, OVERLAP=config.overlap)
+                                  SPLIT=config.split)
     return out, lse
 
 

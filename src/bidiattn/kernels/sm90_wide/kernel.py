@@ -15,17 +15,16 @@ Partitions (``gl.warp_specialize``):
 Each ring's readers issue its TMA loads (the softmax warpgroup Q's and K's, the output warpgroups
 V's), a stage refilled once every warp of the group is past its reads.
 
-The split schedule (``SPLIT``; ``Sm90WideConfig.schedule`` ``"split"`` / ``"split-overlap"``): a
+The split schedule (``SPLIT``; ``Sm90WideConfig.schedule="split"``): a
 front warpgroup (the default partition: ``Q K^T``, the softmax, P and alpha to shared memory, then
 ``P V`` of output columns 0-255 with P in registers), a back warpgroup (``P V`` of columns 256-511,
 P from shared memory) and a load warp (Q, the K and V rings, each stage refilled when its free
-barrier completes). ``split-overlap`` issues block j's ``Q K^T`` with block j-1's ``P V`` and runs
-block j's softmax while that ``P V`` does.
+barrier completes).
 
-``CLUSTER=2`` (``Sm90WideConfig.cluster``, Triton 3.9's multi-CTA Gluon), either schedule: a
-program is a cluster of two CTAs, 64 query rows each, and the lead CTA multicasts every K/V block
-into both once both CTAs' readers have freed its stage (a barrier of the pair), so each block
-crosses L2 once for 128 rows.
+``CLUSTER=2`` (``Sm90WideConfig.cluster``, Triton 3.9's multi-CTA Gluon; the split schedule): a
+program is a cluster of two CTAs, 64 query rows each, and the lead CTA's load warp multicasts every
+K/V block into both once both CTAs' readers have freed its stage (a barrier of the pair), so each
+block crosses L2 once for 128 rows.
 
 Key blocks run from the tile's first allowed key (``lo_min``, rounded down to ``BLOCK_N``) to
 its last (``hi_max``); a block lying inside ``[lo_max, hi_min]`` is allowed for every row and
@@ -198,29 +197,18 @@ def _refill(desc, row, col, ready, smem, free, local, parity, CLUSTER: gl.conste
 
 
 @gluon.jit
-def _reload(desc, row, col, ready, smem, pair, parity, CLUSTER: gl.constexpr):
-    """The readers' own refill of a K/V stage, every warp of theirs past its reads; in a cluster
-    they first release it on the pair barrier and the lead CTA waits there for the other CTA's
-    readers before its multicast."""
-    if CLUSTER == 2:
-        mbarrier.arrive(pair, count=1)
-        mbarrier.wait(pair, parity)
-    _load_stage(desc, row, col, ready, smem, CLUSTER)
-
-
-@gluon.jit
-def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, k_pair, p_ready,
-                       p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start,
-                       n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready, p_free,
+                       done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start, n_blocks,
+                       lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                       Q_IN_REGS: gl.constexpr, CLUSTER: gl.constexpr):
+                       Q_IN_REGS: gl.constexpr):
     # This warpgroup issues the loads of Q and of the K ring (it is K's only reader).
-    _load_rows(q_desc, q_row, head * HEAD_DIM, q_bar, q_smem, CLUSTER)
+    _load_rows(q_desc, q_row, head * HEAD_DIM, q_bar, q_smem, 1)
     for i in gl.static_range(K_STAGES):
         if i < n_blocks:
-            _load_stage(k_desc, k_row + n_start + i * BLOCK_N, kv_col, k_ready.index(i), k_smem.index(i), CLUSTER)
+            _load_stage(k_desc, k_row + n_start + i * BLOCK_N, kv_col, k_ready.index(i), k_smem.index(i), 1)
 
-    s_layout: gl.constexpr = mma_layout(BLOCK_N, CLUSTER)
+    s_layout: gl.constexpr = mma_layout(BLOCK_N, 1)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
@@ -249,8 +237,7 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
         if j + K_STAGES < n_blocks:
             # Every warp of the group is past its wgmma reads of this stage before it is refilled.
             cta_barrier()
-            _reload(k_desc, k_row + k0 + K_STAGES * BLOCK_N, kv_col, k_ready.index(sk), k_smem.index(sk),
-                    k_pair.index(sk), phase(j, K_STAGES), CLUSTER)
+            _load_stage(k_desc, k_row + k0 + K_STAGES * BLOCK_N, kv_col, k_ready.index(sk), k_smem.index(sk), 1)
 
         p, alpha, m_i, l_i = _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
 
@@ -269,16 +256,16 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
 
 
 @gluon.jit
-def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_pair, p_ready, p_free, done_bar,
+def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free, done_bar,
                       out_ptr, q_row, rows, head, out_row_stride, k_row, kv_col, n_start, n_blocks,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr,
-                      P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr):
+                      P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr):
     # These warpgroups issue the loads of the V ring (they are V's only readers).
     for i in gl.static_range(V_STAGES):
         if i < n_blocks:
-            _load_stage(v_desc, k_row + n_start + i * BLOCK_N, kv_col, v_ready.index(i), v_smem.index(i), CLUSTER)
+            _load_stage(v_desc, k_row + n_start + i * BLOCK_N, kv_col, v_ready.index(i), v_smem.index(i), 1)
 
-    o_layout: gl.constexpr = mma_layout(HEAD_DIM // 2, CLUSTER, 2)
+    o_layout: gl.constexpr = mma_layout(HEAD_DIM // 2, 1, 2)
     row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     for j in range(n_blocks):
@@ -293,8 +280,8 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
         mbarrier.arrive(p_free.index(sp), count=1)
         if j + V_STAGES < n_blocks:
             cta_barrier()
-            _reload(v_desc, k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col, v_ready.index(sv), v_smem.index(sv),
-                    v_pair.index(sv), phase(j, V_STAGES), CLUSTER)
+            _load_stage(v_desc, k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col, v_ready.index(sv),
+                        v_smem.index(sv), 1)
 
     mbarrier.wait(done_bar, 0)
     inv_l = l_smem.load(row_layout)
@@ -302,7 +289,7 @@ def _output_partition(v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_read
     # The softmax warpgroup has finished every Q K^T (done_bar): Q's buffer stages the output.
     q_smem.store(o)
     cta_barrier()
-    store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS, CLUSTER)
+    store_rows(q_smem, out_ptr, q_row, rows, head * HEAD_DIM, out_row_stride, BLOCK_M, HEAD_DIM, STORE_COLS)
 
 
 # ----------------------------------------------------------------------------- the split schedule
@@ -311,11 +298,9 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
                      v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
                      total, out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, OVERLAP: gl.constexpr,
-                     CLUSTER: gl.constexpr):
+                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr):
     # Q K^T, the mask and the online softmax; P and alpha to shared memory for the back warpgroup;
-    # the P V of output columns [0, 256) with P from registers. OVERLAP: block j's Q K^T and block
-    # j-1's P V are issued together, and block j's softmax runs while that P V does.
+    # the P V of output columns [0, 256) with P from registers.
     HALF: gl.constexpr = HEAD_DIM // 2
     s_layout: gl.constexpr = mma_layout(BLOCK_N, CLUSTER)
     o_layout: gl.constexpr = mma_layout(HALF, CLUSTER)
@@ -334,63 +319,25 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
     acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
 
     mbarrier.wait(q_bar, 0)
-    if OVERLAP:
-        if n_blocks > 0:
-            mbarrier.wait(k_ready.index(0), 0)
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            # A free barrier gets one arrival (one thread): every warp of the group is past its reads first.
-            cta_barrier()
-            _release(k_free, k_local, 0, CLUSTER)
-            p, alpha, m_i, l_i = _softmax_block(s, n_start, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
-            p16 = p.to(p_smem.dtype)
-            _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, 0, P_STAGES)
-            for j in range(1, n_blocks):
-                sk = j % K_STAGES
-                sv = (j - 1) % V_STAGES
-                mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
-                s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(sv), phase(j - 1, V_STAGES))
-                acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
-                                    is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-                cta_barrier()
-                _release(k_free, k_local, sk, CLUSTER)
-                p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
-                                                    qk_scale, BLOCK_N)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                cta_barrier()
-                _release(v_free, v_local, sv, CLUSTER)
-                p16 = p.to(p_smem.dtype)
-                _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
-                acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
-            sv = (n_blocks - 1) % V_STAGES
-            mbarrier.wait(v_ready.index(sv), phase(n_blocks - 1, V_STAGES))
-            acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            cta_barrier()
-            _release(v_free, v_local, sv, CLUSTER)
-    else:
-        for j in range(n_blocks):
-            sk = j % K_STAGES
-            mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
-            s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            cta_barrier()
-            _release(k_free, k_local, sk, CLUSTER)
-            p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
-                                                qk_scale, BLOCK_N)
-            p16 = p.to(p_smem.dtype)
-            _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
-            acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
-            sv = j % V_STAGES
-            mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
-            acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            cta_barrier()
-            _release(v_free, v_local, sv, CLUSTER)
+    for j in range(n_blocks):
+        sk = j % K_STAGES
+        mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
+        s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        cta_barrier()
+        _release(k_free, k_local, sk, CLUSTER)
+        p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
+                                            qk_scale, BLOCK_N)
+        p16 = p.to(p_smem.dtype)
+        _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
+        acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
+        sv = j % V_STAGES
+        mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
+        acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        cta_barrier()
+        _release(v_free, v_local, sv, CLUSTER)
 
     lse = (m_i + gl.log2(l_i)) * LN2
     gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
@@ -461,13 +408,12 @@ def hd512_forward_kernel(
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
     SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, Q_IN_REGS: gl.constexpr, SPLIT: gl.constexpr,
-    OVERLAP: gl.constexpr, CLUSTER: gl.constexpr = 1,
+    CLUSTER: gl.constexpr = 1,
 ):
-    # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share); OVERLAP its
-    # overlapped loop. CLUSTER=2: a program is a cluster of two CTAs over 2 x 64 query rows
-    # (BLOCK_M = 128) of one head, each CTA its 64 rows, every K/V block multicast into both by the
-    # lead CTA once both CTAs' readers free its stage; the per-CTA barriers are arrays over the
-    # cluster.
+    # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share). CLUSTER=2 (split
+    # only): a program is a cluster of two CTAs over 2 x 64 query rows (BLOCK_M = 128) of one head,
+    # each CTA its 64 rows, every K/V block multicast into both by the lead CTA once both CTAs'
+    # readers free its stage; the per-CTA barriers are arrays over the cluster.
     head = gl.program_id(0)
     tile = gl.load(order_ptr + gl.program_id(1))
     rows = gl.load(t_rows + tile)
@@ -510,36 +456,25 @@ def hd512_forward_kernel(
         for i in gl.static_range(P_STAGES):
             mbarrier.init(p_ready.index(i), count=1)
             mbarrier.init(p_free.index(i), count=1)
-        # Free barriers of the K/V stages: the split schedule's load warp refills a stage once its
-        # readers free it; in a cluster a stage's readers in both CTAs free it on the pair's barrier
-        # (on the lead CTA, which multicasts), and the split schedule's also on their CTA's own.
-        if SPLIT or CLUSTER == 2:
-            if CLUSTER == 2:
+        if SPLIT:  # the load warp refills a stage when its readers free it
+            if CLUSTER == 2:  # the pair's (on the lead CTA, which multicasts) and each CTA's own
                 k_free = allocate_mbarrier(batch=K_STAGES, two_ctas=True)
                 v_free = allocate_mbarrier(batch=V_STAGES, two_ctas=True)
+                k_local = allocate_mbarrier(batch=K_STAGES)
+                v_local = allocate_mbarrier(batch=V_STAGES)
+                for i in gl.static_range(K_STAGES):
+                    mbarrier.init(k_local.index(i), count=1)
+                for i in gl.static_range(V_STAGES):
+                    mbarrier.init(v_local.index(i), count=2)
             else:
                 k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], bar_layout)
                 v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+                k_local = k_free  # unused with one CTA
+                v_local = v_free
             for i in gl.static_range(K_STAGES):
                 mbarrier.init(k_free.index(i), count=1)
             for i in gl.static_range(V_STAGES):
-                if SPLIT:
-                    mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
-                else:
-                    mbarrier.init(v_free.index(i), count=1)  # the output warpgroups arrive once
-        else:
-            k_free = k_ready  # unused: the readers refill their own stages
-            v_free = v_ready
-        if SPLIT and CLUSTER == 2:
-            k_local = allocate_mbarrier(batch=K_STAGES)
-            v_local = allocate_mbarrier(batch=V_STAGES)
-            for i in gl.static_range(K_STAGES):
-                mbarrier.init(k_local.index(i), count=1)
-            for i in gl.static_range(V_STAGES):
-                mbarrier.init(v_local.index(i), count=2)
-        else:
-            k_local = k_free  # unused with one CTA
-            v_local = v_free
+                mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
         fence_async_shared()
 
         if SPLIT:
@@ -548,7 +483,7 @@ def hd512_forward_kernel(
                                     k_local, v_ready, v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr,
                                     lse_ptr, out_ptr, q_row, rows, head, total, HEADS * HEAD_DIM, n_start, n_blocks,
                                     lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES,
-                                    STORE_COLS, OVERLAP, CLUSTER)),
+                                    STORE_COLS, CLUSTER)),
                 (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, v_local, p_ready,
                                    p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M,
                                    HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS, CLUSTER)),
@@ -558,12 +493,11 @@ def hd512_forward_kernel(
             ], [4, 1], [SOFTMAX_REGS, 24])
         else:
             gl.warp_specialize([
-                (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, p_ready,
-                                     p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col,
-                                     n_start, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS,
-                                     CLUSTER)),
+                (_output_partition, (v_desc, q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, p_ready, p_free,
+                                     done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, k_row, kv_col, n_start,
+                                     n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS)),
                 (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready,
-                                      k_free, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head,
-                                      total, k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M,
-                                      BLOCK_N, HEAD_DIM, K_STAGES, P_STAGES, Q_IN_REGS, CLUSTER)),
+                                      p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total,
+                                      k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
+                                      HEAD_DIM, K_STAGES, P_STAGES, Q_IN_REGS)),
             ], [4], [SOFTMAX_REGS])
