@@ -179,7 +179,7 @@ def test_a_cluster_config_needs_a_multicast_tma_load(monkeypatch):
     with pytest.raises(ValueError, match="cluster=2 needs Gluon's multicast TMA load.*this is Triton"):
         from bidiattn.kernels.sm90_wide.host import _check_multicast
 
-        _check_multicast()
+        _check_multicast(CONFIGS["split-c2"])
 
 
 @pytest.fixture(autouse=True)

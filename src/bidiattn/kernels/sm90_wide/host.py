@@ -230,10 +230,22 @@ def multicast_unavailable() -> str | None:
     return None
 
 
-def _check_multicast() -> None:
-    why = multicast_unavailable()
+def _check_multicast(config: Sm90WideConfig) -> None:
+    """``ValueError`` where ``config`` is a cluster config that this Triton cannot build."""
+    why = config.cluster > 1 and multicast_unavailable()
     if why:
         raise ValueError(why)
+
+
+def tile_layouts(config: Sm90WideConfig, gdtype) -> tuple:
+    """Shared layouts of the kernel's Q tile ``[block_m, 512]`` and K/V tiles ``[block_n, 512]``
+    (their TMA descriptors'): in a cluster the CTAs split Q's rows and each receives every K/V
+    tile whole (multicast)."""
+    from triton.experimental.gluon import language as gl
+
+    rows_cga, whole_cga = ([[1, 0]], [[0, 0]]) if config.cluster == 2 else (None, None)
+    return (gl.NVMMASharedLayout.get_default_for([config.block_m, HEAD_DIM], gdtype, cga_layout=rows_cga),
+            gl.NVMMASharedLayout.get_default_for([config.block_n, HEAD_DIM], gdtype, cga_layout=whole_cga))
 
 
 def _output(x: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -264,8 +276,7 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         out, lse: preallocated outputs (contiguous ``[T, Hq, 512]`` in q's dtype, ``[Hq, T]`` fp32).
     """
     scale, config = check_inputs(q, k, v, spans, scale, config)
-    if config.cluster > 1:
-        _check_multicast()
+    _check_multicast(config)
     from . import kernel as gk  # Gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -277,10 +288,7 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
     out = _output(out, "out", (total, hq, d), q.dtype, q.device)
     lse = _output(lse, "lse", (hq, total), torch.float32, q.device)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    # A cluster's CTAs split Q's rows and each receives every K/V block whole (multicast).
-    rows_cga, whole_cga = ([[1, 0]], [[0, 0]]) if config.cluster == 2 else (None, None)
-    q_layout = gl.NVMMASharedLayout.get_default_for([config.block_m, d], gdtype, cga_layout=rows_cga)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([config.block_n, d], gdtype, cga_layout=whole_cga)
+    q_layout, kv_layout = tile_layouts(config, gdtype)
     q_desc = TensorDescriptor.from_tensor(q2, [config.block_m, d], q_layout)
     k_desc = TensorDescriptor.from_tensor(k2, [config.block_n, d], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v2, [config.block_n, d], kv_layout)

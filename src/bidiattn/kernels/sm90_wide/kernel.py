@@ -49,9 +49,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # ``barrier``). The kernels call whichever this Triton has.
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-# Multi-CTA pieces of 3.9's Gluon (None with 3.6; only cluster configs reach them): the TMA load
-# that takes ``multicast=True`` and the allocator of per-CTA / per-pair barrier arrays.
-tma_load_multicast = getattr(tma, "async_load", None)
+# 3.9's allocator of per-CTA / per-pair barrier arrays (None with 3.6, whose Gluon has no multi-CTA
+# barriers and whose TMA load no ``multicast``: only cluster configs reach either).
 allocate_mbarrier = getattr(mbarrier, "allocate_mbarrier", None)
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -144,11 +143,12 @@ def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_
 
 
 @gluon.jit
-def _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr):
-    """P and alpha of key block ``j`` to shared memory for the back warpgroup."""
+def _hand_over(p, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr):
+    """P (converted to P's buffer dtype once its stage is free) and alpha of key block ``j`` to shared
+    memory for the warpgroups that accumulate ``P V``."""
     sp = j % P_STAGES
     mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
-    p_smem.index(sp).store(p16)
+    p_smem.index(sp).store(p.to(p_smem.dtype))
     alpha_smem.index(sp).store(alpha)
     fence_async_shared()
     mbarrier.arrive(p_ready.index(sp), count=1)
@@ -179,7 +179,7 @@ def _load_stage(desc, row, col, ready, smem, CLUSTER: gl.constexpr):
     CTA multicasts it into both CTAs and the other only expects it."""
     if CLUSTER == 2:
         mbarrier.expect(ready, desc.nbytes_per_cta)
-        tma_load_multicast(desc, [row, col], ready, smem, multicast=True)
+        tma_load(desc, [row, col], ready, smem, multicast=True)
     else:
         mbarrier.expect(ready, desc.block_type.nbytes)
         tma_load(desc, [row, col], ready, smem)
@@ -240,13 +240,7 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
             _load_stage(k_desc, k_row + k0 + K_STAGES * BLOCK_N, kv_col, k_ready.index(sk), k_smem.index(sk), 1)
 
         p, alpha, m_i, l_i = _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
-
-        sp = j % P_STAGES
-        mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
-        p_smem.index(sp).store(p.to(p_smem.dtype))
-        alpha_smem.index(sp).store(alpha)
-        fence_async_shared()
-        mbarrier.arrive(p_ready.index(sp), count=1)
+        _hand_over(p, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
 
     # lse in natural log; rows past the tile's end are not stored.
     lse = (m_i + gl.log2(l_i)) * LN2

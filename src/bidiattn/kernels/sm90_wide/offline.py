@@ -53,10 +53,10 @@ def _assemble(ptx: Path) -> str:
                           capture_output=True, text=True, check=True).stderr
 
 
-def _desc(dtype: str, rows: int, gdtype, cga_layout: list | None = None) -> str:
+def _desc(dtype: str, rows: int, gdtype, layout=None) -> str:
     from triton.experimental.gluon import language as gl
 
-    layout = gl.NVMMASharedLayout.get_default_for([rows, HEAD_DIM], gdtype, cga_layout=cga_layout)
+    layout = layout or gl.NVMMASharedLayout.get_default_for([rows, HEAD_DIM], gdtype)
     return f"tensordesc<{dtype}[{rows},{HEAD_DIM}],{layout!r}>"
 
 
@@ -66,18 +66,16 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     from triton.experimental.gluon import language as gl
 
     from . import kernel
-    from .host import _check_multicast
+    from .host import _check_multicast, tile_layouts
 
-    if config.cluster > 1:
-        _check_multicast()
-
+    _check_multicast(config)
     gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     fn = kernel.hd512_forward_kernel
     sig = {name: "i32" for name in fn.arg_names}
-    rows_cga, whole_cga = ([[1, 0]], [[0, 0]]) if config.cluster == 2 else (None, None)
-    sig.update(q_desc=_desc(dtype, config.block_m, gdtype, rows_cga),
-               k_desc=_desc(dtype, config.block_n, gdtype, whole_cga),
-               v_desc=_desc(dtype, config.block_n, gdtype, whole_cga),
+    q_layout, kv_layout = tile_layouts(config, gdtype)
+    sig.update(q_desc=_desc(dtype, config.block_m, gdtype, q_layout),
+               k_desc=_desc(dtype, config.block_n, gdtype, kv_layout),
+               v_desc=_desc(dtype, config.block_n, gdtype, kv_layout),
                out_ptr=f"*{dtype}", lse_ptr="*fp32", lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}",
                cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
