@@ -270,7 +270,9 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         q: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]`` (``Hq % Hkv == 0``), fp16 or bf16, CUDA (SM90).
         spans: the mask (self-attention or extend spans).
         scale: softmax scale, default ``1/sqrt(512)``.
-        config: a :class:`Sm90WideConfig` (default :data:`DEFAULT_CONFIG`).
+        config: a :class:`Sm90WideConfig` (default :data:`DEFAULT_CONFIG`); a cluster config
+            (``cluster=2``) needs Triton 3.9's multicast TMA load (``ValueError`` naming the Triton
+            otherwise).
         tiles: ``kernels.tiles.query_tiles(spans, config.block_m)`` (64 rows; 128 for a cluster
             config), where the caller keeps it (a plan); computed here otherwise.
         out, lse: preallocated outputs (contiguous ``[T, Hq, 512]`` in q's dtype, ``[Hq, T]`` fp32).
