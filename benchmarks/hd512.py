@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import bidiattn
 from bidiattn import reference, rules
-from bidiattn.kernels.sm90_wide import CONFIGS, forward_sm90_hd512
+from bidiattn.kernels.sm90_wide import CONFIGS, default_config, forward_sm90_hd512
 from bidiattn.spans import SpanMask
 
 D = 512
@@ -53,6 +53,11 @@ def variants(arg: str) -> dict:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(CONFIGS)}")
     return {n: CONFIGS[n] for n in names}
+
+
+def default_config_name() -> str:
+    """The CONFIGS name of the config the public call runs here (``default_config()``)."""
+    return next(n for n, c in CONFIGS.items() if c == default_config())
 
 
 def image_ids(lengths: list[int], image_len: int, every: int) -> torch.Tensor:
@@ -331,16 +336,14 @@ def trainers(args, case, spans, q, k, v, scale):
         tables = {}
 
         def gluon_grads(leaves, dout):
-            from bidiattn.kernels.sm90_wide import backward_sm90_hd512
-            from bidiattn.kernels.sm90_wide.host import backward_key_tiles
-            from bidiattn.kernels.tiles import query_tiles
+            from bidiattn.kernels.sm90_wide import backward_sm90_hd512, plan_gluon
             if not tables:
-                tables["fwd"] = query_tiles(spans, 64)
-                tables["bwd"] = (backward_key_tiles(spans), tables["fwd"])
+                tables["plan"] = plan_gluon(spans, training=True)
+            plan = tables["plan"]
             q, k, v = (x.detach() for x in leaves)
-            out, lse = forward_sm90_hd512(q, k, v, spans, scale, tiles=tables["fwd"])
-            return backward_sm90_hd512(dout, q, k, v, out, lse, spans, scale, tiles=tables["bwd"])
-        cols.append(("gluon fwd+bwd (3 passes)", "gluon n64", gluon_grads))
+            out, lse = forward_sm90_hd512(q, k, v, spans, scale, config=plan.config, tiles=plan.tiles)
+            return backward_sm90_hd512(dout, q, k, v, out, lse, spans, scale, tiles=plan.backward_tiles(spans))
+        cols.append(("gluon fwd+bwd (3 passes)", f"gluon {default_config_name()}", gluon_grads))
     return cols
 
 

@@ -24,6 +24,18 @@ cpu_interpreter_only = pytest.mark.skipif(
     "TRITON_INTERPRET is not set); the gpu-marked tests cover the CUDA path")
 
 
+@pytest.fixture(autouse=True)
+def _gluon_release_under_check(monkeypatch):
+    """``BIDIATTN_GLUON_CHECK=<release>`` (e.g. ``3.9``): the tests treat that Triton release as
+    GPU-checked (the gluon backend runs with it): the GPU run that checks it before it joins
+    ``bidiattn.kernels.sm90_wide.host.GPU_CHECKED_TRITON``."""
+    release = os.environ.get("BIDIATTN_GLUON_CHECK")
+    if release:
+        from bidiattn.kernels.sm90_wide import host
+
+        monkeypatch.setattr(host, "GPU_CHECKED_TRITON", (*host.GPU_CHECKED_TRITON, release))
+
+
 def run_ranks(fn, world: int, *args, backend: str = "gloo", timeout_s: int = 120) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in one process group
     (``backend`` ``"gloo"``: CPU, one intra-op thread each; ``"nccl"``: GPU ``rank`` each). Every rank

@@ -152,17 +152,20 @@ def test_a_plan_records_its_choice_and_launch_data(monkeypatch):
 
 @cpu_interpreter_only
 def test_a_gluon_plan_holds_the_query_and_key_tile_tables(monkeypatch):
+    from bidiattn.kernels.sm90_wide import default_config
     from bidiattn.kernels.tiles import key_tiles
 
     spans = image_spans(300, [(40, 200)])
     capabilities(monkeypatch, interpreting=True)
     p = bidiattn.plan(spans, 4, 1, 512, backend="gluon")
-    assert (p.backend, p.triton, p.segments, p.backward, p.key_tiles) == ("gluon", None, None, None, None)
-    summary, order = p.tiles
-    assert summary.block_m == 64 and int(summary.num_tiles) == 5 and order.numel() >= 5
+    assert (p.backend, p.triton, p.segments, p.backward, p.gluon.key_tiles) == ("gluon", None, None, None, None)
+    summary, order = p.gluon.tiles
+    assert p.gluon.config == default_config() and summary.block_m == p.gluon.config.block_m
+    assert int(summary.num_tiles) == -(-300 // summary.block_m) and order.numel() >= int(summary.num_tiles)
     p = bidiattn.plan(spans, 4, 1, 512, backend="gluon", training=True)
     assert p.backward is None  # the backward is Gluon's: dK/dV over the key tiles, dQ over the query tiles
-    (table, order), (want, want_order) = p.key_tiles, key_tiles(spans, 64)
+    assert p.gluon.dq_tiles[0].block_m == 64
+    (table, order), (want, want_order) = p.gluon.key_tiles, key_tiles(spans, 64)
     for name in ("seq", "key_start", "keys", "q_first", "q_last"):
         assert torch.equal(getattr(table, name), getattr(want, name)), name
     assert torch.equal(order, want_order)

@@ -49,7 +49,6 @@ def test_named_configs_fit_shared_memory_and_registers():
     (dict(block_n=64.0), TypeError, "block_n"),
     (dict(k_stages=True), TypeError, "k_stages"),
     (dict(schedule="fast"), ValueError, "schedule"),
-    (dict(schedule="split", softmax_regs=176, q_in_regs=True), ValueError, "q_in_regs"),
     (dict(schedule="split", softmax_regs=120), ValueError, "second warpgroup"),
     (dict(schedule="split-overlap"), ValueError, "schedule"),
     (dict(cluster=2), ValueError, "needs schedule='split'"),
@@ -80,9 +79,40 @@ def test_tiles_of_another_block_size_are_refused():
 
 
 def test_check_inputs_accepts_hd512_half_gqa():
+    from bidiattn.kernels.sm90_wide import default_config
+
     q, k, v = _qkv(70, 8, 2)
     scale, config = check_inputs(q, k, v, _causal(70), None, need_device=False)
-    assert scale == pytest.approx(1 / math.sqrt(512)) and config == DEFAULT_CONFIG
+    assert scale == pytest.approx(1 / math.sqrt(512)) and config == default_config()
+
+
+def test_the_default_config_is_split_c2_exactly_where_gluon_multicasts(monkeypatch):
+    from bidiattn.kernels.sm90_wide import default_config, host
+
+    monkeypatch.setattr(host, "multicast_unavailable", lambda: None)
+    assert default_config() is CONFIGS["split-c2"]
+    monkeypatch.setattr(host, "multicast_unavailable", lambda: "Triton 3.6 has no multicast")
+    assert default_config() is DEFAULT_CONFIG
+
+
+@pytest.mark.parametrize("name", ["n64", "split-c2"])
+def test_a_gluon_plan_keeps_the_forward_tiles_at_the_config_rows_and_dq_tiles_at_64(name):
+    from bidiattn.kernels.sm90_wide import plan_gluon
+    from bidiattn.kernels.tiles import key_tiles, query_tiles
+
+    spans, config = _image_spans([3000, 77]), CONFIGS[name]
+    p = plan_gluon(spans, config=config)
+    assert p.config is config and p.tiles[0].block_m == config.block_m and not p.training
+    assert (p.dq_tiles, p.key_tiles) == (None, None)
+    for plan in (plan_gluon(spans, training=True, config=config), p):  # planned, or built in the backward
+        (keys, key_order), (dq, dq_order) = plan.backward_tiles(spans)
+        want, want_order = query_tiles(spans, 64)
+        assert dq.block_m == 64 and torch.equal(dq.row_start, want.row_start) and torch.equal(dq_order, want_order)
+        assert torch.equal(keys.key_start, key_tiles(spans, 64)[0].key_start)
+        assert (dq is plan.tiles[0]) == (config.block_m == 64)
+    assert int(p.tiles[0].num_tiles) == {64: 47 + 2, 128: 24 + 1}[config.block_m]  # 3000 and 77 rows
+    with pytest.raises(TypeError, match="Sm90WideConfig"):
+        plan_gluon(spans, config="split-c2")
 
 
 @pytest.mark.parametrize("change, error, words", [
@@ -180,18 +210,6 @@ def test_a_cluster_config_needs_a_multicast_tma_load(monkeypatch):
         from bidiattn.kernels.sm90_wide.host import _check_multicast
 
         _check_multicast(CONFIGS["split-c2"])
-
-
-@pytest.fixture(autouse=True)
-def _release_under_check(monkeypatch):
-    """``BIDIATTN_GLUON_CHECK=<release>`` (e.g. ``3.9``): this module's tests treat that Triton
-    release as GPU-checked: the run that checks it on a GPU before it joins
-    ``sm90_wide.host.GPU_CHECKED_TRITON``."""
-    release = os.environ.get("BIDIATTN_GLUON_CHECK")
-    if release:
-        from bidiattn.kernels.sm90_wide import host
-
-        monkeypatch.setattr(host, "GPU_CHECKED_TRITON", (*host.GPU_CHECKED_TRITON, release))
 
 
 def _sm90_ready() -> str | None:
@@ -317,7 +335,7 @@ def test_gluon_backend_gradients_on_strided_views_over_more_keys_deterministic()
     runs = []
     for training in (True, False, True):
         p = bidiattn.plan(spans, hq, hkv, 512, training=training)
-        assert p.backend == "gluon" and (p.key_tiles is not None) == training
+        assert p.backend == "gluon" and p.gluon.training == training
         runs.append(grads_of(lambda a, b, c: bidiattn.attention(a, b, c, spans, plan=p, return_lse=True),
                              q, k, v, dout, dlse))
     for name, a, w, lp in zip("qkv", runs[0], want, low):

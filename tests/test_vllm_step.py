@@ -450,8 +450,8 @@ def test_hd512_prefill_steps_gather_the_keys_and_run_gluon(monkeypatch):
 
     calls = []
 
-    def fake_forward(q, k, v, spans, scale, *, tiles=None, out=None):
-        assert k.shape[0] == v.shape[0] == spans.total_keys and tiles is not None
+    def fake_forward(q, k, v, spans, scale, *, config=None, tiles=None, out=None):
+        assert k.shape[0] == v.shape[0] == spans.total_keys and tiles[0].block_m == config.block_m
         calls.append(spans.total_keys)
         got = reference.attention(q.float(), k.float(), v.float(), spans, scale=scale).to(q.dtype)
         return (out.copy_(got) if out is not None else got), None

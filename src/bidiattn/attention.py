@@ -186,7 +186,7 @@ def attention(
         if plan is None:
             raise ValueError("inside torch.compile, backend='gluon' needs plan=bidiattn.plan(...) built outside the "
                              "compiled code")
-        out, lse = span_attention_sm90_wide(q, k, v, spans, scale, plan.tiles, plan.key_tiles)
+        out, lse = span_attention_sm90_wide(q, k, v, spans, scale, plan.gluon)
         return (out, lse) if return_lse else out
     launch = plan.triton if plan is not None else None
     if _skips_operator(q, k, v, spans):

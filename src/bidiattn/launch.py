@@ -28,6 +28,7 @@ from .spans import SpanMask, TileSummary, as_int, host_to_device
 
 if TYPE_CHECKING:
     from .kernels.fa4_masked import MaskTables
+    from .kernels.sm90_wide.plan import GluonPlan
     from .kernels.tiles import KeyTiles
 
 __all__ = [
@@ -906,10 +907,9 @@ class Plan:
       order; with ``training``, its ``backward`` :class:`BackwardPlan` too).
     - ``segments``: for ``"fa4"``, the :class:`SegmentPlan` (row segments, launch kinds and
       windows, per-launch FA4 options, which backward runs and its chunks).
-    - ``tiles``: for ``"gluon"``, the query-tile table and launch order at 64 rows
-      (:func:`bidiattn.kernels.tiles.query_tiles`: the forward's and the backward's dQ pass).
-    - ``key_tiles``: for ``"gluon"`` with ``training``, the key-tile table and order at 64 keys
-      (:func:`bidiattn.kernels.tiles.key_tiles`: the backward's dK and dV passes).
+    - ``gluon``: for ``"gluon"``, the :class:`~bidiattn.kernels.sm90_wide.GluonPlan` (the
+      forward's kernel config and query-tile table; with ``training``, the backward's dQ and
+      dK/dV tile tables).
     - ``masked``: for an ``"fa4"`` plan over contiguous self-attention keys where
       :func:`masked_layers` picks it, the :class:`~bidiattn.kernels.fa4_masked.MaskTables` of
       one FA4 launch with the spans as its mask function (its forward; FA4's backward with
@@ -937,8 +937,7 @@ class Plan:
     dtype: torch.dtype = torch.bfloat16
     triton: LaunchPlan | None = field(default=None, repr=False)
     segments: SegmentPlan | None = field(default=None, repr=False)
-    tiles: tuple[TileSummary, torch.Tensor] | None = field(default=None, repr=False)
-    key_tiles: tuple[KeyTiles, torch.Tensor] | None = field(default=None, repr=False)
+    gluon: GluonPlan | None = field(default=None, repr=False)
     masked: MaskTables | None = field(default=None, repr=False)
     backward: BackwardPlan | None = field(default=None, repr=False)
 
@@ -1051,11 +1050,9 @@ def plan(spans: SpanMask, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
             raise ValueError(f"a gluon plan needs the spans on a CUDA device, got {device}")
         if d != 512 or dtype not in HALF_DTYPES:
             raise gluon_unsupported(device, dtype, d)  # the head dim or the dtype
-        from .kernels.sm90_wide.host import BLOCK_M, backward_key_tiles
-        from .kernels.tiles import query_tiles
+        from .kernels.sm90_wide.plan import plan_gluon
 
-        keys = backward_key_tiles(spans) if training else None
-        return Plan(**tie, tiles=query_tiles(spans, BLOCK_M), key_tiles=keys)
+        return Plan(**tie, gluon=plan_gluon(spans, training=training))
     if backend == "fa4":
         from .kernels.fa4_masked import device_capability, mask_tables, masked_unsupported
 

@@ -123,14 +123,14 @@ def gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Te
 
 
 def _gluon_forward(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tensor, spans: SpanMask, scale: float,
-                  tiles, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   plan, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gluon backend over paged keys, on checked arguments: each sequence's keys copied out
-    of the pages (:func:`gather`), then the Gluon forward with the plan's query ``tiles``;
+    of the pages (:func:`gather`), then the Gluon forward with the ``GluonPlan``'s config and tiles;
     ``out [T, Hq, D]`` (written into ``out`` where given, contiguous) and ``lse [Hq, T]``."""
     from ..kernels.sm90_wide import forward_sm90_hd512
 
     k, v = _gather(cache, page_table, spans.cu_seqlens_k, spans.total_keys)
-    return forward_sm90_hd512(q, k, v, spans, scale, tiles=tiles, out=out)
+    return forward_sm90_hd512(q, k, v, spans, scale, config=plan.config, tiles=plan.tiles, out=out)
 
 
 def _gather(cache: PagedKVCache, page_table: torch.Tensor, cu_seqlens_k: torch.Tensor, total_keys: int
@@ -259,7 +259,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, page_table: torch.Tens
     if plan.backend == "gluon":
         if softcap is not None:
             raise ValueError(f"backend='gluon' takes no softcap (got softcap={softcap}); use backend='triton'")
-        out, lse = _gluon_forward(q, cache, page_table, spans, scale, plan.tiles)
+        out, lse = _gluon_forward(q, cache, page_table, spans, scale, plan.gluon)
         return (out, lse) if return_lse else out
     if plan.backend == "fa4":
         from ..kernels.fa4 import span_attention_fa4_forward

@@ -394,7 +394,7 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, metadata: StepMetadata, kind
 
         pages = kv_cache.transpose(1, 2)  # [num_blocks, block_size, Hkv, 2 * D]: K, then V, per key and head
         got, _ = _gluon_forward(q, PagedKVCache(pages[..., :d], pages[..., d:]), metadata.block_table, spans, scale,
-                               plan.tiles, out=out if out.is_contiguous() else None)
+                               plan.gluon, out=out if out.is_contiguous() else None)
         if got is not out:
             out.copy_(got)
         return out

@@ -14,8 +14,8 @@ import torch
 from ...inputs import check_attention_inputs
 from ...spans import SpanMask, TileSummary
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "backward_sm90_hd512", "forward_sm90_hd512",
-           "gluon_unavailable"]
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "backward_sm90_hd512", "default_config",
+           "forward_sm90_hd512", "gluon_unavailable"]
 
 HEAD_DIM = 512
 BLOCK_M = 64
@@ -38,13 +38,10 @@ class Sm90WideConfig:
     - ``softmax_regs``: registers per thread of the softmax warpgroup (a multiple of 8); the
       output warpgroups get the rest of the 168 x 12 warps budget.
     - ``store_cols``: columns per masked store chunk of the epilogue.
-    - ``q_in_regs``: the softmax warpgroup keeps Q in registers (wgmma's register operand, 128
-      registers a thread), so ``Q K^T`` reads only K from shared memory; needs ``softmax_regs``
-      of about 176.
     - ``schedule``: ``"output"`` (a softmax warpgroup and two output warpgroups, 12 warps) or
       ``"split"`` (the softmax warpgroup also owns output columns 0-255 with P from its registers,
       a second warpgroup columns 256-511, a load warp: 9 warps, launched as 12; ``softmax_regs`` is
-      then the second warpgroup's share and ``q_in_regs`` is off).
+      then the second warpgroup's share).
     - ``cluster``: CTAs per program (1 or 2; 2 with the split schedule, and a Triton whose Gluon
       multicasts TMA loads: 3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read
       from L2 once and multicast into both.
@@ -56,15 +53,12 @@ class Sm90WideConfig:
     p_stages: int = 2
     softmax_regs: int = 144
     store_cols: int = 64
-    q_in_regs: bool = False
     schedule: str = "output"
     cluster: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Sm90WideConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.split and self.q_in_regs:
-            raise ValueError("Sm90WideConfig.q_in_regs needs schedule='output'")
         for name in ("block_n", "k_stages", "v_stages", "p_stages", "softmax_regs", "store_cols", "cluster"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -73,8 +67,6 @@ class Sm90WideConfig:
             raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
         if self.cluster == 2 and not self.split:
             raise ValueError(f"Sm90WideConfig.cluster=2 needs schedule='split', got schedule={self.schedule!r}")
-        if not isinstance(self.q_in_regs, bool):
-            raise TypeError(f"Sm90WideConfig.q_in_regs must be a bool, got {self.q_in_regs!r}")
         if self.block_n not in (16, 32, 64, 128):
             raise ValueError(f"Sm90WideConfig.block_n must be 16, 32, 64 or 128, got {self.block_n}")
         for name in ("k_stages", "v_stages", "p_stages"):
@@ -82,9 +74,6 @@ class Sm90WideConfig:
                 raise ValueError(f"Sm90WideConfig.{name} must be in 1..8, got {getattr(self, name)}")
         if self.softmax_regs % 8 or not 24 <= self.softmax_regs <= 256:
             raise ValueError(f"Sm90WideConfig.softmax_regs must be a multiple of 8 in 24..256, got {self.softmax_regs}")
-        if self.q_in_regs and self.softmax_regs < 168:
-            raise ValueError(f"Sm90WideConfig.q_in_regs needs softmax_regs >= 168 (Q alone takes 128), got "
-                             f"{self.softmax_regs}")
         if self.split and self.softmax_regs < 160:
             raise ValueError(f"Sm90WideConfig.softmax_regs={self.softmax_regs} is the split schedule's second "
                              f"warpgroup's share; its accumulator alone takes 128 (need >= 160)")
@@ -130,7 +119,7 @@ class Sm90WideConfig:
     @property
     def name(self) -> str:
         return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
-                + ("" if self.store_cols == 64 else f"-s{self.store_cols}") + ("-qreg" if self.q_in_regs else "")
+                + ("" if self.store_cols == 64 else f"-s{self.store_cols}")
                 + ("" if self.schedule == "output" else f"-{self.schedule}") + ("" if self.cluster == 1 else "-c2"))
 
 
@@ -138,13 +127,18 @@ DEFAULT_CONFIG = Sm90WideConfig()
 # Named configs the benchmark's --variants compares (all compile for sm_90a without spills).
 CONFIGS = {
     "n64": DEFAULT_CONFIG,
-    "n64-r96": Sm90WideConfig(softmax_regs=96),
     "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=120),
-    "n32-p3": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, p_stages=3, softmax_regs=120),
-    "n32-qreg": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=176, q_in_regs=True),
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
     "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
 }
+
+
+def default_config() -> Sm90WideConfig:
+    """The forward's config where a call names none: ``CONFIGS["split-c2"]`` where this Triton's
+    Gluon multicasts TMA loads (3.9), :data:`DEFAULT_CONFIG` otherwise (benchmarks/PERF.md, G9-G11:
+    split-c2 is the fastest config with 3.9; with 3.6 the split schedule alone does not beat n64
+    on image layers)."""
+    return DEFAULT_CONFIG if multicast_unavailable() else CONFIGS["split-c2"]
 
 
 # Triton releases whose Gluon the kernels are checked with on an SM90 GPU (output and gradients
@@ -181,7 +175,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: SpanM
     if q.shape[-1] != HEAD_DIM:
         raise ValueError(f"forward_sm90_hd512 takes head dim {HEAD_DIM}, got {q.shape[-1]}")
     if config is None:
-        config = DEFAULT_CONFIG
+        config = default_config()
     elif not isinstance(config, Sm90WideConfig):
         raise TypeError(f"config must be a Sm90WideConfig, got {type(config).__name__}")
     if q.shape[0] >= 2**31 // (q.shape[1] * HEAD_DIM) or k.shape[0] >= 2**31:
@@ -270,7 +264,7 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         q: ``[T, Hq, 512]``; k, v: ``[T_keys, Hkv, 512]`` (``Hq % Hkv == 0``), fp16 or bf16, CUDA (SM90).
         spans: the mask (self-attention or extend spans).
         scale: softmax scale, default ``1/sqrt(512)``.
-        config: a :class:`Sm90WideConfig` (default :data:`DEFAULT_CONFIG`); a cluster config
+        config: a :class:`Sm90WideConfig` (default :func:`default_config`); a cluster config
             (``cluster=2``) needs Triton 3.9's multicast TMA load (``ValueError`` naming the Triton
             otherwise).
         tiles: ``kernels.tiles.query_tiles(spans, config.block_m)`` (64 rows; 128 for a cluster
@@ -303,7 +297,7 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
     if config.cluster > 1:
         common.update(CLUSTER=config.cluster, num_ctas=config.cluster)
     grid = (hq, order.numel())
-    gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs, Q_IN_REGS=config.q_in_regs,
+    gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs,
                                   SPLIT=config.split)
     return out, lse
 
@@ -341,7 +335,7 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         tiles: ``(key_tiles(spans, 64), query_tiles(spans, 64))`` where the caller keeps them; built
             here otherwise.
     """
-    scale, _ = check_inputs(q, k, v, spans, scale, None, need_device=False)
+    scale, _ = check_inputs(q, k, v, spans, scale, DEFAULT_CONFIG, need_device=False)  # configs are the forward's
     total, hq, d = q.shape
     t_keys, hkv, _ = k.shape
     for name, x in (("do", do), ("out", out)):

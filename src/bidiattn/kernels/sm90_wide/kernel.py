@@ -200,8 +200,7 @@ def _refill(desc, row, col, ready, smem, free, local, parity, CLUSTER: gl.conste
 def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready, p_free,
                        done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start, n_blocks,
                        lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                       Q_IN_REGS: gl.constexpr):
+                       HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
     # This warpgroup issues the loads of Q and of the K ring (it is K's only reader).
     _load_rows(q_desc, q_row, head * HEAD_DIM, q_bar, q_smem, 1)
     for i in gl.static_range(K_STAGES):
@@ -223,16 +222,11 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
     mbarrier.wait(q_bar, 0)
-    if Q_IN_REGS:
-        # Q as the wgmma's register operand (128 registers a thread): S reads only K from shared memory.
-        q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        q_op = q_smem
     for j in range(n_blocks):
         k0 = n_start + j * BLOCK_N
         sk = j % K_STAGES
         mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
-        s = warpgroup_mma(q_op, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         if j + K_STAGES < n_blocks:
             # Every warp of the group is past its wgmma reads of this stage before it is refilled.
@@ -401,7 +395,7 @@ def hd512_forward_kernel(
     total, group, qk_scale,
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-    SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, Q_IN_REGS: gl.constexpr, SPLIT: gl.constexpr,
+    SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, SPLIT: gl.constexpr,
     CLUSTER: gl.constexpr = 1,
 ):
     # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share). CLUSTER=2 (split
@@ -493,5 +487,5 @@ def hd512_forward_kernel(
                 (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready,
                                       p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total,
                                       k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
-                                      HEAD_DIM, K_STAGES, P_STAGES, Q_IN_REGS)),
+                                      HEAD_DIM, K_STAGES, P_STAGES)),
             ], [4], [SOFTMAX_REGS])

@@ -80,7 +80,7 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
                cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
-                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols, Q_IN_REGS=config.q_in_regs,
+                     SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols,
                      SPLIT=config.split, CLUSTER=config.cluster)
     return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps, config.cluster))
 
