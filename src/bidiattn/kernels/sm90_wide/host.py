@@ -1,7 +1,9 @@
-"""Host side of the head-dim-512 SM90 forward: configs, argument checks, tile tables, launch.
+"""Host side of the head-dim-512 SM90 kernels: the forward's configs and :func:`default_config`,
+argument checks, tile tables, the forward's and the backward's launches.
 
 Importing this module imports neither Triton nor Gluon (the checks run on any machine); the
-kernel module is imported by :func:`forward_sm90_hd512` when it launches.
+kernel modules are imported by :func:`forward_sm90_hd512` / :func:`backward_sm90_hd512` when
+they launch.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ __all__ = ["GluonPlan", "plan_gluon"]
 
 @dataclass(frozen=True, eq=False)
 class GluonPlan:
-    """- ``config``: the forward's :class:`~.host.Sm90WideConfig` (:func:`~.host.default_config`
+    """What the gluon backend launches with over one ``SpanMask`` (made by :func:`plan_gluon`).
+
+    - ``config``: the forward's :class:`~.host.Sm90WideConfig` (:func:`~.host.default_config`
       where the plan was made without one).
     - ``tiles``: the forward's query-tile table and launch order at ``config.block_m`` rows.
     - ``dq_tiles``: with training, the dQ pass's at 64 rows (``tiles`` itself where the forward's
@@ -36,6 +38,7 @@ class GluonPlan:
 
     @property
     def training(self) -> bool:
+        """Whether the plan holds the backward's tables."""
         return self.key_tiles is not None
 
     def backward_tiles(self, spans: SpanMask) -> tuple:
