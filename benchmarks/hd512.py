@@ -5,6 +5,7 @@
     python benchmarks/hd512.py check --variants all --out $OUT
     python benchmarks/hd512.py time  --variants all --out $OUT
     python benchmarks/hd512.py paged --out $OUT               # a prefill chunk read from pages
+    python benchmarks/hd512.py passes --out $OUT              # the Gluon backward, pass by pass
 
 ``check``: the kernel (each variant) against an fp32 reference of the same span mask at small
 shapes (causal, 1092-token images every 2048, sliding window with images, packed odd lengths,
@@ -21,9 +22,13 @@ imports), and the bf16 matmul rate. Every column is checked first on a subset of
 fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on
 (the cluster configs, ``*-c2``, error under Triton 3.6: their K/V multicast needs 3.9's Gluon).
 TFLOP/s on allowed pairs, 4 * pairs * D * Hq. ``--backward`` adds forward+backward columns (the
-default call: Gluon forward + Triton backward; bidiattn Triton; ffpa-attn on causal cases; the
-Gluon forward with the Gluon backward passes, not yet the backend's),
-14 * pairs * D * Hq, and the backward alone. Writes ``hd512-<device>-<date>.{md,json}``.
+default call: the Gluon forward and backward; bidiattn Triton; ffpa-attn on causal cases; the
+Gluon forward and backward passes called directly, without autograd), 14 * pairs * D * Hq, and
+the backward alone. Writes ``hd512-<device>-<date>.{md,json}``.
+
+``passes``: the Gluon backward's passes (dV, dK, dQ, the delta launch) one by one, profiler
+device time each, and the whole backward's time, gradients checked against the triton backend's
+first; 16q/4kv 16K causal and images unless ``--cases``. Writes ``hd512-passes-<device>-<date>``.
 """
 
 from __future__ import annotations
@@ -479,6 +484,73 @@ def time_cmd(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- backward passes
+PASS_KERNELS = {"dV": "hd512_dv_kernel", "dK": "hd512_dk_kernel", "dQ": "hd512_dq_kernel", "delta": "_delta_kernel"}
+
+
+def passes_cmd(args) -> int:
+    """Each Gluon backward pass's device time (the PyTorch profiler's, mean over ``--profile-runs``
+    calls) and the whole backward's (median of CUDA-event runs), after its gradients are checked
+    against the triton backend's (``max |a - b| <= 2% of the largest + 1e-3``)."""
+    import cases
+    from bidiattn.kernels.sm90_wide import backward_sm90_hd512, plan_gluon
+
+    meta = cases.meta()
+    rows = []
+    selected = TIME_CASES[:2] if not args.cases else [TIME_CASES[int(i)] for i in args.cases.split(",")]
+    for hq, hkv, t, rule in selected:
+        spans = make_spans(rule, [t])
+        q, k, v = inputs(t, t, hq, hkv, torch.bfloat16)
+        dout = torch.randn_like(q)
+        label = f"hd512 {hq}q/{hkv}kv {t // 1024}K {'causal' if rule == 'causal' else 'img1092/2048'}"
+        row = dict(case=label, pairs=spans.num_pairs())
+        plan = plan_gluon(spans, training=True)
+        out, lse = forward_sm90_hd512(q, k, v, spans, config=plan.config, tiles=plan.tiles)
+        tiles = plan.backward_tiles(spans)
+
+        def backward():
+            return backward_sm90_hd512(dout, q, k, v, out, lse, spans, tiles=tiles)
+
+        leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
+        want = torch.autograd.grad(bidiattn.attention(*leaves, spans, backend="triton"), leaves, dout)
+        errs = [(max_err(a, b), 0.02 * b.abs().max().item() + 1e-3) for a, b in zip(backward(), want)]
+        del leaves, want
+        row.update(grad_err=[e for e, _ in errs], grad_bound=[b for _, b in errs])
+        if not all(e <= b for e, b in errs):
+            row["error"] = f"gradients differ from triton's: {errs}"
+        else:
+            ms = bench(backward, args.seconds)
+            backward()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.profile_runs):
+                    backward()
+                torch.cuda.synchronize()
+            seen = {e.key: e.device_time_total / 1e3 / args.profile_runs for e in prof.key_averages()
+                    if e.device_time_total > 0}
+            per_pass = {name: seen.get(kernel, 0.0) for name, kernel in PASS_KERNELS.items()}
+            row.update(ms=ms, tflops=10 * row["pairs"] * D * hq / ms / 1e9, passes_ms=per_pass, kernels_ms=seen)
+        rows.append(row)
+        print(label, {k: v for k, v in row.items() if k not in ("case", "grad_err", "grad_bound", "kernels_ms")},
+              flush=True)
+        torch.cuda.empty_cache()
+    lines = [f"# Gluon backward passes ({meta['device']}, {meta['date']}, Triton {meta['triton']}, commit "
+             f"{meta['commit']})", "", f"`{meta['command']}`", "",
+             "| case | backward ms (TFLOP/s) | " + " | ".join(f"{n} ms" for n in PASS_KERNELS) + " |",
+             "|---|---|" + "---|" * len(PASS_KERNELS)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['error']} |" + " |" * len(PASS_KERNELS))
+            continue
+        lines.append(f"| {r['case']} | {r['ms']:.2f} ({r['tflops']:.0f}) | "
+                     + " | ".join(f"{r['passes_ms'][n]:.2f}" for n in PASS_KERNELS) + " |")
+    if args.out:
+        stem = cases.write_results(args.out, "hd512-passes", meta, dict(rows=rows), lines)
+        print(f"wrote {args.out}/{stem}.{{md,json}}")
+    print("\n".join(lines))
+    return 1 if any("error" in r for r in rows) else 0
+
+
 # ----------------------------------------------------------------------------- paged
 PAGED_CASES = ([(16, 4, 16384, 2048, rule, page) for rule in ("causal", "images") for page in (16, 64)]
                + [(16, 4, 16384, chunk, "images", 16) for chunk in (256, 512, 1024)])  # where gluon stops paying
@@ -558,12 +630,13 @@ def compile_cmd(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("check", "time", "paged", "compile"))
+    parser.add_argument("command", choices=("check", "time", "paged", "passes", "compile"))
     parser.add_argument("--variants", default="n64", help=f"comma-separated kernel configs or 'all' ({', '.join(CONFIGS)})")
     parser.add_argument("--out", default=None, help="directory for the .md/.json results")
     parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,ffpa,gluon-bwd")
     parser.add_argument("--backward", action="store_true", help="time: also fwd+bwd of default, triton, ffpa-attn")
-    parser.add_argument("--cases", default="", help="time: indices into the 8 cases (default all)")
+    parser.add_argument("--cases", default="", help="time/passes: indices into the 8 cases (default all; passes: 0,1)")
+    parser.add_argument("--profile-runs", type=int, default=5, help="passes: profiled backward calls")
     parser.add_argument("--seconds", type=float, default=1.0, help="time: timing budget per column")
     parser.add_argument("--budget", type=float, default=360.0, help="time: after this many seconds only gluon columns run")
     parser.add_argument("--verbose", action="store_true")
@@ -572,7 +645,7 @@ def main() -> int:
         return compile_cmd(args)
     if not torch.cuda.is_available():
         raise SystemExit("check/time need a CUDA GPU (compile does not)")
-    return {"check": check, "time": time_cmd, "paged": paged_cmd}[args.command](args)
+    return {"check": check, "time": time_cmd, "paged": paged_cmd, "passes": passes_cmd}[args.command](args)
 
 
 if __name__ == "__main__":
