@@ -902,7 +902,7 @@ class Plan:
     and shared by the layers that use them: ``bidiattn.attention(..., plan=)`` and
     ``bidiattn.serving.kvcache.paged_attention(..., plan=)``.
 
-    - ``backend``: the backend it chose (``"triton"``, ``"fa4"``, ``"flex"`` or ``"reference"``).
+    - ``backend``: the backend it chose (``"triton"``, ``"fa4"``, ``"gluon"``, ``"flex"`` or ``"reference"``).
     - ``triton``: for ``"triton"``, the :class:`LaunchPlan` (tile config, tile table, launch
       order; with ``training``, its ``backward`` :class:`BackwardPlan` too).
     - ``segments``: for ``"fa4"``, the :class:`SegmentPlan` (row segments, launch kinds and

@@ -213,14 +213,16 @@ def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None,
 def multicast_unavailable() -> str | None:
     """Why a cluster config (``Sm90WideConfig.cluster=2``) cannot build here, or None: it multicasts
     its K/V loads with Gluon's ``tma.async_load(..., multicast=True)`` (Triton 3.9; 3.6's TMA load
-    has no multicast)."""
+    has no multicast). Runs at every cluster launch, so it reads the parameter names off the
+    function's code object rather than building an ``inspect.signature``."""
     import inspect
 
     import triton
     from triton.experimental.gluon.language.nvidia.hopper import tma
 
     load = getattr(tma, "async_load", None)
-    if load is None or "multicast" not in inspect.signature(load).parameters:
+    code = None if load is None else inspect.unwrap(load).__code__
+    if code is None or "multicast" not in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
         return (f"Sm90WideConfig.cluster=2 needs Gluon's multicast TMA load (Triton 3.9); this is Triton "
                 f"{triton.__version__}")
     return None
@@ -338,7 +340,7 @@ def backward_sm90_hd512(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         tiles: ``(key_tiles(spans, 64), query_tiles(spans, 64))`` where the caller keeps them; built
             here otherwise.
     """
-    scale, _ = check_inputs(q, k, v, spans, scale, DEFAULT_CONFIG, need_device=False)  # configs are the forward's
+    scale, _ = check_inputs(q, k, v, spans, scale, None, need_device=False)
     total, hq, d = q.shape
     t_keys, hkv, _ = k.shape
     for name, x in (("do", do), ("out", out)):
