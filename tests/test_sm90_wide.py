@@ -113,6 +113,10 @@ def test_a_gluon_plan_keeps_the_forward_tiles_at_the_config_rows_and_dq_tiles_at
     assert int(p.tiles[0].num_tiles) == {64: 47 + 2, 128: 24 + 1}[config.block_m]  # 3000 and 77 rows
     with pytest.raises(TypeError, match="Sm90WideConfig"):
         plan_gluon(spans, config="split-c2")
+    with pytest.raises(TypeError, match="spans must be a SpanMask, got Tensor"):
+        plan_gluon(spans.lo)
+    with pytest.raises(TypeError, match="training must be a bool, got 1"):
+        plan_gluon(spans, training=1)
 
 
 @pytest.mark.parametrize("change, error, words", [

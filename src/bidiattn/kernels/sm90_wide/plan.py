@@ -57,9 +57,23 @@ def _dq_tiles(spans: SpanMask, config: Sm90WideConfig, tiles):
 
 
 def plan_gluon(spans: SpanMask, *, training: bool = False, config: Sm90WideConfig | None = None) -> GluonPlan:
-    """The :class:`GluonPlan` of ``spans`` (on their device; the table launches need no host sync)."""
+    """The :class:`GluonPlan` of ``spans``: the tile tables of the Gluon kernels over that mask.
+
+    Args:
+        spans: the mask: query row ``i`` (of ``spans.total_tokens``) sees keys ``[lo[i], hi[i]]`` of
+            its own sequence (self-attention or extend spans); the tables are built on the spans'
+            device in a few launches, with no host sync.
+        training: also build the backward's tables (dQ tiles at 64 rows, dV/dK key tiles at 64 keys).
+        config: the forward's :class:`~.host.Sm90WideConfig`; default :func:`~.host.default_config`.
+
+    ``TypeError`` names a ``spans``, ``training`` or ``config`` of the wrong type.
+    """
     from ..tiles import query_tiles
 
+    if not isinstance(spans, SpanMask):
+        raise TypeError(f"spans must be a SpanMask, got {type(spans).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
     if config is None:
         config = default_config()
     elif not isinstance(config, Sm90WideConfig):
