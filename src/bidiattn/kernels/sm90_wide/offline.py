@@ -22,7 +22,7 @@ _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_
 def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS, num_ctas: int = 1) -> dict:
     """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with Triton's own
     ptxas for sm_90 (:func:`_assemble`): registers, spill bytes, shared bytes, the per-partition register requests
-    (``setmaxnreg`` in the PTX) and the PTX itself."""
+    (``setmaxnreg`` in the PTX), counts of three SASS instructions (:func:`_sass_counts`) and the PTX itself."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,12 +36,13 @@ def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WA
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
         log = _assemble(path)
+        sass = _sass_counts(Path(f"{path}.o"))
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_stores, spill_loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return dict(dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
                 shared=compiled.metadata.shared, warps=compiled.metadata.num_warps,
                 setmaxnreg=sorted({int(x) for x in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}),
-                ptx=ptx)
+                sass=sass, ptx=ptx)
 
 
 def _assemble(ptx: Path) -> str:
@@ -51,6 +52,21 @@ def _assemble(ptx: Path) -> str:
 
     return subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"],
                           capture_output=True, text=True, check=True).stderr
+
+
+def _sass_counts(cubin: Path) -> dict:
+    """How many ``HGMMA`` instructions the assembled kernel holds, and how many of them follow an ``R2UR``
+    within four instructions (Triton's ``cuobjdump``). Triton 3.6's PTX forms wgmma shared-memory
+    descriptors with 64-bit adds that ptxas keeps on the uniform datapath; Triton 3.9's forms them from
+    32-bit words that ptxas keeps in vector registers and moves with ``R2UR`` (then waits on) before
+    nearly every ``HGMMA``, which costs where the wgmmas are short (NOTES.md, head dim 512)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = Path(get_ptxas(90).path).with_name("cuobjdump")
+    dump = subprocess.run([str(tool), "--dump-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", dump, flags=re.M)
+    at = [i for i, op in enumerate(ops) if op == "HGMMA"]
+    return dict(hgmma=len(at), hgmma_after_r2ur=sum("R2UR" in ops[max(0, i - 4):i] for i in at))
 
 
 def _desc(dtype: str, rows: int, gdtype, layout=None) -> str:
@@ -122,7 +138,7 @@ def main(argv: list[str]) -> int:
             ok = r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["shared"] <= 232448
             bad += not ok
             print(f"{name:10s} {r['config']:22s} {dtype}  regs {r['registers']}  spills {r['spill_stores']}/"
-                  f"{r['spill_loads']}  shared {r['shared']}  warps {r['warps']}  setmaxnreg {r['setmaxnreg']}"
+                  f"{r['spill_loads']}  shared {r['shared']}  warps {r['warps']}  setmaxnreg {r['setmaxnreg']}  sass {r['sass']}"
                   f"  {'ok' if ok else 'FAIL'}")
     return 1 if bad else 0
 
