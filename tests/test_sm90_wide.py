@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from bidiattn import reference, rules
-from bidiattn.kernels.sm90_wide import CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, check_inputs
+from bidiattn.kernels.sm90_wide import CONFIGS, Sm90WideConfig, check_inputs
 from bidiattn.spans import SpanMask
 from conftest import lowp_attention
 
@@ -37,7 +37,7 @@ def test_named_configs_fit_shared_memory_and_registers():
     for config in CONFIGS.values():
         assert config.shared_bytes <= 232448
         assert config.output_regs >= 160
-    assert DEFAULT_CONFIG == Sm90WideConfig()
+    assert CONFIGS["n64"] == Sm90WideConfig()
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
@@ -63,7 +63,7 @@ def test_bad_config_names_the_value(kwargs, error, words):
 
 def test_a_cluster_config_covers_two_ctas_of_rows():
     config = CONFIGS["split-c2"]
-    assert (config.cluster, config.block_m, DEFAULT_CONFIG.block_m) == (2, 128, 64)
+    assert (config.cluster, config.block_m, CONFIGS["n64"].block_m) == (2, 128, 64)
     assert config.name.endswith("-split-c2") and config.shared_bytes == CONFIGS["split"].shared_bytes
 
 
@@ -86,13 +86,13 @@ def test_check_inputs_accepts_hd512_half_gqa():
     assert scale == pytest.approx(1 / math.sqrt(512)) and config == default_config()
 
 
-def test_the_default_config_is_split_c2_exactly_where_gluon_multicasts(monkeypatch):
+def test_the_default_config_is_split_c2_where_gluon_multicasts_and_split_elsewhere(monkeypatch):
     from bidiattn.kernels.sm90_wide import default_config, host
 
     monkeypatch.setattr(host, "multicast_unavailable", lambda: None)
     assert default_config() is CONFIGS["split-c2"]
     monkeypatch.setattr(host, "multicast_unavailable", lambda: "Triton 3.6 has no multicast")
-    assert default_config() is DEFAULT_CONFIG
+    assert default_config() is CONFIGS["split"]
 
 
 @pytest.mark.parametrize("name", ["n64", "split-c2"])

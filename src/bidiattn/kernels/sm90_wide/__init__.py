@@ -13,9 +13,9 @@ backward's dV, dK and dQ passes) are the Gluon kernels, written against
 """
 
 from .autograd import span_attention_sm90_wide
-from .host import (CONFIGS, DEFAULT_CONFIG, Sm90WideConfig, backward_sm90_hd512, check_inputs, default_config,
+from .host import (CONFIGS, Sm90WideConfig, backward_sm90_hd512, check_inputs, default_config,
                    forward_sm90_hd512, gluon_unavailable)
 from .plan import GluonPlan, plan_gluon
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "GluonPlan", "Sm90WideConfig", "backward_sm90_hd512", "check_inputs",
+__all__ = ["CONFIGS", "GluonPlan", "Sm90WideConfig", "backward_sm90_hd512", "check_inputs",
            "default_config", "forward_sm90_hd512", "gluon_unavailable", "plan_gluon", "span_attention_sm90_wide"]

@@ -16,7 +16,7 @@ import torch
 from ...inputs import check_attention_inputs
 from ...spans import SpanMask, TileSummary
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIG", "Sm90WideConfig", "check_inputs", "backward_sm90_hd512", "default_config",
+__all__ = ["CONFIGS", "Sm90WideConfig", "check_inputs", "backward_sm90_hd512", "default_config",
            "forward_sm90_hd512", "gluon_unavailable"]
 
 HEAD_DIM = 512
@@ -125,10 +125,9 @@ class Sm90WideConfig:
                 + ("" if self.schedule == "output" else f"-{self.schedule}") + ("" if self.cluster == 1 else "-c2"))
 
 
-DEFAULT_CONFIG = Sm90WideConfig()
 # Named configs the benchmark's --variants compares (all compile for sm_90a without spills).
 CONFIGS = {
-    "n64": DEFAULT_CONFIG,
+    "n64": Sm90WideConfig(),
     "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=120),
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
     "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
@@ -137,10 +136,9 @@ CONFIGS = {
 
 def default_config() -> Sm90WideConfig:
     """The forward's config where a call names none: ``CONFIGS["split-c2"]`` where this Triton's
-    Gluon multicasts TMA loads (3.9), :data:`DEFAULT_CONFIG` otherwise (benchmarks/PERF.md, G9-G11:
-    split-c2 is the fastest config with 3.9; with 3.6 the split schedule alone does not beat n64
-    on image layers)."""
-    return DEFAULT_CONFIG if multicast_unavailable() else CONFIGS["split-c2"]
+    Gluon multicasts TMA loads (3.9), ``CONFIGS["split"]`` otherwise (benchmarks/PERF.md, G13: the
+    fastest config of each release, in every case of one run)."""
+    return CONFIGS["split"] if multicast_unavailable() else CONFIGS["split-c2"]
 
 
 # Triton releases whose Gluon the kernels are checked with on an SM90 GPU (output and gradients
