@@ -29,6 +29,9 @@ the backward alone. Writes ``hd512-<device>-<date>.{md,json}``.
 ``passes``: the Gluon backward's passes (dV, dK, dQ, the delta launch) one by one, profiler
 device time each, and the whole backward's time, gradients checked against the triton backend's
 first; 16q/4kv 16K causal and images unless ``--cases``. Writes ``hd512-passes-<device>-<date>``.
+
+``--label L`` puts ``-L`` after each file's prefix (``hd512-L-<device>-<date>``), e.g. the Triton
+release the run used.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ FLOOR = 1e-3
 
 
 # ----------------------------------------------------------------------------- helpers
+def _prefix(name: str, args) -> str:
+    """A results file's prefix: ``name``, then ``-<label>`` where ``--label`` gives one."""
+    return f"{name}-{args.label}" if args.label else name
+
+
 def variants(arg: str) -> dict:
     names = list(CONFIGS) if arg == "all" else [n.strip() for n in arg.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -197,7 +205,7 @@ def check(args) -> int:
         else:
             lines.append(f"| {r['case']} | {r['column']} | {r.get('error')} | | | | **no** |")
     if args.out:
-        stem = cases.write_results(args.out, "hd512-check", meta, dict(rows=results), lines)
+        stem = cases.write_results(args.out, _prefix("hd512-check", args), meta, dict(rows=results), lines)
         print(f"wrote {args.out}/{stem}.{{md,json}}")
     print("\n".join(lines))
     return 1 if failures else 0
@@ -478,7 +486,7 @@ def time_cmd(args) -> int:
     if errors:
         lines += ["", "Errors:", *errors]
     if args.out:
-        stem = cases.write_results(args.out, "hd512", meta, dict(rows=rows), lines)
+        stem = cases.write_results(args.out, _prefix("hd512", args), meta, dict(rows=rows), lines)
         print(f"wrote {args.out}/{stem}.{{md,json}}")
     print("\n".join(lines))
     return 0
@@ -543,7 +551,7 @@ def passes_cmd(args) -> int:
         lines.append(f"| {r['case']} | {r['ms']:.2f} ({r['tflops']:.0f}) | "
                      + " | ".join(f"{r['passes_ms'][n]:.2f}" for n in PASS_KERNELS) + " |")
     if args.out:
-        stem = cases.write_results(args.out, "hd512-passes", meta, dict(rows=rows), lines)
+        stem = cases.write_results(args.out, _prefix("hd512-passes", args), meta, dict(rows=rows), lines)
         print(f"wrote {args.out}/{stem}.{{md,json}}")
     print("\n".join(lines))
     return 1 if any("error" in r for r in rows) else 0
@@ -613,7 +621,7 @@ def paged_cmd(args) -> int:
     errors = [f"- {r['case']}, {c}: {x['error']}" for r in rows for c, x in r["columns"].items() if "error" in x]
     lines += ["", "Errors:", *errors] if errors else []
     if args.out:
-        stem = cases.write_results(args.out, "hd512-paged", meta, dict(rows=rows), lines)
+        stem = cases.write_results(args.out, _prefix("hd512-paged", args), meta, dict(rows=rows), lines)
         print(f"wrote {args.out}/{stem}.{{md,json}}")
     print("\n".join(lines))
     return 0
@@ -637,6 +645,7 @@ def main() -> int:
     parser.add_argument("--profile-runs", type=int, default=5, help="passes: profiled backward calls")
     parser.add_argument("--seconds", type=float, default=1.0, help="time: timing budget per column")
     parser.add_argument("--budget", type=float, default=360.0, help="time: after this many seconds only gluon columns run")
+    parser.add_argument("--label", default="", help="results file names: hd512[-check|-passes|-paged]-<label>-<device>-<date>")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     if args.command == "compile":
