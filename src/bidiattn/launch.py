@@ -165,8 +165,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, rows_p
                                                                      sliding 2K chunks A11 (226 vs 137 TFLOP/s)
         CUDA, <= 16 query rows per sequence (decode)      triton     D1/D2 (split-KV decode)
         CUDA, fp16/bf16, hd 512, SM90, Gluon imports      gluon      forward G1: 481-506 vs triton 266-273
-                                                                     TFLOP/s; fwd+bwd G4 (H100): 276-283 vs
-                                                                     triton 140-143
+                                                                     TFLOP/s; fwd+bwd (H100) G13: 292-298,
+                                                                     G14 (Triton 3.9): 192-209 vs triton
+                                                                     139-141 / 119-120
         CUDA, fp16/bf16, FA4 imports, SM90/SM100,         fa4        forward A1-A4 vs F1-F4: 603/702/721/458 vs
           FA4 takes the head dim (SM90: <= 256)                      511/517/527/398 TFLOP/s; fwd+bwd A16-A18
                                                                      (H100): 573/380/279 vs triton 402/359/270;
