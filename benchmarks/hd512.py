@@ -28,7 +28,8 @@ the backward alone. Writes ``hd512-<device>-<date>.{md,json}``.
 
 ``passes``: the Gluon backward's passes (dV, dK, dQ, the delta launch) one by one, profiler
 device time each, and the whole backward's time, gradients checked against the triton backend's
-first; 16q/4kv 16K causal and images unless ``--cases``. Writes ``hd512-passes-<device>-<date>``.
+first; 16q/4kv 16K causal and images unless ``--cases``; ``--score-regs 120:120,168:136`` times
+each variant of the dV and dK passes' score-warpgroup registers. Writes ``hd512-passes-<device>-<date>``.
 
 ``--label L`` puts ``-L`` after each file's prefix (``hd512-L-<device>-<date>``), e.g. the Triton
 release the run used.
@@ -496,22 +497,39 @@ def time_cmd(args) -> int:
 PASS_KERNELS = {"dV": "hd512_dv_kernel", "dK": "hd512_dk_kernel", "dQ": "hd512_dq_kernel", "delta": "_delta_kernel"}
 
 
+def score_regs_variants(arg: str) -> list[dict]:
+    """``--score-regs "120:120,168:136"`` -> ``[{"dv": 120, "dk": 120}, {"dv": 168, "dk": 136}]``: the
+    score warpgroup's registers of the dV and dK passes per variant; ``""`` -> ``[{}]`` (as shipped)."""
+    if not arg:
+        return [{}]
+    out = []
+    for item in arg.split(","):
+        try:
+            dv, dk = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--score-regs takes dV:dK register pairs such as 120:136, not {item!r}") from None
+        out.append(dict(dv=dv, dk=dk))
+    return out
+
+
 def passes_cmd(args) -> int:
     """Each Gluon backward pass's device time (the PyTorch profiler's, mean over ``--profile-runs``
     calls) and the whole backward's (median of CUDA-event runs), after its gradients are checked
-    against the triton backend's (``max |a - b| <= 2% of the largest + 1e-3``)."""
+    against the triton backend's (``max |a - b| <= 2% of the largest + 1e-3``); with
+    ``--score-regs``, once per variant of the dV/dK passes' score-warpgroup registers (set in
+    ``host.BACKWARD_PASSES`` for the variant, restored after)."""
     import cases
-    from bidiattn.kernels.sm90_wide import backward_sm90_hd512, plan_gluon
+    from bidiattn.kernels.sm90_wide import backward_sm90_hd512, host, plan_gluon
 
     meta = cases.meta()
     rows = []
     selected = TIME_CASES[:2] if not args.cases else [TIME_CASES[int(i)] for i in args.cases.split(",")]
+    shipped = {name: host.BACKWARD_PASSES[name]["SCORE_REGS"] for name in ("dv", "dk")}
     for hq, hkv, t, rule in selected:
         spans = make_spans(rule, [t])
         q, k, v = inputs(t, t, hq, hkv, torch.bfloat16)
         dout = torch.randn_like(q)
         label = f"hd512 {hq}q/{hkv}kv {t // 1024}K {'causal' if rule == 'causal' else 'img1092/2048'}"
-        row = dict(case=label, pairs=spans.num_pairs())
         plan = plan_gluon(spans, training=True)
         out, lse = forward_sm90_hd512(q, k, v, spans, config=plan.config, tiles=plan.tiles)
         tiles = plan.backward_tiles(spans)
@@ -521,34 +539,49 @@ def passes_cmd(args) -> int:
 
         leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
         want = torch.autograd.grad(bidiattn.attention(*leaves, spans, backend="triton"), leaves, dout)
-        errs = [(max_err(a, b), 0.02 * b.abs().max().item() + 1e-3) for a, b in zip(backward(), want)]
-        del leaves, want
-        row.update(grad_err=[e for e, _ in errs], grad_bound=[b for _, b in errs])
-        if not all(e <= b for e, b in errs):
-            row["error"] = f"gradients differ from triton's: {errs}"
-        else:
-            ms = bench(backward, args.seconds)  # warm: the profiled calls compile nothing
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.profile_runs):
-                    backward()
-                torch.cuda.synchronize()
-            seen = {e.key: e.device_time_total / 1e3 / args.profile_runs for e in prof.key_averages()
-                    if e.device_time_total > 0}
-            per_pass = {name: seen.get(kernel, 0.0) for name, kernel in PASS_KERNELS.items()}
-            row.update(ms=ms, tflops=10 * row["pairs"] * D * hq / ms / 1e9, passes_ms=per_pass, kernels_ms=seen)
-        rows.append(row)
-        print(label, {k: v for k, v in row.items() if k not in ("case", "grad_err", "grad_bound", "kernels_ms")},
-              flush=True)
+        del leaves
+        for variant in score_regs_variants(args.score_regs):
+            regs = dict(shipped, **variant)
+            row = dict(case=label, pairs=spans.num_pairs(), score_regs=regs)
+            try:
+                for name, n in regs.items():
+                    host.BACKWARD_PASSES[name]["SCORE_REGS"] = n
+                errs = [(max_err(a, b), 0.02 * b.abs().max().item() + 1e-3) for a, b in zip(backward(), want)]
+                row.update(grad_err=[e for e, _ in errs], grad_bound=[b for _, b in errs])
+                if not all(e <= b for e, b in errs):
+                    row["error"] = f"gradients differ from triton's: {errs}"
+                else:
+                    ms = bench(backward, args.seconds)  # warm: the profiled calls compile nothing
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(args.profile_runs):
+                            backward()
+                        torch.cuda.synchronize()
+                    seen = {e.key: e.device_time_total / 1e3 / args.profile_runs for e in prof.key_averages()
+                            if e.device_time_total > 0}
+                    per_pass = {name: seen.get(kernel, 0.0) for name, kernel in PASS_KERNELS.items()}
+                    row.update(ms=ms, tflops=10 * row["pairs"] * D * hq / ms / 1e9, passes_ms=per_pass,
+                               kernels_ms=seen)
+            except Exception as e:  # a variant that does not compile or launch is recorded, the run goes on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                for name, n in shipped.items():
+                    host.BACKWARD_PASSES[name]["SCORE_REGS"] = n
+            rows.append(row)
+            print(label, {k: v for k, v in row.items() if k not in ("case", "grad_err", "grad_bound", "kernels_ms")},
+                  flush=True)
+        del want
         torch.cuda.empty_cache()
     lines = [f"# Gluon backward passes ({meta['device']}, {meta['date']}, Triton {meta['triton']}, commit "
              f"{meta['commit']})", "", f"`{meta['command']}`", "",
-             "| case | backward ms (TFLOP/s) | " + " | ".join(f"{n} ms" for n in PASS_KERNELS) + " |",
-             "|---|---|" + "---|" * len(PASS_KERNELS)]
+             "| case | dV / dK score registers | backward ms (TFLOP/s) | "
+             + " | ".join(f"{n} ms" for n in PASS_KERNELS) + " |",
+             "|---|---|---|" + "---|" * len(PASS_KERNELS)]
     for r in rows:
+        regs = f"{r['score_regs']['dv']} / {r['score_regs']['dk']}"
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['error']} |" + " |" * len(PASS_KERNELS))
+            lines.append(f"| {r['case']} | {regs} | {r['error']} |" + " |" * len(PASS_KERNELS))
             continue
-        lines.append(f"| {r['case']} | {r['ms']:.2f} ({r['tflops']:.0f}) | "
+        lines.append(f"| {r['case']} | {regs} | {r['ms']:.2f} ({r['tflops']:.0f}) | "
                      + " | ".join(f"{r['passes_ms'][n]:.2f}" for n in PASS_KERNELS) + " |")
     if args.out:
         stem = cases.write_results(args.out, _prefix("hd512-passes", args), meta, dict(rows=rows), lines)
@@ -643,6 +676,8 @@ def main() -> int:
     parser.add_argument("--backward", action="store_true", help="time: also fwd+bwd of default, triton, ffpa-attn")
     parser.add_argument("--cases", default="", help="time/passes: indices into the 8 cases (default all; passes: 0,1)")
     parser.add_argument("--profile-runs", type=int, default=5, help="passes: profiled backward calls")
+    parser.add_argument("--score-regs", default="", help="passes: dV:dK score-warpgroup registers per variant, "
+                        "e.g. 120:120,168:136 (default: as shipped)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time: timing budget per column")
     parser.add_argument("--budget", type=float, default=360.0, help="time: after this many seconds only gluon columns run")
     parser.add_argument("--label", default="", help="results file names: hd512[-check|-passes|-paged]-<label>-<device>-<date>")
