@@ -22,7 +22,7 @@ _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_
 def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS, num_ctas: int = 1) -> dict:
     """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with Triton's own
     ptxas for sm_90 (:func:`_assemble`): registers, spill bytes, shared bytes, the per-partition register requests
-    (``setmaxnreg`` in the PTX), counts of three SASS instructions (:func:`_sass_counts`) and the PTX itself."""
+    (``setmaxnreg`` in the PTX), the SASS's wgmma counts (:func:`_sass_counts`) and the PTX itself."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -58,8 +58,8 @@ def _sass_counts(cubin: Path) -> dict:
     """How many ``HGMMA`` instructions the assembled kernel holds, and how many of them follow an ``R2UR``
     within four instructions (Triton's ``cuobjdump``). Triton 3.6's PTX forms wgmma shared-memory
     descriptors with 64-bit adds that ptxas keeps on the uniform datapath; Triton 3.9's forms them from
-    32-bit words that ptxas keeps in vector registers and moves with ``R2UR`` (then waits on) before
-    nearly every ``HGMMA``, which costs where the wgmmas are short (NOTES.md, head dim 512)."""
+    32-bit words that ptxas keeps in vector registers and moves with ``R2UR`` before nearly every
+    ``HGMMA`` (NOTES.md, head dim 512: where 3.9's backward passes lose time)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = Path(get_ptxas(90).path).with_name("cuobjdump")
@@ -138,8 +138,8 @@ def main(argv: list[str]) -> int:
             ok = r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["shared"] <= 232448
             bad += not ok
             print(f"{name:10s} {r['config']:22s} {dtype}  regs {r['registers']}  spills {r['spill_stores']}/"
-                  f"{r['spill_loads']}  shared {r['shared']}  warps {r['warps']}  setmaxnreg {r['setmaxnreg']}  sass {r['sass']}"
-                  f"  {'ok' if ok else 'FAIL'}")
+                  f"{r['spill_loads']}  shared {r['shared']}  warps {r['warps']}  setmaxnreg {r['setmaxnreg']}"
+                  f"  hgmma {r['sass']['hgmma']} ({r['sass']['hgmma_after_r2ur']} after R2UR)  {'ok' if ok else 'FAIL'}")
     return 1 if bad else 0
 
 
