@@ -211,13 +211,16 @@ def _tables(spans: SpanMask, tiles: tuple[TileSummary, torch.Tensor] | None,
 def multicast_unavailable() -> str | None:
     """Why a cluster config (``Sm90WideConfig.cluster=2``) cannot build here, or None: it multicasts
     its K/V loads with Gluon's ``tma.async_load(..., multicast=True)`` (Triton 3.9; 3.6's TMA load
-    has no multicast). Runs at every cluster launch, so it reads the parameter names off the
-    function's code object rather than building an ``inspect.signature``."""
+    has no multicast; without Triton's Gluon, the import's error). Runs at every cluster launch and
+    in :func:`default_config`, so it reads the parameter names off the function's code object
+    rather than building an ``inspect.signature``."""
     import inspect
 
-    import triton
-    from triton.experimental.gluon.language.nvidia.hopper import tma
-
+    try:
+        import triton
+        from triton.experimental.gluon.language.nvidia.hopper import tma
+    except ImportError as err:
+        return f"Sm90WideConfig.cluster=2 needs Gluon's multicast TMA load (Triton 3.9): {err}"
     load = getattr(tma, "async_load", None)
     code = None if load is None else inspect.unwrap(load).__code__
     if code is None or "multicast" not in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
