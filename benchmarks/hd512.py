@@ -17,8 +17,9 @@ on any failure. Writes ``hd512-check-<device>-<date>.{md,json}``.
 2048, the any-span case). Columns: the Gluon kernel (each variant; tile tables built once, as a
 plan), ``bidiattn.attention(q, k, v, spans)`` with no other argument (the default call: Gluon on
 SM90), bidiattn Triton (public call), FlexAttention (mask_mod block mask built once), SDPA with a
-dense mask, cuDNN through SDPA's CUDNN_ATTENTION backend, ffpa-attn (causal only, where it
-imports), and the bf16 matmul rate. Every column is checked first on a subset of rows against an
+dense mask, cuDNN through SDPA's CUDNN_ATTENTION backend, ffpa-attn and cuDNN frontend's own d512
+forward (``cudnn.sdpa_torch``, the plan it ran noted; both causal only, where they import), and the
+bf16 matmul rate. Every column is checked first on a subset of rows against an
 fp32 reference (same 2x rule); a column that fails or errors is recorded and the run goes on
 (the cluster configs, ``*-c2``, error under Triton 3.6: their K/V multicast needs 3.9's Gluon).
 TFLOP/s on allowed pairs, 4 * pairs * D * Hq. ``--backward`` adds forward+backward columns (the
@@ -263,6 +264,18 @@ def optional_version(dist: str) -> str | None:
         return None
 
 
+def cudnn_fe_plan() -> str | None:
+    """The plan cuDNN's heuristics chose for the graph ``cudnn.sdpa_torch`` built last (on SM90 at head dim
+    512: the frontend's own CuTe DSL engine ``sdpa_fwd_prefill_sm90``, the backend library has none); None
+    before a call or where the frontend's private cache is laid out otherwise."""
+    try:
+        from cudnn.sdpa.fwd import torch_op
+        g = next(reversed(torch_op._graph_cache.values()))[0]
+        return g.get_plan_name_at_index(g._plan_index)
+    except Exception:  # noqa: BLE001 - private API of one frontend release: the name is informative only
+        return None
+
+
 def peers(args, case, spans, q, k, v, scale):
     """(column, fn returning out [T, Hq, D], note) of every column of one case."""
     hq, hkv, t, rule = case
@@ -292,6 +305,13 @@ def peers(args, case, spans, q, k, v, scale):
             cu = spans.cu_seqlens.to(torch.int32)
             return ffpa_attn_varlen_func(q, k, v, cu, cu, t, t, softmax_scale=scale, causal=True, enable_gqa=True)
         cols.append(("ffpa-attn", ffpa, "varlen, causal"))
+    if "cudnn-fe" not in skip and rule == "causal":
+        def cudnn_fe():
+            import cudnn
+            cu = spans.cu_seqlens.to(torch.int32)
+            return cudnn.sdpa_torch(q, k, v, scale=scale, is_causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                    max_seqlen_q=t, max_seqlen_kv=t)
+        cols.append(("cudnn-fe", cudnn_fe, "cuDNN frontend's sdpa_torch, THD varlen, causal"))
     if "sdpa" not in skip:
         def sdpa():
             if "mask" not in tiles_cache:
@@ -446,6 +466,8 @@ def time_cmd(args) -> int:
                     raise RuntimeError(f"wrong result: max abs err {err:.2e} > {bound:.2e}")
 
             measure(cell, fn, check, flop, args)
+            if col == "cudnn-fe":
+                cell["note"] += f"; plan {cudnn_fe_plan()}"
             row["columns"][col] = cell
             print(f"{label:36s} {col:18s} " + (f"{cell['tflops']:6.0f} TFLOP/s {cell['ms']:8.2f} ms  err {cell['err']:.1e}"
                                              if "tflops" in cell else cell["error"]), flush=True)
@@ -473,11 +495,11 @@ def time_cmd(args) -> int:
 
     lines = [f"# hd512 forward{' and backward' if args.backward else ''}, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, ffpa-attn {meta['ffpa_attn']}, quack {meta['quack_kernels']}, "
-             f"cutlass-dsl {meta['cutlass_dsl']}, cuDNN {meta['cudnn']}, commit {meta['commit']}, "
+             f"cutlass-dsl {meta['cutlass_dsl']}, cuDNN {meta['cudnn']}, cuDNN frontend {meta['cudnn_frontend']}, commit {meta['commit']}, "
              f"bf16 matmul {peak:.0f} TFLOP/s; `{meta['command']}`; {meta['seconds']} s.", "",
              "TFLOP/s on allowed pairs (4 * pairs * D * Hq), median of CUDA-event-timed calls after warm-up; "
              "every column checked first on a row subset against fp32 (2x PyTorch-error rule); errors in the JSON. "
-             "ffpa-attn takes causal masks only. fwd+bwd columns (--backward): 14 * pairs * D * Hq; 'bwd' = "
+             "ffpa-attn and cudnn-fe take causal masks only (cudnn-fe's note names the plan it ran). fwd+bwd columns (--backward): 14 * pairs * D * Hq; 'bwd' = "
              "backward alone (fwd+bwd minus the same column's forward time), 10 * pairs * D * Hq; gradients "
              "checked against bidiattn triton's (2% of the largest gradient).", "",
              "| case | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -486,6 +508,8 @@ def time_cmd(args) -> int:
     errors = [f"- {r['case']}, {c}: {cell['error']}" for r in rows for c, cell in r["columns"].items() if "error" in cell]
     if errors:
         lines += ["", "Errors:", *errors]
+    fe_notes = sorted({cell["note"] for r in rows for c, cell in r["columns"].items() if c == "cudnn-fe"})
+    lines += [f"- cudnn-fe: {n}" for n in fe_notes]
     if args.out:
         stem = cases.write_results(args.out, _prefix("hd512", args), meta, dict(rows=rows), lines)
         print(f"wrote {args.out}/{stem}.{{md,json}}")
@@ -672,7 +696,7 @@ def main() -> int:
     parser.add_argument("command", choices=("check", "time", "paged", "passes", "compile"))
     parser.add_argument("--variants", default="n64", help=f"comma-separated kernel configs or 'all' ({', '.join(CONFIGS)})")
     parser.add_argument("--out", default=None, help="directory for the .md/.json results")
-    parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,ffpa,gluon-bwd")
+    parser.add_argument("--skip", default="", help="peers to leave out: default,triton,flex,sdpa,cudnn,cudnn-fe,ffpa,gluon-bwd")
     parser.add_argument("--backward", action="store_true", help="time: also fwd+bwd of default, triton, ffpa-attn")
     parser.add_argument("--cases", default="", help="time/passes: indices into the 8 cases (default all; passes: 0,1)")
     parser.add_argument("--profile-runs", type=int, default=5, help="passes: profiled backward calls")
