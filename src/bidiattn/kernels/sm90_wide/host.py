@@ -47,6 +47,9 @@ class Sm90WideConfig:
     - ``cluster``: CTAs per program (1 or 2; 2 with the split schedule, and a Triton whose Gluon
       multicasts TMA loads: 3.9): two CTAs over 2 x 64 query rows of one head, each K/V block read
       from L2 once and multicast into both.
+    - ``fused_softmax``: the online softmax's row maximum taken on the unscaled scores and the scale
+      applied inside the exponent (one FMA an element), in-thread maxima and sums as trees, the row
+      sum kept per quad lane until the end (the kernel's ``FUSED``).
     """
 
     block_n: int = 64
@@ -57,6 +60,7 @@ class Sm90WideConfig:
     store_cols: int = 64
     schedule: str = "output"
     cluster: int = 1
+    fused_softmax: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -65,6 +69,8 @@ class Sm90WideConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Sm90WideConfig.{name} must be an int, got {value!r}")
+        if not isinstance(self.fused_softmax, bool):
+            raise TypeError(f"Sm90WideConfig.fused_softmax must be a bool, got {self.fused_softmax!r}")
         if self.cluster not in (1, 2):
             raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
         if self.cluster == 2 and not self.split:
@@ -122,7 +128,8 @@ class Sm90WideConfig:
     def name(self) -> str:
         return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
                 + ("" if self.store_cols == 64 else f"-s{self.store_cols}")
-                + ("" if self.schedule == "output" else f"-{self.schedule}") + ("" if self.cluster == 1 else "-c2"))
+                + ("" if self.schedule == "output" else f"-{self.schedule}") + ("" if self.cluster == 1 else "-c2")
+                + ("-f" if self.fused_softmax else ""))
 
 
 # Named configs the benchmark's --variants compares (all compile for sm_90a without spills).
@@ -131,6 +138,8 @@ CONFIGS = {
     "n32": Sm90WideConfig(block_n=32, k_stages=2, v_stages=2, softmax_regs=120),
     "split": Sm90WideConfig(softmax_regs=240, schedule="split"),
     "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
+    "split-f": Sm90WideConfig(softmax_regs=240, schedule="split", fused_softmax=True),
+    "split-c2-f": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2, fused_softmax=True),
 }
 
 
@@ -301,6 +310,8 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
                   num_warps=config.num_warps, maxnreg=MAXNREG)
     if config.cluster > 1:
         common.update(CLUSTER=config.cluster, num_ctas=config.cluster)
+    if config.fused_softmax:
+        common.update(FUSED=True)
     grid = (hq, order.numel())
     gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs,
                                   SPLIT=config.split)

@@ -127,19 +127,76 @@ def store_rows(smem, ptr, row0, rows, col0, row_stride, BLOCK: gl.constexpr, HEA
 
 
 @gluon.jit
-def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr):
+def _lane_split(x, BLOCK_N: gl.constexpr):
+    """``x [BLOCK_M, BLOCK_N]`` in the wgmma accumulator layout viewed as ``[BLOCK_M, 2, BLOCK_N // 16,
+    4, 2]``: a column is ``8 j + 2 t + e`` with ``t`` the lane within its quad, so every axis but the
+    fourth is held by the thread itself."""
+    return gl.reshape(x, [x.shape[0], 2, BLOCK_N // 16, 4, 2])
+
+
+@gluon.jit
+def _row_lanes_max(x, BLOCK_N: gl.constexpr):
+    """Per row and quad lane, the maximum of the thread's own columns of ``x``, as a tree (chains of
+    ``BLOCK_N // 16``), not one chain: ``[BLOCK_M, 4]``."""
+    y = gl.max(_lane_split(x, BLOCK_N), axis=2)
+    return gl.max(gl.max(y, axis=3), axis=1)
+
+
+@gluon.jit
+def _row_lanes_sum(x, BLOCK_N: gl.constexpr):
+    """:func:`_row_lanes_max` with a sum: per row and quad lane, ``[BLOCK_M, 4]``."""
+    y = gl.sum(_lane_split(x, BLOCK_N), axis=2)
+    return gl.sum(gl.sum(y, axis=3), axis=1)
+
+
+@gluon.jit
+def _row_sum_init(s_zero, row_layout: gl.constexpr, BLOCK_N: gl.constexpr, FUSED: gl.constexpr):
+    """The running row sum's start: zeros, ``[BLOCK_M]`` in ``row_layout`` or, with ``FUSED`` softmax,
+    ``[BLOCK_M, 4]`` (one partial sum per row and quad lane, added across the quad at the end)."""
+    if FUSED:
+        return _row_lanes_sum(s_zero, BLOCK_N)
+    else:
+        return gl.full([s_zero.shape[0]], 0.0, gl.float32, row_layout)
+
+
+@gluon.jit
+def _row_sum_total(l_i, row_layout: gl.constexpr, FUSED: gl.constexpr):
+    """The running row sum as ``[BLOCK_M]`` in ``row_layout`` (the quad's partial sums added)."""
+    if FUSED:
+        return gl.convert_layout(gl.sum(l_i, axis=1), row_layout, assert_trivial=True)
+    else:
+        return l_i
+
+
+@gluon.jit
+def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr,
+                   FUSED: gl.constexpr = False):
     """One key block's online softmax step in base 2: ``(p, alpha, m, l)``; the span mask only on
-    partial blocks."""
-    s = s * qk_scale
+    partial blocks. ``FUSED``: the row maximum of the unscaled scores (the scale is positive), the
+    scale applied inside the exponent (one FMA an element), the in-thread maxima and sums as trees,
+    and ``l`` kept per quad lane (:func:`_row_sum_init`)."""
+    if not FUSED:
+        s = s * qk_scale
     if (k0 < lo_max) | (k0 + BLOCK_N - 1 > hi_min):
         key = k0 + kc
         allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
         s = gl.where(allowed, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
-    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_use)
-    p = gl.exp2(s - m_use[:, None])
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+    if FUSED:
+        row_layout: gl.constexpr = m_i.type.layout
+        m_blk = gl.convert_layout(gl.max(_row_lanes_max(s, BLOCK_N), axis=1), row_layout, assert_trivial=True)
+        m_new = gl.maximum(m_i, m_blk * qk_scale)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        lane_layout: gl.constexpr = gl.SliceLayout(1, l_i.type.layout)
+        l_new = l_i * gl.convert_layout(alpha, lane_layout, assert_trivial=True)[:, None] + _row_lanes_sum(p, BLOCK_N)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
 
 
 @gluon.jit
@@ -200,7 +257,7 @@ def _refill(desc, row, col, ready, smem, free, local, parity, CLUSTER: gl.conste
 def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready, p_ready, p_free,
                        done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total, k_row, kv_col, n_start, n_blocks,
                        lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+                       HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, P_STAGES: gl.constexpr, FUSED: gl.constexpr):
     # This warpgroup issues the loads of Q and of the K ring (it is K's only reader).
     _load_rows(q_desc, q_row, head * HEAD_DIM, q_bar, q_smem, 1)
     for i in gl.static_range(K_STAGES):
@@ -218,8 +275,8 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
     kc = gl.arange(0, BLOCK_N, layout=col_layout)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    l_i = _row_sum_init(s_zero, row_layout, BLOCK_N, FUSED)
 
     mbarrier.wait(q_bar, 0)
     for j in range(n_blocks):
@@ -233,10 +290,11 @@ def _softmax_partition(q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_sme
             cta_barrier()
             _load_stage(k_desc, k_row + k0 + K_STAGES * BLOCK_N, kv_col, k_ready.index(sk), k_smem.index(sk), 1)
 
-        p, alpha, m_i, l_i = _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_N, FUSED)
         _hand_over(p, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
 
     # lse in natural log; rows past the tile's end are not stored.
+    l_i = _row_sum_total(l_i, row_layout, FUSED)
     lse = (m_i + gl.log2(l_i)) * LN2
     gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
     l_smem.store(1.0 / l_i)
@@ -286,7 +344,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
                      v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
                      total, out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr):
+                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr, FUSED: gl.constexpr):
     # Q K^T, the mask and the online softmax; P and alpha to shared memory for the back warpgroup;
     # the P V of output columns [0, 256) with P from registers.
     HALF: gl.constexpr = HEAD_DIM // 2
@@ -302,8 +360,8 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
     hi = gl.load(hi_ptr + q_row + r, mask=valid, other=-1).to(gl.int32)
     kc = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    l_i = _row_sum_init(s_zero, row_layout, BLOCK_N, FUSED)
     acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
 
     mbarrier.wait(q_bar, 0)
@@ -315,7 +373,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
         cta_barrier()
         _release(k_free, k_local, sk, CLUSTER)
         p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
-                                            qk_scale, BLOCK_N)
+                                            qk_scale, BLOCK_N, FUSED)
         p16 = p.to(p_smem.dtype)
         _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
         acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
@@ -327,6 +385,7 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
         cta_barrier()
         _release(v_free, v_local, sv, CLUSTER)
 
+    l_i = _row_sum_total(l_i, row_layout, FUSED)
     lse = (m_i + gl.log2(l_i)) * LN2
     gl.store(lse_ptr + head.to(gl.int64) * total + q_row + r, lse, mask=valid)
     inv_l = 1.0 / l_i
@@ -396,7 +455,7 @@ def hd512_forward_kernel(
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
     SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, SPLIT: gl.constexpr,
-    CLUSTER: gl.constexpr = 1,
+    CLUSTER: gl.constexpr = 1, FUSED: gl.constexpr = False,
 ):
     # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share). CLUSTER=2 (split
     # only): a program is a cluster of two CTAs over 2 x 64 query rows (BLOCK_M = 128) of one head,
@@ -471,7 +530,7 @@ def hd512_forward_kernel(
                                     k_local, v_ready, v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr,
                                     lse_ptr, out_ptr, q_row, rows, head, total, HEADS * HEAD_DIM, n_start, n_blocks,
                                     lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES,
-                                    STORE_COLS, CLUSTER)),
+                                    STORE_COLS, CLUSTER, FUSED)),
                 (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, v_local, p_ready,
                                    p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M,
                                    HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS, CLUSTER)),
@@ -487,5 +546,5 @@ def hd512_forward_kernel(
                 (_softmax_partition, (q_desc, k_desc, q_smem, k_smem, p_smem, alpha_smem, l_smem, q_bar, k_ready,
                                       p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, q_row, rows, head, total,
                                       k_row, kv_col, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N,
-                                      HEAD_DIM, K_STAGES, P_STAGES)),
+                                      HEAD_DIM, K_STAGES, P_STAGES, FUSED)),
             ], [4], [SOFTMAX_REGS])

@@ -97,7 +97,7 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
                      SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols,
-                     SPLIT=config.split, CLUSTER=config.cluster)
+                     SPLIT=config.split, CLUSTER=config.cluster, FUSED=config.fused_softmax)
     return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps, config.cluster))
 
 
