@@ -55,10 +55,23 @@ def test_named_configs_fit_shared_memory_and_registers():
     (dict(cluster=4), ValueError, "cluster must be 1 or 2"),
     (dict(cluster=True), TypeError, "cluster must be an int"),
     (dict(cluster=2.0), TypeError, "cluster must be an int"),
+    (dict(fused_softmax=1), TypeError, "fused_softmax must be a bool"),
+    (dict(lag="yes"), TypeError, "lag must be a bool"),
+    (dict(lag=True), ValueError, "lag needs schedule='split' and cluster=1, got schedule='output'"),
+    (dict(lag=True, schedule="split", softmax_regs=240, cluster=2), ValueError, "got schedule='split', cluster=2"),
 ])
 def test_bad_config_names_the_value(kwargs, error, words):
     with pytest.raises(error, match=words):
         Sm90WideConfig(**kwargs)
+
+
+def test_the_lag_config_loads_v_in_halves_into_the_same_shared_memory():
+    from bidiattn.kernels.sm90_wide.host import v_box
+
+    lag, split = CONFIGS["split-lag"], CONFIGS["split"]
+    assert (v_box(lag), v_box(split)) == ([64, 256], [64, 512])
+    assert lag.shared_bytes == split.shared_bytes and lag.name.endswith("-split-lag")
+    assert CONFIGS["split-f-lag"].name.endswith("-split-f-lag")
 
 
 def test_a_cluster_config_covers_two_ctas_of_rows():

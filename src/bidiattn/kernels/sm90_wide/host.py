@@ -50,6 +50,10 @@ class Sm90WideConfig:
     - ``fused_softmax``: the online softmax's row maximum taken on the unscaled scores and the scale
       applied inside the exponent (one FMA an element), in-thread maxima and sums as trees, the row
       sum kept per quad lane until the end (the kernel's ``FUSED``).
+    - ``lag`` (split schedule, one CTA): the first warpgroup publishes a key block's P only after
+      issuing the next block's ``Q K^T``, so the second warpgroup's ``P V`` runs during the first
+      one's softmax rather than ahead of its ``P V``; V's halves get their own stages (the second
+      warpgroup loads its half), the kernel's ``LAG``.
     """
 
     block_n: int = 64
@@ -61,6 +65,7 @@ class Sm90WideConfig:
     schedule: str = "output"
     cluster: int = 1
     fused_softmax: bool = False
+    lag: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -69,8 +74,12 @@ class Sm90WideConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Sm90WideConfig.{name} must be an int, got {value!r}")
-        if not isinstance(self.fused_softmax, bool):
-            raise TypeError(f"Sm90WideConfig.fused_softmax must be a bool, got {self.fused_softmax!r}")
+        for name in ("fused_softmax", "lag"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Sm90WideConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.lag and not (self.split and self.cluster == 1):
+            raise ValueError(f"Sm90WideConfig.lag needs schedule='split' and cluster=1, got "
+                             f"schedule={self.schedule!r}, cluster={self.cluster}")
         if self.cluster not in (1, 2):
             raise ValueError(f"Sm90WideConfig.cluster must be 1 or 2, got {self.cluster!r}")
         if self.cluster == 2 and not self.split:
@@ -129,7 +138,7 @@ class Sm90WideConfig:
         return (f"n{self.block_n}-k{self.k_stages}v{self.v_stages}p{self.p_stages}-r{self.softmax_regs}"
                 + ("" if self.store_cols == 64 else f"-s{self.store_cols}")
                 + ("" if self.schedule == "output" else f"-{self.schedule}") + ("" if self.cluster == 1 else "-c2")
-                + ("-f" if self.fused_softmax else ""))
+                + ("-f" if self.fused_softmax else "") + ("-lag" if self.lag else ""))
 
 
 # Named configs the benchmark's --variants compares (all compile for sm_90a without spills).
@@ -140,6 +149,8 @@ CONFIGS = {
     "split-c2": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2),
     "split-f": Sm90WideConfig(softmax_regs=240, schedule="split", fused_softmax=True),
     "split-c2-f": Sm90WideConfig(softmax_regs=240, schedule="split", cluster=2, fused_softmax=True),
+    "split-lag": Sm90WideConfig(softmax_regs=240, schedule="split", lag=True),
+    "split-f-lag": Sm90WideConfig(softmax_regs=240, schedule="split", fused_softmax=True, lag=True),
 }
 
 
@@ -245,15 +256,22 @@ def _check_multicast(config: Sm90WideConfig) -> None:
         raise ValueError(why)
 
 
+def v_box(config: Sm90WideConfig) -> list[int]:
+    """The V descriptor's box: a whole ``[block_n, 512]`` tile, or with ``lag`` half of one (each
+    warpgroup loads its columns)."""
+    return [config.block_n, HEAD_DIM // 2 if config.lag else HEAD_DIM]
+
+
 def tile_layouts(config: Sm90WideConfig, gdtype) -> tuple:
-    """Shared layouts of the kernel's Q tile ``[block_m, 512]`` and K/V tiles ``[block_n, 512]``
-    (their TMA descriptors'): in a cluster the CTAs split Q's rows and each receives every K/V
-    tile whole (multicast)."""
+    """Shared layouts of the kernel's Q tile ``[block_m, 512]``, K tiles ``[block_n, 512]`` and V
+    boxes (:func:`v_box`), their TMA descriptors': in a cluster the CTAs split Q's rows and each
+    receives every K/V tile whole (multicast)."""
     from triton.experimental.gluon import language as gl
 
     rows_cga, whole_cga = ([[1, 0]], [[0, 0]]) if config.cluster == 2 else (None, None)
     return (gl.NVMMASharedLayout.get_default_for([config.block_m, HEAD_DIM], gdtype, cga_layout=rows_cga),
-            gl.NVMMASharedLayout.get_default_for([config.block_n, HEAD_DIM], gdtype, cga_layout=whole_cga))
+            gl.NVMMASharedLayout.get_default_for([config.block_n, HEAD_DIM], gdtype, cga_layout=whole_cga),
+            gl.NVMMASharedLayout.get_default_for(v_box(config), gdtype, cga_layout=whole_cga))
 
 
 def _output(x: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -298,10 +316,10 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
     out = _output(out, "out", (total, hq, d), q.dtype, q.device)
     lse = _output(lse, "lse", (hq, total), torch.float32, q.device)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout, kv_layout = tile_layouts(config, gdtype)
+    q_layout, k_layout, v_layout = tile_layouts(config, gdtype)
     q_desc = TensorDescriptor.from_tensor(q2, [config.block_m, d], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [config.block_n, d], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [config.block_n, d], kv_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [config.block_n, d], k_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, v_box(config), v_layout)
     args = (q_desc, k_desc, v_desc, out, lse, spans.lo, spans.hi, spans.cu_seqlens, spans.cu_seqlens_k,
             summary.seq, summary.row_start, summary.rows, summary.lo_min, summary.lo_max, summary.hi_min,
             summary.hi_max, order, total, hq // hkv, scale * math.log2(math.e))
@@ -312,6 +330,8 @@ def forward_sm90_hd512(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans:
         common.update(CLUSTER=config.cluster, num_ctas=config.cluster)
     if config.fused_softmax:
         common.update(FUSED=True)
+    if config.lag:
+        common.update(LAG=True)
     grid = (hq, order.numel())
     gk.hd512_forward_kernel[grid](*args, **common, SOFTMAX_REGS=config.softmax_regs,
                                   SPLIT=config.split)

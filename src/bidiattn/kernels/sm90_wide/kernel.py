@@ -200,15 +200,17 @@ def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_
 
 
 @gluon.jit
-def _hand_over(p, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr):
+def _hand_over(p, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES: gl.constexpr, ARRIVE: gl.constexpr = True):
     """P (converted to P's buffer dtype once its stage is free) and alpha of key block ``j`` to shared
-    memory for the warpgroups that accumulate ``P V``."""
+    memory for the warpgroups that accumulate ``P V``; ``ARRIVE=False`` leaves the ready barrier's
+    arrival to the caller (the split schedule's ``LAG``)."""
     sp = j % P_STAGES
     mbarrier.wait(p_free.index(sp), phase(j, P_STAGES) ^ 1)
     p_smem.index(sp).store(p.to(p_smem.dtype))
     alpha_smem.index(sp).store(alpha)
     fence_async_shared()
-    mbarrier.arrive(p_ready.index(sp), count=1)
+    if ARRIVE:
+        mbarrier.arrive(p_ready.index(sp), count=1)
 
 
 @gluon.jit
@@ -344,9 +346,13 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
                      v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr, lse_ptr, out_ptr, q_row, rows, head,
                      total, out_row_stride, n_start, n_blocks, lo_max, hi_min, qk_scale, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr, FUSED: gl.constexpr):
+                     P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr, FUSED: gl.constexpr,
+                     LAG: gl.constexpr):
     # Q K^T, the mask and the online softmax; P and alpha to shared memory for the back warpgroup;
-    # the P V of output columns [0, 256) with P from registers.
+    # the P V of output columns [0, 256) with P from registers. LAG: block j's P is published to the
+    # back warpgroup only once block j+1's Q K^T is issued, so the back warpgroup's P V runs on the
+    # tensor cores during this warpgroup's softmax instead of ahead of its P V; V's stages here
+    # hold the front half of V (the back warpgroup loads its half itself).
     HALF: gl.constexpr = HEAD_DIM // 2
     s_layout: gl.constexpr = mma_layout(BLOCK_N, CLUSTER)
     o_layout: gl.constexpr = mma_layout(HALF, CLUSTER)
@@ -369,21 +375,30 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
         sk = j % K_STAGES
         mbarrier.wait(k_ready.index(sk), phase(j, K_STAGES))
         s = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if LAG:
+            if j > 0:
+                mbarrier.arrive(p_ready.index((j - 1) % P_STAGES), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         cta_barrier()
         _release(k_free, k_local, sk, CLUSTER)
         p, alpha, m_i, l_i = _softmax_block(s, n_start + j * BLOCK_N, kc, lo, hi, lo_max, hi_min, m_i, l_i,
                                             qk_scale, BLOCK_N, FUSED)
         p16 = p.to(p_smem.dtype)
-        _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES)
+        _hand_over(p16, alpha, p_smem, alpha_smem, p_ready, p_free, j, P_STAGES, not LAG)
         acc = acc * gl.convert_layout(alpha, o_row_layout)[:, None]
         sv = j % V_STAGES
         mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
-        acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_smem.index(sv).slice(0, HALF, dim=1), acc,
-                            is_async=True)
+        if LAG:
+            v_half = v_smem.index(sv)
+        else:
+            v_half = v_smem.index(sv).slice(0, HALF, dim=1)
+        acc = warpgroup_mma(gl.convert_layout(p16, p_op_layout), v_half, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         cta_barrier()
         _release(v_free, v_local, sv, CLUSTER)
+    if LAG:
+        if n_blocks > 0:
+            mbarrier.arrive(p_ready.index((n_blocks - 1) % P_STAGES), count=1)
 
     l_i = _row_sum_total(l_i, row_layout, FUSED)
     lse = (m_i + gl.log2(l_i)) * LN2
@@ -401,25 +416,44 @@ def _front_partition(q_smem, k_smem, v_smem, p_smem, alpha_smem, l_smem, q_bar, 
 
 @gluon.jit
 def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, v_local, p_ready, p_free, done_bar,
-                    out_ptr, q_row, rows, head, out_row_stride, n_blocks, BLOCK_M: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                    STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr):
-    # The P V of output columns [256, 512), P and alpha from shared memory.
+                    out_ptr, q_row, rows, head, out_row_stride, n_blocks, v_desc, vb_ready, k_row, kv_col, n_start,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, V_STAGES: gl.constexpr,
+                    P_STAGES: gl.constexpr, STORE_COLS: gl.constexpr, CLUSTER: gl.constexpr, LAG: gl.constexpr):
+    # The P V of output columns [256, 512), P and alpha from shared memory. LAG: this warpgroup
+    # loads the back half of V itself into its own stages (v_smem's last V_STAGES, on vb_ready), each
+    # refilled once its P V is done (it is their only reader).
     HALF: gl.constexpr = HEAD_DIM // 2
     o_layout: gl.constexpr = mma_layout(HALF, CLUSTER)
     row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if LAG:
+        for i in gl.static_range(V_STAGES):
+            if i < n_blocks:
+                mbarrier.expect(vb_ready.index(i), v_desc.block_type.nbytes)
+                tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col + HALF], vb_ready.index(i),
+                         v_smem.index(V_STAGES + i))
     acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
     for j in range(n_blocks):
         sp = j % P_STAGES
         sv = j % V_STAGES
         mbarrier.wait(p_ready.index(sp), phase(j, P_STAGES))
         acc = acc * alpha_smem.index(sp).load(row_layout)[:, None]
-        mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
-        acc = warpgroup_mma(p_smem.index(sp), v_smem.index(sv).slice(HALF, HALF, dim=1), acc, is_async=True)
+        if LAG:
+            mbarrier.wait(vb_ready.index(sv), phase(j, V_STAGES))
+            v_half = v_smem.index(V_STAGES + sv)
+        else:
+            mbarrier.wait(v_ready.index(sv), phase(j, V_STAGES))
+            v_half = v_smem.index(sv).slice(HALF, HALF, dim=1)
+        acc = warpgroup_mma(p_smem.index(sp), v_half, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         cta_barrier()
         mbarrier.arrive(p_free.index(sp), count=1)
-        _release(v_free, v_local, sv, CLUSTER)
+        if LAG:
+            if j + V_STAGES < n_blocks:
+                mbarrier.expect(vb_ready.index(sv), v_desc.block_type.nbytes)
+                tma_load(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col + HALF], vb_ready.index(sv),
+                         v_smem.index(V_STAGES + sv))
+        else:
+            _release(v_free, v_local, sv, CLUSTER)
 
     mbarrier.wait(done_bar, 0)  # the front warpgroup is past its last Q K^T: Q's buffer is free
     o = (acc * l_smem.load(row_layout)[:, None]).to(q_smem.dtype)
@@ -455,7 +489,7 @@ def hd512_forward_kernel(
     HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, P_STAGES: gl.constexpr,
     SOFTMAX_REGS: gl.constexpr, STORE_COLS: gl.constexpr, SPLIT: gl.constexpr,
-    CLUSTER: gl.constexpr = 1, FUSED: gl.constexpr = False,
+    CLUSTER: gl.constexpr = 1, FUSED: gl.constexpr = False, LAG: gl.constexpr = False,
 ):
     # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share). CLUSTER=2 (split
     # only): a program is a cluster of two CTAs over 2 x 64 query rows (BLOCK_M = 128) of one head,
@@ -472,7 +506,10 @@ def hd512_forward_kernel(
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        if LAG:  # v_desc's box is half a V tile: stages [0, V_STAGES) the front half, then the back half's
+            v_smem = gl.allocate_shared_memory(dtype, [2 * V_STAGES, BLOCK_N, HEAD_DIM // 2], v_desc.layout)
+        else:
+            v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         p_layout: gl.constexpr = rows_shared_layout(BLOCK_M, BLOCK_N, dtype, CLUSTER)
         p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, BLOCK_M, BLOCK_N], p_layout)
         vec_layout: gl.constexpr = vector_shared_layout(CLUSTER)
@@ -518,10 +555,16 @@ def hd512_forward_kernel(
                 v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
                 k_local = k_free  # unused with one CTA
                 v_local = v_free
+            vb_ready = v_free  # unused without LAG
+            if LAG:
+                vb_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], bar_layout)
+                for i in gl.static_range(V_STAGES):
+                    mbarrier.init(vb_ready.index(i), count=1)
             for i in gl.static_range(K_STAGES):
                 mbarrier.init(k_free.index(i), count=1)
             for i in gl.static_range(V_STAGES):
-                mbarrier.init(v_free.index(i), count=2)  # both warpgroups read each V stage
+                # both warpgroups read each V stage, with LAG the front one only its half
+                mbarrier.init(v_free.index(i), count=1 if LAG else 2)
         fence_async_shared()
 
         if SPLIT:
@@ -530,10 +573,11 @@ def hd512_forward_kernel(
                                     k_local, v_ready, v_free, v_local, p_ready, p_free, done_bar, lo_ptr, hi_ptr,
                                     lse_ptr, out_ptr, q_row, rows, head, total, HEADS * HEAD_DIM, n_start, n_blocks,
                                     lo_max, hi_min, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, K_STAGES, V_STAGES, P_STAGES,
-                                    STORE_COLS, CLUSTER, FUSED)),
+                                    STORE_COLS, CLUSTER, FUSED, LAG)),
                 (_back_partition, (q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free, v_local, p_ready,
-                                   p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, BLOCK_M,
-                                   HEAD_DIM, V_STAGES, P_STAGES, STORE_COLS, CLUSTER)),
+                                   p_free, done_bar, out_ptr, q_row, rows, head, HEADS * HEAD_DIM, n_blocks, v_desc,
+                                   vb_ready, k_row, kv_col, n_start, BLOCK_M, BLOCK_N, HEAD_DIM, V_STAGES, P_STAGES,
+                                   STORE_COLS, CLUSTER, LAG)),
                 (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_free, k_local,
                                    v_ready, v_free, v_local, q_row, head, k_row, kv_col, n_start, n_blocks, BLOCK_N,
                                    HEAD_DIM, K_STAGES, V_STAGES, CLUSTER)),

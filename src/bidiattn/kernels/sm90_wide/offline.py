@@ -69,11 +69,11 @@ def _sass_counts(cubin: Path) -> dict:
     return dict(hgmma=len(at), hgmma_after_r2ur=sum("R2UR" in ops[max(0, i - 4):i] for i in at))
 
 
-def _desc(dtype: str, rows: int, gdtype, layout=None) -> str:
+def _desc(dtype: str, rows: int, gdtype, layout=None, cols: int = HEAD_DIM) -> str:
     from triton.experimental.gluon import language as gl
 
-    layout = layout or gl.NVMMASharedLayout.get_default_for([rows, HEAD_DIM], gdtype)
-    return f"tensordesc<{dtype}[{rows},{HEAD_DIM}],{layout!r}>"
+    layout = layout or gl.NVMMASharedLayout.get_default_for([rows, cols], gdtype)
+    return f"tensordesc<{dtype}[{rows},{cols}],{layout!r}>"
 
 
 def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16, index_dtype: str = "i32") -> dict:
@@ -82,22 +82,23 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
     from triton.experimental.gluon import language as gl
 
     from . import kernel
-    from .host import _check_multicast, tile_layouts
+    from .host import _check_multicast, tile_layouts, v_box
 
     _check_multicast(config)
     gdtype = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     fn = kernel.hd512_forward_kernel
     sig = {name: "i32" for name in fn.arg_names}
-    q_layout, kv_layout = tile_layouts(config, gdtype)
+    q_layout, k_layout, v_layout = tile_layouts(config, gdtype)
     sig.update(q_desc=_desc(dtype, config.block_m, gdtype, q_layout),
-               k_desc=_desc(dtype, config.block_n, gdtype, kv_layout),
-               v_desc=_desc(dtype, config.block_n, gdtype, kv_layout),
+               k_desc=_desc(dtype, config.block_n, gdtype, k_layout),
+               v_desc=_desc(dtype, config.block_n, gdtype, v_layout, cols=v_box(config)[1]),
                out_ptr=f"*{dtype}", lse_ptr="*fp32", lo_ptr=f"*{index_dtype}", hi_ptr=f"*{index_dtype}",
                cu_q_ptr="*i64", cu_k_ptr="*i64", qk_scale="fp32", **{n: "*i32" for n in _TABLES})
     constants = dict(HEADS=heads, HEAD_DIM=HEAD_DIM, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      K_STAGES=config.k_stages, V_STAGES=config.v_stages, P_STAGES=config.p_stages,
                      SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols,
-                     SPLIT=config.split, CLUSTER=config.cluster, FUSED=config.fused_softmax)
+                     SPLIT=config.split, CLUSTER=config.cluster, FUSED=config.fused_softmax,
+                     LAG=config.lag)
     return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps, config.cluster))
 
 
