@@ -257,8 +257,8 @@ def _check_multicast(config: Sm90WideConfig) -> None:
 
 
 def v_box(config: Sm90WideConfig) -> list[int]:
-    """The V descriptor's box: a whole ``[block_n, 512]`` tile, or with ``lag`` half of one (each
-    warpgroup loads its columns)."""
+    """The V descriptor's box: a whole ``[block_n, 512]`` tile, or with ``lag`` half of one (the load
+    warp loads the first warpgroup's columns, the second warpgroup its own)."""
     return [config.block_n, HEAD_DIM // 2 if config.lag else HEAD_DIM]
 
 

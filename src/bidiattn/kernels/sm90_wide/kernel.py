@@ -129,8 +129,8 @@ def store_rows(smem, ptr, row0, rows, col0, row_stride, BLOCK: gl.constexpr, HEA
 @gluon.jit
 def _lane_split(x, BLOCK_N: gl.constexpr):
     """``x [BLOCK_M, BLOCK_N]`` in the wgmma accumulator layout viewed as ``[BLOCK_M, 2, BLOCK_N // 16,
-    4, 2]``: a column is ``8 j + 2 t + e`` with ``t`` the lane within its quad, so every axis but the
-    fourth is held by the thread itself."""
+    4, 2]``: a column is ``8 j + 2 t + e`` with ``t`` the lane within its row's quad, so reductions over
+    the second, third and fifth axes stay within a thread (no shuffles)."""
     return gl.reshape(x, [x.shape[0], 2, BLOCK_N // 16, 4, 2])
 
 
@@ -494,7 +494,9 @@ def hd512_forward_kernel(
     # SPLIT: the split schedule (SOFTMAX_REGS is then the back warpgroup's share). CLUSTER=2 (split
     # only): a program is a cluster of two CTAs over 2 x 64 query rows (BLOCK_M = 128) of one head,
     # each CTA its 64 rows, every K/V block multicast into both by the lead CTA once both CTAs'
-    # readers free its stage; the per-CTA barriers are arrays over the cluster.
+    # readers free its stage; the per-CTA barriers are arrays over the cluster. FUSED: the fused
+    # online softmax (_softmax_block). LAG (split, one CTA): the back warpgroup's P V one Q K^T behind
+    # (_front_partition), v_desc's box half a V tile.
     head = gl.program_id(0)
     tile = gl.load(order_ptr + gl.program_id(1))
     rows = gl.load(t_rows + tile)
