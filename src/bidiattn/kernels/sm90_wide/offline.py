@@ -19,10 +19,12 @@ __all__ = ["compile_backward_offline", "compile_offline"]
 _TABLES = ("t_seq", "t_start", "t_rows", "t_lo_min", "t_lo_max", "t_hi_min", "t_hi_max", "order_ptr")
 
 
-def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS, num_ctas: int = 1) -> dict:
+def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WARPS, num_ctas: int = 1,
+             span: tuple[str, str] | None = None) -> dict:
     """Compile a Gluon kernel for ``GPUTarget("cuda", 90, 128)`` and assemble it with Triton's own
     ptxas for sm_90 (:func:`_assemble`): registers, spill bytes, shared bytes, the per-partition register requests
-    (``setmaxnreg`` in the PTX), the SASS's wgmma counts (:func:`_sass_counts`) and the PTX itself."""
+    (``setmaxnreg`` in the PTX), the SASS's wgmma counts and, with ``span``, one stretch of its schedule
+    (:func:`_sass_counts`), and the PTX itself."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +38,7 @@ def _compile(fn, sig: dict, constants: dict, dtype: str, num_warps: int = NUM_WA
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
         log = _assemble(path)
-        sass = _sass_counts(Path(f"{path}.o"))
+        sass = _sass_counts(Path(f"{path}.o"), span)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_stores, spill_loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return dict(dtype=dtype, registers=regs, spill_stores=spill_stores, spill_loads=spill_loads,
@@ -54,19 +56,43 @@ def _assemble(ptx: Path) -> str:
                           capture_output=True, text=True, check=True).stderr
 
 
-def _sass_counts(cubin: Path) -> dict:
+def _sass_schedule(dump: str) -> list[tuple[str, int]]:
+    """``(instruction, stall cycles)`` of each instruction in ``cuobjdump --dump-sass`` output: the
+    stall count is bits 41-44 of the instruction's second (control) word, the cycles ptxas has the
+    warp wait before issuing its next instruction (a static lower bound: no memory or barrier waits)."""
+    lines = dump.splitlines()
+    out = []
+    for i, line in enumerate(lines[:-1]):
+        ins = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line)
+        ctl = re.search(r"/\* (0x[0-9a-f]{16}) \*/", lines[i + 1])
+        if ins and ctl:
+            out.append((re.sub(r"^@!?U?P\w+\s+", "", ins.group(1)), (int(ctl.group(1), 16) >> 41) & 0xF))
+    return out
+
+
+def _sass_counts(cubin: Path, span: tuple[str, str] | None = None) -> dict:
     """How many ``HGMMA`` instructions the assembled kernel holds, and how many of them follow an ``R2UR``
     within four instructions (Triton's ``cuobjdump``). Triton 3.6's PTX forms wgmma shared-memory
     descriptors with 64-bit adds that ptxas keeps on the uniform datapath; Triton 3.9's forms them from
     32-bit words that ptxas keeps in vector registers and moves with ``R2UR`` before nearly every
-    ``HGMMA`` (NOTES.md, head dim 512: where 3.9's backward passes lose time)."""
+    ``HGMMA`` (NOTES.md, head dim 512: where 3.9's backward passes lose time). With ``span = (a, b)``
+    (two ``HGMMA`` shapes, e.g. ``("64x64x16", "64x256x16")``) also ``span_instructions`` and
+    ``span_stall_cycles``: from the last ``HGMMA`` of shape ``a`` to the first of shape ``b`` after it
+    (:func:`_sass_schedule`), the split schedule's front warpgroup from a key block's last ``Q K^T``
+    wgmma to its ``P V`` wgmma."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = Path(get_ptxas(90).path).with_name("cuobjdump")
     dump = subprocess.run([str(tool), "--dump-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", dump, flags=re.M)
+    schedule = _sass_schedule(dump)
+    ops = [ins.split()[0].split(".")[0] for ins, _ in schedule]
     at = [i for i, op in enumerate(ops) if op == "HGMMA"]
-    return dict(hgmma=len(at), hgmma_after_r2ur=sum("R2UR" in ops[max(0, i - 4):i] for i in at))
+    counts = dict(hgmma=len(at), hgmma_after_r2ur=sum("R2UR" in ops[max(0, i - 4):i] for i in at))
+    if span is not None:
+        first = max(i for i in at if f".{span[0]}." in schedule[i][0])
+        last = min(i for i in at if f".{span[1]}." in schedule[i][0] and i > first)
+        counts.update(span_instructions=last - first, span_stall_cycles=sum(c for _, c in schedule[first:last]))
+    return counts
 
 
 def _desc(dtype: str, rows: int, gdtype, layout=None, cols: int = HEAD_DIM) -> str:
@@ -99,7 +125,8 @@ def compile_offline(config: Sm90WideConfig, dtype: str = "bf16", heads: int = 16
                      SOFTMAX_REGS=config.softmax_regs, STORE_COLS=config.store_cols,
                      SPLIT=config.split, CLUSTER=config.cluster, FUSED=config.fused_softmax,
                      LAG=config.lag)
-    return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps, config.cluster))
+    span = (f"64x{config.block_n}x16", f"64x{HEAD_DIM // 2}x16") if config.split else None
+    return dict(config=config.name, **_compile(fn, sig, constants, dtype, config.num_warps, config.cluster, span))
 
 
 def compile_backward_offline(name: str, dtype: str = "bf16", kv_heads: int = 4, group: int = 4,
@@ -140,7 +167,9 @@ def main(argv: list[str]) -> int:
             bad += not ok
             print(f"{name:10s} {r['config']:22s} {dtype}  regs {r['registers']}  spills {r['spill_stores']}/"
                   f"{r['spill_loads']}  shared {r['shared']}  warps {r['warps']}  setmaxnreg {r['setmaxnreg']}"
-                  f"  hgmma {r['sass']['hgmma']} ({r['sass']['hgmma_after_r2ur']} after R2UR)  {'ok' if ok else 'FAIL'}")
+                  f"  hgmma {r['sass']['hgmma']} ({r['sass']['hgmma_after_r2ur']} after R2UR)"
+                  + (f"  QK->PV {r['sass']['span_instructions']} instructions / {r['sass']['span_stall_cycles']} "
+                     f"stall cycles" if "span_instructions" in r["sass"] else "") + f"  {'ok' if ok else 'FAIL'}")
     return 1 if bad else 0
 
 
