@@ -182,18 +182,18 @@ def _softmax_block(s, k0, kc, lo, hi, lo_max, hi_min, m_i, l_i, qk_scale, BLOCK_
         allowed = (key[None, :] >= lo[:, None]) & (key[None, :] <= hi[:, None])
         s = gl.where(allowed, s, float("-inf"))
     if FUSED:
-        row_layout: gl.constexpr = m_i.type.layout
-        m_blk = gl.convert_layout(gl.max(_row_lanes_max(s, BLOCK_N), axis=1), row_layout, assert_trivial=True)
-        m_new = gl.maximum(m_i, m_blk * qk_scale)
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
+        m_blk = gl.convert_layout(gl.max(_row_lanes_max(s, BLOCK_N), axis=1), m_i.type.layout,
+                                  assert_trivial=True) * qk_scale
+    else:
+        m_blk = gl.max(s, axis=1)
+    m_new = gl.maximum(m_i, m_blk)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    if FUSED:
         p = gl.exp2(s * qk_scale - m_use[:, None])
         lane_layout: gl.constexpr = gl.SliceLayout(1, l_i.type.layout)
         l_new = l_i * gl.convert_layout(alpha, lane_layout, assert_trivial=True)[:, None] + _row_lanes_sum(p, BLOCK_N)
     else:
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(s - m_use[:, None])
         l_new = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_new
@@ -428,9 +428,8 @@ def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free,
     if LAG:
         for i in gl.static_range(V_STAGES):
             if i < n_blocks:
-                mbarrier.expect(vb_ready.index(i), v_desc.block_type.nbytes)
-                tma_load(v_desc, [k_row + n_start + i * BLOCK_N, kv_col + HALF], vb_ready.index(i),
-                         v_smem.index(V_STAGES + i))
+                _load_stage(v_desc, k_row + n_start + i * BLOCK_N, kv_col + HALF, vb_ready.index(i),
+                            v_smem.index(V_STAGES + i), 1)
     acc = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
     for j in range(n_blocks):
         sp = j % P_STAGES
@@ -449,9 +448,8 @@ def _back_partition(q_smem, v_smem, p_smem, alpha_smem, l_smem, v_ready, v_free,
         mbarrier.arrive(p_free.index(sp), count=1)
         if LAG:
             if j + V_STAGES < n_blocks:
-                mbarrier.expect(vb_ready.index(sv), v_desc.block_type.nbytes)
-                tma_load(v_desc, [k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col + HALF], vb_ready.index(sv),
-                         v_smem.index(V_STAGES + sv))
+                _load_stage(v_desc, k_row + n_start + (j + V_STAGES) * BLOCK_N, kv_col + HALF, vb_ready.index(sv),
+                            v_smem.index(V_STAGES + sv), 1)
         else:
             _release(v_free, v_local, sv, CLUSTER)
 
